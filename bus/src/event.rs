@@ -1,0 +1,144 @@
+//! Event kinds: the last token of `rct.evt.<tower>.<command_id>.<kind>`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::proto::event::Kind;
+use crate::{Error, Result, proto};
+
+/// Which slot of a command's history an event goes to.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub enum EventKind {
+    /// Admission's verdict: `Admitted` or `Rejected`. One per command.
+    Decision,
+    /// A sign-off by an approver.
+    Approval,
+    /// An agent's `Started`. One per command: whoever writes it runs the command.
+    Claim,
+    /// `Progress` from the running handler.
+    Progress,
+    /// A `Log` line from the running handler.
+    Log,
+    /// A `CancelRequested` recorded by admission.
+    Cancel,
+    /// The terminal event: succeeded, failed, expired, cancelled or unknown. One per command.
+    Outcome,
+}
+
+impl EventKind {
+    /// Every kind, in lifecycle order.
+    pub const ALL: [EventKind; 7] = [
+        EventKind::Decision,
+        EventKind::Approval,
+        EventKind::Claim,
+        EventKind::Progress,
+        EventKind::Log,
+        EventKind::Cancel,
+        EventKind::Outcome,
+    ];
+
+    /// The subject token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Decision => "decision",
+            EventKind::Approval => "approval",
+            EventKind::Claim => "claim",
+            EventKind::Progress => "progress",
+            EventKind::Log => "log",
+            EventKind::Cancel => "cancel",
+            EventKind::Outcome => "outcome",
+        }
+    }
+
+    /// Whether the subject holds at most one message per command, enforced by the server with
+    /// `Nats-Expected-Last-Subject-Sequence: 0`.
+    pub fn is_single_slot(self) -> bool {
+        matches!(
+            self,
+            EventKind::Decision | EventKind::Claim | EventKind::Outcome
+        )
+    }
+
+    /// The kind an event body belongs to, or `None` if it has no body.
+    pub fn of(event: &proto::Event) -> Option<EventKind> {
+        Some(match event.kind.as_ref()? {
+            Kind::Rejected(_) | Kind::Admitted(_) => EventKind::Decision,
+            Kind::Approval(_) => EventKind::Approval,
+            Kind::Started(_) => EventKind::Claim,
+            Kind::Progress(_) => EventKind::Progress,
+            Kind::Log(_) => EventKind::Log,
+            Kind::CancelRequested(_) => EventKind::Cancel,
+            Kind::Succeeded(_)
+            | Kind::Failed(_)
+            | Kind::Expired(_)
+            | Kind::Cancelled(_)
+            | Kind::Unknown(_) => EventKind::Outcome,
+        })
+    }
+}
+
+impl FromStr for EventKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        EventKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| Error::InvalidName {
+                what: "event kind",
+                value: s.to_owned(),
+                reason: "must be one of decision, approval, claim, progress, log, cancel, outcome",
+            })
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_through_their_tokens() {
+        for kind in EventKind::ALL {
+            assert_eq!(kind.as_str().parse::<EventKind>().unwrap(), kind);
+        }
+        assert!("decided".parse::<EventKind>().is_err());
+    }
+
+    #[test]
+    fn only_decision_claim_and_outcome_are_single_slot() {
+        let single: Vec<_> = EventKind::ALL
+            .into_iter()
+            .filter(|k| k.is_single_slot())
+            .collect();
+        assert_eq!(
+            single,
+            [EventKind::Decision, EventKind::Claim, EventKind::Outcome]
+        );
+    }
+
+    #[test]
+    fn bodies_map_to_their_slots() {
+        let event = |kind| proto::Event {
+            kind: Some(kind),
+            ..Default::default()
+        };
+        let cases = [
+            (Kind::Admitted(Default::default()), EventKind::Decision),
+            (Kind::Rejected(Default::default()), EventKind::Decision),
+            (Kind::Started(Default::default()), EventKind::Claim),
+            (Kind::Unknown(Default::default()), EventKind::Outcome),
+            (Kind::Expired(Default::default()), EventKind::Outcome),
+            (Kind::CancelRequested(Default::default()), EventKind::Cancel),
+        ];
+        for (kind, slot) in cases {
+            assert_eq!(EventKind::of(&event(kind)), Some(slot));
+        }
+        assert_eq!(EventKind::of(&proto::Event::default()), None);
+    }
+}

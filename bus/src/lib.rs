@@ -1,0 +1,31 @@
+//! rct's wire protocol, with no I/O: the protobuf messages every part exchanges, the validated
+//! names they carry, the NATS subjects they travel on, and the signed envelopes that make a
+//! submission or a command verifiable by anyone, at any time later.
+//!
+//! - [`proto`]: the generated messages (`bus/proto/rct/v1/*.proto` is the contract).
+//! - [`CommandId`], [`Tower`], [`Target`], [`OpName`], [`OperationName`]: validated names.
+//! - [`Subject`] and [`subject`]: the only place subjects are spelled.
+//! - [`KeyPair`], [`PublicKey`], [`Unverified`] → [`Verified`], [`Verifier`]: Ed25519 signing.
+//! - [`EventKind`]: the last token of an event subject, and which events hold one slot.
+
+mod envelope;
+mod error;
+mod event;
+mod id;
+mod key;
+mod name;
+pub mod subject;
+
+/// Generated protobuf messages (package `rct.v1`).
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/rct.v1.rs"));
+}
+
+pub use envelope::{Purpose, Unverified, Verified, Verifier};
+pub use error::{Error, Result};
+pub use event::EventKind;
+pub use id::CommandId;
+pub use key::{KeyId, KeyPair, PublicKey};
+pub use name::{OpName, OperationName, Target, Token, Tower};
+pub use subject::Subject;

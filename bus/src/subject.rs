@@ -1,0 +1,246 @@
+//! NATS subjects: the only place in rct where they are spelled.
+//!
+//! | subject                               | stream       | written by          |
+//! |---------------------------------------|--------------|---------------------|
+//! | `rct.submit.<tower>.<op>`             | `RCT_SUBMIT` | CLI / API clients   |
+//! | `rct.cmd.<tower>.<target>.<op>`       | `RCT_CMD`    | admission           |
+//! | `rct.evt.<tower>.<command_id>.<kind>` | `RCT_EVT`    | admission, agents   |
+//! | `rct.auth.login`                      | (request/reply) | CLI → admission  |
+//!
+//! [`Subject`] builds and parses concrete subjects; the functions below build the wildcard
+//! filters that streams, consumers and watchers subscribe with.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::{CommandId, Error, EventKind, OpName, OperationName, Result, Target, Tower};
+
+const ROOT: &str = "rct";
+const SUBMIT: &str = "submit";
+const CMD: &str = "cmd";
+const EVT: &str = "evt";
+const AUTH: &str = "auth";
+const LOGIN: &str = "login";
+
+/// A concrete rct subject.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub enum Subject {
+    /// `rct.submit.<tower>.<op>`: a signed submission.
+    Submit {
+        /// The operation asked for.
+        operation: OperationName,
+    },
+    /// `rct.cmd.<tower>.<target>.<op>`: an admitted, admission-signed command.
+    Command {
+        /// The operation to run.
+        operation: OperationName,
+        /// Where to run it.
+        target: Target,
+    },
+    /// `rct.evt.<tower>.<command_id>.<kind>`: one event of a command's history.
+    Event {
+        /// The tower that owns the command.
+        tower: Tower,
+        /// The command.
+        command_id: CommandId,
+        /// The slot.
+        kind: EventKind,
+    },
+    /// `rct.auth.login`: the login exchange (request/reply).
+    Login,
+}
+
+impl Subject {
+    /// `rct.submit.<tower>.<op>`
+    pub fn submit(operation: &OperationName) -> Self {
+        Subject::Submit {
+            operation: operation.clone(),
+        }
+    }
+
+    /// `rct.cmd.<tower>.<target>.<op>`
+    pub fn command(operation: &OperationName, target: &Target) -> Self {
+        Subject::Command {
+            operation: operation.clone(),
+            target: target.clone(),
+        }
+    }
+
+    /// `rct.evt.<tower>.<command_id>.<kind>`
+    pub fn event(tower: &Tower, command_id: CommandId, kind: EventKind) -> Self {
+        Subject::Event {
+            tower: tower.clone(),
+            command_id,
+            kind,
+        }
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Subject::Submit { operation } => write!(
+                f,
+                "{ROOT}.{SUBMIT}.{}.{}",
+                operation.tower(),
+                operation.op()
+            ),
+            Subject::Command { operation, target } => write!(
+                f,
+                "{ROOT}.{CMD}.{}.{target}.{}",
+                operation.tower(),
+                operation.op()
+            ),
+            Subject::Event {
+                tower,
+                command_id,
+                kind,
+            } => write!(f, "{ROOT}.{EVT}.{tower}.{command_id}.{kind}"),
+            Subject::Login => write!(f, "{ROOT}.{AUTH}.{LOGIN}"),
+        }
+    }
+}
+
+impl From<Subject> for String {
+    fn from(subject: Subject) -> String {
+        subject.to_string()
+    }
+}
+
+impl FromStr for Subject {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let invalid = |reason| Error::InvalidSubject {
+            subject: s.to_owned(),
+            reason,
+        };
+        let tokens: Vec<&str> = s.split('.').collect();
+        let op = |tower: &str, op: &str| -> Result<OperationName> {
+            Ok(OperationName::new(Tower::new(tower)?, OpName::new(op)?))
+        };
+        match tokens.as_slice() {
+            [ROOT, SUBMIT, tower, name] => Ok(Subject::Submit {
+                operation: op(tower, name)?,
+            }),
+            [ROOT, CMD, tower, target, name] => Ok(Subject::Command {
+                operation: op(tower, name)?,
+                target: Target::new(*target)?,
+            }),
+            [ROOT, EVT, tower, id, kind] => Ok(Subject::Event {
+                tower: Tower::new(*tower)?,
+                command_id: id.parse()?,
+                kind: kind.parse()?,
+            }),
+            [ROOT, AUTH, LOGIN] => Ok(Subject::Login),
+            [ROOT, ..] => Err(invalid("not a known rct subject shape")),
+            _ => Err(invalid("does not start with \"rct.\"")),
+        }
+    }
+}
+
+/// `rct.submit.>`: every submission (the `RCT_SUBMIT` stream).
+pub fn all_submissions() -> String {
+    format!("{ROOT}.{SUBMIT}.>")
+}
+
+/// `rct.cmd.>`: every admitted command (the `RCT_CMD` stream).
+pub fn all_commands() -> String {
+    format!("{ROOT}.{CMD}.>")
+}
+
+/// `rct.evt.>`: every event (the `RCT_EVT` stream).
+pub fn all_events() -> String {
+    format!("{ROOT}.{EVT}.>")
+}
+
+/// `rct.cmd.<tower>.>`: the work queue of a simple tower.
+pub fn commands_for_tower(tower: &Tower) -> String {
+    format!("{ROOT}.{CMD}.{tower}.>")
+}
+
+/// `rct.cmd.<tower>.<target>.>`: the commands of one cluster agent.
+pub fn commands_for_target(tower: &Tower, target: &Target) -> String {
+    format!("{ROOT}.{CMD}.{tower}.{target}.>")
+}
+
+/// `rct.evt.<tower>.>`: the history of every command of a tower.
+pub fn events_for_tower(tower: &Tower) -> String {
+    format!("{ROOT}.{EVT}.{tower}.>")
+}
+
+/// `rct.evt.*.<command_id>.>`: the whole history of one command.
+pub fn events_for_command(command_id: CommandId) -> String {
+    format!("{ROOT}.{EVT}.*.{command_id}.>")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain() -> OperationName {
+        "traffic/drain-cluster".parse().unwrap()
+    }
+
+    #[test]
+    fn subjects_are_spelled_as_the_contract_says() {
+        let id: CommandId = "01JQ0000000000000000000000".parse().unwrap();
+        let target = Target::new("prod-1").unwrap();
+        let tower = Tower::new("traffic").unwrap();
+        let cases = [
+            (Subject::submit(&drain()), "rct.submit.traffic.drain-cluster"),
+            (
+                Subject::command(&drain(), &target),
+                "rct.cmd.traffic.prod-1.drain-cluster",
+            ),
+            (
+                Subject::event(&tower, id, EventKind::Claim),
+                "rct.evt.traffic.01JQ0000000000000000000000.claim",
+            ),
+            (Subject::Login, "rct.auth.login"),
+        ];
+        for (subject, spelled) in cases {
+            assert_eq!(subject.to_string(), spelled);
+            assert_eq!(spelled.parse::<Subject>().unwrap(), subject);
+        }
+    }
+
+    #[test]
+    fn filters_are_spelled_as_the_contract_says() {
+        let id: CommandId = "01JQ0000000000000000000000".parse().unwrap();
+        let tower = Tower::new("traffic").unwrap();
+        let target = Target::new("prod-1").unwrap();
+        assert_eq!(all_submissions(), "rct.submit.>");
+        assert_eq!(all_commands(), "rct.cmd.>");
+        assert_eq!(all_events(), "rct.evt.>");
+        assert_eq!(commands_for_tower(&tower), "rct.cmd.traffic.>");
+        assert_eq!(
+            commands_for_target(&tower, &target),
+            "rct.cmd.traffic.prod-1.>"
+        );
+        assert_eq!(events_for_tower(&tower), "rct.evt.traffic.>");
+        assert_eq!(
+            events_for_command(id),
+            "rct.evt.*.01JQ0000000000000000000000.>"
+        );
+    }
+
+    #[test]
+    fn parsing_refuses_what_no_builder_makes() {
+        for bad in [
+            "",
+            "rct",
+            "nats.submit.a.b",
+            "rct.submit.a",
+            "rct.submit.a.b.c",
+            "rct.submit.a*.b",
+            "rct.cmd.a.>.b",
+            "rct.evt.a.not-an-id.claim",
+            "rct.evt.a.01JQ0000000000000000000000.claimed",
+            "rct.submit..b",
+            "rct.submit.a b.c",
+        ] {
+            assert!(bad.parse::<Subject>().is_err(), "{bad:?} parsed");
+        }
+    }
+}
