@@ -1,1 +1,28 @@
-//! placeholder
+//! rct's JetStream layer: the topology as code and its provisioning, publishing with dedup ids
+//! and single-slot subjects, replay of the audit stream, the `CommandState` projection, and
+//! (feature `testkit`) real nats-server processes for tests.
+//!
+//! - [`Config`], [`provision`], [`topology`]: streams `RCT_SUBMIT`, `RCT_CMD`, `RCT_EVT`,
+//!   buckets `rct_agents`, `rct_catalog`, `rct_state`, and the durable consumers.
+//! - [`Publisher`], [`Outgoing`], [`Slot`]: acknowledged, deduplicated, retried publishes;
+//!   [`Slot::Taken`] when a decision, claim or outcome already exists.
+//! - [`replay`]: a command's history, a filtered time range, or history then live.
+//! - [`CommandState`], [`Phase`]: the lifecycle folded from events.
+
+pub mod config;
+mod error;
+mod projection;
+mod publish;
+pub mod replay;
+pub mod timestamp;
+pub mod topology;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use projection::{CommandState, Phase};
+pub use publish::{Ack, Outgoing, Publisher, Retry, Slot};
+pub use replay::{Filter, Item, Record};
+pub use topology::{Change, Report, provision};

@@ -1,0 +1,229 @@
+//! Settings of the JetStream topology, read from the components' configuration files.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// How the streams, consumers and buckets are provisioned. Every field has a default fit for a
+/// single server; production raises `replicas` to 3 and keeps deny-delete and deny-purge on.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Replicas of every stream and bucket (1, 3 or 5).
+    pub replicas: usize,
+    /// Store on disk (`file`) or, for throwaway setups, in memory (`memory`).
+    pub storage: Storage,
+    /// Refuse message delete and purge on the audit streams. One-way: once on, never off.
+    pub deny_delete: bool,
+    /// See [`Config::deny_delete`].
+    pub deny_purge: bool,
+    /// `RCT_SUBMIT`: what operators asked for.
+    pub submit: Stream,
+    /// `RCT_CMD`: the admitted commands agents consume.
+    pub commands: Stream,
+    /// `RCT_EVT`: the audit log of everything that happened.
+    pub events: Stream,
+    /// Admission's shared durable consumer on `RCT_SUBMIT`.
+    pub admission: Consumer,
+    /// The towers' durable consumers on `RCT_CMD`.
+    pub towers: Consumer,
+    /// How long an agent's presence entry in `rct_agents` outlives its last heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub agent_ttl: Duration,
+    /// Catalog versions kept in `rct_catalog`.
+    pub catalog_history: i64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            storage: Storage::File,
+            deny_delete: true,
+            deny_purge: true,
+            submit: Stream::default(),
+            commands: Stream::default(),
+            events: Stream::default(),
+            admission: Consumer {
+                max_ack_pending: 256,
+                ..Consumer::default()
+            },
+            towers: Consumer::default(),
+            agent_ttl: Duration::from_secs(30),
+            catalog_history: 10,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the settings together; the message says what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if ![1, 3, 5].contains(&self.replicas) {
+            return Err(format!(
+                "replicas must be 1, 3 or 5, not {}",
+                self.replicas
+            ));
+        }
+        for (name, stream) in [
+            ("submit", &self.submit),
+            ("commands", &self.commands),
+            ("events", &self.events),
+        ] {
+            if stream.duplicate_window.is_zero() {
+                return Err(format!(
+                    "{name}.duplicate_window must be longer than zero: retries are deduplicated within it"
+                ));
+            }
+            if !stream.max_age.is_zero() && stream.max_age < stream.duplicate_window {
+                return Err(format!(
+                    "{name}.max_age must be zero (keep forever) or at least duplicate_window"
+                ));
+            }
+        }
+        for (name, consumer) in [("admission", &self.admission), ("towers", &self.towers)] {
+            if consumer.ack_wait < Duration::from_secs(1) {
+                return Err(format!("{name}.ack_wait must be at least 1s"));
+            }
+            if consumer.max_deliver < 1 {
+                return Err(format!("{name}.max_deliver must be at least 1"));
+            }
+            if consumer.backoff.len() as i64 > consumer.max_deliver {
+                return Err(format!(
+                    "{name}.backoff has more steps than max_deliver allows"
+                ));
+            }
+        }
+        if self.agent_ttl < Duration::from_secs(1) {
+            return Err("agent_ttl must be at least 1s".into());
+        }
+        if self.catalog_history < 1 || self.catalog_history > 64 {
+            return Err("catalog_history must be between 1 and 64".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where a stream keeps its messages.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    /// On disk: the only choice for audit data.
+    File,
+    /// In memory: lost on restart; for benchmarks and throwaway setups.
+    Memory,
+}
+
+/// Retention of one stream.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Stream {
+    /// How long messages are kept; zero keeps them forever (the audit default).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Publishes with the same `Nats-Msg-Id` within this window are stored once; it must
+    /// exceed every publisher's retry horizon.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+}
+
+impl Default for Stream {
+    fn default() -> Self {
+        Self {
+            max_age: Duration::ZERO,
+            duplicate_window: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+/// Delivery settings of a durable work consumer.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Consumer {
+    /// Redelivery after this long without an ack or in-progress ack. With a `backoff`, the
+    /// server takes the first backoff step instead.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Deliveries before a message is given up.
+    pub max_deliver: i64,
+    /// Waits between redeliveries; the last step repeats.
+    #[serde(deserialize_with = "durations")]
+    pub backoff: Vec<Duration>,
+    /// Messages delivered but not yet acknowledged, at most.
+    pub max_ack_pending: i64,
+}
+
+impl Default for Consumer {
+    fn default() -> Self {
+        Self {
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+            backoff: [30, 60, 120, 300].map(Duration::from_secs).to_vec(),
+            max_ack_pending: 64,
+        }
+    }
+}
+
+/// A list of human-readable durations (`[30s, 1m]`).
+fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    let list: Vec<humantime_serde::Serde<Duration>> = Deserialize::deserialize(d)?;
+    Ok(list.into_iter().map(|d| d.into_inner()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    fn parse(yaml: &str) -> Result<Config, config::ConfigError> {
+        config::Config::builder()
+            .add_source(config::File::from_str(yaml, config::FileFormat::Yaml))
+            .build()?
+            .try_deserialize()
+    }
+
+    #[test]
+    fn settings_read_from_yaml_with_defaults_for_the_rest() {
+        let config = parse(
+            "replicas: 3\nevents:\n  max_age: 400days\ntowers:\n  backoff: [10s, 1m]\n",
+        )
+        .unwrap();
+        assert_eq!(config.replicas, 3);
+        assert_eq!(config.events.max_age, Duration::from_secs(400 * 86_400));
+        assert_eq!(config.events.duplicate_window, Duration::from_secs(600));
+        assert_eq!(
+            config.towers.backoff,
+            [Duration::from_secs(10), Duration::from_secs(60)]
+        );
+        assert_eq!(config.submit, Stream::default());
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_settings_are_refused() {
+        let error = parse("replica: 3\n").unwrap_err().to_string();
+        assert!(error.contains("unknown field `replica`"), "{error}");
+    }
+
+    #[test]
+    fn bad_settings_say_what_to_change() {
+        let cases: [(fn(&mut Config), &str); 4] = [
+            (|c| c.replicas = 2, "replicas must be 1, 3 or 5"),
+            (
+                |c| c.events.duplicate_window = Duration::ZERO,
+                "events.duplicate_window",
+            ),
+            (|c| c.towers.max_deliver = 2, "towers.backoff"),
+            (|c| c.catalog_history = 0, "catalog_history"),
+        ];
+        for (change, expected) in cases {
+            let mut config = Config::default();
+            change(&mut config);
+            let message = config.validate().unwrap_err();
+            assert!(message.contains(expected), "{message}");
+        }
+    }
+}

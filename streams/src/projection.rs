@@ -1,0 +1,447 @@
+//! `CommandState`: a command's lifecycle folded from its events. Pure, no I/O.
+//!
+//! Folding rule, whatever order or repetition the events come in:
+//! - the phase only moves forward (pending → admitted → running → terminal), and the first
+//!   terminal event (a rejection or an outcome) fixes it for good;
+//! - single-slot facts (the decision, the claim, the outcome) are taken the first time they
+//!   are seen and never replaced, so a duplicate changes nothing;
+//! - progress is the one with the highest stream sequence, so a late or repeated progress
+//!   event never hides a newer one;
+//! - a record already applied (same stream sequence) is ignored.
+
+use std::time::Duration;
+
+use rct_bus::proto::{self, event::Kind};
+use rct_bus::{CommandId, EventKind};
+use time::OffsetDateTime;
+
+use crate::replay::Record;
+use crate::timestamp::to_datetime;
+
+/// Where a command is in its lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Phase {
+    /// Events were seen, but no decision yet.
+    Pending,
+    /// Admission admitted it; no agent has claimed it yet.
+    Admitted,
+    /// An agent claimed it and is running it.
+    Running,
+    /// Admission refused it.
+    Rejected,
+    /// The handler reported success.
+    Succeeded,
+    /// The handler reported failure.
+    Failed,
+    /// No agent started it before its deadline.
+    Expired,
+    /// It was cancelled.
+    Cancelled,
+    /// The agent that started it stopped before reporting an outcome; it is never re-run.
+    Unknown,
+}
+
+impl Phase {
+    /// Whether nothing more will happen to the command.
+    pub fn is_terminal(self) -> bool {
+        self.rank() == 3
+    }
+
+    /// Whether the operation did what was asked.
+    pub fn is_success(self) -> bool {
+        self == Phase::Succeeded
+    }
+
+    fn rank(self) -> u8 {
+        match self {
+            Phase::Pending => 0,
+            Phase::Admitted => 1,
+            Phase::Running => 2,
+            Phase::Rejected
+            | Phase::Succeeded
+            | Phase::Failed
+            | Phase::Expired
+            | Phase::Cancelled
+            | Phase::Unknown => 3,
+        }
+    }
+
+    fn of(kind: &Kind) -> Option<Phase> {
+        Some(match kind {
+            Kind::Rejected(_) => Phase::Rejected,
+            Kind::Admitted(_) => Phase::Admitted,
+            Kind::Started(_) => Phase::Running,
+            Kind::Succeeded(_) => Phase::Succeeded,
+            Kind::Failed(_) => Phase::Failed,
+            Kind::Expired(_) => Phase::Expired,
+            Kind::Cancelled(_) => Phase::Cancelled,
+            Kind::Unknown(_) => Phase::Unknown,
+            Kind::Approval(_) | Kind::Progress(_) | Kind::Log(_) | Kind::CancelRequested(_) => {
+                return None;
+            }
+        })
+    }
+
+    /// The lowercase word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "pending",
+            Phase::Admitted => "admitted",
+            Phase::Running => "running",
+            Phase::Rejected => "rejected",
+            Phase::Succeeded => "succeeded",
+            Phase::Failed => "failed",
+            Phase::Expired => "expired",
+            Phase::Cancelled => "cancelled",
+            Phase::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything known about one command from its events.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandState {
+    /// The command.
+    pub command_id: CommandId,
+    /// `<tower>/<op>`, from the first event that names it.
+    pub operation: String,
+    /// The target, from the first event that names it.
+    pub target: String,
+    /// Where it is in its lifecycle.
+    pub phase: Phase,
+    /// The request as admission recorded it (operator, justification, masked parameters).
+    pub request: Option<proto::Request>,
+    /// The decision event: `Admitted` or `Rejected`.
+    pub decision: Option<Kind>,
+    /// When admission decided.
+    pub decided_at: Option<OffsetDateTime>,
+    /// The claim.
+    pub started: Option<proto::Started>,
+    /// When the claim was written.
+    pub started_at: Option<OffsetDateTime>,
+    /// The latest progress.
+    pub progress: Option<proto::Progress>,
+    /// Who asked to cancel it, if anyone did.
+    pub cancel_requested: Option<proto::CancelRequested>,
+    /// The terminal outcome event.
+    pub outcome: Option<Kind>,
+    /// When the outcome was written.
+    pub ended_at: Option<OffsetDateTime>,
+    /// The highest stream sequence applied.
+    pub last_sequence: u64,
+    progress_sequence: u64,
+}
+
+impl CommandState {
+    /// A command about which nothing is known yet.
+    pub fn new(command_id: CommandId) -> Self {
+        Self {
+            command_id,
+            operation: String::new(),
+            target: String::new(),
+            phase: Phase::Pending,
+            request: None,
+            decision: None,
+            decided_at: None,
+            started: None,
+            started_at: None,
+            progress: None,
+            cancel_requested: None,
+            outcome: None,
+            ended_at: None,
+            last_sequence: 0,
+            progress_sequence: 0,
+        }
+    }
+
+    /// Folds `records` of one command (others are ignored); `None` if there are none.
+    pub fn fold<'a>(records: impl IntoIterator<Item = &'a Record>) -> Option<Self> {
+        let mut state: Option<Self> = None;
+        for record in records {
+            state
+                .get_or_insert_with(|| Self::new(record.command_id))
+                .apply(record);
+        }
+        state
+    }
+
+    /// Applies one event (see the module's folding rule). Events of other commands are
+    /// ignored.
+    pub fn apply(&mut self, record: &Record) {
+        if record.command_id != self.command_id || record.sequence == self.last_sequence {
+            return;
+        }
+        self.last_sequence = self.last_sequence.max(record.sequence);
+        let event = &record.event;
+        if self.operation.is_empty() {
+            self.operation.clone_from(&event.operation);
+        }
+        if self.target.is_empty() {
+            self.target.clone_from(&event.target);
+        }
+        let Some(kind) = &event.kind else { return };
+        let at = event.at.as_ref().and_then(to_datetime);
+
+        match record.kind {
+            EventKind::Decision if self.decision.is_none() => {
+                self.request = match kind {
+                    Kind::Admitted(a) => a.request.clone(),
+                    Kind::Rejected(r) => r.request.clone(),
+                    _ => None,
+                };
+                self.decision = Some(kind.clone());
+                self.decided_at = at;
+            }
+            EventKind::Claim if self.started.is_none() => {
+                if let Kind::Started(started) = kind {
+                    self.started = Some(started.clone());
+                    self.started_at = at;
+                }
+            }
+            EventKind::Progress if record.sequence > self.progress_sequence => {
+                if let Kind::Progress(progress) = kind {
+                    self.progress = Some(progress.clone());
+                    self.progress_sequence = record.sequence;
+                }
+            }
+            EventKind::Cancel if self.cancel_requested.is_none() => {
+                if let Kind::CancelRequested(cancel) = kind {
+                    self.cancel_requested = Some(cancel.clone());
+                }
+            }
+            EventKind::Outcome if self.outcome.is_none() && !self.phase.is_terminal() => {
+                self.outcome = Some(kind.clone());
+                self.ended_at = at;
+            }
+            _ => {}
+        }
+
+        if let Some(phase) = Phase::of(kind)
+            && !self.phase.is_terminal()
+            && phase.rank() > self.phase.rank()
+        {
+            self.phase = phase;
+        }
+    }
+
+    /// How long it ran, from claim to outcome.
+    pub fn duration(&self) -> Option<Duration> {
+        let elapsed = self.ended_at? - self.started_at?;
+        elapsed.try_into().ok()
+    }
+
+    /// The operator's identity, if the decision recorded it.
+    pub fn operator(&self) -> Option<&proto::Operator> {
+        self.request.as_ref()?.operator.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::timestamp::from_datetime;
+
+    const ID: &str = "01JQ0000000000000000000000";
+
+    fn record(sequence: u64, kind: Kind) -> Record {
+        let command_id: CommandId = ID.parse().unwrap();
+        let at = OffsetDateTime::from_unix_timestamp(1_700_000_000 + sequence as i64).unwrap();
+        let event = proto::Event {
+            command_id: ID.into(),
+            at: Some(from_datetime(at)),
+            source: "test".into(),
+            operation: "traffic/drain-cluster".into(),
+            target: "prod-1".into(),
+            kind: Some(kind),
+        };
+        Record {
+            sequence,
+            published: at,
+            tower: "traffic".parse().unwrap(),
+            command_id,
+            kind: EventKind::of(&event).unwrap(),
+            event,
+        }
+    }
+
+    fn admitted() -> Kind {
+        Kind::Admitted(proto::Admitted {
+            request: Some(proto::Request {
+                justification: "SRE-101".into(),
+                operator: Some(proto::Operator {
+                    subject: "alice".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn started() -> Kind {
+        Kind::Started(proto::Started {
+            agent: "a1".into(),
+            host: "h".into(),
+            target: "prod-1".into(),
+        })
+    }
+
+    fn progress(percent: u32) -> Kind {
+        Kind::Progress(proto::Progress {
+            percent,
+            step: format!("step {percent}"),
+            message: String::new(),
+        })
+    }
+
+    fn fold(records: &[Record]) -> CommandState {
+        CommandState::fold(records).unwrap()
+    }
+
+    #[test]
+    fn the_happy_path_ends_succeeded_with_a_duration() {
+        let state = fold(&[
+            record(1, admitted()),
+            record(2, started()),
+            record(3, progress(50)),
+            record(5, Kind::Succeeded(Default::default())),
+        ]);
+        assert_eq!(state.phase, Phase::Succeeded);
+        assert_eq!(state.operator().unwrap().subject, "alice");
+        assert_eq!(state.started.as_ref().unwrap().agent, "a1");
+        assert_eq!(state.progress.as_ref().unwrap().percent, 50);
+        assert_eq!(state.duration(), Some(Duration::from_secs(3)));
+        assert_eq!(state.operation, "traffic/drain-cluster");
+        assert_eq!(state.target, "prod-1");
+    }
+
+    #[test]
+    fn every_terminal_path_is_reached() {
+        let reject = Kind::Rejected(proto::Rejected {
+            code: proto::RejectionCode::Forbidden as i32,
+            ..Default::default()
+        });
+        let cases = [
+            (vec![record(1, reject)], Phase::Rejected),
+            (
+                vec![
+                    record(1, admitted()),
+                    record(2, Kind::Expired(Default::default())),
+                ],
+                Phase::Expired,
+            ),
+            (
+                vec![
+                    record(1, admitted()),
+                    record(2, started()),
+                    record(3, Kind::Failed(Default::default())),
+                ],
+                Phase::Failed,
+            ),
+            (
+                vec![
+                    record(1, admitted()),
+                    record(2, started()),
+                    record(3, Kind::CancelRequested(Default::default())),
+                    record(4, Kind::Cancelled(Default::default())),
+                ],
+                Phase::Cancelled,
+            ),
+            (
+                vec![
+                    record(1, admitted()),
+                    record(2, started()),
+                    record(3, Kind::Unknown(proto::Unknown {
+                        reason: "agent stopped".into(),
+                    })),
+                ],
+                Phase::Unknown,
+            ),
+            (vec![record(1, admitted())], Phase::Admitted),
+            (vec![record(1, admitted()), record(2, started())], Phase::Running),
+            (vec![record(1, progress(10))], Phase::Pending),
+        ];
+        for (records, phase) in cases {
+            let state = fold(&records);
+            assert_eq!(state.phase, phase, "{records:?}");
+            assert_eq!(state.phase.is_terminal(), phase.rank() == 3);
+        }
+    }
+
+    #[test]
+    fn cancel_requests_are_remembered_even_if_it_succeeds() {
+        let state = fold(&[
+            record(1, admitted()),
+            record(2, started()),
+            record(3, Kind::CancelRequested(Default::default())),
+            record(4, Kind::Succeeded(Default::default())),
+        ]);
+        assert_eq!(state.phase, Phase::Succeeded);
+        assert!(state.cancel_requested.is_some());
+    }
+
+    #[test]
+    fn duplicates_change_nothing() {
+        let records = [
+            record(1, admitted()),
+            record(2, started()),
+            record(3, progress(40)),
+            record(4, Kind::Unknown(Default::default())),
+        ];
+        let once = fold(&records);
+        let twice: Vec<Record> = records.iter().flat_map(|r| [r.clone(), r.clone()]).collect();
+        assert_eq!(fold(&twice), once);
+        let mut again = once.clone();
+        for r in &records {
+            again.apply(r);
+        }
+        assert_eq!(again, once);
+    }
+
+    #[test]
+    fn out_of_order_events_never_move_the_phase_back() {
+        let in_order = fold(&[
+            record(1, admitted()),
+            record(2, started()),
+            record(3, progress(30)),
+            record(4, progress(60)),
+            record(5, Kind::Succeeded(Default::default())),
+        ]);
+        let shuffled = fold(&[
+            record(5, Kind::Succeeded(Default::default())),
+            record(4, progress(60)),
+            record(2, started()),
+            record(3, progress(30)),
+            record(1, admitted()),
+        ]);
+        assert_eq!(shuffled, in_order);
+        assert_eq!(shuffled.progress.unwrap().percent, 60);
+    }
+
+    #[test]
+    fn the_first_outcome_wins() {
+        let state = fold(&[
+            record(1, admitted()),
+            record(2, started()),
+            record(3, Kind::Unknown(Default::default())),
+            record(4, Kind::Succeeded(Default::default())),
+        ]);
+        assert_eq!(state.phase, Phase::Unknown);
+        assert!(matches!(state.outcome, Some(Kind::Unknown(_))));
+    }
+
+    #[test]
+    fn other_commands_are_ignored() {
+        let mut state = CommandState::new(ID.parse().unwrap());
+        let mut other = record(1, admitted());
+        other.command_id = "01JQ0000000000000000000001".parse().unwrap();
+        state.apply(&other);
+        assert_eq!(state, CommandState::new(ID.parse().unwrap()));
+    }
+}

@@ -1,0 +1,225 @@
+//! Publishing: every message through the JetStream API, with an id, its PubAck awaited, and
+//! a timed-out publish retried with the same id (the server stores it once).
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::{self, message::PublishMessage};
+use bytes::Bytes;
+use prost::Message as _;
+use rct_bus::{EventKind, Subject, Tower, proto};
+
+use crate::{Error, Result};
+
+/// How long to keep retrying a publish whose acknowledgement did not come.
+#[derive(Clone, Debug)]
+pub struct Retry {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    /// Pause after the first failed attempt; doubles after each, up to `max_pause`.
+    pub pause: Duration,
+    /// Longest pause between attempts.
+    pub max_pause: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        // With the context's 5 s ack timeout: about a minute in all, well inside the streams'
+        // duplicate window (10 min by default), so every retry is deduplicated.
+        Self {
+            attempts: 10,
+            pause: Duration::from_millis(100),
+            max_pause: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One message to publish.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    subject: String,
+    msg_id: String,
+    payload: Bytes,
+    headers: HeaderMap,
+    once: bool,
+}
+
+impl Outgoing {
+    /// A message for `subject` with `Nats-Msg-Id` `msg_id`.
+    pub fn new(subject: impl Into<String>, msg_id: impl Into<String>, payload: Bytes) -> Self {
+        Self {
+            subject: subject.into(),
+            msg_id: msg_id.into(),
+            payload,
+            headers: HeaderMap::new(),
+            once: false,
+        }
+    }
+
+    /// The `n`th event of its kind for its command, on `rct.evt.<tower>.<command_id>.<kind>`;
+    /// decisions, claims and outcomes are single-slot. `None` if the event has no body or a
+    /// command id that is not a ULID.
+    pub fn event(tower: &Tower, event: &proto::Event, n: u64) -> Option<Self> {
+        let kind = EventKind::of(event)?;
+        let command_id: rct_bus::CommandId = event.command_id.parse().ok()?;
+        let outgoing = Self::new(
+            Subject::event(tower, command_id, kind),
+            command_id.event_msg_id(kind, n),
+            event.encode_to_vec().into(),
+        );
+        Some(if kind.is_single_slot() {
+            outgoing.once()
+        } else {
+            outgoing
+        })
+    }
+
+    /// Makes the subject single-slot: the server refuses the message if the subject already
+    /// holds one (`Nats-Expected-Last-Subject-Sequence: 0`).
+    pub fn once(mut self) -> Self {
+        self.once = true;
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.insert(name, value);
+        self
+    }
+
+    /// The subject.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+}
+
+/// The server's acknowledgement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ack {
+    /// The stream that stored the message.
+    pub stream: String,
+    /// Its sequence in that stream.
+    pub sequence: u64,
+    /// The message was already stored by an earlier attempt with the same id.
+    pub duplicate: bool,
+}
+
+/// What became of a publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// Stored (or already stored under the same id by an earlier attempt of ours).
+    Written(Ack),
+    /// Single-slot subject already taken by another writer: a second decision, claim or
+    /// outcome. Nothing was stored.
+    Taken,
+}
+
+/// Publishes with acknowledgement, dedup ids and retries. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    js: jetstream::Context,
+    retry: Retry,
+}
+
+impl Publisher {
+    /// A publisher with the default [`Retry`].
+    pub fn new(js: jetstream::Context) -> Self {
+        Self {
+            js,
+            retry: Retry::default(),
+        }
+    }
+
+    /// Replaces the retry policy.
+    pub fn with_retry(mut self, retry: Retry) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Publishes and waits for the server to store the message. A publish that times out,
+    /// finds no responder (a server restarting) or loses its connection is sent again with
+    /// the same id, so it is stored once.
+    pub async fn send(&self, message: Outgoing) -> Result<Slot> {
+        let mut pause = self.retry.pause;
+        let mut attempt = 1;
+        loop {
+            match self.attempt(&message).await {
+                Ok(ack) => {
+                    return Ok(Slot::Written(Ack {
+                        stream: ack.stream,
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    }));
+                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence && message.once => {
+                    return Ok(Slot::Taken);
+                }
+                Err(e) if is_retryable(&e) && attempt < self.retry.attempts => {
+                    tracing::debug!(
+                        subject = %message.subject,
+                        msg_id = %message.msg_id,
+                        attempt,
+                        error = %e,
+                        "publish not acknowledged; retrying with the same id"
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(self.retry.max_pause);
+                    attempt += 1;
+                }
+                Err(source)
+                    if is_retryable(&source) && source.kind() != PublishErrorKind::StreamNotFound =>
+                {
+                    return Err(Error::Unacknowledged {
+                        subject: message.subject.clone(),
+                        msg_id: message.msg_id.clone(),
+                        attempts: attempt,
+                        source,
+                    });
+                }
+                Err(source) => {
+                    return Err(Error::Publish {
+                        subject: message.subject.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Publishes an event of a command of `tower` (see [`Outgoing::event`]).
+    pub async fn event(&self, tower: &Tower, event: &proto::Event, n: u64) -> Result<Slot> {
+        let outgoing = Outgoing::event(tower, event, n).ok_or_else(|| Error::InvalidEvent {
+            command_id: event.command_id.clone(),
+        })?;
+        self.send(outgoing).await
+    }
+
+    async fn attempt(
+        &self,
+        message: &Outgoing,
+    ) -> Result<jetstream::publish::PublishAck, PublishError> {
+        let mut publish = PublishMessage::build()
+            .payload(message.payload.clone())
+            .message_id(&message.msg_id);
+        for (name, values) in message.headers.iter() {
+            for value in values {
+                publish = publish.header(name.clone(), value.clone());
+            }
+        }
+        if message.once {
+            publish = publish.expected_last_subject_sequence(0);
+        }
+        self.js
+            .send_publish(message.subject.clone(), publish)
+            .await?
+            .await
+    }
+}
+
+fn is_retryable(error: &PublishError) -> bool {
+    matches!(
+        error.kind(),
+        PublishErrorKind::TimedOut | PublishErrorKind::StreamNotFound | PublishErrorKind::BrokenPipe
+    )
+}

@@ -1,0 +1,273 @@
+//! Replay of `RCT_EVT` through ordered consumers (no server-side state): one command's
+//! history, a time range with filters, or history then live for watchers.
+
+use std::collections::VecDeque;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, pull};
+use async_nats::jetstream::{self, Message};
+use futures::{Stream, StreamExt, TryStreamExt};
+use prost::Message as _;
+use rct_bus::{CommandId, EventKind, Subject, Target, Tower, proto, subject};
+use time::OffsetDateTime;
+
+use crate::topology::EVENT_STREAM;
+use crate::{Error, Result};
+
+/// One stored event, with where and when it was stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    /// Sequence in `RCT_EVT`: the total order of the audit log.
+    pub sequence: u64,
+    /// When the server stored it.
+    pub published: OffsetDateTime,
+    /// The tower from the subject.
+    pub tower: Tower,
+    /// The command from the subject.
+    pub command_id: CommandId,
+    /// The slot from the subject.
+    pub kind: EventKind,
+    /// The event.
+    pub event: proto::Event,
+}
+
+impl Record {
+    /// Reads a stored message: the subject must be an event subject and the payload an
+    /// `Event` whose command id and kind agree with it.
+    pub fn from_stored(
+        sequence: u64,
+        published: OffsetDateTime,
+        subject: &str,
+        payload: &[u8],
+    ) -> Result<Self> {
+        let malformed = |reason: String| Error::Malformed {
+            sequence,
+            subject: subject.to_owned(),
+            reason,
+        };
+        let Subject::Event {
+            tower,
+            command_id,
+            kind,
+        } = subject.parse().map_err(|e: rct_bus::Error| malformed(e.to_string()))?
+        else {
+            return Err(malformed("not an event subject".into()));
+        };
+        let event = proto::Event::decode(payload).map_err(|e| malformed(e.to_string()))?;
+        if event.command_id != command_id.to_string() {
+            return Err(malformed(format!(
+                "payload names command {:?}",
+                event.command_id
+            )));
+        }
+        if EventKind::of(&event) != Some(kind) {
+            return Err(malformed(format!("payload is not a {kind} event")));
+        }
+        Ok(Self {
+            sequence,
+            published,
+            tower,
+            command_id,
+            kind,
+            event,
+        })
+    }
+}
+
+/// Which events to replay. Empty means all of them.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Only this command's events.
+    pub command: Option<CommandId>,
+    /// Only this tower's events.
+    pub tower: Option<Tower>,
+    /// Only events about this target.
+    pub target: Option<Target>,
+    /// Only events stored at or after this instant.
+    pub since: Option<OffsetDateTime>,
+    /// Only events stored at or before this instant.
+    pub until: Option<OffsetDateTime>,
+}
+
+impl Filter {
+    /// All events of one command.
+    pub fn command(command_id: CommandId) -> Self {
+        Self {
+            command: Some(command_id),
+            ..Self::default()
+        }
+    }
+
+    fn subject(&self) -> String {
+        match (&self.command, &self.tower) {
+            (Some(id), _) => subject::events_for_command(*id),
+            (None, Some(tower)) => subject::events_for_tower(tower),
+            (None, None) => subject::all_events(),
+        }
+    }
+
+    fn admits(&self, record: &Record) -> bool {
+        self.since.is_none_or(|since| record.published >= since)
+            && self.tower.as_ref().is_none_or(|t| *t == record.tower)
+            && self
+                .target
+                .as_ref()
+                .is_none_or(|t| t.as_str() == record.event.target)
+    }
+}
+
+/// What a follower sees.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Item {
+    /// An event, in stream order.
+    Event(Record),
+    /// Everything stored when the follow began has been delivered; what comes next is live.
+    CaughtUp,
+}
+
+/// Events matching `filter`, in stream order, ending with the last one stored (or at
+/// `filter.until`). A malformed message is yielded as [`Error::Malformed`] and replay goes on.
+pub async fn history(
+    js: &jetstream::Context,
+    filter: &Filter,
+) -> Result<impl Stream<Item = Result<Record>> + Unpin + use<>> {
+    let replay = Replay::start(js, filter.clone(), false).await?;
+    Ok(replay
+        .into_stream()
+        .try_filter_map(|item| async move {
+            Ok(match item {
+                Item::Event(record) => Some(record),
+                Item::CaughtUp => None,
+            })
+        })
+        .boxed())
+}
+
+/// Events matching `filter`: the stored ones, then [`Item::CaughtUp`], then live ones as they
+/// are stored, until dropped (or `filter.until` passes).
+pub async fn follow(
+    js: &jetstream::Context,
+    filter: &Filter,
+) -> Result<impl Stream<Item = Result<Item>> + Unpin + use<>> {
+    Ok(Replay::start(js, filter.clone(), true)
+        .await?
+        .into_stream()
+        .boxed())
+}
+
+/// The whole stored history of one command, in order. Malformed messages are logged and
+/// skipped; infrastructure errors end the read.
+pub async fn command_history(js: &jetstream::Context, id: CommandId) -> Result<Vec<Record>> {
+    let mut events = history(js, &Filter::command(id)).await?;
+    let mut records = Vec::new();
+    while let Some(record) = events.next().await {
+        match record {
+            Ok(record) => records.push(record),
+            Err(e @ Error::Malformed { .. }) => tracing::warn!(error = %e, "skipping"),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(records)
+}
+
+struct Replay {
+    messages: Option<pull::Ordered>,
+    filter: Filter,
+    follow: bool,
+    /// Everything stored at the start has been delivered; later messages are live.
+    caught_up: bool,
+    queue: VecDeque<Result<Item>>,
+}
+
+impl Replay {
+    async fn start(js: &jetstream::Context, filter: Filter, follow: bool) -> Result<Self> {
+        let stream = js
+            .get_stream_no_info(EVENT_STREAM)
+            .await
+            .map_err(|e| Error::read(EVENT_STREAM, e))?;
+        let deliver_policy = match filter.since {
+            Some(start_time) => DeliverPolicy::ByStartTime { start_time },
+            None => DeliverPolicy::All,
+        };
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: filter.subject(),
+                deliver_policy,
+                replay_policy: ReplayPolicy::Instant,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::read(EVENT_STREAM, e))?;
+        let empty = consumer.cached_info().num_pending == 0;
+        let mut queue = VecDeque::new();
+        if empty && follow {
+            queue.push_back(Ok(Item::CaughtUp));
+        }
+        let messages = if empty && !follow {
+            None
+        } else {
+            Some(
+                consumer
+                    .messages()
+                    .await
+                    .map_err(|e| Error::read(EVENT_STREAM, e))?,
+            )
+        };
+        Ok(Self {
+            messages,
+            filter,
+            follow,
+            caught_up: empty,
+            queue,
+        })
+    }
+
+    fn into_stream(self) -> impl Stream<Item = Result<Item>> {
+        futures::stream::unfold(self, |mut replay| async move {
+            loop {
+                if let Some(item) = replay.queue.pop_front() {
+                    return Some((item, replay));
+                }
+                let message = replay.messages.as_mut()?.next().await?;
+                match message {
+                    Ok(message) => replay.take(&message),
+                    // The ordered consumer recreates itself after gaps and lost heartbeats;
+                    // report and keep reading.
+                    Err(e) => replay
+                        .queue
+                        .push_back(Err(Error::read(EVENT_STREAM, e))),
+                }
+            }
+        })
+    }
+
+    fn take(&mut self, message: &Message) {
+        let info = match message.info() {
+            Ok(info) => info,
+            Err(e) => {
+                self.queue.push_back(Err(Error::read(EVENT_STREAM, e)));
+                return;
+            }
+        };
+        let (sequence, published, pending) =
+            (info.stream_sequence, info.published, info.pending);
+        if self.filter.until.is_some_and(|until| published > until) {
+            self.messages = None;
+            return;
+        }
+        match Record::from_stored(sequence, published, &message.subject, &message.payload) {
+            Ok(record) if self.filter.admits(&record) => {
+                self.queue.push_back(Ok(Item::Event(record)))
+            }
+            Ok(_) => {}
+            Err(e) => self.queue.push_back(Err(e)),
+        }
+        if pending == 0 && !self.caught_up {
+            self.caught_up = true;
+            if self.follow {
+                self.queue.push_back(Ok(Item::CaughtUp));
+            } else {
+                self.messages = None;
+            }
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Real nats-server processes for tests: a single server on a free port with a temporary
+//! store, restartable on the same port, killable with SIGKILL, and a three-node cluster.
+//! Everything is removed when the handle is dropped.
+//!
+//! The binary comes from `NATS_SERVER_BIN`, else the project-local install made by
+//! `ops/bootstrap`, else `PATH`.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+
+/// How long a server may take to accept connections with JetStream ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where `ops/bootstrap` installs nats-server, relative to the workspace root.
+const LOCAL_INSTALL: &str = ".tools/nats/bin/nats-server";
+
+/// The nats-server binary tests use.
+pub fn nats_server_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
+        return PathBuf::from(bin);
+    }
+    let local = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(LOCAL_INSTALL);
+    if local.is_file() {
+        return local;
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("nats-server"))
+            .find(|candidate| candidate.is_file())
+    });
+    on_path.unwrap_or_else(|| {
+        panic!(
+            "nats-server not found: run ops/bootstrap (it installs nats-server 2.15.1 into \
+             .tools/nats) or set NATS_SERVER_BIN to a nats-server >= 2.11"
+        )
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free local port")
+}
+
+/// A nats-server child process with JetStream and its own store directory.
+#[derive(Debug)]
+pub struct Server {
+    name: String,
+    port: u16,
+    cluster: Option<ClusterPorts>,
+    extra: String,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+#[derive(Clone, Debug)]
+struct ClusterPorts {
+    own: u16,
+    routes: Vec<u16>,
+}
+
+impl Server {
+    /// Starts a single server with JetStream on a free port and waits until JetStream answers.
+    pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// Starts a single server with extra config text appended (e.g. `jetstream` settings go
+    /// through [`Server::start_with_jetstream`]; accounts, authorization, leafnodes here).
+    pub async fn start_with(extra: &str) -> Self {
+        let mut server = Self::new("s1".into(), None, extra.to_owned());
+        server.spawn();
+        server.wait_ready().await;
+        server
+    }
+
+    fn new(name: String, cluster: Option<ClusterPorts>, extra: String) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("rct-nats-")
+            .tempdir()
+            .expect("a temporary directory");
+        Self {
+            name,
+            port: free_port(),
+            cluster,
+            extra,
+            dir,
+            child: None,
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port; the same across restarts.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JetStream store directory; kept across restarts.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("jetstream")
+    }
+
+    /// A connected client that retries forever and logs connection events.
+    pub async fn client(&self) -> async_nats::Client {
+        connect(&[self.url()]).await
+    }
+
+    /// A JetStream context on a fresh client.
+    pub async fn jetstream(&self) -> jetstream::Context {
+        jetstream::new(self.client().await)
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGKILL: no shutdown, no flush. The store stays for [`Server::start_again`].
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a clean shutdown.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same store, after a kill or stop.
+    pub async fn start_again(&mut self) {
+        assert!(!self.is_running(), "{} is still running", self.name);
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    /// Stops cleanly and starts again on the same port with the same store.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.start_again().await;
+    }
+
+    /// The server's log so far, for failure messages.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let conf = self.dir.path().join("server.conf");
+        fs::write(&conf, self.config()).expect("write server config");
+        let child = Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e}; run ops/bootstrap or set NATS_SERVER_BIN",
+                    nats_server_bin().display()
+                )
+            });
+        self.child = Some(child);
+    }
+
+    fn config(&self) -> String {
+        let mut conf = format!(
+            "server_name: {name}\nlisten: 127.0.0.1:{port}\nlog_file: {log:?}\n\
+             jetstream {{\n  store_dir: {store:?}\n}}\n",
+            name = self.name,
+            port = self.port,
+            log = self.dir.path().join("server.log"),
+            store = self.store_dir(),
+        );
+        if let Some(cluster) = &self.cluster {
+            let routes: Vec<String> = cluster
+                .routes
+                .iter()
+                .map(|p| format!("nats-route://127.0.0.1:{p}"))
+                .collect();
+            conf.push_str(&format!(
+                "cluster {{\n  name: rct-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                cluster.own,
+                routes.join(", ")
+            ));
+        }
+        conf.push_str(&self.extra);
+        conf
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if !self.is_running() {
+                panic!(
+                    "nats-server {} exited while starting; its log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            if self.cluster.is_none() && jetstream_ready(&self.url()).await {
+                return;
+            }
+            if self.cluster.is_some() && self.log().contains("Server is ready") {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "nats-server {} not ready after {READY_TIMEOUT:?}; its log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether a server at `url` accepts a connection and answers a JetStream account request.
+async fn jetstream_ready(url: &str) -> bool {
+    let Ok(client) = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_millis(500))
+        .connect(url)
+        .await
+    else {
+        return false;
+    };
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .build(client);
+    js.query_account().await.is_ok()
+}
+
+async fn connect(urls: &[String]) -> async_nats::Client {
+    let addrs: Vec<async_nats::ServerAddr> = urls
+        .iter()
+        .map(|u| u.parse().expect("a server address"))
+        .collect();
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .event_callback(|event| async move {
+            tracing::debug!(%event, "nats connection event");
+        })
+        .connect(addrs)
+        .await
+        .expect("connect to the test server")
+}
+
+/// Three JetStream servers routed into one cluster (`rct-test`), for replicated streams.
+#[derive(Debug)]
+pub struct Cluster {
+    nodes: Vec<Server>,
+}
+
+impl Cluster {
+    /// Starts three nodes and waits until they have elected a JetStream meta leader.
+    pub async fn start() -> Self {
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes: Vec<Server> = cluster_ports
+            .iter()
+            .enumerate()
+            .map(|(i, own)| {
+                let cluster = ClusterPorts {
+                    own: *own,
+                    routes: cluster_ports.clone(),
+                };
+                Server::new(format!("n{}", i + 1), Some(cluster), String::new())
+            })
+            .collect();
+        for node in &mut nodes {
+            node.spawn();
+        }
+        for node in &mut nodes {
+            node.wait_ready().await;
+        }
+        let cluster = Self { nodes };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !jetstream_ready(&cluster.nodes[0].url()).await {
+            assert!(
+                Instant::now() < deadline,
+                "cluster has no JetStream meta leader after {READY_TIMEOUT:?}; n1's log:\n{}",
+                cluster.nodes[0].log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        cluster
+    }
+
+    /// The client URLs of all nodes.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Server::url).collect()
+    }
+
+    /// A client that knows every node and fails over between them.
+    pub async fn client(&self) -> async_nats::Client {
+        connect(&self.urls()).await
+    }
+
+    /// A JetStream context on a fresh client.
+    pub async fn jetstream(&self) -> jetstream::Context {
+        jetstream::new(self.client().await)
+    }
+
+    /// Node `i` (0, 1 or 2), to kill, stop or start again.
+    pub fn node(&mut self, i: usize) -> &mut Server {
+        &mut self.nodes[i]
+    }
+}

@@ -1,0 +1,394 @@
+//! The JetStream topology as code: streams, durable consumers and KV buckets, and
+//! [`provision`], which converges a server to them.
+
+use std::fmt;
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::{self, kv};
+use rct_bus::{Target, Tower, subject};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::{self, Config, Storage};
+use crate::{Error, Result};
+
+/// Stream of signed submissions, `rct.submit.>`.
+pub const SUBMIT_STREAM: &str = "RCT_SUBMIT";
+/// Stream of admitted, admission-signed commands, `rct.cmd.>`.
+pub const COMMAND_STREAM: &str = "RCT_CMD";
+/// Stream of events, `rct.evt.>`: the audit log.
+pub const EVENT_STREAM: &str = "RCT_EVT";
+/// Live agents, kept alive by heartbeats.
+pub const AGENTS_BUCKET: &str = "rct_agents";
+/// The catalog admission serves, with its version.
+pub const CATALOG_BUCKET: &str = "rct_catalog";
+/// A projection of command state, rebuildable from `RCT_EVT`.
+pub const STATE_BUCKET: &str = "rct_state";
+/// Admission's durable consumer on `RCT_SUBMIT`, shared by its replicas.
+pub const ADMISSION_CONSUMER: &str = "admission";
+
+/// The three streams, as `create_or_update_stream` takes them.
+pub fn streams(config: &Config) -> Vec<stream::Config> {
+    let stream = |name: &str, subject: String, description: &str, s: &config::Stream| {
+        stream::Config {
+            name: name.to_owned(),
+            description: Some(description.to_owned()),
+            subjects: vec![subject],
+            retention: RetentionPolicy::Limits,
+            storage: storage(config.storage),
+            num_replicas: config.replicas,
+            max_age: s.max_age,
+            duplicate_window: s.duplicate_window,
+            deny_delete: config.deny_delete,
+            deny_purge: config.deny_purge,
+            // Full streams refuse new writes instead of dropping history.
+            discard: DiscardPolicy::New,
+            allow_direct: true,
+            ..Default::default()
+        }
+    };
+    vec![
+        stream(
+            SUBMIT_STREAM,
+            subject::all_submissions(),
+            "rct: signed submissions from operators and services",
+            &config.submit,
+        ),
+        stream(
+            COMMAND_STREAM,
+            subject::all_commands(),
+            "rct: admitted commands, signed by admission",
+            &config.commands,
+        ),
+        stream(
+            EVENT_STREAM,
+            subject::all_events(),
+            "rct: decisions, claims, progress, logs and outcomes (the audit log)",
+            &config.events,
+        ),
+    ]
+}
+
+/// The KV buckets.
+pub fn buckets(config: &Config) -> Vec<kv::Config> {
+    let bucket = |name: &str, description: &str, history: i64| kv::Config {
+        bucket: name.to_owned(),
+        description: description.to_owned(),
+        history,
+        storage: storage(config.storage),
+        num_replicas: config.replicas,
+        ..Default::default()
+    };
+    vec![
+        kv::Config {
+            max_age: config.agent_ttl,
+            ..bucket(AGENTS_BUCKET, "rct: live agents (heartbeat TTL)", 1)
+        },
+        bucket(
+            CATALOG_BUCKET,
+            "rct: the catalog admission serves",
+            config.catalog_history,
+        ),
+        bucket(
+            STATE_BUCKET,
+            "rct: command state, rebuildable from RCT_EVT",
+            1,
+        ),
+    ]
+}
+
+/// Admission's durable consumer on `RCT_SUBMIT`.
+pub fn admission_consumer(config: &Config) -> pull::Config {
+    work_consumer(
+        ADMISSION_CONSUMER.to_owned(),
+        subject::all_submissions(),
+        &config.admission,
+    )
+}
+
+/// The durable consumer a tower's agents pull from: one per target for a cluster tower
+/// (`rct.cmd.<tower>.<target>.>`), one shared work queue for a simple tower
+/// (`rct.cmd.<tower>.>`, `target` = `None`).
+pub fn tower_consumer(config: &Config, tower: &Tower, target: Option<&Target>) -> pull::Config {
+    let (name, filter) = match target {
+        Some(target) => (
+            format!("tower-{tower}@{target}"),
+            subject::commands_for_target(tower, target),
+        ),
+        None => (format!("tower-{tower}"), subject::commands_for_tower(tower)),
+    };
+    work_consumer(name, filter, &config.towers)
+}
+
+fn work_consumer(name: String, filter: String, settings: &config::Consumer) -> pull::Config {
+    pull::Config {
+        durable_name: Some(name.clone()),
+        name: Some(name),
+        filter_subject: filter,
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        // The server replaces ack_wait by the first backoff step; say so up front, so that
+        // what we ask for is what the server reports and provisioning sees no drift.
+        ack_wait: settings.backoff.first().copied().unwrap_or(settings.ack_wait),
+        max_deliver: settings.max_deliver,
+        backoff: settings.backoff.clone(),
+        max_ack_pending: settings.max_ack_pending,
+        ..Default::default()
+    }
+}
+
+fn storage(storage: Storage) -> StorageType {
+    match storage {
+        Storage::File => StorageType::File,
+        Storage::Memory => StorageType::Memory,
+    }
+}
+
+/// What [`provision`] did to one stream, bucket or consumer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// It did not exist and was created.
+    Created,
+    /// It existed with other settings, named here, and was converged.
+    Updated(Vec<String>),
+    /// It already matched.
+    Unchanged,
+}
+
+/// One line of a [`Report`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    /// `stream RCT_EVT`, `bucket rct_agents`, `consumer RCT_SUBMIT/admission`.
+    pub what: String,
+    /// What happened to it.
+    pub change: Change,
+}
+
+/// What [`provision`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// One item per stream, bucket and consumer, in provisioning order.
+    pub items: Vec<Item>,
+    /// Settings that could not be applied and why (deny-delete and deny-purge are one-way).
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    /// Whether anything was created or updated.
+    pub fn changed(&self) -> bool {
+        self.items.iter().any(|i| i.change != Change::Unchanged)
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for item in &self.items {
+            match &item.change {
+                Change::Created => writeln!(f, "created   {}", item.what)?,
+                Change::Updated(fields) => {
+                    writeln!(f, "updated   {} ({})", item.what, fields.join(", "))?
+                }
+                Change::Unchanged => writeln!(f, "unchanged {}", item.what)?,
+            }
+        }
+        for warning in &self.warnings {
+            writeln!(f, "warning   {warning}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Converges the server to the topology: creates what is missing, updates what drifted,
+/// leaves the rest alone, and reports each. Running it twice changes nothing the second time.
+pub async fn provision(js: &jetstream::Context, config: &Config) -> Result<Report> {
+    config.validate().map_err(Error::Config)?;
+    let mut report = Report::default();
+
+    for mut desired in streams(config) {
+        let what = format!("stream {}", desired.name);
+        let before = stream_config(js, &desired.name).await?;
+        if let Some(before) = &before {
+            keep_one_way_flags(&mut desired, before, &what, &mut report.warnings);
+        }
+        let after = js
+            .create_or_update_stream(desired)
+            .await
+            .map_err(|e| Error::provision(&what, e))?
+            .config;
+        report.items.push(Item {
+            change: change(before.as_ref(), &after),
+            what,
+        });
+    }
+
+    for desired in buckets(config) {
+        let stream_name = format!("KV_{}", desired.bucket);
+        let what = format!("bucket {}", desired.bucket);
+        let before = stream_config(js, &stream_name).await?;
+        js.create_or_update_key_value(desired)
+            .await
+            .map_err(|e| Error::provision(&what, e))?;
+        let after = stream_config(js, &stream_name)
+            .await?
+            .ok_or_else(|| Error::provision(&what, "bucket vanished after creation"))?;
+        report.items.push(Item {
+            change: change(before.as_ref(), &after),
+            what,
+        });
+    }
+
+    let consumer = admission_consumer(config);
+    report
+        .items
+        .push(ensure_consumer(js, SUBMIT_STREAM, consumer).await?);
+    Ok(report)
+}
+
+/// Creates or converges one durable consumer (the agents' consumers are created this way by
+/// whoever administers the tower, so that agents themselves only need to bind and pull).
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    desired: pull::Config,
+) -> Result<Item> {
+    let name = desired.durable_name.clone().unwrap_or_default();
+    let what = format!("consumer {stream}/{name}");
+    let stream = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| Error::provision(&what, e))?;
+    let before = match stream.consumer_info(&name).await {
+        Ok(info) => Some(info.config),
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => None,
+        Err(e) => return Err(Error::provision(&what, e)),
+    };
+    let mut consumer: jetstream::consumer::PullConsumer = stream
+        .create_consumer(desired)
+        .await
+        .map_err(|e| Error::provision(&what, e))?;
+    let after = consumer
+        .info()
+        .await
+        .map_err(|e| Error::provision(&what, e))?
+        .config
+        .clone();
+    Ok(Item {
+        change: change(before.as_ref(), &after),
+        what,
+    })
+}
+
+async fn stream_config(js: &jetstream::Context, name: &str) -> Result<Option<stream::Config>> {
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(Some(stream.cached_info().config.clone())),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(js) if js.error_code() == ErrorCode::STREAM_NOT_FOUND => {
+                Ok(None)
+            }
+            _ => Err(Error::provision(&format!("stream {name}"), e)),
+        },
+    }
+}
+
+/// Deny-delete and deny-purge can never be turned off on a server; keep them on and say so.
+fn keep_one_way_flags(
+    desired: &mut stream::Config,
+    before: &stream::Config,
+    what: &str,
+    warnings: &mut Vec<String>,
+) {
+    for (name, wanted, existing) in [
+        ("deny_delete", &mut desired.deny_delete, before.deny_delete),
+        ("deny_purge", &mut desired.deny_purge, before.deny_purge),
+    ] {
+        if existing && !*wanted {
+            *wanted = true;
+            warnings.push(format!(
+                "{what}: {name} is on and can never be turned off; left on"
+            ));
+        }
+    }
+}
+
+fn change<T: Serialize>(before: Option<&T>, after: &T) -> Change {
+    match before {
+        None => Change::Created,
+        Some(before) => {
+            let fields = differing_fields(before, after);
+            if fields.is_empty() {
+                Change::Unchanged
+            } else {
+                Change::Updated(fields)
+            }
+        }
+    }
+}
+
+/// Names of the top-level fields whose serialized values differ.
+fn differing_fields<T: Serialize>(before: &T, after: &T) -> Vec<String> {
+    let as_map = |value: &T| match serde_json::to_value(value) {
+        Ok(Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    let (before, after) = (as_map(before), as_map(after));
+    let mut keys: Vec<&String> = before.keys().chain(after.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| before.get(*k) != after.get(*k))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_cover_the_contracts_subjects() {
+        let config = Config::default();
+        let subjects: Vec<_> = streams(&config)
+            .into_iter()
+            .map(|s| (s.name, s.subjects))
+            .collect();
+        assert_eq!(
+            subjects,
+            [
+                ("RCT_SUBMIT".to_owned(), vec!["rct.submit.>".to_owned()]),
+                ("RCT_CMD".to_owned(), vec!["rct.cmd.>".to_owned()]),
+                ("RCT_EVT".to_owned(), vec!["rct.evt.>".to_owned()]),
+            ]
+        );
+    }
+
+    #[test]
+    fn tower_consumers_are_named_and_filtered_per_flavour() {
+        let config = Config::default();
+        let tower = Tower::new("traffic").unwrap();
+        let target = Target::new("prod-1").unwrap();
+        let cluster = tower_consumer(&config, &tower, Some(&target));
+        assert_eq!(cluster.durable_name.as_deref(), Some("tower-traffic@prod-1"));
+        assert_eq!(cluster.filter_subject, "rct.cmd.traffic.prod-1.>");
+        let simple = tower_consumer(&config, &tower, None);
+        assert_eq!(simple.durable_name.as_deref(), Some("tower-traffic"));
+        assert_eq!(simple.filter_subject, "rct.cmd.traffic.>");
+        assert_eq!(simple.ack_wait, config.towers.backoff[0]);
+    }
+
+    #[test]
+    fn drift_is_reported_by_field_name() {
+        let a = streams(&Config::default()).remove(2);
+        let mut b = a.clone();
+        b.max_age = std::time::Duration::from_secs(60);
+        b.num_replicas = 3;
+        assert_eq!(
+            change(Some(&a), &b),
+            Change::Updated(vec!["max_age".into(), "num_replicas".into()])
+        );
+        assert_eq!(change(Some(&a), &a), Change::Unchanged);
+        assert_eq!(change(None, &a), Change::Created);
+    }
+}
