@@ -112,7 +112,10 @@ pub enum Slot {
     Written(Ack),
     /// Single-slot subject already taken by another writer: a second decision, claim or
     /// outcome. Nothing was stored.
-    Taken,
+    Taken {
+        /// Stream sequence of the message that holds the slot.
+        sequence: u64,
+    },
 }
 
 /// Publishes with acknowledgement, dedup ids and retries. Cheap to clone.
@@ -153,7 +156,7 @@ impl Publisher {
                     }));
                 }
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence && message.once => {
-                    return Ok(Slot::Taken);
+                    return self.slot_holder(&message).await;
                 }
                 Err(e) if is_retryable(&e) && attempt < self.retry.attempts => {
                     tracing::debug!(
@@ -193,6 +196,41 @@ impl Publisher {
             command_id: event.command_id.clone(),
         })?;
         self.send(outgoing).await
+    }
+
+    /// The server checks the expected subject sequence before the dedup id, so a retry of our
+    /// own earlier, stored write is refused like a rival's. Tell them apart by the id of the
+    /// message that holds the slot (read from the stream leader, which is authoritative).
+    async fn slot_holder(&self, message: &Outgoing) -> Result<Slot> {
+        let read = |e: async_nats::Error| Error::read(&format!("the holder of {}", message.subject), e);
+        let stream = self
+            .js
+            .stream_by_subject(message.subject.clone())
+            .await
+            .map_err(|e| read(e.into()))?;
+        let holder = self
+            .js
+            .get_stream_no_info(&stream)
+            .await
+            .map_err(|e| read(e.into()))?
+            .get_last_raw_message_by_subject(&message.subject)
+            .await
+            .map_err(|e| read(e.into()))?;
+        let ours = holder
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .is_some_and(|id| id.as_str() == message.msg_id);
+        Ok(if ours {
+            Slot::Written(Ack {
+                stream,
+                sequence: holder.sequence,
+                duplicate: true,
+            })
+        } else {
+            Slot::Taken {
+                sequence: holder.sequence,
+            }
+        })
     }
 
     async fn attempt(

@@ -1,0 +1,180 @@
+//! Publishing against a real server: single-slot subjects hold one message whatever races,
+//! and retried publishes are stored once.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use rct_bus::{CommandId, EventKind, Subject};
+use rct_streams::testkit::Server;
+use rct_streams::topology::{COMMAND_STREAM, EVENT_STREAM};
+use rct_streams::{Config, Outgoing, Publisher, Retry, Slot, provision};
+use support::{admitted, event, progress, started, succeeded, tower};
+
+async fn provisioned() -> (Server, jetstream::Context) {
+    let server = Server::start().await;
+    let js = server.jetstream().await;
+    provision(&js, &Config::default()).await.unwrap();
+    (server, js)
+}
+
+async fn count(js: &jetstream::Context, stream: &str, subject: &str) -> usize {
+    let stream = js.get_stream(stream).await.unwrap();
+    let info = stream.info_with_subjects(subject).await.unwrap();
+    let mut total = 0;
+    futures::pin_mut!(info);
+    while let Some(entry) = futures::StreamExt::next(&mut info).await {
+        total += entry.unwrap().1;
+    }
+    total
+}
+
+#[tokio::test]
+async fn twenty_racing_claims_have_exactly_one_winner() {
+    let (_server, js) = provisioned().await;
+    let publisher = Publisher::new(js.clone());
+    let id = CommandId::generate();
+    let traffic = tower("traffic");
+
+    let mut tasks = Vec::new();
+    for agent in 0..20 {
+        let publisher = publisher.clone();
+        let traffic = traffic.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut claim = event(id, "prod-1", started());
+            claim.source = format!("agent-{agent}");
+            // Each racer writes under its own id, as distinct agents would.
+            let outgoing = Outgoing::event(&traffic, &claim, agent).unwrap();
+            publisher.send(outgoing).await.unwrap()
+        }));
+    }
+    let mut won = 0;
+    let mut taken = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Slot::Written(_) => won += 1,
+            Slot::Taken { .. } => taken += 1,
+        }
+    }
+    assert_eq!((won, taken), (1, 19));
+    let subject = Subject::event(&traffic, id, EventKind::Claim).to_string();
+    assert_eq!(count(&js, EVENT_STREAM, &subject).await, 1);
+}
+
+#[tokio::test]
+async fn decisions_and_outcomes_are_single_slot_progress_is_not() {
+    let (_server, js) = provisioned().await;
+    let publisher = Publisher::new(js.clone());
+    let id = CommandId::generate();
+    let traffic = tower("traffic");
+
+    for (kind, single) in [
+        (admitted(), true),
+        (succeeded(), true),
+        (progress(10), false),
+    ] {
+        let e = event(id, "prod-1", kind);
+        assert!(matches!(
+            publisher.event(&traffic, &e, 0).await.unwrap(),
+            Slot::Written(_)
+        ));
+        let second = publisher.event(&traffic, &e, 1).await.unwrap();
+        assert_eq!(matches!(second, Slot::Taken { .. }), single, "{e:?}");
+    }
+}
+
+/// A publish retried after a lost acknowledgement carries the same id. The server refuses it
+/// on the expected sequence before looking at the id, so the publisher must recognise the
+/// slot's holder as its own write, not a rival's.
+#[tokio::test]
+async fn a_retried_single_slot_publish_is_recognised_as_ours() {
+    let (_server, js) = provisioned().await;
+    let publisher = Publisher::new(js.clone());
+    let id = CommandId::generate();
+    let decision = event(id, "prod-1", admitted());
+
+    let first = publisher.event(&tower("traffic"), &decision, 0).await.unwrap();
+    let again = publisher.event(&tower("traffic"), &decision, 0).await.unwrap();
+    let (Slot::Written(first), Slot::Written(again)) = (first, again) else {
+        panic!("a retry with the same id must not be refused as taken");
+    };
+    assert!(!first.duplicate);
+    assert!(again.duplicate);
+    assert_eq!(first.sequence, again.sequence);
+}
+
+#[tokio::test]
+async fn a_publish_during_a_server_restart_is_stored_exactly_once() {
+    let (mut server, _) = provisioned().await;
+    // A short ack timeout makes the outage outlast it, so the publisher must retry.
+    let client = server.client().await;
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(500))
+        .build(client);
+    let publisher = Publisher::new(js.clone()).with_retry(Retry {
+        attempts: 60,
+        pause: Duration::from_millis(100),
+        max_pause: Duration::from_millis(500),
+    });
+    let id = CommandId::generate();
+    let operation = "traffic/drain-cluster".parse().unwrap();
+    let subject = Subject::command(&operation, &"prod-1".parse().unwrap()).to_string();
+
+    server.kill();
+    let publishing = {
+        let outgoing = Outgoing::new(subject.clone(), id.msg_id(), Bytes::from_static(b"cmd"));
+        tokio::spawn(async move { publisher.send(outgoing).await })
+    };
+    // Let the first attempt go out into the void and time out at least once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.start_again().await;
+
+    let slot = tokio::time::timeout(Duration::from_secs(60), publishing)
+        .await
+        .expect("the publish completes after the restart")
+        .unwrap()
+        .unwrap();
+    assert!(matches!(slot, Slot::Written(_)));
+    assert_eq!(count(&js, COMMAND_STREAM, &subject).await, 1);
+    let stored = js
+        .get_stream(COMMAND_STREAM)
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .unwrap();
+    assert_eq!(stored.payload.as_ref(), b"cmd");
+}
+
+#[tokio::test]
+async fn publishing_to_a_subject_no_stream_covers_is_an_error_not_a_hang() {
+    let (_server, js) = provisioned().await;
+    let publisher = Publisher::new(js).with_retry(Retry {
+        attempts: 2,
+        pause: Duration::from_millis(10),
+        max_pause: Duration::from_millis(10),
+    });
+    let error = publisher
+        .send(Outgoing::new("nowhere.at.all", "x", Bytes::new()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, rct_streams::Error::Publish { .. }),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn events_without_a_kind_are_refused_before_sending() {
+    let (_server, js) = provisioned().await;
+    let publisher = Arc::new(Publisher::new(js));
+    let mut empty = event(CommandId::generate(), "prod-1", started());
+    empty.kind = None;
+    assert!(matches!(
+        publisher.event(&tower("traffic"), &empty, 0).await,
+        Err(rct_streams::Error::InvalidEvent { .. })
+    ));
+}
