@@ -264,8 +264,7 @@ mod tests {
                             env.key_id = String::from_utf8_lossy(&bytes).into_owned();
                         }
                     }
-                    let result =
-                        verifier.verify(Unverified::from_proto(env), Purpose::Submission);
+                    let result = verifier.verify(Unverified::from_proto(env), Purpose::Submission);
                     assert!(result.is_err(), "{field}[{i}] ^ {flip:#x} verified");
                     checked += 1;
                 }

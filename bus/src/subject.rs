@@ -188,7 +188,10 @@ mod tests {
         let target = Target::new("prod-1").unwrap();
         let tower = Tower::new("traffic").unwrap();
         let cases = [
-            (Subject::submit(&drain()), "rct.submit.traffic.drain-cluster"),
+            (
+                Subject::submit(&drain()),
+                "rct.submit.traffic.drain-cluster",
+            ),
             (
                 Subject::command(&drain(), &target),
                 "rct.cmd.traffic.prod-1.drain-cluster",

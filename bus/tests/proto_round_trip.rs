@@ -207,10 +207,12 @@ fn login_messages_round_trip() {
         )),
     });
     round_trip(proto::LoginResponse {
-        result: Some(proto::login_response::Result::Refused(proto::LoginRefused {
-            code: "expired".into(),
-            message: "the id_token expired".into(),
-        })),
+        result: Some(proto::login_response::Result::Refused(
+            proto::LoginRefused {
+                code: "expired".into(),
+                message: "the id_token expired".into(),
+            },
+        )),
     });
 }
 

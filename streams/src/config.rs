@@ -59,10 +59,7 @@ impl Config {
     /// Checks the settings together; the message says what to change.
     pub fn validate(&self) -> Result<(), String> {
         if ![1, 3, 5].contains(&self.replicas) {
-            return Err(format!(
-                "replicas must be 1, 3 or 5, not {}",
-                self.replicas
-            ));
+            return Err(format!("replicas must be 1, 3 or 5, not {}", self.replicas));
         }
         for (name, stream) in [
             ("submit", &self.submit),
@@ -187,10 +184,9 @@ mod tests {
 
     #[test]
     fn settings_read_from_yaml_with_defaults_for_the_rest() {
-        let config = parse(
-            "replicas: 3\nevents:\n  max_age: 400days\ntowers:\n  backoff: [10s, 1m]\n",
-        )
-        .unwrap();
+        let config =
+            parse("replicas: 3\nevents:\n  max_age: 400days\ntowers:\n  backoff: [10s, 1m]\n")
+                .unwrap();
         assert_eq!(config.replicas, 3);
         assert_eq!(config.events.max_age, Duration::from_secs(400 * 86_400));
         assert_eq!(config.events.duplicate_window, Duration::from_secs(600));
@@ -210,7 +206,8 @@ mod tests {
 
     #[test]
     fn bad_settings_say_what_to_change() {
-        let cases: [(fn(&mut Config), &str); 4] = [
+        type Change = fn(&mut Config);
+        let cases: [(Change, &str); 4] = [
             (|c| c.replicas = 2, "replicas must be 1, 3 or 5"),
             (
                 |c| c.events.duplicate_window = Duration::ZERO,

@@ -357,14 +357,20 @@ mod tests {
                 vec![
                     record(1, admitted()),
                     record(2, started()),
-                    record(3, Kind::Unknown(proto::Unknown {
-                        reason: "agent stopped".into(),
-                    })),
+                    record(
+                        3,
+                        Kind::Unknown(proto::Unknown {
+                            reason: "agent stopped".into(),
+                        }),
+                    ),
                 ],
                 Phase::Unknown,
             ),
             (vec![record(1, admitted())], Phase::Admitted),
-            (vec![record(1, admitted()), record(2, started())], Phase::Running),
+            (
+                vec![record(1, admitted()), record(2, started())],
+                Phase::Running,
+            ),
             (vec![record(1, progress(10))], Phase::Pending),
         ];
         for (records, phase) in cases {
@@ -395,7 +401,10 @@ mod tests {
             record(4, Kind::Unknown(Default::default())),
         ];
         let once = fold(&records);
-        let twice: Vec<Record> = records.iter().flat_map(|r| [r.clone(), r.clone()]).collect();
+        let twice: Vec<Record> = records
+            .iter()
+            .flat_map(|r| [r.clone(), r.clone()])
+            .collect();
         assert_eq!(fold(&twice), once);
         let mut again = once.clone();
         for r in &records {

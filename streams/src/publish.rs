@@ -171,7 +171,8 @@ impl Publisher {
                     attempt += 1;
                 }
                 Err(source)
-                    if is_retryable(&source) && source.kind() != PublishErrorKind::StreamNotFound =>
+                    if is_retryable(&source)
+                        && source.kind() != PublishErrorKind::StreamNotFound =>
                 {
                     return Err(Error::Unacknowledged {
                         subject: message.subject.clone(),
@@ -202,7 +203,8 @@ impl Publisher {
     /// own earlier, stored write is refused like a rival's. Tell them apart by the id of the
     /// message that holds the slot (read from the stream leader, which is authoritative).
     async fn slot_holder(&self, message: &Outgoing) -> Result<Slot> {
-        let read = |e: async_nats::Error| Error::read(&format!("the holder of {}", message.subject), e);
+        let read =
+            |e: async_nats::Error| Error::read(&format!("the holder of {}", message.subject), e);
         let stream = self
             .js
             .stream_by_subject(message.subject.clone())
@@ -258,6 +260,8 @@ impl Publisher {
 fn is_retryable(error: &PublishError) -> bool {
     matches!(
         error.kind(),
-        PublishErrorKind::TimedOut | PublishErrorKind::StreamNotFound | PublishErrorKind::BrokenPipe
+        PublishErrorKind::TimedOut
+            | PublishErrorKind::StreamNotFound
+            | PublishErrorKind::BrokenPipe
     )
 }

@@ -59,6 +59,7 @@ pub struct Server {
     name: String,
     port: u16,
     cluster: Option<ClusterPorts>,
+    domain: Option<String>,
     extra: String,
     dir: TempDir,
     child: Option<Child>,
@@ -76,10 +77,20 @@ impl Server {
         Self::start_with("").await
     }
 
-    /// Starts a single server with extra config text appended (e.g. `jetstream` settings go
-    /// through [`Server::start_with_jetstream`]; accounts, authorization, leafnodes here).
+    /// Starts a single server with extra top-level config text appended (accounts,
+    /// authorization, leafnodes, …).
     pub async fn start_with(extra: &str) -> Self {
         let mut server = Self::new("s1".into(), None, extra.to_owned());
+        server.spawn();
+        server.wait_ready().await;
+        server
+    }
+
+    /// Starts a single server whose JetStream has a domain (as the hub does), so clients
+    /// reach it with `jetstream::with_domain(client, domain)`.
+    pub async fn start_in_domain(domain: &str) -> Self {
+        let mut server = Self::new("s1".into(), None, String::new());
+        server.domain = Some(domain.to_owned());
         server.spawn();
         server.wait_ready().await;
         server
@@ -94,6 +105,7 @@ impl Server {
             name,
             port: free_port(),
             cluster,
+            domain: None,
             extra,
             dir,
             child: None,
@@ -186,9 +198,14 @@ impl Server {
     }
 
     fn config(&self) -> String {
+        let domain = self
+            .domain
+            .as_ref()
+            .map(|d| format!("  domain: {d}\n"))
+            .unwrap_or_default();
         let mut conf = format!(
             "server_name: {name}\nlisten: 127.0.0.1:{port}\nlog_file: {log:?}\n\
-             jetstream {{\n  store_dir: {store:?}\n}}\n",
+             jetstream {{\n  store_dir: {store:?}\n{domain}}}\n",
             name = self.name,
             port = self.port,
             log = self.dir.path().join("server.log"),

@@ -3,10 +3,10 @@
 
 use std::fmt;
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
-use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
-use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, kv};
 use rct_bus::{Target, Tower, subject};
 use serde::Serialize;
@@ -132,7 +132,11 @@ fn work_consumer(name: String, filter: String, settings: &config::Consumer) -> p
         ack_policy: AckPolicy::Explicit,
         // The server replaces ack_wait by the first backoff step; say so up front, so that
         // what we ask for is what the server reports and provisioning sees no drift.
-        ack_wait: settings.backoff.first().copied().unwrap_or(settings.ack_wait),
+        ack_wait: settings
+            .backoff
+            .first()
+            .copied()
+            .unwrap_or(settings.ack_wait),
         max_deliver: settings.max_deliver,
         backoff: settings.backoff.clone(),
         max_ack_pending: settings.max_ack_pending,
@@ -370,7 +374,10 @@ mod tests {
         let tower = Tower::new("traffic").unwrap();
         let target = Target::new("prod-1").unwrap();
         let cluster = tower_consumer(&config, &tower, Some(&target));
-        assert_eq!(cluster.durable_name.as_deref(), Some("tower-traffic@prod-1"));
+        assert_eq!(
+            cluster.durable_name.as_deref(),
+            Some("tower-traffic@prod-1")
+        );
         assert_eq!(cluster.filter_subject, "rct.cmd.traffic.prod-1.>");
         let simple = tower_consumer(&config, &tower, None);
         assert_eq!(simple.durable_name.as_deref(), Some("tower-traffic"));

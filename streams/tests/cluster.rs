@@ -47,7 +47,10 @@ async fn replicated_streams_survive_a_killed_node() {
         .event(&traffic, &event(id, "prod-1", progress(2)), 2)
         .await
         .unwrap();
-    assert!(matches!(slot, Slot::Written(_)), "a quorum of two still writes");
+    assert!(
+        matches!(slot, Slot::Written(_)),
+        "a quorum of two still writes"
+    );
 
     cluster.node(2).start_again().await;
     let records = replay::command_history(&js, id).await.unwrap();

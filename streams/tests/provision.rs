@@ -154,6 +154,9 @@ async fn invalid_settings_are_refused_before_touching_the_server() {
         ..Config::default()
     };
     let error = provision(&js, &config).await.unwrap_err();
-    assert!(error.to_string().contains("replicas must be 1, 3 or 5"), "{error}");
+    assert!(
+        error.to_string().contains("replicas must be 1, 3 or 5"),
+        "{error}"
+    );
     assert!(js.get_stream(EVENT_STREAM).await.is_err());
 }

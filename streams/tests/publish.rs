@@ -96,8 +96,14 @@ async fn a_retried_single_slot_publish_is_recognised_as_ours() {
     let id = CommandId::generate();
     let decision = event(id, "prod-1", admitted());
 
-    let first = publisher.event(&tower("traffic"), &decision, 0).await.unwrap();
-    let again = publisher.event(&tower("traffic"), &decision, 0).await.unwrap();
+    let first = publisher
+        .event(&tower("traffic"), &decision, 0)
+        .await
+        .unwrap();
+    let again = publisher
+        .event(&tower("traffic"), &decision, 0)
+        .await
+        .unwrap();
     let (Slot::Written(first), Slot::Written(again)) = (first, again) else {
         panic!("a retry with the same id must not be refused as taken");
     };

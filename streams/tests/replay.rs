@@ -23,7 +23,12 @@ async fn setup() -> (Server, async_nats::jetstream::Context, Publisher) {
 }
 
 /// Publishes `n` progress events for a fresh command and returns it with their sequences.
-async fn burst(publisher: &Publisher, tower_name: &str, target: &str, n: u64) -> (CommandId, Vec<u64>) {
+async fn burst(
+    publisher: &Publisher,
+    tower_name: &str,
+    target: &str,
+    n: u64,
+) -> (CommandId, Vec<u64>) {
     let id = CommandId::generate();
     let mut sequences = Vec::new();
     for i in 0..n {
@@ -138,11 +143,8 @@ async fn history_then_follow_sees_what_is_published_after_it_started() {
     let mut follow = replay::follow(&js, &Filter::command(id)).await.unwrap();
 
     let mut seen = Vec::new();
-    loop {
-        match follow.next().await.unwrap().unwrap() {
-            Item::Event(record) => seen.push(record.sequence),
-            Item::CaughtUp => break,
-        }
+    while let Item::Event(record) = follow.next().await.unwrap().unwrap() {
+        seen.push(record.sequence);
     }
     assert_eq!(seen, stored);
 
@@ -182,7 +184,10 @@ async fn a_malformed_message_is_reported_and_replay_goes_on() {
     let (_server, js, publisher) = setup().await;
     let id = CommandId::generate();
     let decision = event(id, "prod-1", admitted());
-    publisher.event(&tower("traffic"), &decision, 0).await.unwrap();
+    publisher
+        .event(&tower("traffic"), &decision, 0)
+        .await
+        .unwrap();
     let garbage = Outgoing::new(
         format!("rct.evt.traffic.{id}.log"),
         "garbage",
