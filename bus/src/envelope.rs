@@ -201,8 +201,7 @@ impl Verifier {
     pub fn verify(&self, envelope: Unverified, expected: Purpose) -> Result<Verified> {
         let key = self
             .keys
-            .values()
-            .find(|k| k.id().as_str() == envelope.key_id())
+            .get(envelope.key_id())
             .ok_or_else(|| Error::UntrustedKey {
                 key_id: envelope.key_id().to_owned(),
             })?;

@@ -29,6 +29,14 @@ impl KeyId {
     }
 }
 
+// Hash and Eq of `KeyId` are those of its string, so maps keyed by `KeyId` can be searched
+// with the `&str` an envelope carries.
+impl std::borrow::Borrow<str> for KeyId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

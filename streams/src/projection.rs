@@ -6,8 +6,9 @@
 //! - single-slot facts (the decision, the claim, the outcome) are taken the first time they
 //!   are seen and never replaced, so a duplicate changes nothing;
 //! - progress is the one with the highest stream sequence, so a late or repeated progress
-//!   event never hides a newer one;
-//! - a record already applied (same stream sequence) is ignored.
+//!   event never hides a newer one.
+//!
+//! So applying a record twice, or records in another order, gives the same state.
 
 use std::time::Duration;
 
@@ -174,7 +175,7 @@ impl CommandState {
     /// Applies one event (see the module's folding rule). Events of other commands are
     /// ignored.
     pub fn apply(&mut self, record: &Record) {
-        if record.command_id != self.command_id || record.sequence == self.last_sequence {
+        if record.command_id != self.command_id {
             return;
         }
         self.last_sequence = self.last_sequence.max(record.sequence);
