@@ -6,8 +6,10 @@
 //! - [`CommandId`], [`Tower`], [`Target`], [`OpName`], [`OperationName`]: validated names.
 //! - [`Subject`] and [`subject`]: the only place subjects are spelled.
 //! - [`KeyPair`], [`PublicKey`], [`Unverified`] → [`Verified`], [`Verifier`]: Ed25519 signing.
+//! - [`catalog`]: towers, operations, typed parameters and their checks.
 //! - [`EventKind`]: the last token of an event subject, and which events hold one slot.
 
+pub mod catalog;
 mod envelope;
 mod error;
 mod event;

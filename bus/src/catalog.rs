@@ -1,0 +1,951 @@
+//! The operation catalog: towers, operations and their typed parameters, and the checks that
+//! admission, agents and the CLI all apply, with the same words.
+//!
+//! The catalog is written in YAML by people (admission loads it and points at file and line
+//! when something is wrong), served as JSON in the `rct_catalog` bucket, and read back by the
+//! CLI and agents. Everything here is pure.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::proto::{self, value::Kind as V};
+use crate::{OpName, OperationName, Target, Tower};
+
+/// Longest string parameter accepted when the catalog sets no `max_len`.
+pub const DEFAULT_MAX_LEN: usize = 1024;
+
+/// The whole catalog.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    /// Towers by name.
+    #[serde(default)]
+    pub towers: BTreeMap<String, TowerSpec>,
+    /// Operations by `<tower>/<op>`.
+    #[serde(default)]
+    pub operations: BTreeMap<String, Operation>,
+}
+
+/// A tower: who carries out a family of operations, and where.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TowerSpec {
+    /// One line for people.
+    #[serde(default)]
+    pub description: String,
+    /// One agent per target, or one shared work queue.
+    pub flavour: Flavour,
+    /// The targets of a cluster tower.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
+}
+
+/// How a tower's agents take their work.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavour {
+    /// One agent per target; commands go to `rct.cmd.<tower>.<target>.<op>`.
+    Cluster,
+    /// One work queue shared by the tower's replicas; target `_`.
+    Simple,
+}
+
+/// One operation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Operation {
+    /// One line for people.
+    #[serde(default)]
+    pub description: String,
+    /// Members of any of these groups may run it.
+    pub allowed_groups: Vec<String>,
+    /// Whether a justification is needed, and its shape.
+    #[serde(default)]
+    pub justification: Justification,
+    /// Parameters by name.
+    #[serde(default)]
+    pub params: BTreeMap<String, Param>,
+    /// The command must start within this long of admission, or it expires.
+    #[serde(default = "default_deadline", with = "humantime_serde")]
+    pub deadline: Duration,
+    /// The command must finish within this long once started.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Running it twice has the same effect as once.
+    #[serde(default)]
+    pub idempotent: bool,
+    /// Channels told when it starts, ends or is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<String>,
+}
+
+fn default_deadline() -> Duration {
+    Duration::from_secs(120)
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+/// The justification rule of an operation.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Justification {
+    /// A justification must be given.
+    #[serde(default)]
+    pub required: bool,
+    /// It must match this regular expression, anchored at both ends (e.g. `[A-Z]+-[0-9]+`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+}
+
+/// A parameter's type.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Type {
+    /// Text; `pattern` and `max_len` apply.
+    String,
+    /// A whole number; `min` and `max` apply.
+    Integer,
+    /// A number; `min` and `max` apply.
+    Number,
+    /// `true` or `false`.
+    Boolean,
+    /// One of `values`.
+    Enum,
+    /// A duration such as `90s` or `15m`.
+    Duration,
+    /// One of the tower's targets; it is the command's target.
+    Target,
+}
+
+impl fmt::Display for Type {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Type::String => "string",
+            Type::Integer => "integer",
+            Type::Number => "number",
+            Type::Boolean => "boolean",
+            Type::Enum => "enum",
+            Type::Duration => "duration",
+            Type::Target => "target",
+        })
+    }
+}
+
+/// A default value as written in the catalog.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Scalar {
+    /// `true` / `false`
+    Bool(bool),
+    /// A whole number.
+    Int(i64),
+    /// A number with a fraction.
+    Float(f64),
+    /// Anything written as text.
+    Text(String),
+}
+
+/// One typed parameter.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Param {
+    /// Its type.
+    #[serde(rename = "type")]
+    pub kind: Type,
+    /// One line for people.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Strings: a regular expression the whole value must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// Strings: the longest value, in characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_len: Option<usize>,
+    /// Numbers: the smallest value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    /// Numbers: the largest value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// Enums: the allowed values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    /// The value when none is given; without one, the parameter is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<Scalar>,
+    /// Masked in every event and log.
+    #[serde(default)]
+    pub secret: bool,
+}
+
+/// Something wrong in a catalog, at a path of keys (`["operations", "a/b", "params", "x"]`)
+/// that the loader turns into a file line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Keys from the document root to the offending entry.
+    pub path: Vec<String>,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// A parameter that does not pass its check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamError {
+    /// The parameter's name.
+    pub param: String,
+    /// A sentence a person can act on.
+    pub message: String,
+}
+
+impl fmt::Display for ParamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Parameters after their checks: defaults applied, and the command's target.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checked {
+    /// Every parameter of the operation with its value.
+    pub params: BTreeMap<String, proto::Value>,
+    /// Where the command runs: the `target` parameter, or `_` on a simple tower.
+    pub target: Target,
+}
+
+impl Catalog {
+    /// A short, stable version: the first 12 hex digits of SHA-256 over the catalog's JSON.
+    pub fn version(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a catalog always serializes");
+        Sha256::digest(&json)[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// The tower and operation named `name`.
+    pub fn operation(&self, name: &OperationName) -> Option<(&TowerSpec, &Operation)> {
+        let operation = self.operations.get(&name.to_string())?;
+        let tower = self.towers.get(name.tower().as_str())?;
+        Some((tower, operation))
+    }
+
+    /// Everything wrong with the catalog; empty when it is sound.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut problem = |path: &[&str], message: String| {
+            problems.push(Problem {
+                path: path.iter().map(|s| s.to_string()).collect(),
+                message,
+            })
+        };
+        for (name, tower) in &self.towers {
+            let at = ["towers", name.as_str()];
+            if let Err(e) = Tower::new(name.as_str()) {
+                problem(&at, e.to_string());
+            }
+            match tower.flavour {
+                Flavour::Cluster if tower.targets.is_empty() => problem(
+                    &at,
+                    format!("cluster tower {name} needs `targets` (the clusters it runs in)"),
+                ),
+                Flavour::Simple if !tower.targets.is_empty() => problem(
+                    &at,
+                    format!(
+                        "simple tower {name} has no targets; remove `targets` or use `flavour: cluster`"
+                    ),
+                ),
+                _ => {}
+            }
+            for target in &tower.targets {
+                if let Err(e) = Target::new(target.as_str()) {
+                    problem(&[&at[..], &["targets"]].concat(), e.to_string());
+                }
+            }
+        }
+        for (name, operation) in &self.operations {
+            let at = ["operations", name.as_str()];
+            let parsed: Result<OperationName, _> = name.parse();
+            let tower = match &parsed {
+                Err(e) => {
+                    problem(&at, format!("{e}; operations are named <tower>/<op>"));
+                    None
+                }
+                Ok(parsed) => match self.towers.get(parsed.tower().as_str()) {
+                    None => {
+                        let known: Vec<&str> = self.towers.keys().map(String::as_str).collect();
+                        problem(
+                            &at,
+                            format!(
+                                "unknown tower {}; the catalog's towers are: {}",
+                                parsed.tower(),
+                                known.join(", ")
+                            ),
+                        );
+                        None
+                    }
+                    Some(tower) => Some(tower),
+                },
+            };
+            if operation.allowed_groups.is_empty() {
+                problem(
+                    &[&at[..], &["allowed_groups"]].concat(),
+                    "allowed_groups is empty: nobody could run this operation".into(),
+                );
+            }
+            if let Some(pattern) = &operation.justification.pattern
+                && let Err(e) = anchored(pattern)
+            {
+                problem(
+                    &[&at[..], &["justification", "pattern"]].concat(),
+                    format!("bad regular expression: {e}"),
+                );
+            }
+            if operation.deadline.is_zero() || operation.timeout.is_zero() {
+                problem(&at, "deadline and timeout must be longer than zero".into());
+            }
+            let targets = operation
+                .params
+                .values()
+                .filter(|p| p.kind == Type::Target)
+                .count();
+            if let Some(tower) = tower {
+                match tower.flavour {
+                    Flavour::Simple if targets > 0 => problem(
+                        &[&at[..], &["params"]].concat(),
+                        format!(
+                            "a target parameter needs a cluster tower, and {} is simple",
+                            parsed.as_ref().map(|p| p.tower().to_string()).unwrap_or_default()
+                        ),
+                    ),
+                    Flavour::Cluster if targets != 1 => problem(
+                        &[&at[..], &["params"]].concat(),
+                        "an operation of a cluster tower needs exactly one parameter of type target"
+                            .into(),
+                    ),
+                    _ => {}
+                }
+            }
+            for (param_name, param) in &operation.params {
+                let at = [&at[..], &["params", param_name.as_str()]].concat();
+                for message in param.problems(param_name, tower) {
+                    problem(&at, message);
+                }
+            }
+        }
+        problems
+    }
+}
+
+impl Operation {
+    /// Checks `given` parameters: unknown names refused, types and limits checked, defaults
+    /// applied, required ones present. All problems are reported at once.
+    pub fn check(
+        &self,
+        tower: &TowerSpec,
+        given: &BTreeMap<String, proto::Value>,
+    ) -> Result<Checked, Vec<ParamError>> {
+        let mut errors = Vec::new();
+        for name in given.keys() {
+            if !self.params.contains_key(name) {
+                errors.push(ParamError {
+                    param: name.clone(),
+                    message: format!(
+                        "unknown parameter {name}; this operation takes: {}",
+                        self.param_list()
+                    ),
+                });
+            }
+        }
+        let mut params = BTreeMap::new();
+        let mut target = Target::none();
+        for (name, param) in &self.params {
+            let value = match given.get(name) {
+                Some(value) => value.clone(),
+                None => match param.default_value() {
+                    Some(value) => value,
+                    None => {
+                        errors.push(ParamError {
+                            param: name.clone(),
+                            message: format!("missing parameter {name} ({})", param.describe()),
+                        });
+                        continue;
+                    }
+                },
+            };
+            match param.check(name, &value, tower) {
+                Ok(()) => {
+                    if let Some(V::Target(t)) = &value.kind
+                        && let Ok(t) = Target::new(t.as_str())
+                    {
+                        target = t;
+                    }
+                    params.insert(name.clone(), value);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Checked { params, target })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// `params` with every secret value replaced by [`proto::Masked`].
+    pub fn mask(&self, params: &BTreeMap<String, proto::Value>) -> BTreeMap<String, proto::Value> {
+        params
+            .iter()
+            .map(|(name, value)| {
+                let secret = self.params.get(name).is_none_or(|p| p.secret);
+                let value = if secret {
+                    proto::Value {
+                        kind: Some(V::Masked(proto::Masked {})),
+                    }
+                } else {
+                    value.clone()
+                };
+                (name.clone(), value)
+            })
+            .collect()
+    }
+
+    fn param_list(&self) -> String {
+        if self.params.is_empty() {
+            "no parameters".into()
+        } else {
+            self.params.keys().cloned().collect::<Vec<_>>().join(", ")
+        }
+    }
+}
+
+impl Justification {
+    /// Checks a justification against the rule; the error is a sentence for the operator.
+    pub fn check(&self, operation: &str, text: &str) -> Result<(), String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return if self.required {
+                Err(format!(
+                    "{operation} needs a justification{}",
+                    self.pattern
+                        .as_ref()
+                        .map(|p| format!(" matching {p} (a ticket or incident reference)"))
+                        .unwrap_or_default()
+                ))
+            } else {
+                Ok(())
+            };
+        }
+        if let Some(pattern) = &self.pattern {
+            let re =
+                anchored(pattern).map_err(|e| format!("the catalog's pattern is broken: {e}"))?;
+            if !re.is_match(text) {
+                return Err(format!(
+                    "justification {text:?} does not match {pattern}, which {operation} requires"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Param {
+    /// Reads a value typed on a command line, by this parameter's type.
+    pub fn parse(&self, name: &str, text: &str) -> Result<proto::Value, ParamError> {
+        let error = |what: &str| ParamError {
+            param: name.to_owned(),
+            message: format!("{name} must be {what}, got {text:?}"),
+        };
+        let kind = match self.kind {
+            Type::String => V::String(text.to_owned()),
+            Type::Enum => V::Enumeration(text.to_owned()),
+            Type::Target => V::Target(text.to_owned()),
+            Type::Integer => V::Integer(text.trim().parse().map_err(|_| error("a whole number"))?),
+            Type::Number => V::Number(text.trim().parse().map_err(|_| error("a number"))?),
+            Type::Boolean => V::Boolean(match text.trim() {
+                "true" | "yes" | "1" => true,
+                "false" | "no" | "0" => false,
+                _ => return Err(error("true or false")),
+            }),
+            Type::Duration => {
+                let d = humantime::parse_duration(text.trim())
+                    .map_err(|_| error("a duration such as 90s or 15m"))?;
+                V::Duration(prost_types::Duration {
+                    seconds: d.as_secs() as i64,
+                    nanos: d.subsec_nanos() as i32,
+                })
+            }
+        };
+        Ok(proto::Value { kind: Some(kind) })
+    }
+
+    /// Checks a value against the type and limits.
+    pub fn check(
+        &self,
+        name: &str,
+        value: &proto::Value,
+        tower: &TowerSpec,
+    ) -> Result<(), ParamError> {
+        let error = |message: String| {
+            Err(ParamError {
+                param: name.to_owned(),
+                message,
+            })
+        };
+        match (self.kind, value.kind.as_ref()) {
+            (Type::String, Some(V::String(s))) => {
+                let max = self.max_len.unwrap_or(DEFAULT_MAX_LEN);
+                if s.chars().count() > max {
+                    return error(format!("{name} must be at most {max} characters long"));
+                }
+                if let Some(pattern) = &self.pattern {
+                    let re = anchored(pattern).map_err(|e| ParamError {
+                        param: name.to_owned(),
+                        message: format!("the catalog's pattern for {name} is broken: {e}"),
+                    })?;
+                    if !re.is_match(s) {
+                        let shown = if self.secret {
+                            "the value".to_owned()
+                        } else {
+                            format!("{s:?}")
+                        };
+                        return error(format!("{name} must match {pattern}, and {shown} does not"));
+                    }
+                }
+                Ok(())
+            }
+            (Type::Integer, Some(V::Integer(i))) => self.check_range(name, *i as f64),
+            (Type::Number, Some(V::Number(n))) if n.is_finite() => self.check_range(name, *n),
+            (Type::Boolean, Some(V::Boolean(_))) => Ok(()),
+            (Type::Enum, Some(V::Enumeration(v))) => {
+                if self.values.contains(v) {
+                    Ok(())
+                } else {
+                    error(format!(
+                        "{name} must be one of {}, got {v:?}",
+                        self.values.join(", ")
+                    ))
+                }
+            }
+            (Type::Duration, Some(V::Duration(d))) if d.seconds >= 0 && d.nanos >= 0 => Ok(()),
+            (Type::Target, Some(V::Target(t))) => {
+                if tower.targets.contains(t) {
+                    Ok(())
+                } else {
+                    error(format!(
+                        "{name} must be one of {}, got {t:?}",
+                        tower.targets.join(", ")
+                    ))
+                }
+            }
+            _ => error(format!("{name} must be {}", self.describe())),
+        }
+    }
+
+    fn check_range(&self, name: &str, n: f64) -> Result<(), ParamError> {
+        let below = self.min.is_some_and(|min| n < min);
+        let above = self.max.is_some_and(|max| n > max);
+        if below || above {
+            return Err(ParamError {
+                param: name.to_owned(),
+                message: format!("{name} must be {}, got {n}", self.describe()),
+            });
+        }
+        Ok(())
+    }
+
+    /// The value used when none is given.
+    pub fn default_value(&self) -> Option<proto::Value> {
+        let kind = match (self.kind, self.default.as_ref()?) {
+            (Type::String, Scalar::Text(s)) => V::String(s.clone()),
+            (Type::Enum, Scalar::Text(s)) => V::Enumeration(s.clone()),
+            (Type::Target, Scalar::Text(s)) => V::Target(s.clone()),
+            (Type::Integer, Scalar::Int(i)) => V::Integer(*i),
+            (Type::Number, Scalar::Int(i)) => V::Number(*i as f64),
+            (Type::Number, Scalar::Float(f)) => V::Number(*f),
+            (Type::Boolean, Scalar::Bool(b)) => V::Boolean(*b),
+            (Type::Duration, Scalar::Text(s)) => {
+                let d = humantime::parse_duration(s).ok()?;
+                V::Duration(prost_types::Duration {
+                    seconds: d.as_secs() as i64,
+                    nanos: d.subsec_nanos() as i32,
+                })
+            }
+            _ => return None,
+        };
+        Some(proto::Value { kind: Some(kind) })
+    }
+
+    /// What the parameter accepts, in words: "an integer from 0 to 100".
+    pub fn describe(&self) -> String {
+        let range = |what: &str| match (self.min, self.max) {
+            (Some(min), Some(max)) => format!("{what} from {min} to {max}"),
+            (Some(min), None) => format!("{what} of at least {min}"),
+            (None, Some(max)) => format!("{what} of at most {max}"),
+            (None, None) => what.to_owned(),
+        };
+        match self.kind {
+            Type::String => match &self.pattern {
+                Some(p) => format!("a string matching {p}"),
+                None => "a string".into(),
+            },
+            Type::Integer => range("an integer"),
+            Type::Number => range("a number"),
+            Type::Boolean => "true or false".into(),
+            Type::Enum => format!("one of {}", self.values.join(", ")),
+            Type::Duration => "a duration such as 90s or 15m".into(),
+            Type::Target => "one of the tower's targets".into(),
+        }
+    }
+
+    fn problems(&self, name: &str, tower: Option<&TowerSpec>) -> Vec<String> {
+        let mut problems = Vec::new();
+        if OpName::new(name).is_err() {
+            problems.push(format!(
+                "parameter name {name:?} may only contain letters, digits, '_' and '-'"
+            ));
+        }
+        let only = |field: &str, set: bool, kinds: &str| {
+            set.then(|| format!("`{field}` only applies to {kinds} parameters"))
+        };
+        let numeric = matches!(self.kind, Type::Integer | Type::Number);
+        problems.extend(only(
+            "pattern",
+            self.pattern.is_some() && self.kind != Type::String,
+            "string",
+        ));
+        problems.extend(only(
+            "max_len",
+            self.max_len.is_some() && self.kind != Type::String,
+            "string",
+        ));
+        problems.extend(only(
+            "min",
+            self.min.is_some() && !numeric,
+            "integer and number",
+        ));
+        problems.extend(only(
+            "max",
+            self.max.is_some() && !numeric,
+            "integer and number",
+        ));
+        problems.extend(only(
+            "values",
+            !self.values.is_empty() && self.kind != Type::Enum,
+            "enum",
+        ));
+        if self.kind == Type::Enum && self.values.is_empty() {
+            problems.push("an enum parameter needs `values`".into());
+        }
+        if let (Some(min), Some(max)) = (self.min, self.max)
+            && min > max
+        {
+            problems.push(format!("min ({min}) is larger than max ({max})"));
+        }
+        if let Some(pattern) = &self.pattern
+            && let Err(e) = anchored(pattern)
+        {
+            problems.push(format!("bad regular expression: {e}"));
+        }
+        if self.default.is_some() {
+            match (self.default_value(), tower) {
+                (None, _) => problems.push(format!("default is not {}", self.describe())),
+                (Some(value), Some(tower)) => {
+                    if let Err(e) = self.check(name, &value, tower) {
+                        problems.push(format!("default does not pass its own check: {e}"));
+                    }
+                }
+                (Some(_), None) => {}
+            }
+        }
+        problems
+    }
+}
+
+/// A pattern anchored at both ends, whatever the catalog wrote.
+fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
+    Regex::new(&format!("^(?:{pattern})$"))
+}
+
+/// A parameter value as people read it (`prod-1`, `40`, `90s`, `***`).
+pub fn display_value(value: &proto::Value) -> String {
+    match &value.kind {
+        Some(V::String(s) | V::Enumeration(s) | V::Target(s)) => s.clone(),
+        Some(V::Integer(i)) => i.to_string(),
+        Some(V::Number(n)) => n.to_string(),
+        Some(V::Boolean(b)) => b.to_string(),
+        Some(V::Duration(d)) => humantime::format_duration(Duration::new(
+            d.seconds.max(0) as u64,
+            d.nanos.max(0) as u32,
+        ))
+        .to_string(),
+        Some(V::Masked(_)) => "***".into(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> Catalog {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/catalog.example.yaml");
+        serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn op(catalog: &Catalog, name: &str) -> (TowerSpec, Operation) {
+        let (t, o) = catalog.operation(&name.parse().unwrap()).unwrap();
+        (t.clone(), o.clone())
+    }
+
+    fn value(kind: V) -> proto::Value {
+        proto::Value { kind: Some(kind) }
+    }
+
+    fn given(pairs: &[(&str, V)]) -> BTreeMap<String, proto::Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), value(v.clone())))
+            .collect()
+    }
+
+    #[test]
+    fn the_example_catalog_is_sound_and_versioned() {
+        let catalog = example();
+        assert_eq!(catalog.problems(), []);
+        assert_eq!(catalog.version().len(), 12);
+        assert_eq!(catalog.version(), example().version());
+        let json = serde_json::to_string(&catalog).unwrap();
+        let back: Catalog = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, catalog);
+    }
+
+    #[test]
+    fn defaults_are_applied_and_the_target_found() {
+        let (tower, drain) = op(&example(), "traffic/drain-cluster");
+        let checked = drain
+            .check(&tower, &given(&[("cluster", V::Target("prod-2".into()))]))
+            .unwrap();
+        assert_eq!(checked.target.as_str(), "prod-2");
+        assert_eq!(checked.params["keep_percent"], value(V::Integer(0)));
+
+        let (tower, restart) = op(&example(), "workloads/restart");
+        let checked = restart
+            .check(
+                &tower,
+                &given(&[
+                    ("namespace", V::String("shop".into())),
+                    ("deployment", V::String("cart".into())),
+                ]),
+            )
+            .unwrap();
+        assert!(checked.target.is_none());
+        assert_eq!(
+            checked.params["strategy"],
+            value(V::Enumeration("rolling".into()))
+        );
+    }
+
+    #[test]
+    fn every_violation_is_named_in_words() {
+        let catalog = example();
+        let (traffic, drain) = op(&catalog, "traffic/drain-cluster");
+        let (workloads, scale) = op(&catalog, "workloads/scale");
+        let (_, restart) = op(&catalog, "workloads/restart");
+        let (_, secret) = op(&catalog, "workloads/set-secret");
+        let ok_scale = |extra: &[(&str, V)]| {
+            let mut p = given(&[
+                ("namespace", V::String("shop".into())),
+                ("deployment", V::String("cart".into())),
+                ("replicas", V::Integer(3)),
+            ]);
+            p.extend(given(extra));
+            p
+        };
+        let cases: Vec<(&Operation, &TowerSpec, BTreeMap<String, proto::Value>, &str)> = vec![
+            (&drain, &traffic, given(&[]), "missing parameter cluster"),
+            (
+                &drain,
+                &traffic,
+                given(&[("cluster", V::Target("prod-9".into()))]),
+                "cluster must be one of prod-1, prod-2, prod-3, prod-4, got \"prod-9\"",
+            ),
+            (
+                &drain,
+                &traffic,
+                given(&[
+                    ("cluster", V::Target("prod-1".into())),
+                    ("keep_percent", V::Integer(150)),
+                ]),
+                "keep_percent must be an integer from 0 to 100, got 150",
+            ),
+            (
+                &drain,
+                &traffic,
+                given(&[
+                    ("cluster", V::Target("prod-1".into())),
+                    ("keep_percent", V::String("10".into())),
+                ]),
+                "keep_percent must be an integer from 0 to 100",
+            ),
+            (
+                &scale,
+                &workloads,
+                ok_scale(&[("namespace", V::String("Shop!".into()))]),
+                "namespace must match",
+            ),
+            (
+                &scale,
+                &workloads,
+                ok_scale(&[("namespace", V::String("a".repeat(64)))]),
+                "namespace must be at most 63 characters long",
+            ),
+            (
+                &scale,
+                &workloads,
+                ok_scale(&[("force", V::Boolean(true))]),
+                "unknown parameter force; this operation takes: deployment, namespace, replicas",
+            ),
+            (
+                &restart,
+                &workloads,
+                given(&[
+                    ("namespace", V::String("shop".into())),
+                    ("deployment", V::String("cart".into())),
+                    ("strategy", V::Enumeration("yolo".into())),
+                ]),
+                "strategy must be one of rolling, all-at-once, got \"yolo\"",
+            ),
+        ];
+        for (operation, tower, params, expected) in cases {
+            let errors = operation.check(tower, &params).unwrap_err();
+            assert!(
+                errors.iter().any(|e| e.message.contains(expected)),
+                "expected {expected:?} in {errors:?}"
+            );
+        }
+
+        // A secret that fails its pattern is not echoed back.
+        let mut bad = secret.clone();
+        bad.params.get_mut("value").unwrap().pattern = Some("[0-9]+".into());
+        let errors = bad
+            .check(
+                &workloads,
+                &given(&[
+                    ("namespace", V::String("shop".into())),
+                    ("name", V::String("db".into())),
+                    ("key", V::String("password".into())),
+                    ("value", V::String("hunter2".into())),
+                ]),
+            )
+            .unwrap_err();
+        assert!(!errors[0].message.contains("hunter2"), "{errors:?}");
+    }
+
+    #[test]
+    fn command_line_values_parse_by_type() {
+        let catalog = example();
+        let (_, undrain) = op(&catalog, "traffic/undrain-cluster");
+        let (_, drain) = op(&catalog, "traffic/drain-cluster");
+        let ramp = &undrain.params["ramp"];
+        assert_eq!(
+            ramp.parse("ramp", "90s").unwrap(),
+            value(V::Duration(prost_types::Duration {
+                seconds: 90,
+                nanos: 0
+            }))
+        );
+        let keep = &drain.params["keep_percent"];
+        assert_eq!(
+            keep.parse("keep_percent", "40").unwrap(),
+            value(V::Integer(40))
+        );
+        let error = keep.parse("keep_percent", "forty").unwrap_err();
+        assert_eq!(
+            error.message,
+            "keep_percent must be a whole number, got \"forty\""
+        );
+        assert_eq!(display_value(&ramp.parse("ramp", "15m").unwrap()), "15m");
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let (_, secret) = op(&example(), "workloads/set-secret");
+        let masked = secret.mask(&given(&[
+            ("key", V::String("password".into())),
+            ("value", V::String("hunter2".into())),
+        ]));
+        assert_eq!(masked["key"], value(V::String("password".into())));
+        assert_eq!(masked["value"], value(V::Masked(proto::Masked {})));
+    }
+
+    #[test]
+    fn justifications_follow_the_rule() {
+        let (_, drain) = op(&example(), "traffic/drain-cluster");
+        let rule = &drain.justification;
+        rule.check("traffic/drain-cluster", "SRE-101").unwrap();
+        let missing = rule.check("traffic/drain-cluster", "  ").unwrap_err();
+        assert!(
+            missing.contains("needs a justification matching [A-Z]+-[0-9]+"),
+            "{missing}"
+        );
+        // Anchored: a matching substring is not enough.
+        let loose = rule
+            .check("traffic/drain-cluster", "see SRE-101 please")
+            .unwrap_err();
+        assert!(loose.contains("does not match"), "{loose}");
+        Justification::default().check("x/y", "").unwrap();
+    }
+
+    #[test]
+    fn unsound_catalogs_are_explained_with_paths() {
+        let mut catalog = example();
+        catalog.towers.get_mut("workloads").unwrap().targets = vec!["x".into()];
+        catalog
+            .operations
+            .get_mut("traffic/drain-cluster")
+            .unwrap()
+            .params
+            .get_mut("keep_percent")
+            .unwrap()
+            .default = Some(Scalar::Int(500));
+        let mut orphan = catalog.operations["workloads/scale"].clone();
+        orphan.justification.pattern = Some("([".into());
+        catalog.operations.insert("db/failover".into(), orphan);
+        let problems = catalog.problems();
+        let find = |needle: &str| {
+            problems
+                .iter()
+                .find(|p| p.message.contains(needle))
+                .unwrap_or_else(|| panic!("no problem says {needle:?}: {problems:?}"))
+        };
+        assert_eq!(
+            find("simple tower workloads has no targets").path,
+            ["towers", "workloads"]
+        );
+        assert_eq!(
+            find("default does not pass its own check").path,
+            [
+                "operations",
+                "traffic/drain-cluster",
+                "params",
+                "keep_percent"
+            ]
+        );
+        assert!(
+            find("unknown tower db")
+                .message
+                .contains("traffic, workloads")
+        );
+        assert_eq!(
+            find("bad regular expression").path,
+            ["operations", "db/failover", "justification", "pattern"]
+        );
+    }
+}
