@@ -98,6 +98,31 @@ impl fmt::Display for EventKind {
     }
 }
 
+/// The stable, lowercase name of a rejection code (`forbidden`, `invalid_params`, …), as shown
+/// to people and used in metrics.
+pub fn rejection_code_name(code: i32) -> &'static str {
+    REJECTION_CODE_NAMES
+        .iter()
+        .find(|(c, _)| *c as i32 == code)
+        .map_or("unspecified", |(_, name)| name)
+}
+
+const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 13] = [
+    (proto::RejectionCode::Malformed, "malformed"),
+    (proto::RejectionCode::Unauthenticated, "unauthenticated"),
+    (proto::RejectionCode::BadSignature, "bad_signature"),
+    (proto::RejectionCode::Expired, "expired"),
+    (proto::RejectionCode::Stale, "stale"),
+    (proto::RejectionCode::Duplicate, "duplicate"),
+    (proto::RejectionCode::UnknownOperation, "unknown_operation"),
+    (proto::RejectionCode::Forbidden, "forbidden"),
+    (proto::RejectionCode::InvalidParams, "invalid_params"),
+    (proto::RejectionCode::JustificationRequired, "justification_required"),
+    (proto::RejectionCode::UnknownTarget, "unknown_target"),
+    (proto::RejectionCode::UnknownCommand, "unknown_command"),
+    (proto::RejectionCode::TooLarge, "too_large"),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +145,20 @@ mod tests {
             single,
             [EventKind::Decision, EventKind::Claim, EventKind::Outcome]
         );
+    }
+
+    #[test]
+    fn rejection_codes_have_lowercase_names() {
+        assert_eq!(
+            rejection_code_name(proto::RejectionCode::Forbidden as i32),
+            "forbidden"
+        );
+        assert_eq!(
+            rejection_code_name(proto::RejectionCode::TooLarge as i32),
+            "too_large"
+        );
+        assert_eq!(rejection_code_name(0), "unspecified");
+        assert_eq!(rejection_code_name(999), "unspecified");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! | `rct.cmd.<tower>.<target>.<op>`       | `RCT_CMD`    | admission           |
 //! | `rct.evt.<tower>.<command_id>.<kind>` | `RCT_EVT`    | admission, agents   |
 //! | `rct.auth.login`                      | (request/reply) | CLI → admission  |
+//! | `rct.auth.dev-token`                  | (request/reply) | CLI → admission (dev only) |
 //!
 //! [`Subject`] builds and parses concrete subjects; the functions below build the wildcard
 //! filters that streams, consumers and watchers subscribe with.
@@ -21,6 +22,7 @@ const CMD: &str = "cmd";
 const EVT: &str = "evt";
 const AUTH: &str = "auth";
 const LOGIN: &str = "login";
+const DEV_TOKEN: &str = "dev-token";
 
 /// A concrete rct subject.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -48,6 +50,8 @@ pub enum Subject {
     },
     /// `rct.auth.login`: the login exchange (request/reply).
     Login,
+    /// `rct.auth.dev-token`: the development issuer (request/reply), only where enabled.
+    DevToken,
 }
 
 impl Subject {
@@ -97,6 +101,7 @@ impl fmt::Display for Subject {
                 kind,
             } => write!(f, "{ROOT}.{EVT}.{tower}.{command_id}.{kind}"),
             Subject::Login => write!(f, "{ROOT}.{AUTH}.{LOGIN}"),
+            Subject::DevToken => write!(f, "{ROOT}.{AUTH}.{DEV_TOKEN}"),
         }
     }
 }
@@ -133,6 +138,7 @@ impl FromStr for Subject {
                 kind: kind.parse()?,
             }),
             [ROOT, AUTH, LOGIN] => Ok(Subject::Login),
+            [ROOT, AUTH, DEV_TOKEN] => Ok(Subject::DevToken),
             [ROOT, ..] => Err(invalid("not a known rct subject shape")),
             _ => Err(invalid("does not start with \"rct.\"")),
         }
@@ -201,6 +207,7 @@ mod tests {
                 "rct.evt.traffic.01JQ0000000000000000000000.claim",
             ),
             (Subject::Login, "rct.auth.login"),
+            (Subject::DevToken, "rct.auth.dev-token"),
         ];
         for (subject, spelled) in cases {
             assert_eq!(subject.to_string(), spelled);

@@ -124,6 +124,8 @@ fn every_event_kind_round_trips() {
         dry_run: false,
         requested_at: at(1),
         cancels: String::new(),
+        submission_sequence: 42,
+        key_id: "ed25519:0011223344556677".into(),
     });
     let kinds = vec![
         Kind::Rejected(proto::Rejected {
@@ -205,6 +207,14 @@ fn login_messages_round_trip() {
                 expires_at: at(9),
             },
         )),
+    });
+    round_trip(proto::DevTokenRequest {
+        user: "alice".into(),
+        email: "alice@example.com".into(),
+        groups: vec!["sre_team".into()],
+    });
+    round_trip(proto::DevTokenResponse {
+        result: Some(proto::dev_token_response::Result::IdToken("eyJ...".into())),
     });
     round_trip(proto::LoginResponse {
         result: Some(proto::login_response::Result::Refused(
