@@ -30,7 +30,13 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "the catalog {} is not valid:", self.file.display())?;
         for problem in &self.problems {
-            write!(f, "\n  {}:{}: {}", self.file.display(), problem.line, problem.message)?;
+            write!(
+                f,
+                "\n  {}:{}: {}",
+                self.file.display(),
+                problem.line,
+                problem.message
+            )?;
         }
         Ok(())
     }
@@ -245,7 +251,10 @@ operations:
         let found = problems(&text);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].0, 7);
-        assert!(found[0].1.contains("unknown field `allowed_group`"), "{found:?}");
+        assert!(
+            found[0].1.contains("unknown field `allowed_group`"),
+            "{found:?}"
+        );
         assert!(found[0].1.contains("expected"), "{found:?}");
     }
 

@@ -117,7 +117,10 @@ const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 13] = [
     (proto::RejectionCode::UnknownOperation, "unknown_operation"),
     (proto::RejectionCode::Forbidden, "forbidden"),
     (proto::RejectionCode::InvalidParams, "invalid_params"),
-    (proto::RejectionCode::JustificationRequired, "justification_required"),
+    (
+        proto::RejectionCode::JustificationRequired,
+        "justification_required",
+    ),
     (proto::RejectionCode::UnknownTarget, "unknown_target"),
     (proto::RejectionCode::UnknownCommand, "unknown_command"),
     (proto::RejectionCode::TooLarge, "too_large"),

@@ -1,0 +1,854 @@
+//! Who is asking: id_tokens from identity providers, operator certificates issued by
+//! admission, service identities, and the development issuer.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use rct_bus::proto::{self, RejectionCode};
+use rct_bus::{KeyId, KeyPair, PublicKey};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Audience of operator certificates.
+const CERTIFICATE_AUDIENCE: &str = "rct-operator";
+/// Issuer of operator certificates.
+const CERTIFICATE_ISSUER: &str = "rct-admission";
+/// Issuer name of the development issuer.
+pub const DEV_ISSUER: &str = "rct-dev";
+/// Audience of id_tokens minted by the development issuer.
+pub const DEV_AUDIENCE: &str = "rct";
+
+/// An authenticated person or service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The identity provider's stable subject.
+    pub subject: String,
+    /// For people to read; the subject when the provider gives no email.
+    pub email: String,
+    /// Groups, as the provider (or the service registration) states them.
+    pub groups: Vec<String>,
+}
+
+impl Identity {
+    /// The operator as recorded in commands and events.
+    pub fn to_proto(&self) -> proto::Operator {
+        proto::Operator {
+            subject: self.subject.clone(),
+            email: self.email.clone(),
+            groups: self.groups.clone(),
+        }
+    }
+
+    /// How people are named in messages.
+    pub fn name(&self) -> &str {
+        if self.email.is_empty() {
+            &self.subject
+        } else {
+            &self.email
+        }
+    }
+}
+
+/// Why someone was not let in: a stable code and a sentence to act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The code recorded in the rejection event.
+    pub code: RejectionCode,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+impl Refusal {
+    fn unauthenticated(message: impl Into<String>) -> Self {
+        Self {
+            code: RejectionCode::Unauthenticated,
+            message: message.into(),
+        }
+    }
+}
+
+/// An identity provider whose id_tokens admission accepts at login.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The `iss` claim, exactly.
+    pub issuer: String,
+    /// Accepted `aud` values; the token must name one of them.
+    pub audience: Vec<String>,
+    /// Accepted signature algorithms (`RS256`, `ES256`, `EdDSA`, …); nothing else is tried.
+    pub algorithms: Vec<Algorithm>,
+    /// The provider's public keys.
+    pub keys: Vec<KeyConfig>,
+    /// The claim that lists the user's groups.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// The claim with the user's email.
+    #[serde(default = "default_email_claim")]
+    pub email_claim: String,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+
+fn default_email_claim() -> String {
+    "email".into()
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// One public key of an identity provider: a PEM (inline or in a file) or a JWK.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// The key id tokens name in their header; without it the key is tried for any token.
+    #[serde(default)]
+    pub kid: Option<String>,
+    /// A public key PEM.
+    #[serde(default)]
+    pub pem: Option<String>,
+    /// A file holding a public key PEM.
+    #[serde(default)]
+    pub pem_file: Option<PathBuf>,
+    /// A JSON Web Key (its `kid` is used when `kid` is not set).
+    #[serde(default)]
+    pub jwk: Option<jsonwebtoken::jwk::Jwk>,
+}
+
+struct Issuer {
+    config: IssuerConfig,
+    keys: Vec<(Option<String>, DecodingKey)>,
+}
+
+/// Verifies id_tokens against the configured issuers.
+pub struct IdTokens {
+    issuers: Vec<Issuer>,
+}
+
+impl std::fmt::Debug for IdTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self
+            .issuers
+            .iter()
+            .map(|i| i.config.issuer.as_str())
+            .collect();
+        f.debug_struct("IdTokens").field("issuers", &names).finish()
+    }
+}
+
+/// What a verified id_token says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// Who it is.
+    pub identity: Identity,
+    /// When the token expires (seconds since the epoch); certificates never outlive it.
+    pub expires_at: u64,
+}
+
+impl IdTokens {
+    /// Reads the issuers' keys; an unreadable key is a configuration error.
+    pub fn new(configs: &[IssuerConfig]) -> Result<Self, String> {
+        let mut issuers = Vec::new();
+        for config in configs {
+            if config.algorithms.is_empty() {
+                return Err(format!("issuer {}: list its algorithms", config.issuer));
+            }
+            let mut keys = Vec::new();
+            for (i, key) in config.keys.iter().enumerate() {
+                let decoding = decoding_key(key, &config.algorithms)
+                    .map_err(|e| format!("issuer {} key {}: {e}", config.issuer, i + 1))?;
+                let kid = key
+                    .kid
+                    .clone()
+                    .or_else(|| key.jwk.as_ref().and_then(|j| j.common.key_id.clone()));
+                keys.push((kid, decoding));
+            }
+            if keys.is_empty() {
+                return Err(format!("issuer {} has no keys", config.issuer));
+            }
+            issuers.push(Issuer {
+                config: config.clone(),
+                keys,
+            });
+        }
+        Ok(Self { issuers })
+    }
+
+    /// Verifies signature, algorithm, `iss`, `aud`, `exp`, `nbf` and reads the identity.
+    pub fn verify(&self, token: &str) -> Result<Verified, Refusal> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| {
+            Refusal::unauthenticated(format!("the id_token is not a valid JWT ({e})"))
+        })?;
+        let issuer = self.issuer_of(token)?;
+        let config = &issuer.config;
+        if !config.algorithms.contains(&header.alg) {
+            return Err(Refusal::unauthenticated(format!(
+                "the id_token is signed with {:?}, which is not allowed for {}",
+                header.alg, config.issuer
+            )));
+        }
+        let candidates: Vec<&DecodingKey> = match &header.kid {
+            Some(kid) => issuer
+                .keys
+                .iter()
+                .filter(|(k, _)| k.as_deref() == Some(kid.as_str()))
+                .map(|(_, key)| key)
+                .collect(),
+            None => issuer.keys.iter().map(|(_, key)| key).collect(),
+        };
+        if candidates.is_empty() {
+            return Err(Refusal::unauthenticated(format!(
+                "the id_token names key {:?}, which {} does not have",
+                header.kid.unwrap_or_default(),
+                config.issuer
+            )));
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&config.issuer]);
+        validation.set_audience(&config.audience);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = config.leeway.as_secs();
+
+        let mut last = None;
+        for key in candidates {
+            match jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, key, &validation) {
+                Ok(data) => return claims_identity(&data.claims, config),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(token_refusal(
+            last.expect("at least one key was tried"),
+            "id_token",
+        ))
+    }
+
+    /// The issuer named by the token's (not yet verified) `iss`: only used to choose keys.
+    fn issuer_of(&self, token: &str) -> Result<&Issuer, Refusal> {
+        let iss = unverified_claim(token, "iss").unwrap_or_default();
+        self.issuers
+            .iter()
+            .find(|i| i.config.issuer == iss)
+            .ok_or_else(|| {
+                Refusal::unauthenticated(format!(
+                    "the id_token's issuer {iss:?} is not one admission trusts"
+                ))
+            })
+    }
+}
+
+/// A claim of a token whose signature is not checked yet: only for choosing keys.
+fn unverified_claim(token: &str, name: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Map<String, Value> = serde_json::from_slice(&bytes).ok()?;
+    claims.get(name)?.as_str().map(str::to_owned)
+}
+
+fn decoding_key(key: &KeyConfig, algorithms: &[Algorithm]) -> Result<DecodingKey, String> {
+    if let Some(jwk) = &key.jwk {
+        return DecodingKey::from_jwk(jwk).map_err(|e| format!("bad JWK: {e}"));
+    }
+    let pem = match (&key.pem, &key.pem_file) {
+        (Some(pem), _) => pem.clone(),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?,
+        (None, None) => return Err("give `pem`, `pem_file` or `jwk`".into()),
+    };
+    let pem = pem.as_bytes();
+    let family = algorithms[0];
+    let key = match family {
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => DecodingKey::from_rsa_pem(pem),
+        Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem),
+        Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+            return Err("shared-secret algorithms (HS*) are not accepted for id_tokens".into());
+        }
+        other => return Err(format!("algorithm {other:?} is not supported")),
+    };
+    key.map_err(|e| format!("bad PEM for {family:?}: {e}"))
+}
+
+fn claims_identity(
+    claims: &serde_json::Map<String, Value>,
+    config: &IssuerConfig,
+) -> Result<Verified, Refusal> {
+    let subject = claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| Refusal::unauthenticated("the id_token has no subject"))?
+        .to_owned();
+    let email = claims
+        .get(&config.email_claim)
+        .and_then(Value::as_str)
+        .unwrap_or(&subject)
+        .to_owned();
+    let groups = match claims.get(&config.groups_claim) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|g| g.as_str().map(str::to_owned))
+            .collect(),
+        Some(Value::String(one)) => vec![one.clone()],
+        _ => Vec::new(),
+    };
+    let expires_at = claims
+        .get("exp")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| Refusal::unauthenticated("the id_token's exp is not a number"))?;
+    Ok(Verified {
+        identity: Identity {
+            subject,
+            email,
+            groups,
+        },
+        expires_at,
+    })
+}
+
+fn token_refusal(error: jsonwebtoken::errors::Error, what: &str) -> Refusal {
+    let message = match error.kind() {
+        ErrorKind::ExpiredSignature => {
+            format!("the {what} has expired; log in again (rct login)")
+        }
+        ErrorKind::ImmatureSignature => {
+            format!("the {what} is not valid yet (nbf is in the future)")
+        }
+        ErrorKind::InvalidIssuer => {
+            format!("the {what} comes from an issuer admission does not trust")
+        }
+        ErrorKind::InvalidAudience => format!("the {what} is meant for another audience"),
+        ErrorKind::InvalidSignature => format!("the {what}'s signature does not verify"),
+        ErrorKind::InvalidAlgorithm => {
+            format!("the {what} uses an algorithm its key does not allow")
+        }
+        ErrorKind::MissingRequiredClaim(claim) => {
+            format!("the {what} has no usable {claim} claim (missing, or not of the right type)")
+        }
+        ErrorKind::InvalidClaimFormat(claim) => {
+            format!("the {what}'s {claim} claim has the wrong type")
+        }
+        _ => format!("the {what} is not valid ({error})"),
+    };
+    Refusal::unauthenticated(message)
+}
+
+/// The claims of an operator certificate.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CertificateClaims {
+    iss: String,
+    aud: String,
+    sub: String,
+    email: String,
+    groups: Vec<String>,
+    cnf: Confirmation,
+    iat: u64,
+    nbf: u64,
+    exp: u64,
+}
+
+/// The session key a certificate binds (RFC 7800 style confirmation).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Confirmation {
+    /// rct key id of the session key.
+    kid: String,
+    /// The raw 32-byte Ed25519 public key, base64url.
+    x: String,
+}
+
+/// Issues and verifies operator certificates: EdDSA JWTs signed by admission that bind a
+/// session key to an identity for a short time.
+pub struct Certificates {
+    kid: KeyId,
+    encoding: EncodingKey,
+    trusted: HashMap<String, DecodingKey>,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for Certificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certificates")
+            .field("kid", &self.kid)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A verified operator certificate.
+#[derive(Clone, Debug)]
+pub struct Certificate {
+    /// Who it names.
+    pub identity: Identity,
+    /// The session key it binds.
+    pub session_key: PublicKey,
+    /// Expiry, seconds since the epoch.
+    pub expires_at: u64,
+}
+
+impl Certificates {
+    /// Signs with `key`; certificates signed by it or by any of `also_trusted` verify.
+    pub fn new(key: &KeyPair, also_trusted: &[PublicKey], ttl: Duration) -> Self {
+        let encoding =
+            EncodingKey::from_ed_pem(key.to_pem().as_bytes()).expect("our own PEM encodes");
+        let trusted = std::iter::once(key.public())
+            .chain(also_trusted)
+            .map(|k| {
+                let decoding =
+                    DecodingKey::from_ed_pem(k.to_pem().as_bytes()).expect("our own PEM decodes");
+                (k.id().to_string(), decoding)
+            })
+            .collect();
+        Self {
+            kid: key.id().clone(),
+            encoding,
+            trusted,
+            ttl,
+        }
+    }
+
+    /// A certificate for `identity` and `session_key`, expiring after the configured time or
+    /// with the id_token, whichever comes first.
+    pub fn issue(
+        &self,
+        identity: &Identity,
+        session_key: &PublicKey,
+        not_after: u64,
+    ) -> (String, u64) {
+        use base64::Engine;
+        let now = unix_now();
+        let exp = (now + self.ttl.as_secs()).min(not_after);
+        let claims = CertificateClaims {
+            iss: CERTIFICATE_ISSUER.into(),
+            aud: CERTIFICATE_AUDIENCE.into(),
+            sub: identity.subject.clone(),
+            email: identity.email.clone(),
+            groups: identity.groups.clone(),
+            cnf: Confirmation {
+                kid: session_key.id().to_string(),
+                x: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(session_key.to_bytes()),
+            },
+            iat: now,
+            nbf: now.saturating_sub(5),
+            exp,
+        };
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.kid.to_string());
+        let token = jsonwebtoken::encode(&header, &claims, &self.encoding)
+            .expect("signing with our own key cannot fail");
+        (token, exp)
+    }
+
+    /// Verifies a certificate: signed by a trusted admission key, for operators, not expired.
+    pub fn verify(&self, token: &str) -> Result<Certificate, Refusal> {
+        use base64::Engine;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| {
+            Refusal::unauthenticated("the operator certificate is not a valid JWT; run rct login")
+        })?;
+        let key = header
+            .kid
+            .as_deref()
+            .and_then(|kid| self.trusted.get(kid))
+            .ok_or_else(|| {
+                Refusal::unauthenticated(
+                    "the operator certificate was not issued by this admission; run rct login",
+                )
+            })?;
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[CERTIFICATE_ISSUER]);
+        validation.set_audience(&[CERTIFICATE_AUDIENCE]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = 5;
+        let claims = jsonwebtoken::decode::<CertificateClaims>(token, key, &validation)
+            .map_err(|e| token_refusal(e, "operator certificate"))?
+            .claims;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&claims.cnf.x)
+            .map_err(|_| Refusal::unauthenticated("the certificate's session key is garbled"))?;
+        let session_key = PublicKey::from_bytes(&bytes)
+            .map_err(|_| Refusal::unauthenticated("the certificate's session key is garbled"))?;
+        Ok(Certificate {
+            identity: Identity {
+                subject: claims.sub,
+                email: claims.email,
+                groups: claims.groups,
+            },
+            session_key,
+            expires_at: claims.exp,
+        })
+    }
+}
+
+/// A registered automation identity: its public key and groups, no login.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Its name (recorded as the operator).
+    pub name: String,
+    /// Its Ed25519 public key PEM.
+    pub public_key: String,
+    /// Its groups.
+    pub groups: Vec<String>,
+}
+
+/// Service identities by key id.
+#[derive(Clone, Debug, Default)]
+pub struct Services {
+    by_key: HashMap<String, (PublicKey, Identity)>,
+}
+
+impl Services {
+    /// Reads the registrations; a bad key is a configuration error.
+    pub fn new(configs: &[ServiceConfig]) -> Result<Self, String> {
+        let mut by_key = HashMap::new();
+        for service in configs {
+            let key = PublicKey::from_pem(&service.public_key)
+                .map_err(|e| format!("service {}: {e}", service.name))?;
+            let identity = Identity {
+                subject: format!("service:{}", service.name),
+                email: service.name.clone(),
+                groups: service.groups.clone(),
+            };
+            by_key.insert(key.id().to_string(), (key, identity));
+        }
+        Ok(Self { by_key })
+    }
+
+    /// The service whose key has id `key_id`.
+    pub fn get(&self, key_id: &str) -> Option<&(PublicKey, Identity)> {
+        self.by_key.get(key_id)
+    }
+}
+
+/// Mints id_tokens for anyone: development only, never enabled in production configs.
+pub struct DevIssuer {
+    key: KeyPair,
+    encoding: EncodingKey,
+}
+
+impl std::fmt::Debug for DevIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevIssuer")
+            .field("key", self.key.id())
+            .finish()
+    }
+}
+
+impl DevIssuer {
+    /// A development issuer with a fresh key.
+    pub fn new() -> Self {
+        let key = KeyPair::generate();
+        let encoding =
+            EncodingKey::from_ed_pem(key.to_pem().as_bytes()).expect("our own PEM encodes");
+        Self { key, encoding }
+    }
+
+    /// The issuer configuration that makes admission accept this issuer's tokens.
+    pub fn issuer_config(&self) -> IssuerConfig {
+        IssuerConfig {
+            issuer: DEV_ISSUER.into(),
+            audience: vec![DEV_AUDIENCE.into()],
+            algorithms: vec![Algorithm::EdDSA],
+            keys: vec![KeyConfig {
+                kid: Some(self.key.id().to_string()),
+                pem: Some(self.key.public().to_pem()),
+                ..KeyConfig::default()
+            }],
+            groups_claim: default_groups_claim(),
+            email_claim: default_email_claim(),
+            leeway: default_leeway(),
+        }
+    }
+
+    /// An id_token for `user` in `groups`, valid for 12 hours.
+    pub fn mint(&self, user: &str, email: &str, groups: &[String]) -> String {
+        let now = unix_now();
+        let claims = serde_json::json!({
+            "iss": DEV_ISSUER,
+            "aud": DEV_AUDIENCE,
+            "sub": user,
+            "email": if email.is_empty() { format!("{user}@example.com") } else { email.to_owned() },
+            "groups": groups,
+            "iat": now,
+            "exp": now + 12 * 3600,
+        });
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.key.id().to_string());
+        jsonwebtoken::encode(&header, &claims, &self.encoding)
+            .expect("signing with our own key cannot fail")
+    }
+}
+
+impl Default for DevIssuer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Seconds since the epoch, now.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const RSA_KEY: &str = include_str!("../tests/fixtures/idp-rsa.key");
+    const RSA_PUB: &str = include_str!("../tests/fixtures/idp-rsa.pub");
+    const ISSUER: &str = "https://idp.example.com";
+
+    fn issuer() -> IssuerConfig {
+        IssuerConfig {
+            issuer: ISSUER.into(),
+            audience: vec!["rct".into()],
+            algorithms: vec![Algorithm::RS256],
+            keys: vec![KeyConfig {
+                kid: Some("k1".into()),
+                pem: Some(RSA_PUB.into()),
+                ..KeyConfig::default()
+            }],
+            groups_claim: "groups".into(),
+            email_claim: "email".into(),
+            leeway: Duration::from_secs(30),
+        }
+    }
+
+    fn claims() -> Value {
+        let now = unix_now();
+        json!({
+            "iss": ISSUER, "aud": "rct", "sub": "u-1", "email": "alice@example.com",
+            "groups": ["sre_team"], "iat": now, "exp": now + 600,
+        })
+    }
+
+    fn sign(header: Header, claims: &Value) -> String {
+        let key = EncodingKey::from_rsa_pem(RSA_KEY.as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, claims, &key).unwrap()
+    }
+
+    fn rs256() -> Header {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("k1".into());
+        header
+    }
+
+    fn verifier() -> IdTokens {
+        IdTokens::new(&[issuer()]).unwrap()
+    }
+
+    fn refused(token: &str) -> String {
+        let refusal = verifier().verify(token).unwrap_err();
+        assert_eq!(refusal.code, RejectionCode::Unauthenticated);
+        refusal.message
+    }
+
+    fn with(change: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Value {
+        let mut c = claims();
+        change(c.as_object_mut().unwrap());
+        c
+    }
+
+    #[test]
+    fn a_good_id_token_gives_the_identity() {
+        let verified = verifier().verify(&sign(rs256(), &claims())).unwrap();
+        assert_eq!(verified.identity.subject, "u-1");
+        assert_eq!(verified.identity.email, "alice@example.com");
+        assert_eq!(verified.identity.groups, ["sre_team"]);
+        assert!(verified.expires_at > unix_now());
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        use base64::Engine;
+        let b64 =
+            |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        let token = format!("{}.{}.", b64(&json!({"alg": "none"})), b64(&claims()));
+        assert!(refused(&token).contains("not a valid JWT"));
+    }
+
+    #[test]
+    fn hs256_signed_with_the_public_key_is_refused() {
+        let key = EncodingKey::from_secret(RSA_PUB.as_bytes());
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims(), &key).unwrap();
+        assert!(refused(&token).contains("HS256, which is not allowed"));
+    }
+
+    #[test]
+    fn every_claim_is_checked() {
+        let now = unix_now();
+        let cases = [
+            (
+                with(|c| {
+                    c.insert("iss".into(), json!("https://evil"));
+                }),
+                "issuer \"https://evil\" is not one admission trusts",
+            ),
+            (
+                with(|c| {
+                    c.insert("aud".into(), json!("other"));
+                }),
+                "meant for another audience",
+            ),
+            (
+                with(|c| {
+                    c.insert("exp".into(), json!(now - 3600));
+                }),
+                "has expired",
+            ),
+            (
+                with(|c| {
+                    c.insert("nbf".into(), json!(now + 3600));
+                }),
+                "not valid yet",
+            ),
+            (
+                with(|c| {
+                    c.insert("exp".into(), json!((now + 600).to_string()));
+                }),
+                "no usable exp claim",
+            ),
+            (
+                with(|c| {
+                    c.remove("sub");
+                }),
+                "no usable sub claim",
+            ),
+        ];
+        for (claims, expected) in cases {
+            let message = refused(&sign(rs256(), &claims));
+            assert!(
+                message.contains(expected),
+                "{expected:?} not in {message:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_kids_and_foreign_signatures_are_refused() {
+        let mut header = rs256();
+        header.kid = Some("k9".into());
+        assert!(refused(&sign(header, &claims())).contains("names key \"k9\""));
+
+        // Signed by an EdDSA key the issuer does not have, claiming RS256 is impossible; so
+        // forge by swapping the signature of another token.
+        let good = sign(rs256(), &claims());
+        let other = sign(
+            rs256(),
+            &with(|c| {
+                c.insert("sub".into(), json!("mallory"));
+            }),
+        );
+        let forged = format!(
+            "{}.{}",
+            other.rsplit_once('.').unwrap().0,
+            good.rsplit_once('.').unwrap().1
+        );
+        assert!(refused(&forged).contains("signature does not verify"));
+    }
+
+    #[test]
+    fn groups_may_be_a_single_string_and_the_claim_renamed() {
+        let mut config = issuer();
+        config.groups_claim = "roles".into();
+        let verifier = IdTokens::new(&[config]).unwrap();
+        let token = sign(
+            rs256(),
+            &with(|c| {
+                c.insert("roles".into(), json!("dba"));
+            }),
+        );
+        assert_eq!(verifier.verify(&token).unwrap().identity.groups, ["dba"]);
+    }
+
+    #[test]
+    fn bad_issuer_configs_are_refused_at_start() {
+        let mut config = issuer();
+        config.keys[0].pem = Some("not a pem".into());
+        assert!(IdTokens::new(&[config]).unwrap_err().contains("bad PEM"));
+        let mut config = issuer();
+        config.algorithms = vec![Algorithm::HS256];
+        assert!(
+            IdTokens::new(&[config])
+                .unwrap_err()
+                .contains("shared-secret")
+        );
+    }
+
+    #[test]
+    fn certificates_bind_a_session_key_until_they_expire() {
+        let admission = KeyPair::generate();
+        let certificates = Certificates::new(&admission, &[], Duration::from_secs(3600));
+        let session = KeyPair::generate();
+        let identity = Identity {
+            subject: "u-1".into(),
+            email: "alice@example.com".into(),
+            groups: vec!["sre_team".into()],
+        };
+        let id_token_exp = unix_now() + 60;
+        let (token, exp) = certificates.issue(&identity, session.public(), id_token_exp);
+        assert_eq!(exp, id_token_exp, "never outlives the id_token");
+        let certificate = certificates.verify(&token).unwrap();
+        assert_eq!(certificate.identity, identity);
+        assert_eq!(&certificate.session_key, session.public());
+
+        // Another admission's certificate is refused.
+        let other = Certificates::new(&KeyPair::generate(), &[], Duration::from_secs(3600));
+        let (foreign, _) = other.issue(&identity, session.public(), id_token_exp);
+        assert!(
+            certificates
+                .verify(&foreign)
+                .unwrap_err()
+                .message
+                .contains("not issued by this admission")
+        );
+
+        // An expired certificate says what to do.
+        let (expired, _) = certificates.issue(&identity, session.public(), unix_now() - 120);
+        let refusal = certificates.verify(&expired).unwrap_err();
+        assert!(
+            refusal.message.contains("expired; log in again"),
+            "{refusal:?}"
+        );
+
+        // During a key rotation, the new admission key still accepts the old key's certificates.
+        let rotated = Certificates::new(
+            &KeyPair::generate(),
+            &[admission.public().clone()],
+            Duration::from_secs(60),
+        );
+        rotated.verify(&token).unwrap();
+    }
+
+    #[test]
+    fn the_dev_issuer_mints_tokens_its_own_config_accepts() {
+        let dev = DevIssuer::new();
+        let verifier = IdTokens::new(&[dev.issuer_config()]).unwrap();
+        let token = dev.mint("alice", "", &["sre_team".into()]);
+        let verified = verifier.verify(&token).unwrap();
+        assert_eq!(verified.identity.email, "alice@example.com");
+        assert_eq!(verified.identity.groups, ["sre_team"]);
+        // A token of another dev issuer (another admission's) is refused.
+        let stranger = DevIssuer::new().mint("mallory", "", &[]);
+        assert!(verifier.verify(&stranger).is_err());
+    }
+}
