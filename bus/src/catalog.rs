@@ -31,6 +31,15 @@ pub struct Catalog {
     pub operations: BTreeMap<String, Operation>,
 }
 
+/// The catalog as admission serves it in the `rct_catalog` bucket.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Served {
+    /// [`Catalog::version`].
+    pub version: String,
+    /// The catalog.
+    pub catalog: Catalog,
+}
+
 /// A tower: who carries out a family of operations, and where.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

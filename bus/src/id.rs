@@ -29,8 +29,10 @@ impl CommandId {
         self.to_string()
     }
 
-    /// The `Nats-Msg-Id` of the `n`th event of `kind` for this command: `<id>.<kind>.<n>`.
-    pub fn event_msg_id(&self, kind: EventKind, n: u64) -> String {
+    /// The `Nats-Msg-Id` of event `n` of `kind` for this command: `<id>.<kind>.<n>`, where `n`
+    /// is a counter of the writer's or, for events caused by another command (a cancel
+    /// request), that command's id.
+    pub fn event_msg_id(&self, kind: EventKind, n: impl fmt::Display) -> String {
         format!("{self}.{kind}.{n}")
     }
 }

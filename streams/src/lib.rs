@@ -2,6 +2,7 @@
 //! and single-slot subjects, replay of the audit stream, the `CommandState` projection, and
 //! (feature `testkit`) real nats-server processes for tests.
 //!
+//! - [`Connection`]: how every component connects (servers, credentials, TLS, domain).
 //! - [`Config`], [`provision`], [`topology`]: streams `RCT_SUBMIT`, `RCT_CMD`, `RCT_EVT`,
 //!   buckets `rct_agents`, `rct_catalog`, `rct_state`, and the durable consumers.
 //! - [`Publisher`], [`Outgoing`], [`Slot`]: acknowledged, deduplicated, retried publishes;
@@ -10,6 +11,7 @@
 //! - [`CommandState`], [`Phase`]: the lifecycle folded from events.
 
 pub mod config;
+pub mod connect;
 mod error;
 mod projection;
 mod publish;
@@ -21,6 +23,7 @@ pub mod topology;
 pub mod testkit;
 
 pub use config::Config;
+pub use connect::Connection;
 pub use error::{Error, Result};
 pub use projection::{CommandState, Phase};
 pub use publish::{Ack, Outgoing, Publisher, Retry, Slot};

@@ -57,10 +57,10 @@ impl Outgoing {
         }
     }
 
-    /// The `n`th event of its kind for its command, on `rct.evt.<tower>.<command_id>.<kind>`;
+    /// Event `n` of its kind for its command, on `rct.evt.<tower>.<command_id>.<kind>`;
     /// decisions, claims and outcomes are single-slot. `None` if the event has no body or a
     /// command id that is not a ULID.
-    pub fn event(tower: &Tower, event: &proto::Event, n: u64) -> Option<Self> {
+    pub fn event(tower: &Tower, event: &proto::Event, n: impl std::fmt::Display) -> Option<Self> {
         let kind = EventKind::of(event)?;
         let command_id: rct_bus::CommandId = event.command_id.parse().ok()?;
         let outgoing = Self::new(
@@ -192,7 +192,12 @@ impl Publisher {
     }
 
     /// Publishes an event of a command of `tower` (see [`Outgoing::event`]).
-    pub async fn event(&self, tower: &Tower, event: &proto::Event, n: u64) -> Result<Slot> {
+    pub async fn event(
+        &self,
+        tower: &Tower,
+        event: &proto::Event,
+        n: impl std::fmt::Display,
+    ) -> Result<Slot> {
         let outgoing = Outgoing::event(tower, event, n).ok_or_else(|| Error::InvalidEvent {
             command_id: event.command_id.clone(),
         })?;

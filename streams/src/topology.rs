@@ -25,6 +25,8 @@ pub const EVENT_STREAM: &str = "RCT_EVT";
 pub const AGENTS_BUCKET: &str = "rct_agents";
 /// The catalog admission serves, with its version.
 pub const CATALOG_BUCKET: &str = "rct_catalog";
+/// The key under which admission serves the catalog in [`CATALOG_BUCKET`].
+pub const CATALOG_KEY: &str = "catalog";
 /// A projection of command state, rebuildable from `RCT_EVT`.
 pub const STATE_BUCKET: &str = "rct_state";
 /// Admission's durable consumer on `RCT_SUBMIT`, shared by its replicas.

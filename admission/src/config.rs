@@ -1,0 +1,208 @@
+//! Admission's settings: defaults < file (`--config` / `RCT_CONFIG`) < `RCT_` environment
+//! (`__` nesting, e.g. `RCT_NATS__SERVERS`) < flags.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::identity::{IssuerConfig, ServiceConfig};
+
+/// Everything admission needs to start.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// How to reach NATS.
+    pub nats: rct_streams::Connection,
+    /// This replica's name, recorded as the source of its events.
+    pub instance: String,
+    /// The operation catalog (YAML).
+    pub catalog: PathBuf,
+    /// Admission's Ed25519 signing key (PKCS#8 PEM).
+    pub signing_key: PathBuf,
+    /// Create `signing_key` (mode 0600) when it does not exist. For development.
+    pub generate_key: bool,
+    /// Public keys of earlier signing keys whose operator certificates are still accepted
+    /// (key rotation).
+    pub previous_keys: Vec<PathBuf>,
+    /// Identity providers whose id_tokens are accepted at login.
+    pub issuers: Vec<IssuerConfig>,
+    /// Mint id_tokens for anyone on `rct.auth.dev-token`. Development only.
+    pub dev_issuer: bool,
+    /// Automation identities: public keys with groups, no login.
+    pub services: Vec<ServiceConfig>,
+    /// How old a submission may be when admission first sees it.
+    #[serde(with = "humantime_serde")]
+    pub freshness: Duration,
+    /// How far ahead of admission's clock a submission may be dated.
+    #[serde(with = "humantime_serde")]
+    pub clock_skew: Duration,
+    /// Largest submission accepted, in bytes.
+    pub max_payload: usize,
+    /// Longest life of an operator certificate (never beyond the id_token's).
+    #[serde(with = "humantime_serde")]
+    pub certificate_ttl: Duration,
+    /// Submissions decided at once by this replica.
+    pub concurrency: usize,
+    /// How long in-flight submissions may take to finish at shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Create or converge the streams, buckets and consumers at start (development; in
+    /// production an administrator provisions, and admission's NATS user cannot).
+    pub provision: bool,
+    /// Stream settings, used when `provision` is on.
+    pub streams: rct_streams::Config,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats: rct_streams::Connection {
+                inbox_prefix: Some(INBOX_PREFIX.into()),
+                ..rct_streams::Connection::default()
+            },
+            instance: format!("admission-{}", std::process::id()),
+            catalog: PathBuf::from("catalog.yaml"),
+            signing_key: PathBuf::from("admission.key"),
+            generate_key: false,
+            previous_keys: Vec::new(),
+            issuers: Vec::new(),
+            dev_issuer: false,
+            services: Vec::new(),
+            freshness: Duration::from_secs(120),
+            clock_skew: Duration::from_secs(30),
+            max_payload: 64 * 1024,
+            certificate_ttl: Duration::from_secs(12 * 3600),
+            concurrency: 64,
+            shutdown_grace: Duration::from_secs(10),
+            provision: false,
+            streams: rct_streams::Config::default(),
+        }
+    }
+}
+
+/// Prefix of admission's reply inboxes, so NATS permissions can scope them.
+const INBOX_PREFIX: &str = "_INBOX_admission";
+
+/// Environment variables that start with `RCT_` but are not settings.
+const NOT_SETTINGS: [&str; 3] = ["RCT_CONFIG", "RCT_LOG", "RCT_LOG_FORMAT"];
+
+impl Config {
+    /// Layers defaults < `file` (YAML or TOML by extension) < `env` (`RCT_` variables, `__`
+    /// for nesting, lists comma-separated), then validates. `env` is passed in, so tests never
+    /// touch the process environment.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, String> {
+        let env: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("RCT_") && !NOT_SETTINGS.contains(&k.as_str()))
+            .collect();
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        let mut config: Config = builder
+            .add_source(
+                config::Environment::with_prefix("RCT")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("nats.servers")
+                    .try_parsing(true)
+                    .source(Some(env)),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| e.to_string())?;
+        // A `nats:` section replaces the whole default connection; keep admission's own inbox
+        // prefix unless it was set.
+        config
+            .nats
+            .inbox_prefix
+            .get_or_insert_with(|| INBOX_PREFIX.to_owned());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the settings together; the message says what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.nats.servers.is_empty() {
+            return Err("nats.servers is empty: name at least one NATS server".into());
+        }
+        if self.issuers.is_empty() && !self.dev_issuer && self.services.is_empty() {
+            return Err(
+                "no way to authenticate anyone: configure `issuers`, `services`, or (for \
+                 development) `dev_issuer: true`"
+                    .into(),
+            );
+        }
+        if self.concurrency == 0 {
+            return Err("concurrency must be at least 1".into());
+        }
+        if self.max_payload < 1024 {
+            return Err("max_payload must be at least 1024 bytes".into());
+        }
+        if self.freshness < Duration::from_secs(5) {
+            return Err("freshness must be at least 5s".into());
+        }
+        if self.provision {
+            self.streams.validate()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admission.yaml");
+        std::fs::write(
+            &file,
+            "catalog: /etc/rct/catalog.yaml\ndev_issuer: true\nfreshness: 5m\nnats:\n  servers: [nats://a:4222]\n",
+        )
+        .unwrap();
+        let config = Config::load(
+            Some(&file),
+            env(&[
+                ("RCT_NATS__SERVERS", "nats://b:4222,nats://c:4222"),
+                ("RCT_CONCURRENCY", "8"),
+                ("RCT_LOG", "debug"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.catalog, PathBuf::from("/etc/rct/catalog.yaml"));
+        assert_eq!(config.freshness, Duration::from_secs(300));
+        assert_eq!(config.nats.servers, ["nats://b:4222", "nats://c:4222"]);
+        assert_eq!(config.concurrency, 8);
+        assert_eq!(
+            config.nats.inbox_prefix.as_deref(),
+            Some("_INBOX_admission")
+        );
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let unknown = Config::load(
+            None,
+            env(&[("RCT_DEV_ISSUER", "true"), ("RCT_FRESHNES", "1m")]),
+        )
+        .unwrap_err();
+        assert!(unknown.contains("unknown field `freshnes`"), "{unknown}");
+        let nobody = Config::load(None, env(&[])).unwrap_err();
+        assert!(nobody.contains("no way to authenticate anyone"), "{nobody}");
+    }
+}

@@ -1,0 +1,585 @@
+//! The decision: one submission in, a verdict out. Pure apart from the clock it is given, so
+//! every refusal can be tested without a server.
+//!
+//! Order: size → subject → envelope → identity (certificate or service key) → signature →
+//! body → freshness → operation → groups → parameters → justification. The first failure
+//! decides, with a stable code and a sentence the operator can act on.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+use rct_bus::catalog::{Catalog, Operation, TowerSpec, display_value};
+use rct_bus::proto::{self, RejectionCode, event::Kind, submission::Request};
+use rct_bus::{CommandId, KeyPair, OperationName, Purpose, Subject, Tower, Unverified};
+use rct_streams::timestamp::{from_datetime, to_datetime};
+use time::OffsetDateTime;
+
+use crate::identity::{Certificates, Identity, Services};
+
+/// Tower token used for events about submissions whose subject names no valid tower.
+pub const UNKNOWN_TOWER: &str = "_unknown";
+
+/// What admission needs to decide: fixed for the life of the process.
+#[derive(Debug)]
+pub struct Policy {
+    /// The operation catalog.
+    pub catalog: Catalog,
+    /// Its version, recorded in every admitted command.
+    pub catalog_version: String,
+    /// Operator certificates.
+    pub certificates: Certificates,
+    /// Registered service identities.
+    pub services: Services,
+    /// Admission's command-signing key.
+    pub key: KeyPair,
+    /// How old a submission may be when admission first sees it.
+    pub freshness: Duration,
+    /// How far ahead of admission's clock a submission's time may be.
+    pub clock_skew: Duration,
+    /// Largest submission accepted, in bytes.
+    pub max_payload: usize,
+    /// Written as the source of every event (`admission/<instance>`).
+    pub source: String,
+}
+
+/// One submission as delivered.
+#[derive(Clone, Copy, Debug)]
+pub struct Submitted<'a> {
+    /// The subject it was published on.
+    pub subject: &'a str,
+    /// Its bytes.
+    pub payload: &'a [u8],
+    /// Its sequence in `RCT_SUBMIT`.
+    pub sequence: u64,
+    /// Admission's clock.
+    pub now: OffsetDateTime,
+}
+
+/// What to record and publish for a submission.
+#[derive(Clone, Debug)]
+pub enum Verdict {
+    /// Run it.
+    Admit(Admit),
+    /// Record a cancellation request against another command.
+    Cancel(Cancel),
+    /// Refuse it.
+    Reject(Reject),
+}
+
+/// An admitted operation.
+#[derive(Clone, Debug)]
+pub struct Admit {
+    /// The owning tower.
+    pub tower: Tower,
+    /// The command.
+    pub command_id: CommandId,
+    /// The `Admitted` decision event.
+    pub decision: proto::Event,
+    /// Where the command goes.
+    pub subject: Subject,
+    /// The admission-signed `Command` envelope, encoded.
+    pub command: Bytes,
+}
+
+/// An authorized cancellation request.
+#[derive(Clone, Debug)]
+pub struct Cancel {
+    /// The owning tower.
+    pub tower: Tower,
+    /// The cancellation request's own id.
+    pub command_id: CommandId,
+    /// The command to cancel.
+    pub target: CommandId,
+    /// The `Admitted` decision for the request itself.
+    pub decision: proto::Event,
+    /// The `CancelRequested` event for the target command.
+    pub cancel: proto::Event,
+}
+
+/// A refused submission.
+#[derive(Clone, Debug)]
+pub struct Reject {
+    /// The tower from the subject, or [`UNKNOWN_TOWER`].
+    pub tower: Tower,
+    /// The submission's own command id, when it has a valid one.
+    pub command_id: Option<CommandId>,
+    /// The `Rejected` decision event (its `command_id` is set by whoever records it when the
+    /// submission had none).
+    pub decision: proto::Event,
+}
+
+impl Reject {
+    /// The rejection code.
+    pub fn code(&self) -> RejectionCode {
+        match &self.decision.kind {
+            Some(Kind::Rejected(r)) => {
+                RejectionCode::try_from(r.code).unwrap_or(RejectionCode::Unspecified)
+            }
+            _ => RejectionCode::Unspecified,
+        }
+    }
+
+    /// The sentence for the operator.
+    pub fn message(&self) -> &str {
+        match &self.decision.kind {
+            Some(Kind::Rejected(r)) => &r.message,
+            _ => "",
+        }
+    }
+}
+
+/// What is known about a submission while it is being decided; fills the rejection event.
+struct Draft {
+    tower: Tower,
+    operation: String,
+    target: String,
+    command_id: Option<CommandId>,
+    request: proto::Request,
+}
+
+impl Policy {
+    /// Decides one submission.
+    pub fn decide(&self, input: Submitted<'_>) -> Verdict {
+        let mut draft = Draft {
+            tower: Tower::new(UNKNOWN_TOWER).expect("a valid token"),
+            operation: String::new(),
+            target: String::new(),
+            command_id: None,
+            request: proto::Request {
+                submission_sequence: input.sequence,
+                ..Default::default()
+            },
+        };
+        match self.check(input, &mut draft) {
+            Ok(verdict) => verdict,
+            Err((code, message)) => Verdict::Reject(self.reject(draft, input.now, code, message)),
+        }
+    }
+
+    fn check(
+        &self,
+        input: Submitted<'_>,
+        draft: &mut Draft,
+    ) -> Result<Verdict, (RejectionCode, String)> {
+        use RejectionCode as C;
+
+        // The subject names the tower, so even garbage is recorded under the right tower.
+        let subject_op = match input.subject.parse::<Subject>() {
+            Ok(Subject::Submit { operation }) => {
+                draft.tower = operation.tower().clone();
+                draft.operation = operation.to_string();
+                Some(operation)
+            }
+            _ => None,
+        };
+        if input.payload.len() > self.max_payload {
+            return Err((
+                C::TooLarge,
+                format!(
+                    "the submission is {} bytes; the limit is {} bytes",
+                    input.payload.len(),
+                    self.max_payload
+                ),
+            ));
+        }
+        let Some(subject_op) = subject_op else {
+            return Err((
+                C::Malformed,
+                format!(
+                    "submissions go to rct.submit.<tower>.<op>, and {:?} is not such a subject",
+                    input.subject
+                ),
+            ));
+        };
+        let envelope = Unverified::decode(input.payload).map_err(|_| {
+            (
+                C::Malformed,
+                "the submission is not a signed envelope; submit with rct or the rct-bus library"
+                    .to_owned(),
+            )
+        })?;
+        draft.request.key_id = envelope.key_id().to_owned();
+        if envelope.purpose() != Purpose::Submission {
+            return Err((
+                C::BadSignature,
+                format!(
+                    "the envelope is signed for {}, not as a submission",
+                    envelope.purpose()
+                ),
+            ));
+        }
+
+        let (identity, key) = if envelope.certificate().is_empty() {
+            let (key, identity) = self.services.get(envelope.key_id()).ok_or_else(|| {
+                (
+                    C::Unauthenticated,
+                    format!(
+                        "the submission carries no operator certificate, and its key {} is not a \
+                         registered service; run rct login",
+                        envelope.key_id()
+                    ),
+                )
+            })?;
+            (identity.clone(), key.clone())
+        } else {
+            let certificate = self
+                .certificates
+                .verify(envelope.certificate())
+                .map_err(|r| (r.code, r.message))?;
+            (certificate.identity, certificate.session_key)
+        };
+        draft.request.operator = Some(identity.to_proto());
+        if envelope.key_id() != key.id().as_str() {
+            return Err((
+                C::BadSignature,
+                format!(
+                    "the submission is signed by key {}, but the certificate binds key {}",
+                    envelope.key_id(),
+                    key.id()
+                ),
+            ));
+        }
+        let verified = envelope
+            .verify_with(&key, Purpose::Submission)
+            .map_err(|_| {
+                (
+                    C::BadSignature,
+                    "the submission's signature does not verify: it was changed after signing"
+                        .to_owned(),
+                )
+            })?;
+        let submission: proto::Submission = verified.decode().map_err(|_| {
+            (
+                C::Malformed,
+                "the signed body is not a submission".to_owned(),
+            )
+        })?;
+
+        let command_id: CommandId = submission.command_id.parse().map_err(|_| {
+            (
+                C::Malformed,
+                format!("command id {:?} is not a ULID", submission.command_id),
+            )
+        })?;
+        draft.command_id = Some(command_id);
+        draft.request.justification = submission.justification.clone();
+        if submission.operation != draft.operation {
+            return Err((
+                C::Malformed,
+                format!(
+                    "the submission names {} but was published for {}",
+                    submission.operation, draft.operation
+                ),
+            ));
+        }
+
+        let requested_at = submission
+            .requested_at
+            .as_ref()
+            .and_then(to_datetime)
+            .ok_or_else(|| {
+                (
+                    C::Malformed,
+                    "the submission has no requested_at".to_owned(),
+                )
+            })?;
+        draft.request.requested_at = submission.requested_at;
+        if requested_at < input.now - self.freshness {
+            return Err((
+                C::Stale,
+                format!(
+                    "the submission was made at {requested_at}, more than {} before admission \
+                     saw it; submit it again",
+                    humantime::format_duration(self.freshness)
+                ),
+            ));
+        }
+        if requested_at > input.now + self.clock_skew {
+            return Err((
+                C::Stale,
+                format!(
+                    "the submission is dated {requested_at}, ahead of admission's clock; check \
+                     this machine's clock"
+                ),
+            ));
+        }
+        if let Some(expires_at) = submission.expires_at.as_ref().and_then(to_datetime)
+            && expires_at < input.now
+        {
+            return Err((
+                C::Expired,
+                format!(
+                    "the submission expired at {expires_at}, before admission saw it; submit it \
+                     again"
+                ),
+            ));
+        }
+
+        let (tower_spec, operation) = self
+            .catalog
+            .operation(&subject_op)
+            .ok_or_else(|| (C::UnknownOperation, self.unknown_operation(&subject_op)))?;
+        let allowed = operation
+            .allowed_groups
+            .iter()
+            .any(|g| identity.groups.contains(g));
+        if !allowed {
+            return Err((
+                C::Forbidden,
+                format!(
+                    "{} is not in any of the groups allowed to run {}: {}",
+                    identity.name(),
+                    subject_op,
+                    operation.allowed_groups.join(", ")
+                ),
+            ));
+        }
+
+        match submission.request {
+            Some(Request::Run(run)) => self.admit(
+                input,
+                draft,
+                &subject_op,
+                tower_spec,
+                operation,
+                identity,
+                command_id,
+                &submission.justification,
+                run,
+                verified,
+            ),
+            Some(Request::Cancel(cancel)) => {
+                let target: CommandId = cancel.command_id.parse().map_err(|_| {
+                    (
+                        C::Malformed,
+                        format!(
+                            "cancel names command {:?}, which is not a ULID",
+                            cancel.command_id
+                        ),
+                    )
+                })?;
+                draft.request.cancels = target.to_string();
+                Ok(Verdict::Cancel(self.cancel(
+                    input.now,
+                    draft,
+                    command_id,
+                    target,
+                    &identity,
+                    &submission.justification,
+                )))
+            }
+            None => Err((
+                C::Malformed,
+                "the submission asks for nothing (neither run nor cancel)".to_owned(),
+            )),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        &self,
+        input: Submitted<'_>,
+        draft: &mut Draft,
+        name: &OperationName,
+        tower_spec: &TowerSpec,
+        operation: &Operation,
+        identity: Identity,
+        command_id: CommandId,
+        justification: &str,
+        run: proto::Run,
+        verified: rct_bus::Verified,
+    ) -> Result<Verdict, (RejectionCode, String)> {
+        use RejectionCode as C;
+        draft.target = run.target.clone();
+        draft.request.dry_run = run.dry_run;
+        draft.request.params = operation.mask(&run.params);
+        let checked = operation.check(tower_spec, &run.params).map_err(|errors| {
+            let messages: Vec<String> = errors.into_iter().map(|e| e.message).collect();
+            (C::InvalidParams, messages.join("; "))
+        })?;
+        draft.request.params = operation.mask(&checked.params);
+        if run.target != checked.target.as_str() {
+            return Err((
+                C::UnknownTarget,
+                format!(
+                    "the submission is for target {:?}, but its parameters say {}",
+                    run.target,
+                    target_param(operation, &checked.params)
+                        .unwrap_or_else(|| checked.target.to_string())
+                ),
+            ));
+        }
+        operation
+            .justification
+            .check(&name.to_string(), justification)
+            .map_err(|message| (C::JustificationRequired, message))?;
+
+        let deadline = input.now + operation.deadline;
+        let command = proto::Command {
+            command_id: command_id.to_string(),
+            operation: name.to_string(),
+            target: checked.target.to_string(),
+            params: checked.params,
+            justification: justification.to_owned(),
+            dry_run: run.dry_run,
+            operator: Some(identity.to_proto()),
+            admitted_at: Some(from_datetime(input.now)),
+            deadline: Some(from_datetime(deadline)),
+            timeout: Some(proto_duration(operation.timeout)),
+            catalog_version: self.catalog_version.clone(),
+            submission: Some(verified.into_proto()),
+        };
+        let signed = self
+            .key
+            .sign(Purpose::Command, command.encode_to_vec())
+            .encode_to_vec();
+        let decision = self.event(
+            &command_id.to_string(),
+            &name.to_string(),
+            checked.target.as_str(),
+            input.now,
+            Kind::Admitted(proto::Admitted {
+                request: Some(draft.request.clone()),
+                deadline: command.deadline,
+                timeout: command.timeout,
+                catalog_version: self.catalog_version.clone(),
+            }),
+        );
+        Ok(Verdict::Admit(Admit {
+            tower: name.tower().clone(),
+            command_id,
+            decision,
+            subject: Subject::command(name, &checked.target),
+            command: signed.into(),
+        }))
+    }
+
+    fn cancel(
+        &self,
+        now: OffsetDateTime,
+        draft: &mut Draft,
+        command_id: CommandId,
+        target: CommandId,
+        identity: &Identity,
+        justification: &str,
+    ) -> Cancel {
+        let decision = self.event(
+            &command_id.to_string(),
+            &draft.operation,
+            "",
+            now,
+            Kind::Admitted(proto::Admitted {
+                request: Some(draft.request.clone()),
+                catalog_version: self.catalog_version.clone(),
+                ..Default::default()
+            }),
+        );
+        let cancel = self.event(
+            &target.to_string(),
+            &draft.operation,
+            "",
+            now,
+            Kind::CancelRequested(proto::CancelRequested {
+                by: Some(identity.to_proto()),
+                justification: justification.to_owned(),
+            }),
+        );
+        Cancel {
+            tower: draft.tower.clone(),
+            command_id,
+            target,
+            decision,
+            cancel,
+        }
+    }
+
+    fn reject(
+        &self,
+        draft: Draft,
+        now: OffsetDateTime,
+        code: RejectionCode,
+        message: String,
+    ) -> Reject {
+        let decision = self.event(
+            &draft
+                .command_id
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+            &draft.operation,
+            &draft.target,
+            now,
+            Kind::Rejected(proto::Rejected {
+                code: code as i32,
+                message,
+                request: Some(draft.request),
+            }),
+        );
+        Reject {
+            tower: draft.tower,
+            command_id: draft.command_id,
+            decision,
+        }
+    }
+
+    fn event(
+        &self,
+        command_id: &str,
+        operation: &str,
+        target: &str,
+        at: OffsetDateTime,
+        kind: Kind,
+    ) -> proto::Event {
+        proto::Event {
+            command_id: command_id.to_owned(),
+            at: Some(from_datetime(at)),
+            source: self.source.clone(),
+            operation: operation.to_owned(),
+            target: target.to_owned(),
+            kind: Some(kind),
+        }
+    }
+
+    fn unknown_operation(&self, name: &OperationName) -> String {
+        let prefix = format!("{}/", name.tower());
+        let siblings: Vec<&str> = self
+            .catalog
+            .operations
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .collect();
+        if siblings.is_empty() {
+            format!(
+                "unknown operation {name}: there is no tower {}; rct ops lists the operations",
+                name.tower()
+            )
+        } else {
+            format!(
+                "unknown operation {name}; {} has: {}",
+                name.tower(),
+                siblings.join(", ")
+            )
+        }
+    }
+}
+
+/// `cluster=prod-1`: the target parameter and its value.
+fn target_param(operation: &Operation, params: &BTreeMap<String, proto::Value>) -> Option<String> {
+    operation
+        .params
+        .iter()
+        .find(|(_, p)| p.kind == rct_bus::catalog::Type::Target)
+        .and_then(|(name, _)| {
+            params
+                .get(name)
+                .map(|v| format!("{name}={}", display_value(v)))
+        })
+}
+
+fn proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}

@@ -1,0 +1,708 @@
+//! The admission service: decides submissions from the shared durable consumer, answers
+//! logins, serves the catalog. Fails closed: a decision or command it cannot write is not
+//! acknowledged, and the submission comes back.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use prost::Message as _;
+use rct_bus::catalog::Served;
+use rct_bus::proto::{self, RejectionCode, event::Kind};
+use rct_bus::{CommandId, EventKind, KeyPair, PublicKey, Subject, Tower, rejection_code_name};
+use rct_streams::timestamp::to_datetime;
+use rct_streams::topology::{
+    ADMISSION_CONSUMER, CATALOG_BUCKET, CATALOG_KEY, EVENT_STREAM, SUBMIT_STREAM,
+};
+use rct_streams::{Outgoing, Publisher, Slot};
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::decide::{Policy, Reject, Submitted, Verdict};
+use crate::identity::{Certificates, DevIssuer, IdTokens, Services};
+use crate::metrics::Metrics;
+use crate::{Error, catalog};
+
+/// Tower token under which refused logins are recorded.
+pub const AUTH_TOWER: &str = "_auth";
+
+/// A configured admission replica, ready to [`Admission::run`].
+#[derive(Clone, Debug)]
+pub struct Admission {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    policy: Policy,
+    id_tokens: IdTokens,
+    dev: Option<DevIssuer>,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    publisher: Publisher,
+    metrics: Arc<Metrics>,
+    config: Config,
+}
+
+impl Admission {
+    /// Loads the catalog, keys and identities; any problem is reported before anything starts.
+    pub fn new(config: Config, client: async_nats::Client) -> Result<Self, Error> {
+        config.validate().map_err(Error::Config)?;
+        let catalog = catalog::load(&config.catalog)?;
+        let key = signing_key(&config.signing_key, config.generate_key)?;
+        let previous = config
+            .previous_keys
+            .iter()
+            .map(|path| {
+                let pem = std::fs::read_to_string(path).map_err(|e| Error::Key {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                PublicKey::from_pem(&pem).map_err(|e| Error::Key {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let dev = config.dev_issuer.then(DevIssuer::new);
+        let mut issuers = config.issuers.clone();
+        issuers.extend(dev.as_ref().map(DevIssuer::issuer_config));
+        let id_tokens = IdTokens::new(&issuers).map_err(Error::Config)?;
+        let services = Services::new(&config.services).map_err(Error::Config)?;
+        let policy = Policy {
+            catalog_version: catalog.version(),
+            catalog,
+            certificates: Certificates::new(&key, &previous, config.certificate_ttl),
+            services,
+            key,
+            freshness: config.freshness,
+            clock_skew: config.clock_skew,
+            max_payload: config.max_payload,
+            source: format!("admission/{}", config.instance),
+        };
+        let js = config.nats.jetstream(client.clone());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                policy,
+                id_tokens,
+                dev,
+                publisher: Publisher::new(js.clone()),
+                js,
+                client,
+                metrics: Arc::default(),
+                config,
+            }),
+        })
+    }
+
+    /// The public key commands are signed with: agents trust it.
+    pub fn public_key(&self) -> &PublicKey {
+        self.inner.policy.key.public()
+    }
+
+    /// Decision counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.inner.metrics.clone()
+    }
+
+    /// Serves until `shutdown` fires, then stops pulling and lets in-flight submissions
+    /// finish within the grace period.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let inner = &self.inner;
+        if inner.config.provision {
+            let report = rct_streams::provision(&inner.js, &inner.config.streams).await?;
+            tracing::info!(changed = report.changed(), "provisioned streams");
+        }
+        inner.publish_catalog().await?;
+
+        let tracker = TaskTracker::new();
+        let login = inner
+            .client
+            .queue_subscribe(Subject::Login.to_string(), "admission".into())
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
+        tracker.spawn(respond(
+            self.clone(),
+            login,
+            shutdown.clone(),
+            Responder::Login,
+        ));
+        if inner.dev.is_some() {
+            let dev = inner
+                .client
+                .queue_subscribe(Subject::DevToken.to_string(), "admission".into())
+                .await
+                .map_err(|e| Error::Nats(e.to_string()))?;
+            tracker.spawn(respond(
+                self.clone(),
+                dev,
+                shutdown.clone(),
+                Responder::DevToken,
+            ));
+            tracing::warn!("the development issuer is on: anyone can log in as anyone");
+        }
+
+        let consumer: PullConsumer = inner
+            .js
+            .get_consumer_from_stream(ADMISSION_CONSUMER, SUBMIT_STREAM)
+            .await
+            .map_err(|e| {
+                Error::Nats(format!(
+                    "cannot bind consumer {ADMISSION_CONSUMER} on {SUBMIT_STREAM}: {e}"
+                ))
+            })?;
+        let concurrency = inner.config.concurrency;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(concurrency)
+            .heartbeat(std::time::Duration::from_secs(5))
+            .expires(std::time::Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
+        let permits = Arc::new(Semaphore::new(concurrency));
+        tracing::info!(
+            instance = %inner.config.instance,
+            catalog_version = %inner.policy.catalog_version,
+            key_id = %inner.policy.key.id(),
+            "admission ready"
+        );
+
+        let result = loop {
+            let permit = tokio::select! {
+                // Stop taking work as soon as shutdown is asked for.
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            };
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(message)) => {
+                    let this = self.clone();
+                    tracker.spawn(async move {
+                        this.inner.handle(message).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => match e.kind() {
+                    MessagesErrorKind::MissingHeartbeat => {
+                        tracing::debug!("no heartbeat from the server; still pulling")
+                    }
+                    MessagesErrorKind::ConsumerDeleted
+                    | MessagesErrorKind::RequestLimitExceeded => {
+                        break Err(Error::Nats(format!("pulling submissions stopped: {e}")));
+                    }
+                    _ => tracing::warn!(error = %e, "pulling submissions"),
+                },
+                None => break Err(Error::Nats("the submission stream ended".into())),
+            }
+        };
+        // Unacknowledged messages still buffered come back after ack_wait, to any replica.
+        drop(messages);
+        shutdown.cancel();
+        tracker.close();
+        if tokio::time::timeout(inner.config.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "in-flight submissions did not finish within the grace period; they will be redelivered"
+            );
+        }
+        tracing::info!("admission stopped");
+        result
+    }
+}
+
+/// Loads admission's key, creating it (mode 0600) when allowed and missing.
+fn signing_key(path: &Path, generate: bool) -> Result<KeyPair, Error> {
+    let error = |reason: String| Error::Key {
+        path: path.to_owned(),
+        reason,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(pem) => KeyPair::from_pem(&pem).map_err(|e| error(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && generate => {
+            let key = KeyPair::generate();
+            write_private(path, &key.to_pem())
+                .map_err(|e| error(format!("cannot create it: {e}")))?;
+            tracing::info!(path = %path.display(), key_id = %key.id(), "generated a signing key");
+            Ok(key)
+        }
+        Err(e) => Err(error(format!(
+            "cannot read it: {e}{}",
+            if generate {
+                ""
+            } else {
+                " (set generate_key for development)"
+            }
+        ))),
+    }
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(contents.as_bytes())
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Responder {
+    Login,
+    DevToken,
+}
+
+async fn respond(
+    admission: Admission,
+    mut requests: async_nats::Subscriber,
+    shutdown: CancellationToken,
+    responder: Responder,
+) {
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            request = requests.next() => match request { Some(r) => r, None => break },
+        };
+        let Some(reply) = request.reply.clone() else {
+            continue;
+        };
+        let answer = match responder {
+            Responder::Login => admission
+                .inner
+                .login(&request.payload)
+                .await
+                .encode_to_vec(),
+            Responder::DevToken => admission.inner.dev_token(&request.payload).encode_to_vec(),
+        };
+        if let Err(e) = admission.inner.client.publish(reply, answer.into()).await {
+            tracing::warn!(error = %e, "cannot answer a {responder:?} request");
+        }
+    }
+}
+
+impl Inner {
+    async fn publish_catalog(&self) -> Result<(), Error> {
+        let served = Served {
+            version: self.policy.catalog_version.clone(),
+            catalog: self.policy.catalog.clone(),
+        };
+        let json = serde_json::to_vec(&served).expect("a catalog always serializes");
+        let bucket = self
+            .js
+            .get_key_value(CATALOG_BUCKET)
+            .await
+            .map_err(|e| Error::Nats(format!("cannot open bucket {CATALOG_BUCKET}: {e}")))?;
+        bucket
+            .put(CATALOG_KEY, json.into())
+            .await
+            .map_err(|e| Error::Nats(format!("cannot publish the catalog: {e}")))?;
+        Ok(())
+    }
+
+    async fn handle(&self, message: jetstream::Message) {
+        let started = Instant::now();
+        let sequence = match message.info() {
+            Ok(info) => info.stream_sequence,
+            Err(e) => {
+                tracing::warn!(error = %e, "a submission without delivery info; leaving it");
+                return;
+            }
+        };
+        let verdict = self.policy.decide(Submitted {
+            subject: message.subject.as_str(),
+            payload: &message.payload,
+            sequence,
+            now: OffsetDateTime::now_utc(),
+        });
+        match self.record(&message, sequence, verdict).await {
+            Ok(outcome) => {
+                if let Err(e) = message.ack().await {
+                    tracing::warn!(error = %e, sequence, "cannot acknowledge; it will be redelivered and completed again");
+                }
+                self.metrics.decided(&outcome, started.elapsed());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, sequence, "cannot record the decision; the submission will come back");
+                self.metrics.failed();
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(std::time::Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+
+    /// Records the verdict: the decision (once per command), then the command or the cancel
+    /// request. Returns the metrics label.
+    async fn record(
+        &self,
+        message: &jetstream::Message,
+        sequence: u64,
+        verdict: Verdict,
+    ) -> Result<String, rct_streams::Error> {
+        let verdict = match verdict {
+            Verdict::Cancel(cancel) => self.check_cancel_target(cancel).await?,
+            other => other,
+        };
+        let (tower, command_id, decision) = match &verdict {
+            Verdict::Admit(a) => (&a.tower, Some(a.command_id), &a.decision),
+            Verdict::Cancel(c) => (&c.tower, Some(c.command_id), &c.decision),
+            Verdict::Reject(r) => (&r.tower, r.command_id, &r.decision),
+        };
+        let Some(command_id) = command_id else {
+            self.record_elsewhere(tower, decision.clone(), None).await?;
+            return Ok(label(&verdict));
+        };
+        match self.publisher.event(tower, decision, 0).await? {
+            Slot::Written(_) => {
+                log_decision(&verdict);
+                self.follow_up(&verdict).await?;
+                Ok(label(&verdict))
+            }
+            Slot::Taken { sequence: holder } => {
+                let holder = self.stored_event(holder).await?;
+                let holder_submission = decided_request(&holder).map(|r| r.submission_sequence);
+                if holder_submission == Some(sequence) {
+                    self.complete(message, sequence, &holder).await?;
+                    Ok("redelivered".into())
+                } else {
+                    let refusal = match &verdict {
+                        Verdict::Reject(r) => r.decision.clone(),
+                        _ => rejection(
+                            decision,
+                            RejectionCode::Duplicate,
+                            format!(
+                                "command id {command_id} was already used by another submission; \
+                                 every submission needs a new id"
+                            ),
+                        ),
+                    };
+                    let code = match &refusal.kind {
+                        Some(Kind::Rejected(r)) => r.code,
+                        _ => RejectionCode::Duplicate as i32,
+                    };
+                    self.record_elsewhere(tower, refusal, Some(command_id))
+                        .await?;
+                    Ok(format!("rejected:{}", rejection_code_name(code)))
+                }
+            }
+        }
+    }
+
+    /// A redelivered submission whose decision is already recorded (the replica that decided
+    /// it may have died before publishing the command): finish it exactly as it was decided,
+    /// at the time it was decided.
+    async fn complete(
+        &self,
+        message: &jetstream::Message,
+        sequence: u64,
+        holder: &proto::Event,
+    ) -> Result<(), rct_streams::Error> {
+        if !matches!(holder.kind, Some(Kind::Admitted(_))) {
+            return Ok(());
+        }
+        let at = holder
+            .at
+            .as_ref()
+            .and_then(to_datetime)
+            .unwrap_or_else(OffsetDateTime::now_utc);
+        let again = self.policy.decide(Submitted {
+            subject: message.subject.as_str(),
+            payload: &message.payload,
+            sequence,
+            now: at,
+        });
+        let again = match again {
+            Verdict::Cancel(cancel) => self.check_cancel_target(cancel).await?,
+            other => other,
+        };
+        match &again {
+            Verdict::Reject(r) => {
+                tracing::error!(
+                    command_id = %holder.command_id,
+                    reason = r.message(),
+                    "admitted earlier but no longer passes (catalog or keys changed); its command is not published again"
+                );
+                Ok(())
+            }
+            _ => self.follow_up(&again).await,
+        }
+    }
+
+    async fn follow_up(&self, verdict: &Verdict) -> Result<(), rct_streams::Error> {
+        match verdict {
+            Verdict::Admit(a) => {
+                let outgoing =
+                    Outgoing::new(a.subject.clone(), a.command_id.msg_id(), a.command.clone());
+                self.publisher.send(outgoing).await?;
+            }
+            Verdict::Cancel(c) => {
+                self.publisher
+                    .event(&c.tower, &c.cancel, c.command_id)
+                    .await?;
+            }
+            Verdict::Reject(_) => {}
+        }
+        Ok(())
+    }
+
+    /// A cancel request must name an admitted command of the same operation.
+    async fn check_cancel_target(
+        &self,
+        cancel: crate::decide::Cancel,
+    ) -> Result<Verdict, rct_streams::Error> {
+        let subject = Subject::event(&cancel.tower, cancel.target, EventKind::Decision).to_string();
+        let stream = self
+            .js
+            .get_stream_no_info(EVENT_STREAM)
+            .await
+            .map_err(|e| rct_streams::Error::Read {
+                what: EVENT_STREAM.into(),
+                source: e.into(),
+            })?;
+        let target = match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(stored) => proto::Event::decode(stored.payload).ok(),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                None
+            }
+            Err(e) => {
+                return Err(rct_streams::Error::Read {
+                    what: subject,
+                    source: e.into(),
+                });
+            }
+        };
+        let problem = match &target {
+            None => Some(format!(
+                "there is no command {} of tower {}",
+                cancel.target, cancel.tower
+            )),
+            Some(e) if !matches!(e.kind, Some(Kind::Admitted(_))) => Some(format!(
+                "command {} was rejected; there is nothing to cancel",
+                cancel.target
+            )),
+            Some(e) if e.operation != cancel.decision.operation => Some(format!(
+                "command {} is a {} command, not {}",
+                cancel.target, e.operation, cancel.decision.operation
+            )),
+            Some(_) => None,
+        };
+        Ok(match problem {
+            None => Verdict::Cancel(cancel),
+            Some(message) => Verdict::Reject(Reject {
+                tower: cancel.tower,
+                command_id: Some(cancel.command_id),
+                decision: rejection(&cancel.decision, RejectionCode::UnknownCommand, message),
+            }),
+        })
+    }
+
+    /// Records a refusal that cannot go into its own command's decision slot (no valid id,
+    /// or the id is taken) under a fresh id.
+    async fn record_elsewhere(
+        &self,
+        tower: &Tower,
+        mut decision: proto::Event,
+        claimed: Option<CommandId>,
+    ) -> Result<(), rct_streams::Error> {
+        let fresh = CommandId::generate();
+        decision.command_id = fresh.to_string();
+        if let (Some(claimed), Some(Kind::Rejected(r))) = (claimed, decision.kind.as_mut())
+            && r.code != RejectionCode::Duplicate as i32
+        {
+            r.message = format!(
+                "{} (recorded as {fresh}: the submission claimed command id {claimed}, which is taken)",
+                r.message
+            );
+        }
+        log_decision(&Verdict::Reject(Reject {
+            tower: tower.clone(),
+            command_id: Some(fresh),
+            decision: decision.clone(),
+        }));
+        self.publisher.event(tower, &decision, 0).await?;
+        Ok(())
+    }
+
+    async fn stored_event(&self, sequence: u64) -> Result<proto::Event, rct_streams::Error> {
+        let read = |e: async_nats::Error| rct_streams::Error::Read {
+            what: format!("{EVENT_STREAM} message {sequence}"),
+            source: e,
+        };
+        let stored = self
+            .js
+            .get_stream_no_info(EVENT_STREAM)
+            .await
+            .map_err(|e| read(e.into()))?
+            .get_raw_message(sequence)
+            .await
+            .map_err(|e| read(e.into()))?;
+        proto::Event::decode(stored.payload).map_err(|e| rct_streams::Error::Malformed {
+            sequence,
+            subject: stored.subject.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    async fn login(&self, payload: &[u8]) -> proto::LoginResponse {
+        use proto::login_response::Result as R;
+        let refuse = |code: &str, message: String| proto::LoginResponse {
+            result: Some(R::Refused(proto::LoginRefused {
+                code: code.to_owned(),
+                message,
+            })),
+        };
+        let Ok(request) = proto::LoginRequest::decode(payload) else {
+            return refuse("malformed", "the login request does not decode".into());
+        };
+        let verified = match self.id_tokens.verify(&request.id_token) {
+            Ok(verified) => verified,
+            Err(refusal) => {
+                self.record_login_refusal(refusal.code, &refusal.message)
+                    .await;
+                return refuse(rejection_code_name(refusal.code as i32), refusal.message);
+            }
+        };
+        let Ok(session_key) = PublicKey::from_bytes(&request.session_public_key) else {
+            return refuse(
+                "malformed",
+                "the session public key is not 32 bytes of Ed25519".into(),
+            );
+        };
+        let (token, expires_at) =
+            self.policy
+                .certificates
+                .issue(&verified.identity, &session_key, verified.expires_at);
+        tracing::info!(operator = verified.identity.name(), groups = ?verified.identity.groups, "logged in");
+        proto::LoginResponse {
+            result: Some(R::Certificate(proto::Certificate {
+                token,
+                expires_at: Some(prost_types::Timestamp {
+                    seconds: expires_at as i64,
+                    nanos: 0,
+                }),
+            })),
+        }
+    }
+
+    async fn record_login_refusal(&self, code: RejectionCode, message: &str) {
+        let tower = Tower::new(AUTH_TOWER).expect("a valid token");
+        let event = proto::Event {
+            command_id: String::new(),
+            at: Some(rct_streams::timestamp::from_datetime(
+                OffsetDateTime::now_utc(),
+            )),
+            source: self.policy.source.clone(),
+            operation: format!("{AUTH_TOWER}/login"),
+            target: String::new(),
+            kind: Some(Kind::Rejected(proto::Rejected {
+                code: code as i32,
+                message: message.to_owned(),
+                request: None,
+            })),
+        };
+        if let Err(e) = self.record_elsewhere(&tower, event, None).await {
+            tracing::warn!(error = %e, "cannot record a refused login");
+        }
+    }
+
+    fn dev_token(&self, payload: &[u8]) -> proto::DevTokenResponse {
+        use proto::dev_token_response::Result as R;
+        let Some(dev) = &self.dev else {
+            return proto::DevTokenResponse {
+                result: Some(R::Refused(proto::LoginRefused {
+                    code: "disabled".into(),
+                    message: "the development issuer is off".into(),
+                })),
+            };
+        };
+        match proto::DevTokenRequest::decode(payload) {
+            Ok(request) if !request.user.is_empty() => proto::DevTokenResponse {
+                result: Some(R::IdToken(dev.mint(
+                    &request.user,
+                    &request.email,
+                    &request.groups,
+                ))),
+            },
+            _ => proto::DevTokenResponse {
+                result: Some(R::Refused(proto::LoginRefused {
+                    code: "malformed".into(),
+                    message: "a dev token request needs a user".into(),
+                })),
+            },
+        }
+    }
+}
+
+/// The request summary of a decision event.
+fn decided_request(event: &proto::Event) -> Option<&proto::Request> {
+    match event.kind.as_ref()? {
+        Kind::Admitted(a) => a.request.as_ref(),
+        Kind::Rejected(r) => r.request.as_ref(),
+        _ => None,
+    }
+}
+
+/// The same decision turned into a refusal with `code` and `message`.
+fn rejection(decision: &proto::Event, code: RejectionCode, message: String) -> proto::Event {
+    proto::Event {
+        kind: Some(Kind::Rejected(proto::Rejected {
+            code: code as i32,
+            message,
+            request: decided_request(decision).cloned(),
+        })),
+        ..decision.clone()
+    }
+}
+
+fn label(verdict: &Verdict) -> String {
+    match verdict {
+        Verdict::Admit(_) => "admitted".into(),
+        Verdict::Cancel(_) => "cancel".into(),
+        Verdict::Reject(r) => format!("rejected:{}", rejection_code_name(r.code() as i32)),
+    }
+}
+
+fn log_decision(verdict: &Verdict) {
+    match verdict {
+        Verdict::Admit(a) => tracing::info!(
+            command_id = %a.command_id,
+            operation = %a.decision.operation,
+            target = %a.decision.target,
+            "admitted"
+        ),
+        Verdict::Cancel(c) => tracing::info!(
+            command_id = %c.command_id,
+            cancels = %c.target,
+            "cancel requested"
+        ),
+        Verdict::Reject(r) => tracing::info!(
+            command_id = %r.decision.command_id,
+            operation = %r.decision.operation,
+            code = rejection_code_name(r.code() as i32),
+            reason = r.message(),
+            "rejected"
+        ),
+    }
+}
