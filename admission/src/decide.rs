@@ -58,6 +58,8 @@ pub struct Submitted<'a> {
 }
 
 /// What to record and publish for a submission.
+// One verdict per submission, moved a couple of times: boxing would only add allocations.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Verdict {
     /// Run it.

@@ -371,38 +371,45 @@ impl Inner {
             self.record_elsewhere(tower, decision.clone(), None).await?;
             return Ok(label(&verdict));
         };
-        match self.publisher.event(tower, decision, 0).await? {
-            Slot::Written(_) => {
+        // The decision's id names the submission (`<command>.decision.<submission seq>`): a
+        // redelivery of this submission is recognised as ours, a replay of its command id by
+        // another submission is not.
+        match self.publisher.event(tower, decision, sequence).await? {
+            Slot::Written(ack) if !ack.duplicate => {
                 log_decision(&verdict);
                 self.follow_up(&verdict).await?;
                 Ok(label(&verdict))
+            }
+            Slot::Written(ack) => {
+                let holder = self.stored_event(ack.sequence).await?;
+                self.complete(message, sequence, &holder).await?;
+                Ok("redelivered".into())
             }
             Slot::Taken { sequence: holder } => {
                 let holder = self.stored_event(holder).await?;
                 let holder_submission = decided_request(&holder).map(|r| r.submission_sequence);
                 if holder_submission == Some(sequence) {
                     self.complete(message, sequence, &holder).await?;
-                    Ok("redelivered".into())
-                } else {
-                    let refusal = match &verdict {
-                        Verdict::Reject(r) => r.decision.clone(),
-                        _ => rejection(
-                            decision,
-                            RejectionCode::Duplicate,
-                            format!(
-                                "command id {command_id} was already used by another submission; \
-                                 every submission needs a new id"
-                            ),
-                        ),
-                    };
-                    let code = match &refusal.kind {
-                        Some(Kind::Rejected(r)) => r.code,
-                        _ => RejectionCode::Duplicate as i32,
-                    };
-                    self.record_elsewhere(tower, refusal, Some(command_id))
-                        .await?;
-                    Ok(format!("rejected:{}", rejection_code_name(code)))
+                    return Ok("redelivered".into());
                 }
+                let refusal = match &verdict {
+                    Verdict::Reject(r) => r.decision.clone(),
+                    _ => rejection(
+                        decision,
+                        RejectionCode::Duplicate,
+                        format!(
+                            "command id {command_id} was already used by another submission; \
+                             every submission needs a new id"
+                        ),
+                    ),
+                };
+                let code = match &refusal.kind {
+                    Some(Kind::Rejected(r)) => r.code,
+                    _ => RejectionCode::Duplicate as i32,
+                };
+                self.record_elsewhere(tower, refusal, Some(command_id))
+                    .await?;
+                Ok(format!("rejected:{}", rejection_code_name(code)))
             }
         }
     }

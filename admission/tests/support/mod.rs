@@ -1,0 +1,332 @@
+//! A real nats-server, provisioned, with admission running in-process, and an operator that
+//! logs in and submits like the CLI does.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use jsonwebtoken::Algorithm;
+use prost::Message;
+use rct_admission::identity::{IssuerConfig, KeyConfig};
+use rct_admission::{Admission, Config};
+use rct_bus::proto::{self, event::Kind};
+use rct_bus::{CommandId, KeyPair, OperationName, PublicKey, Purpose, Subject};
+use rct_streams::replay::{self, Filter, Item};
+use rct_streams::testkit::Server;
+use rct_streams::timestamp::from_datetime;
+use rct_streams::{Outgoing, Publisher, Slot};
+use time::OffsetDateTime;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const IDP: &str = "https://idp.example.com";
+pub const RSA_KEY: &str = include_str!("../fixtures/idp-rsa.key");
+pub const RSA_PUB: &str = include_str!("../fixtures/idp-rsa.pub");
+
+pub fn catalog_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/catalog.example.yaml")
+}
+
+pub struct Harness {
+    pub server: Server,
+    pub js: async_nats::jetstream::Context,
+    pub client: async_nats::Client,
+    pub dir: tempfile::TempDir,
+    pub admission_key: PublicKey,
+    pub admission: Option<(
+        CancellationToken,
+        JoinHandle<Result<(), rct_admission::Error>>,
+    )>,
+    pub metrics: std::sync::Arc<rct_admission::metrics::Metrics>,
+    /// A registered service identity (group sre_team).
+    pub service: KeyPair,
+}
+
+pub fn config(server: &Server, dir: &Path, service: &PublicKey) -> Config {
+    Config {
+        services: vec![rct_admission::identity::ServiceConfig {
+            name: "deployer".into(),
+            public_key: service.to_pem(),
+            groups: vec!["sre_team".into()],
+        }],
+        nats: rct_streams::Connection::to([server.url()]),
+        instance: "test".into(),
+        catalog: catalog_path(),
+        signing_key: dir.join("admission.key"),
+        generate_key: true,
+        dev_issuer: true,
+        issuers: vec![IssuerConfig {
+            issuer: IDP.into(),
+            audience: vec!["rct".into()],
+            algorithms: vec![Algorithm::RS256],
+            keys: vec![KeyConfig {
+                kid: Some("k1".into()),
+                pem: Some(RSA_PUB.into()),
+                ..KeyConfig::default()
+            }],
+            groups_claim: "groups".into(),
+            email_claim: "email".into(),
+            leeway: Duration::from_secs(30),
+        }],
+        ..Config::default()
+    }
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        let server = Server::start().await;
+        let client = server.client().await;
+        let js = async_nats::jetstream::new(client.clone());
+        rct_streams::provision(&js, &rct_streams::Config::default())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut harness = Self {
+            admission_key: KeyPair::generate().public().clone(),
+            metrics: Default::default(),
+            server,
+            js,
+            client,
+            dir,
+            admission: None,
+            service: KeyPair::generate(),
+        };
+        harness.start_admission().await;
+        harness
+    }
+
+    pub fn config(&self) -> Config {
+        config(&self.server, self.dir.path(), self.service.public())
+    }
+
+    pub async fn start_admission(&mut self) {
+        let admission = Admission::new(self.config(), self.client.clone()).unwrap();
+        self.admission_key = admission.public_key().clone();
+        self.metrics = admission.metrics();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(admission.run(shutdown.clone()));
+        self.admission = Some((shutdown, task));
+        // Ready when it answers a login request.
+        self.dev_token("probe", &[]).await;
+    }
+
+    pub async fn stop_admission(&mut self) {
+        if let Some((shutdown, task)) = self.admission.take() {
+            shutdown.cancel();
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// The admission signing key (the test plays another admission instance with it).
+    pub fn admission_keypair(&self) -> KeyPair {
+        KeyPair::from_pem(&std::fs::read_to_string(self.dir.path().join("admission.key")).unwrap())
+            .unwrap()
+    }
+
+    pub async fn request<M: Message + Default>(&self, subject: Subject, body: Vec<u8>) -> M {
+        let reply = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match self
+                    .client
+                    .request(subject.to_string(), body.clone().into())
+                    .await
+                {
+                    Ok(reply) => break reply,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+        .await
+        .expect("admission answers");
+        M::decode(reply.payload).unwrap()
+    }
+
+    pub async fn dev_token(&self, user: &str, groups: &[&str]) -> String {
+        let response: proto::DevTokenResponse = self
+            .request(
+                Subject::DevToken,
+                proto::DevTokenRequest {
+                    user: user.into(),
+                    email: String::new(),
+                    groups: groups.iter().map(|g| g.to_string()).collect(),
+                }
+                .encode_to_vec(),
+            )
+            .await;
+        match response.result.unwrap() {
+            proto::dev_token_response::Result::IdToken(token) => token,
+            proto::dev_token_response::Result::Refused(r) => panic!("dev token refused: {r:?}"),
+        }
+    }
+
+    pub async fn login_with(&self, id_token: &str, session: &KeyPair) -> proto::LoginResponse {
+        self.request(
+            Subject::Login,
+            proto::LoginRequest {
+                id_token: id_token.into(),
+                session_public_key: session.public().to_bytes().to_vec(),
+                client: None,
+            }
+            .encode_to_vec(),
+        )
+        .await
+    }
+
+    /// Logs in through the dev issuer.
+    pub async fn operator(&self, user: &str, groups: &[&str]) -> Operator {
+        let session = KeyPair::generate();
+        let token = self.dev_token(user, groups).await;
+        let certificate = match self.login_with(&token, &session).await.result.unwrap() {
+            proto::login_response::Result::Certificate(c) => c.token,
+            proto::login_response::Result::Refused(r) => panic!("login refused: {r:?}"),
+        };
+        Operator {
+            session,
+            certificate,
+        }
+    }
+
+    /// Publishes raw bytes to a submit subject; returns its RCT_SUBMIT sequence.
+    pub async fn publish_raw(&self, subject: &str, msg_id: &str, payload: Vec<u8>) -> u64 {
+        let outgoing = Outgoing::new(subject, msg_id, Bytes::from(payload));
+        match Publisher::new(self.js.clone())
+            .send(outgoing)
+            .await
+            .unwrap()
+        {
+            Slot::Written(ack) => ack.sequence,
+            Slot::Taken { .. } => unreachable!("submissions are not single-slot"),
+        }
+    }
+
+    /// Publishes a signed submission; returns its RCT_SUBMIT sequence.
+    pub async fn submit(&self, operator: &Operator, submission: &proto::Submission) -> u64 {
+        let envelope = operator.sign(submission);
+        self.publish_envelope(submission, envelope).await
+    }
+
+    pub async fn publish_envelope(
+        &self,
+        submission: &proto::Submission,
+        envelope: proto::SignedEnvelope,
+    ) -> u64 {
+        let operation: OperationName = submission.operation.parse().unwrap();
+        self.publish_raw(
+            &Subject::submit(&operation).to_string(),
+            &submission.command_id,
+            envelope.encode_to_vec(),
+        )
+        .await
+    }
+
+    /// Waits for the one decision about the submission stored at `sequence`.
+    pub async fn decision(&self, sequence: u64) -> proto::Event {
+        let mut events = replay::follow(&self.js, &Filter::default()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(item) = events.next().await {
+                if let Item::Event(record) = item.unwrap()
+                    && submission_sequence(&record.event) == Some(sequence)
+                {
+                    return record.event;
+                }
+            }
+            panic!("the event stream ended");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no decision for submission {sequence}"))
+    }
+
+    /// Every decision event stored so far.
+    pub async fn decisions(&self) -> Vec<proto::Event> {
+        replay::history(&self.js, &Filter::default())
+            .await
+            .unwrap()
+            .filter_map(|r| async move {
+                let r = r.unwrap();
+                (r.kind == rct_bus::EventKind::Decision).then_some(r.event)
+            })
+            .collect()
+            .await
+    }
+
+    /// How many messages RCT_CMD holds.
+    pub async fn commands(&self) -> u64 {
+        let mut stream = self.js.get_stream("RCT_CMD").await.unwrap();
+        stream.info().await.unwrap().state.messages
+    }
+}
+
+pub fn submission_sequence(event: &proto::Event) -> Option<u64> {
+    match event.kind.as_ref()? {
+        Kind::Admitted(a) => a.request.as_ref().map(|r| r.submission_sequence),
+        Kind::Rejected(r) => r.request.as_ref().map(|r| r.submission_sequence),
+        _ => None,
+    }
+}
+
+pub fn rejection(event: &proto::Event) -> Option<(proto::RejectionCode, String)> {
+    match event.kind.as_ref()? {
+        Kind::Rejected(r) => Some((
+            proto::RejectionCode::try_from(r.code).unwrap(),
+            r.message.clone(),
+        )),
+        _ => None,
+    }
+}
+
+pub struct Operator {
+    pub session: KeyPair,
+    pub certificate: String,
+}
+
+impl Operator {
+    pub fn sign(&self, submission: &proto::Submission) -> proto::SignedEnvelope {
+        let mut envelope = self
+            .session
+            .sign(Purpose::Submission, submission.encode_to_vec());
+        envelope.certificate = self.certificate.clone();
+        envelope
+    }
+}
+
+pub fn value(kind: proto::value::Kind) -> proto::Value {
+    proto::Value { kind: Some(kind) }
+}
+
+/// A drain of `cluster` with a good justification, made now.
+pub fn drain(cluster: &str) -> proto::Submission {
+    run(
+        "traffic/drain-cluster",
+        cluster,
+        [("cluster", value(proto::value::Kind::Target(cluster.into())))],
+        "SRE-101",
+    )
+}
+
+pub fn run<const N: usize>(
+    operation: &str,
+    target: &str,
+    params: [(&str, proto::Value); N],
+    justification: &str,
+) -> proto::Submission {
+    let now = OffsetDateTime::now_utc();
+    proto::Submission {
+        command_id: CommandId::generate().to_string(),
+        operation: operation.into(),
+        justification: justification.into(),
+        requested_at: Some(from_datetime(now)),
+        expires_at: Some(from_datetime(now + time::Duration::minutes(1))),
+        client: None,
+        request: Some(proto::submission::Request::Run(proto::Run {
+            target: target.into(),
+            params: params
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect::<BTreeMap<_, _>>(),
+            dry_run: false,
+        })),
+    }
+}
