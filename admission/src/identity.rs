@@ -551,9 +551,10 @@ impl std::fmt::Debug for DevIssuer {
 }
 
 impl DevIssuer {
-    /// A development issuer with a fresh key.
-    pub fn new() -> Self {
-        let key = KeyPair::generate();
+    /// A development issuer signing with `key`. Admission passes its own signing key, so that
+    /// every replica accepts the tokens any replica mints.
+    pub fn new(key: &KeyPair) -> Self {
+        let key = KeyPair::from_pem(&key.to_pem()).expect("our own PEM reads back");
         let encoding =
             EncodingKey::from_ed_pem(key.to_pem().as_bytes()).expect("our own PEM encodes");
         Self { key, encoding }
@@ -592,12 +593,6 @@ impl DevIssuer {
         header.kid = Some(self.key.id().to_string());
         jsonwebtoken::encode(&header, &claims, &self.encoding)
             .expect("signing with our own key cannot fail")
-    }
-}
-
-impl Default for DevIssuer {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -841,14 +836,14 @@ mod tests {
 
     #[test]
     fn the_dev_issuer_mints_tokens_its_own_config_accepts() {
-        let dev = DevIssuer::new();
+        let dev = DevIssuer::new(&KeyPair::generate());
         let verifier = IdTokens::new(&[dev.issuer_config()]).unwrap();
         let token = dev.mint("alice", "", &["sre_team".into()]);
         let verified = verifier.verify(&token).unwrap();
         assert_eq!(verified.identity.email, "alice@example.com");
         assert_eq!(verified.identity.groups, ["sre_team"]);
         // A token of another dev issuer (another admission's) is refused.
-        let stranger = DevIssuer::new().mint("mallory", "", &[]);
+        let stranger = DevIssuer::new(&KeyPair::generate()).mint("mallory", "", &[]);
         assert!(verifier.verify(&stranger).is_err());
     }
 }

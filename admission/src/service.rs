@@ -71,7 +71,7 @@ impl Admission {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let dev = config.dev_issuer.then(DevIssuer::new);
+        let dev = config.dev_issuer.then(|| DevIssuer::new(&key));
         let mut issuers = config.issuers.clone();
         issuers.extend(dev.as_ref().map(DevIssuer::issuer_config));
         let id_tokens = IdTokens::new(&issuers).map_err(Error::Config)?;

@@ -241,15 +241,7 @@ impl Harness {
 
     /// Every decision event stored so far.
     pub async fn decisions(&self) -> Vec<proto::Event> {
-        replay::history(&self.js, &Filter::default())
-            .await
-            .unwrap()
-            .filter_map(|r| async move {
-                let r = r.unwrap();
-                (r.kind == rct_bus::EventKind::Decision).then_some(r.event)
-            })
-            .collect()
-            .await
+        decisions_in(&self.js).await
     }
 
     /// How many messages RCT_CMD holds.
@@ -257,6 +249,19 @@ impl Harness {
         let mut stream = self.js.get_stream("RCT_CMD").await.unwrap();
         stream.info().await.unwrap().state.messages
     }
+}
+
+/// Every decision event stored so far.
+pub async fn decisions_in(js: &async_nats::jetstream::Context) -> Vec<proto::Event> {
+    replay::history(js, &Filter::default())
+        .await
+        .unwrap()
+        .filter_map(|r| async move {
+            let r = r.unwrap();
+            (r.kind == rct_bus::EventKind::Decision).then_some(r.event)
+        })
+        .collect()
+        .await
 }
 
 pub fn submission_sequence(event: &proto::Event) -> Option<u64> {
