@@ -52,6 +52,8 @@ pub struct Config {
     pub provision: bool,
     /// Stream settings, used when `provision` is on.
     pub streams: rct_streams::Config,
+    /// Webhook channels for the catalog's `notify` lists; no channels, no notifier.
+    pub notify: crate::notify::Config,
 }
 
 impl Default for Config {
@@ -77,6 +79,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             provision: false,
             streams: rct_streams::Config::default(),
+            notify: crate::notify::Config::default(),
         }
     }
 }

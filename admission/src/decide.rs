@@ -267,6 +267,13 @@ impl Policy {
         })?;
         draft.command_id = Some(command_id);
         draft.request.justification = submission.justification.clone();
+        if let Some(Request::Run(run)) = &submission.request {
+            // Known from here on, so every later refusal says what was asked for; parameters
+            // stay masked until the catalog says which are not secret.
+            draft.target = run.target.clone();
+            draft.request.dry_run = run.dry_run;
+            draft.request.params = rct_bus::catalog::mask_all(&run.params);
+        }
         if submission.operation != draft.operation {
             return Err((
                 C::Malformed,
@@ -394,9 +401,6 @@ impl Policy {
         verified: rct_bus::Verified,
     ) -> Result<Verdict, (RejectionCode, String)> {
         use RejectionCode as C;
-        draft.target = run.target.clone();
-        draft.request.dry_run = run.dry_run;
-        draft.request.params = operation.mask(&run.params);
         let checked = operation.check(tower_spec, &run.params).map_err(|errors| {
             let messages: Vec<String> = errors.into_iter().map(|e| e.message).collect();
             (C::InvalidParams, messages.join("; "))

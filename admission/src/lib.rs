@@ -11,6 +11,7 @@
 //! - [`identity`]: id_tokens, operator certificates, service identities, the dev issuer.
 //! - [`decide`]: the decision for one submission, pure apart from the clock.
 //! - [`Admission`]: the service; [`run`] serves until shutdown.
+//! - [`notify`]: webhook notifications when operations start, end or are refused.
 //! - [`metrics`]: decision counters and latency.
 
 pub mod catalog;
@@ -19,6 +20,7 @@ pub mod decide;
 mod error;
 pub mod identity;
 pub mod metrics;
+pub mod notify;
 mod service;
 
 pub use config::Config;

@@ -149,6 +149,15 @@ impl Admission {
             tracing::warn!("the development issuer is on: anyone can log in as anyone");
         }
 
+        if !inner.config.notify.channels.is_empty() {
+            let notifier = crate::notify::Notifier::new(
+                inner.js.clone(),
+                Arc::new(inner.policy.catalog.clone()),
+                &inner.config.notify,
+            );
+            tracker.spawn(notifier.run(shutdown.clone()));
+        }
+
         let consumer: PullConsumer = inner
             .js
             .get_consumer_from_stream(ADMISSION_CONSUMER, SUBMIT_STREAM)

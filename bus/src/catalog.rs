@@ -682,6 +682,18 @@ fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
     Regex::new(&format!("^(?:{pattern})$"))
 }
 
+/// `params` with every value masked: for requests whose operation is unknown, so nothing says
+/// which values are secret.
+pub fn mask_all(params: &BTreeMap<String, proto::Value>) -> BTreeMap<String, proto::Value> {
+    let masked = proto::Value {
+        kind: Some(V::Masked(proto::Masked {})),
+    };
+    params
+        .keys()
+        .map(|name| (name.clone(), masked.clone()))
+        .collect()
+}
+
 /// A parameter value as people read it (`prod-1`, `40`, `90s`, `***`).
 pub fn display_value(value: &proto::Value) -> String {
     match &value.kind {

@@ -31,6 +31,8 @@ pub const CATALOG_KEY: &str = "catalog";
 pub const STATE_BUCKET: &str = "rct_state";
 /// Admission's durable consumer on `RCT_SUBMIT`, shared by its replicas.
 pub const ADMISSION_CONSUMER: &str = "admission";
+/// The notifier's durable consumer on `RCT_EVT`, shared by admission's replicas.
+pub const NOTIFIER_CONSUMER: &str = "notifier";
 
 /// The three streams, as `create_or_update_stream` takes them.
 pub fn streams(config: &Config) -> Vec<stream::Config> {
@@ -109,6 +111,23 @@ pub fn admission_consumer(config: &Config) -> pull::Config {
         subject::all_submissions(),
         &config.admission,
     )
+}
+
+/// The notifier's durable consumer on `RCT_EVT`: starts with the events stored after it is
+/// created (no flood of history), and never gives an event up: a webhook that is down for an
+/// hour gets its messages when it is back.
+pub fn notifier_consumer() -> pull::Config {
+    pull::Config {
+        durable_name: Some(NOTIFIER_CONSUMER.to_owned()),
+        name: Some(NOTIFIER_CONSUMER.to_owned()),
+        filter_subject: subject::all_events(),
+        deliver_policy: DeliverPolicy::New,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: std::time::Duration::from_secs(30),
+        max_deliver: -1,
+        max_ack_pending: 1000,
+        ..Default::default()
+    }
 }
 
 /// The durable consumer a tower's agents pull from: one per target for a cluster tower
@@ -250,6 +269,9 @@ pub async fn provision(js: &jetstream::Context, config: &Config) -> Result<Repor
     report
         .items
         .push(ensure_consumer(js, SUBMIT_STREAM, consumer).await?);
+    report
+        .items
+        .push(ensure_consumer(js, EVENT_STREAM, notifier_consumer()).await?);
     Ok(report)
 }
 

@@ -30,7 +30,7 @@ async fn replicated_streams_survive_a_killed_node() {
             Err(e) => panic!("provisioning an R3 topology failed: {e:?}"),
         }
     };
-    assert_eq!(report.items.len(), 7);
+    assert_eq!(report.items.len(), 8);
     let info = js.get_stream("RCT_EVT").await.unwrap();
     assert_eq!(info.cached_info().config.num_replicas, 3);
 

@@ -24,6 +24,7 @@ async fn provisioning_twice_changes_nothing_the_second_time() {
             "bucket rct_catalog",
             "bucket rct_state",
             "consumer RCT_SUBMIT/admission",
+            "consumer RCT_EVT/notifier",
         ]
     );
     assert!(first.items.iter().all(|i| i.change == Change::Created));

@@ -43,6 +43,7 @@ pub struct Harness {
     pub metrics: std::sync::Arc<rct_admission::metrics::Metrics>,
     /// A registered service identity (group sre_team).
     pub service: KeyPair,
+    change: Box<dyn Fn(&mut Config) + Send + Sync>,
 }
 
 pub fn config(server: &Server, dir: &Path, service: &PublicKey) -> Config {
@@ -77,6 +78,11 @@ pub fn config(server: &Server, dir: &Path, service: &PublicKey) -> Config {
 
 impl Harness {
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with a configuration changed by `change`.
+    pub async fn start_with(change: impl Fn(&mut Config) + Send + Sync + 'static) -> Self {
         let server = Server::start().await;
         let client = server.client().await;
         let js = async_nats::jetstream::new(client.clone());
@@ -93,13 +99,16 @@ impl Harness {
             dir,
             admission: None,
             service: KeyPair::generate(),
+            change: Box::new(change),
         };
         harness.start_admission().await;
         harness
     }
 
     pub fn config(&self) -> Config {
-        config(&self.server, self.dir.path(), self.service.public())
+        let mut config = config(&self.server, self.dir.path(), self.service.public());
+        (self.change)(&mut config);
+        config
     }
 
     pub async fn start_admission(&mut self) {
