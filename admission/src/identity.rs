@@ -80,8 +80,16 @@ pub struct IssuerConfig {
     pub audience: Vec<String>,
     /// Accepted signature algorithms (`RS256`, `ES256`, `EdDSA`, …); nothing else is tried.
     pub algorithms: Vec<Algorithm>,
-    /// The provider's public keys.
+    /// The provider's public keys, given here.
+    #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    /// Where the provider publishes its keys (JWKS). Fetched on first use and again when a
+    /// token names a key id not seen yet, at most once per `jwks_cooldown`.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Shortest time between two JWKS fetches.
+    #[serde(default = "default_jwks_cooldown", with = "humantime_serde")]
+    pub jwks_cooldown: Duration,
     /// The claim that lists the user's groups.
     #[serde(default = "default_groups_claim")]
     pub groups_claim: String,
@@ -105,6 +113,10 @@ fn default_leeway() -> Duration {
     Duration::from_secs(30)
 }
 
+fn default_jwks_cooldown() -> Duration {
+    Duration::from_secs(300)
+}
+
 /// One public key of an identity provider: a PEM (inline or in a file) or a JWK.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -123,9 +135,60 @@ pub struct KeyConfig {
     pub jwk: Option<jsonwebtoken::jwk::Jwk>,
 }
 
+type Keys = Vec<(Option<String>, DecodingKey)>;
+
 struct Issuer {
     config: IssuerConfig,
-    keys: Vec<(Option<String>, DecodingKey)>,
+    keys: Keys,
+    jwks: Option<Jwks>,
+}
+
+/// Keys fetched from an issuer's JWKS URL, and when.
+struct Jwks {
+    url: String,
+    http: reqwest::Client,
+    // A tokio mutex: held across the fetch, so concurrent logins with a new kid fetch once.
+    state: tokio::sync::Mutex<(Keys, Option<std::time::Instant>)>,
+}
+
+impl Jwks {
+    /// The cached keys, fetched first when never fetched, or when `kid` is unknown and the
+    /// last fetch is older than `cooldown`.
+    async fn keys(&self, kid: Option<&str>, cooldown: Duration) -> Keys {
+        let mut state = self.state.lock().await;
+        let (keys, fetched_at) = &mut *state;
+        let known = kid.is_none_or(|kid| keys.iter().any(|(k, _)| k.as_deref() == Some(kid)));
+        let due = fetched_at.is_none_or(|at| at.elapsed() >= cooldown);
+        if (fetched_at.is_none() || !known) && due {
+            *fetched_at = Some(std::time::Instant::now());
+            match self.fetch().await {
+                Ok(fresh) => *keys = fresh,
+                Err(e) => tracing::warn!(url = %self.url, error = %e, "cannot fetch the JWKS"),
+            }
+        }
+        keys.clone()
+    }
+
+    async fn fetch(&self) -> Result<Keys, String> {
+        let set: jsonwebtoken::jwk::JwkSet = self
+            .http
+            .get(&self.url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| format!("not a JWKS: {e}"))?;
+        Ok(set
+            .keys
+            .iter()
+            .filter_map(|jwk| {
+                let key = DecodingKey::from_jwk(jwk).ok()?;
+                Some((jwk.common.key_id.clone(), key))
+            })
+            .collect())
+    }
 }
 
 /// Verifies id_tokens against the configured issuers.
@@ -171,19 +234,31 @@ impl IdTokens {
                     .or_else(|| key.jwk.as_ref().and_then(|j| j.common.key_id.clone()));
                 keys.push((kid, decoding));
             }
-            if keys.is_empty() {
-                return Err(format!("issuer {} has no keys", config.issuer));
+            if keys.is_empty() && config.jwks_url.is_none() {
+                return Err(format!(
+                    "issuer {} has no keys: give `keys` or `jwks_url`",
+                    config.issuer
+                ));
             }
+            let jwks = config.jwks_url.as_ref().map(|url| Jwks {
+                url: url.clone(),
+                http: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .expect("a default HTTP client builds"),
+                state: tokio::sync::Mutex::new((Vec::new(), None)),
+            });
             issuers.push(Issuer {
                 config: config.clone(),
                 keys,
+                jwks,
             });
         }
         Ok(Self { issuers })
     }
 
     /// Verifies signature, algorithm, `iss`, `aud`, `exp`, `nbf` and reads the identity.
-    pub fn verify(&self, token: &str) -> Result<Verified, Refusal> {
+    pub async fn verify(&self, token: &str) -> Result<Verified, Refusal> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| {
             Refusal::unauthenticated(format!("the id_token is not a valid JWT ({e})"))
         })?;
@@ -195,14 +270,17 @@ impl IdTokens {
                 header.alg, config.issuer
             )));
         }
+        let mut keys = issuer.keys.clone();
+        if let Some(jwks) = &issuer.jwks {
+            keys.extend(jwks.keys(header.kid.as_deref(), config.jwks_cooldown).await);
+        }
         let candidates: Vec<&DecodingKey> = match &header.kid {
-            Some(kid) => issuer
-                .keys
+            Some(kid) => keys
                 .iter()
                 .filter(|(k, _)| k.as_deref() == Some(kid.as_str()))
                 .map(|(_, key)| key)
                 .collect(),
-            None => issuer.keys.iter().map(|(_, key)| key).collect(),
+            None => keys.iter().map(|(_, key)| key).collect(),
         };
         if candidates.is_empty() {
             return Err(Refusal::unauthenticated(format!(
@@ -571,6 +649,8 @@ impl DevIssuer {
                 pem: Some(self.key.public().to_pem()),
                 ..KeyConfig::default()
             }],
+            jwks_url: None,
+            jwks_cooldown: default_jwks_cooldown(),
             groups_claim: default_groups_claim(),
             email_claim: default_email_claim(),
             leeway: default_leeway(),
@@ -622,6 +702,8 @@ mod tests {
                 pem: Some(RSA_PUB.into()),
                 ..KeyConfig::default()
             }],
+            jwks_url: None,
+            jwks_cooldown: Duration::from_secs(300),
             groups_claim: "groups".into(),
             email_claim: "email".into(),
             leeway: Duration::from_secs(30),
@@ -651,8 +733,8 @@ mod tests {
         IdTokens::new(&[issuer()]).unwrap()
     }
 
-    fn refused(token: &str) -> String {
-        let refusal = verifier().verify(token).unwrap_err();
+    async fn refused(token: &str) -> String {
+        let refusal = verifier().verify(token).await.unwrap_err();
         assert_eq!(refusal.code, RejectionCode::Unauthenticated);
         refusal.message
     }
@@ -663,33 +745,37 @@ mod tests {
         c
     }
 
-    #[test]
-    fn a_good_id_token_gives_the_identity() {
-        let verified = verifier().verify(&sign(rs256(), &claims())).unwrap();
+    #[tokio::test]
+    async fn a_good_id_token_gives_the_identity() {
+        let verified = verifier().verify(&sign(rs256(), &claims())).await.unwrap();
         assert_eq!(verified.identity.subject, "u-1");
         assert_eq!(verified.identity.email, "alice@example.com");
         assert_eq!(verified.identity.groups, ["sre_team"]);
         assert!(verified.expires_at > unix_now());
     }
 
-    #[test]
-    fn alg_none_is_refused() {
+    #[tokio::test]
+    async fn alg_none_is_refused() {
         use base64::Engine;
         let b64 =
             |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
         let token = format!("{}.{}.", b64(&json!({"alg": "none"})), b64(&claims()));
-        assert!(refused(&token).contains("not a valid JWT"));
+        assert!(refused(&token).await.contains("not a valid JWT"));
     }
 
-    #[test]
-    fn hs256_signed_with_the_public_key_is_refused() {
+    #[tokio::test]
+    async fn hs256_signed_with_the_public_key_is_refused() {
         let key = EncodingKey::from_secret(RSA_PUB.as_bytes());
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims(), &key).unwrap();
-        assert!(refused(&token).contains("HS256, which is not allowed"));
+        assert!(
+            refused(&token)
+                .await
+                .contains("HS256, which is not allowed")
+        );
     }
 
-    #[test]
-    fn every_claim_is_checked() {
+    #[tokio::test]
+    async fn every_claim_is_checked() {
         let now = unix_now();
         let cases = [
             (
@@ -730,7 +816,7 @@ mod tests {
             ),
         ];
         for (claims, expected) in cases {
-            let message = refused(&sign(rs256(), &claims));
+            let message = refused(&sign(rs256(), &claims)).await;
             assert!(
                 message.contains(expected),
                 "{expected:?} not in {message:?}"
@@ -738,11 +824,15 @@ mod tests {
         }
     }
 
-    #[test]
-    fn unknown_kids_and_foreign_signatures_are_refused() {
+    #[tokio::test]
+    async fn unknown_kids_and_foreign_signatures_are_refused() {
         let mut header = rs256();
         header.kid = Some("k9".into());
-        assert!(refused(&sign(header, &claims())).contains("names key \"k9\""));
+        assert!(
+            refused(&sign(header, &claims()))
+                .await
+                .contains("names key \"k9\"")
+        );
 
         // Signed by an EdDSA key the issuer does not have, claiming RS256 is impossible; so
         // forge by swapping the signature of another token.
@@ -758,11 +848,11 @@ mod tests {
             other.rsplit_once('.').unwrap().0,
             good.rsplit_once('.').unwrap().1
         );
-        assert!(refused(&forged).contains("signature does not verify"));
+        assert!(refused(&forged).await.contains("signature does not verify"));
     }
 
-    #[test]
-    fn groups_may_be_a_single_string_and_the_claim_renamed() {
+    #[tokio::test]
+    async fn groups_may_be_a_single_string_and_the_claim_renamed() {
         let mut config = issuer();
         config.groups_claim = "roles".into();
         let verifier = IdTokens::new(&[config]).unwrap();
@@ -772,7 +862,10 @@ mod tests {
                 c.insert("roles".into(), json!("dba"));
             }),
         );
-        assert_eq!(verifier.verify(&token).unwrap().identity.groups, ["dba"]);
+        assert_eq!(
+            verifier.verify(&token).await.unwrap().identity.groups,
+            ["dba"]
+        );
     }
 
     #[test]
@@ -834,16 +927,16 @@ mod tests {
         rotated.verify(&token).unwrap();
     }
 
-    #[test]
-    fn the_dev_issuer_mints_tokens_its_own_config_accepts() {
+    #[tokio::test]
+    async fn the_dev_issuer_mints_tokens_its_own_config_accepts() {
         let dev = DevIssuer::new(&KeyPair::generate());
         let verifier = IdTokens::new(&[dev.issuer_config()]).unwrap();
         let token = dev.mint("alice", "", &["sre_team".into()]);
-        let verified = verifier.verify(&token).unwrap();
+        let verified = verifier.verify(&token).await.unwrap();
         assert_eq!(verified.identity.email, "alice@example.com");
         assert_eq!(verified.identity.groups, ["sre_team"]);
         // A token of another dev issuer (another admission's) is refused.
         let stranger = DevIssuer::new(&KeyPair::generate()).mint("mallory", "", &[]);
-        assert!(verifier.verify(&stranger).is_err());
+        assert!(verifier.verify(&stranger).await.is_err());
     }
 }

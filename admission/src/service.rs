@@ -592,7 +592,7 @@ impl Inner {
         let Ok(request) = proto::LoginRequest::decode(payload) else {
             return refuse("malformed", "the login request does not decode".into());
         };
-        let verified = match self.id_tokens.verify(&request.id_token) {
+        let verified = match self.id_tokens.verify(&request.id_token).await {
             Ok(verified) => verified,
             Err(refusal) => {
                 self.record_login_refusal(refusal.code, &refusal.message)

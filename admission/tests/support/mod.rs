@@ -68,6 +68,8 @@ pub fn config(server: &Server, dir: &Path, service: &PublicKey) -> Config {
                 pem: Some(RSA_PUB.into()),
                 ..KeyConfig::default()
             }],
+            jwks_url: None,
+            jwks_cooldown: Duration::from_secs(300),
             groups_claim: "groups".into(),
             email_claim: "email".into(),
             leeway: Duration::from_secs(30),

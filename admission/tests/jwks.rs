@@ -1,0 +1,135 @@
+//! id_tokens verified with keys fetched from a JWKS URL (a local HTTP server): fetched on first
+//! use, refetched for a new key id at most once per cooldown, so a flood of unknown key ids
+//! cannot turn admission into a load generator against the identity provider.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rct_admission::identity::{IdTokens, IssuerConfig};
+use serde_json::json;
+
+const RSA_KEY: &str = include_str!("fixtures/idp-rsa.key");
+const ISSUER: &str = "https://idp.example.com";
+
+/// Serves whatever JWKS is in `current`, counting requests.
+struct JwksServer {
+    url: String,
+    current: Arc<Mutex<JwkSet>>,
+    fetches: Arc<AtomicUsize>,
+}
+
+impl JwksServer {
+    fn start(initial: JwkSet) -> Self {
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/jwks.json", server.server_addr().to_ip().unwrap());
+        let current = Arc::new(Mutex::new(initial));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let (served, counted) = (current.clone(), fetches.clone());
+        std::thread::spawn(move || {
+            for request in server.incoming_requests() {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let body = serde_json::to_string(&*served.lock().unwrap()).unwrap();
+                let _ = request.respond(tiny_http::Response::from_string(body));
+            }
+        });
+        Self {
+            url,
+            current,
+            fetches,
+        }
+    }
+}
+
+fn jwk(kid: &str) -> Jwk {
+    let key = EncodingKey::from_rsa_pem(RSA_KEY.as_bytes()).unwrap();
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap();
+    jwk.common.key_id = Some(kid.into());
+    jwk
+}
+
+fn token(kid: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.into());
+    let claims = json!({"iss": ISSUER, "aud": "rct", "sub": "u-1", "exp": now + 600});
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &EncodingKey::from_rsa_pem(RSA_KEY.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+fn issuer(url: &str, cooldown: Duration) -> IssuerConfig {
+    IssuerConfig {
+        issuer: ISSUER.into(),
+        audience: vec!["rct".into()],
+        algorithms: vec![Algorithm::RS256],
+        keys: Vec::new(),
+        jwks_url: Some(url.into()),
+        jwks_cooldown: cooldown,
+        groups_claim: "groups".into(),
+        email_claim: "email".into(),
+        leeway: Duration::from_secs(30),
+    }
+}
+
+#[tokio::test]
+async fn unknown_key_ids_refetch_at_most_once_per_cooldown() {
+    let jwks = JwksServer::start(JwkSet {
+        keys: vec![jwk("k1")],
+    });
+    let verifier = IdTokens::new(&[issuer(&jwks.url, Duration::from_secs(3600))]).unwrap();
+
+    verifier.verify(&token("k1")).await.unwrap();
+    assert_eq!(
+        jwks.fetches.load(Ordering::SeqCst),
+        1,
+        "fetched on first use"
+    );
+    verifier.verify(&token("k1")).await.unwrap();
+    assert_eq!(jwks.fetches.load(Ordering::SeqCst), 1, "cached");
+
+    for i in 0..20 {
+        let refusal = verifier
+            .verify(&token(&format!("flood-{i}")))
+            .await
+            .unwrap_err();
+        assert!(refusal.message.contains("does not have"), "{refusal:?}");
+    }
+    assert_eq!(
+        jwks.fetches.load(Ordering::SeqCst),
+        1,
+        "a flood of unknown kids within the cooldown fetches nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_provider_key_is_picked_up_after_the_cooldown() {
+    let jwks = JwksServer::start(JwkSet {
+        keys: vec![jwk("k1")],
+    });
+    let verifier = IdTokens::new(&[issuer(&jwks.url, Duration::ZERO)]).unwrap();
+    verifier.verify(&token("k1")).await.unwrap();
+
+    // The provider rotates: same key material under a new id.
+    *jwks.current.lock().unwrap() = JwkSet {
+        keys: vec![jwk("k2")],
+    };
+    verifier.verify(&token("k2")).await.unwrap();
+    assert_eq!(jwks.fetches.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_unreachable_jwks_url_refuses_with_a_reason() {
+    let verifier =
+        IdTokens::new(&[issuer("http://127.0.0.1:9/jwks.json", Duration::ZERO)]).unwrap();
+    let refusal = verifier.verify(&token("k1")).await.unwrap_err();
+    assert!(refusal.message.contains("names key \"k1\""), "{refusal:?}");
+}
