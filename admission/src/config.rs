@@ -197,6 +197,19 @@ mod tests {
         );
     }
 
+    /// The documented example is a working configuration: every key exists and every key and
+    /// issuer in it can be used.
+    #[test]
+    fn the_example_configuration_loads() {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../ops/admission.example.yaml");
+        let config = Config::load(Some(&file), env(&[])).unwrap();
+        assert_eq!(config.instance, "admission-1");
+        assert_eq!(config.notify.channels.len(), 1);
+        crate::identity::Services::new(&config.services).unwrap();
+        crate::identity::IdTokens::new(&config.issuers).unwrap();
+    }
+
     #[test]
     fn mistakes_are_named() {
         let unknown = Config::load(
