@@ -201,8 +201,8 @@ mod tests {
     /// issuer in it can be used.
     #[test]
     fn the_example_configuration_loads() {
-        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../ops/admission.example.yaml");
+        let file =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/admission.example.yaml");
         let config = Config::load(Some(&file), env(&[])).unwrap();
         assert_eq!(config.instance, "admission-1");
         assert_eq!(config.notify.channels.len(), 1);

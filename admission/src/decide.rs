@@ -232,7 +232,8 @@ impl Policy {
                 .map_err(|r| (r.code, r.message))?;
             (certificate.identity, certificate.session_key)
         };
-        draft.request.operator = Some(identity.to_proto());
+        // The operator is recorded only once the signature proves it: certificates are not
+        // secret (they travel in the streams), so a certificate alone names nobody.
         if envelope.key_id() != key.id().as_str() {
             return Err((
                 C::BadSignature,
@@ -252,6 +253,7 @@ impl Policy {
                         .to_owned(),
                 )
             })?;
+        draft.request.operator = Some(identity.to_proto());
         let submission: proto::Submission = verified.decode().map_err(|_| {
             (
                 C::Malformed,

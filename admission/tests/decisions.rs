@@ -455,6 +455,16 @@ async fn every_bad_submission_is_refused_with_its_code_and_a_sentence() {
         failures.join("\n")
     );
 
+    // A certificate without the matching signature names nobody: certificates are public.
+    let (_, forged, ..) = cases
+        .iter()
+        .find(|c| c.0 == "signed by a key other than the certificate's")
+        .unwrap();
+    let Some(Kind::Rejected(forged)) = h.decision(*forged).await.kind else {
+        unreachable!("checked above");
+    };
+    assert_eq!(forged.request.unwrap().operator, None);
+
     // Exactly one decision per submission; the replay was recorded under a fresh id.
     let decisions = h.decisions().await;
     let mut per_submission: HashMap<u64, usize> = HashMap::new();
