@@ -635,3 +635,45 @@ async fn the_catalog_is_served_for_discovery() {
     assert_eq!(served.version, served.catalog.version());
     let _ = Subject::Login;
 }
+
+/// A `secret: true` value reaches the agent inside the signed command, and nowhere in the
+/// audit log people read.
+#[tokio::test]
+async fn secret_values_are_masked_in_every_event() {
+    let h = Harness::start().await;
+    let alice = h.operator("alice", &["sre_team"]).await;
+    let secret = "hunter2-do-not-log";
+    let submission = run(
+        "workloads/set-secret",
+        "_",
+        [
+            ("namespace", value(V::String("shop".into()))),
+            ("name", value(V::String("db".into()))),
+            ("key", value(V::String("password".into()))),
+            ("value", value(V::String(secret.into()))),
+        ],
+        "SEC-9",
+    );
+    let admitted = h.submit(&alice, &submission).await;
+    let Some(Kind::Admitted(decision)) = h.decision(admitted).await.kind else {
+        panic!("not admitted");
+    };
+    let params = decision.request.unwrap().params;
+    assert_eq!(params["value"], value(V::Masked(proto::Masked {})));
+    assert_eq!(params["key"], value(V::String("password".into())));
+
+    // Refused with a bad value elsewhere: still masked.
+    let mut refused = submission.clone();
+    refused.command_id = CommandId::generate().to_string();
+    refused.justification = String::new();
+    let refused = h.submit(&alice, &refused).await;
+    assert!(rejection(&h.decision(refused).await).is_some());
+
+    let stream = h.js.get_stream("RCT_EVT").await.unwrap();
+    let last = stream.cached_info().state.last_sequence;
+    for sequence in 1..=last {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        let raw = String::from_utf8_lossy(&message.payload);
+        assert!(!raw.contains(secret), "event {sequence} holds the secret");
+    }
+}
