@@ -53,6 +53,24 @@ async fn replicated_streams_survive_a_killed_node() {
     );
 
     cluster.node(2).start_again().await;
+    // Replay may be served by any replica; wait until the restarted one has caught up.
+    let mut events = js.get_stream("RCT_EVT").await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        loop {
+            let info = events.info().await.unwrap();
+            let replicas = info
+                .cluster
+                .as_ref()
+                .map(|c| c.replicas.clone())
+                .unwrap_or_default();
+            if replicas.len() == 2 && replicas.iter().all(|r| r.current && !r.offline) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the restarted node catches up");
     let records = replay::command_history(&js, id).await.unwrap();
     assert_eq!(records.len(), 2);
 }
