@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 use rct_admission::Config;
-use tokio_util::sync::CancellationToken;
 
 /// rct admission service.
 #[derive(Debug, Parser)]
@@ -35,7 +34,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_logging();
+    rct_streams::runtime::init_logging();
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -73,33 +72,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .nats
         .connect(&format!("rct-admission {}", config.instance), true)
         .await?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let shutdown = rct_streams::runtime::shutdown_on_signal();
     rct_admission::run(config, client, shutdown).await?;
     Ok(())
-}
-
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("install a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
-    shutdown.cancel();
-}
-
-/// `RCT_LOG` filters (default `info`); `RCT_LOG_FORMAT=json` for JSON lines.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RCT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("RCT_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

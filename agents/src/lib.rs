@@ -2,8 +2,23 @@
 //!
 //! A tower pulls admitted commands from its durable consumer (one per target for cluster
 //! towers, one shared work queue for simple towers), verifies admission's signature, claims
-//! the command (at most one claim per command), runs the handler with progress, logs and
-//! cancellation, and records exactly one outcome.
+//! the command (at most one claim per command), runs the handler with progress, logs,
+//! cancellation and a timeout, and records exactly one outcome. A command whose claim exists
+//! but whose agent died is recorded `Unknown` and never run again.
 //!
-//! This crate holds the contract's entry points only for now; the framework arrives with the
-//! agents issue and builds on `rct-bus` and `rct-streams`.
+//! - [`Tower`]: declare a tower and its operations, then `run`.
+//! - [`Context`], [`Params`], [`Outcome`], [`Failure`]: what handlers get and return.
+//! - [`script`]: operations backed by executables, declared in YAML (the `rct-agent` binary).
+//! - [`Config`]: settings, layered like every rct component's.
+
+mod config;
+mod context;
+mod emitter;
+mod error;
+pub mod script;
+mod tower;
+
+pub use config::Config;
+pub use context::{Context, Failure, Outcome, Params};
+pub use error::Error;
+pub use tower::Tower;

@@ -7,6 +7,7 @@
 //! - [`Subject`] and [`subject`]: the only place subjects are spelled.
 //! - [`KeyPair`], [`PublicKey`], [`Unverified`] → [`Verified`], [`Verifier`]: Ed25519 signing.
 //! - [`catalog`]: towers, operations, typed parameters and their checks.
+//! - [`presence`]: what live agents write in the `rct_agents` bucket.
 //! - [`EventKind`]: the last token of an event subject, and which events hold one slot.
 
 pub mod catalog;
@@ -16,6 +17,7 @@ mod event;
 mod id;
 mod key;
 mod name;
+pub mod presence;
 pub mod subject;
 
 /// Generated protobuf messages (package `rct.v1`).

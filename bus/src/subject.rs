@@ -180,6 +180,11 @@ pub fn events_for_command(command_id: CommandId) -> String {
     format!("{ROOT}.{EVT}.*.{command_id}.>")
 }
 
+/// `rct.evt.*.<command_id>.<kind>`: one slot of one command's history.
+pub fn events_of_kind(command_id: CommandId, kind: EventKind) -> String {
+    format!("{ROOT}.{EVT}.*.{command_id}.{kind}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +237,10 @@ mod tests {
         assert_eq!(
             events_for_command(id),
             "rct.evt.*.01JQ0000000000000000000000.>"
+        );
+        assert_eq!(
+            events_of_kind(id, EventKind::Cancel),
+            "rct.evt.*.01JQ0000000000000000000000.cancel"
         );
     }
 

@@ -8,6 +8,7 @@
 //! - [`Publisher`], [`Outgoing`], [`Slot`]: acknowledged, deduplicated, retried publishes;
 //!   [`Slot::Taken`] when a decision, claim or outcome already exists.
 //! - [`replay`]: a command's history, a filtered time range, or history then live.
+//! - [`runtime`]: logging and signal handling shared by the binaries.
 //! - [`CommandState`], [`Phase`]: the lifecycle folded from events.
 
 pub mod config;
@@ -16,6 +17,7 @@ mod error;
 mod projection;
 mod publish;
 pub mod replay;
+pub mod runtime;
 pub mod timestamp;
 pub mod topology;
 

@@ -82,6 +82,8 @@ pub struct Filter {
     pub command: Option<CommandId>,
     /// Only this tower's events.
     pub tower: Option<Tower>,
+    /// With `command`: only this slot of its history.
+    pub kind: Option<EventKind>,
     /// Only events about this target.
     pub target: Option<Target>,
     /// Only events stored at or after this instant.
@@ -100,16 +102,18 @@ impl Filter {
     }
 
     fn subject(&self) -> String {
-        match (&self.command, &self.tower) {
-            (Some(id), _) => subject::events_for_command(*id),
-            (None, Some(tower)) => subject::events_for_tower(tower),
-            (None, None) => subject::all_events(),
+        match (&self.command, &self.tower, self.kind) {
+            (Some(id), _, Some(kind)) => subject::events_of_kind(*id, kind),
+            (Some(id), _, None) => subject::events_for_command(*id),
+            (None, Some(tower), _) => subject::events_for_tower(tower),
+            (None, None, _) => subject::all_events(),
         }
     }
 
     fn admits(&self, record: &Record) -> bool {
         self.since.is_none_or(|since| record.published >= since)
             && self.tower.as_ref().is_none_or(|t| *t == record.tower)
+            && self.kind.is_none_or(|k| k == record.kind)
             && self
                 .target
                 .as_ref()

@@ -1,0 +1,121 @@
+//! An agent's settings: defaults < file < `RCT_` environment < flags, like admission's.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Prefix of agents' reply inboxes, so NATS permissions can scope them.
+const INBOX_PREFIX: &str = "_INBOX_agent";
+
+/// Environment variables that start with `RCT_` but are not settings.
+const NOT_SETTINGS: [&str; 3] = ["RCT_CONFIG", "RCT_LOG", "RCT_LOG_FORMAT"];
+
+/// What every tower needs to run.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// How to reach NATS (agents connect outbound only; `domain` when behind a leaf node).
+    pub nats: rct_streams::Connection,
+    /// This agent's name; each process adds a unique suffix, so a restarted agent is told
+    /// apart from the one that died.
+    pub instance: String,
+    /// Admission's public keys (PEM files): commands signed by anything else are refused.
+    pub trusted_keys: Vec<PathBuf>,
+    /// Commands run at once.
+    pub concurrency: usize,
+    /// How long running commands may take to finish at shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// After a cancel request or a timeout, how long the handler has to stop before its
+    /// outcome is recorded without it.
+    #[serde(with = "humantime_serde")]
+    pub cancel_grace: Duration,
+    /// How often presence is refreshed in `rct_agents` (its TTL is the bucket's).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Create or converge the tower's consumer at start (development; in production an
+    /// administrator creates it and agents may only bind).
+    pub create_consumer: bool,
+    /// Consumer settings, used with `create_consumer`.
+    pub streams: rct_streams::Config,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats: rct_streams::Connection {
+                inbox_prefix: Some(INBOX_PREFIX.into()),
+                ..rct_streams::Connection::default()
+            },
+            instance: nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "agent".into()),
+            trusted_keys: Vec::new(),
+            concurrency: 4,
+            shutdown_grace: Duration::from_secs(30),
+            cancel_grace: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(10),
+            create_consumer: false,
+            streams: rct_streams::Config::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Layers defaults < `file` < `env` (`RCT_` variables, `__` nesting), then validates.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, String> {
+        let env: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("RCT_") && !NOT_SETTINGS.contains(&k.as_str()))
+            .collect();
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        let mut config: Config = builder
+            .add_source(
+                config::Environment::with_prefix("RCT")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("nats.servers")
+                    .with_list_parse_key("trusted_keys")
+                    .try_parsing(true)
+                    .source(Some(env)),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| e.to_string())?;
+        config
+            .nats
+            .inbox_prefix
+            .get_or_insert_with(|| INBOX_PREFIX.to_owned());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the settings together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.nats.servers.is_empty() {
+            return Err("nats.servers is empty: name at least one NATS server".into());
+        }
+        if self.concurrency == 0 {
+            return Err("concurrency must be at least 1".into());
+        }
+        if self.heartbeat < Duration::from_secs(1) {
+            return Err("heartbeat must be at least 1s".into());
+        }
+        if rct_bus::Token::new("instance", self.instance.clone()).is_err() {
+            return Err(format!(
+                "instance {:?} may only contain letters, digits, '_' and '-'",
+                self.instance
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,211 @@
+//! What a handler gets and returns.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rct_bus::proto::{self, value::Kind as V};
+use time::OffsetDateTime;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+use crate::emitter::Emitter;
+
+/// A running command, as its handler sees it: who asked and why, how long it has, and the
+/// means to report progress and log lines (published as events, never blocking for long).
+#[derive(Clone, Debug)]
+pub struct Context {
+    command: std::sync::Arc<proto::Command>,
+    deadline: OffsetDateTime,
+    token: CancellationToken,
+    emitter: Emitter,
+}
+
+impl Context {
+    pub(crate) fn new(
+        command: std::sync::Arc<proto::Command>,
+        deadline: OffsetDateTime,
+        token: CancellationToken,
+        emitter: Emitter,
+    ) -> Self {
+        Self {
+            command,
+            deadline,
+            token,
+            emitter,
+        }
+    }
+
+    /// The command's id.
+    pub fn command_id(&self) -> &str {
+        &self.command.command_id
+    }
+
+    /// `<tower>/<op>`.
+    pub fn operation(&self) -> &str {
+        &self.command.operation
+    }
+
+    /// The target (`_` on simple towers).
+    pub fn target(&self) -> &str {
+        &self.command.target
+    }
+
+    /// Who asked, as admission established it.
+    pub fn operator(&self) -> Option<&proto::Operator> {
+        self.command.operator.as_ref()
+    }
+
+    /// Why.
+    pub fn justification(&self) -> &str {
+        &self.command.justification
+    }
+
+    /// The handler must not change anything.
+    pub fn dry_run(&self) -> bool {
+        self.command.dry_run
+    }
+
+    /// When the command must be finished by.
+    pub fn deadline(&self) -> OffsetDateTime {
+        self.deadline
+    }
+
+    /// Reports progress (0..=100); fast successive calls are coalesced.
+    pub fn progress(&self, percent: u32, step: impl Into<String>, message: impl Into<String>) {
+        self.emitter
+            .progress(percent.min(100), step.into(), message.into());
+    }
+
+    /// Writes a line to the command's log.
+    pub fn log(&self, line: impl Into<String>) {
+        self.emitter.log(proto::LogStream::Handler, line.into());
+    }
+
+    /// Writes a line of a child process's output to the command's log.
+    pub fn log_stream(&self, stream: proto::LogStream, line: impl Into<String>) {
+        self.emitter.log(stream, line.into());
+    }
+
+    /// Resolves when the command is cancelled or runs out of time: stop, and return.
+    pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+
+    /// Whether the command was cancelled or ran out of time.
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// The cancellation token itself, to hand to child tasks.
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+}
+
+/// The command's parameters, validated against the catalog, with defaults applied.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Params(BTreeMap<String, proto::Value>);
+
+impl Params {
+    pub(crate) fn new(values: BTreeMap<String, proto::Value>) -> Self {
+        Self(values)
+    }
+
+    /// The raw value.
+    pub fn get(&self, name: &str) -> Option<&proto::Value> {
+        self.0.get(name)
+    }
+
+    /// A string, enum or target value.
+    pub fn str(&self, name: &str) -> Option<&str> {
+        match self.get(name)?.kind.as_ref()? {
+            V::String(s) | V::Enumeration(s) | V::Target(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// An integer value.
+    pub fn i64(&self, name: &str) -> Option<i64> {
+        match self.get(name)?.kind.as_ref()? {
+            V::Integer(i) => Some(*i),
+            _ => None,
+        }
+    }
+
+    /// A number (or integer) value.
+    pub fn f64(&self, name: &str) -> Option<f64> {
+        match self.get(name)?.kind.as_ref()? {
+            V::Number(n) => Some(*n),
+            V::Integer(i) => Some(*i as f64),
+            _ => None,
+        }
+    }
+
+    /// A boolean value.
+    pub fn bool(&self, name: &str) -> Option<bool> {
+        match self.get(name)?.kind.as_ref()? {
+            V::Boolean(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// A duration value.
+    pub fn duration(&self, name: &str) -> Option<Duration> {
+        match self.get(name)?.kind.as_ref()? {
+            V::Duration(d) => Some(Duration::new(
+                d.seconds.max(0) as u64,
+                d.nanos.max(0) as u32,
+            )),
+            _ => None,
+        }
+    }
+
+    /// Every parameter, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &proto::Value)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+/// What a handler reports when it succeeds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// One line for people.
+    pub summary: String,
+    /// Named results (shown in the CLI's summary).
+    pub outputs: BTreeMap<String, String>,
+}
+
+impl Outcome {
+    /// A success with a summary.
+    pub fn new(summary: impl Into<String>) -> Self {
+        Self {
+            summary: summary.into(),
+            outputs: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a named result.
+    pub fn output(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.outputs.insert(name.into(), value.into());
+        self
+    }
+}
+
+/// What a handler reports when it fails.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Failure {
+    /// A short, stable code (`unreachable`, `exit_status`, …).
+    pub code: String,
+    /// What happened, for people.
+    pub message: String,
+}
+
+impl Failure {
+    /// A failure with a code and a message.
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}

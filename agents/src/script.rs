@@ -1,0 +1,389 @@
+//! The script runner: operations defined in YAML, each an executable run with an argv and an
+//! environment built from the typed parameters. No shell is ever involved, the environment is
+//! cleared but for an allow-list, and a bare value can only follow `--`.
+//!
+//! ```yaml
+//! tower: workloads
+//! # target: prod-1            # cluster flavour: serve this target only
+//! env_allow: [PATH, LANG]     # copied from the agent's own environment
+//! operations:
+//!   restart:
+//!     command: ../examples/restart-workload.py   # relative to this file
+//!     args: ["--namespace", "{namespace}", "--strategy={strategy}", "--", "{deployment}"]
+//!     env: { RESTART_REASON: "{justification}" }
+//!     workdir: /tmp
+//!     timeout: 10m            # the command's own timeout applies too; the shorter wins
+//!     sha256: 9f86d08…        # refuse to run if the script changed
+//! ```
+//!
+//! Output: each stdout and stderr line becomes a `Log` event (secret values masked);
+//! `::progress <percent> <message>` on stdout becomes a `Progress` event. Exit status 0 is
+//! success (the last stdout line is the summary); anything else a failure carrying the last
+//! lines of stderr. Cancellation and timeouts stop the whole process group: TERM, then KILL.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use rct_bus::catalog::display_value;
+use rct_bus::proto;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::{Context, Failure, Outcome, Params, Tower};
+
+/// Lines of stderr kept for a failure's message.
+const STDERR_TAIL: usize = 10;
+/// After TERM, how long a process group has before KILL.
+const TERM_GRACE: Duration = Duration::from_secs(1);
+
+/// A file of script-backed operations.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Scripts {
+    /// The tower these operations belong to.
+    pub tower: String,
+    /// For a cluster tower: the target this agent serves.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Environment variables copied from the agent's environment; all others are cleared.
+    #[serde(default = "default_env_allow")]
+    pub env_allow: Vec<String>,
+    /// Operations by name (the part after `<tower>/`).
+    pub operations: BTreeMap<String, Script>,
+}
+
+fn default_env_allow() -> Vec<String> {
+    vec!["PATH".into(), "LANG".into()]
+}
+
+/// One script-backed operation.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Script {
+    /// The executable; relative paths are relative to the scripts file.
+    pub command: PathBuf,
+    /// One argv item each; `{param}` is replaced by the parameter's value (also
+    /// `{justification}`, `{command_id}`, `{operator}`, `{dry_run}`), never split or
+    /// interpreted.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Environment variables, with the same placeholders.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default)]
+    pub workdir: Option<PathBuf>,
+    /// Longest run; the command's own timeout applies too.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// SHA-256 (hex) the executable must have.
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+impl Scripts {
+    /// Reads and checks a scripts file; relative commands are resolved against its folder.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut scripts: Scripts =
+            serde_yaml_ng::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for (name, script) in &mut scripts.operations {
+            if script.command.is_relative() {
+                script.command = base.join(&script.command);
+            }
+            script
+                .check()
+                .map_err(|e| format!("{}: operation {name}: {e}", path.display()))?;
+        }
+        Ok(scripts)
+    }
+
+    /// A tower serving these operations.
+    pub fn tower(self) -> Tower {
+        let mut tower = Tower::new(&self.tower);
+        if let Some(target) = &self.target {
+            tower = tower.cluster(target);
+        }
+        let env_allow = Arc::new(self.env_allow);
+        for (name, script) in self.operations {
+            let script = Arc::new(script);
+            let env_allow = env_allow.clone();
+            tower = tower.operation(&name, move |ctx, params| {
+                let script = script.clone();
+                let env_allow = env_allow.clone();
+                async move { script.run(ctx, params, &env_allow).await }
+            });
+        }
+        tower
+    }
+}
+
+impl Script {
+    /// A bare `{value}` item must come after `--`, so no value is ever read as an option.
+    fn check(&self) -> Result<(), String> {
+        let mut after_separator = false;
+        for item in &self.args {
+            if item == "--" {
+                after_separator = true;
+            } else if is_bare_placeholder(item) && !after_separator {
+                return Err(format!(
+                    "argument {item} is a bare value before \"--\"; put \"--\" before positional \
+                     values, or write it as --name={item}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(
+        &self,
+        ctx: Context,
+        params: Params,
+        env_allow: &[String],
+    ) -> Result<Outcome, Failure> {
+        if let Some(expected) = &self.sha256 {
+            let bytes = tokio::fs::read(&self.command).await.map_err(|e| {
+                Failure::new(
+                    "script_missing",
+                    format!("cannot read {}: {e}", self.command.display()),
+                )
+            })?;
+            let actual: String = Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if !actual.eq_ignore_ascii_case(expected) {
+                return Err(Failure::new(
+                    "script_changed",
+                    format!(
+                        "{} has SHA-256 {actual}, not the expected {expected}; not running it",
+                        self.command.display()
+                    ),
+                ));
+            }
+        }
+        let values = placeholders(&ctx, &params);
+        let args: Vec<String> = self.args.iter().map(|a| fill(a, &values)).collect();
+        let mut command = tokio::process::Command::new(&self.command);
+        command
+            .args(&args)
+            .env_clear()
+            .envs(
+                env_allow
+                    .iter()
+                    .filter_map(|k| std::env::var(k).ok().map(|v| (k, v))),
+            )
+            .envs(self.env.iter().map(|(k, v)| (k, fill(v, &values))))
+            .env("RCT_COMMAND_ID", ctx.command_id())
+            .env("RCT_DRY_RUN", if ctx.dry_run() { "1" } else { "0" })
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group, so cancellation reaches every child it starts.
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(dir) = &self.workdir {
+            command.current_dir(dir);
+        }
+        let mut child = command.spawn().map_err(|e| {
+            Failure::new(
+                "spawn",
+                format!("cannot start {}: {e}", self.command.display()),
+            )
+        })?;
+        let pid = child.id().map(|id| Pid::from_raw(id as i32));
+
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let out_ctx = ctx.clone();
+        let reading_stdout = tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut last = String::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                match progress_line(&line) {
+                    Some((percent, message)) => out_ctx.progress(percent, message.clone(), ""),
+                    None => {
+                        out_ctx.log_stream(proto::LogStream::Stdout, line.clone());
+                        last = line;
+                    }
+                }
+            }
+            last
+        });
+        let err_ctx = ctx.clone();
+        let reading_stderr = tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut tail = std::collections::VecDeque::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                err_ctx.log_stream(proto::LogStream::Stderr, line.clone());
+                tail.push_back(line);
+                if tail.len() > STDERR_TAIL {
+                    tail.pop_front();
+                }
+            }
+            tail.into_iter().collect::<Vec<_>>().join("\n")
+        });
+
+        let limit = self.timeout.unwrap_or(Duration::MAX);
+        let status = tokio::select! {
+            status = child.wait() => status,
+            _ = ctx.cancelled() => {
+                stop_group(pid, &mut child).await;
+                return Err(Failure::new("cancelled", "stopped on request"));
+            }
+            _ = tokio::time::sleep(limit) => {
+                stop_group(pid, &mut child).await;
+                return Err(Failure::new(
+                    "timeout",
+                    format!("did not finish within {}", humantime::format_duration(limit)),
+                ));
+            }
+        };
+        let status = status.map_err(|e| Failure::new("wait", e.to_string()))?;
+        // The group may still hold the pipes open; the lines read so far are enough.
+        let summary = reading_stdout.await.unwrap_or_default();
+        let stderr_tail = reading_stderr.await.unwrap_or_default();
+        if status.success() {
+            Ok(Outcome::new(if summary.is_empty() {
+                "exit 0".to_owned()
+            } else {
+                summary
+            }))
+        } else {
+            let how = match status.code() {
+                Some(code) => format!("exited with status {code}"),
+                None => "was killed by a signal".to_owned(),
+            };
+            Err(Failure::new(
+                "exit_status",
+                if stderr_tail.is_empty() {
+                    how
+                } else {
+                    format!("{how}: {stderr_tail}")
+                },
+            ))
+        }
+    }
+}
+
+/// TERM to the whole process group, then KILL after a grace period.
+async fn stop_group(pid: Option<Pid>, child: &mut tokio::process::Child) {
+    if let Some(pid) = pid {
+        let _ = killpg(pid, Signal::SIGTERM);
+        if tokio::time::timeout(TERM_GRACE, child.wait())
+            .await
+            .is_err()
+        {
+            let _ = killpg(pid, Signal::SIGKILL);
+        }
+        // Children that ignored TERM while their parent exited get KILL too.
+        let _ = killpg(pid, Signal::SIGKILL);
+    }
+    let _ = child.wait().await;
+}
+
+fn is_bare_placeholder(item: &str) -> bool {
+    item.starts_with('{')
+        && item.ends_with('}')
+        && item[1..item.len() - 1]
+            .chars()
+            .all(|c| c != '{' && c != '}')
+}
+
+/// `::progress <percent> <message>`
+fn progress_line(line: &str) -> Option<(u32, String)> {
+    let rest = line.strip_prefix("::progress ")?;
+    let (percent, message) = rest.split_once(' ').unwrap_or((rest, ""));
+    Some((percent.trim().parse().ok()?, message.trim().to_owned()))
+}
+
+fn placeholders(ctx: &Context, params: &Params) -> BTreeMap<String, String> {
+    let mut values: BTreeMap<String, String> = params
+        .iter()
+        .map(|(k, v)| (k.to_owned(), display_value(v)))
+        .collect();
+    values.insert("justification".into(), ctx.justification().to_owned());
+    values.insert("command_id".into(), ctx.command_id().to_owned());
+    values.insert("dry_run".into(), ctx.dry_run().to_string());
+    values.insert(
+        "operator".into(),
+        ctx.operator().map(|o| o.email.clone()).unwrap_or_default(),
+    );
+    values
+}
+
+/// Replaces `{name}` with its value; unknown names stay as written.
+fn fill(template: &str, values: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        match rest[start..].find('}') {
+            Some(end) => {
+                let name = &rest[start + 1..start + end];
+                match values.get(name) {
+                    Some(value) => out.push_str(value),
+                    None => out.push_str(&rest[start..=start + end]),
+                }
+                rest = &rest[start + end + 1..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_fill_within_one_item() {
+        let values: BTreeMap<String, String> =
+            [("ns".to_owned(), "a b; rm -rf /".to_owned())].into();
+        assert_eq!(
+            fill("--namespace={ns}", &values),
+            "--namespace=a b; rm -rf /"
+        );
+        assert_eq!(fill("{ns}", &values), "a b; rm -rf /");
+        assert_eq!(fill("{unknown} {", &values), "{unknown} {");
+    }
+
+    #[test]
+    fn bare_values_must_follow_the_separator() {
+        let script = |args: &[&str]| Script {
+            command: "x".into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: BTreeMap::new(),
+            workdir: None,
+            timeout: None,
+            sha256: None,
+        };
+        assert!(script(&["{name}"]).check().is_err());
+        assert!(script(&["--name={name}"]).check().is_ok());
+        assert!(script(&["--flag", "--", "{name}"]).check().is_ok());
+    }
+
+    #[test]
+    fn progress_lines_are_recognised() {
+        assert_eq!(
+            progress_line("::progress 40 half way"),
+            Some((40, "half way".into()))
+        );
+        assert_eq!(progress_line("::progress 100"), Some((100, String::new())));
+        assert_eq!(progress_line("::progress lots"), None);
+        assert_eq!(progress_line("progress 40"), None);
+    }
+}

@@ -1,0 +1,855 @@
+//! The tower framework: pull admitted commands, verify, claim once, run the handler with
+//! progress, logs, cancellation and a timeout, record exactly one outcome.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use prost::Message as _;
+use rct_bus::catalog::Served;
+use rct_bus::presence::Presence;
+use rct_bus::proto::{self, event::Kind};
+use rct_bus::{
+    CommandId, EventKind, OperationName, PublicKey, Purpose, Subject, Target, Unverified, Verifier,
+};
+use rct_streams::replay::{self, Filter, Item};
+use rct_streams::timestamp::{from_datetime, to_datetime};
+use rct_streams::topology::{
+    self, AGENTS_BUCKET, CATALOG_BUCKET, CATALOG_KEY, COMMAND_STREAM, EVENT_STREAM,
+};
+use rct_streams::{Publisher, Slot};
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::context::{Context, Failure, Outcome, Params};
+use crate::{Config, Error, emitter};
+
+type Handler =
+    Arc<dyn Fn(Context, Params) -> BoxFuture<'static, Result<Outcome, Failure>> + Send + Sync>;
+
+/// A tower: a name, optionally the one target this agent serves (cluster flavour), and its
+/// operations' handlers.
+///
+/// ```no_run
+/// # async fn drain(_: rct_agents::Context, _: rct_agents::Params)
+/// #     -> Result<rct_agents::Outcome, rct_agents::Failure> { unimplemented!() }
+/// # async fn example(client: async_nats::Client) -> Result<(), rct_agents::Error> {
+/// rct_agents::Tower::new("traffic")
+///     .cluster("prod-1")
+///     .operation("drain-cluster", drain)
+///     .run(client, tokio_util::sync::CancellationToken::new())
+///     .await
+/// # }
+/// ```
+pub struct Tower {
+    name: String,
+    target: Option<String>,
+    handlers: BTreeMap<String, Handler>,
+    config: Config,
+    trusted: Vec<PublicKey>,
+}
+
+impl std::fmt::Debug for Tower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tower")
+            .field("name", &self.name)
+            .field("target", &self.target)
+            .field("operations", &self.handlers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tower {
+    /// A tower named `name` (simple flavour until [`Tower::cluster`]).
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            target: None,
+            handlers: BTreeMap::new(),
+            config: Config::default(),
+            trusted: Vec::new(),
+        }
+    }
+
+    /// Cluster flavour: this agent serves `target` only, on its own consumer.
+    pub fn cluster(mut self, target: &str) -> Self {
+        self.target = Some(target.to_owned());
+        self
+    }
+
+    /// Serves operation `name` (`<tower>/<name>` in the catalog) with `handler`.
+    pub fn operation<F, Fut>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Context, Params) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Outcome, Failure>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |ctx, params| Box::pin(handler(ctx, params)));
+        self.handlers.insert(name.to_owned(), handler);
+        self
+    }
+
+    /// Replaces the settings.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Trusts one more admission key (besides `trusted_keys` files).
+    pub fn trust(mut self, key: PublicKey) -> Self {
+        self.trusted.push(key);
+        self
+    }
+
+    /// Serves until `shutdown`, then stops pulling and lets running commands finish within the
+    /// grace period.
+    pub async fn run(
+        self,
+        client: async_nats::Client,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let runner = Arc::new(Runner::new(self, client)?);
+        runner.serve(shutdown).await
+    }
+}
+
+struct Runner {
+    tower: rct_bus::Tower,
+    target: Target,
+    cluster: bool,
+    handlers: BTreeMap<String, Handler>,
+    verifier: Verifier,
+    js: jetstream::Context,
+    publisher: Publisher,
+    catalog: RwLock<Option<Arc<Served>>>,
+    incarnation: String,
+    source: String,
+    config: Config,
+    running: Mutex<HashSet<CommandId>>,
+    started_at: OffsetDateTime,
+}
+
+impl Runner {
+    fn new(tower: Tower, client: async_nats::Client) -> Result<Self, Error> {
+        tower.config.validate().map_err(Error::Config)?;
+        let name =
+            rct_bus::Tower::new(tower.name.as_str()).map_err(|e| Error::Config(e.to_string()))?;
+        let (target, cluster) = match &tower.target {
+            Some(t) => (
+                Target::new(t.as_str()).map_err(|e| Error::Config(e.to_string()))?,
+                true,
+            ),
+            None => (Target::none(), false),
+        };
+        if tower.handlers.is_empty() {
+            return Err(Error::Config(format!("tower {name} has no operations")));
+        }
+        let mut verifier = Verifier::new(tower.trusted);
+        for path in &tower.config.trusted_keys {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+            let key = PublicKey::from_pem(&pem)
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            verifier.trust(key);
+        }
+        if verifier.key_ids().next().is_none() {
+            return Err(Error::Config(
+                "no admission key is trusted: set trusted_keys (admission's public key PEM)".into(),
+            ));
+        }
+        let js = tower.config.nats.jetstream(client);
+        let incarnation = format!(
+            "{}-{}",
+            tower.config.instance,
+            ulid::Ulid::new().to_string().to_lowercase()
+        );
+        Ok(Self {
+            source: format!("agent/{name}/{target}/{incarnation}"),
+            tower: name,
+            target,
+            cluster,
+            handlers: tower.handlers,
+            verifier,
+            publisher: Publisher::new(js.clone()),
+            js,
+            catalog: RwLock::new(None),
+            incarnation,
+            config: tower.config,
+            running: Mutex::default(),
+            started_at: OffsetDateTime::now_utc(),
+        })
+    }
+
+    async fn serve(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), Error> {
+        let desired = topology::tower_consumer(
+            &self.config.streams,
+            &self.tower,
+            self.cluster.then_some(&self.target),
+        );
+        let name = desired.durable_name.clone().unwrap_or_default();
+        if self.config.create_consumer {
+            topology::ensure_consumer(&self.js, COMMAND_STREAM, desired).await?;
+        }
+        let mut consumer: PullConsumer = self
+            .js
+            .get_consumer_from_stream(&name, COMMAND_STREAM)
+            .await
+            .map_err(|e| {
+                Error::Nats(format!("cannot bind consumer {COMMAND_STREAM}/{name}: {e}"))
+            })?;
+        let ack_wait = consumer
+            .info()
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?
+            .config
+            .ack_wait;
+        // In-progress acks well before the server's ack wait runs out.
+        let keepalive = (ack_wait / 3).max(Duration::from_millis(200));
+
+        let tracker = TaskTracker::new();
+        let presence_stop = CancellationToken::new();
+        tracker.spawn(self.clone().presence(presence_stop.clone()));
+
+        let concurrency = self.config.concurrency;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(concurrency)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
+        let permits = Arc::new(Semaphore::new(concurrency));
+        tracing::info!(
+            tower = %self.tower,
+            target = %self.target,
+            instance = %self.incarnation,
+            consumer = %name,
+            operations = ?self.handlers.keys().collect::<Vec<_>>(),
+            "agent ready"
+        );
+
+        let result = loop {
+            let permit = tokio::select! {
+                // Stop taking work as soon as shutdown is asked for.
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            };
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(message)) => {
+                    let this = self.clone();
+                    tracker.spawn(async move {
+                        this.handle(message, keepalive).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => match e.kind() {
+                    MessagesErrorKind::MissingHeartbeat => {
+                        tracing::debug!("no heartbeat from the server; still pulling")
+                    }
+                    MessagesErrorKind::ConsumerDeleted
+                    | MessagesErrorKind::RequestLimitExceeded => {
+                        break Err(Error::Nats(format!("pulling commands stopped: {e}")));
+                    }
+                    _ => tracing::warn!(error = %e, "pulling commands"),
+                },
+                None => break Err(Error::Nats("the command stream ended".into())),
+            }
+        };
+        drop(messages);
+        tracker.close();
+        let running = async {
+            // Presence stays while commands finish, so no other agent calls them unknown.
+            while !self
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        if tokio::time::timeout(self.config.shutdown_grace, running)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "commands still running after the grace period; their outcome will be unknown"
+            );
+        }
+        presence_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+        tracing::info!("agent stopped");
+        result
+    }
+
+    /// Keeps this agent's entry in `rct_agents` fresh; removes it on the way out.
+    async fn presence(self: Arc<Self>, stop: CancellationToken) {
+        let bucket = match self.js.get_key_value(AGENTS_BUCKET).await {
+            Ok(bucket) => bucket,
+            Err(e) => {
+                tracing::warn!(error = %e, "no presence: cannot open {AGENTS_BUCKET}");
+                return;
+            }
+        };
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default();
+        let key =
+            rct_bus::presence::key(self.tower.as_str(), self.target.as_str(), &self.incarnation);
+        loop {
+            let presence = Presence {
+                tower: self.tower.to_string(),
+                target: self.target.to_string(),
+                instance: self.incarnation.clone(),
+                host: host.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                started_at: self
+                    .started_at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+                operations: self.handlers.keys().cloned().collect(),
+                catalog_version: self
+                    .catalog
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .map(|c| c.version.clone())
+                    .unwrap_or_default(),
+            };
+            let json = serde_json::to_vec(&presence).expect("presence serializes");
+            if let Err(e) = bucket.put(&key, json.into()).await {
+                tracing::warn!(error = %e, "cannot refresh presence");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(self.config.heartbeat) => {}
+            }
+        }
+        let _ = bucket.delete(&key).await;
+    }
+
+    async fn alive(&self, incarnation: &str) -> bool {
+        let Ok(bucket) = self.js.get_key_value(AGENTS_BUCKET).await else {
+            // Unsure: assume alive, so nothing is declared unknown on a hunch.
+            return true;
+        };
+        let key = rct_bus::presence::key(self.tower.as_str(), self.target.as_str(), incarnation);
+        !matches!(bucket.get(&key).await, Ok(None))
+    }
+
+    async fn handle(self: Arc<Self>, message: jetstream::Message, keepalive: Duration) {
+        let command = match self.verify(&message) {
+            Ok(command) => command,
+            Err(reason) => {
+                tracing::warn!(subject = %message.subject, %reason, "refusing a command");
+                self.record_refusal(&message.subject, &reason).await;
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let id: CommandId = command.command_id.parse().expect("checked in verify");
+        let command = Arc::new(command);
+        match self.prepare(&command, id).await {
+            Prepared::Run(params, secrets) => {
+                self.run(message, command, id, params, secrets, keepalive)
+                    .await
+            }
+            Prepared::Done => {
+                let _ = message.double_ack().await;
+            }
+            Prepared::Later(pause) => {
+                let _ = message.ack_with(AckKind::Nak(Some(pause))).await;
+            }
+            Prepared::Leave => {}
+        }
+    }
+
+    /// Signature (a trusted admission key), then the command's own consistency with the
+    /// subject it came on and the agent it reached.
+    fn verify(&self, message: &jetstream::Message) -> Result<proto::Command, String> {
+        let envelope = Unverified::decode(&message.payload)
+            .map_err(|_| "the command is not a signed envelope".to_owned())?;
+        let verified = self
+            .verifier
+            .verify(envelope, Purpose::Command)
+            .map_err(|e| format!("the command's signature is not admission's ({e})"))?;
+        let command: proto::Command = verified
+            .decode()
+            .map_err(|_| "the signed body is not a command".to_owned())?;
+        command
+            .command_id
+            .parse::<CommandId>()
+            .map_err(|_| format!("command id {:?} is not a ULID", command.command_id))?;
+        let Ok(Subject::Command { operation, target }) = message.subject.parse::<Subject>() else {
+            return Err(format!("{} is not a command subject", message.subject));
+        };
+        if operation.to_string() != command.operation || target.as_str() != command.target {
+            return Err(format!(
+                "the command for {} on {} arrived on {}",
+                command.operation, command.target, message.subject
+            ));
+        }
+        if operation.tower() != &self.tower || (self.cluster && target != self.target) {
+            return Err(format!("{} is not for this agent", message.subject));
+        }
+        Ok(command)
+    }
+
+    /// Decides what to do with a verified command before running it.
+    async fn prepare(&self, command: &proto::Command, id: CommandId) -> Prepared {
+        let now = OffsetDateTime::now_utc();
+        let deadline = command
+            .deadline
+            .as_ref()
+            .and_then(to_datetime)
+            .unwrap_or(now);
+
+        // Claimed already? Then it is never run again, here or anywhere.
+        match self.read_slot(id, EventKind::Claim).await {
+            Err(()) => return Prepared::Later(Duration::from_secs(2)),
+            Ok(Some(claim)) => return self.claimed_before(command, id, &claim).await,
+            Ok(None) => {}
+        }
+        if now > deadline {
+            let expired = Kind::Expired(proto::Expired {
+                deadline: command.deadline,
+            });
+            return match self.outcome(command, expired).await {
+                Ok(_) => Prepared::Done,
+                Err(()) => Prepared::Later(Duration::from_secs(2)),
+            };
+        }
+        let op_name = command.operation.rsplit('/').next().unwrap_or_default();
+        if !self.handlers.contains_key(op_name) {
+            tracing::warn!(operation = %command.operation, "no handler here; leaving it for an agent that has one");
+            return Prepared::Later(Duration::from_secs(10));
+        }
+        let Some(served) = self.catalog(&command.catalog_version).await else {
+            tracing::warn!("the catalog is not available; cannot re-validate, trying later");
+            return Prepared::Later(Duration::from_secs(5));
+        };
+        let name: OperationName = match command.operation.parse() {
+            Ok(name) => name,
+            Err(e) => return self.fail(command, "invalid_params", e.to_string()).await,
+        };
+        let Some((tower_spec, operation)) = served.catalog.operation(&name) else {
+            return self
+                .fail(
+                    command,
+                    "invalid_params",
+                    format!("{name} is not in catalog {}", served.version),
+                )
+                .await;
+        };
+        let checked = match operation.check(tower_spec, &command.params) {
+            Ok(checked) => checked,
+            Err(errors) => {
+                let messages: Vec<String> = errors.into_iter().map(|e| e.message).collect();
+                return self
+                    .fail(command, "invalid_params", messages.join("; "))
+                    .await;
+            }
+        };
+        if checked.target.as_str() != command.target {
+            return self
+                .fail(
+                    command,
+                    "invalid_params",
+                    "the target disagrees with the parameters".into(),
+                )
+                .await;
+        }
+        let secrets = operation
+            .params
+            .iter()
+            .filter(|(_, p)| p.secret)
+            .filter_map(|(n, _)| checked.params.get(n))
+            .map(rct_bus::catalog::display_value)
+            .collect();
+        Prepared::Run(Params::new(checked.params), secrets)
+    }
+
+    /// A command whose claim exists: finished, running elsewhere, or orphaned.
+    async fn claimed_before(
+        &self,
+        command: &proto::Command,
+        id: CommandId,
+        claim: &proto::Event,
+    ) -> Prepared {
+        match self.read_slot(id, EventKind::Outcome).await {
+            Err(()) => return Prepared::Later(Duration::from_secs(2)),
+            Ok(Some(_)) => return Prepared::Done,
+            Ok(None) => {}
+        }
+        let holder = match &claim.kind {
+            Some(Kind::Started(s)) => s.agent.clone(),
+            _ => String::new(),
+        };
+        if holder == self.incarnation
+            && self
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&id)
+        {
+            // Still running here; the running task acknowledges it.
+            return Prepared::Leave;
+        }
+        if holder != self.incarnation && self.alive(&holder).await {
+            return Prepared::Later(Duration::from_secs(5));
+        }
+        let unknown = Kind::Unknown(proto::Unknown {
+            reason: format!(
+                "the agent that started it ({holder}) stopped before reporting an outcome; it is \
+                 not run again: check {} by hand",
+                if command.target == Target::NONE {
+                    "the system"
+                } else {
+                    &command.target
+                }
+            ),
+        });
+        match self.outcome(command, unknown).await {
+            Ok(_) => Prepared::Done,
+            Err(()) => Prepared::Later(Duration::from_secs(2)),
+        }
+    }
+
+    async fn run(
+        &self,
+        message: jetstream::Message,
+        command: Arc<proto::Command>,
+        id: CommandId,
+        params: Params,
+        secrets: Vec<String>,
+        keepalive: Duration,
+    ) {
+        let op_name = command
+            .operation
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let handler = self.handlers[&op_name].clone();
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+
+        let claim = self.event(
+            &command,
+            Kind::Started(proto::Started {
+                agent: self.incarnation.clone(),
+                host: nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .unwrap_or_default(),
+                target: command.target.clone(),
+            }),
+        );
+        match self
+            .publisher
+            .event(&self.tower, &claim, &self.incarnation)
+            .await
+        {
+            Ok(Slot::Written(_)) => {}
+            Ok(Slot::Taken { .. }) => {
+                // Someone else started it between our look and our claim.
+                self.running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(command_id = %id, error = %e, "cannot claim; trying later");
+                self.running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                    .await;
+                return;
+            }
+        }
+        tracing::info!(command_id = %id, operation = %command.operation, target = %command.target, "started");
+
+        // Keep the server from redelivering while the handler works.
+        let keeper = {
+            let message = message.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(keepalive).await;
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+            })
+        };
+        let cancel_watch = {
+            let js = self.js.clone();
+            tokio::spawn(async move { cancel_request(&js, id).await })
+        };
+
+        let timeout = command
+            .timeout
+            .as_ref()
+            .map_or(Duration::from_secs(15 * 60), |d| {
+                Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+            });
+        let finish_by = OffsetDateTime::now_utc() + timeout;
+        let (emitter, emitting) = emitter::start(
+            self.publisher.clone(),
+            self.tower.clone(),
+            self.event(&command, Kind::Log(proto::Log::default())),
+            secrets,
+        );
+        let token = CancellationToken::new();
+        let ctx = Context::new(command.clone(), finish_by, token.clone(), emitter);
+        let mut work = handler(ctx, params);
+
+        enum Ended {
+            Done(Result<Outcome, Failure>),
+            Cancelled(String),
+            TimedOut,
+        }
+        let mut cancel_watch = cancel_watch;
+        let ended = tokio::select! {
+            result = &mut work => Ended::Done(result),
+            by = &mut cancel_watch => {
+                token.cancel();
+                Ended::Cancelled(by.unwrap_or_else(|_| "someone".into()))
+            }
+            _ = tokio::time::sleep(timeout) => {
+                token.cancel();
+                Ended::TimedOut
+            }
+        };
+        let (ended, late) = match ended {
+            Ended::Done(result) => (None, Some(result)),
+            other => {
+                let late = tokio::time::timeout(self.config.cancel_grace, &mut work)
+                    .await
+                    .ok();
+                (Some(other), late)
+            }
+        };
+        drop(work);
+        cancel_watch.abort();
+        // Every progress and log line is out before the outcome.
+        let _ = emitting.await;
+
+        let kind = match (ended, late) {
+            (_, Some(Ok(outcome))) => Kind::Succeeded(proto::Succeeded {
+                summary: outcome.summary,
+                outputs: outcome.outputs.into_iter().collect(),
+            }),
+            (Some(Ended::Cancelled(by)), _) => Kind::Cancelled(proto::Cancelled {
+                reason: format!("cancelled by {by}"),
+            }),
+            (Some(Ended::TimedOut), _) => Kind::Failed(proto::Failed {
+                code: "timeout".into(),
+                message: format!(
+                    "did not finish within {}",
+                    humantime::format_duration(timeout)
+                ),
+            }),
+            (_, Some(Err(failure))) => Kind::Failed(proto::Failed {
+                code: failure.code,
+                message: failure.message,
+            }),
+            (_, None) => Kind::Failed(proto::Failed {
+                code: "abandoned".into(),
+                message: "the handler did not stop after cancellation".into(),
+            }),
+        };
+        let summary = match &kind {
+            Kind::Succeeded(_) => "succeeded",
+            Kind::Cancelled(_) => "cancelled",
+            _ => "failed",
+        };
+        // An outcome we cannot write is retried; the command stays ours (running) meanwhile.
+        while self.outcome(&command, kind.clone()).await.is_err() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        keeper.abort();
+        for _ in 0..5 {
+            if message.double_ack().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        tracing::info!(command_id = %id, outcome = summary, "finished");
+    }
+
+    /// Records a failure before running (no claim): the command is refused, not run.
+    async fn fail(&self, command: &proto::Command, code: &str, message: String) -> Prepared {
+        tracing::warn!(command_id = %command.command_id, code, %message, "refusing to run");
+        let failed = Kind::Failed(proto::Failed {
+            code: code.to_owned(),
+            message,
+        });
+        match self.outcome(command, failed).await {
+            Ok(_) => Prepared::Done,
+            Err(()) => Prepared::Later(Duration::from_secs(2)),
+        }
+    }
+
+    /// Writes the outcome (once per command); `Ok(false)` if another writer had already.
+    async fn outcome(&self, command: &proto::Command, kind: Kind) -> Result<bool, ()> {
+        let event = self.event(command, kind);
+        match self.publisher.event(&self.tower, &event, 0).await {
+            Ok(Slot::Written(_)) => Ok(true),
+            Ok(Slot::Taken { .. }) => {
+                tracing::warn!(command_id = %command.command_id, "an outcome was already recorded");
+                Ok(false)
+            }
+            Err(e) => {
+                tracing::warn!(command_id = %command.command_id, error = %e, "cannot record the outcome");
+                Err(())
+            }
+        }
+    }
+
+    /// A refused command is recorded under a fresh id: the id in a forged command could be a
+    /// real command's, whose outcome slot must not be taken by the forgery.
+    async fn record_refusal(&self, subject: &str, reason: &str) {
+        let (operation, target) = match subject.parse::<Subject>() {
+            Ok(Subject::Command { operation, target }) => {
+                (operation.to_string(), target.to_string())
+            }
+            _ => (String::new(), String::new()),
+        };
+        let event = proto::Event {
+            command_id: CommandId::generate().to_string(),
+            at: Some(from_datetime(OffsetDateTime::now_utc())),
+            source: self.source.clone(),
+            operation,
+            target,
+            kind: Some(Kind::Failed(proto::Failed {
+                code: "refused".into(),
+                message: format!("{reason}; it was not run"),
+            })),
+        };
+        emitter::publish(&self.publisher, &self.tower, &event, 0).await;
+    }
+
+    fn event(&self, command: &proto::Command, kind: Kind) -> proto::Event {
+        proto::Event {
+            command_id: command.command_id.clone(),
+            at: Some(from_datetime(OffsetDateTime::now_utc())),
+            source: self.source.clone(),
+            operation: command.operation.clone(),
+            target: command.target.clone(),
+            kind: Some(kind),
+        }
+    }
+
+    /// The event in one single-slot subject of a command, if any.
+    async fn read_slot(&self, id: CommandId, kind: EventKind) -> Result<Option<proto::Event>, ()> {
+        let subject = Subject::event(&self.tower, id, kind).to_string();
+        let stream = self
+            .js
+            .get_stream_no_info(EVENT_STREAM)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot read {EVENT_STREAM}");
+            })?;
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(stored) => Ok(proto::Event::decode(stored.payload).ok()),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::warn!(%subject, error = %e, "cannot read");
+                Err(())
+            }
+        }
+    }
+
+    /// The served catalog, fetched again when a command names another version.
+    async fn catalog(&self, version: &str) -> Option<Arc<Served>> {
+        if let Some(cached) = self
+            .catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            && cached.version == version
+        {
+            return Some(cached.clone());
+        }
+        let bucket = self.js.get_key_value(CATALOG_BUCKET).await.ok()?;
+        let bytes = bucket.get(CATALOG_KEY).await.ok()??;
+        let served: Arc<Served> = Arc::new(serde_json::from_slice(&bytes).ok()?);
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Some(served.clone());
+        Some(served)
+    }
+}
+
+enum Prepared {
+    /// Run it with these parameters; mask these values in what is published.
+    Run(Params, Vec<String>),
+    /// Nothing more to do: acknowledge.
+    Done,
+    /// Not now: redeliver after this pause.
+    Later(Duration),
+    /// Another task of this agent owns the message.
+    Leave,
+}
+
+/// Resolves with who asked, when a cancel request for `id` is recorded.
+async fn cancel_request(js: &jetstream::Context, id: CommandId) -> String {
+    let filter = Filter {
+        command: Some(id),
+        kind: Some(EventKind::Cancel),
+        ..Filter::default()
+    };
+    loop {
+        match replay::follow(js, &filter).await {
+            Ok(mut events) => {
+                while let Some(item) = events.next().await {
+                    if let Ok(Item::Event(record)) = item
+                        && let Some(Kind::CancelRequested(c)) = record.event.kind
+                    {
+                        return c
+                            .by
+                            .map(|o| {
+                                if o.email.is_empty() {
+                                    o.subject
+                                } else {
+                                    o.email
+                                }
+                            })
+                            .unwrap_or_else(|| "someone".into());
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot follow cancel requests; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

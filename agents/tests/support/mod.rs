@@ -1,0 +1,283 @@
+//! A real nats-server with the topology, the example catalog served as admission serves it,
+//! and commands signed with a test admission key.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use prost::Message;
+use rct_agents::{Config, Context, Failure, Outcome, Params, Tower};
+use rct_bus::catalog::{Catalog, Served};
+use rct_bus::proto::{self, event::Kind};
+use rct_bus::{CommandId, KeyPair, OperationName, Purpose, Subject, Target};
+use rct_streams::replay::{self, Filter, Item, Record};
+use rct_streams::testkit::Server;
+use rct_streams::timestamp::from_datetime;
+use rct_streams::{Outgoing, Publisher};
+use time::OffsetDateTime;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct Harness {
+    pub server: Server,
+    pub js: async_nats::jetstream::Context,
+    pub client: async_nats::Client,
+    pub admission: KeyPair,
+    pub streams: rct_streams::Config,
+}
+
+pub fn example_catalog() -> Catalog {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/catalog.example.yaml");
+    serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::start_with_catalog(example_catalog()).await
+    }
+
+    pub async fn start_with_catalog(catalog: Catalog) -> Self {
+        let server = Server::start().await;
+        let client = server.client().await;
+        let js = async_nats::jetstream::new(client.clone());
+        // Short enough for tests: presence expires quickly, redeliveries come quickly.
+        let streams = rct_streams::Config {
+            agent_ttl: Duration::from_secs(2),
+            towers: rct_streams::config::Consumer {
+                ack_wait: Duration::from_secs(2),
+                backoff: Vec::new(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        rct_streams::provision(&js, &streams).await.unwrap();
+        let served = Served {
+            version: catalog.version(),
+            catalog,
+        };
+        js.get_key_value("rct_catalog")
+            .await
+            .unwrap()
+            .put("catalog", serde_json::to_vec(&served).unwrap().into())
+            .await
+            .unwrap();
+        Self {
+            server,
+            js,
+            client,
+            admission: KeyPair::generate(),
+            streams,
+        }
+    }
+
+    pub fn config(&self, instance: &str) -> Config {
+        Config {
+            nats: rct_streams::Connection::to([self.server.url()]),
+            instance: instance.into(),
+            create_consumer: true,
+            streams: self.streams.clone(),
+            heartbeat: Duration::from_secs(1),
+            cancel_grace: Duration::from_secs(2),
+            ..Config::default()
+        }
+    }
+
+    /// A command as admission would produce it.
+    pub fn command(
+        &self,
+        operation: &str,
+        target: &str,
+        params: &[(&str, proto::Value)],
+    ) -> proto::Command {
+        let now = OffsetDateTime::now_utc();
+        let catalog = example_catalog();
+        proto::Command {
+            command_id: CommandId::generate().to_string(),
+            operation: operation.into(),
+            target: target.into(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect::<BTreeMap<_, _>>(),
+            justification: "SRE-1".into(),
+            dry_run: false,
+            operator: Some(proto::Operator {
+                subject: "alice".into(),
+                email: "alice@example.com".into(),
+                groups: vec!["sre_team".into()],
+            }),
+            admitted_at: Some(from_datetime(now)),
+            deadline: Some(from_datetime(now + time::Duration::minutes(2))),
+            timeout: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            catalog_version: catalog.version(),
+            submission: None,
+        }
+    }
+
+    pub fn signed(&self, command: &proto::Command) -> Vec<u8> {
+        self.admission
+            .sign(Purpose::Command, command.encode_to_vec())
+            .encode_to_vec()
+    }
+
+    /// Publishes the signed command under `msg_id` (the command id, as admission does).
+    pub async fn publish_bytes(&self, command: &proto::Command, bytes: Vec<u8>, msg_id: &str) {
+        let operation: OperationName = command.operation.parse().unwrap();
+        let target: Target = command.target.parse().unwrap();
+        Publisher::new(self.js.clone())
+            .send(Outgoing::new(
+                Subject::command(&operation, &target),
+                msg_id,
+                Bytes::from(bytes),
+            ))
+            .await
+            .unwrap();
+    }
+
+    pub async fn publish(&self, command: &proto::Command) {
+        self.publish_bytes(command, self.signed(command), &command.command_id)
+            .await;
+    }
+
+    /// Every event of a command, in order.
+    pub async fn events(&self, id: &str) -> Vec<Record> {
+        replay::command_history(&self.js, id.parse().unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// Waits for the command's outcome and returns all its events.
+    pub async fn finished(&self, id: &str) -> Vec<Record> {
+        let mut follow = replay::follow(&self.js, &Filter::command(id.parse().unwrap()))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(item) = follow.next().await {
+                if let Item::Event(r) = item.unwrap()
+                    && r.kind == rct_bus::EventKind::Outcome
+                {
+                    break;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no outcome for {id}"));
+        self.events(id).await
+    }
+
+    /// Starts `tower` trusting the test admission key.
+    pub fn run(&self, tower: Tower) -> Running {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(
+            tower
+                .trust(self.admission.public().clone())
+                .run(self.client.clone(), shutdown.clone()),
+        );
+        Running { shutdown, task }
+    }
+
+    /// Waits until `n` agents of `tower` are present.
+    pub async fn present(&self, tower: &str, n: usize) -> Vec<rct_bus::presence::Presence> {
+        let bucket = self.js.get_key_value("rct_agents").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let mut found = Vec::new();
+                let mut keys = bucket.keys().await.unwrap();
+                while let Some(key) = keys.next().await {
+                    let key = key.unwrap();
+                    if key.starts_with(&format!("{tower}."))
+                        && let Some(value) = bucket.get(&key).await.unwrap()
+                    {
+                        found.push(serde_json::from_slice(&value).unwrap());
+                    }
+                }
+                if found.len() == n {
+                    return found;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("never {n} agents of {tower}"))
+    }
+}
+
+pub struct Running {
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), rct_agents::Error>>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Executions recorded by test handlers: (command id, agent instance).
+#[derive(Clone, Default)]
+pub struct Ledger(pub Arc<Mutex<Vec<(String, String)>>>);
+
+impl Ledger {
+    pub fn record(&self, ctx: &Context, instance: &str) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((ctx.command_id().to_owned(), instance.to_owned()));
+    }
+
+    pub fn executions(&self, id: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(c, _)| c == id)
+            .count()
+    }
+}
+
+pub fn target(value: &str) -> proto::Value {
+    proto::Value {
+        kind: Some(proto::value::Kind::Target(value.into())),
+    }
+}
+
+/// A drain handler that records its execution, reports progress and logs, and succeeds.
+pub fn drain_handler(
+    ledger: Ledger,
+    instance: &'static str,
+) -> impl Fn(Context, Params) -> futures::future::BoxFuture<'static, Result<Outcome, Failure>>
++ Send
++ Sync
++ 'static {
+    move |ctx: Context, params: Params| {
+        let ledger = ledger.clone();
+        Box::pin(async move {
+            ledger.record(&ctx, instance);
+            let keep = params.i64("keep_percent").unwrap_or(0);
+            ctx.log(format!(
+                "draining {} to {keep}%",
+                params.str("cluster").unwrap_or("?")
+            ));
+            for step in 1..=4u32 {
+                ctx.progress(step * 25, format!("step {step}"), "moving traffic");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(Outcome::new("drained").output("kept", keep.to_string()))
+        })
+    }
+}
+
+pub fn outcome(records: &[Record]) -> &Kind {
+    records
+        .iter()
+        .find(|r| r.kind == rct_bus::EventKind::Outcome)
+        .and_then(|r| r.event.kind.as_ref())
+        .expect("an outcome")
+}
