@@ -221,7 +221,7 @@ async fn every_bad_submission_is_refused_with_its_code_and_a_sentence() {
         "unknown operation",
         h.submit(&alice, &s).await,
         C::UnknownOperation,
-        "traffic has: drain-cluster, undrain-cluster"
+        "traffic has: drain-cluster, set-weights, undrain-cluster"
     );
     case!(
         "forbidden group",

@@ -9,10 +9,14 @@
 //! - [`Tower`]: declare a tower and its operations, then `run`.
 //! - [`Context`], [`Params`], [`Outcome`], [`Failure`]: what handlers get and return.
 //! - [`script`]: operations backed by executables, declared in YAML (the `rct-agent` binary).
+//! - [`demo`]: the demo `traffic` tower on a simulated load balancer.
+//! - [`cli`]: the flags every agent binary shares.
 //! - [`Config`]: settings, layered like every rct component's.
 
+pub mod cli;
 mod config;
 mod context;
+pub mod demo;
 mod emitter;
 mod error;
 pub mod script;
