@@ -87,9 +87,6 @@ impl Default for Config {
 /// Prefix of admission's reply inboxes, so NATS permissions can scope them.
 const INBOX_PREFIX: &str = "_INBOX_admission";
 
-/// Environment variables that start with `RCT_` but are not settings.
-const NOT_SETTINGS: [&str; 3] = ["RCT_CONFIG", "RCT_LOG", "RCT_LOG_FORMAT"];
-
 impl Config {
     /// Layers defaults < `file` (YAML or TOML by extension) < `env` (`RCT_` variables, `__`
     /// for nesting, lists comma-separated), then validates. `env` is passed in, so tests never
@@ -98,27 +95,7 @@ impl Config {
         file: Option<&std::path::Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, String> {
-        let env: std::collections::HashMap<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("RCT_") && !NOT_SETTINGS.contains(&k.as_str()))
-            .collect();
-        let mut builder = config::Config::builder();
-        if let Some(file) = file {
-            builder = builder.add_source(config::File::from(file).required(true));
-        }
-        let mut config: Config = builder
-            .add_source(
-                config::Environment::with_prefix("RCT")
-                    .prefix_separator("_")
-                    .separator("__")
-                    .list_separator(",")
-                    .with_list_parse_key("nats.servers")
-                    .try_parsing(true)
-                    .source(Some(env)),
-            )
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| e.to_string())?;
+        let mut config: Config = rct_streams::runtime::load_config(file, env, &["nats.servers"])?;
         // A `nats:` section replaces the whole default connection; keep admission's own inbox
         // prefix unless it was set.
         config

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use prost::Message as _;
@@ -20,7 +19,6 @@ use rct_streams::topology::{
 };
 use rct_streams::{Outgoing, Publisher, Slot};
 use time::OffsetDateTime;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -167,58 +165,25 @@ impl Admission {
                     "cannot bind consumer {ADMISSION_CONSUMER} on {SUBMIT_STREAM}: {e}"
                 ))
             })?;
-        let concurrency = inner.config.concurrency;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(concurrency)
-            .heartbeat(std::time::Duration::from_secs(5))
-            .expires(std::time::Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
-        let permits = Arc::new(Semaphore::new(concurrency));
         tracing::info!(
             instance = %inner.config.instance,
             catalog_version = %inner.policy.catalog_version,
             key_id = %inner.policy.key.id(),
             "admission ready"
         );
-
-        let result = loop {
-            let permit = tokio::select! {
-                // Stop taking work as soon as shutdown is asked for.
-                biased;
-                _ = shutdown.cancelled() => break Ok(()),
-                permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            };
-            let next = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break Ok(()),
-                next = messages.next() => next,
-            };
-            match next {
-                Some(Ok(message)) => {
-                    let this = self.clone();
-                    tracker.spawn(async move {
-                        this.inner.handle(message).await;
-                        drop(permit);
-                    });
-                }
-                Some(Err(e)) => match e.kind() {
-                    MessagesErrorKind::MissingHeartbeat => {
-                        tracing::debug!("no heartbeat from the server; still pulling")
-                    }
-                    MessagesErrorKind::ConsumerDeleted
-                    | MessagesErrorKind::RequestLimitExceeded => {
-                        break Err(Error::Nats(format!("pulling submissions stopped: {e}")));
-                    }
-                    _ => tracing::warn!(error = %e, "pulling submissions"),
-                },
-                None => break Err(Error::Nats("the submission stream ended".into())),
-            }
-        };
+        let result = rct_streams::work::consume(
+            &consumer,
+            inner.config.concurrency,
+            &shutdown,
+            &tracker,
+            |message| {
+                let this = self.clone();
+                async move { this.inner.handle(message).await }
+            },
+        )
+        .await
+        .map_err(Error::from);
         // Unacknowledged messages still buffered come back after ack_wait, to any replica.
-        drop(messages);
         shutdown.cancel();
         tracker.close();
         if tokio::time::timeout(inner.config.shutdown_grace, tracker.wait())

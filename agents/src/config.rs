@@ -8,9 +8,6 @@ use serde::Deserialize;
 /// Prefix of agents' reply inboxes, so NATS permissions can scope them.
 const INBOX_PREFIX: &str = "_INBOX_agent";
 
-/// Environment variables that start with `RCT_` but are not settings.
-const NOT_SETTINGS: [&str; 3] = ["RCT_CONFIG", "RCT_LOG", "RCT_LOG_FORMAT"];
-
 /// What every tower needs to run.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -69,28 +66,8 @@ impl Config {
         file: Option<&std::path::Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, String> {
-        let env: std::collections::HashMap<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("RCT_") && !NOT_SETTINGS.contains(&k.as_str()))
-            .collect();
-        let mut builder = config::Config::builder();
-        if let Some(file) = file {
-            builder = builder.add_source(config::File::from(file).required(true));
-        }
-        let mut config: Config = builder
-            .add_source(
-                config::Environment::with_prefix("RCT")
-                    .prefix_separator("_")
-                    .separator("__")
-                    .list_separator(",")
-                    .with_list_parse_key("nats.servers")
-                    .with_list_parse_key("trusted_keys")
-                    .try_parsing(true)
-                    .source(Some(env)),
-            )
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| e.to_string())?;
+        let mut config: Config =
+            rct_streams::runtime::load_config(file, env, &["nats.servers", "trusted_keys"])?;
         config
             .nats
             .inbox_prefix

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -25,7 +24,6 @@ use rct_streams::topology::{
 };
 use rct_streams::{Publisher, Slot};
 use time::OffsetDateTime;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -217,16 +215,6 @@ impl Runner {
         let presence_stop = CancellationToken::new();
         tracker.spawn(self.clone().presence(presence_stop.clone()));
 
-        let concurrency = self.config.concurrency;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(concurrency)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
-        let permits = Arc::new(Semaphore::new(concurrency));
         tracing::info!(
             tower = %self.tower,
             target = %self.target,
@@ -235,41 +223,18 @@ impl Runner {
             operations = ?self.handlers.keys().collect::<Vec<_>>(),
             "agent ready"
         );
-
-        let result = loop {
-            let permit = tokio::select! {
-                // Stop taking work as soon as shutdown is asked for.
-                biased;
-                _ = shutdown.cancelled() => break Ok(()),
-                permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            };
-            let next = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break Ok(()),
-                next = messages.next() => next,
-            };
-            match next {
-                Some(Ok(message)) => {
-                    let this = self.clone();
-                    tracker.spawn(async move {
-                        this.handle(message, keepalive).await;
-                        drop(permit);
-                    });
-                }
-                Some(Err(e)) => match e.kind() {
-                    MessagesErrorKind::MissingHeartbeat => {
-                        tracing::debug!("no heartbeat from the server; still pulling")
-                    }
-                    MessagesErrorKind::ConsumerDeleted
-                    | MessagesErrorKind::RequestLimitExceeded => {
-                        break Err(Error::Nats(format!("pulling commands stopped: {e}")));
-                    }
-                    _ => tracing::warn!(error = %e, "pulling commands"),
-                },
-                None => break Err(Error::Nats("the command stream ended".into())),
-            }
-        };
-        drop(messages);
+        let result = rct_streams::work::consume(
+            &consumer,
+            self.config.concurrency,
+            &shutdown,
+            &tracker,
+            |message| {
+                let this = self.clone();
+                async move { this.handle(message, keepalive).await }
+            },
+        )
+        .await
+        .map_err(Error::from);
         tracker.close();
         let running = async {
             // Presence stays while commands finish, so no other agent calls them unknown.

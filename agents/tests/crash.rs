@@ -80,7 +80,11 @@ async fn a_killed_agent_leaves_its_command_unknown_and_never_rerun() {
     })
     .await
     .expect("the first agent starts the command");
-    assert!(h.present("scripts", 1).await[0].instance.starts_with("doomed-"));
+    assert!(
+        h.present("scripts", 1).await[0]
+            .instance
+            .starts_with("doomed-")
+    );
     first.0.kill().unwrap();
     first.0.wait().unwrap();
     // Nobody removes a killed agent's presence: its TTL does.

@@ -8,6 +8,7 @@
 //! - [`Publisher`], [`Outgoing`], [`Slot`]: acknowledged, deduplicated, retried publishes;
 //!   [`Slot::Taken`] when a decision, claim or outcome already exists.
 //! - [`replay`]: a command's history, a filtered time range, or history then live.
+//! - [`work`]: consuming a durable consumer with bounded concurrency until shutdown.
 //! - [`runtime`]: logging and signal handling shared by the binaries.
 //! - [`CommandState`], [`Phase`]: the lifecycle folded from events.
 
@@ -20,6 +21,7 @@ pub mod replay;
 pub mod runtime;
 pub mod timestamp;
 pub mod topology;
+pub mod work;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -1,7 +1,55 @@
-//! What every rct binary does the same way at start: logging from `RCT_LOG` /
-//! `RCT_LOG_FORMAT`, and a shutdown token fired by SIGINT or SIGTERM.
+//! What every rct binary does the same way: layered configuration, logging from `RCT_LOG` /
+//! `RCT_LOG_FORMAT`, a shutdown token fired by SIGINT or SIGTERM, and the exit status.
+
+use std::path::Path;
 
 use tokio_util::sync::CancellationToken;
+
+/// Environment variables that start with `RCT_` but are not settings.
+const NOT_SETTINGS: [&str; 3] = ["RCT_CONFIG", "RCT_LOG", "RCT_LOG_FORMAT"];
+
+/// Layers a component's settings: its defaults < `file` (YAML or TOML by extension) < `env`
+/// (`RCT_` variables, `__` for nesting, the `lists` keys comma-separated). `env` is passed
+/// in, so tests never touch the process environment. Unknown keys are refused by name.
+pub fn load_config<T: serde::de::DeserializeOwned>(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    lists: &[&str],
+) -> Result<T, String> {
+    let env: std::collections::HashMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("RCT_") && !NOT_SETTINGS.contains(&k.as_str()))
+        .collect();
+    let mut environment = config::Environment::with_prefix("RCT")
+        .prefix_separator("_")
+        .separator("__")
+        .list_separator(",")
+        .try_parsing(true)
+        .source(Some(env));
+    for key in lists {
+        environment = environment.with_list_parse_key(key);
+    }
+    let mut builder = config::Config::builder();
+    if let Some(file) = file {
+        builder = builder.add_source(config::File::from(file).required(true));
+    }
+    builder
+        .add_source(environment)
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| e.to_string())
+}
+
+/// The exit status of a binary named `name`: 0, or 2 after printing the error chain.
+pub fn exit<E: std::fmt::Display>(name: &str, result: Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
 
 /// Logs to stderr; `RCT_LOG` filters (default `info`), `RCT_LOG_FORMAT=json` for JSON lines.
 pub fn init_logging() {

@@ -21,13 +21,7 @@ struct Args {
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     rct_streams::runtime::init_logging();
-    match run(args).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("rct-demo-traffic: {e:#}");
-            std::process::ExitCode::from(2)
-        }
-    }
+    rct_streams::runtime::exit("rct-demo-traffic", run(args).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
