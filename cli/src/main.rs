@@ -1,15 +1,6 @@
-//! `rct`, the operator's command line: fire an operation, watch it, replay what happened.
-//!
-//! Today the binary answers `--help` and `--version`; the verbs (login, ops, fire-and-watch,
-//! history, dev, demo) arrive with the CLI issue.
+//! `rct`: see the `rct_cli` library for the verbs.
 
-use clap::Parser;
-
-/// rct: a control tower for production admin operations.
-#[derive(Debug, Parser)]
-#[command(name = "rct", version, about)]
-struct Cli {}
-
-fn main() {
-    let _cli = Cli::parse();
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    rct_cli::main().await
 }

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// How to reach NATS.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Connection {
     /// Server URLs; the client fails over between them.

@@ -1,0 +1,177 @@
+//! `rct dev` and `rct demo`.
+
+use std::path::PathBuf;
+
+use rct_bus::OperationName;
+
+use crate::commands::{history, inspect, login, run};
+use crate::exit::{Error, Exit, Result};
+use crate::home::{Contexts, Home};
+use crate::remote::Global;
+use crate::render::Output;
+use crate::session::Session;
+use crate::stack::Stack;
+
+/// Run the whole system locally, in the foreground, until Ctrl-C.
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// Where the stack keeps its state (JetStream, keys, scripts).
+    #[arg(long, default_value = ".rct/dev")]
+    pub dir: PathBuf,
+    /// The NATS port.
+    #[arg(long, default_value_t = 4222)]
+    pub port: u16,
+}
+
+/// Runs `rct dev`.
+pub async fn dev(home: &Home, args: DevArgs) -> Result {
+    let stack = Stack::start(&args.dir, args.port).await?;
+    use_context(home, "dev", &stack.url)?;
+    eprintln!(
+        "rct dev is running: NATS at {url}, admission (dev issuer on), traffic agents for prod-1..4, workloads.\n\
+         State in {dir}. Context \"dev\" is now current; in another terminal:\n\n  \
+         rct login --dev --user alice --groups sre_team\n  \
+         rct ops\n  \
+         rct traffic drain-cluster --cluster prod-1 --justification SRE-101\n\n\
+         Ctrl-C stops everything.",
+        url = stack.url,
+        dir = stack.dir.display()
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    eprintln!("stopping…");
+    stack.stop().await;
+    Ok(Exit::Ok)
+}
+
+fn use_context(home: &Home, name: &str, url: &str) -> Result<()> {
+    let mut contexts: Contexts = home.contexts()?;
+    contexts.contexts.insert(
+        name.to_owned(),
+        rct_streams::Connection::to([url.to_owned()]),
+    );
+    contexts.current = Some(name.to_owned());
+    home.save_contexts(&contexts)
+}
+
+/// The demo: a local stack, a drain with live progress, the timeline and history, and a refused
+/// attempt by someone outside the allowed groups. Cleans up after itself.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// The NATS port (default: a free one).
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+/// Runs `rct demo`.
+pub async fn demo(args: DemoArgs) -> Result {
+    let scratch = tempfile::Builder::new()
+        .prefix("rct-demo-")
+        .tempdir()
+        .map_err(|e| Error::usage(format!("cannot make a scratch folder: {e}")))?;
+    let port = match args.port {
+        Some(port) => port,
+        None => std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| Error::usage(format!("no free port: {e}")))?,
+    };
+    step("starting nats-server, admission and the demo towers (traffic prod-1..4, workloads)");
+    let stack = Stack::start(&scratch.path().join("stack"), port).await?;
+    let home = Home::at(&scratch.path().join("home"));
+    use_context(&home, "demo", &stack.url)?;
+    let result = script(&home).await;
+    step("stopping the stack");
+    stack.stop().await;
+    result
+}
+
+fn step(text: &str) {
+    eprintln!("\n\x1b[1m==> {text}\x1b[0m");
+}
+
+async fn script(home: &Home) -> Result {
+    let global = Global::default();
+    let remote = crate::remote::connect(home, &global).await?;
+
+    step("$ rct login --dev --user alice --groups sre_team");
+    let token = login::dev_token(&remote.client, "alice", &["sre_team".into()]).await?;
+    login::exchange(&remote.client, &token)
+        .await?
+        .save(home, "demo")?;
+    eprintln!("logged in as alice@example.com (groups: sre_team)");
+
+    step("$ rct traffic drain-cluster --cluster prod-1 --justification DEMO-1");
+    let drain: OperationName = "traffic/drain-cluster".parse().expect("a valid name");
+    let fire = run::Fire {
+        justification: Some("DEMO-1".into()),
+        ..run::Fire::default()
+    };
+    let (exit, id) = run::fire_with_id(
+        home,
+        &global,
+        &drain,
+        vec![("cluster".into(), "prod-1".into())],
+        &fire,
+    )
+    .await?;
+    if exit != Exit::Ok {
+        return Err(Error::usage(format!("the demo drain ended {exit:?}")));
+    }
+
+    step(&format!("$ rct show {id}"));
+    inspect::show(
+        home,
+        &global,
+        inspect::One {
+            id: id.to_string(),
+            output: Output::Text,
+        },
+    )
+    .await?;
+
+    step("$ rct login --dev --user bob --groups app_oncall   # bob is not allowed to drain");
+    let token = login::dev_token(&remote.client, "bob", &["app_oncall".into()]).await?;
+    login::exchange(&remote.client, &token)
+        .await?
+        .save(home, "demo")?;
+    step("$ rct traffic drain-cluster --cluster prod-2 --justification DEMO-2");
+    let (refused, _) = run::fire_with_id(
+        home,
+        &global,
+        &drain,
+        vec![("cluster".into(), "prod-2".into())],
+        &run::Fire {
+            justification: Some("DEMO-2".into()),
+            ..run::Fire::default()
+        },
+    )
+    .await?;
+    if refused != Exit::Rejected {
+        return Err(Error::usage(format!(
+            "bob's drain was not refused: {refused:?}"
+        )));
+    }
+    eprintln!("(refused: exit code 3)");
+
+    step("$ rct history --since 10m");
+    history::run(
+        home,
+        &global,
+        history::Args {
+            since: std::time::Duration::from_secs(600),
+            until: None,
+            tower: None,
+            target: None,
+            operator: None,
+            outcome: None,
+            follow: false,
+            output: Output::Text,
+        },
+    )
+    .await?;
+    let _ = Session::load(home, "demo");
+    eprintln!(
+        "\nThat was rct: a typed, permissioned operation, watched live, with every step on record."
+    );
+    Ok(Exit::Ok)
+}

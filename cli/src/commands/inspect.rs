@@ -1,0 +1,328 @@
+//! After the fact: `rct watch`, `rct status`, `rct show`, `rct cancel`, `rct agents`.
+
+use futures::StreamExt;
+use rct_bus::proto::{self, event::Kind};
+use rct_bus::{CommandId, EventKind, OperationName};
+use rct_streams::replay;
+use rct_streams::{CommandState, Record};
+
+use crate::commands::run::{self, submit};
+use crate::exit::{Error, Exit, Result};
+use crate::home::Home;
+use crate::remote::{self, Global, Remote};
+use crate::render::{self, Output};
+use crate::session::Session;
+
+/// One command, by id.
+#[derive(Debug, clap::Args)]
+pub struct One {
+    /// The command id (printed when it was submitted).
+    pub id: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+fn parse(id: &str) -> Result<CommandId> {
+    id.parse().map_err(|_| {
+        Error::usage(format!(
+            "{id:?} is not a command id (26 characters, as rct printed it)"
+        ))
+    })
+}
+
+async fn history(remote: &Remote, id: CommandId) -> Result<Vec<Record>> {
+    let records = replay::command_history(&remote.js, id)
+        .await
+        .map_err(|e| Error::usage(format!("cannot read {id}: {e}")))?;
+    if records.is_empty() {
+        return Err(Error::usage(format!("there is no command {id}")));
+    }
+    Ok(records)
+}
+
+/// `rct watch <id>`: its history, then live, to the end.
+pub async fn watch(home: &Home, global: &Global, args: One) -> Result {
+    let id = parse(&args.id)?;
+    let remote = remote::connect(home, global).await?;
+    run::watch(&remote, id, args.output).await
+}
+
+/// `rct status <id>`: where it is, in one line.
+#[allow(clippy::print_stdout)] // the status is the result
+pub async fn status(home: &Home, global: &Global, args: One) -> Result {
+    let id = parse(&args.id)?;
+    let remote = remote::connect(home, global).await?;
+    let records = history(&remote, id).await?;
+    let state = CommandState::fold(&records).expect("not empty");
+    match args.output {
+        Output::Json => println!("{}", state_json(&state)),
+        Output::Text => println!("{}", line(&state)),
+    }
+    Ok(exit_of(&state))
+}
+
+fn exit_of(state: &CommandState) -> Exit {
+    match state.phase {
+        rct_streams::Phase::Succeeded
+        | rct_streams::Phase::Pending
+        | rct_streams::Phase::Admitted
+        | rct_streams::Phase::Running => Exit::Ok,
+        rct_streams::Phase::Rejected => Exit::Rejected,
+        _ => Exit::Failed,
+    }
+}
+
+/// One line per command: time, operation, target, operator, justification, outcome, duration.
+pub fn line(state: &CommandState) -> String {
+    let when = state
+        .decided_at
+        .or(state.started_at)
+        .map_or_else(|| "?".to_owned(), render::datetime);
+    let request = state.request.as_ref();
+    let took = state
+        .duration()
+        .map_or_else(String::new, |d| format!(" in {}", render::duration(d)));
+    let detail = match (&state.outcome, &state.decision) {
+        (Some(kind), _) => match kind {
+            Kind::Failed(f) => format!(" ({})", f.code),
+            Kind::Unknown(_) => " (agent died)".into(),
+            _ => String::new(),
+        },
+        (None, Some(Kind::Rejected(r))) => format!(" ({})", rct_bus::rejection_code_name(r.code)),
+        _ => state
+            .progress
+            .as_ref()
+            .map(|p| format!(" ({}%)", p.percent))
+            .unwrap_or_default(),
+    };
+    format!(
+        "{when}  {}  {:<24} {:<8} {:<22} {:<10} {}{detail}{took}",
+        state.command_id,
+        state.operation,
+        if state.target.is_empty() {
+            "-"
+        } else {
+            &state.target
+        },
+        render::operator(request.and_then(|r| r.operator.as_ref())),
+        request.map_or("", |r| r.justification.as_str()),
+        state.phase,
+    )
+}
+
+/// A command's state as JSON.
+pub fn state_json(state: &CommandState) -> serde_json::Value {
+    let request = state.request.as_ref();
+    serde_json::json!({
+        "command_id": state.command_id.to_string(),
+        "operation": state.operation,
+        "target": state.target,
+        "phase": state.phase.as_str(),
+        "operator": render::operator(request.and_then(|r| r.operator.as_ref())),
+        "justification": request.map(|r| r.justification.clone()),
+        "params": request.map(|r| render::params(&r.params)),
+        "decided_at": state.decided_at.map(render::datetime),
+        "started_at": state.started_at.map(render::datetime),
+        "ended_at": state.ended_at.map(render::datetime),
+        "duration_seconds": state.duration().map(|d| d.as_secs_f64()),
+        "agent": state.started.as_ref().map(|s| s.agent.clone()),
+        "outcome": state.outcome.as_ref().map(|k| render::describe(&proto::Event { kind: Some(k.clone()), ..Default::default() })),
+    })
+}
+
+/// `rct show <id>`: the whole timeline.
+#[allow(clippy::print_stdout)] // the timeline is the result
+pub async fn show(home: &Home, global: &Global, args: One) -> Result {
+    let id = parse(&args.id)?;
+    let remote = remote::connect(home, global).await?;
+    let records = history(&remote, id).await?;
+    let state = CommandState::fold(&records).expect("not empty");
+    if args.output == Output::Json {
+        for record in &records {
+            println!("{}", render::event_json(record));
+        }
+        return Ok(exit_of(&state));
+    }
+    let request = state.request.as_ref();
+    println!("command       {id}");
+    println!(
+        "operation     {} on {}",
+        state.operation,
+        if state.target.is_empty() {
+            "-"
+        } else {
+            &state.target
+        }
+    );
+    println!(
+        "requested by  {} (groups: {})",
+        render::operator(request.and_then(|r| r.operator.as_ref())),
+        request
+            .and_then(|r| r.operator.as_ref())
+            .map(|o| o.groups.join(", "))
+            .unwrap_or_default()
+    );
+    println!(
+        "why           {}",
+        request.map_or("", |r| r.justification.as_str())
+    );
+    println!(
+        "parameters    {}",
+        request
+            .map(|r| render::params(&r.params))
+            .unwrap_or_default()
+    );
+    if request.is_some_and(|r| r.dry_run) {
+        println!("dry run       yes");
+    }
+    println!("state         {}", state.phase);
+    println!();
+    for record in &records {
+        let who = if record.kind == EventKind::Log {
+            String::new()
+        } else {
+            format!("  [{}]", record.event.source)
+        };
+        println!(
+            "{}  {:<8} {}{who}",
+            render::at(&record.event),
+            record.kind.as_str(),
+            render::describe(&record.event)
+        );
+    }
+    Ok(exit_of(&state))
+}
+
+/// `rct cancel <id>`: ask admission to cancel a command; the agent stops it.
+#[derive(Debug, clap::Args)]
+pub struct CancelArgs {
+    /// The command id.
+    pub id: String,
+    /// Why.
+    #[arg(long, short = 'j')]
+    pub justification: Option<String>,
+    /// Do not wait for the command to end.
+    #[arg(long)]
+    pub detach: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+/// Runs `rct cancel`.
+pub async fn cancel(home: &Home, global: &Global, args: CancelArgs) -> Result {
+    let id = parse(&args.id)?;
+    let remote = remote::connect(home, global).await?;
+    let session = Session::load(home, &remote.context)?;
+    let records = history(&remote, id).await?;
+    let state = CommandState::fold(&records).expect("not empty");
+    if state.phase.is_terminal() {
+        return Err(Error::usage(format!(
+            "{id} has already ended: {}",
+            state.phase
+        )));
+    }
+    let name: OperationName = state
+        .operation
+        .parse()
+        .map_err(|_| Error::usage(format!("{id} names no operation")))?;
+    let request = proto::submission::Request::Cancel(proto::Cancel {
+        command_id: id.to_string(),
+    });
+    let cancel_id = submit(
+        &remote,
+        &session,
+        &name,
+        args.justification.as_deref().unwrap_or_default(),
+        request,
+    )
+    .await?;
+    // The cancel request's own decision first.
+    let mut decision = replay::follow(&remote.js, &replay::Filter::command(cancel_id))
+        .await
+        .map_err(|e| Error::usage(e.to_string()))?;
+    while let Some(item) = decision.next().await {
+        if let Ok(replay::Item::Event(record)) = item {
+            match &record.event.kind {
+                Some(Kind::Rejected(_)) => {
+                    eprintln!("{}", render::describe(&record.event));
+                    return Ok(Exit::Rejected);
+                }
+                Some(Kind::Admitted(_)) => break,
+                _ => {}
+            }
+        }
+    }
+    eprintln!("cancel of {id} requested");
+    if args.detach {
+        return Ok(Exit::Ok);
+    }
+    run::watch(&remote, id, args.output).await
+}
+
+/// `rct agents`: the live agents.
+#[derive(Debug, clap::Args)]
+pub struct AgentsArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+/// Runs `rct agents`.
+#[allow(clippy::print_stdout)] // the listing is the result
+pub async fn agents(home: &Home, global: &Global, args: AgentsArgs) -> Result {
+    let remote = remote::connect(home, global).await?;
+    let bucket = remote
+        .js
+        .get_key_value(rct_streams::topology::AGENTS_BUCKET)
+        .await
+        .map_err(|e| Error::usage(format!("cannot read live agents: {e}")))?;
+    let mut keys = bucket
+        .keys()
+        .await
+        .map_err(|e| Error::usage(e.to_string()))?;
+    let mut agents: Vec<rct_bus::presence::Presence> = Vec::new();
+    while let Some(key) = keys.next().await {
+        let Ok(key) = key else { continue };
+        if let Ok(Some(value)) = bucket.get(&key).await
+            && let Ok(presence) = serde_json::from_slice(&value)
+        {
+            agents.push(presence);
+        }
+    }
+    agents.sort_by(|a, b| {
+        (&a.tower, &a.target, &a.instance).cmp(&(&b.tower, &b.target, &b.instance))
+    });
+    if args.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string(&agents).expect("presence serializes")
+        );
+        return Ok(Exit::Ok);
+    }
+    if agents.is_empty() {
+        eprintln!("no live agents");
+        return Ok(Exit::Ok);
+    }
+    let mut rows = vec![[
+        "TOWER".to_owned(),
+        "TARGET".to_owned(),
+        "INSTANCE".to_owned(),
+        "HOST".to_owned(),
+        "SINCE".to_owned(),
+        "OPERATIONS".to_owned(),
+    ]];
+    for a in agents {
+        rows.push([
+            a.tower,
+            a.target,
+            a.instance,
+            a.host,
+            a.started_at,
+            a.operations.join(","),
+        ]);
+    }
+    crate::commands::ops::print_table(&rows);
+    Ok(Exit::Ok)
+}

@@ -1,0 +1,165 @@
+//! `rct ops` and `rct ops describe`: what can be run, by whom, with what.
+
+use rct_bus::OperationName;
+use rct_bus::catalog::{Flavour, Served};
+
+use crate::exit::{Error, Exit, Result};
+use crate::home::Home;
+use crate::remote::{self, Global};
+use crate::render::Output;
+
+/// List the operations (or describe one).
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// `describe <tower>/<op>`, or nothing for the list.
+    #[command(subcommand)]
+    pub describe: Option<Describe>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t, global = true)]
+    pub output: Output,
+}
+
+/// `rct ops describe <tower>/<op>`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Describe {
+    /// Parameters with types, limits and defaults; the justification rule; who may run it.
+    Describe {
+        /// `<tower>/<op>`.
+        operation: String,
+    },
+}
+
+/// Runs `rct ops`.
+pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
+    let remote = remote::connect(home, global).await?;
+    let served = remote.catalog(home).await?;
+    match args.describe {
+        None => list(&served, args.output),
+        Some(Describe::Describe { operation }) => describe(&served, &operation, args.output),
+    }
+}
+
+#[allow(clippy::print_stdout)] // the listing is the result
+fn list(served: &Served, output: Output) -> Result {
+    if output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string(served).expect("a catalog serializes")
+        );
+        return Ok(Exit::Ok);
+    }
+    let mut rows = vec![[
+        "OPERATION".to_owned(),
+        "TARGETS".to_owned(),
+        "ALLOWED GROUPS".to_owned(),
+        "DESCRIPTION".to_owned(),
+    ]];
+    for (name, op) in &served.catalog.operations {
+        let tower = name.split('/').next().unwrap_or_default();
+        let targets = match served.catalog.towers.get(tower) {
+            Some(t) if t.flavour == Flavour::Cluster => t.targets.join(","),
+            _ => "-".to_owned(),
+        };
+        rows.push([
+            name.clone(),
+            targets,
+            op.allowed_groups.join(","),
+            op.description.clone(),
+        ]);
+    }
+    print_table(&rows);
+    println!(
+        "\ncatalog {} — rct ops describe <tower>/<op> for parameters",
+        served.version
+    );
+    Ok(Exit::Ok)
+}
+
+#[allow(clippy::print_stdout)] // the description is the result
+fn describe(served: &Served, operation: &str, output: Output) -> Result {
+    let name: OperationName = operation
+        .parse()
+        .map_err(|e| Error::usage(format!("{e}")))?;
+    let (tower, op) = served.catalog.operation(&name).ok_or_else(|| {
+        Error::usage(format!(
+            "unknown operation {name}; rct ops lists the operations"
+        ))
+    })?;
+    if output == Output::Json {
+        println!(
+            "{}",
+            serde_json::json!({"operation": name.to_string(), "tower": tower, "spec": op})
+        );
+        return Ok(Exit::Ok);
+    }
+    println!("{name}: {}", op.description);
+    println!("  allowed groups: {}", op.allowed_groups.join(", "));
+    let rule = &op.justification;
+    println!(
+        "  justification:  {}{}",
+        if rule.required {
+            "required"
+        } else {
+            "optional"
+        },
+        rule.pattern
+            .as_ref()
+            .map(|p| format!(", matching {p}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "  must start within {}, finish within {}{}",
+        humantime::format_duration(op.deadline),
+        humantime::format_duration(op.timeout),
+        if op.idempotent { "; idempotent" } else { "" }
+    );
+    let mut rows = vec![[
+        "PARAMETER".to_owned(),
+        "ACCEPTS".to_owned(),
+        "DEFAULT".to_owned(),
+        "DESCRIPTION".to_owned(),
+    ]];
+    for (pname, param) in &op.params {
+        let accepts = if param.kind == rct_bus::catalog::Type::Target {
+            format!("one of {}", tower.targets.join(", "))
+        } else {
+            param.describe()
+        };
+        let default = param
+            .default_value()
+            .map(|v| rct_bus::catalog::display_value(&v))
+            .unwrap_or_else(|| "(required)".into());
+        let note = if param.secret { " (secret)" } else { "" };
+        rows.push([
+            format!("--{}", pname.replace('_', "-")),
+            accepts,
+            default,
+            format!("{}{note}", param.description),
+        ]);
+    }
+    println!();
+    print_table(&rows);
+    Ok(Exit::Ok)
+}
+
+/// Left-aligned columns, two spaces apart.
+#[allow(clippy::print_stdout)] // tables are results
+pub fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}

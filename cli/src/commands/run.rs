@@ -1,0 +1,371 @@
+//! Fire an operation and watch it to the end.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use prost::Message as _;
+use rct_bus::catalog::Served;
+use rct_bus::proto::{self, event::Kind};
+use rct_bus::{CommandId, OperationName, Purpose, Subject};
+use rct_streams::replay::{self, Filter, Item};
+use rct_streams::timestamp::{from_datetime, to_datetime};
+use rct_streams::{Outgoing, Publisher};
+use time::OffsetDateTime;
+
+use crate::exit::{Error, Exit, Result};
+use crate::home::Home;
+use crate::remote::{self, Global, Remote};
+use crate::render::{Live, Output};
+use crate::session::Session;
+
+/// `rct run <tower>/<op> -p name=value …`: the generic form of `rct <tower> <op> --name value`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The operation, `<tower>/<op>` (rct ops lists them).
+    pub operation: String,
+    /// A parameter, `name=value`; repeat for each.
+    #[arg(short = 'p', long = "param", value_parser = parse_pair)]
+    pub params: Vec<(String, String)>,
+    /// How to fire and what to show.
+    #[command(flatten)]
+    pub fire: Fire,
+}
+
+/// How to fire and what to show.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Fire {
+    /// Why: a ticket or incident reference (the operation's rule says which form).
+    #[arg(long, short = 'j')]
+    pub justification: Option<String>,
+    /// Ask the agent to change nothing and say what it would do.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the command id and exit; watch later with rct watch.
+    #[arg(long)]
+    pub detach: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+fn parse_pair(s: &str) -> std::result::Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not name=value"))
+}
+
+/// Runs `rct run`.
+pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
+    let name: OperationName = args
+        .operation
+        .parse()
+        .map_err(|e| Error::usage(format!("{e}; rct ops lists the operations")))?;
+    fire(home, global, &name, args.params, &args.fire).await
+}
+
+/// Checks the parameters against the catalog, signs, submits, and (unless detached) watches.
+pub async fn fire(
+    home: &Home,
+    global: &Global,
+    name: &OperationName,
+    raw: Vec<(String, String)>,
+    fire: &Fire,
+) -> Result {
+    fire_with_id(home, global, name, raw, fire)
+        .await
+        .map(|(exit, _)| exit)
+}
+
+/// [`fire`], also giving the command's id.
+pub async fn fire_with_id(
+    home: &Home,
+    global: &Global,
+    name: &OperationName,
+    raw: Vec<(String, String)>,
+    fire: &Fire,
+) -> Result<(Exit, CommandId)> {
+    let remote = remote::connect(home, global).await?;
+    let session = Session::load(home, &remote.context)?;
+    let served = remote.catalog(home).await?;
+    let (run, justification) = request(&served, name, raw, fire)?;
+    let command_id = submit(
+        &remote,
+        &session,
+        name,
+        &justification,
+        proto::submission::Request::Run(run),
+    )
+    .await?;
+    if fire.detach {
+        #[allow(clippy::print_stdout)] // the id is the result
+        {
+            println!("{command_id}");
+        }
+        eprintln!("submitted; watch with: rct watch {command_id}");
+        return Ok((Exit::Ok, command_id));
+    }
+    if fire.output == Output::Text {
+        eprintln!("submitted {name} as {command_id}");
+    }
+    Ok((watch(&remote, command_id, fire.output).await?, command_id))
+}
+
+/// The checked request: the same checks and words as admission's.
+fn request(
+    served: &Served,
+    name: &OperationName,
+    raw: Vec<(String, String)>,
+    fire: &Fire,
+) -> Result<(proto::Run, String)> {
+    let (tower, operation) = served.catalog.operation(name).ok_or_else(|| {
+        Error::usage(format!(
+            "unknown operation {name}; rct ops lists the operations"
+        ))
+    })?;
+    let mut params = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (key, text) in raw {
+        let key = key.replace('-', "_");
+        match operation.params.get(&key) {
+            Some(param) => match param.parse(&key, &text) {
+                Ok(value) => {
+                    params.insert(key, value);
+                }
+                Err(e) => problems.push(e.message),
+            },
+            None => problems.push(format!(
+                "unknown parameter {key}; {name} takes: {}",
+                operation
+                    .params
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+    if problems.is_empty()
+        && let Err(errors) = operation.check(tower, &params)
+    {
+        problems.extend(errors.into_iter().map(|e| e.message));
+    }
+    let justification = fire.justification.clone().unwrap_or_default();
+    if let Err(message) = operation
+        .justification
+        .check(&name.to_string(), &justification)
+    {
+        problems.push(message);
+    }
+    if !problems.is_empty() {
+        return Err(Error::usage(format!(
+            "not submitted:\n  {}\n(rct ops describe {name} shows the parameters)",
+            problems.join("\n  ")
+        )));
+    }
+    let checked = operation.check(tower, &params).expect("checked above");
+    Ok((
+        proto::Run {
+            target: checked.target.to_string(),
+            params,
+            dry_run: fire.dry_run,
+        },
+        justification,
+    ))
+}
+
+/// Signs and publishes a submission; its id.
+pub async fn submit(
+    remote: &Remote,
+    session: &Session,
+    name: &OperationName,
+    justification: &str,
+    request: proto::submission::Request,
+) -> Result<CommandId> {
+    let command_id = CommandId::generate();
+    let now = OffsetDateTime::now_utc();
+    let submission = proto::Submission {
+        command_id: command_id.to_string(),
+        operation: name.to_string(),
+        justification: justification.to_owned(),
+        requested_at: Some(from_datetime(now)),
+        expires_at: Some(from_datetime(now + time::Duration::minutes(1))),
+        client: Some(proto::ClientInfo {
+            agent: format!("rct/{}", env!("CARGO_PKG_VERSION")),
+            host: nix_hostname(),
+        }),
+        request: Some(request),
+    };
+    let mut envelope = session
+        .key
+        .sign(Purpose::Submission, submission.encode_to_vec());
+    envelope.certificate = session.certificate.clone();
+    let outgoing = Outgoing::new(
+        Subject::submit(name),
+        command_id.msg_id(),
+        envelope.encode_to_vec().into(),
+    );
+    Publisher::new(remote.js.clone())
+        .send(outgoing)
+        .await
+        .map_err(|e| Error::usage(format!("cannot submit: {e}")))?;
+    Ok(command_id)
+}
+
+fn nix_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// How long to wait for admission's decision before saying so.
+const DECISION_WAIT: Duration = Duration::from_secs(30);
+
+/// Shows a command's events from the start until its outcome; the exit code follows it.
+pub async fn watch(remote: &Remote, id: CommandId, output: Output) -> Result {
+    let mut events = replay::follow(&remote.js, &Filter::command(id))
+        .await
+        .map_err(|e| Error::usage(format!("cannot watch {id}: {e}")))?;
+    let mut live = Live::new(output);
+    let mut decided = false;
+    let mut started = false;
+    let mut deadline: Option<OffsetDateTime> = None;
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        let wait = if !decided {
+            DECISION_WAIT
+        } else if !started {
+            deadline
+                .map(|d| d - OffsetDateTime::now_utc() + time::Duration::seconds(5))
+                .and_then(|d| d.try_into().ok())
+                .unwrap_or(Duration::from_secs(5))
+        } else {
+            Duration::MAX
+        };
+        let item = tokio::select! {
+            _ = &mut interrupted => {
+                eprintln!("\ndetached; {id} goes on. Reattach: rct watch {id}   Cancel: rct cancel {id}");
+                return Err(Error { exit: Exit::Interrupted, message: String::new() });
+            }
+            item = tokio::time::timeout(wait, events.next()) => item,
+        };
+        let record = match item {
+            Err(_) if !decided => {
+                return Err(Error::usage(format!(
+                    "no decision on {id} after {}s: admission may be down. Nothing runs without \
+                     a decision; the request stays queued until admission decides it or it \
+                     expires. Reattach: rct watch {id}",
+                    DECISION_WAIT.as_secs()
+                )));
+            }
+            Err(_) => {
+                eprintln!(
+                    "{id} was not started before its deadline: no agent took it (rct agents \
+                     shows who is running)"
+                );
+                return Ok(Exit::Failed);
+            }
+            Ok(None) => return Err(Error::usage("the event stream ended")),
+            Ok(Some(Err(e))) => {
+                tracing::debug!(error = %e, "while watching");
+                continue;
+            }
+            Ok(Some(Ok(Item::CaughtUp))) => continue,
+            Ok(Some(Ok(Item::Event(record)))) => record,
+        };
+        match &record.event.kind {
+            Some(Kind::Admitted(a)) => {
+                decided = true;
+                deadline = a.deadline.as_ref().and_then(to_datetime);
+            }
+            Some(Kind::Rejected(_)) => decided = true,
+            Some(Kind::Started(_)) => {
+                decided = true;
+                started = true;
+            }
+            Some(_) => decided = true,
+            None => {}
+        }
+        if let Some(exit) = live.show(&record) {
+            return Ok(exit);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served() -> Served {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/catalog.example.yaml");
+        let catalog: rct_bus::catalog::Catalog =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        Served {
+            version: catalog.version(),
+            catalog,
+        }
+    }
+
+    fn fire(justification: &str) -> Fire {
+        Fire {
+            justification: Some(justification.into()),
+            ..Fire::default()
+        }
+    }
+
+    #[test]
+    fn parameters_are_checked_with_admissions_words_before_submitting() {
+        let name: OperationName = "traffic/drain-cluster".parse().unwrap();
+        let pairs = |p: &[(&str, &str)]| -> Vec<(String, String)> {
+            p.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let (run, _) = request(
+            &served(),
+            &name,
+            pairs(&[("cluster", "prod-2"), ("keep-percent", "5")]),
+            &fire("SRE-1"),
+        )
+        .unwrap();
+        assert_eq!(run.target, "prod-2");
+        assert_eq!(run.params.len(), 2);
+
+        let error = request(
+            &served(),
+            &name,
+            pairs(&[("cluster", "prod-9"), ("keep_percent", "150")]),
+            &fire("SRE-1"),
+        )
+        .unwrap_err();
+        assert!(
+            error
+                .message
+                .contains("cluster must be one of prod-1, prod-2, prod-3, prod-4"),
+            "{error}"
+        );
+        let error = request(
+            &served(),
+            &name,
+            pairs(&[("cluster", "prod-1"), ("keep_percent", "150")]),
+            &fire("SRE-1"),
+        )
+        .unwrap_err();
+        assert!(
+            error
+                .message
+                .contains("keep_percent must be an integer from 0 to 100, got 150"),
+            "{error}"
+        );
+        let error =
+            request(&served(), &name, pairs(&[("cluster", "prod-1")]), &fire("")).unwrap_err();
+        assert!(
+            error
+                .message
+                .contains("needs a justification matching [A-Z]+-[0-9]+"),
+            "{error}"
+        );
+        assert_eq!(error.exit, Exit::Usage);
+    }
+}

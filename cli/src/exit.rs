@@ -1,0 +1,54 @@
+//! The CLI's documented exit codes and the error type that carries them.
+
+use std::fmt;
+
+/// How `rct` ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The operation succeeded (or the command did what was asked).
+    Ok = 0,
+    /// The operation failed, was cancelled, expired or ended unknown.
+    Failed = 1,
+    /// Usage, configuration or infrastructure error.
+    Usage = 2,
+    /// Rejected by admission.
+    Rejected = 3,
+    /// Ctrl-C while watching: detached, the command goes on.
+    Interrupted = 130,
+}
+
+/// An error with the exit code it maps to; printed as `rct: <message>`.
+#[derive(Debug)]
+pub struct Error {
+    /// The exit code.
+    pub exit: Exit,
+    /// What to tell the person.
+    pub message: String,
+}
+
+impl Error {
+    /// A usage, configuration or infrastructure error (exit 2).
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self {
+            exit: Exit::Usage,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<anyhow::Error> for Error {
+    fn from(e: anyhow::Error) -> Self {
+        Self::usage(format!("{e:#}"))
+    }
+}
+
+/// Result of a verb: the exit code to end with, or an error.
+pub type Result<T = Exit> = std::result::Result<T, Error>;

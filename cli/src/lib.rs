@@ -1,0 +1,238 @@
+//! `rct`, the operator's command line: fire an operation and watch it, look back at what
+//! happened, run the whole system locally.
+//!
+//! Exit codes: 0 the operation succeeded; 1 it failed, was cancelled, expired or ended
+//! unknown; 2 usage, configuration or infrastructure error; 3 rejected by admission; 130
+//! interrupted while watching (the command goes on). Data on stdout, progress on stderr.
+
+/// One module per verb.
+pub mod commands {
+    pub mod context;
+    pub mod dev;
+    pub mod history;
+    pub mod inspect;
+    pub mod login;
+    pub mod ops;
+    pub mod run;
+}
+pub mod exit;
+pub mod home;
+pub mod remote;
+pub mod render;
+pub mod session;
+pub mod stack;
+
+use clap::{Arg, ArgMatches, Args as _, CommandFactory, FromArgMatches, Parser, Subcommand};
+use rct_bus::catalog::{Served, Type};
+use rct_bus::{OpName, OperationName, Tower};
+
+use crate::commands::{context, dev, history, inspect, login, ops, run};
+use crate::exit::{Error, Exit};
+use crate::home::Home;
+use crate::remote::Global;
+
+/// rct: a control tower for production admin operations.
+///
+/// Every operation of the catalog is also a command: `rct <tower> <op> --<param> VALUE
+/// --justification WHY` (see `rct ops`). Start locally with `rct dev` or `rct demo`.
+#[derive(Debug, Parser)]
+#[command(name = "rct", version, about, long_about)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Debug, Subcommand)]
+enum Verb {
+    /// Log in: exchange an id_token for an operator certificate.
+    Login(login::Args),
+    /// Show who you are logged in as, and until when.
+    Whoami(login::WhoamiArgs),
+    /// List the operations (or describe one).
+    Ops(ops::Args),
+    /// Fire an operation by name: rct run traffic/drain-cluster -p cluster=prod-1 -j SRE-1.
+    Run(run::Args),
+    /// Watch a command: its history, then live, to the end.
+    Watch(inspect::One),
+    /// Where a command is, in one line.
+    Status(inspect::One),
+    /// A command's full timeline: every event, who, why, which agent, the log.
+    Show(inspect::One),
+    /// Ask to cancel a running command.
+    Cancel(inspect::CancelArgs),
+    /// The live agents, per tower and target.
+    Agents(inspect::AgentsArgs),
+    /// One line per command: what happened, who asked, why, how it went.
+    History(history::Args),
+    /// Manage contexts (how to reach NATS).
+    #[command(subcommand)]
+    Context(context::Args),
+    /// Run the whole system locally in the foreground.
+    Dev(dev::DevArgs),
+    /// Run the demo: a local stack, a drain with live progress, its timeline and history.
+    Demo(dev::DemoArgs),
+    /// Print a shell completion script (bash, zsh, fish, …).
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Parses the command line, runs the verb, and returns the exit status.
+pub async fn main() -> std::process::ExitCode {
+    let home = Home::locate();
+    let catalog = catalog_for_commands(&home).await;
+    let matches = command(catalog.as_ref()).get_matches();
+    let result = dispatch(&home, catalog.as_ref(), matches).await;
+    let exit = match result {
+        Ok(exit) => exit,
+        Err(e) => {
+            if !e.message.is_empty() {
+                eprintln!("rct: {}", e.message);
+            }
+            e.exit
+        }
+    };
+    std::process::ExitCode::from(exit as u8)
+}
+
+/// The built-in verbs plus one command per tower and operation of the catalog.
+fn command(catalog: Option<&Served>) -> clap::Command {
+    let mut command = Cli::command();
+    let Some(served) = catalog else {
+        return command;
+    };
+    for (tower, spec) in &served.catalog.towers {
+        if Verb::has_subcommand(tower) || Tower::new(tower.as_str()).is_err() {
+            continue;
+        }
+        let mut tower_command = clap::Command::new(tower.clone())
+            .about(spec.description.clone())
+            .subcommand_required(true);
+        for (name, op) in &served.catalog.operations {
+            let Some(op_name) = name.strip_prefix(&format!("{tower}/")) else {
+                continue;
+            };
+            let mut op_command =
+                clap::Command::new(op_name.to_owned()).about(op.description.clone());
+            for (param_name, param) in &op.params {
+                let mut help = param.describe();
+                if param.kind == Type::Target {
+                    help = format!("one of {}", spec.targets.join(", "));
+                }
+                if let Some(default) = param.default_value() {
+                    help = format!(
+                        "{help} [default: {}]",
+                        rct_bus::catalog::display_value(&default)
+                    );
+                }
+                if !param.description.is_empty() {
+                    help = format!("{}: {help}", param.description);
+                }
+                let mut arg = Arg::new(param_name.clone())
+                    .long(param_name.replace('_', "-"))
+                    .value_name(param.kind.to_string().to_uppercase())
+                    .help(help);
+                let values: Vec<String> = match param.kind {
+                    Type::Enum => param.values.clone(),
+                    Type::Target => spec.targets.clone(),
+                    _ => Vec::new(),
+                };
+                if !values.is_empty() {
+                    arg = arg.value_parser(clap::builder::PossibleValuesParser::new(values));
+                }
+                op_command = op_command.arg(arg);
+            }
+            let rule = &op.justification;
+            op_command = run::Fire::augment_args(op_command).after_help(format!(
+                "Allowed groups: {}. Justification: {}{}.",
+                op.allowed_groups.join(", "),
+                if rule.required {
+                    "required"
+                } else {
+                    "optional"
+                },
+                rule.pattern
+                    .as_ref()
+                    .map(|p| format!(", matching {p}"))
+                    .unwrap_or_default()
+            ));
+            tower_command = tower_command.subcommand(op_command);
+        }
+        command = command.subcommand(tower_command);
+    }
+    command
+}
+
+/// The catalog the dynamic commands are made from: the cached one, refreshed from the server
+/// when the command line names something that is not a built-in verb.
+async fn catalog_for_commands(home: &Home) -> Option<Served> {
+    let context = remote::resolve(home, &Global::default()).ok()?.0;
+    let cached = remote::cached_catalog(home, &context);
+    let first = std::env::args().nth(1)?;
+    let is_verb = first.starts_with('-') || Verb::has_subcommand(&first) || first == "help";
+    let known = cached
+        .as_ref()
+        .is_some_and(|s| s.catalog.towers.contains_key(&first));
+    if is_verb || known {
+        return cached;
+    }
+    // An unknown first word: maybe a tower the cache does not know yet.
+    match remote::connect(home, &Global::default()).await {
+        Ok(remote) => remote.catalog(home).await.ok().or(cached),
+        Err(_) => cached,
+    }
+}
+
+async fn dispatch(home: &Home, catalog: Option<&Served>, matches: ArgMatches) -> exit::Result {
+    let global = Global::from_arg_matches(&matches).map_err(|e| Error::usage(e.to_string()))?;
+    if let Some((tower, tower_matches)) = matches.subcommand()
+        && !Verb::has_subcommand(tower)
+        && let Some(served) = catalog
+        && let Some((op, op_matches)) = tower_matches.subcommand()
+    {
+        let name = OperationName::new(
+            Tower::new(tower).map_err(|e| Error::usage(e.to_string()))?,
+            OpName::new(op).map_err(|e| Error::usage(e.to_string()))?,
+        );
+        let spec = served.catalog.operations.get(&name.to_string());
+        let params: Vec<(String, String)> = spec
+            .map(|op| {
+                op.params
+                    .keys()
+                    .filter_map(|p| {
+                        op_matches
+                            .get_one::<String>(p)
+                            .map(|v| (p.clone(), v.clone()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let fire =
+            run::Fire::from_arg_matches(op_matches).map_err(|e| Error::usage(e.to_string()))?;
+        return run::fire(home, &global, &name, params, &fire).await;
+    }
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| Error::usage(e.to_string()))?;
+    match cli.verb {
+        Verb::Login(args) => login::run(home, &global, args).await,
+        Verb::Whoami(args) => login::whoami(home, &global, args),
+        Verb::Ops(args) => ops::run(home, &global, args).await,
+        Verb::Run(args) => run::run(home, &global, args).await,
+        Verb::Watch(args) => inspect::watch(home, &global, args).await,
+        Verb::Status(args) => inspect::status(home, &global, args).await,
+        Verb::Show(args) => inspect::show(home, &global, args).await,
+        Verb::Cancel(args) => inspect::cancel(home, &global, args).await,
+        Verb::Agents(args) => inspect::agents(home, &global, args).await,
+        Verb::History(args) => history::run(home, &global, args).await,
+        Verb::Context(args) => context::run(home, args),
+        Verb::Dev(args) => dev::dev(home, args).await,
+        Verb::Demo(args) => dev::demo(args).await,
+        Verb::Completion { shell } => {
+            let mut command = command(catalog);
+            clap_complete::generate(shell, &mut command, "rct", &mut std::io::stdout());
+            Ok(Exit::Ok)
+        }
+    }
+}

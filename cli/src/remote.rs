@@ -1,0 +1,105 @@
+//! Reaching rct: which context, connecting, and the catalog (cached per context).
+
+use rct_bus::catalog::Served;
+use rct_streams::Connection;
+use rct_streams::topology::{CATALOG_BUCKET, CATALOG_KEY};
+
+use crate::exit::{Error, Result};
+use crate::home::{DEFAULT_CONTEXT, Home};
+
+/// The flags every verb takes.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Global {
+    /// The context to use (see `rct context`); default: $RCT_CONTEXT, then the current one.
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    /// NATS server URL, overriding the context's; repeat for several.
+    #[arg(long = "server", global = true)]
+    pub servers: Vec<String>,
+}
+
+/// A connection to rct's NATS.
+#[derive(Clone, Debug)]
+pub struct Remote {
+    /// The context's name.
+    pub context: String,
+    /// The client.
+    pub client: async_nats::Client,
+    /// JetStream (with the context's domain).
+    pub js: async_nats::jetstream::Context,
+}
+
+/// The context's name and connection settings.
+pub fn resolve(home: &Home, global: &Global) -> Result<(String, Connection)> {
+    let contexts = home.contexts()?;
+    let name = global
+        .context
+        .clone()
+        .or_else(|| std::env::var("RCT_CONTEXT").ok())
+        .or(contexts.current.clone())
+        .unwrap_or_else(|| DEFAULT_CONTEXT.to_owned());
+    let mut connection = match contexts.contexts.get(&name) {
+        Some(c) => c.clone(),
+        None if name == DEFAULT_CONTEXT => Connection::default(),
+        None => {
+            return Err(Error::usage(format!(
+                "there is no context {name}; rct context list shows the known ones"
+            )));
+        }
+    };
+    if !global.servers.is_empty() {
+        connection.servers = global.servers.clone();
+    }
+    connection
+        .inbox_prefix
+        .get_or_insert_with(|| "_INBOX_rct".to_owned());
+    Ok((name, connection))
+}
+
+/// Connects, failing at once with a way forward when nothing answers.
+pub async fn connect(home: &Home, global: &Global) -> Result<Remote> {
+    let (context, connection) = resolve(home, global)?;
+    let client = connection.connect("rct", false).await.map_err(|e| {
+        Error::usage(format!(
+            "{e} (context {context}); is `rct dev` running, or is the context right? (rct context list)"
+        ))
+    })?;
+    let js = connection.jetstream(client.clone());
+    Ok(Remote {
+        context,
+        client,
+        js,
+    })
+}
+
+impl Remote {
+    /// The catalog admission serves; cached for offline `--help`.
+    pub async fn catalog(&self, home: &Home) -> Result<Served> {
+        let missing = || {
+            Error::usage(
+                "admission serves no catalog here (bucket rct_catalog is empty or missing); is admission running?",
+            )
+        };
+        let bucket = self
+            .js
+            .get_key_value(CATALOG_BUCKET)
+            .await
+            .map_err(|_| missing())?;
+        let bytes = bucket
+            .get(CATALOG_KEY)
+            .await
+            .map_err(|e| Error::usage(format!("cannot read the catalog: {e}")))?
+            .ok_or_else(missing)?;
+        let served: Served = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::usage(format!("the served catalog is not readable: {e}")))?;
+        let cache = home.context_dir(&self.context).join("catalog.json");
+        let _ = crate::home::write_private(&cache, &bytes);
+        Ok(served)
+    }
+}
+
+/// The catalog cached for `context` by the last command that read it.
+pub fn cached_catalog(home: &Home, context: &str) -> Option<Served> {
+    let bytes = std::fs::read(home.context_dir(context).join("catalog.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}

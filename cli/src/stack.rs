@@ -1,0 +1,277 @@
+//! The whole system on one machine, for `rct dev` and `rct demo`: a nats-server child process
+//! (JetStream in a local folder, domain `hub`), the topology provisioned, admission with the
+//! development issuer and a key generated on first use, and the demo towers (traffic agents
+//! for prod-1..4 on a simulated load balancer, workloads through the script runner).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rct_agents::demo::{LoadBalancer, traffic_tower};
+use rct_agents::script::Scripts;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::exit::{Error, Result};
+
+/// The demo catalog and the workloads scripts, shipped inside the binary.
+const CATALOG: &str = include_str!("../../ops/catalog.example.yaml");
+const WORKLOADS: &str = include_str!("../../ops/examples/workloads.yaml");
+const SCRIPTS: [(&str, &str); 3] = [
+    (
+        "restart-workload.py",
+        include_str!("../../ops/examples/restart-workload.py"),
+    ),
+    ("scale.py", include_str!("../../ops/examples/scale.py")),
+    (
+        "set-secret.py",
+        include_str!("../../ops/examples/set-secret.py"),
+    ),
+];
+/// The traffic tower's targets in the demo catalog.
+const TARGETS: [&str; 4] = ["prod-1", "prod-2", "prod-3", "prod-4"];
+/// Where `ops/bootstrap` installs nats-server in this source tree.
+const BOOTSTRAPPED: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../.tools/nats/bin/nats-server"
+);
+
+/// A running local stack.
+#[derive(Debug)]
+pub struct Stack {
+    server: Child,
+    /// The client URL.
+    pub url: String,
+    /// Where its state lives.
+    pub dir: PathBuf,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The nats-server to run: `$NATS_SERVER_BIN`, then `PATH`, then this tree's bootstrap folder.
+fn nats_server() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("nats-server"))
+            .find(|candidate| candidate.is_file())
+    });
+    if let Some(bin) = on_path {
+        return Ok(bin);
+    }
+    let local = PathBuf::from(BOOTSTRAPPED);
+    if local.is_file() {
+        return Ok(local);
+    }
+    Err(Error::usage(
+        "nats-server not found: run ops/bootstrap (installs nats-server 2.15.1 into .tools/nats), \
+         put nats-server >= 2.11 on PATH, or set NATS_SERVER_BIN",
+    ))
+}
+
+impl Stack {
+    /// Starts everything, state in `dir`, NATS on `port`; returns once the agents are live.
+    pub async fn start(dir: &Path, port: u16) -> Result<Self> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| Error::usage(format!("{what}: {e}"));
+        std::fs::create_dir_all(dir).map_err(|e| fail("cannot create the state folder", &e))?;
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| fail("cannot use the state folder", &e))?;
+        let conf = dir.join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "server_name: rct-dev\nlisten: 127.0.0.1:{port}\nlog_file: {log:?}\n\
+                 jetstream {{\n  store_dir: {store:?}\n  domain: hub\n}}\n",
+                log = dir.join("nats.log"),
+                store = dir.join("jetstream"),
+            ),
+        )
+        .map_err(|e| fail("cannot write the nats-server config", &e))?;
+        let bin = nats_server()?;
+        let server = Command::new(&bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| fail(&format!("cannot start {}", bin.display()), &e))?;
+        let url = format!("nats://127.0.0.1:{port}");
+        let mut stack = Self {
+            server,
+            url: url.clone(),
+            dir: dir.clone(),
+            shutdown: CancellationToken::new(),
+            tasks: Vec::new(),
+        };
+        let client = stack.wait_for_nats().await?;
+        let js = async_nats::jetstream::new(client.clone());
+        rct_streams::provision(&js, &rct_streams::Config::default())
+            .await
+            .map_err(|e| fail("cannot provision the streams", &e))?;
+
+        let catalog = dir.join("catalog.yaml");
+        std::fs::write(&catalog, CATALOG).map_err(|e| fail("cannot write the catalog", &e))?;
+        let admission = rct_admission::Admission::new(
+            rct_admission::Config {
+                nats: rct_streams::Connection::to([url.clone()]),
+                instance: "dev".into(),
+                catalog,
+                signing_key: dir.join("admission.key"),
+                generate_key: true,
+                dev_issuer: true,
+                ..rct_admission::Config::default()
+            },
+            client.clone(),
+        )
+        .map_err(|e| fail("cannot start admission", &e))?;
+        let trusted = admission.public_key().clone();
+        std::fs::write(dir.join("admission.pub"), trusted.to_pem())
+            .map_err(|e| fail("cannot write admission's public key", &e))?;
+        let shutdown = stack.shutdown.clone();
+        stack.tasks.push(tokio::spawn(async move {
+            if let Err(e) = admission.run(shutdown).await {
+                tracing::error!(error = %e, "admission stopped");
+            }
+        }));
+
+        let agent_config = rct_agents::Config {
+            nats: rct_streams::Connection::to([url.clone()]),
+            instance: "dev".into(),
+            create_consumer: true,
+            ..rct_agents::Config::default()
+        };
+        let lb = LoadBalancer::open(&js)
+            .await
+            .map_err(|e| fail("cannot open the demo load balancer", &e))?;
+        let targets: Vec<String> = TARGETS.map(String::from).to_vec();
+        for target in TARGETS {
+            let tower = traffic_tower(lb.clone(), target, targets.clone())
+                .trust(trusted.clone())
+                .config(agent_config.clone());
+            stack.spawn(tower, &client);
+        }
+        let examples = dir.join("examples");
+        write_scripts(&examples)?;
+        let scripts = Scripts::load(&examples.join("workloads.yaml"))
+            .map_err(|e| fail("cannot load the workloads scripts", &e))?;
+        stack.spawn(scripts.tower().trust(trusted).config(agent_config), &client);
+        stack.wait_for_agents(&js, TARGETS.len() + 1).await?;
+        Ok(stack)
+    }
+
+    fn spawn(&mut self, tower: rct_agents::Tower, client: &async_nats::Client) {
+        let run = tower.run(client.clone(), self.shutdown.clone());
+        self.tasks.push(tokio::spawn(async move {
+            if let Err(e) = run.await {
+                tracing::error!(error = %e, "an agent stopped");
+            }
+        }));
+    }
+
+    async fn wait_for_nats(&mut self) -> Result<async_nats::Client> {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.server.try_wait() {
+                let log = std::fs::read_to_string(self.dir.join("nats.log")).unwrap_or_default();
+                let last: Vec<&str> = log.lines().rev().take(5).collect();
+                return Err(Error::usage(format!(
+                    "nats-server exited ({status}); is the port taken? Its log ends with:\n{}",
+                    last.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )));
+            }
+            if let Ok(client) = async_nats::connect(&self.url).await
+                && async_nats::jetstream::new(client.clone())
+                    .query_account()
+                    .await
+                    .is_ok()
+            {
+                return Ok(client);
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(Error::usage("nats-server did not get ready within 30 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_for_agents(
+        &self,
+        js: &async_nats::jetstream::Context,
+        count: usize,
+    ) -> Result<()> {
+        let bucket = js
+            .get_key_value(rct_streams::topology::AGENTS_BUCKET)
+            .await
+            .map_err(|e| Error::usage(e.to_string()))?;
+        let started = Instant::now();
+        loop {
+            let mut live = 0;
+            if let Ok(mut keys) = bucket.keys().await {
+                while let Some(Ok(key)) = keys.next().await {
+                    if key.contains(".dev-") {
+                        live += 1;
+                    }
+                }
+            }
+            if live >= count {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(Error::usage(format!(
+                    "only {live} of {count} demo agents started within 30 s"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the agents and admission (letting running commands finish), then nats-server.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        for task in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        }
+        let _ = nix_term(&mut self.server);
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+fn nix_term(child: &mut Child) -> std::io::Result<()> {
+    // A clean stop lets JetStream flush; Drop's kill is the fallback.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    for _ in 0..50 {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill()?;
+    child.wait().map(|_| ())
+}
+
+fn write_scripts(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |e: std::io::Error| Error::usage(format!("cannot write the demo scripts: {e}"));
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    std::fs::write(dir.join("workloads.yaml"), WORKLOADS).map_err(fail)?;
+    for (name, text) in SCRIPTS {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(fail)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(fail)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,364 @@
+//! End to end: the built `rct` binary against `rct dev` (a real nats-server, admission with
+//! the dev issuer, the demo towers), as an operator would use them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const RCT: &str = env!("CARGO_BIN_EXE_rct");
+
+/// `rct dev` in the background, with its own state and home; killed on drop.
+struct Dev {
+    child: Child,
+    home: tempfile::TempDir,
+    _state: tempfile::TempDir,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nats_server() -> PathBuf {
+    rct_streams::testkit::nats_server_bin()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Dev {
+    fn start() -> Self {
+        let home = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(state.path().join("dev.log")).unwrap();
+        let child = Command::new(RCT)
+            .args(["dev", "--port", &free_port().to_string(), "--dir"])
+            .arg(state.path().join("stack"))
+            .env("RCT_HOME", home.path())
+            .env("NATS_SERVER_BIN", nats_server())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let dev = Self {
+            child,
+            home,
+            _state: state,
+        };
+        // Ready once it says so (the context is written before).
+        let started = Instant::now();
+        loop {
+            let log =
+                std::fs::read_to_string(dev._state.path().join("dev.log")).unwrap_or_default();
+            if log.contains("rct dev is running") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "rct dev did not start:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        dev
+    }
+
+    fn rct(&self, args: &[&str]) -> Output {
+        Command::new(RCT)
+            .args(args)
+            .env("RCT_HOME", self.home.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn home(&self) -> &Path {
+        self.home.path()
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn code(output: &Output) -> i32 {
+    output.status.code().unwrap_or(-1)
+}
+
+fn ok(output: Output) -> Output {
+    assert_eq!(
+        code(&output),
+        0,
+        "stdout:\n{}\nstderr:\n{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+    output
+}
+
+#[test]
+fn an_operator_session_end_to_end() {
+    let dev = Dev::start();
+
+    // Not logged in: a one-line hint.
+    let out = dev.rct(&["whoami"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        text(&out.stderr).contains("run rct login"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    ok(dev.rct(&["login", "--dev", "--user", "alice", "--groups", "sre_team"]));
+    let whoami = ok(dev.rct(&["whoami"]));
+    assert!(text(&whoami.stdout).contains("alice@example.com"));
+    let session_key = dev.home().join("contexts/dev/session.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&session_key)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    // Discovery.
+    let ops = text(&ok(dev.rct(&["ops"])).stdout);
+    assert!(
+        ops.contains("traffic/drain-cluster") && ops.contains("prod-1,prod-2,prod-3,prod-4"),
+        "{ops}"
+    );
+    let describe = text(&ok(dev.rct(&["ops", "describe", "traffic/drain-cluster"])).stdout);
+    assert!(
+        describe.contains("--keep-percent") && describe.contains("an integer from 0 to 100"),
+        "{describe}"
+    );
+    let help = text(&ok(dev.rct(&["traffic", "drain-cluster", "--help"])).stdout);
+    assert!(
+        help.contains("--cluster") && help.contains("--justification"),
+        "{help}"
+    );
+
+    // A drain succeeds, with its events.
+    let out = ok(dev.rct(&[
+        "traffic",
+        "drain-cluster",
+        "--cluster",
+        "prod-1",
+        "--justification",
+        "SRE-101",
+    ]));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("succeeded") && stdout.contains("prod-1 drained to weight 0"),
+        "{stdout}"
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("admitted") && stderr.contains("started by"),
+        "{stderr}"
+    );
+    let id = stdout.split_whitespace().next().unwrap().to_owned();
+
+    // JSON lines parse.
+    let out = ok(dev.rct(&[
+        "traffic",
+        "set-weights",
+        "--cluster",
+        "prod-2",
+        "--weight",
+        "50",
+        "-j",
+        "SRE-102",
+        "--output",
+        "json",
+    ]));
+    let events: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.first().unwrap()["kind"], "decision");
+    assert_eq!(events.last().unwrap()["event"]["type"], "succeeded");
+
+    // Refused by admission: exit 3 with admission's sentence.
+    ok(dev.rct(&["login", "--dev", "--user", "bob", "--groups", "app_oncall"]));
+    let out = dev.rct(&[
+        "traffic",
+        "drain-cluster",
+        "--cluster",
+        "prod-3",
+        "--justification",
+        "SRE-103",
+    ]);
+    assert_eq!(code(&out), 3, "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(
+        "bob@example.com is not in any of the groups allowed to run traffic/drain-cluster: sre_team, traffic_team"
+    ));
+    ok(dev.rct(&["login", "--dev", "--user", "alice", "--groups", "sre_team"]));
+
+    // Refused before submitting: exit 2 with the catalog's rule.
+    let out = dev.rct(&[
+        "traffic",
+        "drain-cluster",
+        "--cluster",
+        "prod-1",
+        "--keep-percent",
+        "150",
+        "-j",
+        "SRE-104",
+    ]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        text(&out.stderr).contains("keep_percent must be an integer from 0 to 100, got 150"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stderr).contains("not submitted"));
+
+    // A failing operation: exit 1.
+    let out = dev.rct(&[
+        "workloads",
+        "scale",
+        "--namespace",
+        "shop",
+        "--deployment",
+        "cart",
+        "--replicas",
+        "45",
+        "-j",
+        "SRE-105",
+    ]);
+    assert_eq!(code(&out), 1, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("quota exceeded"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // Detach, then watch shows the whole history.
+    let out = ok(dev.rct(&[
+        "workloads",
+        "restart",
+        "--namespace",
+        "shop",
+        "--deployment",
+        "cart",
+        "-j",
+        "deploy stuck",
+        "--detach",
+    ]));
+    let detached = text(&out.stdout).trim().to_owned();
+    let watched = ok(dev.rct(&["watch", &detached]));
+    assert!(
+        text(&watched.stderr).contains("admitted"),
+        "{}",
+        text(&watched.stderr)
+    );
+    assert!(text(&watched.stdout).contains("shop/cart: 3 pods restarted"));
+
+    // Cancel stops a running operation.
+    let out = ok(dev.rct(&[
+        "traffic",
+        "undrain-cluster",
+        "--cluster",
+        "prod-4",
+        "--ramp",
+        "60s",
+        "-j",
+        "SRE-106",
+        "--detach",
+    ]));
+    let running = text(&out.stdout).trim().to_owned();
+    let started = Instant::now();
+    loop {
+        let status = text(&dev.rct(&["status", &running]).stdout);
+        if status.contains("running") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never running: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = dev.rct(&["cancel", &running, "-j", "SRE-107"]);
+    assert_eq!(
+        code(&out),
+        1,
+        "cancelled ends with 1: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("cancelled"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // The timeline and history, from the streams alone.
+    let show = text(&ok(dev.rct(&["show", &id])).stdout);
+    assert!(
+        show.contains("alice@example.com") && show.contains("SRE-101") && show.contains("outcome"),
+        "{show}"
+    );
+    let history = text(&ok(dev.rct(&["history", "--since", "10m"])).stdout);
+    for needle in ["SRE-101", "forbidden", "cancelled", "failed"] {
+        assert!(history.contains(needle), "{needle} missing:\n{history}");
+    }
+    let only_rejected =
+        text(&ok(dev.rct(&["history", "--since", "10m", "--outcome", "rejected"])).stdout);
+    assert_eq!(only_rejected.lines().count(), 1, "{only_rejected}");
+    let none = text(&ok(dev.rct(&["history", "--since", "10m", "--until", "9m"])).stdout);
+    assert!(none.trim().is_empty(), "{none}");
+    let agents = text(&ok(dev.rct(&["agents"])).stdout);
+    assert!(
+        agents.contains("prod-4") && agents.contains("workloads"),
+        "{agents}"
+    );
+    let completion = text(&ok(dev.rct(&["completion", "bash"])).stdout);
+    assert!(completion.contains("drain-cluster"));
+}
+
+#[test]
+fn the_demo_runs_and_cleans_up() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(RCT)
+        .arg("demo")
+        .env("RCT_HOME", home.path())
+        .env("NATS_SERVER_BIN", nats_server())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        code(&out),
+        0,
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("rejected (forbidden)"), "{stderr}");
+    assert!(text(&out.stdout).contains("prod-1 drained to weight 0"));
+    assert!(
+        std::fs::read_dir(home.path()).unwrap().next().is_none(),
+        "the demo leaves the operator's home alone"
+    );
+}
