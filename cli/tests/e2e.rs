@@ -127,6 +127,25 @@ fn an_operator_session_end_to_end() {
         text(&out.stderr)
     );
 
+    // A credential helper's token goes to admission, which says what is wrong with it.
+    let out = dev.rct(&["login", "--token-command", "echo not-a-jwt"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        text(&out.stderr)
+            .contains("login refused (unauthenticated): the id_token is not a valid JWT"),
+        "{}",
+        text(&out.stderr)
+    );
+    let token_file = dev.home().join("token");
+    std::fs::write(&token_file, "still.not.valid").unwrap();
+    let out = dev.rct(&["login", "--token-file", token_file.to_str().unwrap()]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        text(&out.stderr).contains("login refused"),
+        "{}",
+        text(&out.stderr)
+    );
+
     ok(dev.rct(&["login", "--dev", "--user", "alice", "--groups", "sre_team"]));
     let whoami = ok(dev.rct(&["whoami"]));
     assert!(text(&whoami.stdout).contains("alice@example.com"));
@@ -325,7 +344,21 @@ fn an_operator_session_end_to_end() {
     }
     let only_rejected =
         text(&ok(dev.rct(&["history", "--since", "10m", "--outcome", "rejected"])).stdout);
-    assert_eq!(only_rejected.lines().count(), 1, "{only_rejected}");
+    let lines: Vec<&str> = only_rejected.lines().collect();
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("traffic/drain-cluster"))
+            .count(),
+        1,
+        "{only_rejected}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("_auth/login")).count(),
+        2,
+        "refused logins are on record:\n{only_rejected}"
+    );
+    assert_eq!(lines.len(), 3, "{only_rejected}");
     let none = text(&ok(dev.rct(&["history", "--since", "10m", "--until", "9m"])).stdout);
     assert!(none.trim().is_empty(), "{none}");
     let agents = text(&ok(dev.rct(&["agents"])).stdout);
