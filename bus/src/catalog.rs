@@ -435,6 +435,22 @@ impl Operation {
 }
 
 impl Justification {
+    /// The rule in words: `required, matching [A-Z]+-[0-9]+` or `optional`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}{}",
+            if self.required {
+                "required"
+            } else {
+                "optional"
+            },
+            self.pattern
+                .as_ref()
+                .map(|p| format!(", matching {p}"))
+                .unwrap_or_default()
+        )
+    }
+
     /// Checks a justification against the rule; the error is a sentence for the operator.
     pub fn check(&self, operation: &str, text: &str) -> Result<(), String> {
         let text = text.trim();
@@ -589,6 +605,14 @@ impl Param {
             _ => return None,
         };
         Some(proto::Value { kind: Some(kind) })
+    }
+
+    /// What the parameter accepts on `tower`, naming the targets for a target parameter.
+    pub fn accepts(&self, tower: &TowerSpec) -> String {
+        match self.kind {
+            Type::Target => format!("one of {}", tower.targets.join(", ")),
+            _ => self.describe(),
+        }
     }
 
     /// What the parameter accepts, in words: "an integer from 0 to 100".

@@ -118,10 +118,7 @@ fn command(catalog: Option<&Served>) -> clap::Command {
             let mut op_command =
                 clap::Command::new(op_name.to_owned()).about(op.description.clone());
             for (param_name, param) in &op.params {
-                let mut help = param.describe();
-                if param.kind == Type::Target {
-                    help = format!("one of {}", spec.targets.join(", "));
-                }
+                let mut help = param.accepts(spec);
                 if let Some(default) = param.default_value() {
                     help = format!(
                         "{help} [default: {}]",
@@ -145,19 +142,10 @@ fn command(catalog: Option<&Served>) -> clap::Command {
                 }
                 op_command = op_command.arg(arg);
             }
-            let rule = &op.justification;
             op_command = run::Fire::augment_args(op_command).after_help(format!(
-                "Allowed groups: {}. Justification: {}{}.",
+                "Allowed groups: {}. Justification: {}.",
                 op.allowed_groups.join(", "),
-                if rule.required {
-                    "required"
-                } else {
-                    "optional"
-                },
-                rule.pattern
-                    .as_ref()
-                    .map(|p| format!(", matching {p}"))
-                    .unwrap_or_default()
+                op.justification.describe()
             ));
             tower_command = tower_command.subcommand(op_command);
         }

@@ -94,19 +94,7 @@ fn describe(served: &Served, operation: &str, output: Output) -> Result {
     }
     println!("{name}: {}", op.description);
     println!("  allowed groups: {}", op.allowed_groups.join(", "));
-    let rule = &op.justification;
-    println!(
-        "  justification:  {}{}",
-        if rule.required {
-            "required"
-        } else {
-            "optional"
-        },
-        rule.pattern
-            .as_ref()
-            .map(|p| format!(", matching {p}"))
-            .unwrap_or_default()
-    );
+    println!("  justification:  {}", op.justification.describe());
     println!(
         "  must start within {}, finish within {}{}",
         humantime::format_duration(op.deadline),
@@ -120,11 +108,7 @@ fn describe(served: &Served, operation: &str, output: Output) -> Result {
         "DESCRIPTION".to_owned(),
     ]];
     for (pname, param) in &op.params {
-        let accepts = if param.kind == rct_bus::catalog::Type::Target {
-            format!("one of {}", tower.targets.join(", "))
-        } else {
-            param.describe()
-        };
+        let accepts = param.accepts(tower);
         let default = param
             .default_value()
             .map(|v| rct_bus::catalog::display_value(&v))
