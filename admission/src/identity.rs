@@ -457,6 +457,9 @@ pub struct Certificates {
     encoding: EncodingKey,
     trusted: HashMap<String, DecodingKey>,
     ttl: Duration,
+    /// Certificates already verified, by token: an operator signs many submissions with one
+    /// certificate, and verifying it once is enough (expiry is checked on every use).
+    verified: std::sync::Mutex<HashMap<String, Certificate>>,
 }
 
 impl std::fmt::Debug for Certificates {
@@ -497,6 +500,7 @@ impl Certificates {
             encoding,
             trusted,
             ttl,
+            verified: std::sync::Mutex::default(),
         }
     }
 
@@ -534,6 +538,31 @@ impl Certificates {
 
     /// Verifies a certificate: signed by a trusted admission key, for operators, not expired.
     pub fn verify(&self, token: &str) -> Result<Certificate, Refusal> {
+        const REMEMBERED: usize = 10_000;
+        let now = unix_now();
+        if let Some(known) = self.remembered().get(token)
+            && known.expires_at > now
+        {
+            return Ok(known.clone());
+        }
+        let certificate = self.verify_token(token)?;
+        let mut remembered = self.remembered();
+        if remembered.len() >= REMEMBERED {
+            remembered.retain(|_, c| c.expires_at > now);
+            if remembered.len() >= REMEMBERED {
+                remembered.clear();
+            }
+        }
+        remembered.insert(token.to_owned(), certificate.clone());
+        Ok(certificate)
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<String, Certificate>> {
+        // Held for a lookup or an insert only, never across an await.
+        self.verified.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn verify_token(&self, token: &str) -> Result<Certificate, Refusal> {
         use base64::Engine;
         let header = jsonwebtoken::decode_header(token).map_err(|_| {
             Refusal::unauthenticated("the operator certificate is not a valid JWT; run rct login")

@@ -329,7 +329,8 @@ impl Runner {
         };
         let id: CommandId = command.command_id.parse().expect("checked in verify");
         let command = Arc::new(command);
-        match self.prepare(&command, id).await {
+        let redelivered = message.info().map_or(true, |i| i.delivered > 1);
+        match self.prepare(&command, id, redelivered).await {
             Prepared::Run(params, secrets) => {
                 self.run(message, command, id, params, secrets, keepalive)
                     .await
@@ -376,7 +377,12 @@ impl Runner {
     }
 
     /// Decides what to do with a verified command before running it.
-    async fn prepare(&self, command: &proto::Command, id: CommandId) -> Prepared {
+    async fn prepare(
+        &self,
+        command: &proto::Command,
+        id: CommandId,
+        redelivered: bool,
+    ) -> Prepared {
         let now = OffsetDateTime::now_utc();
         let deadline = command
             .deadline
@@ -384,11 +390,15 @@ impl Runner {
             .and_then(to_datetime)
             .unwrap_or(now);
 
-        // Claimed already? Then it is never run again, here or anywhere.
-        match self.read_slot(id, EventKind::Claim).await {
-            Err(()) => return Prepared::Later(Duration::from_secs(2)),
-            Ok(Some(claim)) => return self.claimed_before(command, id, &claim).await,
-            Ok(None) => {}
+        // Claimed already? Then it is never run again, here or anywhere. A first delivery
+        // within its deadline skips the look: the claim itself is single-slot, and a taken
+        // slot sends the command back here as a redelivery.
+        if redelivered || now > deadline {
+            match self.read_slot(id, EventKind::Claim).await {
+                Err(()) => return Prepared::Later(Duration::from_secs(2)),
+                Ok(Some(claim)) => return self.claimed_before(command, id, &claim).await,
+                Ok(None) => {}
+            }
         }
         if now > deadline {
             let expired = Kind::Expired(proto::Expired {
@@ -511,10 +521,19 @@ impl Runner {
             .unwrap_or_default()
             .to_owned();
         let handler = self.handlers[&op_name].clone();
-        self.running
+        if !self
+            .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id);
+            .insert(id)
+        {
+            // Another copy of this command is running here right now; this copy comes back
+            // later and finds the outcome.
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
+        }
 
         let claim = self.event(
             &command,
@@ -532,6 +551,27 @@ impl Runner {
             .event(&self.tower, &claim, &self.incarnation)
             .await
         {
+            Ok(Slot::Written(ack)) if ack.duplicate => {
+                // This agent claimed it before (another copy of the command): never again.
+                self.running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                let next = match self.read_slot(id, EventKind::Claim).await {
+                    Ok(Some(claim)) => self.claimed_before(&command, id, &claim).await,
+                    _ => Prepared::Later(Duration::from_secs(1)),
+                };
+                match next {
+                    Prepared::Done => {
+                        let _ = message.double_ack().await;
+                    }
+                    Prepared::Later(pause) => {
+                        let _ = message.ack_with(AckKind::Nak(Some(pause))).await;
+                    }
+                    Prepared::Leave | Prepared::Run(..) => {}
+                }
+                return;
+            }
             Ok(Slot::Written(_)) => {}
             Ok(Slot::Taken { .. }) => {
                 // Someone else started it between our look and our claim.

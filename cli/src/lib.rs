@@ -7,6 +7,7 @@
 
 /// One module per verb.
 pub mod commands {
+    pub mod bench;
     pub mod context;
     pub mod dev;
     pub mod history;
@@ -26,7 +27,7 @@ use clap::{Arg, ArgMatches, Args as _, CommandFactory, FromArgMatches, Parser, S
 use rct_bus::catalog::{Served, Type};
 use rct_bus::{OpName, OperationName, Tower};
 
-use crate::commands::{context, dev, history, inspect, login, ops, run};
+use crate::commands::{bench, context, dev, history, inspect, login, ops, run};
 use crate::exit::{Error, Exit};
 use crate::home::Home;
 use crate::remote::Global;
@@ -73,6 +74,8 @@ enum Verb {
     Dev(dev::DevArgs),
     /// Run the demo: a local stack, a drain with live progress, its timeline and history.
     Demo(dev::DemoArgs),
+    /// Measure rct against the bare-JetStream floor (starts its own nats-server).
+    Bench(bench::Args),
     /// Print a shell completion script (bash, zsh, fish, …).
     Completion {
         /// The shell.
@@ -217,6 +220,7 @@ async fn dispatch(home: &Home, catalog: Option<&Served>, matches: ArgMatches) ->
         Verb::Context(args) => context::run(home, args),
         Verb::Dev(args) => dev::dev(home, args).await,
         Verb::Demo(args) => dev::demo(args).await,
+        Verb::Bench(args) => bench::run(args).await,
         Verb::Completion { shell } => {
             let mut command = command(catalog);
             clap_complete::generate(shell, &mut command, "rct", &mut std::io::stdout());

@@ -75,6 +75,32 @@ fn nats_server() -> Result<PathBuf> {
 impl Stack {
     /// Starts everything, state in `dir`, NATS on `port`; returns once the agents are live.
     pub async fn start(dir: &Path, port: u16) -> Result<Self> {
+        let (mut stack, client) = Self::nats(dir, port).await?;
+        let trusted = stack.admission(&client, CATALOG)?;
+        stack.wait_for_admission(&client).await?;
+        let js = async_nats::jetstream::new(client.clone());
+        let agent_config = stack.agent_config();
+        let lb = LoadBalancer::open(&js)
+            .await
+            .map_err(|e| Error::usage(format!("cannot open the demo load balancer: {e}")))?;
+        let targets: Vec<String> = TARGETS.map(String::from).to_vec();
+        for target in TARGETS {
+            let tower = traffic_tower(lb.clone(), target, targets.clone())
+                .trust(trusted.clone())
+                .config(agent_config.clone());
+            stack.spawn(tower, &client);
+        }
+        let examples = stack.dir.join("examples");
+        write_scripts(&examples)?;
+        let scripts = Scripts::load(&examples.join("workloads.yaml"))
+            .map_err(|e| Error::usage(format!("cannot load the workloads scripts: {e}")))?;
+        stack.spawn(scripts.tower().trust(trusted).config(agent_config), &client);
+        stack.wait_for_agents(&js, TARGETS.len() + 1).await?;
+        Ok(stack)
+    }
+
+    /// Starts nats-server alone, with the topology provisioned.
+    pub async fn nats(dir: &Path, port: u16) -> Result<(Self, async_nats::Client)> {
         let fail = |what: &str, e: &dyn std::fmt::Display| Error::usage(format!("{what}: {e}"));
         std::fs::create_dir_all(dir).map_err(|e| fail("cannot create the state folder", &e))?;
         let dir = dir
@@ -100,11 +126,10 @@ impl Stack {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| fail(&format!("cannot start {}", bin.display()), &e))?;
-        let url = format!("nats://127.0.0.1:{port}");
         let mut stack = Self {
             server,
-            url: url.clone(),
-            dir: dir.clone(),
+            url: format!("nats://127.0.0.1:{port}"),
+            dir,
             shutdown: CancellationToken::new(),
             tasks: Vec::new(),
         };
@@ -113,15 +138,24 @@ impl Stack {
         rct_streams::provision(&js, &rct_streams::Config::default())
             .await
             .map_err(|e| fail("cannot provision the streams", &e))?;
+        Ok((stack, client))
+    }
 
-        let catalog = dir.join("catalog.yaml");
-        std::fs::write(&catalog, CATALOG).map_err(|e| fail("cannot write the catalog", &e))?;
+    /// Starts admission in-process with `catalog` and the development issuer; its public key.
+    pub fn admission(
+        &mut self,
+        client: &async_nats::Client,
+        catalog: &str,
+    ) -> Result<rct_bus::PublicKey> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| Error::usage(format!("{what}: {e}"));
+        let path = self.dir.join("catalog.yaml");
+        std::fs::write(&path, catalog).map_err(|e| fail("cannot write the catalog", &e))?;
         let admission = rct_admission::Admission::new(
             rct_admission::Config {
-                nats: rct_streams::Connection::to([url.clone()]),
+                nats: rct_streams::Connection::to([self.url.clone()]),
                 instance: "dev".into(),
-                catalog,
-                signing_key: dir.join("admission.key"),
+                catalog: path,
+                signing_key: self.dir.join("admission.key"),
                 generate_key: true,
                 dev_issuer: true,
                 ..rct_admission::Config::default()
@@ -130,41 +164,46 @@ impl Stack {
         )
         .map_err(|e| fail("cannot start admission", &e))?;
         let trusted = admission.public_key().clone();
-        std::fs::write(dir.join("admission.pub"), trusted.to_pem())
+        std::fs::write(self.dir.join("admission.pub"), trusted.to_pem())
             .map_err(|e| fail("cannot write admission's public key", &e))?;
-        let shutdown = stack.shutdown.clone();
-        stack.tasks.push(tokio::spawn(async move {
+        let shutdown = self.shutdown.clone();
+        self.tasks.push(tokio::spawn(async move {
             if let Err(e) = admission.run(shutdown).await {
                 tracing::error!(error = %e, "admission stopped");
             }
         }));
+        Ok(trusted)
+    }
 
-        let agent_config = rct_agents::Config {
-            nats: rct_streams::Connection::to([url.clone()]),
+    /// Waits until admission answers requests (its development issuer).
+    pub async fn wait_for_admission(&self, client: &async_nats::Client) -> Result<()> {
+        let started = Instant::now();
+        let probe = prost::Message::encode_to_vec(&rct_bus::proto::DevTokenRequest::default());
+        while client
+            .request(rct_bus::Subject::DevToken.to_string(), probe.clone().into())
+            .await
+            .is_err()
+        {
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(Error::usage("admission did not start within 30 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Settings for in-process agents of this stack.
+    pub fn agent_config(&self) -> rct_agents::Config {
+        rct_agents::Config {
+            nats: rct_streams::Connection::to([self.url.clone()]),
             instance: "dev".into(),
             create_consumer: true,
             ..rct_agents::Config::default()
-        };
-        let lb = LoadBalancer::open(&js)
-            .await
-            .map_err(|e| fail("cannot open the demo load balancer", &e))?;
-        let targets: Vec<String> = TARGETS.map(String::from).to_vec();
-        for target in TARGETS {
-            let tower = traffic_tower(lb.clone(), target, targets.clone())
-                .trust(trusted.clone())
-                .config(agent_config.clone());
-            stack.spawn(tower, &client);
         }
-        let examples = dir.join("examples");
-        write_scripts(&examples)?;
-        let scripts = Scripts::load(&examples.join("workloads.yaml"))
-            .map_err(|e| fail("cannot load the workloads scripts", &e))?;
-        stack.spawn(scripts.tower().trust(trusted).config(agent_config), &client);
-        stack.wait_for_agents(&js, TARGETS.len() + 1).await?;
-        Ok(stack)
     }
 
-    fn spawn(&mut self, tower: rct_agents::Tower, client: &async_nats::Client) {
+    /// Runs an agent in-process until the stack stops.
+    pub fn spawn(&mut self, tower: rct_agents::Tower, client: &async_nats::Client) {
         let run = tower.run(client.clone(), self.shutdown.clone());
         self.tasks.push(tokio::spawn(async move {
             if let Err(e) = run.await {
@@ -199,7 +238,8 @@ impl Stack {
         }
     }
 
-    async fn wait_for_agents(
+    /// Waits until `count` of this stack's agents are present.
+    pub async fn wait_for_agents(
         &self,
         js: &async_nats::jetstream::Context,
         count: usize,

@@ -1,0 +1,842 @@
+//! `rct bench`: what rct costs on top of NATS, measured as ratios against bare-JetStream
+//! floors in one run, on one machine. Starts its own nats-server and components.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use prost::Message as _;
+use rct_agents::{Context, Outcome, Params, Tower};
+use rct_bus::proto;
+use rct_bus::{CommandId, EventKind, KeyPair, OperationName, Purpose, Subject};
+use rct_streams::replay::{self, Filter, Item};
+use rct_streams::timestamp::from_datetime;
+use rct_streams::{CommandState, Outgoing, Publisher};
+use time::OffsetDateTime;
+
+use crate::commands::login;
+use crate::exit::{Error, Exit, Result};
+use crate::session::Session;
+use crate::stack::Stack;
+
+/// Measure rct against the bare-JetStream floor and print a markdown table.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Small sizes, for a smoke test (under a minute).
+    #[arg(long)]
+    pub quick: bool,
+    /// Only these scenarios (repeatable): latency, throughput, replay, fanout, footprint.
+    #[arg(long = "scenario", value_enum)]
+    pub scenarios: Vec<Scenario>,
+    /// Latency: operations, one after the other.
+    #[arg(long)]
+    pub operations: Option<usize>,
+    /// Throughput: submissions in all.
+    #[arg(long)]
+    pub submissions: Option<usize>,
+    /// Throughput: concurrent submitters.
+    #[arg(long, default_value_t = 8)]
+    pub submitters: usize,
+    /// Replay: events, largest size (the table also has a tenth of it).
+    #[arg(long)]
+    pub events: Option<usize>,
+    /// Fan-out: cluster agents (one target each).
+    #[arg(long)]
+    pub agents: Option<usize>,
+}
+
+/// A bench scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Submit to Started and to Succeeded, one after the other.
+    Latency,
+    /// Admitted decisions per second.
+    Throughput,
+    /// Folding the event stream into history.
+    Replay,
+    /// One operation to each of many cluster agents.
+    Fanout,
+    /// Memory of admission and an idle agent; CLI start to PubAck.
+    Footprint,
+}
+
+/// One row of the table.
+struct Row {
+    scenario: String,
+    rct: String,
+    floor: String,
+    ratio: String,
+    target: String,
+}
+
+fn catalog(targets: usize) -> String {
+    let list: Vec<String> = (0..targets.max(1)).map(target).collect();
+    format!(
+        "towers:\n  bench:\n    flavour: cluster\n    targets: [{}]\n\
+         operations:\n  bench/noop:\n    allowed_groups: [bench]\n    params:\n      target: {{ type: target }}\n",
+        list.join(", ")
+    )
+}
+
+fn target(i: usize) -> String {
+    format!("t-{i:03}")
+}
+
+async fn noop(_ctx: Context, _params: Params) -> std::result::Result<Outcome, rct_agents::Failure> {
+    Ok(Outcome::new("nothing done"))
+}
+
+/// Runs `rct bench`.
+#[allow(clippy::print_stdout)] // the table is the result
+pub async fn run(args: Args) -> Result {
+    let all = [
+        Scenario::Latency,
+        Scenario::Throughput,
+        Scenario::Replay,
+        Scenario::Fanout,
+        Scenario::Footprint,
+    ];
+    let scenarios: Vec<Scenario> = if args.scenarios.is_empty() {
+        all.to_vec()
+    } else {
+        args.scenarios.clone()
+    };
+    let quick = args.quick;
+    let operations = args.operations.unwrap_or(if quick { 30 } else { 500 });
+    let submissions = args.submissions.unwrap_or(if quick { 300 } else { 5_000 });
+    let events = args
+        .events
+        .unwrap_or(if quick { 20_000 } else { 1_000_000 });
+    let agents = args.agents.unwrap_or(if quick { 10 } else { 200 });
+
+    let scratch = tempfile::Builder::new()
+        .prefix("rct-bench-")
+        .tempdir()
+        .map_err(|e| Error::usage(format!("cannot make a scratch folder: {e}")))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Error::usage(format!("no free port: {e}")))?;
+    eprintln!(
+        "rct bench: starting nats-server and admission in {}",
+        scratch.path().display()
+    );
+    let (mut stack, client) = Stack::nats(&scratch.path().join("stack"), port).await?;
+    let trusted = stack.admission(&client, &catalog(agents))?;
+    stack.wait_for_admission(&client).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let token = login::dev_token(&client, "bench", &["bench".into()]).await?;
+    let session = login::exchange(&client, &token).await?;
+
+    let mut rows = Vec::new();
+    for scenario in &scenarios {
+        eprintln!("rct bench: {scenario:?}");
+        match scenario {
+            Scenario::Latency => {
+                let tower = Tower::new("bench")
+                    .cluster(&target(0))
+                    .operation("noop", noop)
+                    .trust(trusted.clone())
+                    .config(stack.agent_config());
+                stack.spawn(tower, &client);
+                stack.wait_for_agents(&js, 1).await?;
+                rows.extend(latency(&js, &session, operations).await?);
+            }
+            Scenario::Throughput => {
+                rows.push(throughput(&js, &session, submissions, args.submitters).await?)
+            }
+            Scenario::Replay => {
+                for n in [events / 10, events] {
+                    rows.push(replay_rows(&js, n).await?);
+                }
+            }
+            Scenario::Fanout => {
+                for i in 1..agents {
+                    let tower = Tower::new("bench")
+                        .cluster(&target(i))
+                        .operation("noop", noop)
+                        .trust(trusted.clone())
+                        .config(stack.agent_config());
+                    stack.spawn(tower, &client);
+                }
+                stack.wait_for_agents(&js, agents).await?;
+                if !scenarios.contains(&Scenario::Latency) {
+                    let tower = Tower::new("bench")
+                        .cluster(&target(0))
+                        .operation("noop", noop)
+                        .trust(trusted.clone())
+                        .config(stack.agent_config());
+                    stack.spawn(tower, &client);
+                    stack.wait_for_agents(&js, agents).await?;
+                }
+                rows.extend(fanout(&js, &session, agents).await?);
+            }
+            Scenario::Footprint => rows.extend(footprint(&stack, &session).await?),
+        }
+    }
+    stack.stop().await;
+
+    println!("| scenario | rct | bare JetStream floor | ratio | target |");
+    println!("|---|---|---|---|---|");
+    for row in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            row.scenario, row.rct, row.floor, row.ratio, row.target
+        );
+    }
+    Ok(Exit::Ok)
+}
+
+fn signed(session: &Session, target_name: &str) -> (CommandId, OperationName, Bytes) {
+    let id = CommandId::generate();
+    let now = OffsetDateTime::now_utc();
+    let submission = proto::Submission {
+        command_id: id.to_string(),
+        operation: "bench/noop".into(),
+        justification: String::new(),
+        requested_at: Some(from_datetime(now)),
+        expires_at: Some(from_datetime(now + time::Duration::minutes(5))),
+        client: None,
+        request: Some(proto::submission::Request::Run(proto::Run {
+            target: target_name.to_owned(),
+            params: [(
+                "target".to_owned(),
+                proto::Value {
+                    kind: Some(proto::value::Kind::Target(target_name.to_owned())),
+                },
+            )]
+            .into(),
+            dry_run: false,
+        })),
+    };
+    let mut envelope = session
+        .key
+        .sign(Purpose::Submission, submission.encode_to_vec());
+    envelope.certificate = session.certificate.clone();
+    (
+        id,
+        "bench/noop".parse().expect("valid"),
+        envelope.encode_to_vec().into(),
+    )
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn ratio(ours: f64, floor: f64) -> String {
+    if floor > 0.0 {
+        format!("{:.2}×", ours / floor)
+    } else {
+        "-".into()
+    }
+}
+
+/// Scenario 1: submit → Started and → Succeeded, as the submitter sees them.
+async fn latency(
+    js: &async_nats::jetstream::Context,
+    session: &Session,
+    n: usize,
+) -> Result<Vec<Row>> {
+    let publisher = Publisher::new(js.clone());
+    let (mut started, mut succeeded) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let (id, name, bytes) = signed(session, &target(0));
+        let begin = Instant::now();
+        publisher
+            .send(Outgoing::new(Subject::submit(&name), id.msg_id(), bytes))
+            .await
+            .map_err(|e| Error::usage(e.to_string()))?;
+        let mut events = replay::follow(js, &Filter::command(id))
+            .await
+            .map_err(|e| Error::usage(e.to_string()))?;
+        while let Some(item) = events.next().await {
+            if let Ok(Item::Event(record)) = item {
+                match record.kind {
+                    EventKind::Claim => started.push(begin.elapsed()),
+                    EventKind::Outcome => {
+                        succeeded.push(begin.elapsed());
+                        break;
+                    }
+                    EventKind::Decision
+                        if matches!(record.event.kind, Some(proto::event::Kind::Rejected(_))) =>
+                    {
+                        return Err(Error::usage(format!(
+                            "bench submission rejected: {:?}",
+                            record.event.kind
+                        )));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let (floor_started, floor_done) = latency_floor(js, n).await?;
+    let mut rows = Vec::new();
+    for (label, mut ours, mut floor) in [
+        ("submit → Started", started, floor_started),
+        ("submit → Succeeded", succeeded, floor_done),
+    ] {
+        ours.sort();
+        floor.sort();
+        for (p, name, target) in [
+            (0.5, "p50", "≤ 1.5×"),
+            (0.99, "p99", "≤ 2×"),
+            (0.999, "p99.9", ""),
+        ] {
+            let (o, f) = (percentile(&ours, p), percentile(&floor, p));
+            rows.push(Row {
+                scenario: format!("latency {label} {name} (n={n})"),
+                rct: ms(o),
+                floor: ms(f),
+                ratio: ratio(o.as_secs_f64(), f.as_secs_f64()),
+                target: target.into(),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The same hops with bare JetStream: publish → pull → publish → pull → publish events →
+/// ordered consumer receives; same acks; no signing, no policy.
+async fn latency_floor(
+    js: &async_nats::jetstream::Context,
+    n: usize,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    use async_nats::jetstream::consumer::pull;
+    let io = |e: &dyn std::fmt::Display| Error::usage(format!("floor: {e}"));
+    let submit = js.get_stream("RCT_SUBMIT").await.map_err(|e| io(&e))?;
+    let cmd = js.get_stream("RCT_CMD").await.map_err(|e| io(&e))?;
+    let pull_config = |name: &str, filter: &str| pull::Config {
+        durable_name: Some(name.into()),
+        filter_subject: filter.into(),
+        ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+        ..Default::default()
+    };
+    let relay = submit
+        .create_consumer(pull_config("floor-relay", "rct.submit.floor.>"))
+        .await
+        .map_err(|e| io(&e))?;
+    let worker = cmd
+        .create_consumer(pull_config("floor-worker", "rct.cmd.floor.>"))
+        .await
+        .map_err(|e| io(&e))?;
+    let js_relay = js.clone();
+    let relay_task = tokio::spawn(async move {
+        let mut messages = relay.messages().await.expect("floor relay pulls");
+        while let Some(Ok(m)) = messages.next().await {
+            let id = m
+                .subject
+                .as_str()
+                .rsplit('.')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            let _ = js_relay
+                .publish(format!("rct.evt.floor.{id}.decision"), m.payload.clone())
+                .await
+                .expect("publish")
+                .await;
+            let _ = js_relay
+                .publish(format!("rct.cmd.floor.x.{id}"), m.payload.clone())
+                .await
+                .expect("publish")
+                .await;
+            let _ = m.ack().await;
+        }
+    });
+    let js_worker = js.clone();
+    let worker_task = tokio::spawn(async move {
+        let mut messages = worker.messages().await.expect("floor worker pulls");
+        while let Some(Ok(m)) = messages.next().await {
+            let id = m
+                .subject
+                .as_str()
+                .rsplit('.')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            let _ = js_worker
+                .publish(format!("rct.evt.floor.{id}.claim"), Bytes::new())
+                .await
+                .expect("publish")
+                .await;
+            let _ = js_worker
+                .publish(format!("rct.evt.floor.{id}.outcome"), Bytes::new())
+                .await
+                .expect("publish")
+                .await;
+            let _ = m.double_ack().await;
+        }
+    });
+    let events = js.get_stream("RCT_EVT").await.map_err(|e| io(&e))?;
+    let (mut started, mut done) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let id = CommandId::generate();
+        let begin = Instant::now();
+        js.publish(format!("rct.submit.floor.{id}"), Bytes::from_static(b"x"))
+            .await
+            .map_err(|e| io(&e))?
+            .await
+            .map_err(|e| io(&e))?;
+        let observer = events
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: format!("rct.evt.floor.{id}.>"),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| io(&e))?;
+        let mut messages = observer.messages().await.map_err(|e| io(&e))?;
+        while let Some(Ok(m)) = messages.next().await {
+            if m.subject.ends_with(".claim") {
+                started.push(begin.elapsed());
+            } else if m.subject.ends_with(".outcome") {
+                done.push(begin.elapsed());
+                break;
+            }
+        }
+    }
+    relay_task.abort();
+    worker_task.abort();
+    Ok((started, done))
+}
+
+/// Scenario 2: admitted decisions per second with K submitters; floor: pull → two publishes
+/// → ack on the same streams.
+async fn throughput(
+    js: &async_nats::jetstream::Context,
+    session: &Session,
+    total: usize,
+    submitters: usize,
+) -> Result<Row> {
+    let io = |e: &dyn std::fmt::Display| Error::usage(format!("throughput: {e}"));
+    let decided_before = count(js, "rct.evt.bench.*.decision").await?;
+    let prepared: Vec<(CommandId, OperationName, Bytes)> =
+        (0..total).map(|_| signed(session, &target(0))).collect();
+    let begin = Instant::now();
+    let mut chunks = Vec::new();
+    for chunk in prepared.chunks(total.div_ceil(submitters.max(1))) {
+        let chunk = chunk.to_vec();
+        let publisher = Publisher::new(js.clone());
+        chunks.push(tokio::spawn(async move {
+            for (id, name, bytes) in chunk {
+                publisher
+                    .send(Outgoing::new(Subject::submit(&name), id.msg_id(), bytes))
+                    .await
+                    .expect("submit");
+            }
+        }));
+    }
+    for chunk in chunks {
+        chunk.await.map_err(|e| io(&e))?;
+    }
+    while count(js, "rct.evt.bench.*.decision").await? < decided_before + total {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ours = total as f64 / begin.elapsed().as_secs_f64();
+
+    // Floor: the same number of messages through a pull → publish, publish → ack loop.
+    use async_nats::jetstream::consumer::pull;
+    let submit = js.get_stream("RCT_SUBMIT").await.map_err(|e| io(&e))?;
+    let relay = submit
+        .create_consumer(pull::Config {
+            durable_name: Some("floor-throughput".into()),
+            filter_subject: "rct.submit.floorput.>".into(),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 1024,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| io(&e))?;
+    // The relay runs first, like admission; the same submitters then publish to it.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let relay_js = js.clone();
+    let relay_task = tokio::spawn(async move {
+        let mut messages = relay.messages().await.expect("the floor relay pulls");
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+        while let Some(Ok(m)) = messages.next().await {
+            let permit = permits.clone().acquire_owned().await.expect("open");
+            let (js, tx) = (relay_js.clone(), tx.clone());
+            tokio::spawn(async move {
+                let id = m
+                    .subject
+                    .as_str()
+                    .rsplit('.')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                let _ = js
+                    .publish(format!("rct.evt.floorput.{id}.decision"), m.payload.clone())
+                    .await
+                    .expect("publish")
+                    .await;
+                let _ = js
+                    .publish(format!("rct.cmd.floorput.x.{id}"), m.payload.clone())
+                    .await
+                    .expect("publish")
+                    .await;
+                let _ = m.ack().await;
+                drop(permit);
+                let _ = tx.send(());
+            });
+        }
+    });
+    let begin = Instant::now();
+    let mut chunks = Vec::new();
+    let indexed: Vec<(usize, Bytes)> = prepared
+        .iter()
+        .map(|(_, _, b)| b.clone())
+        .enumerate()
+        .collect();
+    for chunk in indexed.chunks(total.div_ceil(submitters.max(1))) {
+        let chunk = chunk.to_vec();
+        let publisher = Publisher::new(js.clone());
+        chunks.push(tokio::spawn(async move {
+            for (i, bytes) in chunk {
+                publisher
+                    .send(Outgoing::new(
+                        format!("rct.submit.floorput.{i}"),
+                        format!("floorput-{i}"),
+                        bytes,
+                    ))
+                    .await
+                    .expect("submit");
+            }
+        }));
+    }
+    for chunk in chunks {
+        chunk.await.map_err(|e| io(&e))?;
+    }
+    for _ in 0..total {
+        rx.recv().await;
+    }
+    relay_task.abort();
+    let floor = total as f64 / begin.elapsed().as_secs_f64();
+    Ok(Row {
+        scenario: format!("admission throughput ({total} submissions, {submitters} submitters)"),
+        rct: format!("{ours:.0} decisions/s"),
+        floor: format!("{floor:.0} msg/s"),
+        ratio: ratio(ours, floor),
+        target: "≥ 0.7×".into(),
+    })
+}
+
+async fn count(js: &async_nats::jetstream::Context, subjects: &str) -> Result<usize> {
+    let stream = js
+        .get_stream("RCT_EVT")
+        .await
+        .map_err(|e| Error::usage(e.to_string()))?;
+    let info = stream
+        .info_with_subjects(subjects)
+        .await
+        .map_err(|e| Error::usage(e.to_string()))?;
+    futures::pin_mut!(info);
+    let mut total = 0;
+    while let Some(entry) = info.next().await {
+        total += entry.map_err(|e| Error::usage(e.to_string()))?.1;
+    }
+    Ok(total)
+}
+
+/// Scenario 3: folding N events into history vs draining them with a raw ordered consumer.
+async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Row> {
+    let io = |e: &dyn std::fmt::Display| Error::usage(format!("replay: {e}"));
+    // A fresh tower per size, so each replay reads exactly its own events.
+    let tower: rct_bus::Tower = format!("replay{n}").parse().map_err(|e| io(&e))?;
+    let per_command = 10;
+    let mut acks = Vec::with_capacity(1024);
+    let mut command = CommandId::generate();
+    for i in 0..n {
+        if i % per_command == 0 {
+            command = CommandId::generate();
+        }
+        let event = proto::Event {
+            command_id: command.to_string(),
+            at: Some(from_datetime(OffsetDateTime::now_utc())),
+            source: "bench".into(),
+            operation: format!("{tower}/noop"),
+            target: "t".into(),
+            kind: Some(proto::event::Kind::Progress(proto::Progress {
+                percent: (i % 100) as u32,
+                step: "step".into(),
+                message: String::new(),
+            })),
+        };
+        let subject = Subject::event(&tower, command, EventKind::Progress).to_string();
+        acks.push(
+            js.publish(subject, event.encode_to_vec().into())
+                .await
+                .map_err(|e| io(&e))?,
+        );
+        if acks.len() == 1000 {
+            for ack in acks.drain(..) {
+                ack.await.map_err(|e| io(&e))?;
+            }
+        }
+    }
+    for ack in acks.drain(..) {
+        ack.await.map_err(|e| io(&e))?;
+    }
+    let filter = Filter {
+        tower: Some(tower.clone()),
+        ..Filter::default()
+    };
+
+    let begin = Instant::now();
+    let mut states: HashMap<CommandId, CommandState> = HashMap::new();
+    let mut history = replay::history(js, &filter).await.map_err(|e| io(&e))?;
+    let mut seen = 0;
+    while let Some(record) = history.next().await {
+        let record = record.map_err(|e| io(&e))?;
+        seen += 1;
+        states
+            .entry(record.command_id)
+            .or_insert_with(|| CommandState::new(record.command_id))
+            .apply(&record);
+    }
+    let ours = begin.elapsed();
+    if seen != n {
+        return Err(Error::usage(format!("replay read {seen} of {n} events")));
+    }
+
+    use async_nats::jetstream::consumer::pull;
+    let begin = Instant::now();
+    let stream = js.get_stream("RCT_EVT").await.map_err(|e| io(&e))?;
+    let raw = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: rct_bus::subject::events_for_tower(&tower),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| io(&e))?;
+    let mut messages = raw.messages().await.map_err(|e| io(&e))?;
+    let mut drained = 0;
+    while drained < n {
+        let Some(Ok(_)) = messages.next().await else {
+            break;
+        };
+        drained += 1;
+    }
+    let floor = begin.elapsed();
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    Ok(Row {
+        scenario: format!(
+            "replay into history ({n} events, {} commands)",
+            states.len()
+        ),
+        rct: format!("{:.0} events/s ({:.2} s)", rate(ours), ours.as_secs_f64()),
+        floor: format!("{:.0} events/s ({:.2} s)", rate(floor), floor.as_secs_f64()),
+        ratio: ratio(rate(ours), rate(floor)),
+        target: if n >= 1_000_000 {
+            "≥ 0.5×, < 5 s".into()
+        } else {
+            "≥ 0.5×".into()
+        },
+    })
+}
+
+/// Scenario 4: one operation to each of N cluster agents.
+async fn fanout(
+    js: &async_nats::jetstream::Context,
+    session: &Session,
+    agents: usize,
+) -> Result<Vec<Row>> {
+    let io = |e: &dyn std::fmt::Display| Error::usage(format!("fan-out: {e}"));
+    let mut events = replay::follow(
+        js,
+        &Filter {
+            tower: Some("bench".parse().map_err(|e| io(&e))?),
+            since: Some(OffsetDateTime::now_utc()),
+            ..Filter::default()
+        },
+    )
+    .await
+    .map_err(|e| io(&e))?;
+    let publisher = Publisher::new(js.clone());
+    let mut ids = std::collections::HashSet::new();
+    let begin = Instant::now();
+    for i in 0..agents {
+        let (id, name, bytes) = signed(session, &target(i));
+        ids.insert(id);
+        publisher
+            .send(Outgoing::new(Subject::submit(&name), id.msg_id(), bytes))
+            .await
+            .map_err(|e| io(&e))?;
+    }
+    let (mut started, mut done) = (0, 0);
+    let (mut all_started, mut all_done) = (Duration::ZERO, Duration::ZERO);
+    while done < agents {
+        let Some(item) = events.next().await else {
+            break;
+        };
+        if let Ok(Item::Event(record)) = item
+            && ids.contains(&record.command_id)
+        {
+            match record.kind {
+                EventKind::Claim => {
+                    started += 1;
+                    if started == agents {
+                        all_started = begin.elapsed();
+                    }
+                }
+                EventKind::Outcome => {
+                    done += 1;
+                    if done == agents {
+                        all_done = begin.elapsed();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(vec![
+        Row {
+            scenario: format!("fan-out to {agents} cluster agents: all started"),
+            rct: ms(all_started),
+            floor: "-".into(),
+            ratio: "-".into(),
+            target: "< 2 s (200)".into(),
+        },
+        Row {
+            scenario: format!("fan-out to {agents} cluster agents: all succeeded"),
+            rct: ms(all_done),
+            floor: "-".into(),
+            ratio: "-".into(),
+            target: "".into(),
+        },
+    ])
+}
+
+/// Scenario 5: RSS of admission and of an idle agent as their own processes; CLI start to
+/// PubAck.
+async fn footprint(stack: &Stack, session: &Session) -> Result<Vec<Row>> {
+    let dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.to_owned()));
+    let sibling = |name: &str| dir.as_ref().map(|d| d.join(name)).filter(|p| p.is_file());
+    let mut rows = Vec::new();
+    let key = stack.dir.join("admission.key");
+    match sibling("rct-admission") {
+        Some(bin) => {
+            let mut child = std::process::Command::new(bin)
+                .args([
+                    "--catalog".as_ref(),
+                    stack.dir.join("catalog.yaml").as_os_str(),
+                ])
+                .args(["--signing-key".as_ref(), key.as_os_str()])
+                .args(["--server", &stack.url, "--instance", "footprint"])
+                .env("RCT_DEV_ISSUER", "true")
+                .env("RCT_LOG", "error")
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| Error::usage(format!("cannot start rct-admission: {e}")))?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let rss = rss_mb(child.id());
+            let _ = child.kill();
+            let _ = child.wait();
+            rows.push(Row {
+                scenario: "RSS of admission (separate process, idle after start)".into(),
+                rct: rss.map_or("-".into(), |m| format!("{m:.1} MB")),
+                floor: "-".into(),
+                ratio: "-".into(),
+                target: "< 30 MB".into(),
+            });
+        }
+        None => eprintln!("rct bench: rct-admission not found next to rct; skipping its footprint"),
+    }
+    match sibling("rct-agent") {
+        Some(bin) => {
+            let scripts = stack.dir.join("idle.yaml");
+            std::fs::write(
+                &scripts,
+                "tower: bench\ntarget: t-000\noperations:\n  noop:\n    command: /bin/true\n",
+            )
+            .map_err(|e| Error::usage(e.to_string()))?;
+            let mut child = std::process::Command::new(bin)
+                .args(["--scripts".as_ref(), scripts.as_os_str()])
+                .args(["--server", &stack.url, "--instance", "footprint"])
+                .arg("--trusted-key")
+                .arg(stack.dir.join("admission.pub"))
+                .env("RCT_LOG", "error")
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| Error::usage(format!("cannot start rct-agent: {e}")))?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let rss = rss_mb(child.id());
+            let _ = child.kill();
+            let _ = child.wait();
+            rows.push(Row {
+                scenario: "RSS of an idle agent (rct-agent)".into(),
+                rct: rss.map_or("-".into(), |m| format!("{m:.1} MB")),
+                floor: "-".into(),
+                ratio: "-".into(),
+                target: "< 15 MB".into(),
+            });
+        }
+        None => eprintln!("rct bench: rct-agent not found next to rct; skipping its footprint"),
+    }
+    // CLI start to PubAck: `rct run … --detach` as a fresh process, against this stack.
+    if let Ok(rct) = std::env::current_exe() {
+        let home = stack.dir.join("home");
+        let context = "bench";
+        let mut contexts = crate::home::Contexts::default();
+        contexts.contexts.insert(
+            context.into(),
+            rct_streams::Connection::to([stack.url.clone()]),
+        );
+        contexts.current = Some(context.into());
+        let home_dir = crate::home::Home::at(&home);
+        home_dir.save_contexts(&contexts)?;
+        Session {
+            key: KeyPair::from_pem(&session.key.to_pem())
+                .map_err(|e| Error::usage(e.to_string()))?,
+            certificate: session.certificate.clone(),
+            identity: session.identity.clone(),
+        }
+        .save(&home_dir, context)?;
+        let mut times = Vec::new();
+        for _ in 0..20 {
+            let begin = Instant::now();
+            let status = std::process::Command::new(&rct)
+                .args(["run", "bench/noop", "-p", "target=t-000", "--detach"])
+                .env("RCT_HOME", &home)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .map_err(|e| Error::usage(e.to_string()))?;
+            if status.success() {
+                times.push(begin.elapsed());
+            }
+        }
+        times.sort();
+        rows.push(Row {
+            scenario: format!("CLI process start to PubAck, p50 of {}", times.len()),
+            rct: ms(percentile(&times, 0.5)),
+            floor: "-".into(),
+            ratio: "-".into(),
+            target: "< 50 ms".into(),
+        });
+    }
+    Ok(rows)
+}
+
+fn rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
