@@ -71,6 +71,11 @@ impl Config {
                     "{name}.duplicate_window must be longer than zero: retries are deduplicated within it"
                 ));
             }
+            if stream.max_consumers < 1 {
+                return Err(format!(
+                    "{name}.max_consumers must be at least 1 (the server has no \"unlimited\")"
+                ));
+            }
             if !stream.max_age.is_zero() && stream.max_age < stream.duplicate_window {
                 return Err(format!(
                     "{name}.max_age must be zero (keep forever) or at least duplicate_window"
@@ -121,6 +126,10 @@ pub struct Stream {
     /// exceed every publisher's retry horizon.
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Duration,
+    /// Consumers at once. Every watcher, replay and running command's cancel watch is an
+    /// (ephemeral) consumer that lingers a few seconds after use; nats-server 2.15 otherwise
+    /// caps a stream at 1000.
+    pub max_consumers: i32,
 }
 
 impl Default for Stream {
@@ -128,6 +137,7 @@ impl Default for Stream {
         Self {
             max_age: Duration::ZERO,
             duplicate_window: Duration::from_secs(10 * 60),
+            max_consumers: 100_000,
         }
     }
 }

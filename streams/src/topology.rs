@@ -46,6 +46,7 @@ pub fn streams(config: &Config) -> Vec<stream::Config> {
             num_replicas: config.replicas,
             max_age: s.max_age,
             duplicate_window: s.duplicate_window,
+            max_consumers: s.max_consumers,
             deny_delete: config.deny_delete,
             deny_purge: config.deny_purge,
             // Full streams refuse new writes instead of dropping history.
