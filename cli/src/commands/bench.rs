@@ -330,30 +330,7 @@ async fn latency_floor(
         .create_consumer(pull_config("floor-worker", "rct.cmd.floor.>"))
         .await
         .map_err(|e| io(&e))?;
-    let js_relay = js.clone();
-    let relay_task = tokio::spawn(async move {
-        let mut messages = relay.messages().await.expect("floor relay pulls");
-        while let Some(Ok(m)) = messages.next().await {
-            let id = m
-                .subject
-                .as_str()
-                .rsplit('.')
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-            let _ = js_relay
-                .publish(format!("rct.evt.floor.{id}.decision"), m.payload.clone())
-                .await
-                .expect("publish")
-                .await;
-            let _ = js_relay
-                .publish(format!("rct.cmd.floor.x.{id}"), m.payload.clone())
-                .await
-                .expect("publish")
-                .await;
-            let _ = m.ack().await;
-        }
-    });
+    let relay_task = spawn_relay(js.clone(), relay, "floor", 1, None);
     let js_worker = js.clone();
     let worker_task = tokio::spawn(async move {
         let mut messages = worker.messages().await.expect("floor worker pulls");
@@ -459,37 +436,7 @@ async fn throughput(
         .map_err(|e| io(&e))?;
     // The relay runs first, like admission; the same submitters then publish to it.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let relay_js = js.clone();
-    let relay_task = tokio::spawn(async move {
-        let mut messages = relay.messages().await.expect("the floor relay pulls");
-        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
-        while let Some(Ok(m)) = messages.next().await {
-            let permit = permits.clone().acquire_owned().await.expect("open");
-            let (js, tx) = (relay_js.clone(), tx.clone());
-            tokio::spawn(async move {
-                let id = m
-                    .subject
-                    .as_str()
-                    .rsplit('.')
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                let _ = js
-                    .publish(format!("rct.evt.floorput.{id}.decision"), m.payload.clone())
-                    .await
-                    .expect("publish")
-                    .await;
-                let _ = js
-                    .publish(format!("rct.cmd.floorput.x.{id}"), m.payload.clone())
-                    .await
-                    .expect("publish")
-                    .await;
-                let _ = m.ack().await;
-                drop(permit);
-                let _ = tx.send(());
-            });
-        }
-    });
+    let relay_task = spawn_relay(js.clone(), relay, "floorput", 64, Some(tx));
     let begin = Instant::now();
     let mut chunks = Vec::new();
     let indexed: Vec<(usize, Bytes)> = prepared
@@ -527,6 +474,49 @@ async fn throughput(
         floor: format!("{floor:.0} msg/s"),
         ratio: ratio(ours, floor),
         target: "≥ 0.7×".into(),
+    })
+}
+
+/// The floor's admission: pull a message, publish a "decision" and a "command" (acks
+/// awaited), ack; `concurrency` at a time; each handled message is reported on `done`.
+fn spawn_relay(
+    js: async_nats::jetstream::Context,
+    relay: async_nats::jetstream::consumer::PullConsumer,
+    prefix: &'static str,
+    concurrency: usize,
+    done: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut messages = relay.messages().await.expect("the floor relay pulls");
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
+        while let Some(Ok(m)) = messages.next().await {
+            let permit = permits.clone().acquire_owned().await.expect("open");
+            let (js, done) = (js.clone(), done.clone());
+            tokio::spawn(async move {
+                let id = m
+                    .subject
+                    .as_str()
+                    .rsplit('.')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                for subject in [
+                    format!("rct.evt.{prefix}.{id}.decision"),
+                    format!("rct.cmd.{prefix}.x.{id}"),
+                ] {
+                    let _ = js
+                        .publish(subject, m.payload.clone())
+                        .await
+                        .expect("publish")
+                        .await;
+                }
+                let _ = m.ack().await;
+                drop(permit);
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            });
+        }
     })
 }
 
