@@ -815,6 +815,9 @@ impl Runner {
     }
 }
 
+/// How long a command runs before its cancel requests are watched.
+const CANCEL_WATCH_DELAY: Duration = Duration::from_millis(100);
+
 enum Prepared {
     /// Run it with these parameters; mask these values in what is published.
     Run(Params, Vec<String>),
@@ -828,6 +831,9 @@ enum Prepared {
 
 /// Resolves with who asked, when a cancel request for `id` is recorded.
 async fn cancel_request(js: &jetstream::Context, id: CommandId) -> String {
+    // Commands that finish within this never pay for the watch (a consumer per command);
+    // the watch reads the command's history from the start, so an earlier request is seen.
+    tokio::time::sleep(CANCEL_WATCH_DELAY).await;
     let filter = Filter {
         command: Some(id),
         kind: Some(EventKind::Cancel),

@@ -543,6 +543,8 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
     // A fresh tower per size, so each replay reads exactly its own events.
     let tower: rct_bus::Tower = format!("replay{n}").parse().map_err(|e| io(&e))?;
     let per_command = 10;
+    let published_from = OffsetDateTime::now_utc();
+    let mut first_sequence = None;
     let mut acks = Vec::with_capacity(1024);
     let mut command = CommandId::generate();
     for i in 0..n {
@@ -569,15 +571,19 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
         );
         if acks.len() == 1000 {
             for ack in acks.drain(..) {
-                ack.await.map_err(|e| io(&e))?;
+                let ack = ack.await.map_err(|e| io(&e))?;
+                first_sequence.get_or_insert(ack.sequence);
             }
         }
     }
     for ack in acks.drain(..) {
-        ack.await.map_err(|e| io(&e))?;
+        let ack = ack.await.map_err(|e| io(&e))?;
+        first_sequence.get_or_insert(ack.sequence);
     }
+    // As `rct history --since … --tower …` reads: from a time, one tower's events.
     let filter = Filter {
         tower: Some(tower.clone()),
+        since: Some(published_from),
         ..Filter::default()
     };
 
@@ -601,20 +607,28 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
     use async_nats::jetstream::consumer::pull;
     let begin = Instant::now();
     let stream = js.get_stream("RCT_EVT").await.map_err(|e| io(&e))?;
+    // The same events read the same way, without decoding or folding them: from the first
+    // of them, the whole stream, counting the tower's.
     let raw = stream
         .create_consumer(pull::OrderedConfig {
-            filter_subject: rct_bus::subject::events_for_tower(&tower),
+            filter_subject: rct_bus::subject::all_events(),
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: first_sequence.unwrap_or(1),
+            },
             ..Default::default()
         })
         .await
         .map_err(|e| io(&e))?;
     let mut messages = raw.messages().await.map_err(|e| io(&e))?;
+    let prefix = format!("rct.evt.{tower}.");
     let mut drained = 0;
     while drained < n {
-        let Some(Ok(_)) = messages.next().await else {
+        let Some(Ok(message)) = messages.next().await else {
             break;
         };
-        drained += 1;
+        if message.subject.starts_with(prefix.as_str()) {
+            drained += 1;
+        }
     }
     let floor = begin.elapsed();
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
