@@ -241,46 +241,26 @@ fn ratio(ours: f64, floor: f64) -> String {
     }
 }
 
-/// Scenario 1: submit → Started and → Succeeded, as the submitter sees them.
+/// Scenario 1: submit → Started and → Succeeded, as the submitter sees them. rct's operations
+/// and the floor's alternate, so whatever else the machine does weighs on both alike.
 async fn latency(
     js: &async_nats::jetstream::Context,
     session: &Session,
     n: usize,
 ) -> Result<Vec<Row>> {
     let publisher = Publisher::new(js.clone());
+    let floor = Floor::start(js).await?;
     let (mut started, mut succeeded) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut floor_started, mut floor_done) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for _ in 0..n {
-        let (id, name, bytes) = signed(session, &target(0));
-        let begin = Instant::now();
-        publisher
-            .send(Outgoing::new(Subject::submit(&name), id.msg_id(), bytes))
-            .await
-            .map_err(|e| Error::usage(e.to_string()))?;
-        let mut events = replay::follow(js, &Filter::command(id))
-            .await
-            .map_err(|e| Error::usage(e.to_string()))?;
-        while let Some(item) = events.next().await {
-            if let Ok(Item::Event(record)) = item {
-                match record.kind {
-                    EventKind::Claim => started.push(begin.elapsed()),
-                    EventKind::Outcome => {
-                        succeeded.push(begin.elapsed());
-                        break;
-                    }
-                    EventKind::Decision
-                        if matches!(record.event.kind, Some(proto::event::Kind::Rejected(_))) =>
-                    {
-                        return Err(Error::usage(format!(
-                            "bench submission rejected: {:?}",
-                            record.event.kind
-                        )));
-                    }
-                    _ => {}
-                }
-            }
-        }
+        let (s, d) = rct_operation(js, session, &publisher).await?;
+        started.push(s);
+        succeeded.push(d);
+        let (s, d) = floor.operation(js).await?;
+        floor_started.push(s);
+        floor_done.push(d);
     }
-    let (floor_started, floor_done) = latency_floor(js, n).await?;
+    floor.stop();
     let mut rows = Vec::new();
     for (label, mut ours, mut floor) in [
         ("submit → Started", started, floor_started),
@@ -306,58 +286,104 @@ async fn latency(
     Ok(rows)
 }
 
-/// The same hops with bare JetStream: publish → pull → publish → pull → publish events →
-/// ordered consumer receives; same acks; no signing, no policy.
-async fn latency_floor(
+/// One operation through rct: until the submitter sees `Started`, and `Succeeded`.
+async fn rct_operation(
     js: &async_nats::jetstream::Context,
-    n: usize,
-) -> Result<(Vec<Duration>, Vec<Duration>)> {
-    use async_nats::jetstream::consumer::pull;
-    let io = |e: &dyn std::fmt::Display| Error::usage(format!("floor: {e}"));
-    let submit = js.get_stream("RCT_SUBMIT").await.map_err(|e| io(&e))?;
-    let cmd = js.get_stream("RCT_CMD").await.map_err(|e| io(&e))?;
-    let pull_config = |name: &str, filter: &str| pull::Config {
-        durable_name: Some(name.into()),
-        filter_subject: filter.into(),
-        ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
-        ..Default::default()
-    };
-    let relay = submit
-        .create_consumer(pull_config("floor-relay", "rct.submit.floor.>"))
+    session: &Session,
+    publisher: &Publisher,
+) -> Result<(Duration, Duration)> {
+    let (id, name, bytes) = signed(session, &target(0));
+    let begin = Instant::now();
+    publisher
+        .send(Outgoing::new(Subject::submit(&name), id.msg_id(), bytes))
         .await
-        .map_err(|e| io(&e))?;
-    let worker = cmd
-        .create_consumer(pull_config("floor-worker", "rct.cmd.floor.>"))
+        .map_err(|e| Error::usage(e.to_string()))?;
+    let mut events = replay::follow(js, &Filter::command(id))
         .await
-        .map_err(|e| io(&e))?;
-    let relay_task = spawn_relay(js.clone(), relay, "floor", 1, None);
-    let js_worker = js.clone();
-    let worker_task = tokio::spawn(async move {
-        let mut messages = worker.messages().await.expect("floor worker pulls");
-        while let Some(Ok(m)) = messages.next().await {
-            let id = m
-                .subject
-                .as_str()
-                .rsplit('.')
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-            let _ = js_worker
-                .publish(format!("rct.evt.floor.{id}.claim"), Bytes::new())
-                .await
-                .expect("publish")
-                .await;
-            let _ = js_worker
-                .publish(format!("rct.evt.floor.{id}.outcome"), Bytes::new())
-                .await
-                .expect("publish")
-                .await;
-            let _ = m.double_ack().await;
+        .map_err(|e| Error::usage(e.to_string()))?;
+    let mut started = Duration::ZERO;
+    while let Some(item) = events.next().await {
+        if let Ok(Item::Event(record)) = item {
+            match record.kind {
+                EventKind::Claim => started = begin.elapsed(),
+                EventKind::Outcome => return Ok((started, begin.elapsed())),
+                EventKind::Decision
+                    if matches!(record.event.kind, Some(proto::event::Kind::Rejected(_))) =>
+                {
+                    return Err(Error::usage(format!(
+                        "bench submission rejected: {:?}",
+                        record.event.kind
+                    )));
+                }
+                _ => {}
+            }
         }
-    });
-    let events = js.get_stream("RCT_EVT").await.map_err(|e| io(&e))?;
-    let (mut started, mut done) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for _ in 0..n {
+    }
+    Err(Error::usage("the event stream ended"))
+}
+
+/// The same hops with bare JetStream: publish → pull → two publishes → ack → pull → two
+/// publishes → double ack, observed by an ordered consumer created after the publish, as rct's
+/// watcher is; no signing, no policy.
+struct Floor {
+    relay: tokio::task::JoinHandle<()>,
+    worker: tokio::task::JoinHandle<()>,
+    events: async_nats::jetstream::stream::Stream,
+}
+
+impl Floor {
+    async fn start(js: &async_nats::jetstream::Context) -> Result<Self> {
+        use async_nats::jetstream::consumer::pull;
+        let io = |e: &dyn std::fmt::Display| Error::usage(format!("floor: {e}"));
+        let submit = js.get_stream("RCT_SUBMIT").await.map_err(|e| io(&e))?;
+        let cmd = js.get_stream("RCT_CMD").await.map_err(|e| io(&e))?;
+        let pull_config = |name: &str, filter: &str| pull::Config {
+            durable_name: Some(name.into()),
+            filter_subject: filter.into(),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        };
+        let relay = submit
+            .create_consumer(pull_config("floor-relay", "rct.submit.floor.>"))
+            .await
+            .map_err(|e| io(&e))?;
+        let worker = cmd
+            .create_consumer(pull_config("floor-worker", "rct.cmd.floor.>"))
+            .await
+            .map_err(|e| io(&e))?;
+        let relay = spawn_relay(js.clone(), relay, "floor", 1, None);
+        let js_worker = js.clone();
+        let worker = tokio::spawn(async move {
+            let mut messages = worker.messages().await.expect("floor worker pulls");
+            while let Some(Ok(m)) = messages.next().await {
+                let id = m
+                    .subject
+                    .as_str()
+                    .rsplit('.')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                for kind in ["claim", "outcome"] {
+                    let _ = js_worker
+                        .publish(format!("rct.evt.floor.{id}.{kind}"), Bytes::new())
+                        .await
+                        .expect("publish")
+                        .await;
+                }
+                let _ = m.double_ack().await;
+            }
+        });
+        let events = js.get_stream("RCT_EVT").await.map_err(|e| io(&e))?;
+        Ok(Self {
+            relay,
+            worker,
+            events,
+        })
+    }
+
+    async fn operation(&self, js: &async_nats::jetstream::Context) -> Result<(Duration, Duration)> {
+        use async_nats::jetstream::consumer::pull;
+        let io = |e: &dyn std::fmt::Display| Error::usage(format!("floor: {e}"));
         let id = CommandId::generate();
         let begin = Instant::now();
         js.publish(format!("rct.submit.floor.{id}"), Bytes::from_static(b"x"))
@@ -365,7 +391,8 @@ async fn latency_floor(
             .map_err(|e| io(&e))?
             .await
             .map_err(|e| io(&e))?;
-        let observer = events
+        let observer = self
+            .events
             .create_consumer(pull::OrderedConfig {
                 filter_subject: format!("rct.evt.floor.{id}.>"),
                 ..Default::default()
@@ -373,18 +400,21 @@ async fn latency_floor(
             .await
             .map_err(|e| io(&e))?;
         let mut messages = observer.messages().await.map_err(|e| io(&e))?;
+        let mut started = Duration::ZERO;
         while let Some(Ok(m)) = messages.next().await {
             if m.subject.ends_with(".claim") {
-                started.push(begin.elapsed());
+                started = begin.elapsed();
             } else if m.subject.ends_with(".outcome") {
-                done.push(begin.elapsed());
-                break;
+                return Ok((started, begin.elapsed()));
             }
         }
+        Err(io(&"the floor's event stream ended"))
     }
-    relay_task.abort();
-    worker_task.abort();
-    Ok((started, done))
+
+    fn stop(self) {
+        self.relay.abort();
+        self.worker.abort();
+    }
 }
 
 /// Scenario 2: admitted decisions per second with K submitters; floor: pull → two publishes
