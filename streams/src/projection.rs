@@ -10,6 +10,7 @@
 //!
 //! So applying a record twice, or records in another order, gives the same state.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use rct_bus::proto::{self, event::Kind};
@@ -175,55 +176,90 @@ impl CommandState {
     /// Applies one event (see the module's folding rule). Events of other commands are
     /// ignored.
     pub fn apply(&mut self, record: &Record) {
-        if record.command_id != self.command_id {
+        self.fold_in(
+            record.sequence,
+            record.command_id,
+            record.kind,
+            Cow::Borrowed(&record.event),
+        );
+    }
+
+    /// [`CommandState::apply`], taking the record: what the state keeps is moved, not copied
+    /// (for folding long histories).
+    pub fn absorb(&mut self, record: Record) {
+        self.fold_in(
+            record.sequence,
+            record.command_id,
+            record.kind,
+            Cow::Owned(record.event),
+        );
+    }
+
+    fn fold_in(
+        &mut self,
+        sequence: u64,
+        command_id: CommandId,
+        slot: EventKind,
+        event: Cow<'_, proto::Event>,
+    ) {
+        if command_id != self.command_id {
             return;
         }
-        self.last_sequence = self.last_sequence.max(record.sequence);
-        let event = &record.event;
+        self.last_sequence = self.last_sequence.max(sequence);
         if self.operation.is_empty() {
             self.operation.clone_from(&event.operation);
         }
         if self.target.is_empty() {
             self.target.clone_from(&event.target);
         }
-        let Some(kind) = &event.kind else { return };
         let at = event.at.as_ref().and_then(to_datetime);
-
-        match record.kind {
-            EventKind::Decision if self.decision.is_none() => {
-                self.request = match kind {
-                    Kind::Admitted(a) => a.request.clone(),
-                    Kind::Rejected(r) => r.request.clone(),
-                    _ => None,
-                };
-                self.decision = Some(kind.clone());
-                self.decided_at = at;
-            }
-            EventKind::Claim if self.started.is_none() => {
-                if let Kind::Started(started) = kind {
-                    self.started = Some(started.clone());
+        let Some(phase) = event.kind.as_ref().map(Phase::of) else {
+            return;
+        };
+        // Only what is kept is taken out of the event (moved when owned, copied when borrowed).
+        let keep = match slot {
+            EventKind::Decision => self.decision.is_none(),
+            EventKind::Claim => self.started.is_none(),
+            EventKind::Progress => sequence > self.progress_sequence,
+            EventKind::Cancel => self.cancel_requested.is_none(),
+            EventKind::Outcome => self.outcome.is_none() && !self.phase.is_terminal(),
+            _ => false,
+        };
+        if keep {
+            let kind = match event {
+                Cow::Owned(e) => e.kind,
+                Cow::Borrowed(e) => e.kind.clone(),
+            };
+            match (slot, kind) {
+                (EventKind::Decision, Some(kind)) => {
+                    self.request = match &kind {
+                        Kind::Admitted(a) => a.request.clone(),
+                        Kind::Rejected(r) => r.request.clone(),
+                        _ => None,
+                    };
+                    self.decision = Some(kind);
+                    self.decided_at = at;
+                }
+                (EventKind::Claim, Some(Kind::Started(started))) => {
+                    self.started = Some(started);
                     self.started_at = at;
                 }
-            }
-            EventKind::Progress if record.sequence > self.progress_sequence => {
-                if let Kind::Progress(progress) = kind {
-                    self.progress = Some(progress.clone());
-                    self.progress_sequence = record.sequence;
+                (EventKind::Progress, Some(Kind::Progress(progress))) => {
+                    self.progress = Some(progress);
+                    self.progress_sequence = sequence;
                 }
-            }
-            EventKind::Cancel if self.cancel_requested.is_none() => {
-                if let Kind::CancelRequested(cancel) = kind {
-                    self.cancel_requested = Some(cancel.clone());
+                (EventKind::Cancel, Some(Kind::CancelRequested(cancel))) => {
+                    self.cancel_requested = Some(cancel);
                 }
+                (EventKind::Outcome, Some(kind)) => {
+                    self.outcome = Some(kind);
+                    self.ended_at = at;
+                }
+                _ => {}
             }
-            EventKind::Outcome if self.outcome.is_none() && !self.phase.is_terminal() => {
-                self.outcome = Some(kind.clone());
-                self.ended_at = at;
-            }
-            _ => {}
         }
 
-        if let Some(phase) = Phase::of(kind)
+        if let Some(phase) = phase
             && !self.phase.is_terminal()
             && phase.rank() > self.phase.rank()
         {
@@ -444,6 +480,24 @@ mod tests {
         ]);
         assert_eq!(state.phase, Phase::Unknown);
         assert!(matches!(state.outcome, Some(Kind::Unknown(_))));
+    }
+
+    #[test]
+    fn absorbing_owned_records_gives_the_same_state() {
+        let records = [
+            record(1, admitted()),
+            record(2, started()),
+            record(3, progress(30)),
+            record(4, Kind::CancelRequested(Default::default())),
+            record(5, progress(60)),
+            record(6, Kind::Succeeded(Default::default())),
+        ];
+        let borrowed = fold(&records);
+        let mut owned = CommandState::new(ID.parse().unwrap());
+        for r in records {
+            owned.absorb(r);
+        }
+        assert_eq!(owned, borrowed);
     }
 
     #[test]

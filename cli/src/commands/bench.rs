@@ -627,7 +627,7 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
         states
             .entry(record.command_id)
             .or_insert_with(|| CommandState::new(record.command_id))
-            .apply(&record);
+            .absorb(record);
     }
     let ours = begin.elapsed();
     if seen != n {

@@ -109,7 +109,7 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
             order.push(id);
             CommandState::new(id)
         });
-        state.apply(&record);
+        state.absorb(record);
         if caught_up && state.phase.is_terminal() && !printed.contains(&id) && matches(state, &args)
         {
             print(state, args.output);
