@@ -103,7 +103,7 @@ pub async fn run(args: Args) -> Result {
         args.scenarios.clone()
     };
     let quick = args.quick;
-    let operations = args.operations.unwrap_or(if quick { 30 } else { 500 });
+    let operations = args.operations.unwrap_or(if quick { 30 } else { 2_000 });
     let submissions = args.submissions.unwrap_or(if quick { 300 } else { 5_000 });
     let events = args
         .events
