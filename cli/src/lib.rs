@@ -85,6 +85,7 @@ enum Verb {
 
 /// Parses the command line, runs the verb, and returns the exit status.
 pub async fn main() -> std::process::ExitCode {
+    exit_quietly_on_broken_pipe();
     let home = Home::locate();
     let catalog = catalog_for_commands(&home).await;
     let matches = command(catalog.as_ref()).get_matches();
@@ -99,6 +100,24 @@ pub async fn main() -> std::process::ExitCode {
         }
     };
     std::process::ExitCode::from(exit as u8)
+}
+
+/// `rct history | head` closes stdout early: that is the reader's choice, not an error, so
+/// the write that fails ends rct quietly with 0 (println! panics on a broken pipe).
+fn exit_quietly_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
 }
 
 /// The built-in verbs plus one command per tower and operation of the catalog.

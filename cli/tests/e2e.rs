@@ -395,3 +395,30 @@ fn the_demo_runs_and_cleans_up() {
         "the demo leaves the operator's home alone"
     );
 }
+
+/// `rct … | head -1`: the reader closing early is not an error.
+#[test]
+fn a_closed_pipe_ends_rct_quietly() {
+    use std::io::{BufRead, BufReader};
+    let home = tempfile::tempdir().unwrap();
+    let mut contexts = String::from("contexts:\n");
+    for i in 0..20_000 {
+        contexts.push_str(&format!("  c{i}:\n    servers: [nats://127.0.0.1:4222]\n"));
+    }
+    std::fs::write(home.path().join("contexts.yaml"), contexts).unwrap();
+    let mut child = Command::new(RCT)
+        .args(["context", "list"])
+        .env("RCT_HOME", home.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("c0"), "{first}");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
