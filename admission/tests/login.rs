@@ -155,7 +155,7 @@ async fn bad_id_tokens_are_refused_and_recorded() {
         .map(|r| r.unwrap().event)
         .collect()
         .await;
-    assert_eq!(recorded.len(), cases.len());
+    assert_eq!(recorded.len(), cases.len(), "{recorded:#?}");
     assert!(
         recorded
             .iter()
@@ -165,33 +165,11 @@ async fn bad_id_tokens_are_refused_and_recorded() {
 
 #[tokio::test]
 async fn the_dev_issuer_is_off_unless_enabled() {
-    let server = rct_streams::testkit::Server::start().await;
-    let client = server.client().await;
-    let js = async_nats::jetstream::new(client.clone());
-    rct_streams::provision(&js, &rct_streams::Config::default())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = support::config(&server, dir.path(), KeyPair::generate().public());
-    config.dev_issuer = false;
-    let admission = rct_admission::Admission::new(config, client.clone()).unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(admission.run(shutdown.clone()));
-    // Login answers (admission is up), the dev issuer does not exist.
-    let login = loop {
-        if let Ok(reply) = client
-            .request("rct.auth.login", bytes::Bytes::from_static(b"\x0a\x01x"))
-            .await
-        {
-            break reply;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
-    assert!(!login.payload.is_empty());
-    let dev = client
+    let h = Harness::start_with(|config| config.dev_issuer = false).await;
+    // Admission is up (the harness waited for a login answer); the dev issuer does not exist.
+    let dev = h
+        .client
         .request("rct.auth.dev-token", bytes::Bytes::new())
         .await;
     assert!(dev.is_err(), "nobody answers dev-token requests");
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
 }

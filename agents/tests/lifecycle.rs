@@ -9,7 +9,7 @@ use rct_agents::{Failure, Outcome, Tower};
 use rct_bus::proto::{self, event::Kind};
 use rct_bus::{EventKind, KeyPair, Purpose};
 use rct_streams::timestamp::from_datetime;
-use support::{Harness, Ledger, drain_handler, outcome, target};
+use support::{Harness, Ledger, drain_agent, outcome, target};
 use time::OffsetDateTime;
 
 fn kinds(records: &[rct_streams::Record]) -> Vec<EventKind> {
@@ -20,12 +20,7 @@ fn kinds(records: &[rct_streams::Record]) -> Vec<EventKind> {
 async fn a_successful_command_has_claim_progress_logs_then_its_outcome() {
     let h = Harness::start().await;
     let ledger = Ledger::default();
-    let agent = h.run(
-        Tower::new("traffic")
-            .cluster("prod-1")
-            .operation("drain-cluster", drain_handler(ledger.clone(), "a"))
-            .config(h.config("a")),
-    );
+    let agent = drain_agent(&h, "prod-1", "a", &ledger);
     let command = h.command(
         "traffic/drain-cluster",
         "prod-1",
@@ -189,12 +184,7 @@ async fn wait_for(h: &Harness, id: &str, kind: EventKind) {
 async fn commands_not_signed_by_admission_are_never_run() {
     let h = Harness::start().await;
     let ledger = Ledger::default();
-    let agent = h.run(
-        Tower::new("traffic")
-            .cluster("prod-1")
-            .operation("drain-cluster", drain_handler(ledger.clone(), "a"))
-            .config(h.config("a")),
-    );
+    let agent = drain_agent(&h, "prod-1", "a", &ledger);
     let forged = h.command(
         "traffic/drain-cluster",
         "prod-1",
@@ -263,12 +253,7 @@ use futures::StreamExt;
 async fn parameters_are_checked_again_by_the_agent() {
     let h = Harness::start().await;
     let ledger = Ledger::default();
-    let agent = h.run(
-        Tower::new("traffic")
-            .cluster("prod-1")
-            .operation("drain-cluster", drain_handler(ledger.clone(), "a"))
-            .config(h.config("a")),
-    );
+    let agent = drain_agent(&h, "prod-1", "a", &ledger);
     // Signed by admission, but out of the catalog's limits: defence in depth.
     let command = h.command(
         "traffic/drain-cluster",
@@ -297,12 +282,7 @@ async fn parameters_are_checked_again_by_the_agent() {
 async fn a_cluster_agent_never_receives_another_targets_commands() {
     let h = Harness::start().await;
     let ledger = Ledger::default();
-    let prod1 = h.run(
-        Tower::new("traffic")
-            .cluster("prod-1")
-            .operation("drain-cluster", drain_handler(ledger.clone(), "prod-1"))
-            .config(h.config("p1")),
-    );
+    let prod1 = drain_agent(&h, "prod-1", "p1", &ledger);
     h.present("traffic", 1).await;
     // The prod-2 agent's consumer exists (its agent is down).
     let config = rct_streams::Config::default();
@@ -439,12 +419,7 @@ fn string(s: &str) -> proto::Value {
 #[tokio::test]
 async fn presence_appears_and_goes_with_the_agent() {
     let h = Harness::start().await;
-    let agent = h.run(
-        Tower::new("traffic")
-            .cluster("prod-3")
-            .operation("drain-cluster", drain_handler(Ledger::default(), "a"))
-            .config(h.config("edge-3")),
-    );
+    let agent = drain_agent(&h, "prod-3", "edge-3", &Ledger::default());
     let present = h.present("traffic", 1).await;
     assert_eq!(present[0].target, "prod-3");
     assert_eq!(present[0].operations, ["drain-cluster"]);

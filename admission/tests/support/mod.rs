@@ -120,8 +120,18 @@ impl Harness {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(admission.run(shutdown.clone()));
         self.admission = Some((shutdown, task));
-        // Ready when it answers a login request.
-        self.dev_token("probe", &[]).await;
+        // Ready when it answers: the dev issuer leaves no trace; without it, a refused login
+        // probe is on record under tower _auth, like any refused login.
+        if self.config().dev_issuer {
+            self.dev_token("probe", &[]).await;
+        } else {
+            let _: proto::LoginResponse = self
+                .request(
+                    Subject::Login,
+                    proto::LoginRequest::default().encode_to_vec(),
+                )
+                .await;
+        }
     }
 
     pub async fn stop_admission(&mut self) {

@@ -274,6 +274,16 @@ pub fn drain_handler(
     }
 }
 
+/// A `traffic` cluster agent for `target` running [`drain_handler`], named `instance`.
+pub fn drain_agent(h: &Harness, target: &str, instance: &'static str, ledger: &Ledger) -> Running {
+    h.run(
+        Tower::new("traffic")
+            .cluster(target)
+            .operation("drain-cluster", drain_handler(ledger.clone(), instance))
+            .config(h.config(instance)),
+    )
+}
+
 pub fn outcome(records: &[Record]) -> &Kind {
     records
         .iter()

@@ -761,29 +761,21 @@ async fn footprint(stack: &Stack, session: &Session) -> Result<Vec<Row>> {
     let key = stack.dir.join("admission.key");
     match sibling("rct-admission") {
         Some(bin) => {
-            let mut child = std::process::Command::new(bin)
+            let mut command = std::process::Command::new(bin);
+            command
                 .args([
                     "--catalog".as_ref(),
                     stack.dir.join("catalog.yaml").as_os_str(),
                 ])
                 .args(["--signing-key".as_ref(), key.as_os_str()])
                 .args(["--server", &stack.url, "--instance", "footprint"])
-                .env("RCT_DEV_ISSUER", "true")
-                .env("RCT_LOG", "error")
-                .stdin(std::process::Stdio::null())
-                .spawn()
-                .map_err(|e| Error::usage(format!("cannot start rct-admission: {e}")))?;
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let rss = rss_mb(child.id());
-            let _ = child.kill();
-            let _ = child.wait();
-            rows.push(Row {
-                scenario: "RSS of admission (separate process, idle after start)".into(),
-                rct: rss.map_or("-".into(), |m| format!("{m:.1} MB")),
-                floor: "-".into(),
-                ratio: "-".into(),
-                target: "< 30 MB".into(),
-            });
+                .env("RCT_DEV_ISSUER", "true");
+            let rss = idle_rss(command)?;
+            rows.push(rss_row(
+                "RSS of admission (separate process, idle after start)",
+                rss,
+                "< 30 MB",
+            ));
         }
         None => eprintln!("rct bench: rct-admission not found next to rct; skipping its footprint"),
     }
@@ -795,26 +787,14 @@ async fn footprint(stack: &Stack, session: &Session) -> Result<Vec<Row>> {
                 "tower: bench\ntarget: t-000\noperations:\n  noop:\n    command: /bin/true\n",
             )
             .map_err(|e| Error::usage(e.to_string()))?;
-            let mut child = std::process::Command::new(bin)
+            let mut command = std::process::Command::new(bin);
+            command
                 .args(["--scripts".as_ref(), scripts.as_os_str()])
                 .args(["--server", &stack.url, "--instance", "footprint"])
                 .arg("--trusted-key")
-                .arg(stack.dir.join("admission.pub"))
-                .env("RCT_LOG", "error")
-                .stdin(std::process::Stdio::null())
-                .spawn()
-                .map_err(|e| Error::usage(format!("cannot start rct-agent: {e}")))?;
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let rss = rss_mb(child.id());
-            let _ = child.kill();
-            let _ = child.wait();
-            rows.push(Row {
-                scenario: "RSS of an idle agent (rct-agent)".into(),
-                rct: rss.map_or("-".into(), |m| format!("{m:.1} MB")),
-                floor: "-".into(),
-                ratio: "-".into(),
-                target: "< 15 MB".into(),
-            });
+                .arg(stack.dir.join("admission.pub"));
+            let rss = idle_rss(command)?;
+            rows.push(rss_row("RSS of an idle agent (rct-agent)", rss, "< 15 MB"));
         }
         None => eprintln!("rct bench: rct-agent not found next to rct; skipping its footprint"),
     }
@@ -861,6 +841,30 @@ async fn footprint(stack: &Stack, session: &Session) -> Result<Vec<Row>> {
         });
     }
     Ok(rows)
+}
+
+/// Starts `command`, lets it settle for two seconds, reads its RSS, stops it.
+fn idle_rss(mut command: std::process::Command) -> Result<Option<f64>> {
+    let mut child = command
+        .env("RCT_LOG", "error")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| Error::usage(format!("cannot start {:?}: {e}", command.get_program())))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = rss_mb(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(rss)
+}
+
+fn rss_row(scenario: &str, rss: Option<f64>, target: &str) -> Row {
+    Row {
+        scenario: scenario.into(),
+        rct: rss.map_or("-".into(), |m| format!("{m:.1} MB")),
+        floor: "-".into(),
+        ratio: "-".into(),
+        target: target.into(),
+    }
 }
 
 fn rss_mb(pid: u32) -> Option<f64> {
