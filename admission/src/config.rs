@@ -8,12 +8,28 @@ use serde::Deserialize;
 
 use crate::identity::{IssuerConfig, ServiceConfig};
 
+/// What one `rct-admission` process does.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Decides, and notifies when channels are configured (development, small setups).
+    #[default]
+    All,
+    /// Decides only; a separate process notifies.
+    Decide,
+    /// Notifies only, with its own NATS identity (`notifier` in ops/nats/accounts.conf): needs
+    /// the catalog and the channels, no signing key, no issuers.
+    Notify,
+}
+
 /// Everything admission needs to start.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// How to reach NATS.
     pub nats: rct_streams::Connection,
+    /// Decide, notify, or both.
+    pub role: Role,
     /// This replica's name, recorded as the source of its events.
     pub instance: String,
     /// The operation catalog (YAML).
@@ -63,6 +79,7 @@ impl Default for Config {
                 inbox_prefix: Some(INBOX_PREFIX.into()),
                 ..rct_streams::Connection::default()
             },
+            role: Role::All,
             instance: format!("admission-{}", std::process::id()),
             catalog: PathBuf::from("catalog.yaml"),
             signing_key: PathBuf::from("admission.key"),
@@ -86,6 +103,8 @@ impl Default for Config {
 
 /// Prefix of admission's reply inboxes, so NATS permissions can scope them.
 const INBOX_PREFIX: &str = "_INBOX_admission";
+/// The notifier's, when it runs on its own.
+const NOTIFIER_INBOX_PREFIX: &str = "_INBOX_notifier";
 
 impl Config {
     /// Layers defaults < `file` (YAML or TOML by extension) < `env` (`RCT_` variables, `__`
@@ -96,12 +115,15 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, String> {
         let mut config: Config = rct_streams::runtime::load_config(file, env, &["nats.servers"])?;
-        // A `nats:` section replaces the whole default connection; keep admission's own inbox
+        // A `nats:` section replaces the whole default connection; keep the role's own inbox
         // prefix unless it was set.
-        config
-            .nats
-            .inbox_prefix
-            .get_or_insert_with(|| INBOX_PREFIX.to_owned());
+        config.nats.inbox_prefix.get_or_insert_with(|| {
+            match config.role {
+                Role::Notify => NOTIFIER_INBOX_PREFIX,
+                Role::All | Role::Decide => INBOX_PREFIX,
+            }
+            .to_owned()
+        });
         config.validate()?;
         Ok(config)
     }
@@ -110,6 +132,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.nats.servers.is_empty() {
             return Err("nats.servers is empty: name at least one NATS server".into());
+        }
+        if self.role == Role::Notify {
+            if self.notify.channels.is_empty() {
+                return Err("role notify needs at least one channel under `notify`".into());
+            }
+            return Ok(());
         }
         if self.issuers.is_empty() && !self.dev_issuer && self.services.is_empty() {
             return Err(

@@ -13,6 +13,7 @@
 //! - [`Admission`]: the service; [`run`] serves until shutdown.
 //! - [`notify`]: webhook notifications when operations start, end or are refused.
 //! - [`metrics`]: decision counters and latency.
+//! - [`provision`]: the whole topology, including every tower's consumer, for an administrator.
 
 pub mod catalog;
 mod config;
@@ -23,15 +24,61 @@ pub mod metrics;
 pub mod notify;
 mod service;
 
-pub use config::Config;
+pub use config::{Config, Role};
 pub use error::Error;
 pub use service::{AUTH_TOWER, Admission};
 
-/// Connects nothing itself: serves with `client` until `shutdown` fires.
+/// Connects nothing itself: serves with `client` in the configured role until `shutdown`
+/// fires.
 pub async fn run(
     config: Config,
     client: async_nats::Client,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), Error> {
-    Admission::new(config, client)?.run(shutdown).await
+    match config.role {
+        Role::Notify => {
+            let catalog = std::sync::Arc::new(catalog::load(&config.catalog)?);
+            let js = config.nats.jetstream(client);
+            tracing::info!(instance = %config.instance, "notifier ready");
+            notify::Notifier::new(js, catalog, &config.notify)
+                .run(shutdown)
+                .await;
+            Ok(())
+        }
+        Role::All | Role::Decide => Admission::new(config, client)?.run(shutdown).await,
+    }
+}
+
+/// Converges the server to the topology `config` describes: the streams and buckets,
+/// admission's and the notifier's consumers, and one consumer per tower (per target of a
+/// cluster tower) in the catalog. Run by an administrator's identity: admission's own NATS
+/// user cannot create streams in production.
+pub async fn provision(
+    js: &async_nats::jetstream::Context,
+    config: &Config,
+) -> Result<rct_streams::topology::Report, Error> {
+    use rct_bus::catalog::Flavour;
+    use rct_streams::topology::{COMMAND_STREAM, ensure_consumer, tower_consumer};
+
+    let catalog = catalog::load(&config.catalog)?;
+    let mut report = rct_streams::provision(js, &config.streams).await?;
+    for (name, spec) in &catalog.towers {
+        let tower = rct_bus::Tower::new(name).map_err(|e| Error::Config(e.to_string()))?;
+        let targets = match spec.flavour {
+            Flavour::Cluster => spec
+                .targets
+                .iter()
+                .map(|t| rct_bus::Target::new(t).map(Some))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::Config(e.to_string()))?,
+            Flavour::Simple => vec![None],
+        };
+        for target in targets {
+            let desired = tower_consumer(&config.streams, &tower, target.as_ref());
+            report
+                .items
+                .push(ensure_consumer(js, COMMAND_STREAM, desired).await?);
+        }
+    }
+    Ok(report)
 }

@@ -29,6 +29,10 @@ struct Args {
     /// Print the effective configuration and exit.
     #[arg(long)]
     print_config: bool,
+    /// Create or converge the streams, buckets and consumers (every tower's, from the
+    /// catalog), print what changed, and exit. Needs an administrator's NATS identity.
+    #[arg(long)]
+    provision: bool,
 }
 
 #[tokio::main]
@@ -66,6 +70,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .nats
         .connect(&format!("rct-admission {}", config.instance), true)
         .await?;
+    if args.provision {
+        let js = config.nats.jetstream(client);
+        let report = rct_admission::provision(&js, &config).await?;
+        #[allow(clippy::print_stdout)] // the report is the output
+        {
+            print!("{report}");
+        }
+        return Ok(());
+    }
     let shutdown = rct_streams::runtime::shutdown_on_signal();
     rct_admission::run(config, client, shutdown).await?;
     Ok(())

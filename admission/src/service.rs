@@ -115,7 +115,7 @@ impl Admission {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let inner = &self.inner;
         if inner.config.provision {
-            let report = rct_streams::provision(&inner.js, &inner.config.streams).await?;
+            let report = crate::provision(&inner.js, &inner.config).await?;
             tracing::info!(changed = report.changed(), "provisioned streams");
         }
         inner.publish_catalog().await?;
@@ -147,7 +147,7 @@ impl Admission {
             tracing::warn!("the development issuer is on: anyone can log in as anyone");
         }
 
-        if !inner.config.notify.channels.is_empty() {
+        if inner.config.role == crate::Role::All && !inner.config.notify.channels.is_empty() {
             let notifier = crate::notify::Notifier::new(
                 inner.js.clone(),
                 Arc::new(inner.policy.catalog.clone()),

@@ -5,9 +5,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// Prefix of agents' reply inboxes, so NATS permissions can scope them.
-const INBOX_PREFIX: &str = "_INBOX_agent";
-
 /// What every tower needs to run.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -41,10 +38,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            nats: rct_streams::Connection {
-                inbox_prefix: Some(INBOX_PREFIX.into()),
-                ..rct_streams::Connection::default()
-            },
+            nats: rct_streams::Connection::default(),
             instance: nix::unistd::gethostname()
                 .ok()
                 .and_then(|h| h.into_string().ok())
@@ -66,14 +60,19 @@ impl Config {
         file: Option<&std::path::Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, String> {
-        let mut config: Config =
+        let config: Config =
             rct_streams::runtime::load_config(file, env, &["nats.servers", "trusted_keys"])?;
-        config
-            .nats
-            .inbox_prefix
-            .get_or_insert_with(|| INBOX_PREFIX.to_owned());
         config.validate()?;
         Ok(config)
+    }
+
+    /// Scopes the reply inboxes to one tower and target (`_INBOX_agent.<tower>.<target>`,
+    /// `_` for a simple tower) unless the configuration names a prefix: NATS permissions
+    /// then keep every agent from reading another's replies, pulled commands included.
+    pub fn scope_inbox(&mut self, tower: &str, target: Option<&str>) {
+        self.nats
+            .inbox_prefix
+            .get_or_insert_with(|| format!("_INBOX_agent.{tower}.{}", target.unwrap_or("_")));
     }
 
     /// Checks the settings together.

@@ -610,7 +610,8 @@ impl Runner {
         };
         let cancel_watch = {
             let js = self.js.clone();
-            tokio::spawn(async move { cancel_request(&js, id).await })
+            let tower = self.tower.clone();
+            tokio::spawn(async move { cancel_request(&js, tower, id).await })
         };
 
         let timeout = command
@@ -830,13 +831,14 @@ enum Prepared {
 }
 
 /// Resolves with who asked, when a cancel request for `id` is recorded.
-async fn cancel_request(js: &jetstream::Context, id: CommandId) -> String {
+async fn cancel_request(js: &jetstream::Context, tower: rct_bus::Tower, id: CommandId) -> String {
     // Commands that finish within this never pay for the watch (a consumer per command);
     // the watch reads the command's history from the start, so an earlier request is seen.
     tokio::time::sleep(CANCEL_WATCH_DELAY).await;
     let filter = Filter {
         command: Some(id),
         kind: Some(EventKind::Cancel),
+        tower: Some(tower),
         ..Filter::default()
     };
     loop {

@@ -16,6 +16,8 @@ pub struct Connection {
     pub servers: Vec<String>,
     /// A `.creds` file (JWT + nkey seed).
     pub credentials_file: Option<PathBuf>,
+    /// A file holding this identity's nkey seed (`SU…`); the server knows its public key.
+    pub nkey_file: Option<PathBuf>,
     /// User name, with `password`.
     pub user: Option<String>,
     /// Password, with `user`.
@@ -40,6 +42,7 @@ impl Default for Connection {
         Self {
             servers: vec!["nats://127.0.0.1:4222".into()],
             credentials_file: None,
+            nkey_file: None,
             user: None,
             password: None,
             tls_ca: None,
@@ -84,6 +87,11 @@ impl Connection {
                 .map_err(|e| error(format!("cannot read {}: {e}", file.display())))?,
             None => async_nats::ConnectOptions::new(),
         };
+        if let Some(file) = &self.nkey_file {
+            let seed = std::fs::read_to_string(file)
+                .map_err(|e| error(format!("cannot read {}: {e}", file.display())))?;
+            options = options.nkey(seed.trim().to_owned());
+        }
         if let (Some(user), Some(password)) = (&self.user, &self.password) {
             options = options.user_and_password(user.clone(), password.clone());
         }

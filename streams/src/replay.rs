@@ -111,7 +111,12 @@ impl Filter {
     /// history is read faster by skipping the other towers' events ourselves.
     fn subject(&self) -> String {
         match (&self.command, self.kind) {
-            (Some(id), Some(kind)) => subject::events_of_kind(*id, kind),
+            // One exact subject when the tower is known too: an agent's permissions name
+            // only its own tower's events.
+            (Some(id), Some(kind)) => match &self.tower {
+                Some(tower) => Subject::event(tower, *id, kind).to_string(),
+                None => subject::events_of_kind(*id, kind),
+            },
             (Some(id), None) => subject::events_for_command(*id),
             (None, _) => subject::all_events(),
         }

@@ -46,11 +46,25 @@ pub fn nats_server_bin() -> PathBuf {
     })
 }
 
-fn free_port() -> u16 {
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free local port")
+}
+
+/// How a [`Server`] differs from the default single JetStream server.
+#[derive(Clone, Debug, Default)]
+pub struct Setup {
+    /// Top-level config text appended (accounts, authorization, leafnodes, …).
+    pub extra: String,
+    /// Files written next to the server's config before it starts, for `include`.
+    pub files: Vec<(String, String)>,
+    /// The JetStream domain (as the hub has, so clients behind leaf nodes can reach it).
+    pub domain: Option<String>,
+    /// No JetStream at all (a leaf node in a firewalled cluster).
+    pub no_jetstream: bool,
 }
 
 /// A nats-server child process with JetStream and its own store directory.
@@ -59,8 +73,7 @@ pub struct Server {
     name: String,
     port: u16,
     cluster: Option<ClusterPorts>,
-    domain: Option<String>,
-    extra: String,
+    setup: Setup,
     dir: TempDir,
     child: Option<Child>,
 }
@@ -74,29 +87,19 @@ struct ClusterPorts {
 impl Server {
     /// Starts a single server with JetStream on a free port and waits until JetStream answers.
     pub async fn start() -> Self {
-        Self::start_with("").await
+        Self::start_with(Setup::default()).await
     }
 
-    /// Starts a single server with extra top-level config text appended (accounts,
-    /// authorization, leafnodes, …).
-    pub async fn start_with(extra: &str) -> Self {
-        let mut server = Self::new("s1".into(), None, extra.to_owned());
+    /// Starts a single server set up beyond the defaults (accounts, included files, a
+    /// JetStream domain, a leaf node without JetStream) and waits until it is ready.
+    pub async fn start_with(setup: Setup) -> Self {
+        let mut server = Self::new("s1".into(), None, setup);
         server.spawn();
         server.wait_ready().await;
         server
     }
 
-    /// Starts a single server whose JetStream has a domain (as the hub does), so clients
-    /// reach it with `jetstream::with_domain(client, domain)`.
-    pub async fn start_in_domain(domain: &str) -> Self {
-        let mut server = Self::new("s1".into(), None, String::new());
-        server.domain = Some(domain.to_owned());
-        server.spawn();
-        server.wait_ready().await;
-        server
-    }
-
-    fn new(name: String, cluster: Option<ClusterPorts>, extra: String) -> Self {
+    fn new(name: String, cluster: Option<ClusterPorts>, setup: Setup) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("rct-nats-")
             .tempdir()
@@ -105,8 +108,7 @@ impl Server {
             name,
             port: free_port(),
             cluster,
-            domain: None,
-            extra,
+            setup,
             dir,
             child: None,
         }
@@ -178,7 +180,24 @@ impl Server {
         fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
+    /// Waits until the server's log contains `needle` (a leaf connection, a route).
+    pub async fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{} never logged {needle:?} within {READY_TIMEOUT:?}; its log:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn spawn(&mut self) {
+        for (name, contents) in &self.setup.files {
+            fs::write(self.dir.path().join(name), contents).expect("write an included file");
+        }
         let conf = self.dir.path().join("server.conf");
         fs::write(&conf, self.config()).expect("write server config");
         let child = Command::new(nats_server_bin())
@@ -198,19 +217,24 @@ impl Server {
     }
 
     fn config(&self) -> String {
-        let domain = self
-            .domain
-            .as_ref()
-            .map(|d| format!("  domain: {d}\n"))
-            .unwrap_or_default();
         let mut conf = format!(
-            "server_name: {name}\nlisten: 127.0.0.1:{port}\nlog_file: {log:?}\n\
-             jetstream {{\n  store_dir: {store:?}\n{domain}}}\n",
+            "server_name: {name}\nlisten: 127.0.0.1:{port}\nlog_file: {log:?}\n",
             name = self.name,
             port = self.port,
             log = self.dir.path().join("server.log"),
-            store = self.store_dir(),
         );
+        if !self.setup.no_jetstream {
+            let domain = self
+                .setup
+                .domain
+                .as_ref()
+                .map(|d| format!("  domain: {d}\n"))
+                .unwrap_or_default();
+            conf.push_str(&format!(
+                "jetstream {{\n  store_dir: {store:?}\n{domain}}}\n",
+                store = self.store_dir()
+            ));
+        }
         if let Some(cluster) = &self.cluster {
             let routes: Vec<String> = cluster
                 .routes
@@ -223,7 +247,7 @@ impl Server {
                 routes.join(", ")
             ));
         }
-        conf.push_str(&self.extra);
+        conf.push_str(&self.setup.extra);
         conf
     }
 
@@ -237,10 +261,14 @@ impl Server {
                     self.log()
                 );
             }
-            if self.cluster.is_none() && jetstream_ready(&self.url()).await {
+            // A plain single server is ready when JetStream answers an anonymous client;
+            // clusters, servers with accounts and leaf nodes say so in their log.
+            let plain =
+                self.cluster.is_none() && self.setup.extra.is_empty() && !self.setup.no_jetstream;
+            if plain && jetstream_ready(&self.url()).await {
                 return;
             }
-            if self.cluster.is_some() && self.log().contains("Server is ready") {
+            if !plain && self.log().contains("Server is ready") {
                 return;
             }
             if Instant::now() > deadline {
@@ -309,7 +337,7 @@ impl Cluster {
                     own: *own,
                     routes: cluster_ports.clone(),
                 };
-                Server::new(format!("n{}", i + 1), Some(cluster), String::new())
+                Server::new(format!("n{}", i + 1), Some(cluster), Setup::default())
             })
             .collect();
         for node in &mut nodes {

@@ -30,7 +30,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let config = args
+    let mut config = args
         .common
         .load()
         .map_err(anyhow::Error::msg)
@@ -39,6 +39,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.target.is_some() {
         scripts.target = args.target;
     }
+    config.scope_inbox(&scripts.tower, scripts.target.as_deref());
     let client = config
         .nats
         .connect(

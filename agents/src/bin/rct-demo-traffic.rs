@@ -25,11 +25,13 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let config = args
+    let mut config = args
         .common
         .load()
         .map_err(anyhow::Error::msg)
         .context("cannot load the configuration")?;
+    // One connection serves every target: the inboxes are the tower's.
+    config.scope_inbox("traffic", None);
     let client = config
         .nats
         .connect(&format!("rct-demo-traffic {}", config.instance), true)

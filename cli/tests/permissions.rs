@@ -1,0 +1,385 @@
+//! Least privilege, enforced by NATS: a server running the shipped `ops/nats/accounts.conf`.
+//! Every identity does its whole job without one refusal, and every attempt outside its job
+//! is refused by the server and changes nothing.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use support::Hub;
+use tokio_util::sync::CancellationToken;
+
+/// Runs blocking `rct` calls off the runtime's threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_identity_does_its_job_within_its_permissions() {
+    let hub = Hub::start().await;
+    hub.provision().await;
+    let shutdown = CancellationToken::new();
+    let key = hub.admission(&shutdown).await;
+    let (url, posts) = support::webhook();
+    hub.notifier(&url, &shutdown).await;
+    let agent = hub.connection("agent_traffic_prod1", "_INBOX_agent.traffic.prod-1");
+    hub.traffic_agent("prod-1", agent, key, &shutdown).await;
+
+    let operator = std::sync::Arc::new(hub.operator());
+    let op = operator.clone();
+    let started = Instant::now();
+    blocking(move || {
+        // Admission serves logins a moment after it starts.
+        loop {
+            let out = op.rct(&["login", "--dev", "--user", "alice", "--groups", "sre_team"]);
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "login never succeeded: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .await;
+
+    // Each call fails with the server's refusals, when there are any.
+    let rct = |args: &'static [&'static str]| {
+        let op = operator.clone();
+        let hub = &hub;
+        async move {
+            let out = blocking(move || op.rct(args)).await;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "rct {args:?}: {}\n{text}\nrefusals:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                hub.violations().join("\n")
+            );
+            text
+        }
+    };
+    let drained = rct(&[
+        "traffic",
+        "drain-cluster",
+        "--cluster",
+        "prod-1",
+        "--justification",
+        "SRE-101",
+    ])
+    .await;
+    assert!(
+        drained.contains("succeeded") && drained.contains("prod-1 drained"),
+        "{drained}"
+    );
+    let id = drained.split_whitespace().next().unwrap().to_owned();
+    let history = rct(&["history"]).await;
+    let agents = rct(&["agents"]).await;
+    let op = operator.clone();
+    let status = blocking({
+        let id = id.clone();
+        move || op.ok(&["status", &id])
+    })
+    .await;
+    assert!(history.contains(&id), "{history}");
+    assert!(status.contains("succeeded"), "{status}");
+    assert!(agents.contains("prod-1"), "{agents}");
+
+    // The notifier, on its own identity, posted the drain's start and outcome.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while posts
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| p.contains(&id))
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the notifier did not post the drain: {:?}",
+            posts.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    shutdown.cancel();
+    let violations = hub.violations();
+    assert!(
+        violations.is_empty(),
+        "refused while doing their jobs:\n{}",
+        violations.join("\n")
+    );
+}
+
+/// One attempt outside an identity's job.
+struct Case {
+    who: &'static str,
+    inbox: &'static str,
+    what: &'static str,
+    attempt: Attempt,
+}
+
+enum Attempt {
+    /// A publish: a message, an event, or a JetStream API call.
+    Publish(&'static str),
+    /// A subscription.
+    Subscribe(&'static str),
+}
+
+const OPERATOR: (&str, &str) = ("operator", "_INBOX_rct");
+const AGENT: (&str, &str) = ("agent_traffic_prod1", "_INBOX_agent.traffic.prod-1");
+const ADMISSION: (&str, &str) = ("admission", "_INBOX_admission");
+const NOTIFIER: (&str, &str) = ("notifier", "_INBOX_notifier");
+
+fn case(id: (&'static str, &'static str), what: &'static str, attempt: Attempt) -> Case {
+    Case {
+        who: id.0,
+        inbox: id.1,
+        what,
+        attempt,
+    }
+}
+
+fn cases() -> Vec<Case> {
+    use Attempt::{Publish, Subscribe};
+    vec![
+        case(
+            OPERATOR,
+            "publish a command",
+            Publish("rct.cmd.traffic.prod-1.drain-cluster"),
+        ),
+        case(
+            OPERATOR,
+            "publish an event",
+            Publish("rct.evt.traffic.01J00000000000000000000000.outcome"),
+        ),
+        case(
+            OPERATOR,
+            "delete the audit stream",
+            Publish("$JS.API.STREAM.DELETE.RCT_EVT"),
+        ),
+        case(
+            OPERATOR,
+            "purge the audit stream",
+            Publish("$JS.API.STREAM.PURGE.RCT_EVT"),
+        ),
+        case(
+            OPERATOR,
+            "delete an audit event",
+            Publish("$JS.API.STREAM.MSG.DELETE.RCT_EVT"),
+        ),
+        case(
+            OPERATOR,
+            "pull admission's submissions",
+            Publish("$JS.API.CONSUMER.MSG.NEXT.RCT_SUBMIT.admission"),
+        ),
+        case(
+            OPERATOR,
+            "pull a tower's commands",
+            Publish("$JS.API.CONSUMER.MSG.NEXT.RCT_CMD.tower-traffic@prod-1"),
+        ),
+        case(
+            OPERATOR,
+            "pull the notifier's events",
+            Publish("$JS.API.CONSUMER.MSG.NEXT.RCT_EVT.notifier"),
+        ),
+        case(
+            OPERATOR,
+            "create a consumer on commands",
+            Publish("$JS.API.CONSUMER.CREATE.RCT_CMD.x.rct.cmd.>"),
+        ),
+        case(
+            OPERATOR,
+            "write the catalog",
+            Publish("$KV.rct_catalog.catalog"),
+        ),
+        case(
+            OPERATOR,
+            "announce a fake agent",
+            Publish("$KV.rct_agents.traffic.prod-1.fake"),
+        ),
+        case(
+            OPERATOR,
+            "read admission's replies",
+            Subscribe("_INBOX_admission.>"),
+        ),
+        case(OPERATOR, "sniff commands", Subscribe("rct.cmd.>")),
+        case(
+            AGENT,
+            "pull another target's commands",
+            Publish("$JS.API.CONSUMER.MSG.NEXT.RCT_CMD.tower-traffic@prod-2"),
+        ),
+        case(
+            AGENT,
+            "pull another tower's commands",
+            Publish("$JS.API.CONSUMER.MSG.NEXT.RCT_CMD.tower-workloads"),
+        ),
+        case(
+            AGENT,
+            "acknowledge another target's command",
+            Publish("$JS.ACK.RCT_CMD.tower-traffic@prod-2.1.1.1.0.0"),
+        ),
+        case(
+            AGENT,
+            "publish another tower's events",
+            Publish("rct.evt.workloads.01J00000000000000000000000.outcome"),
+        ),
+        case(
+            AGENT,
+            "forge a command",
+            Publish("rct.cmd.traffic.prod-1.drain-cluster"),
+        ),
+        case(
+            AGENT,
+            "submit as an operator",
+            Publish("rct.submit.traffic.drain-cluster"),
+        ),
+        case(
+            AGENT,
+            "heartbeat as another target",
+            Publish("$KV.rct_agents.traffic.prod-2.x"),
+        ),
+        case(
+            AGENT,
+            "read another agent's replies",
+            Subscribe("_INBOX_agent.traffic.prod-2.>"),
+        ),
+        case(
+            AGENT,
+            "delete the command stream",
+            Publish("$JS.API.STREAM.DELETE.RCT_CMD"),
+        ),
+        case(
+            AGENT,
+            "create its own consumer",
+            Publish("$JS.API.CONSUMER.CREATE.RCT_CMD.x.rct.cmd.>"),
+        ),
+        case(
+            ADMISSION,
+            "delete the audit stream",
+            Publish("$JS.API.STREAM.DELETE.RCT_EVT"),
+        ),
+        case(
+            ADMISSION,
+            "purge the submissions",
+            Publish("$JS.API.STREAM.PURGE.RCT_SUBMIT"),
+        ),
+        case(
+            ADMISSION,
+            "delete an audit event",
+            Publish("$JS.API.STREAM.MSG.DELETE.RCT_EVT"),
+        ),
+        case(
+            ADMISSION,
+            "pull a tower's commands",
+            Publish("$JS.API.CONSUMER.MSG.NEXT.RCT_CMD.tower-traffic@prod-1"),
+        ),
+        case(
+            ADMISSION,
+            "submit as an operator",
+            Publish("rct.submit.traffic.drain-cluster"),
+        ),
+        case(
+            NOTIFIER,
+            "publish an event",
+            Publish("rct.evt.traffic.01J00000000000000000000000.outcome"),
+        ),
+        case(
+            NOTIFIER,
+            "publish a command",
+            Publish("rct.cmd.traffic.prod-1.drain-cluster"),
+        ),
+        case(
+            NOTIFIER,
+            "pull admission's submissions",
+            Publish("$JS.API.CONSUMER.MSG.NEXT.RCT_SUBMIT.admission"),
+        ),
+    ]
+}
+
+/// Connects as `who`, makes the attempt, and waits for the server's refusal; the refusal
+/// text, or `None` when none came within the wait.
+async fn attempt(hub: &Hub, case: &Case) -> Option<String> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let seed = std::fs::read_to_string(&hub.id(case.who).seed_file).unwrap();
+    let client = async_nats::ConnectOptions::with_nkey(seed)
+        .custom_inbox_prefix(case.inbox)
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    let _ = tx.send(e.to_string());
+                }
+            }
+        })
+        .connect(hub.server.url())
+        .await
+        .unwrap();
+    let _subscription = match case.attempt {
+        Attempt::Publish(subject) => {
+            client
+                .publish_with_reply(subject, client.new_inbox(), "{}".into())
+                .await
+                .unwrap();
+            None
+        }
+        Attempt::Subscribe(subject) => Some(client.subscribe(subject).await.unwrap()),
+    };
+    client.flush().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Ok(Some(error)) = tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+        if error.contains("Permissions Violation") {
+            return Some(error);
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn what_is_outside_an_identitys_job_is_refused_and_changes_nothing() {
+    let hub = Hub::start().await;
+    hub.provision().await;
+    let admin = hub.connection("admin", "_INBOX_admin");
+    let js = admin.jetstream(admin.connect("admin", false).await.unwrap());
+
+    let mut table = String::from("| identity | attempt | refused by NATS |\n|---|---|---|\n");
+    let mut allowed = Vec::new();
+    for case in cases() {
+        let refusal = attempt(&hub, &case).await;
+        table.push_str(&format!(
+            "| {} | {} | {} |\n",
+            case.who,
+            case.what,
+            if refusal.is_some() { "yes" } else { "NO" }
+        ));
+        if refusal.is_none() {
+            allowed.push(format!("{}: {}", case.who, case.what));
+        }
+    }
+    eprintln!("{table}");
+    assert!(
+        allowed.is_empty(),
+        "not refused:\n{}\n{table}",
+        allowed.join("\n")
+    );
+
+    // Nothing got through: the streams are there and empty, no agent was announced.
+    for stream in ["RCT_SUBMIT", "RCT_CMD", "RCT_EVT"] {
+        let mut stream = js.get_stream(stream).await.unwrap();
+        let info = stream.info().await.unwrap();
+        assert_eq!(
+            info.state.messages,
+            0,
+            "{stream:?}",
+            stream = info.config.name
+        );
+    }
+    let agents = js.get_key_value("rct_agents").await.unwrap();
+    assert_eq!(agents.keys().await.unwrap().count().await, 0);
+    let catalog = js.get_key_value("rct_catalog").await.unwrap();
+    assert!(catalog.get("catalog").await.unwrap().is_none());
+}
