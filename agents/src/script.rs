@@ -1,6 +1,6 @@
 //! The script runner: operations defined in YAML, each an executable run with an argv and an
 //! environment built from the typed parameters. No shell is ever involved, the environment is
-//! cleared but for an allow-list, and a bare value can only follow `--`.
+//! cleared but for an allow-list, and an item that starts with a value can only follow `--`.
 //!
 //! ```yaml
 //! tower: workloads
@@ -127,20 +127,27 @@ impl Scripts {
 }
 
 impl Script {
-    /// A bare `{value}` item must come after `--`, so no value is ever read as an option.
+    /// An item that starts with a value (`{value}`, `{value}-x`) must come after `--`, so no
+    /// value is ever read as an option.
     fn check(&self) -> Result<(), String> {
         let mut after_separator = false;
         for item in &self.args {
             if item == "--" {
                 after_separator = true;
-            } else if is_bare_placeholder(item) && !after_separator {
+            } else if starts_with_placeholder(item) && !after_separator {
                 return Err(format!(
-                    "argument {item} is a bare value before \"--\"; put \"--\" before positional \
-                     values, or write it as --name={item}"
+                    "argument {item} starts with a value before \"--\"; put \"--\" before \
+                     positional values, or write it as --name={item}"
                 ));
             }
         }
         Ok(())
+    }
+
+    /// The argument list: one item per template item, whatever the values hold (no shell
+    /// ever sees them).
+    fn argv(&self, values: &BTreeMap<String, String>) -> Vec<String> {
+        self.args.iter().map(|a| fill(a, values)).collect()
     }
 
     async fn run(
@@ -171,7 +178,7 @@ impl Script {
             }
         }
         let values = placeholders(&ctx, &params);
-        let args: Vec<String> = self.args.iter().map(|a| fill(a, &values)).collect();
+        let args = self.argv(&values);
         let mut command = tokio::process::Command::new(&self.command);
         command
             .args(&args)
@@ -290,12 +297,10 @@ async fn stop_group(pid: Option<Pid>, child: &mut tokio::process::Child) {
     let _ = child.wait().await;
 }
 
-fn is_bare_placeholder(item: &str) -> bool {
-    item.starts_with('{')
-        && item.ends_with('}')
-        && item[1..item.len() - 1]
-            .chars()
-            .all(|c| c != '{' && c != '}')
+/// Whether the item's first character comes from a value: a value there could start with
+/// `-` and be read as an option.
+fn starts_with_placeholder(item: &str) -> bool {
+    item.starts_with('{') && item[1..].contains('}')
 }
 
 /// `::progress <percent> <message>`
@@ -374,6 +379,9 @@ mod tests {
         assert!(script(&["{name}"]).check().is_err());
         assert!(script(&["--name={name}"]).check().is_ok());
         assert!(script(&["--flag", "--", "{name}"]).check().is_ok());
+        assert!(script(&["{name}-suffix"]).check().is_err());
+        assert!(script(&["{a}{b}", "--"]).check().is_err());
+        assert!(script(&["--", "{a}{b}"]).check().is_ok());
     }
 
     #[test]
@@ -385,5 +393,65 @@ mod tests {
         assert_eq!(progress_line("::progress 100"), Some((100, String::new())));
         assert_eq!(progress_line("::progress lots"), None);
         assert_eq!(progress_line("progress 40"), None);
+    }
+
+    fn script(args: Vec<String>) -> Script {
+        Script {
+            command: "x".into(),
+            args,
+            env: BTreeMap::new(),
+            workdir: None,
+            timeout: None,
+            sha256: None,
+        }
+    }
+
+    fn template_item() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("--".to_owned()),
+            Just("--force".to_owned()),
+            Just("-n".to_owned()),
+            Just("plain".to_owned()),
+            Just("--name={a}".to_owned()),
+            Just("{a}".to_owned()),
+            Just("{a}{b}".to_owned()),
+            Just("{a}-suffix".to_owned()),
+            Just("prefix-{b}".to_owned()),
+            Just("{unknown}".to_owned()),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever operators put in parameters (shell metacharacters, spaces, newlines,
+        /// option-like values, braces), a script gets exactly its template's argument
+        /// count, and before `--` no value can make an item an option.
+        #[test]
+        fn values_never_change_the_argument_count_nor_add_options(
+            template in proptest::collection::vec(template_item(), 0..8),
+            a in proptest::prelude::any::<String>(),
+            b in "(-|--|;|\\$\\(|`|\\{a\\}| |\n)[ -~]{0,12}",
+        ) {
+            let script = script(template.clone());
+            proptest::prop_assume!(script.check().is_ok());
+            let values: BTreeMap<String, String> =
+                [("a".to_owned(), a.clone()), ("b".to_owned(), b.clone())].into();
+            let argv = script.argv(&values);
+            proptest::prop_assert_eq!(argv.len(), template.len());
+            let separator = template.iter().position(|t| t == "--").unwrap_or(template.len());
+            for (item, filled) in template.iter().zip(&argv).take(separator) {
+                if filled.starts_with('-') {
+                    proptest::prop_assert!(
+                        item.starts_with('-'),
+                        "{item:?} became the option {filled:?}"
+                    );
+                }
+            }
+            for (item, filled) in template.iter().zip(&argv) {
+                if item == "{a}" {
+                    proptest::prop_assert_eq!(filled, &a);
+                }
+            }
+        }
     }
 }

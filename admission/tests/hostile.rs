@@ -1,0 +1,142 @@
+//! Hostile submissions against the decision itself (pure, no server): arbitrary bytes on
+//! arbitrary subjects never panic and are refused; a valid signed submission is admitted,
+//! and any change to its bytes is not (or is refused outright).
+//!
+//! Cases per property: proptest's default (256), or `PROPTEST_CASES`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use prost::Message;
+use rct_admission::decide::{Policy, Submitted, Verdict};
+use rct_admission::identity::{Certificates, ServiceConfig, Services};
+use rct_bus::proto::{self, value::Kind as V};
+use rct_bus::{CommandId, KeyPair, Purpose};
+use rct_streams::timestamp::from_datetime;
+use time::OffsetDateTime;
+
+fn policy(service: &KeyPair) -> Policy {
+    let catalog = rct_admission::catalog::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ops/catalog.example.yaml"
+    )))
+    .unwrap();
+    let key = KeyPair::generate();
+    Policy {
+        catalog_version: catalog.version(),
+        catalog,
+        certificates: Certificates::new(&key, &[], Duration::from_secs(3600)),
+        services: Services::new(&[ServiceConfig {
+            name: "deployer".into(),
+            public_key: service.public().to_pem(),
+            groups: vec!["sre_team".into()],
+        }])
+        .unwrap(),
+        key,
+        freshness: Duration::from_secs(120),
+        clock_skew: Duration::from_secs(30),
+        max_payload: 64 * 1024,
+        source: "admission/hostile".into(),
+    }
+}
+
+/// A drain of prod-1 signed by the registered service, as the wire carries it.
+fn valid_submission(service: &KeyPair, now: OffsetDateTime) -> Vec<u8> {
+    let submission = proto::Submission {
+        command_id: CommandId::generate().to_string(),
+        operation: "traffic/drain-cluster".into(),
+        justification: "SRE-101".into(),
+        requested_at: Some(from_datetime(now)),
+        expires_at: Some(from_datetime(now + time::Duration::minutes(1))),
+        client: None,
+        request: Some(proto::submission::Request::Run(proto::Run {
+            target: "prod-1".into(),
+            params: BTreeMap::from([(
+                "cluster".to_owned(),
+                proto::Value {
+                    kind: Some(V::Target("prod-1".into())),
+                },
+            )]),
+            dry_run: false,
+        })),
+    };
+    service
+        .sign(Purpose::Submission, submission.encode_to_vec())
+        .encode_to_vec()
+}
+
+const SUBJECT: &str = "rct.submit.traffic.drain-cluster";
+
+fn decide(policy: &Policy, subject: &str, payload: &[u8], now: OffsetDateTime) -> Verdict {
+    policy.decide(Submitted {
+        subject,
+        payload,
+        sequence: 7,
+        now,
+    })
+}
+
+#[test]
+fn the_valid_submission_is_admitted() {
+    let service = KeyPair::generate();
+    let now = OffsetDateTime::now_utc();
+    let verdict = decide(
+        &policy(&service),
+        SUBJECT,
+        &valid_submission(&service, now),
+        now,
+    );
+    assert!(matches!(verdict, Verdict::Admit(_)), "{verdict:?}");
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_on_any_subject_are_refused_without_panic(
+        subject in prop_oneof![
+            Just(SUBJECT.to_owned()),
+            any::<String>(),
+            "rct\\.submit(\\.[a-z0-9_*>-]{0,12}){0,4}",
+        ],
+        payload in proptest::collection::vec(any::<u8>(), 0..1024),
+    ) {
+        let service = KeyPair::generate();
+        let now = OffsetDateTime::now_utc();
+        let verdict = decide(&policy(&service), &subject, &payload, now);
+        prop_assert!(matches!(verdict, Verdict::Reject(_)), "{verdict:?}");
+    }
+
+    /// One to four byte changes to a valid submission: never admitted unless the bytes are
+    /// the original ones again.
+    #[test]
+    fn a_changed_submission_is_never_admitted(
+        changes in proptest::collection::vec((any::<usize>(), 1..=255u8), 1..5),
+    ) {
+        let service = KeyPair::generate();
+        let now = OffsetDateTime::now_utc();
+        let policy = policy(&service);
+        let original = valid_submission(&service, now);
+        let mut bytes = original.clone();
+        for (at, flip) in &changes {
+            let i = at % bytes.len();
+            bytes[i] ^= flip;
+        }
+        let verdict = decide(&policy, SUBJECT, &bytes, now);
+        if bytes != original {
+            prop_assert!(!matches!(verdict, Verdict::Admit(_)), "admitted after {changes:?}");
+        }
+    }
+
+    /// The same valid submission on another subject (another operation's, another tower's)
+    /// is refused: the subject and the signed body must agree.
+    #[test]
+    fn a_valid_submission_on_another_subject_is_refused(
+        subject in "rct\\.submit\\.(traffic|workloads|db)\\.[a-z-]{1,16}",
+    ) {
+        prop_assume!(subject != SUBJECT);
+        let service = KeyPair::generate();
+        let now = OffsetDateTime::now_utc();
+        let verdict = decide(&policy(&service), &subject, &valid_submission(&service, now), now);
+        prop_assert!(matches!(verdict, Verdict::Reject(_)), "{verdict:?}");
+    }
+}
