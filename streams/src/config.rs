@@ -44,8 +44,12 @@ impl Default for Config {
             submit: Stream::default(),
             commands: Stream::default(),
             events: Stream::default(),
+            // Admission acknowledges every submission it can record a decision for (garbage
+            // included, as a rejection); it leaves one only when it cannot write. Such a
+            // submission must wait out the outage, however long: never given up.
             admission: Consumer {
                 max_ack_pending: 256,
+                max_deliver: -1,
                 ..Consumer::default()
             },
             towers: Consumer::default(),
@@ -86,10 +90,12 @@ impl Config {
             if consumer.ack_wait < Duration::from_secs(1) {
                 return Err(format!("{name}.ack_wait must be at least 1s"));
             }
-            if consumer.max_deliver < 1 {
-                return Err(format!("{name}.max_deliver must be at least 1"));
+            if consumer.max_deliver < 1 && consumer.max_deliver != -1 {
+                return Err(format!(
+                    "{name}.max_deliver must be -1 (never give up) or at least 1"
+                ));
             }
-            if consumer.backoff.len() as i64 > consumer.max_deliver {
+            if consumer.max_deliver > 0 && consumer.backoff.len() as i64 > consumer.max_deliver {
                 return Err(format!(
                     "{name}.backoff has more steps than max_deliver allows"
                 ));
@@ -150,7 +156,7 @@ pub struct Consumer {
     /// server takes the first backoff step instead.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
-    /// Deliveries before a message is given up.
+    /// Deliveries before a message is given up; -1 never gives up.
     pub max_deliver: i64,
     /// Waits between redeliveries; the last step repeats.
     #[serde(deserialize_with = "durations")]

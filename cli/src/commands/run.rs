@@ -218,8 +218,16 @@ fn nix_hostname() -> String {
         .unwrap_or_default()
 }
 
-/// How long to wait for admission's decision before saying so.
+/// How long to wait for admission's decision before saying so; `RCT_DECISION_WAIT` (e.g.
+/// `10s`) changes it.
 const DECISION_WAIT: Duration = Duration::from_secs(30);
+
+fn decision_wait() -> Duration {
+    std::env::var("RCT_DECISION_WAIT")
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
+        .unwrap_or(DECISION_WAIT)
+}
 
 /// Shows a command's events from the start until its outcome; the exit code follows it.
 pub async fn watch(remote: &Remote, id: CommandId, output: Output) -> Result {
@@ -230,11 +238,12 @@ pub async fn watch(remote: &Remote, id: CommandId, output: Output) -> Result {
     let mut decided = false;
     let mut started = false;
     let mut deadline: Option<OffsetDateTime> = None;
+    let decision_wait = decision_wait();
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     loop {
         let wait = if !decided {
-            DECISION_WAIT
+            decision_wait
         } else if !started {
             deadline
                 .map(|d| d - OffsetDateTime::now_utc() + time::Duration::seconds(5))
@@ -256,7 +265,7 @@ pub async fn watch(remote: &Remote, id: CommandId, output: Output) -> Result {
                     "no decision on {id} after {}s: admission may be down. Nothing runs without \
                      a decision; the request stays queued until admission decides it or it \
                      expires. Reattach: rct watch {id}",
-                    DECISION_WAIT.as_secs()
+                    decision_wait.as_secs()
                 )));
             }
             Err(_) => {

@@ -140,16 +140,27 @@ impl Hub {
 
     /// Admission (deciding) as its own identity; returns its public key once it serves.
     pub async fn admission(&self, shutdown: &CancellationToken) -> rct_bus::PublicKey {
-        let config = rct_admission::Config {
+        self.admission_with(shutdown, |_| {}).await.0
+    }
+
+    /// Admission with settings changed by `change`; its task ends once `shutdown` fires and
+    /// it has stopped.
+    pub async fn admission_with(
+        &self,
+        shutdown: &CancellationToken,
+        change: impl FnOnce(&mut rct_admission::Config),
+    ) -> (rct_bus::PublicKey, tokio::task::JoinHandle<()>) {
+        let mut config = rct_admission::Config {
             role: rct_admission::Role::Decide,
             ..self.admission_config("admission", "_INBOX_admission")
         };
+        change(&mut config);
         let client = config.nats.connect("admission", false).await.unwrap();
         let admission = rct_admission::Admission::new(config, client).unwrap();
         let key = admission.public_key().clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move { admission.run(shutdown).await.unwrap() });
-        key
+        let task = tokio::spawn(async move { admission.run(shutdown).await.unwrap() });
+        (key, task)
     }
 
     /// The notifier as its own identity, posting to `url`.
@@ -224,13 +235,37 @@ pub struct Operator {
 
 impl Operator {
     pub fn rct(&self, args: &[&str]) -> Output {
+        self.rct_with(args, &[])
+    }
+
+    /// `rct` with extra environment variables.
+    pub fn rct_with(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         Command::new(RCT)
             .args(args)
+            .envs(env.iter().copied())
             .env("RCT_HOME", self.home.path())
             .env_remove("RCT_CONTEXT")
             .stdin(Stdio::null())
             .output()
             .unwrap()
+    }
+
+    /// Logs in as alice (sre_team) through the development issuer, retrying while admission
+    /// starts.
+    pub fn login(&self) {
+        let started = std::time::Instant::now();
+        loop {
+            let out = self.rct(&["login", "--dev", "--user", "alice", "--groups", "sre_team"]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "login never succeeded: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Runs `args`, asserting success; stdout.

@@ -1,0 +1,195 @@
+//! Fail closed: with admission stopped, or the command stream unwritable, nothing runs, the
+//! operator is told so within the wait, and nothing is lost: what was asked is decided (or
+//! refused as stale) once the part is back.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rct_bus::CommandId;
+use rct_bus::proto::RejectionCode;
+use rct_bus::proto::event::Kind;
+use rct_streams::replay::{self, Record};
+use support::Hub;
+use tokio_util::sync::CancellationToken;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The command id rct printed when it submitted.
+fn submitted_id(stderr: &str) -> CommandId {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("submitted"))
+        .flat_map(str::split_whitespace)
+        .find_map(|word| word.parse().ok())
+        .unwrap_or_else(|| panic!("nothing submitted: {stderr}"))
+}
+
+/// Waits until the command's history satisfies `done`; the history.
+async fn history_until(
+    js: &async_nats::jetstream::Context,
+    id: CommandId,
+    done: impl Fn(&[Record]) -> bool,
+) -> Vec<Record> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let history = replay::command_history(js, id).await.unwrap();
+        if done(&history) {
+            return history;
+        }
+        assert!(Instant::now() < deadline, "never came: {history:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn has(history: &[Record], kind: fn(&Kind) -> bool) -> bool {
+    history
+        .iter()
+        .any(|r| r.event.kind.as_ref().is_some_and(kind))
+}
+
+async fn commands_stored(js: &async_nats::jetstream::Context) -> u64 {
+    let mut stream = js.get_stream("RCT_CMD").await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+async fn admin(hub: &Hub) -> async_nats::jetstream::Context {
+    let admin = hub.connection("admin", "_INBOX_admin");
+    admin.jetstream(admin.connect("admin", false).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_admission_down_nothing_runs_and_the_operator_is_told() {
+    let hub = Hub::start().await;
+    hub.provision().await;
+    let js = admin(&hub).await;
+    let fresh = |c: &mut rct_admission::Config| c.freshness = Duration::from_secs(5);
+    let stop_admission = CancellationToken::new();
+    let (key, admission) = hub.admission_with(&stop_admission, fresh).await;
+    let agents = CancellationToken::new();
+    let agent = hub.connection("agent_traffic_prod1", "_INBOX_agent.traffic.prod-1");
+    hub.traffic_agent("prod-1", agent, key, &agents).await;
+    let operator = Arc::new(hub.operator());
+    let op = operator.clone();
+    blocking(move || op.login()).await;
+
+    stop_admission.cancel();
+    admission.await.unwrap();
+
+    let op = operator.clone();
+    let asked = Instant::now();
+    let out = blocking(move || {
+        op.rct_with(
+            &[
+                "traffic",
+                "drain-cluster",
+                "--cluster",
+                "prod-1",
+                "-j",
+                "SRE-9",
+            ],
+            &[("RCT_DECISION_WAIT", "3s")],
+        )
+    })
+    .await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no decision") && stderr.contains("admission may be down"),
+        "{stderr}"
+    );
+    let id = submitted_id(&stderr);
+    assert_eq!(
+        commands_stored(&js).await,
+        0,
+        "a command without a decision"
+    );
+
+    // Admission comes back after the request went stale: it is refused, on record, and
+    // still nothing ran.
+    tokio::time::sleep_until((asked + Duration::from_secs(6)).into()).await;
+    let again = CancellationToken::new();
+    hub.admission_with(&again, fresh).await;
+    let history = history_until(&js, id, |h| has(h, |k| matches!(k, Kind::Rejected(_)))).await;
+    let Some(Kind::Rejected(rejected)) = history[0].event.kind.as_ref() else {
+        panic!("{history:#?}");
+    };
+    assert!(
+        [RejectionCode::Stale as i32, RejectionCode::Expired as i32].contains(&rejected.code),
+        "{rejected:?}"
+    );
+    assert!(!has(&history, |k| matches!(
+        k,
+        Kind::Admitted(_) | Kind::Started(_)
+    )));
+    assert_eq!(commands_stored(&js).await, 0);
+    again.cancel();
+    agents.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_command_stream_unwritable_nothing_runs_until_it_is_back() {
+    let hub = Hub::start().await;
+    hub.provision().await;
+    let js = admin(&hub).await;
+    let shutdown = CancellationToken::new();
+    let key = hub.admission(&shutdown).await;
+    let agent = hub.connection("agent_traffic_prod1", "_INBOX_agent.traffic.prod-1");
+    hub.traffic_agent("prod-1", agent, key, &shutdown).await;
+    let operator = Arc::new(hub.operator());
+    let op = operator.clone();
+    blocking(move || op.login()).await;
+
+    // RCT_CMD stops taking rct.cmd.>: every command write fails.
+    let mut stream = js.get_stream("RCT_CMD").await.unwrap();
+    let original = stream.info().await.unwrap().config.clone();
+    let parked = async_nats::jetstream::stream::Config {
+        subjects: vec!["rct.parked.>".into()],
+        ..original.clone()
+    };
+    js.update_stream(parked).await.unwrap();
+
+    let op = operator.clone();
+    let out = blocking(move || {
+        op.rct(&[
+            "traffic",
+            "drain-cluster",
+            "--cluster",
+            "prod-1",
+            "-j",
+            "SRE-9",
+            "--detach",
+        ])
+    })
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = submitted_id(&text(&out.stderr));
+
+    // Admission decides and records, but cannot write the command: nothing starts.
+    history_until(&js, id, |h| has(h, |k| matches!(k, Kind::Admitted(_)))).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let history = replay::command_history(&js, id).await.unwrap();
+    assert!(
+        !has(&history, |k| matches!(k, Kind::Started(_))),
+        "{history:#?}"
+    );
+    assert_eq!(commands_stored(&js).await, 0);
+
+    // Writable again: admission's retry publishes the command, which runs once.
+    js.update_stream(original).await.unwrap();
+    let history = history_until(&js, id, |h| has(h, |k| matches!(k, Kind::Succeeded(_)))).await;
+    let started = history
+        .iter()
+        .filter(|r| matches!(r.event.kind, Some(Kind::Started(_))))
+        .count();
+    assert_eq!(started, 1, "{history:#?}");
+    assert_eq!(commands_stored(&js).await, 1);
+    shutdown.cancel();
+}
