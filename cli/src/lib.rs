@@ -8,6 +8,7 @@
 /// One module per verb.
 pub mod commands {
     pub mod bench;
+    pub mod chaos;
     pub mod context;
     pub mod dev;
     pub mod history;
@@ -27,7 +28,7 @@ use clap::{Arg, ArgMatches, Args as _, CommandFactory, FromArgMatches, Parser, S
 use rct_bus::catalog::{Served, Type};
 use rct_bus::{OpName, OperationName, Tower};
 
-use crate::commands::{bench, context, dev, history, inspect, login, ops, run};
+use crate::commands::{bench, chaos, context, dev, history, inspect, login, ops, run};
 use crate::exit::{Error, Exit};
 use crate::home::Home;
 use crate::remote::Global;
@@ -76,6 +77,15 @@ enum Verb {
     Demo(dev::DemoArgs),
     /// Measure rct against the bare-JetStream floor (starts its own nats-server).
     Bench(bench::Args),
+    /// Inject faults into a local system under load and check that nothing was lost, decided
+    /// or executed twice (starts its own nats-server and processes).
+    Chaos(chaos::Args),
+    /// One admission replica of `rct chaos`.
+    #[command(hide = true)]
+    ChaosAdmission(chaos::ProcessArgs),
+    /// One agent of `rct chaos`.
+    #[command(hide = true)]
+    ChaosAgent(chaos::ProcessArgs),
     /// Print a shell completion script (bash, zsh, fish, …).
     Completion {
         /// The shell.
@@ -240,6 +250,9 @@ async fn dispatch(home: &Home, catalog: Option<&Served>, matches: ArgMatches) ->
         Verb::Dev(args) => dev::dev(home, args).await,
         Verb::Demo(args) => dev::demo(args).await,
         Verb::Bench(args) => bench::run(args).await,
+        Verb::Chaos(args) => chaos::run(args).await,
+        Verb::ChaosAdmission(args) => chaos::admission(args).await,
+        Verb::ChaosAgent(args) => chaos::agent(args).await,
         Verb::Completion { shell } => {
             let mut command = command(catalog);
             clap_complete::generate(shell, &mut command, "rct", &mut std::io::stdout());

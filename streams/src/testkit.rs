@@ -65,6 +65,8 @@ pub struct Setup {
     pub domain: Option<String>,
     /// No JetStream at all (a leaf node in a firewalled cluster).
     pub no_jetstream: bool,
+    /// `sync_interval: always`: fsync before every acknowledgement, as production runs.
+    pub sync_always: bool,
 }
 
 /// A nats-server child process with JetStream and its own store directory.
@@ -162,6 +164,22 @@ impl Server {
         }
     }
 
+    /// SIGSTOP: the process freezes (connections stay open, nothing is answered).
+    pub fn pause(&mut self) {
+        self.signal(Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Server::pause`].
+    pub fn resume(&mut self) {
+        self.signal(Signal::SIGCONT);
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        if let Some(child) = &self.child {
+            let _ = kill(Pid::from_raw(child.id() as i32), signal);
+        }
+    }
+
     /// Starts the server again on the same port with the same store, after a kill or stop.
     pub async fn start_again(&mut self) {
         assert!(!self.is_running(), "{} is still running", self.name);
@@ -230,8 +248,13 @@ impl Server {
                 .as_ref()
                 .map(|d| format!("  domain: {d}\n"))
                 .unwrap_or_default();
+            let sync = if self.setup.sync_always {
+                "  sync_interval: always\n"
+            } else {
+                ""
+            };
             conf.push_str(&format!(
-                "jetstream {{\n  store_dir: {store:?}\n{domain}}}\n",
+                "jetstream {{\n  store_dir: {store:?}\n{domain}{sync}}}\n",
                 store = self.store_dir()
             ));
         }
@@ -328,6 +351,12 @@ pub struct Cluster {
 impl Cluster {
     /// Starts three nodes and waits until they have elected a JetStream meta leader.
     pub async fn start() -> Self {
+        Self::start_with(Setup::default()).await
+    }
+
+    /// Starts three nodes set up alike (`sync_always`, extra config) and waits until they
+    /// have elected a JetStream meta leader.
+    pub async fn start_with(setup: Setup) -> Self {
         let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut nodes: Vec<Server> = cluster_ports
             .iter()
@@ -337,7 +366,7 @@ impl Cluster {
                     own: *own,
                     routes: cluster_ports.clone(),
                 };
-                Server::new(format!("n{}", i + 1), Some(cluster), Setup::default())
+                Server::new(format!("n{}", i + 1), Some(cluster), setup.clone())
             })
             .collect();
         for node in &mut nodes {

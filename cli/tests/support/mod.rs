@@ -80,7 +80,7 @@ impl Hub {
                 ("identities.conf".into(), identities),
             ],
             domain: Some("hub".into()),
-            no_jetstream: false,
+            ..Setup::default()
         })
         .await;
         Self {
