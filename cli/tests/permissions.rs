@@ -194,6 +194,11 @@ fn cases() -> Vec<Case> {
         ),
         case(
             OPERATOR,
+            "read commands through a consumer",
+            Publish("$JS.API.CONSUMER.CREATE.RCT_CMD"),
+        ),
+        case(
+            OPERATOR,
             "write the catalog",
             Publish("$KV.rct_catalog.catalog"),
         ),
@@ -252,6 +257,11 @@ fn cases() -> Vec<Case> {
             AGENT,
             "delete the command stream",
             Publish("$JS.API.STREAM.DELETE.RCT_CMD"),
+        ),
+        case(
+            AGENT,
+            "read other towers' commands through a consumer",
+            Publish("$JS.API.CONSUMER.CREATE.RCT_CMD"),
         ),
         case(
             AGENT,

@@ -26,6 +26,9 @@ pub enum Args {
         /// NATS credentials file.
         #[arg(long)]
         credentials: Option<std::path::PathBuf>,
+        /// File holding the operator identity's nkey seed (see ops/nats/accounts.conf).
+        #[arg(long)]
+        nkey: Option<std::path::PathBuf>,
         /// CA certificate for TLS.
         #[arg(long)]
         tls_ca: Option<std::path::PathBuf>,
@@ -64,12 +67,14 @@ pub fn run(home: &Home, args: Args) -> Result {
             servers,
             domain,
             credentials,
+            nkey,
             tls_ca,
         } => {
             let connection = rct_streams::Connection {
                 servers,
                 domain,
                 credentials_file: credentials,
+                nkey_file: nkey,
                 tls_ca,
                 ..rct_streams::Connection::default()
             };
