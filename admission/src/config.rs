@@ -70,6 +70,8 @@ pub struct Config {
     pub streams: rct_streams::Config,
     /// Webhook channels for the catalog's `notify` lists; no channels, no notifier.
     pub notify: crate::notify::Config,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`.
+    pub telemetry: rct_streams::telemetry::Config,
 }
 
 impl Default for Config {
@@ -97,6 +99,7 @@ impl Default for Config {
             provision: false,
             streams: rct_streams::Config::default(),
             notify: crate::notify::Config::default(),
+            telemetry: rct_streams::telemetry::Config::default(),
         }
     }
 }

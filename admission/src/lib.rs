@@ -38,6 +38,16 @@ pub async fn run(
     match config.role {
         Role::Notify => {
             let catalog = std::sync::Arc::new(catalog::load(&config.catalog)?);
+            if let Some(listen) = config.telemetry.listen {
+                let readiness = rct_streams::telemetry::Readiness::default();
+                rct_streams::telemetry::serve(
+                    listen,
+                    Default::default(),
+                    readiness,
+                    client.clone(),
+                )
+                .map_err(|e| Error::Config(format!("cannot serve telemetry on {listen}: {e}")))?;
+            }
             let js = config.nats.jetstream(client);
             tracing::info!(instance = %config.instance, "notifier ready");
             notify::Notifier::new(js, catalog, &config.notify)

@@ -1,62 +1,101 @@
-//! Decision counters and latency, kept in atomics so the service never waits on them; the
-//! operations side exposes them (Prometheus) from [`Metrics::snapshot`].
+//! Admission's metrics (`prometheus-client`): decisions by outcome and rejection code,
+//! decision latency, writes that failed, and submissions waiting. Served with the others by
+//! [`rct_streams::telemetry`].
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
-/// Upper bounds of the decision-latency buckets, in seconds.
-pub const LATENCY_BUCKETS: [f64; 10] =
-    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 
-/// Counts of decisions by outcome, and how long they took.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    // A mutex, not atomics per key: one short critical section per decision, and the set of
-    // keys (rejection codes) is open.
-    inner: Mutex<Snapshot>,
+/// One decision's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Decision {
+    /// `admitted`, `rejected` or `cancel`.
+    outcome: String,
+    /// The rejection code (`forbidden`, `stale`, …), empty otherwise.
+    code: String,
 }
 
-/// A copy of the counters.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Snapshot {
-    /// Decisions by outcome: `admitted`, `cancel`, or `rejected:<code>`.
-    pub decisions: BTreeMap<String, u64>,
-    /// Decision latency histogram: counts per bucket of [`LATENCY_BUCKETS`] (cumulative
-    /// counts are derived when exposed), plus the overflow bucket.
-    pub latency_buckets: [u64; 11],
-    /// Sum of all decision latencies, seconds.
-    pub latency_sum: f64,
-    /// Submissions that could not be recorded (not acknowledged, will come back).
-    pub failures: u64,
+/// Admission's counters; cheap to update from any task.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    decisions: Family<Decision, Counter>,
+    latency: Histogram,
+    failures: Counter,
+    pending: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            decisions: Family::default(),
+            // 1 ms to ~4 s.
+            latency: Histogram::new(exponential_buckets(0.001, 2.0, 13)),
+            failures: Counter::default(),
+            pending: Gauge::default(),
+        }
+    }
 }
 
 impl Metrics {
-    /// Counts one recorded decision.
+    /// Adds these metrics to `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "rct_admission_decisions",
+            "Submissions decided, by outcome and rejection code",
+            self.decisions.clone(),
+        );
+        registry.register(
+            "rct_admission_decision_seconds",
+            "Time from delivery of a submission to its recorded decision",
+            self.latency.clone(),
+        );
+        registry.register(
+            "rct_admission_write_failures",
+            "Submissions whose decision or command could not be written (they come back)",
+            self.failures.clone(),
+        );
+        registry.register(
+            "rct_admission_submissions_pending",
+            "Submissions stored but not yet decided (consumer lag, including in flight)",
+            self.pending.clone(),
+        );
+    }
+
+    /// Counts one recorded decision: `outcome` is `admitted`, `cancel` or `rejected:<code>`.
     pub fn decided(&self, outcome: &str, latency: Duration) {
-        let seconds = latency.as_secs_f64();
-        let bucket = LATENCY_BUCKETS
-            .iter()
-            .position(|upper| seconds <= *upper)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        // The lock is never held across an await or a panic point.
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        *inner.decisions.entry(outcome.to_owned()).or_default() += 1;
-        inner.latency_buckets[bucket] += 1;
-        inner.latency_sum += seconds;
+        let (outcome, code) = outcome.split_once(':').unwrap_or((outcome, ""));
+        self.decisions
+            .get_or_create(&Decision {
+                outcome: outcome.to_owned(),
+                code: code.to_owned(),
+            })
+            .inc();
+        self.latency.observe(latency.as_secs_f64());
     }
 
     /// Counts a submission that could not be recorded.
     pub fn failed(&self) {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .failures += 1;
+        self.failures.inc();
     }
 
-    /// A copy of the counters.
-    pub fn snapshot(&self) -> Snapshot {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// Sets how many submissions wait.
+    pub fn pending(&self, count: u64) {
+        self.pending.set(count.min(i64::MAX as u64) as i64);
+    }
+
+    /// Decisions so far with this outcome and code.
+    pub fn decisions(&self, outcome: &str, code: &str) -> u64 {
+        self.decisions
+            .get_or_create(&Decision {
+                outcome: outcome.to_owned(),
+                code: code.to_owned(),
+            })
+            .get()
     }
 }
 
@@ -65,17 +104,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn decisions_are_counted_by_outcome_and_bucket() {
+    fn decisions_are_exposed_by_outcome_code_and_latency() {
         let metrics = Metrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
         metrics.decided("admitted", Duration::from_micros(800));
         metrics.decided("rejected:forbidden", Duration::from_millis(30));
         metrics.decided("admitted", Duration::from_secs(3));
-        let s = metrics.snapshot();
-        assert_eq!(s.decisions["admitted"], 2);
-        assert_eq!(s.decisions["rejected:forbidden"], 1);
-        assert_eq!(s.latency_buckets[0], 1);
-        assert_eq!(s.latency_buckets[5], 1);
-        assert_eq!(s.latency_buckets[10], 1);
-        assert!((s.latency_sum - 3.0308).abs() < 1e-9);
+        assert_eq!(metrics.decisions("admitted", ""), 2);
+        assert_eq!(metrics.decisions("rejected", "forbidden"), 1);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(
+                r#"rct_admission_decisions_total{outcome="rejected",code="forbidden"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("rct_admission_decision_seconds_count 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"rct_admission_decision_seconds_bucket{le="0.001"} 1"#),
+            "{text}"
+        );
     }
 }

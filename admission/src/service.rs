@@ -9,13 +9,15 @@ use std::time::Instant;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
+use prometheus_client::registry::Registry;
 use prost::Message as _;
 use rct_bus::catalog::Served;
 use rct_bus::proto::{self, RejectionCode, event::Kind};
 use rct_bus::{CommandId, EventKind, KeyPair, PublicKey, Subject, Tower, rejection_code_name};
+use rct_streams::telemetry::{self, Readiness};
 use rct_streams::timestamp::to_datetime;
 use rct_streams::topology::{
-    ADMISSION_CONSUMER, CATALOG_BUCKET, CATALOG_KEY, EVENT_STREAM, SUBMIT_STREAM,
+    ADMISSION_CONSUMER, CATALOG_BUCKET, CATALOG_KEY, COMMAND_STREAM, EVENT_STREAM, SUBMIT_STREAM,
 };
 use rct_streams::{Outgoing, Publisher, Slot};
 use time::OffsetDateTime;
@@ -114,11 +116,32 @@ impl Admission {
     /// finish within the grace period.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let inner = &self.inner;
+        let readiness = Readiness::default();
+        for condition in [STREAMS, CATALOG, CONSUMER] {
+            readiness.expect(condition);
+        }
+        // Loaded by `new`, or it would not have been built.
+        readiness.set(KEYS, true);
+        if let Some(listen) = inner.config.telemetry.listen {
+            let mut registry = Registry::default();
+            inner.metrics.register(&mut registry);
+            telemetry::serve(listen, registry, readiness.clone(), inner.client.clone())
+                .map_err(|e| Error::Config(format!("cannot serve telemetry on {listen}: {e}")))?;
+        }
         if inner.config.provision {
             let report = crate::provision(&inner.js, &inner.config).await?;
             tracing::info!(changed = report.changed(), "provisioned streams");
         }
+        for stream in [SUBMIT_STREAM, COMMAND_STREAM, EVENT_STREAM] {
+            inner.js.get_stream(stream).await.map_err(|e| {
+                Error::Nats(format!(
+                    "stream {stream} is missing ({e}); provision first: rct-admission --provision"
+                ))
+            })?;
+        }
+        readiness.set(STREAMS, true);
         inner.publish_catalog().await?;
+        readiness.set(CATALOG, true);
 
         let tracker = TaskTracker::new();
         let login = inner
@@ -171,6 +194,12 @@ impl Admission {
             key_id = %inner.policy.key.id(),
             "admission ready"
         );
+        readiness.set(CONSUMER, true);
+        tracker.spawn(watch_pending(
+            consumer.clone(),
+            inner.metrics.clone(),
+            shutdown.clone(),
+        ));
         let result = rct_streams::work::consume(
             &consumer,
             inner.config.concurrency,
@@ -196,6 +225,29 @@ impl Admission {
         }
         tracing::info!("admission stopped");
         result
+    }
+}
+
+/// Readiness conditions (`/readyz`).
+const STREAMS: &str = "streams present";
+const CATALOG: &str = "catalog published";
+const CONSUMER: &str = "consumer bound";
+const KEYS: &str = "keys loaded";
+
+/// Keeps the pending-submissions gauge current (every 5 s) until shutdown.
+async fn watch_pending(
+    mut consumer: PullConsumer,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if let Ok(info) = consumer.info().await {
+            metrics.pending(info.num_pending + info.num_ack_pending as u64);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
     }
 }
 

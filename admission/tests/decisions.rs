@@ -65,8 +65,7 @@ async fn an_admitted_drain_becomes_a_verifiable_command() {
     Unverified::from_proto(command.submission.unwrap())
         .verify_with(alice.session.public(), Purpose::Submission)
         .unwrap();
-    let snapshot = h.metrics.snapshot();
-    assert_eq!(snapshot.decisions.get("admitted"), Some(&1));
+    assert_eq!(h.metrics.decisions("admitted", ""), 1);
 }
 
 /// Each bad submission ends in exactly one `Rejected` event with its code, and nothing

@@ -33,6 +33,8 @@ pub struct Config {
     pub create_consumer: bool,
     /// Consumer settings, used with `create_consumer`.
     pub streams: rct_streams::Config,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`.
+    pub telemetry: rct_streams::telemetry::Config,
 }
 
 impl Default for Config {
@@ -50,6 +52,7 @@ impl Default for Config {
             heartbeat: Duration::from_secs(10),
             create_consumer: false,
             streams: rct_streams::Config::default(),
+            telemetry: rct_streams::telemetry::Config::default(),
         }
     }
 }

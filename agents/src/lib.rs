@@ -19,6 +19,7 @@ mod context;
 pub mod demo;
 mod emitter;
 mod error;
+mod metrics;
 pub mod script;
 mod tower;
 

@@ -10,6 +10,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use prometheus_client::registry::Registry;
 use prost::Message as _;
 use rct_bus::catalog::Served;
 use rct_bus::presence::Presence;
@@ -18,6 +19,7 @@ use rct_bus::{
     CommandId, EventKind, OperationName, PublicKey, Purpose, Subject, Target, Unverified, Verifier,
 };
 use rct_streams::replay::{self, Filter, Item};
+use rct_streams::telemetry::{self, Readiness};
 use rct_streams::timestamp::{from_datetime, to_datetime};
 use rct_streams::topology::{
     self, AGENTS_BUCKET, CATALOG_BUCKET, CATALOG_KEY, COMMAND_STREAM, EVENT_STREAM,
@@ -28,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::context::{Context, Failure, Outcome, Params};
+use crate::metrics::Metrics;
 use crate::{Config, Error, emitter};
 
 type Handler =
@@ -132,6 +135,8 @@ struct Runner {
     config: Config,
     running: Mutex<HashSet<CommandId>>,
     started_at: OffsetDateTime,
+    metrics: Metrics,
+    readiness: Readiness,
 }
 
 impl Runner {
@@ -170,6 +175,7 @@ impl Runner {
         );
         Ok(Self {
             source: format!("agent/{name}/{target}/{incarnation}"),
+            metrics: Metrics::new(name.as_str(), target.as_str()),
             tower: name,
             target,
             cluster,
@@ -182,10 +188,22 @@ impl Runner {
             config: tower.config,
             running: Mutex::default(),
             started_at: OffsetDateTime::now_utc(),
+            readiness: Readiness::default(),
         })
     }
 
     async fn serve(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), Error> {
+        self.readiness.expect(CONSUMER);
+        self.readiness.expect(PRESENCE);
+        // `new` refuses to build without one.
+        self.readiness.set(KEYS, true);
+        if let Some(listen) = self.config.telemetry.listen {
+            let mut registry = Registry::default();
+            self.metrics.register(&mut registry);
+            let client = self.js.client();
+            telemetry::serve(listen, registry, self.readiness.clone(), client)
+                .map_err(|e| Error::Config(format!("cannot serve telemetry on {listen}: {e}")))?;
+        }
         let desired = topology::tower_consumer(
             &self.config.streams,
             &self.tower,
@@ -211,6 +229,7 @@ impl Runner {
         // In-progress acks well before the server's ack wait runs out.
         let keepalive = (ack_wait / 3).max(Duration::from_millis(200));
 
+        self.readiness.set(CONSUMER, true);
         let tracker = TaskTracker::new();
         let presence_stop = CancellationToken::new();
         tracker.spawn(self.clone().presence(presence_stop.clone()));
@@ -297,9 +316,12 @@ impl Runner {
                     .unwrap_or_default(),
             };
             let json = serde_json::to_vec(&presence).expect("presence serializes");
-            if let Err(e) = bucket.put(&key, json.into()).await {
+            let written = bucket.put(&key, json.into()).await;
+            if let Err(e) = &written {
                 tracing::warn!(error = %e, "cannot refresh presence");
             }
+            self.metrics.heartbeat(written.is_ok());
+            self.readiness.set(PRESENCE, written.is_ok());
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(self.config.heartbeat) => {}
@@ -597,6 +619,8 @@ impl Runner {
             }
         }
         tracing::info!(command_id = %id, operation = %command.operation, target = %command.target, "started");
+        self.metrics.started();
+        let began = std::time::Instant::now();
 
         // Keep the server from redelivering while the handler works.
         let keeper = {
@@ -706,12 +730,15 @@ impl Runner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
+        self.metrics.ended(&op_name, summary, began.elapsed());
         tracing::info!(command_id = %id, outcome = summary, "finished");
     }
 
     /// Records a failure before running (no claim): the command is refused, not run.
     async fn fail(&self, command: &proto::Command, code: &str, message: String) -> Prepared {
         tracing::warn!(command_id = %command.command_id, code, %message, "refusing to run");
+        let operation = command.operation.rsplit('/').next().unwrap_or_default();
+        self.metrics.count(operation, "refused");
         let failed = Kind::Failed(proto::Failed {
             code: code.to_owned(),
             message,
@@ -815,6 +842,11 @@ impl Runner {
         Some(served)
     }
 }
+
+/// Readiness conditions (`/readyz`).
+const CONSUMER: &str = "consumer bound";
+const PRESENCE: &str = "presence written";
+const KEYS: &str = "keys loaded";
 
 /// How long a command runs before its cancel requests are watched.
 const CANCEL_WATCH_DELAY: Duration = Duration::from_millis(100);

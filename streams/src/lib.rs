@@ -10,6 +10,7 @@
 //! - [`replay`]: a command's history, a filtered time range, or history then live.
 //! - [`work`]: consuming a durable consumer with bounded concurrency until shutdown.
 //! - [`runtime`]: logging and signal handling shared by the binaries.
+//! - [`telemetry`]: Prometheus metrics, `/healthz` and `/readyz` on one listener.
 //! - [`CommandState`], [`Phase`]: the lifecycle folded from events.
 
 pub mod config;
@@ -19,6 +20,7 @@ mod projection;
 mod publish;
 pub mod replay;
 pub mod runtime;
+pub mod telemetry;
 pub mod timestamp;
 pub mod topology;
 pub mod work;

@@ -408,3 +408,53 @@ impl Cluster {
         &mut self.nodes[i]
     }
 }
+
+/// `GET path` from a local HTTP listener (telemetry): the status code and the body.
+pub fn http_get(address: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Polls `GET path` until `wanted` holds for its status and body (60 s at most); the body.
+pub async fn http_until(
+    address: std::net::SocketAddr,
+    path: &str,
+    wanted: impl Fn(u16, &str) -> bool,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = tokio::task::spawn_blocking({
+            let path = path.to_owned();
+            move || http_get(address, &path)
+        })
+        .await
+        .expect("the probe runs");
+        if let Ok((status, body)) = &answer
+            && wanted(*status, body)
+        {
+            return body.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} never as wanted: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
