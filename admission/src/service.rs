@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 use prost::Message as _;
 use rct_bus::catalog::Served;
 use rct_bus::proto::{self, RejectionCode, event::Kind};
+use rct_bus::trace::{TRACEPARENT, TraceContext};
 use rct_bus::{CommandId, EventKind, KeyPair, PublicKey, Subject, Tower, rejection_code_name};
 use rct_streams::telemetry::{self, Readiness};
 use rct_streams::timestamp::to_datetime;
@@ -23,6 +24,7 @@ use rct_streams::{Outgoing, Publisher, Slot};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::config::Config;
 use crate::decide::{Policy, Reject, Submitted, Verdict};
@@ -228,6 +230,26 @@ impl Admission {
     }
 }
 
+/// The span every log line about one submission carries: command, operation, operator, trace.
+fn decision_span(verdict: &Verdict, trace: &TraceContext) -> tracing::Span {
+    let decision = match verdict {
+        Verdict::Admit(a) => &a.decision,
+        Verdict::Cancel(c) => &c.decision,
+        Verdict::Reject(r) => &r.decision,
+    };
+    let operator = decided_request(decision)
+        .and_then(|r| r.operator.as_ref())
+        .map(|o| o.email.clone())
+        .unwrap_or_default();
+    tracing::info_span!(
+        "submission",
+        command_id = %decision.command_id,
+        operation = %decision.operation,
+        operator = %operator,
+        trace_id = %trace.trace_id(),
+    )
+}
+
 /// Readiness conditions (`/readyz`).
 const STREAMS: &str = "streams present";
 const CATALOG: &str = "catalog published";
@@ -359,27 +381,42 @@ impl Inner {
             sequence,
             now: OffsetDateTime::now_utc(),
         });
-        match self.record(&message, sequence, verdict).await {
-            Ok(outcome) => {
-                if let Err(e) = message.ack().await {
-                    tracing::warn!(error = %e, sequence, "cannot acknowledge; it will be redelivered and completed again");
+        // The submitter's trace continues here and on into the command and its events.
+        let trace = TraceContext::continue_from(
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(TRACEPARENT))
+                .map(|v| v.as_str()),
+        );
+        let publisher = self.publisher.traced(&trace);
+        let span = decision_span(&verdict, &trace);
+        async {
+            match self.record(&publisher, &message, sequence, verdict).await {
+                Ok(outcome) => {
+                    if let Err(e) = message.ack().await {
+                        tracing::warn!(error = %e, sequence, "cannot acknowledge; it will be redelivered and completed again");
+                    }
+                    self.metrics.decided(&outcome, started.elapsed());
                 }
-                self.metrics.decided(&outcome, started.elapsed());
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, sequence, "cannot record the decision; the submission will come back");
-                self.metrics.failed();
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(std::time::Duration::from_secs(1))))
-                    .await;
+                Err(e) => {
+                    tracing::warn!(error = %e, sequence, "cannot record the decision; the submission will come back");
+                    self.metrics.failed();
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(std::time::Duration::from_secs(1))))
+                        .await;
+                }
             }
         }
+        .instrument(span)
+        .await
     }
 
     /// Records the verdict: the decision (once per command), then the command or the cancel
     /// request. Returns the metrics label.
     async fn record(
         &self,
+        publisher: &Publisher,
         message: &jetstream::Message,
         sequence: u64,
         verdict: Verdict,
@@ -394,28 +431,29 @@ impl Inner {
             Verdict::Reject(r) => (&r.tower, r.command_id, &r.decision),
         };
         let Some(command_id) = command_id else {
-            self.record_elsewhere(tower, decision.clone(), None).await?;
+            self.record_elsewhere(publisher, tower, decision.clone(), None)
+                .await?;
             return Ok(label(&verdict));
         };
         // The decision's id names the submission (`<command>.decision.<submission seq>`): a
         // redelivery of this submission is recognised as ours, a replay of its command id by
         // another submission is not.
-        match self.publisher.event(tower, decision, sequence).await? {
+        match publisher.event(tower, decision, sequence).await? {
             Slot::Written(ack) if !ack.duplicate => {
                 log_decision(&verdict);
-                self.follow_up(&verdict).await?;
+                self.follow_up(publisher, &verdict).await?;
                 Ok(label(&verdict))
             }
             Slot::Written(ack) => {
                 let holder = self.stored_event(ack.sequence).await?;
-                self.complete(message, sequence, &holder).await?;
+                self.complete(publisher, message, sequence, &holder).await?;
                 Ok("redelivered".into())
             }
             Slot::Taken { sequence: holder } => {
                 let holder = self.stored_event(holder).await?;
                 let holder_submission = decided_request(&holder).map(|r| r.submission_sequence);
                 if holder_submission == Some(sequence) {
-                    self.complete(message, sequence, &holder).await?;
+                    self.complete(publisher, message, sequence, &holder).await?;
                     return Ok("redelivered".into());
                 }
                 let refusal = match &verdict {
@@ -433,7 +471,7 @@ impl Inner {
                     Some(Kind::Rejected(r)) => r.code,
                     _ => RejectionCode::Duplicate as i32,
                 };
-                self.record_elsewhere(tower, refusal, Some(command_id))
+                self.record_elsewhere(publisher, tower, refusal, Some(command_id))
                     .await?;
                 Ok(format!("rejected:{}", rejection_code_name(code)))
             }
@@ -445,6 +483,7 @@ impl Inner {
     /// at the time it was decided.
     async fn complete(
         &self,
+        publisher: &Publisher,
         message: &jetstream::Message,
         sequence: u64,
         holder: &proto::Event,
@@ -476,21 +515,23 @@ impl Inner {
                 );
                 Ok(())
             }
-            _ => self.follow_up(&again).await,
+            _ => self.follow_up(publisher, &again).await,
         }
     }
 
-    async fn follow_up(&self, verdict: &Verdict) -> Result<(), rct_streams::Error> {
+    async fn follow_up(
+        &self,
+        publisher: &Publisher,
+        verdict: &Verdict,
+    ) -> Result<(), rct_streams::Error> {
         match verdict {
             Verdict::Admit(a) => {
                 let outgoing =
                     Outgoing::new(a.subject.clone(), a.command_id.msg_id(), a.command.clone());
-                self.publisher.send(outgoing).await?;
+                publisher.send(outgoing).await?;
             }
             Verdict::Cancel(c) => {
-                self.publisher
-                    .event(&c.tower, &c.cancel, c.command_id)
-                    .await?;
+                publisher.event(&c.tower, &c.cancel, c.command_id).await?;
             }
             Verdict::Reject(_) => {}
         }
@@ -555,6 +596,7 @@ impl Inner {
     /// or the id is taken) under a fresh id.
     async fn record_elsewhere(
         &self,
+        publisher: &Publisher,
         tower: &Tower,
         mut decision: proto::Event,
         claimed: Option<CommandId>,
@@ -574,7 +616,7 @@ impl Inner {
             command_id: Some(fresh),
             decision: decision.clone(),
         }));
-        self.publisher.event(tower, &decision, 0).await?;
+        publisher.event(tower, &decision, 0).await?;
         Ok(())
     }
 
@@ -655,7 +697,10 @@ impl Inner {
                 request: None,
             })),
         };
-        if let Err(e) = self.record_elsewhere(&tower, event, None).await {
+        if let Err(e) = self
+            .record_elsewhere(&self.publisher, &tower, event, None)
+            .await
+        {
             tracing::warn!(error = %e, "cannot record a refused login");
         }
     }

@@ -15,6 +15,7 @@ use prost::Message as _;
 use rct_bus::catalog::Served;
 use rct_bus::presence::Presence;
 use rct_bus::proto::{self, event::Kind};
+use rct_bus::trace::{TRACEPARENT, TraceContext};
 use rct_bus::{
     CommandId, EventKind, OperationName, PublicKey, Purpose, Subject, Target, Unverified, Verifier,
 };
@@ -28,6 +29,7 @@ use rct_streams::{Publisher, Slot};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::context::{Context, Failure, Outcome, Params};
 use crate::metrics::Metrics;
@@ -352,19 +354,45 @@ impl Runner {
         let id: CommandId = command.command_id.parse().expect("checked in verify");
         let command = Arc::new(command);
         let redelivered = message.info().map_or(true, |i| i.delivered > 1);
-        match self.prepare(&command, id, redelivered).await {
-            Prepared::Run(params, secrets) => {
-                self.run(message, command, id, params, secrets, keepalive)
-                    .await
+        // The operation's trace goes on in every event this agent writes for it.
+        let trace = TraceContext::continue_from(
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(TRACEPARENT))
+                .map(|v| v.as_str()),
+        );
+        let publisher = self.publisher.traced(&trace);
+        let operator = command
+            .operator
+            .as_ref()
+            .map(|o| o.email.clone())
+            .unwrap_or_default();
+        let span = tracing::info_span!(
+            "command",
+            command_id = %id,
+            operation = %command.operation,
+            target = %command.target,
+            operator = %operator,
+            trace_id = %trace.trace_id(),
+        );
+        async {
+            match self.prepare(&publisher, &command, id, redelivered).await {
+                Prepared::Run(params, secrets) => {
+                    self.run(&publisher, message, command, id, params, secrets, keepalive)
+                        .await
+                }
+                Prepared::Done => {
+                    let _ = message.double_ack().await;
+                }
+                Prepared::Later(pause) => {
+                    let _ = message.ack_with(AckKind::Nak(Some(pause))).await;
+                }
+                Prepared::Leave => {}
             }
-            Prepared::Done => {
-                let _ = message.double_ack().await;
-            }
-            Prepared::Later(pause) => {
-                let _ = message.ack_with(AckKind::Nak(Some(pause))).await;
-            }
-            Prepared::Leave => {}
         }
+        .instrument(span)
+        .await
     }
 
     /// Signature (a trusted admission key), then the command's own consistency with the
@@ -401,6 +429,7 @@ impl Runner {
     /// Decides what to do with a verified command before running it.
     async fn prepare(
         &self,
+        publisher: &Publisher,
         command: &proto::Command,
         id: CommandId,
         redelivered: bool,
@@ -418,7 +447,9 @@ impl Runner {
         if redelivered || now > deadline {
             match self.read_slot(id, EventKind::Claim).await {
                 Err(()) => return Prepared::Later(Duration::from_secs(2)),
-                Ok(Some(claim)) => return self.claimed_before(command, id, &claim).await,
+                Ok(Some(claim)) => {
+                    return self.claimed_before(publisher, command, id, &claim).await;
+                }
                 Ok(None) => {}
             }
         }
@@ -426,7 +457,7 @@ impl Runner {
             let expired = Kind::Expired(proto::Expired {
                 deadline: command.deadline,
             });
-            return match self.outcome(command, expired).await {
+            return match self.outcome(publisher, command, expired).await {
                 Ok(_) => Prepared::Done,
                 Err(()) => Prepared::Later(Duration::from_secs(2)),
             };
@@ -442,11 +473,16 @@ impl Runner {
         };
         let name: OperationName = match command.operation.parse() {
             Ok(name) => name,
-            Err(e) => return self.fail(command, "invalid_params", e.to_string()).await,
+            Err(e) => {
+                return self
+                    .fail(publisher, command, "invalid_params", e.to_string())
+                    .await;
+            }
         };
         let Some((tower_spec, operation)) = served.catalog.operation(&name) else {
             return self
                 .fail(
+                    publisher,
                     command,
                     "invalid_params",
                     format!("{name} is not in catalog {}", served.version),
@@ -458,13 +494,14 @@ impl Runner {
             Err(errors) => {
                 let messages: Vec<String> = errors.into_iter().map(|e| e.message).collect();
                 return self
-                    .fail(command, "invalid_params", messages.join("; "))
+                    .fail(publisher, command, "invalid_params", messages.join("; "))
                     .await;
             }
         };
         if checked.target.as_str() != command.target {
             return self
                 .fail(
+                    publisher,
                     command,
                     "invalid_params",
                     "the target disagrees with the parameters".into(),
@@ -484,6 +521,7 @@ impl Runner {
     /// A command whose claim exists: finished, running elsewhere, or orphaned.
     async fn claimed_before(
         &self,
+        publisher: &Publisher,
         command: &proto::Command,
         id: CommandId,
         claim: &proto::Event,
@@ -521,14 +559,16 @@ impl Runner {
                 }
             ),
         });
-        match self.outcome(command, unknown).await {
+        match self.outcome(publisher, command, unknown).await {
             Ok(_) => Prepared::Done,
             Err(()) => Prepared::Later(Duration::from_secs(2)),
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // one command's whole context, passed once
     async fn run(
         &self,
+        publisher: &Publisher,
         message: jetstream::Message,
         command: Arc<proto::Command>,
         id: CommandId,
@@ -568,8 +608,7 @@ impl Runner {
                 target: command.target.clone(),
             }),
         );
-        match self
-            .publisher
+        match publisher
             .event(&self.tower, &claim, &self.incarnation)
             .await
         {
@@ -580,7 +619,7 @@ impl Runner {
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&id);
                 let next = match self.read_slot(id, EventKind::Claim).await {
-                    Ok(Some(claim)) => self.claimed_before(&command, id, &claim).await,
+                    Ok(Some(claim)) => self.claimed_before(publisher, &command, id, &claim).await,
                     _ => Prepared::Later(Duration::from_secs(1)),
                 };
                 match next {
@@ -646,7 +685,7 @@ impl Runner {
             });
         let finish_by = OffsetDateTime::now_utc() + timeout;
         let (emitter, emitting) = emitter::start(
-            self.publisher.clone(),
+            publisher.clone(),
             self.tower.clone(),
             self.event(&command, Kind::Log(proto::Log::default())),
             secrets,
@@ -716,7 +755,11 @@ impl Runner {
             _ => "failed",
         };
         // An outcome we cannot write is retried; the command stays ours (running) meanwhile.
-        while self.outcome(&command, kind.clone()).await.is_err() {
+        while self
+            .outcome(publisher, &command, kind.clone())
+            .await
+            .is_err()
+        {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         keeper.abort();
@@ -735,7 +778,13 @@ impl Runner {
     }
 
     /// Records a failure before running (no claim): the command is refused, not run.
-    async fn fail(&self, command: &proto::Command, code: &str, message: String) -> Prepared {
+    async fn fail(
+        &self,
+        publisher: &Publisher,
+        command: &proto::Command,
+        code: &str,
+        message: String,
+    ) -> Prepared {
         tracing::warn!(command_id = %command.command_id, code, %message, "refusing to run");
         let operation = command.operation.rsplit('/').next().unwrap_or_default();
         self.metrics.count(operation, "refused");
@@ -743,16 +792,21 @@ impl Runner {
             code: code.to_owned(),
             message,
         });
-        match self.outcome(command, failed).await {
+        match self.outcome(publisher, command, failed).await {
             Ok(_) => Prepared::Done,
             Err(()) => Prepared::Later(Duration::from_secs(2)),
         }
     }
 
     /// Writes the outcome (once per command); `Ok(false)` if another writer had already.
-    async fn outcome(&self, command: &proto::Command, kind: Kind) -> Result<bool, ()> {
+    async fn outcome(
+        &self,
+        publisher: &Publisher,
+        command: &proto::Command,
+        kind: Kind,
+    ) -> Result<bool, ()> {
         let event = self.event(command, kind);
-        match self.publisher.event(&self.tower, &event, 0).await {
+        match publisher.event(&self.tower, &event, 0).await {
             Ok(Slot::Written(_)) => Ok(true),
             Ok(Slot::Taken { .. }) => {
                 tracing::warn!(command_id = %command.command_id, "an outcome was already recorded");

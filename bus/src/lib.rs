@@ -9,6 +9,7 @@
 //! - [`catalog`]: towers, operations, typed parameters and their checks.
 //! - [`presence`]: what live agents write in the `rct_agents` bucket.
 //! - [`EventKind`]: the last token of an event subject, and which events hold one slot.
+//! - [`trace`]: W3C `traceparent`, carried from the CLI to every event of an operation.
 
 pub mod catalog;
 mod envelope;
@@ -19,6 +20,7 @@ mod key;
 mod name;
 pub mod presence;
 pub mod subject;
+pub mod trace;
 
 /// Generated protobuf messages (package `rct.v1`).
 #[allow(missing_docs, unreachable_pub, clippy::all)]

@@ -166,6 +166,7 @@ pub fn event_json(record: &Record) -> Value {
         "source": e.source,
         "operation": e.operation,
         "target": e.target,
+        "trace_id": record.trace.map(|t| t.trace_id()),
     });
     let body = match e.kind.as_ref() {
         Some(Kind::Admitted(a)) => {

@@ -304,6 +304,7 @@ mod tests {
             command_id,
             kind: EventKind::of(&event).unwrap(),
             event,
+            trace: None,
         }
     }
 

@@ -123,6 +123,7 @@ pub enum Slot {
 pub struct Publisher {
     js: jetstream::Context,
     retry: Retry,
+    trace: Option<String>,
 }
 
 impl Publisher {
@@ -131,6 +132,16 @@ impl Publisher {
         Self {
             js,
             retry: Retry::default(),
+            trace: None,
+        }
+    }
+
+    /// The same publisher, stamping every message with `traceparent: <trace>` (one
+    /// operation's messages, one trace).
+    pub fn traced(&self, trace: &rct_bus::trace::TraceContext) -> Self {
+        Self {
+            trace: Some(trace.to_string()),
+            ..self.clone()
         }
     }
 
@@ -251,6 +262,11 @@ impl Publisher {
             for value in values {
                 publish = publish.header(name.clone(), value.clone());
             }
+        }
+        if let Some(trace) = &self.trace
+            && message.headers.get(rct_bus::trace::TRACEPARENT).is_none()
+        {
+            publish = publish.header(rct_bus::trace::TRACEPARENT, trace.as_str());
         }
         if message.once {
             publish = publish.expected_last_subject_sequence(0);

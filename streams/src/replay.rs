@@ -7,6 +7,7 @@ use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, pull};
 use async_nats::jetstream::{self, Message};
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message as _;
+use rct_bus::trace::{TRACEPARENT, TraceContext};
 use rct_bus::{CommandId, EventKind, Subject, Target, Tower, proto, subject};
 use time::OffsetDateTime;
 
@@ -28,6 +29,8 @@ pub struct Record {
     pub kind: EventKind,
     /// The event.
     pub event: proto::Event,
+    /// The operation's trace, from the message's `traceparent` header.
+    pub trace: Option<TraceContext>,
 }
 
 impl Record {
@@ -74,7 +77,16 @@ impl Record {
             command_id,
             kind,
             event,
+            trace: None,
         })
+    }
+
+    /// Takes the trace from the stored message's headers.
+    pub fn with_headers(mut self, headers: Option<&async_nats::HeaderMap>) -> Self {
+        self.trace = headers
+            .and_then(|h| h.get(TRACEPARENT))
+            .and_then(|v| TraceContext::parse(v.as_str()));
+        self
     }
 }
 
@@ -272,9 +284,9 @@ impl Replay {
             return;
         }
         match Record::from_stored(sequence, published, &message.subject, &message.payload) {
-            Ok(record) if self.filter.admits(&record) => {
-                self.queue.push_back(Ok(Item::Event(record)))
-            }
+            Ok(record) if self.filter.admits(&record) => self.queue.push_back(Ok(Item::Event(
+                record.with_headers(message.headers.as_ref()),
+            ))),
             Ok(_) => {}
             Err(e) => self.queue.push_back(Err(e)),
         }

@@ -177,6 +177,9 @@ pub async fn show(home: &Home, global: &Global, args: One) -> Result {
         println!("dry run       yes");
     }
     println!("state         {}", state.phase);
+    if let Some(trace) = records.iter().find_map(|r| r.trace) {
+        println!("trace         {}", trace.trace_id());
+    }
     println!();
     for record in &records {
         let who = if record.kind == EventKind::Log {

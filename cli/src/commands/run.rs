@@ -7,6 +7,7 @@ use futures::StreamExt;
 use prost::Message as _;
 use rct_bus::catalog::Served;
 use rct_bus::proto::{self, event::Kind};
+use rct_bus::trace::{TRACEPARENT, TraceContext};
 use rct_bus::{CommandId, OperationName, Purpose, Subject};
 use rct_streams::replay::{self, Filter, Item};
 use rct_streams::timestamp::{from_datetime, to_datetime};
@@ -200,11 +201,13 @@ pub async fn submit(
         .key
         .sign(Purpose::Submission, submission.encode_to_vec());
     envelope.certificate = session.certificate.clone();
+    // The operation's trace starts here; admission and the agent continue it.
     let outgoing = Outgoing::new(
         Subject::submit(name),
         command_id.msg_id(),
         envelope.encode_to_vec().into(),
-    );
+    )
+    .header(TRACEPARENT, &TraceContext::root().to_string());
     Publisher::new(remote.js.clone())
         .send(outgoing)
         .await
