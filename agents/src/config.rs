@@ -14,8 +14,13 @@ pub struct Config {
     /// This agent's name; each process adds a unique suffix, so a restarted agent is told
     /// apart from the one that died.
     pub instance: String,
-    /// Admission's public keys (PEM files): commands signed by anything else are refused.
+    /// Admission's public keys: PEM files, each holding one or more keys (a bundle during a
+    /// key rotation). Commands signed by anything else are refused.
     pub trusted_keys: Vec<PathBuf>,
+    /// How often `trusted_keys` are read again, so a rotation needs no restart (zero: never).
+    /// A file that cannot be read keeps the keys trusted so far.
+    #[serde(with = "humantime_serde")]
+    pub trust_reload: Duration,
     /// Commands run at once.
     pub concurrency: usize,
     /// How long running commands may take to finish at shutdown.
@@ -46,6 +51,7 @@ impl Default for Config {
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "agent".into()),
             trusted_keys: Vec::new(),
+            trust_reload: Duration::from_secs(30),
             concurrency: 4,
             shutdown_grace: Duration::from_secs(30),
             cancel_grace: Duration::from_secs(10),

@@ -49,6 +49,7 @@ pub(crate) struct Metrics {
     finished: Family<Finished, Counter>,
     durations: Family<Command, Histogram>,
     heartbeats: Family<Heartbeat, Counter>,
+    trusted_keys: Gauge,
 }
 
 impl Metrics {
@@ -63,6 +64,7 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.01, 4.0, 11))
             }),
             heartbeats: Family::default(),
+            trusted_keys: Gauge::default(),
         }
     }
 
@@ -81,6 +83,11 @@ impl Metrics {
             "rct_agent_handler_seconds",
             "How long handlers ran, from claim to outcome",
             self.durations.clone(),
+        );
+        registry.register(
+            "rct_agent_trusted_keys",
+            "Admission keys this agent trusts now (two during a key rotation)",
+            self.trusted_keys.clone(),
         );
         registry.register(
             "rct_agent_heartbeats",
@@ -123,6 +130,10 @@ impl Metrics {
                 outcome: outcome.to_owned(),
             })
             .inc();
+    }
+
+    pub(crate) fn trusted_keys(&self, count: usize) {
+        self.trusted_keys.set(count as i64);
     }
 
     pub(crate) fn heartbeat(&self, ok: bool) {

@@ -128,7 +128,10 @@ struct Runner {
     target: Target,
     cluster: bool,
     handlers: BTreeMap<String, Handler>,
-    verifier: Verifier,
+    /// The admission keys trusted now; `trust_reload` replaces it.
+    verifier: RwLock<Verifier>,
+    /// Keys given in code (`Tower::trust`), kept across reloads.
+    trusted: Vec<PublicKey>,
     js: jetstream::Context,
     publisher: Publisher,
     catalog: RwLock<Option<Arc<Served>>>,
@@ -156,19 +159,8 @@ impl Runner {
         if tower.handlers.is_empty() {
             return Err(Error::Config(format!("tower {name} has no operations")));
         }
-        let mut verifier = Verifier::new(tower.trusted);
-        for path in &tower.config.trusted_keys {
-            let pem = std::fs::read_to_string(path)
-                .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-            let key = PublicKey::from_pem(&pem)
-                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-            verifier.trust(key);
-        }
-        if verifier.key_ids().next().is_none() {
-            return Err(Error::Config(
-                "no admission key is trusted: set trusted_keys (admission's public key PEM)".into(),
-            ));
-        }
+        let verifier =
+            load_trust(&tower.trusted, &tower.config.trusted_keys).map_err(Error::Config)?;
         let js = tower.config.nats.jetstream(client);
         let incarnation = format!(
             "{}-{}",
@@ -182,7 +174,8 @@ impl Runner {
             target,
             cluster,
             handlers: tower.handlers,
-            verifier,
+            verifier: RwLock::new(verifier),
+            trusted: tower.trusted,
             publisher: Publisher::new(js.clone()),
             js,
             catalog: RwLock::new(None),
@@ -235,6 +228,7 @@ impl Runner {
         let tracker = TaskTracker::new();
         let presence_stop = CancellationToken::new();
         tracker.spawn(self.clone().presence(presence_stop.clone()));
+        tracker.spawn(self.clone().reload_trust(presence_stop.clone()));
 
         tracing::info!(
             tower = %self.tower,
@@ -280,6 +274,41 @@ impl Runner {
         let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         tracing::info!("agent stopped");
         result
+    }
+
+    /// Reads `trusted_keys` again every `trust_reload` and trusts exactly what they hold; a
+    /// file that cannot be read keeps the current keys (and says so).
+    async fn reload_trust(self: Arc<Self>, stop: CancellationToken) {
+        let ids = |v: &Verifier| {
+            let mut ids: Vec<String> = v.key_ids().map(ToString::to_string).collect();
+            ids.sort();
+            ids
+        };
+        let current = ids(&self.verifier.read().unwrap_or_else(|p| p.into_inner()));
+        self.metrics.trusted_keys(current.len());
+        if self.config.trust_reload.is_zero() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(self.config.trust_reload) => {}
+            }
+            match load_trust(&self.trusted, &self.config.trusted_keys) {
+                Ok(fresh) => {
+                    let mut verifier = self.verifier.write().unwrap_or_else(|p| p.into_inner());
+                    let (before, after) = (ids(&verifier), ids(&fresh));
+                    if before != after {
+                        tracing::info!(?before, ?after, "trusted admission keys changed");
+                        self.metrics.trusted_keys(after.len());
+                        *verifier = fresh;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reload trusted_keys; keeping the keys trusted so far");
+                }
+            }
+        }
     }
 
     /// Keeps this agent's entry in `rct_agents` fresh; removes it on the way out.
@@ -402,8 +431,16 @@ impl Runner {
             .map_err(|_| "the command is not a signed envelope".to_owned())?;
         let verified = self
             .verifier
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .verify(envelope, Purpose::Command)
-            .map_err(|e| format!("the command's signature is not admission's ({e})"))?;
+            .map_err(|e| match e {
+                rct_bus::Error::UntrustedKey { key_id } => format!(
+                    "the command is signed with key {key_id}, which this agent does not trust \
+                     (a retired admission key, or a new one not yet added to trusted_keys)"
+                ),
+                e => format!("the command's signature is not admission's ({e})"),
+            })?;
         let command: proto::Command = verified
             .decode()
             .map_err(|_| "the signed body is not a command".to_owned())?;
@@ -895,6 +932,24 @@ impl Runner {
         *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Some(served.clone());
         Some(served)
     }
+}
+
+/// The keys given in code plus every key in `files`; an error says which file and why.
+fn load_trust(in_code: &[PublicKey], files: &[std::path::PathBuf]) -> Result<Verifier, String> {
+    let mut verifier = Verifier::new(in_code.iter().cloned());
+    for path in files {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        for key in PublicKey::all_from_pem(&text).map_err(|e| format!("{}: {e}", path.display()))? {
+            verifier.trust(key);
+        }
+    }
+    if verifier.key_ids().next().is_none() {
+        return Err(
+            "no admission key is trusted: set trusted_keys (admission's public key PEM)".into(),
+        );
+    }
+    Ok(verifier)
 }
 
 /// Readiness conditions (`/readyz`).

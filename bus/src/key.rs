@@ -77,6 +77,29 @@ impl PublicKey {
             })
     }
 
+    /// Reads every `PUBLIC KEY` PEM block of `text` (a bundle, as during a key rotation);
+    /// an error if any block is not an Ed25519 public key or there is none.
+    pub fn all_from_pem(text: &str) -> Result<Vec<Self>> {
+        const BEGIN: &str = "-----BEGIN PUBLIC KEY-----";
+        const END: &str = "-----END PUBLIC KEY-----";
+        let mut keys = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find(BEGIN) {
+            let end = rest[start..].find(END).ok_or_else(|| Error::InvalidKey {
+                reason: "a PUBLIC KEY block has no END line".into(),
+            })? + start
+                + END.len();
+            keys.push(Self::from_pem(&rest[start..end])?);
+            rest = &rest[end..];
+        }
+        if keys.is_empty() {
+            return Err(Error::InvalidKey {
+                reason: "no PUBLIC KEY block".into(),
+            });
+        }
+        Ok(keys)
+    }
+
     /// Writes a `PUBLIC KEY` PEM.
     pub fn to_pem(&self) -> String {
         self.key
@@ -188,6 +211,21 @@ impl fmt::Debug for KeyPair {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_bundle_holds_several_public_keys() {
+        let (a, b) = (KeyPair::generate(), KeyPair::generate());
+        let bundle = format!(
+            "# old\n{}\n# new\n{}",
+            a.public().to_pem(),
+            b.public().to_pem()
+        );
+        let keys = PublicKey::all_from_pem(&bundle).unwrap();
+        assert_eq!(keys, [a.public().clone(), b.public().clone()]);
+        assert!(PublicKey::all_from_pem("nothing here").is_err());
+        let broken = format!("{}-----BEGIN PUBLIC KEY-----\nAAAA", a.public().to_pem());
+        assert!(PublicKey::all_from_pem(&broken).is_err());
+    }
+
     use super::*;
 
     #[test]
