@@ -16,6 +16,7 @@
 //! - [`provision`]: the whole topology, including every tower's consumer, for an administrator.
 
 pub mod catalog;
+pub mod cli;
 mod config;
 pub mod decide;
 mod error;

@@ -1,39 +1,10 @@
 //! `rct-admission`: decides who may do what. Thin: parse flags, load config, start logging,
 //! connect, run until SIGINT or SIGTERM.
 
-use std::path::PathBuf;
-
 use anyhow::Context as _;
 use clap::Parser;
 use rct_admission::Config;
-
-/// rct admission service.
-#[derive(Debug, Parser)]
-#[command(name = "rct-admission", version, about)]
-struct Args {
-    /// Configuration file (YAML or TOML).
-    #[arg(long, env = "RCT_CONFIG")]
-    config: Option<PathBuf>,
-    /// The operation catalog (overrides the file).
-    #[arg(long)]
-    catalog: Option<PathBuf>,
-    /// Admission's signing key, PKCS#8 PEM (overrides the file).
-    #[arg(long)]
-    signing_key: Option<PathBuf>,
-    /// NATS server URL; repeat for several (overrides the file).
-    #[arg(long = "server")]
-    servers: Vec<String>,
-    /// This replica's name.
-    #[arg(long)]
-    instance: Option<String>,
-    /// Print the effective configuration and exit.
-    #[arg(long)]
-    print_config: bool,
-    /// Create or converge the streams, buckets and consumers (every tower's, from the
-    /// catalog), print what changed, and exit. Needs an administrator's NATS identity.
-    #[arg(long)]
-    provision: bool,
-}
+use rct_admission::cli::Args;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {

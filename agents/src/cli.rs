@@ -1,4 +1,5 @@
-//! The flags every agent binary takes, and the configuration they produce.
+//! The flags of the agent binaries, and the configuration they produce. (Here rather than
+//! in the binaries, so deployment files can be checked against them.)
 
 use std::path::PathBuf;
 
@@ -22,6 +23,21 @@ pub struct Common {
     /// Create the tower's consumer if missing (development).
     #[arg(long)]
     pub create_consumer: bool,
+}
+
+/// `rct-agent`: runs script-backed operations (YAML) as a tower.
+#[derive(Debug, clap::Parser)]
+#[command(name = "rct-agent", version, about = "rct script-runner agent")]
+pub struct ScriptAgent {
+    /// The operations: a scripts file (see docs/TOWERS.md).
+    #[arg(long)]
+    pub scripts: PathBuf,
+    /// Serve this target only (cluster flavour; overrides the scripts file).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Flags every agent takes.
+    #[command(flatten)]
+    pub common: Common,
 }
 
 impl Common {

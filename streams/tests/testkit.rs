@@ -72,6 +72,7 @@ fn every_shipped_server_config_is_valid() {
                 "RCT_LEAF_SEED",
                 "SUACSSL3UAHUDXKFSNVUZRF5UHPMWZ6BFDTJ7M6USDXIEDNPPQYYYCU3VY",
             )
+            .env("SERVER_NAME", "hub-0")
             .output()
             .unwrap();
         assert!(

@@ -1,26 +1,10 @@
 //! `rct-agent`: runs script-backed operations (YAML) as a tower. Thin: parse flags, load
 //! config and scripts, start logging, connect, run until SIGINT or SIGTERM.
 
-use std::path::PathBuf;
-
 use anyhow::Context as _;
 use clap::Parser;
-use rct_agents::cli::Common;
+use rct_agents::cli::ScriptAgent as Args;
 use rct_agents::script::Scripts;
-
-/// rct script-runner agent.
-#[derive(Debug, Parser)]
-#[command(name = "rct-agent", version, about)]
-struct Args {
-    /// The operations: a scripts file (see docs/TOWERS.md).
-    #[arg(long)]
-    scripts: PathBuf,
-    /// Serve this target only (cluster flavour; overrides the scripts file).
-    #[arg(long)]
-    target: Option<String>,
-    #[command(flatten)]
-    common: Common,
-}
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
