@@ -120,6 +120,7 @@ fn exposure(path: &Path) -> Option<f64> {
 #[test]
 fn the_systemd_units_match_the_binaries_and_are_hardened() {
     let dir = ops().join("systemd");
+    let seed = regex::Regex::new(r"\bS[UAO][A-Z2-7]{50,}").unwrap();
     let mut seen = Vec::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -163,7 +164,6 @@ fn the_systemd_units_match_the_binaries_and_are_hardened() {
             || unit.get("User").is_some_and(|v| v[0] != "root");
         assert!(own_user, "{name}: runs as root");
         // Secrets come as credentials, never from the unit file.
-        let seed = regex::Regex::new(r"\bS[UAO][A-Z2-7]{50,}").unwrap();
         assert!(
             !seed.is_match(&std::fs::read_to_string(&path).unwrap()),
             "{name} holds a seed"
