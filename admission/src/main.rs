@@ -9,7 +9,7 @@ use rct_admission::cli::Args;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    rct_streams::runtime::init_logging();
+    let _logging = rct_streams::runtime::init_logging("rct-admission");
     rct_streams::runtime::exit("rct-admission", run(args).await)
 }
 

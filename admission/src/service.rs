@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use prost::Message as _;
 use rct_bus::catalog::Served;
 use rct_bus::proto::{self, RejectionCode, event::Kind};
-use rct_bus::trace::{TRACEPARENT, TraceContext};
+use rct_bus::trace::TRACEPARENT;
 use rct_bus::{CommandId, EventKind, KeyPair, PublicKey, Subject, Tower, rejection_code_name};
 use rct_streams::telemetry::{self, Readiness};
 use rct_streams::timestamp::to_datetime;
@@ -231,7 +231,7 @@ impl Admission {
 }
 
 /// The span every log line about one submission carries: command, operation, operator, trace.
-fn decision_span(verdict: &Verdict, trace: &TraceContext) -> tracing::Span {
+fn decision_span(verdict: &Verdict) -> tracing::Span {
     let decision = match verdict {
         Verdict::Admit(a) => &a.decision,
         Verdict::Cancel(c) => &c.decision,
@@ -246,7 +246,7 @@ fn decision_span(verdict: &Verdict, trace: &TraceContext) -> tracing::Span {
         command_id = %decision.command_id,
         operation = %decision.operation,
         operator = %operator,
-        trace_id = %trace.trace_id(),
+        trace_id = tracing::field::Empty,
     )
 }
 
@@ -382,15 +382,17 @@ impl Inner {
             now: OffsetDateTime::now_utc(),
         });
         // The submitter's trace continues here and on into the command and its events.
-        let trace = TraceContext::continue_from(
+        let span = decision_span(&verdict);
+        let trace = telemetry::continue_trace(
+            &span,
             message
                 .headers
                 .as_ref()
                 .and_then(|h| h.get(TRACEPARENT))
                 .map(|v| v.as_str()),
         );
+        span.record("trace_id", trace.trace_id());
         let publisher = self.publisher.traced(&trace);
-        let span = decision_span(&verdict, &trace);
         async {
             match self.record(&publisher, &message, sequence, verdict).await {
                 Ok(outcome) => {

@@ -53,7 +53,7 @@ async fn greet(ctx: Context, params: Params) -> Result<Outcome, Failure> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    rct_streams::runtime::init_logging();
+    let _logging = rct_streams::runtime::init_logging("hello-tower");
     let config = args.common.load().map_err(anyhow::Error::msg)?;
     let client = config.nats.connect("hello tower", true).await?;
     Tower::new("hello")

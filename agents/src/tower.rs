@@ -15,7 +15,7 @@ use prost::Message as _;
 use rct_bus::catalog::Served;
 use rct_bus::presence::Presence;
 use rct_bus::proto::{self, event::Kind};
-use rct_bus::trace::{TRACEPARENT, TraceContext};
+use rct_bus::trace::TRACEPARENT;
 use rct_bus::{
     CommandId, EventKind, OperationName, PublicKey, Purpose, Subject, Target, Unverified, Verifier,
 };
@@ -383,15 +383,6 @@ impl Runner {
         let id: CommandId = command.command_id.parse().expect("checked in verify");
         let command = Arc::new(command);
         let redelivered = message.info().map_or(true, |i| i.delivered > 1);
-        // The operation's trace goes on in every event this agent writes for it.
-        let trace = TraceContext::continue_from(
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(TRACEPARENT))
-                .map(|v| v.as_str()),
-        );
-        let publisher = self.publisher.traced(&trace);
         let operator = command
             .operator
             .as_ref()
@@ -403,8 +394,19 @@ impl Runner {
             operation = %command.operation,
             target = %command.target,
             operator = %operator,
-            trace_id = %trace.trace_id(),
+            trace_id = tracing::field::Empty,
         );
+        // The operation's trace goes on in every event this agent writes for it.
+        let trace = telemetry::continue_trace(
+            &span,
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(TRACEPARENT))
+                .map(|v| v.as_str()),
+        );
+        span.record("trace_id", trace.trace_id());
+        let publisher = self.publisher.traced(&trace);
         async {
             match self.prepare(&publisher, &command, id, redelivered).await {
                 Prepared::Run(params, secrets) => {

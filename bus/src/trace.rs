@@ -68,6 +68,30 @@ impl TraceContext {
             .map_or_else(Self::root, |parent| parent.child())
     }
 
+    /// A context from its parts (as an OpenTelemetry span has them).
+    pub fn from_parts(trace_id: [u8; 16], span_id: [u8; 8], flags: u8) -> Self {
+        Self {
+            trace_id,
+            span_id,
+            flags,
+        }
+    }
+
+    /// The trace id's bytes.
+    pub fn trace_id_bytes(&self) -> [u8; 16] {
+        self.trace_id
+    }
+
+    /// The span id's bytes.
+    pub fn span_id_bytes(&self) -> [u8; 8] {
+        self.span_id
+    }
+
+    /// The trace flags (1: sampled).
+    pub fn flags(&self) -> u8 {
+        self.flags
+    }
+
     /// The trace id, 32 lowercase hex digits (what log lines and `rct show` print).
     pub fn trace_id(&self) -> String {
         to_hex(&self.trace_id)

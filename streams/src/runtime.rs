@@ -1,5 +1,6 @@
 //! What every rct binary does the same way: layered configuration, logging from `RCT_LOG` /
-//! `RCT_LOG_FORMAT`, a shutdown token fired by SIGINT or SIGTERM, and the exit status.
+//! `RCT_LOG_FORMAT` (and span export when OpenTelemetry is configured), a shutdown token fired
+//! by SIGINT or SIGTERM, and the exit status.
 
 use std::path::Path;
 
@@ -52,16 +53,52 @@ pub fn exit<E: std::fmt::Display>(name: &str, result: Result<(), E>) -> std::pro
 }
 
 /// Logs to stderr; `RCT_LOG` filters (default `info`), `RCT_LOG_FORMAT=json` for JSON lines.
-pub fn init_logging() {
+/// With `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, spans
+/// are also exported over OTLP/HTTP as service `service` (see
+/// [`crate::telemetry::continue_trace`]). Keep the guard until the end of `main`: dropping it
+/// flushes the spans not yet sent.
+pub fn init_logging(service: &str) -> Logging {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
     let filter = tracing_subscriber::EnvFilter::try_from_env("RCT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("RCT_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if std::env::var("RCT_LOG_FORMAT").as_deref() == Ok("json") {
+        fmt.json().boxed()
     } else {
-        builder.init();
+        fmt.boxed()
+    };
+    let (otlp, provider) = match crate::telemetry::otlp(service) {
+        Ok(Some((layer, provider))) => (Some(layer), Some(provider)),
+        Ok(None) => (None, None),
+        Err(e) => {
+            eprintln!("{service}: not exporting traces: {e}");
+            (None, None)
+        }
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otlp)
+        .init();
+    Logging { provider }
+}
+
+/// Keeps span export going; flushes it when dropped.
+#[derive(Debug)]
+pub struct Logging {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for Logging {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("cannot flush the last spans: {e}");
+        }
     }
 }
 

@@ -5,6 +5,11 @@
 //! when the NATS connection is up and every readiness condition the component declared holds
 //! (streams present, consumer bound, keys loaded…), else 503 with one line per condition.
 //! Every component also exports `rct_nats_connected` (1 or 0).
+//!
+//! Traces: [`continue_trace`] joins a component's span for one command to the operation's
+//! trace (the `traceparent` it received) and gives the `traceparent` to send on. With
+//! OpenTelemetry export on (`OTEL_EXPORTER_OTLP_ENDPOINT`), that is the exported span's own
+//! context, so a tracing backend shows CLI → admission → agent as one tree.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,6 +18,86 @@ use std::sync::{Arc, Mutex};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
+
+/// The span export layer and the provider to flush at exit.
+pub(crate) type Export<S> = (
+    tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>,
+    opentelemetry_sdk::trace::SdkTracerProvider,
+);
+
+/// The OTLP/HTTP span export layer and its provider, when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set (the exporter reads both, and the other
+/// standard `OTEL_*` variables, itself).
+pub(crate) fn otlp<S>(service: &str) -> Result<Option<Export<S>>, String>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+
+    let configured = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+    if !configured {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service.to_owned())
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer(service.to_owned());
+    Ok(Some((
+        tracing_opentelemetry::layer().with_tracer(tracer),
+        provider,
+    )))
+}
+
+/// Joins `span` to the trace of `incoming` (a `traceparent` value, if any) and returns the
+/// context to send on: the exported span's when OpenTelemetry export is on, else a new span
+/// id of the same trace (or a new trace, without a valid `incoming`).
+pub fn continue_trace(
+    span: &tracing::Span,
+    incoming: Option<&str>,
+) -> rct_bus::trace::TraceContext {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+    };
+    use rct_bus::trace::TraceContext;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+    let parent = incoming.and_then(TraceContext::parse);
+    if let Some(parent) = parent {
+        let remote = SpanContext::new(
+            TraceId::from_bytes(parent.trace_id_bytes()),
+            SpanId::from_bytes(parent.span_id_bytes()),
+            TraceFlags::new(parent.flags()),
+            true,
+            TraceState::default(),
+        );
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+    }
+    let exported = span.context().span().span_context().clone();
+    if exported.is_valid() {
+        return TraceContext::from_parts(
+            exported.trace_id().to_bytes(),
+            exported.span_id().to_bytes(),
+            exported.trace_flags().to_u8(),
+        );
+    }
+    parent.map_or_else(TraceContext::root, |p| p.child())
+}
 
 /// Where to serve metrics and health.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

@@ -9,7 +9,7 @@ use rct_agents::script::Scripts;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    rct_streams::runtime::init_logging();
+    let _logging = rct_streams::runtime::init_logging("rct-agent");
     rct_streams::runtime::exit("rct-agent", run(args).await)
 }
 

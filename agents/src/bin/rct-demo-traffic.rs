@@ -20,7 +20,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    rct_streams::runtime::init_logging();
+    let _logging = rct_streams::runtime::init_logging("rct-demo-traffic");
     rct_streams::runtime::exit("rct-demo-traffic", run(args).await)
 }
 
