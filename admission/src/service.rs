@@ -13,7 +13,6 @@ use prometheus_client::registry::Registry;
 use prost::Message as _;
 use rct_bus::catalog::Served;
 use rct_bus::proto::{self, RejectionCode, event::Kind};
-use rct_bus::trace::TRACEPARENT;
 use rct_bus::{CommandId, EventKind, KeyPair, PublicKey, Subject, Tower, rejection_code_name};
 use rct_streams::telemetry::{self, Readiness};
 use rct_streams::timestamp::to_datetime;
@@ -383,16 +382,9 @@ impl Inner {
         });
         // The submitter's trace continues here and on into the command and its events.
         let span = decision_span(&verdict);
-        let trace = telemetry::continue_trace(
-            &span,
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(TRACEPARENT))
-                .map(|v| v.as_str()),
-        );
-        span.record("trace_id", trace.trace_id());
-        let publisher = self.publisher.traced(&trace);
+        let publisher = self
+            .publisher
+            .traced(&telemetry::continue_trace(&span, message.headers.as_ref()));
         async {
             match self.record(&publisher, &message, sequence, verdict).await {
                 Ok(outcome) => {

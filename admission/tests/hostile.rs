@@ -4,16 +4,15 @@
 //!
 //! Cases per property: proptest's default (256), or `PROPTEST_CASES`.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
+
+mod support;
 
 use proptest::prelude::*;
 use prost::Message;
 use rct_admission::decide::{Policy, Submitted, Verdict};
 use rct_admission::identity::{Certificates, ServiceConfig, Services};
-use rct_bus::proto::{self, value::Kind as V};
-use rct_bus::{CommandId, KeyPair, Purpose};
-use rct_streams::timestamp::from_datetime;
+use rct_bus::{KeyPair, Purpose};
 use time::OffsetDateTime;
 
 fn policy(service: &KeyPair) -> Policy {
@@ -42,27 +41,12 @@ fn policy(service: &KeyPair) -> Policy {
 }
 
 /// A drain of prod-1 signed by the registered service, as the wire carries it.
-fn valid_submission(service: &KeyPair, now: OffsetDateTime) -> Vec<u8> {
-    let submission = proto::Submission {
-        command_id: CommandId::generate().to_string(),
-        operation: "traffic/drain-cluster".into(),
-        justification: "SRE-101".into(),
-        requested_at: Some(from_datetime(now)),
-        expires_at: Some(from_datetime(now + time::Duration::minutes(1))),
-        client: None,
-        request: Some(proto::submission::Request::Run(proto::Run {
-            target: "prod-1".into(),
-            params: BTreeMap::from([(
-                "cluster".to_owned(),
-                proto::Value {
-                    kind: Some(V::Target("prod-1".into())),
-                },
-            )]),
-            dry_run: false,
-        })),
-    };
+fn valid_submission(service: &KeyPair) -> Vec<u8> {
     service
-        .sign(Purpose::Submission, submission.encode_to_vec())
+        .sign(
+            Purpose::Submission,
+            support::drain("prod-1").encode_to_vec(),
+        )
         .encode_to_vec()
 }
 
@@ -81,12 +65,7 @@ fn decide(policy: &Policy, subject: &str, payload: &[u8], now: OffsetDateTime) -
 fn the_valid_submission_is_admitted() {
     let service = KeyPair::generate();
     let now = OffsetDateTime::now_utc();
-    let verdict = decide(
-        &policy(&service),
-        SUBJECT,
-        &valid_submission(&service, now),
-        now,
-    );
+    let verdict = decide(&policy(&service), SUBJECT, &valid_submission(&service), now);
     assert!(matches!(verdict, Verdict::Admit(_)), "{verdict:?}");
 }
 
@@ -115,7 +94,7 @@ proptest! {
         let service = KeyPair::generate();
         let now = OffsetDateTime::now_utc();
         let policy = policy(&service);
-        let original = valid_submission(&service, now);
+        let original = valid_submission(&service);
         let mut bytes = original.clone();
         for (at, flip) in &changes {
             let i = at % bytes.len();
@@ -136,7 +115,7 @@ proptest! {
         prop_assume!(subject != SUBJECT);
         let service = KeyPair::generate();
         let now = OffsetDateTime::now_utc();
-        let verdict = decide(&policy(&service), &subject, &valid_submission(&service, now), now);
+        let verdict = decide(&policy(&service), &subject, &valid_submission(&service), now);
         prop_assert!(matches!(verdict, Verdict::Reject(_)), "{verdict:?}");
     }
 }

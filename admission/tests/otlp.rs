@@ -4,19 +4,15 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use rct_bus::proto::{self, value::Kind as V};
 use rct_bus::trace::{TRACEPARENT, TraceContext};
 use rct_bus::{CommandId, KeyPair, Purpose};
 use rct_streams::testkit::Server;
-use rct_streams::timestamp::from_datetime;
 use rct_streams::{Outgoing, Publisher};
-use time::OffsetDateTime;
 
 /// An OTLP/HTTP receiver: the bodies posted to /v1/traces.
 fn receiver() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
@@ -83,26 +79,8 @@ async fn admission_exports_its_decision_span_into_the_operations_trace() {
         .unwrap();
 
     // A drain submitted by the service, in a trace the submitter started.
-    let now = OffsetDateTime::now_utc();
-    let id = CommandId::generate();
-    let submission = proto::Submission {
-        command_id: id.to_string(),
-        operation: "traffic/drain-cluster".into(),
-        justification: "SRE-1".into(),
-        requested_at: Some(from_datetime(now)),
-        expires_at: Some(from_datetime(now + time::Duration::minutes(1))),
-        client: None,
-        request: Some(proto::submission::Request::Run(proto::Run {
-            target: "prod-1".into(),
-            params: BTreeMap::from([(
-                "cluster".to_owned(),
-                proto::Value {
-                    kind: Some(V::Target("prod-1".into())),
-                },
-            )]),
-            dry_run: false,
-        })),
-    };
+    let submission = support::drain("prod-1");
+    let id: CommandId = submission.command_id.parse().unwrap();
     let submitter = TraceContext::root();
     let envelope = service.sign(Purpose::Submission, submission.encode_to_vec());
     Publisher::new(js.clone())

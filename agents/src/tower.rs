@@ -15,7 +15,6 @@ use prost::Message as _;
 use rct_bus::catalog::Served;
 use rct_bus::presence::Presence;
 use rct_bus::proto::{self, event::Kind};
-use rct_bus::trace::TRACEPARENT;
 use rct_bus::{
     CommandId, EventKind, OperationName, PublicKey, Purpose, Subject, Target, Unverified, Verifier,
 };
@@ -397,16 +396,9 @@ impl Runner {
             trace_id = tracing::field::Empty,
         );
         // The operation's trace goes on in every event this agent writes for it.
-        let trace = telemetry::continue_trace(
-            &span,
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(TRACEPARENT))
-                .map(|v| v.as_str()),
-        );
-        span.record("trace_id", trace.trace_id());
-        let publisher = self.publisher.traced(&trace);
+        let publisher = self
+            .publisher
+            .traced(&telemetry::continue_trace(&span, message.headers.as_ref()));
         async {
             match self.prepare(&publisher, &command, id, redelivered).await {
                 Prepared::Run(params, secrets) => {

@@ -244,30 +244,7 @@ impl Stack {
         js: &async_nats::jetstream::Context,
         count: usize,
     ) -> Result<()> {
-        let bucket = js
-            .get_key_value(rct_streams::topology::AGENTS_BUCKET)
-            .await
-            .map_err(|e| Error::usage(e.to_string()))?;
-        let started = Instant::now();
-        loop {
-            let mut live = 0;
-            if let Ok(mut keys) = bucket.keys().await {
-                while let Some(Ok(key)) = keys.next().await {
-                    if key.contains(".dev-") {
-                        live += 1;
-                    }
-                }
-            }
-            if live >= count {
-                return Ok(());
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                return Err(Error::usage(format!(
-                    "only {live} of {count} demo agents started within 30 s"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_for_agents(js, count, ".dev-", Duration::from_secs(30)).await
     }
 
     /// Stops the agents and admission (letting running commands finish), then nats-server.
@@ -314,4 +291,39 @@ fn write_scripts(dir: &Path) -> Result<()> {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(fail)?;
     }
     Ok(())
+}
+
+/// Waits until `count` agents whose presence key contains `matching` are present, at most
+/// `within`.
+pub async fn wait_for_agents(
+    js: &async_nats::jetstream::Context,
+    count: usize,
+    matching: &str,
+    within: Duration,
+) -> Result<()> {
+    let bucket = js
+        .get_key_value(rct_streams::topology::AGENTS_BUCKET)
+        .await
+        .map_err(|e| Error::usage(e.to_string()))?;
+    let started = Instant::now();
+    loop {
+        let mut live = 0;
+        if let Ok(mut keys) = bucket.keys().await {
+            while let Some(Ok(key)) = keys.next().await {
+                if key.contains(matching) {
+                    live += 1;
+                }
+            }
+        }
+        if live >= count {
+            return Ok(());
+        }
+        if started.elapsed() > within {
+            return Err(Error::usage(format!(
+                "only {live} of {count} agents started within {}",
+                humantime::format_duration(within)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -20,18 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 async fn drain(operator: &Arc<support::Operator>) -> String {
     let op = operator.clone();
-    tokio::task::spawn_blocking(move || {
-        op.ok(&[
-            "traffic",
-            "drain-cluster",
-            "--cluster",
-            "prod-1",
-            "-j",
-            "SRE-7",
-        ])
-    })
-    .await
-    .unwrap()
+    tokio::task::spawn_blocking(move || op.drain("prod-1"))
+        .await
+        .unwrap()
 }
 
 /// The key ids of the commands in RCT_CMD, in order, and the last command's bytes.

@@ -40,14 +40,7 @@ async fn a_drain_is_one_trace_from_the_cli_to_its_last_event() {
     let op = operator.clone();
     let out = tokio::task::spawn_blocking(move || {
         op.login();
-        op.ok(&[
-            "traffic",
-            "drain-cluster",
-            "--cluster",
-            "prod-1",
-            "-j",
-            "SRE-1",
-        ])
+        op.drain("prod-1")
     })
     .await
     .unwrap();

@@ -64,13 +64,25 @@ where
     )))
 }
 
-/// Joins `span` to the trace of `incoming` (a `traceparent` value, if any) and returns the
-/// context to send on: the exported span's when OpenTelemetry export is on, else a new span
-/// id of the same trace (or a new trace, without a valid `incoming`).
+/// Joins `span` to the trace of a received message (its `traceparent` header, if any),
+/// records the trace id on the span (its `trace_id` field), and returns the context to send
+/// on: the exported span's when OpenTelemetry export is on, else a new span id of the same
+/// trace (or a new trace, without a valid header).
 pub fn continue_trace(
     span: &tracing::Span,
-    incoming: Option<&str>,
+    headers: Option<&async_nats::HeaderMap>,
 ) -> rct_bus::trace::TraceContext {
+    let trace = join_trace(
+        span,
+        headers
+            .and_then(|h| h.get(rct_bus::trace::TRACEPARENT))
+            .map(|v| v.as_str()),
+    );
+    span.record("trace_id", trace.trace_id());
+    trace
+}
+
+fn join_trace(span: &tracing::Span, incoming: Option<&str>) -> rct_bus::trace::TraceContext {
     use opentelemetry::trace::{
         SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
     };

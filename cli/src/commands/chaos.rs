@@ -560,7 +560,7 @@ async fn run_seed(args: &Args, seed: u64) -> Result<Report> {
         .iter()
         .map(|t| process("chaos-agent", &format!("{t}-g1"), Some(t)))
         .collect::<Result<Vec<_>>>()?;
-    wait_for_agents(&js, targets.len()).await?;
+    crate::stack::wait_for_agents(&js, targets.len(), "", Duration::from_secs(60)).await?;
 
     // The workload runs while the faults happen.
     let outcomes: Arc<Mutex<HashMap<CommandId, bool>>> = Arc::default();
@@ -693,31 +693,6 @@ async fn run_seed(args: &Args, seed: u64) -> Result<Report> {
     }
     drop(nats);
     Ok(report)
-}
-
-async fn wait_for_agents(js: &jetstream::Context, count: usize) -> Result<()> {
-    let bucket = js
-        .get_key_value(rct_streams::topology::AGENTS_BUCKET)
-        .await
-        .map_err(|e| fail("cannot read the agents", e))?;
-    let started = Instant::now();
-    loop {
-        let mut live = 0;
-        if let Ok(mut keys) = bucket.keys().await {
-            while let Some(Ok(_)) = keys.next().await {
-                live += 1;
-            }
-        }
-        if live >= count {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            return Err(Error::usage(format!(
-                "only {live} of {count} chaos agents started within 60 s"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Submits `count` signed requests at `rate` a second, each retried with its id until the

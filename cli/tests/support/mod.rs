@@ -283,6 +283,18 @@ impl Operator {
         }
     }
 
+    /// Drains `cluster` (justification SRE-101), asserting success; stdout.
+    pub fn drain(&self, cluster: &str) -> String {
+        self.ok(&[
+            "traffic",
+            "drain-cluster",
+            "--cluster",
+            cluster,
+            "--justification",
+            "SRE-101",
+        ])
+    }
+
     /// Runs `args`, asserting success; stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.rct(args);
