@@ -95,10 +95,18 @@ impl Server {
     /// Starts a single server set up beyond the defaults (accounts, included files, a
     /// JetStream domain, a leaf node without JetStream) and waits until it is ready.
     pub async fn start_with(setup: Setup) -> Self {
-        let mut server = Self::new("s1".into(), None, setup);
-        server.spawn();
-        server.wait_ready().await;
-        server
+        for attempt in 1..=PORT_ATTEMPTS {
+            let mut server = Self::new("s1".into(), None, setup.clone());
+            server.spawn();
+            match server.try_ready().await {
+                Ok(()) => return server,
+                Err(exited) if exited.lost_a_port() && attempt < PORT_ATTEMPTS => continue,
+                Err(Exited { log }) => {
+                    panic!("nats-server exited while starting; its log:\n{log}")
+                }
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     fn new(name: String, cluster: Option<ClusterPorts>, setup: Setup) -> Self {
@@ -183,8 +191,22 @@ impl Server {
     /// Starts the server again on the same port with the same store, after a kill or stop.
     pub async fn start_again(&mut self) {
         assert!(!self.is_running(), "{} is still running", self.name);
-        self.spawn();
-        self.wait_ready().await;
+        // While it was down, another process's connection may have taken its port for a
+        // moment: wait for the port rather than move (clients know this one).
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            self.spawn();
+            match self.try_ready().await {
+                Ok(()) => return,
+                Err(exited) if exited.lost_a_port() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(Exited { log }) => panic!(
+                    "nats-server {} exited while starting again; its log:\n{log}",
+                    self.name
+                ),
+            }
+        }
     }
 
     /// Stops cleanly and starts again on the same port with the same store.
@@ -275,24 +297,30 @@ impl Server {
     }
 
     async fn wait_ready(&mut self) {
+        if let Err(Exited { log }) = self.try_ready().await {
+            panic!(
+                "nats-server {} exited while starting; its log:\n{log}",
+                self.name
+            );
+        }
+    }
+
+    /// Ready, or exited while starting (with its log); panics when it takes too long.
+    async fn try_ready(&mut self) -> Result<(), Exited> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if !self.is_running() {
-                panic!(
-                    "nats-server {} exited while starting; its log:\n{}",
-                    self.name,
-                    self.log()
-                );
+                return Err(Exited { log: self.log() });
             }
             // A plain single server is ready when JetStream answers an anonymous client;
             // clusters, servers with accounts and leaf nodes say so in their log.
             let plain =
                 self.cluster.is_none() && self.setup.extra.is_empty() && !self.setup.no_jetstream;
             if plain && jetstream_ready(&self.url()).await {
-                return;
+                return Ok(());
             }
             if !plain && self.log().contains("Server is ready") {
-                return;
+                return Ok(());
             }
             if Instant::now() > deadline {
                 panic!(
@@ -305,6 +333,22 @@ impl Server {
         }
     }
 }
+
+/// A server that exited while starting.
+struct Exited {
+    log: String,
+}
+
+impl Exited {
+    /// A port picked as free was taken before the server bound it (another process's
+    /// connection got it meanwhile): worth another try on other ports.
+    fn lost_a_port(&self) -> bool {
+        self.log.contains("address already in use")
+    }
+}
+
+/// Tries to start servers this many times when a picked port is taken meanwhile.
+const PORT_ATTEMPTS: usize = 5;
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -357,24 +401,41 @@ impl Cluster {
     /// Starts three nodes set up alike (`sync_always`, extra config) and waits until they
     /// have elected a JetStream meta leader.
     pub async fn start_with(setup: Setup) -> Self {
-        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let mut nodes: Vec<Server> = cluster_ports
-            .iter()
-            .enumerate()
-            .map(|(i, own)| {
-                let cluster = ClusterPorts {
-                    own: *own,
-                    routes: cluster_ports.clone(),
-                };
-                Server::new(format!("n{}", i + 1), Some(cluster), setup.clone())
-            })
-            .collect();
-        for node in &mut nodes {
-            node.spawn();
-        }
-        for node in &mut nodes {
-            node.wait_ready().await;
-        }
+        let mut attempt = 1;
+        let nodes = loop {
+            let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+            let mut nodes: Vec<Server> = cluster_ports
+                .iter()
+                .enumerate()
+                .map(|(i, own)| {
+                    let cluster = ClusterPorts {
+                        own: *own,
+                        routes: cluster_ports.clone(),
+                    };
+                    Server::new(format!("n{}", i + 1), Some(cluster), setup.clone())
+                })
+                .collect();
+            for node in &mut nodes {
+                node.spawn();
+            }
+            let mut failed = None;
+            for node in &mut nodes {
+                if let Err(exited) = node.try_ready().await {
+                    failed = Some((node.name.clone(), exited));
+                    break;
+                }
+            }
+            match failed {
+                None => break nodes,
+                // Dropping the nodes kills the others; all start again on new ports.
+                Some((_, exited)) if exited.lost_a_port() && attempt < PORT_ATTEMPTS => {
+                    attempt += 1;
+                }
+                Some((name, Exited { log })) => {
+                    panic!("nats-server {name} exited while starting; its log:\n{log}")
+                }
+            }
+        };
         let cluster = Self { nodes };
         let deadline = Instant::now() + READY_TIMEOUT;
         while !jetstream_ready(&cluster.nodes[0].url()).await {
