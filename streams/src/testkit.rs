@@ -296,15 +296,6 @@ impl Server {
         conf
     }
 
-    async fn wait_ready(&mut self) {
-        if let Err(Exited { log }) = self.try_ready().await {
-            panic!(
-                "nats-server {} exited while starting; its log:\n{log}",
-                self.name
-            );
-        }
-    }
-
     /// Ready, or exited while starting (with its log); panics when it takes too long.
     async fn try_ready(&mut self) -> Result<(), Exited> {
         let deadline = Instant::now() + READY_TIMEOUT;
