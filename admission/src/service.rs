@@ -544,7 +544,7 @@ impl Inner {
             .await
             .map_err(|e| rct_streams::Error::Read {
                 what: EVENT_STREAM.into(),
-                source: e.into(),
+                cause: e.into(),
             })?;
         let target = match stream.get_last_raw_message_by_subject(&subject).await {
             Ok(stored) => proto::Event::decode(stored.payload).ok(),
@@ -557,7 +557,7 @@ impl Inner {
             Err(e) => {
                 return Err(rct_streams::Error::Read {
                     what: subject,
-                    source: e.into(),
+                    cause: e.into(),
                 });
             }
         };
@@ -617,7 +617,7 @@ impl Inner {
     async fn stored_event(&self, sequence: u64) -> Result<proto::Event, rct_streams::Error> {
         let read = |e: async_nats::Error| rct_streams::Error::Read {
             what: format!("{EVENT_STREAM} message {sequence}"),
-            source: e,
+            cause: e,
         };
         let stored = self
             .js

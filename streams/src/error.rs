@@ -12,19 +12,18 @@ pub enum Error {
     #[error("invalid stream settings: {0}")]
     Config(String),
     /// Creating or updating a stream, bucket or consumer failed.
-    #[error("cannot provision {what}")]
+    #[error("cannot provision {what}: {cause}")]
     Provision {
         /// What was being provisioned.
         what: String,
         /// The server's or client's error.
-        #[source]
-        source: async_nats::Error,
+        cause: async_nats::Error,
     },
     /// No acknowledgement arrived within the retry horizon. The message may or may not be
     /// stored; publishing again with the same `Nats-Msg-Id` is safe.
     #[error(
         "no acknowledgement for {subject} (msg id {msg_id}) after {attempts} attempts; \
-         it may or may not be stored, and retrying with the same id is safe"
+         it may or may not be stored, and retrying with the same id is safe (last error: {cause})"
     )]
     Unacknowledged {
         /// Where it was published.
@@ -34,17 +33,15 @@ pub enum Error {
         /// How many times it was sent.
         attempts: u32,
         /// The last error seen.
-        #[source]
-        source: async_nats::jetstream::context::PublishError,
+        cause: async_nats::jetstream::context::PublishError,
     },
     /// The server refused the publish for a reason retrying does not fix.
-    #[error("publish to {subject} refused")]
+    #[error("publish to {subject} refused: {cause}")]
     Publish {
         /// Where it was published.
         subject: String,
         /// The server's or client's error.
-        #[source]
-        source: async_nats::jetstream::context::PublishError,
+        cause: async_nats::jetstream::context::PublishError,
     },
     /// An event to publish has no kind, or a command id that is not a ULID.
     #[error("event for command {command_id:?} has no kind or an invalid command id")]
@@ -53,13 +50,12 @@ pub enum Error {
         command_id: String,
     },
     /// Reading a stream failed.
-    #[error("cannot read {what}")]
+    #[error("cannot read {what}: {cause}")]
     Read {
         /// What was being read.
         what: String,
         /// The server's or client's error.
-        #[source]
-        source: async_nats::Error,
+        cause: async_nats::Error,
     },
     /// A stored message is not an rct event. Replay reports it and goes on.
     #[error("message {sequence} on {subject:?} is not a valid event: {reason}")]
@@ -77,14 +73,14 @@ impl Error {
     pub(crate) fn provision(what: &str, source: impl Into<async_nats::Error>) -> Self {
         Error::Provision {
             what: what.to_owned(),
-            source: source.into(),
+            cause: source.into(),
         }
     }
 
     pub(crate) fn read(what: &str, source: impl Into<async_nats::Error>) -> Self {
         Error::Read {
             what: what.to_owned(),
-            source: source.into(),
+            cause: source.into(),
         }
     }
 }

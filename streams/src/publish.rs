@@ -189,13 +189,13 @@ impl Publisher {
                         subject: message.subject.clone(),
                         msg_id: message.msg_id.clone(),
                         attempts: attempt,
-                        source,
+                        cause: source,
                     });
                 }
                 Err(source) => {
                     return Err(Error::Publish {
                         subject: message.subject.clone(),
-                        source,
+                        cause: source,
                     });
                 }
             }

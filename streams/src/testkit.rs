@@ -362,6 +362,31 @@ async fn jetstream_ready(url: &str) -> bool {
     js.query_account().await.is_ok()
 }
 
+/// Whether the cluster at `url` has a meta leader that knows enough peers to place a
+/// three-replica stream: one is created and deleted (a leader alone is not enough).
+async fn replicated_stream_possible(url: &str) -> bool {
+    let Ok(client) = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_millis(500))
+        .connect(url)
+        .await
+    else {
+        return false;
+    };
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(client);
+    let probe = jetstream::stream::Config {
+        name: "TESTKIT_READY".into(),
+        subjects: vec!["testkit.ready".into()],
+        num_replicas: 3,
+        ..Default::default()
+    };
+    if js.get_or_create_stream(probe).await.is_err() {
+        return false;
+    }
+    js.delete_stream("TESTKIT_READY").await.is_ok()
+}
+
 async fn connect(urls: &[String]) -> async_nats::Client {
     let addrs: Vec<async_nats::ServerAddr> = urls
         .iter()
@@ -429,10 +454,10 @@ impl Cluster {
         };
         let cluster = Self { nodes };
         let deadline = Instant::now() + READY_TIMEOUT;
-        while !jetstream_ready(&cluster.nodes[0].url()).await {
+        while !replicated_stream_possible(&cluster.nodes[0].url()).await {
             assert!(
                 Instant::now() < deadline,
-                "cluster has no JetStream meta leader after {READY_TIMEOUT:?}; n1's log:\n{}",
+                "the cluster cannot hold an R3 stream after {READY_TIMEOUT:?}; n1's log:\n{}",
                 cluster.nodes[0].log()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -17,19 +17,8 @@ async fn replicated_streams_survive_a_killed_node() {
         replicas: 3,
         ..Config::default()
     };
-    // Stream creation waits on peer elections; a fresh cluster may need a moment.
-    let mut attempts = 0;
-    let report = loop {
-        match provision(&js, &config).await {
-            Ok(report) => break report,
-            Err(e) if attempts < 20 => {
-                attempts += 1;
-                tracing::debug!(error = %e, "cluster not ready yet");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
-            Err(e) => panic!("provisioning an R3 topology failed: {e:?}"),
-        }
-    };
+    // The testkit hands over a cluster that can already place R3 streams.
+    let report = provision(&js, &config).await.unwrap();
     assert_eq!(report.items.len(), 8);
     let info = js.get_stream("RCT_EVT").await.unwrap();
     assert_eq!(info.cached_info().config.num_replicas, 3);
