@@ -32,6 +32,12 @@ pub enum Args {
         /// CA certificate for TLS.
         #[arg(long)]
         tls_ca: Option<std::path::PathBuf>,
+        /// Client certificate for mutual TLS (with --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// Client key for mutual TLS (with --tls-cert).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
     },
 }
 
@@ -69,6 +75,8 @@ pub fn run(home: &Home, args: Args) -> Result {
             credentials,
             nkey,
             tls_ca,
+            tls_cert,
+            tls_key,
         } => {
             let connection = rct_streams::Connection {
                 servers,
@@ -76,6 +84,8 @@ pub fn run(home: &Home, args: Args) -> Result {
                 credentials_file: credentials,
                 nkey_file: nkey,
                 tls_ca,
+                tls_cert,
+                tls_key,
                 ..rct_streams::Connection::default()
             };
             contexts.contexts.insert(name.clone(), connection);

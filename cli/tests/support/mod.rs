@@ -219,17 +219,20 @@ impl Hub {
 
     /// An operator's `rct`, with a context connecting as the `operator` identity.
     pub fn operator(&self) -> Operator {
-        let home = tempfile::tempdir().unwrap();
-        std::fs::write(
-            home.path().join("contexts.yaml"),
-            format!(
-                "current: hub\ncontexts:\n  hub:\n    servers: [{}]\n    nkey_file: {:?}\n",
-                self.server.url(),
-                self.id("operator").seed_file
-            ),
-        )
-        .unwrap();
-        Operator { home }
+        let operator = Operator {
+            home: tempfile::tempdir().unwrap(),
+        };
+        let seed = self.id("operator").seed_file.display().to_string();
+        operator.ok(&[
+            "context",
+            "set",
+            "hub",
+            "--server",
+            &self.server.url(),
+            "--nkey",
+            &seed,
+        ]);
+        operator
     }
 }
 
