@@ -652,12 +652,15 @@ async fn run_seed(args: &Args, seed: u64) -> Result<Report> {
     let drain_until = Instant::now() + args.drain;
     let mut records;
     loop {
-        records = replay::history(&js, &Filter::default())
-            .await
-            .map_err(|e| fail("cannot read the events", e))?
-            .try_collect::<Vec<Record>>()
-            .await
-            .map_err(|e| fail("cannot read the events", e))?;
+        // A node that was just restarted or paused may time a read out: read again.
+        records = settled(|| async {
+            replay::history(&js, &Filter::default())
+                .await?
+                .try_collect::<Vec<Record>>()
+                .await
+        })
+        .await
+        .map_err(|e| fail("cannot read the events", e))?;
         let state = Fold::of(&records);
         let undecided = acked
             .iter()
@@ -817,8 +820,29 @@ impl Fold {
     }
 }
 
-/// Every message of a stream, in order.
+/// `read` again, up to a minute, while it fails: right after a fault a read can time out.
+async fn settled<T, E, F, Fut>(read: F) -> std::result::Result<T, E>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, E>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match read().await {
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Every message of a stream, in order (read again while a fault's after-effects last).
 async fn read_all(js: &jetstream::Context, name: &str) -> Result<Vec<Bytes>> {
+    settled(|| read_all_once(js, name)).await
+}
+
+async fn read_all_once(js: &jetstream::Context, name: &str) -> Result<Vec<Bytes>> {
     let mut stream = js
         .get_stream(name)
         .await
