@@ -354,6 +354,14 @@ impl Proc {
     }
 }
 
+/// A run that ends early (an error) leaves no process behind.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.signal(Signal::SIGCONT);
+        self.kill9();
+    }
+}
+
 /// The NATS side of a run.
 enum Nats {
     Single(Server),
