@@ -97,7 +97,13 @@ enum Verb {
 pub async fn main() -> std::process::ExitCode {
     exit_quietly_on_broken_pipe();
     let home = Home::locate();
-    let catalog = catalog_for_commands(&home).await;
+    let catalog = match catalog_for_commands(&home).await {
+        Ok(catalog) => catalog,
+        Err(message) => {
+            eprintln!("rct: {message}");
+            return std::process::ExitCode::from(Exit::Usage as u8);
+        }
+    };
     let matches = command(catalog.as_ref()).get_matches();
     let result = dispatch(&home, catalog.as_ref(), matches).await;
     let exit = match result {
@@ -188,21 +194,34 @@ fn command(catalog: Option<&Served>) -> clap::Command {
 
 /// The catalog the dynamic commands are made from: the cached one, refreshed from the server
 /// when the command line names something that is not a built-in verb.
-async fn catalog_for_commands(home: &Home) -> Option<Served> {
-    let context = remote::resolve(home, &Global::default()).ok()?.0;
+/// The catalog the dynamic commands are built from: the cached one, fetched again when the
+/// first word is neither a verb nor a tower the cache knows. When that fetch fails, the word
+/// cannot be understood: say why (not "unrecognized subcommand").
+async fn catalog_for_commands(home: &Home) -> Result<Option<Served>, String> {
+    let Ok((context, _)) = remote::resolve(home, &Global::default()) else {
+        return Ok(None);
+    };
     let cached = remote::cached_catalog(home, &context);
-    let first = std::env::args().nth(1)?;
+    let Some(first) = std::env::args().nth(1) else {
+        return Ok(cached);
+    };
     let is_verb = first.starts_with('-') || Verb::has_subcommand(&first) || first == "help";
     let known = cached
         .as_ref()
         .is_some_and(|s| s.catalog.towers.contains_key(&first));
     if is_verb || known {
-        return cached;
+        return Ok(cached);
     }
     // An unknown first word: maybe a tower the cache does not know yet.
-    match remote::connect(home, &Global::default()).await {
-        Ok(remote) => remote.catalog(home).await.ok().or(cached),
-        Err(_) => cached,
+    let fetched = match remote::connect(home, &Global::default()).await {
+        Ok(remote) => remote.catalog(home).await.map_err(|e| e.message),
+        Err(e) => Err(e.message),
+    };
+    match fetched {
+        Ok(served) => Ok(Some(served)),
+        Err(e) => Err(format!(
+            "{first:?} is not a verb, and the catalog that names the towers cannot be read: {e}"
+        )),
     }
 }
 

@@ -73,6 +73,22 @@ pub async fn connect(home: &Home, global: &Global) -> Result<Remote> {
 }
 
 impl Remote {
+    /// The catalog admission serves, or (when NATS cannot give it now) the one cached by the
+    /// last command that read it, so parameters are still checked before submitting; a
+    /// stale cache costs nothing, admission checks again.
+    pub async fn catalog_or_cached(&self, home: &Home) -> Result<Served> {
+        match self.catalog(home).await {
+            Ok(served) => Ok(served),
+            Err(e) => match cached_catalog(home, &self.context) {
+                Some(cached) => {
+                    tracing::debug!(error = %e.message, "using the cached catalog");
+                    Ok(cached)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
     /// The catalog admission serves; cached for offline `--help`.
     pub async fn catalog(&self, home: &Home) -> Result<Served> {
         let missing = || {
@@ -80,11 +96,12 @@ impl Remote {
                 "admission serves no catalog here (bucket rct_catalog is empty or missing); is admission running?",
             )
         };
-        let bucket = self
-            .js
-            .get_key_value(CATALOG_BUCKET)
-            .await
-            .map_err(|_| missing())?;
+        let bucket = self.js.get_key_value(CATALOG_BUCKET).await.map_err(|e| {
+            Error::usage(format!(
+                "cannot read the catalog (bucket {CATALOG_BUCKET}): {e}; is it provisioned, \
+                 and is NATS healthy?"
+            ))
+        })?;
         let bytes = bucket
             .get(CATALOG_KEY)
             .await

@@ -193,3 +193,104 @@ async fn with_the_command_stream_unwritable_nothing_runs_until_it_is_back() {
     assert_eq!(commands_stored(&js).await, 1);
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_quorum_lost_nothing_runs_and_the_operator_is_told_what_to_check() {
+    let mut cluster = rct_streams::testkit::Cluster::start().await;
+    let urls = cluster.urls();
+    let dir = tempfile::tempdir().unwrap();
+    let config = rct_admission::Config {
+        nats: rct_streams::Connection::to(urls.clone()),
+        catalog: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../ops/catalog.example.yaml"),
+        signing_key: dir.path().join("admission.key"),
+        generate_key: true,
+        dev_issuer: true,
+        streams: rct_streams::Config {
+            replicas: 3,
+            ..rct_streams::Config::default()
+        },
+        ..rct_admission::Config::default()
+    };
+    let client = config.nats.connect("admission", true).await.unwrap();
+    let js = config.nats.jetstream(client.clone());
+    rct_admission::provision(&js, &config).await.unwrap();
+    let admission = rct_admission::Admission::new(config, client).unwrap();
+    std::fs::write(
+        dir.path().join("admission.pub"),
+        admission.public_key().to_pem(),
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(admission.run(shutdown.clone()));
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let agent = rct_agents::Config {
+        nats: rct_streams::Connection::to(urls.clone()),
+        trusted_keys: vec![dir.path().join("admission.pub")],
+        ..rct_agents::Config::default()
+    };
+    support::spawn_traffic_agent(agent, runs.clone(), &shutdown).await;
+
+    let operator = Arc::new(support::Operator {
+        home: tempfile::tempdir().unwrap(),
+    });
+    let mut context = vec!["context", "set", "cluster", "--timeout", "1s"];
+    for url in &urls {
+        context.extend(["--server", url.as_str()]);
+    }
+    let context: Vec<String> = context.into_iter().map(String::from).collect();
+    let op = operator.clone();
+    blocking(move || {
+        let args: Vec<&str> = context.iter().map(String::as_str).collect();
+        op.ok(&args);
+        op.login();
+        op.ok(&["ops"]);
+    })
+    .await;
+
+    // Two of three nodes down: no stream can take a write.
+    cluster.node(1).kill();
+    cluster.node(2).kill();
+    let op = operator.clone();
+    let out = blocking(move || {
+        op.rct(&[
+            "traffic",
+            "drain-cluster",
+            "--cluster",
+            "prod-1",
+            "-j",
+            "SRE-9",
+        ])
+    })
+    .await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    // The surviving node answers that no stream took it (nothing stored), or, had the
+    // leader taken it without a quorum to commit, that it may be on record and how to check.
+    let refused = stderr.contains("nothing was stored and nothing will run")
+        && stderr.contains("lost their quorum");
+    let unsure = stderr.contains("may or may not be on record") && stderr.contains("rct status");
+    assert!(refused || unsure, "{stderr}");
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // Quorum back: nothing that was refused runs later; an unsure request at most once.
+    cluster.node(1).start_again().await;
+    cluster.node(2).start_again().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stored = loop {
+        match js.get_stream("RCT_SUBMIT").await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) => break info.state.messages,
+                Err(e) => assert!(Instant::now() < deadline, "{e}"),
+            },
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if refused {
+        assert_eq!(stored, 0, "refused, yet on record");
+    }
+    let ran = runs.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(ran as u64 <= stored, "ran {ran} times for {stored} stored");
+    shutdown.cancel();
+}

@@ -73,7 +73,7 @@ async fn a_key_rotation_end_to_end_and_the_retired_key_refused() {
         },
         ..rct_agents::Config::default()
     };
-    hub.traffic_agent_with(agent, &agents).await;
+    support::spawn_traffic_agent(agent, Default::default(), &agents).await;
     let operator = Arc::new(hub.operator());
     let op = operator.clone();
     tokio::task::spawn_blocking(move || op.login())

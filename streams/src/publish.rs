@@ -152,11 +152,15 @@ impl Publisher {
     }
 
     /// Publishes and waits for the server to store the message. A publish that times out,
-    /// finds no responder (a server restarting) or loses its connection is sent again with
-    /// the same id, so it is stored once.
+    /// finds no responder (a server restarting), loses its connection, or meets an earlier
+    /// attempt still in process (a leader without its quorum) is sent again with the same id,
+    /// so it is stored once. Out of attempts, the error says whether the message may be
+    /// stored ([`Error::Unacknowledged`]: some attempt may have reached a stream) or surely
+    /// is not ([`Error::Publish`]: no stream ever answered, or one refused it).
     pub async fn send(&self, message: Outgoing) -> Result<Slot> {
         let mut pause = self.retry.pause;
         let mut attempt = 1;
+        let mut maybe_stored = false;
         loop {
             match self.attempt(&message).await {
                 Ok(ack) => {
@@ -169,7 +173,24 @@ impl Publisher {
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence && message.once => {
                     return self.slot_holder(&message).await;
                 }
-                Err(e) if is_retryable(&e) && attempt < self.retry.attempts => {
+                Err(e) if is_retryable(&e) => {
+                    // No responders means no stream took it; anything else may have.
+                    maybe_stored |= e.kind() != PublishErrorKind::StreamNotFound;
+                    if attempt >= self.retry.attempts {
+                        return Err(if maybe_stored {
+                            Error::Unacknowledged {
+                                subject: message.subject.clone(),
+                                msg_id: message.msg_id.clone(),
+                                attempts: attempt,
+                                cause: e,
+                            }
+                        } else {
+                            Error::Publish {
+                                subject: message.subject.clone(),
+                                cause: e,
+                            }
+                        });
+                    }
                     tracing::debug!(
                         subject = %message.subject,
                         msg_id = %message.msg_id,
@@ -181,21 +202,10 @@ impl Publisher {
                     pause = (pause * 2).min(self.retry.max_pause);
                     attempt += 1;
                 }
-                Err(source)
-                    if is_retryable(&source)
-                        && source.kind() != PublishErrorKind::StreamNotFound =>
-                {
-                    return Err(Error::Unacknowledged {
-                        subject: message.subject.clone(),
-                        msg_id: message.msg_id.clone(),
-                        attempts: attempt,
-                        cause: source,
-                    });
-                }
-                Err(source) => {
+                Err(cause) => {
                     return Err(Error::Publish {
                         subject: message.subject.clone(),
-                        cause: source,
+                        cause,
                     });
                 }
             }
@@ -284,5 +294,15 @@ fn is_retryable(error: &PublishError) -> bool {
         PublishErrorKind::TimedOut
             | PublishErrorKind::StreamNotFound
             | PublishErrorKind::BrokenPipe
-    )
+    ) || in_process(error)
+}
+
+/// The stream's leader holds an earlier attempt with this id that it cannot commit yet (its
+/// quorum is lost): what becomes of it is not known, so the same id is tried again.
+fn in_process(error: &PublishError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|e| {
+            e.error_code() == async_nats::jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT
+        })
 }

@@ -38,6 +38,10 @@ pub enum Args {
         /// Client key for mutual TLS (with --tls-cert).
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<std::path::PathBuf>,
+        /// How long one JetStream request or acknowledgement may take (e.g. 5s); a submission
+        /// is tried about ten times before rct says it may not be on record.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
     },
 }
 
@@ -77,6 +81,7 @@ pub fn run(home: &Home, args: Args) -> Result {
             tls_ca,
             tls_cert,
             tls_key,
+            timeout,
         } => {
             let connection = rct_streams::Connection {
                 servers,
@@ -86,6 +91,7 @@ pub fn run(home: &Home, args: Args) -> Result {
                 tls_ca,
                 tls_cert,
                 tls_key,
+                timeout: timeout.unwrap_or(rct_streams::Connection::default().timeout),
                 ..rct_streams::Connection::default()
             };
             contexts.contexts.insert(name.clone(), connection);

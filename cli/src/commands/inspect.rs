@@ -36,7 +36,10 @@ async fn history(remote: &Remote, id: CommandId) -> Result<Vec<Record>> {
         .await
         .map_err(|e| Error::usage(format!("cannot read {id}: {e}")))?;
     if records.is_empty() {
-        return Err(Error::usage(format!("there is no command {id}")));
+        return Err(Error::usage(format!(
+            "nothing is on record for command {id} yet: it was never submitted, or admission \
+             has not decided it (is admission down? rct history shows recent decisions)"
+        )));
     }
     Ok(records)
 }

@@ -88,7 +88,7 @@ pub async fn fire_with_id(
 ) -> Result<(Exit, CommandId)> {
     let remote = remote::connect(home, global).await?;
     let session = Session::load(home, &remote.context)?;
-    let served = remote.catalog(home).await?;
+    let served = remote.catalog_or_cached(home).await?;
     let (run, justification) = request(&served, name, raw, fire)?;
     let command_id = submit(
         &remote,
@@ -211,7 +211,28 @@ pub async fn submit(
     Publisher::new(remote.js.clone())
         .send(outgoing)
         .await
-        .map_err(|e| Error::usage(format!("cannot submit: {e}")))?;
+        .map_err(|e| match e {
+            // Sent, never acknowledged: it may be on record. Firing again would be another
+            // command, so say how to find out first.
+            rct_streams::Error::Unacknowledged {
+                attempts, cause, ..
+            } => Error::usage(format!(
+                "cannot submit {name}: NATS did not acknowledge command {command_id} after \
+                 {attempts} tries ({cause}). It may or may not be on record: check with \
+                 `rct status {command_id}` before firing again (a new rct call is a new command)"
+            )),
+            rct_streams::Error::Publish { cause, .. }
+                if cause.kind()
+                    == async_nats::jetstream::context::PublishErrorKind::StreamNotFound =>
+            {
+                Error::usage(format!(
+                    "cannot submit {name}: no stream took it, so nothing was stored and nothing \
+                     will run. RCT_SUBMIT is unavailable: its NATS servers lost their quorum, or \
+                     it was never provisioned. Fire again once NATS is healthy"
+                ))
+            }
+            e => Error::usage(format!("cannot submit {name} (nothing was stored): {e}")),
+        })?;
     Ok(command_id)
 }
 

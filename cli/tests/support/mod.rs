@@ -178,21 +178,6 @@ impl Hub {
         tokio::spawn(async move { rct_admission::run(config, client, shutdown).await.unwrap() });
     }
 
-    /// An agent of `traffic` with `config` (its target from the instance's identity: prod-1).
-    pub async fn traffic_agent_with(
-        &self,
-        config: rct_agents::Config,
-        shutdown: &CancellationToken,
-    ) {
-        let client = config.nats.connect("agent", true).await.unwrap();
-        let tower = Tower::new("traffic")
-            .cluster("prod-1")
-            .operation("drain-cluster", drain)
-            .config(config);
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move { tower.run(client, shutdown).await.unwrap() });
-    }
-
     /// An agent of `traffic` for `target`, as its own identity, through `connection`.
     pub async fn traffic_agent(
         &self,
@@ -234,6 +219,24 @@ impl Hub {
         ]);
         operator
     }
+}
+
+/// The traffic agent for prod-1 with `config`, counting its drains in `runs`.
+pub async fn spawn_traffic_agent(
+    config: rct_agents::Config,
+    runs: Arc<std::sync::atomic::AtomicUsize>,
+    shutdown: &CancellationToken,
+) {
+    let client = config.nats.connect("agent", true).await.unwrap();
+    let tower = Tower::new("traffic")
+        .cluster("prod-1")
+        .operation("drain-cluster", move |ctx, params| {
+            runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drain(ctx, params)
+        })
+        .config(config);
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move { tower.run(client, shutdown).await.unwrap() });
 }
 
 /// The drain the tests run: a few progress steps, then done.
