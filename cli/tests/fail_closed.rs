@@ -85,20 +85,7 @@ async fn with_admission_down_nothing_runs_and_the_operator_is_told() {
 
     let op = operator.clone();
     let asked = Instant::now();
-    let out = blocking(move || {
-        op.rct_with(
-            &[
-                "traffic",
-                "drain-cluster",
-                "--cluster",
-                "prod-1",
-                "-j",
-                "SRE-9",
-            ],
-            &[("RCT_DECISION_WAIT", "3s")],
-        )
-    })
-    .await;
+    let out = blocking(move || op.fire_drain("prod-1", &[], &[("RCT_DECISION_WAIT", "3s")])).await;
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -157,18 +144,7 @@ async fn with_the_command_stream_unwritable_nothing_runs_until_it_is_back() {
     js.update_stream(parked).await.unwrap();
 
     let op = operator.clone();
-    let out = blocking(move || {
-        op.rct(&[
-            "traffic",
-            "drain-cluster",
-            "--cluster",
-            "prod-1",
-            "-j",
-            "SRE-9",
-            "--detach",
-        ])
-    })
-    .await;
+    let out = blocking(move || op.fire_drain("prod-1", &["--detach"], &[])).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let id = submitted_id(&text(&out.stderr));
 
@@ -252,17 +228,7 @@ async fn with_quorum_lost_nothing_runs_and_the_operator_is_told_what_to_check() 
     cluster.node(1).kill();
     cluster.node(2).kill();
     let op = operator.clone();
-    let out = blocking(move || {
-        op.rct(&[
-            "traffic",
-            "drain-cluster",
-            "--cluster",
-            "prod-1",
-            "-j",
-            "SRE-9",
-        ])
-    })
-    .await;
+    let out = blocking(move || op.fire_drain("prod-1", &[], &[])).await;
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     // The surviving node answers that no stream took it (nothing stored), or, had the

@@ -71,14 +71,7 @@ async fn an_agent_behind_a_leaf_node_runs_commands_end_to_end() {
             assert!(started.elapsed() < Duration::from_secs(60), "no login");
             std::thread::sleep(Duration::from_millis(200));
         }
-        op.rct(&[
-            "traffic",
-            "drain-cluster",
-            "--cluster",
-            "prod-1",
-            "--justification",
-            "SRE-101",
-        ])
+        op.fire_drain("prod-1", &[], &[])
     })
     .await
     .unwrap();

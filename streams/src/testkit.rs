@@ -347,34 +347,34 @@ impl Drop for Server {
     }
 }
 
-/// Whether a server at `url` accepts a connection and answers a JetStream account request.
-async fn jetstream_ready(url: &str) -> bool {
-    let Ok(client) = async_nats::ConnectOptions::new()
+/// A JetStream context for a readiness probe: a quick connection, short requests.
+async fn probe(url: &str, timeout: Duration) -> Option<jetstream::Context> {
+    let client = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_millis(500))
         .connect(url)
         .await
-    else {
-        return false;
-    };
-    let js = jetstream::ContextBuilder::new()
-        .timeout(Duration::from_secs(1))
-        .build(client);
-    js.query_account().await.is_ok()
+        .ok()?;
+    Some(
+        jetstream::ContextBuilder::new()
+            .timeout(timeout)
+            .build(client),
+    )
+}
+
+/// Whether a server at `url` accepts a connection and answers a JetStream account request.
+async fn jetstream_ready(url: &str) -> bool {
+    match probe(url, Duration::from_secs(1)).await {
+        Some(js) => js.query_account().await.is_ok(),
+        None => false,
+    }
 }
 
 /// Whether the cluster at `url` has a meta leader that knows enough peers to place a
 /// three-replica stream: one is created and deleted (a leader alone is not enough).
 async fn replicated_stream_possible(url: &str) -> bool {
-    let Ok(client) = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_millis(500))
-        .connect(url)
-        .await
-    else {
+    let Some(js) = probe(url, Duration::from_secs(2)).await else {
         return false;
     };
-    let js = jetstream::ContextBuilder::new()
-        .timeout(Duration::from_secs(2))
-        .build(client);
     let probe = jetstream::stream::Config {
         name: "TESTKIT_READY".into(),
         subjects: vec!["testkit.ready".into()],

@@ -289,16 +289,31 @@ impl Operator {
         }
     }
 
-    /// Drains `cluster` (justification SRE-101), asserting success; stdout.
-    pub fn drain(&self, cluster: &str) -> String {
-        self.ok(&[
+    /// `rct traffic drain-cluster --cluster <cluster> -j SRE-101 <extra>` with `env`, as is.
+    pub fn fire_drain(&self, cluster: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut args = vec![
             "traffic",
             "drain-cluster",
             "--cluster",
             cluster,
-            "--justification",
+            "-j",
             "SRE-101",
-        ])
+        ];
+        args.extend(extra);
+        self.rct_with(&args, env)
+    }
+
+    /// Drains `cluster`, asserting success; stdout.
+    pub fn drain(&self, cluster: &str) -> String {
+        let out = self.fire_drain(cluster, &[], &[]);
+        assert!(
+            out.status.success(),
+            "the drain failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Runs `args`, asserting success; stdout.
