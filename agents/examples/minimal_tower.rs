@@ -54,7 +54,7 @@ async fn greet(ctx: Context, params: Params) -> Result<Outcome, Failure> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _logging = rct_streams::runtime::init_logging("hello-tower");
-    let config = args.common.load().map_err(anyhow::Error::msg)?;
+    let config = args.common.load()?;
     let client = config.nats.connect("hello tower", true).await?;
     Tower::new("hello")
         .operation("greet", greet)

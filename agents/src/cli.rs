@@ -41,8 +41,16 @@ pub struct ScriptAgent {
 }
 
 impl Common {
-    /// The configuration: file and `RCT_` environment, then these flags.
-    pub fn load(&self) -> Result<Config, String> {
+    /// The configuration: file and `RCT_` environment, then these flags; an error says it
+    /// is the configuration that could not be loaded.
+    pub fn load(&self) -> anyhow::Result<Config> {
+        use anyhow::Context as _;
+        self.layered()
+            .map_err(anyhow::Error::msg)
+            .context("cannot load the configuration")
+    }
+
+    fn layered(&self) -> Result<Config, String> {
         let mut config = Config::load(self.config.as_deref(), std::env::vars())?;
         if !self.servers.is_empty() {
             config.nats.servers = self.servers.clone();

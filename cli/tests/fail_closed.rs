@@ -124,15 +124,9 @@ async fn with_admission_down_nothing_runs_and_the_operator_is_told() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_command_stream_unwritable_nothing_runs_until_it_is_back() {
     let hub = Hub::start().await;
-    hub.provision().await;
-    let js = admin(&hub).await;
     let shutdown = CancellationToken::new();
-    let key = hub.admission(&shutdown).await;
-    let agent = hub.connection("agent_traffic_prod1", "_INBOX_agent.traffic.prod-1");
-    hub.traffic_agent("prod-1", agent, key, &shutdown).await;
-    let operator = Arc::new(hub.operator());
-    let op = operator.clone();
-    blocking(move || op.login()).await;
+    let operator = hub.running(&shutdown).await;
+    let js = admin(&hub).await;
 
     // RCT_CMD stops taking rct.cmd.>: every command write fails.
     let mut stream = js.get_stream("RCT_CMD").await.unwrap();

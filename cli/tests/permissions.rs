@@ -18,72 +18,43 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_identity_does_its_job_within_its_permissions() {
     let hub = Hub::start().await;
-    hub.provision().await;
     let shutdown = CancellationToken::new();
-    let key = hub.admission(&shutdown).await;
+    let operator = hub.running(&shutdown).await;
     let (url, posts) = support::webhook();
     hub.notifier(&url, &shutdown).await;
-    let agent = hub.connection("agent_traffic_prod1", "_INBOX_agent.traffic.prod-1");
-    hub.traffic_agent("prod-1", agent, key, &shutdown).await;
-
-    let operator = std::sync::Arc::new(hub.operator());
-    let op = operator.clone();
-    let started = Instant::now();
-    blocking(move || {
-        // Admission serves logins a moment after it starts.
-        loop {
-            let out = op.rct(&["login", "--dev", "--user", "alice", "--groups", "sre_team"]);
-            if out.status.success() {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "login never succeeded: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    })
-    .await;
 
     // Each call fails with the server's refusals, when there are any.
     let rct = |args: &'static [&'static str]| {
         let op = operator.clone();
-        let hub = &hub;
-        async move {
-            let out = blocking(move || op.rct(args)).await;
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            assert!(
-                out.status.success(),
-                "rct {args:?}: {}\n{text}\nrefusals:\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                hub.violations().join("\n")
-            );
-            text
-        }
+        async move { blocking(move || op.rct(args)).await }
     };
-    let drained = rct(&[
-        "traffic",
-        "drain-cluster",
-        "--cluster",
-        "prod-1",
-        "--justification",
-        "SRE-101",
-    ])
-    .await;
+    let checked = |out: std::process::Output| {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{}\n{text}\nrefusals:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            hub.violations().join("\n")
+        );
+        text
+    };
+    let op = operator.clone();
+    let drained = checked(blocking(move || op.fire_drain("prod-1", &[], &[])).await);
     assert!(
         drained.contains("succeeded") && drained.contains("prod-1 drained"),
         "{drained}"
     );
     let id = drained.split_whitespace().next().unwrap().to_owned();
-    let history = rct(&["history"]).await;
-    let agents = rct(&["agents"]).await;
+    let history = checked(rct(&["history"]).await);
+    let agents = checked(rct(&["agents"]).await);
     let op = operator.clone();
-    let status = blocking({
-        let id = id.clone();
-        move || op.ok(&["status", &id])
-    })
-    .await;
+    let status = checked(
+        blocking({
+            let id = id.clone();
+            move || op.rct(&["status", &id])
+        })
+        .await,
+    );
     assert!(history.contains(&id), "{history}");
     assert!(status.contains("succeeded"), "{status}");
     assert!(agents.contains("prod-1"), "{agents}");

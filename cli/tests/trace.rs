@@ -4,7 +4,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use rct_bus::trace::{TRACEPARENT, TraceContext};
 use rct_streams::replay;
@@ -31,19 +30,12 @@ async fn traces(js: &async_nats::jetstream::Context, stream: &str) -> Vec<TraceC
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_is_one_trace_from_the_cli_to_its_last_event() {
     let hub = Hub::start().await;
-    hub.provision().await;
     let shutdown = CancellationToken::new();
-    let key = hub.admission(&shutdown).await;
-    let agent = hub.connection("agent_traffic_prod1", "_INBOX_agent.traffic.prod-1");
-    hub.traffic_agent("prod-1", agent, key, &shutdown).await;
-    let operator = Arc::new(hub.operator());
+    let operator = hub.running(&shutdown).await;
     let op = operator.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        op.login();
-        op.drain("prod-1")
-    })
-    .await
-    .unwrap();
+    let out = tokio::task::spawn_blocking(move || op.drain("prod-1"))
+        .await
+        .unwrap();
     let id = out.split_whitespace().next().unwrap().parse().unwrap();
 
     let admin = hub.connection("admin", "_INBOX_admin");

@@ -1,7 +1,6 @@
 //! `rct-agent`: runs script-backed operations (YAML) as a tower. Thin: parse flags, load
 //! config and scripts, start logging, connect, run until SIGINT or SIGTERM.
 
-use anyhow::Context as _;
 use clap::Parser;
 use rct_agents::cli::ScriptAgent as Args;
 use rct_agents::script::Scripts;
@@ -14,11 +13,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let mut config = args
-        .common
-        .load()
-        .map_err(anyhow::Error::msg)
-        .context("cannot load the configuration")?;
+    let mut config = args.common.load()?;
     let mut scripts = Scripts::load(&args.scripts).map_err(anyhow::Error::msg)?;
     if args.target.is_some() {
         scripts.target = args.target;

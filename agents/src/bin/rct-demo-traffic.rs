@@ -1,7 +1,6 @@
 //! `rct-demo-traffic`: the demo traffic tower, one cluster agent per `--target`, on a
 //! simulated load balancer. For `rct dev`, `rct demo` and trying rct out.
 
-use anyhow::Context as _;
 use clap::Parser;
 use rct_agents::cli::Common;
 use rct_agents::demo::{LoadBalancer, traffic_tower};
@@ -25,11 +24,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let mut config = args
-        .common
-        .load()
-        .map_err(anyhow::Error::msg)
-        .context("cannot load the configuration")?;
+    let mut config = args.common.load()?;
     // One connection serves every target: the inboxes are the tower's.
     config.scope_inbox("traffic", None);
     let client = config

@@ -1012,72 +1012,11 @@ fn table(reports: &[Report], args: &Args) -> String {
     let _ = writeln!(out, "|{}", "---|".repeat(16));
     let mut total = Report::default();
     for r in reports {
-        let faults: usize = r.faults.values().sum();
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {:.0} |",
-            r.seed,
-            r.topology,
-            r.attempted,
-            r.acked,
-            r.recovered,
-            r.admitted,
-            r.rejected,
-            r.succeeded,
-            faults,
-            r.lost,
-            r.decided_twice,
-            r.executed_twice,
-            r.unexpected,
-            r.unknown,
-            if r.unknown_not_from_kills + r.kills_without_unknown == 0 {
-                String::new()
-            } else {
-                format!(
-                    " (≠ kills: {} extra, {} missing)",
-                    r.unknown_not_from_kills, r.kills_without_unknown
-                )
-            },
-            r.unaccounted,
-            r.seconds
-        );
-        total.attempted += r.attempted;
-        total.acked += r.acked;
-        total.recovered += r.recovered;
-        total.admitted += r.admitted;
-        total.rejected += r.rejected;
-        total.succeeded += r.succeeded;
-        total.lost += r.lost;
-        total.decided_twice += r.decided_twice;
-        total.executed_twice += r.executed_twice;
-        total.unexpected += r.unexpected;
-        total.unknown += r.unknown;
-        total.unaccounted += r.unaccounted;
-        total.seconds += r.seconds;
-        for (k, v) in &r.faults {
-            *total.faults.entry(k).or_default() += v;
-        }
+        let _ = writeln!(out, "{}", r.row(&r.seed.to_string()));
+        total.absorb(r);
     }
     if reports.len() > 1 {
-        let _ = writeln!(
-            out,
-            "| all {} | | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
-            reports.len(),
-            total.attempted,
-            total.acked,
-            total.recovered,
-            total.admitted,
-            total.rejected,
-            total.succeeded,
-            total.faults.values().sum::<usize>(),
-            total.lost,
-            total.decided_twice,
-            total.executed_twice,
-            total.unexpected,
-            total.unknown,
-            total.unaccounted,
-            total.seconds
-        );
+        let _ = writeln!(out, "{}", total.row(&format!("all {}", reports.len())));
     }
     let faults: Vec<String> = total
         .faults
@@ -1093,4 +1032,59 @@ fn table(reports: &[Report], args: &Args) -> String {
         args.targets
     );
     out
+}
+
+impl Report {
+    /// One line of the table, labelled `label` in the seed column.
+    fn row(&self, label: &str) -> String {
+        let mismatch = self.unknown_not_from_kills + self.kills_without_unknown;
+        format!(
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {:.0} |",
+            self.topology,
+            self.attempted,
+            self.acked,
+            self.recovered,
+            self.admitted,
+            self.rejected,
+            self.succeeded,
+            self.faults.values().sum::<usize>(),
+            self.lost,
+            self.decided_twice,
+            self.executed_twice,
+            self.unexpected,
+            self.unknown,
+            if mismatch == 0 {
+                String::new()
+            } else {
+                format!(
+                    " (≠ kills: {} extra, {} missing)",
+                    self.unknown_not_from_kills, self.kills_without_unknown
+                )
+            },
+            self.unaccounted,
+            self.seconds
+        )
+    }
+
+    /// Adds another seed's counts to these.
+    fn absorb(&mut self, other: &Report) {
+        self.attempted += other.attempted;
+        self.acked += other.acked;
+        self.recovered += other.recovered;
+        self.admitted += other.admitted;
+        self.rejected += other.rejected;
+        self.succeeded += other.succeeded;
+        self.lost += other.lost;
+        self.decided_twice += other.decided_twice;
+        self.executed_twice += other.executed_twice;
+        self.unexpected += other.unexpected;
+        self.unknown += other.unknown;
+        self.unknown_not_from_kills += other.unknown_not_from_kills;
+        self.kills_without_unknown += other.kills_without_unknown;
+        self.unaccounted += other.unaccounted;
+        self.seconds += other.seconds;
+        for (k, v) in &other.faults {
+            *self.faults.entry(k).or_default() += v;
+        }
+    }
 }

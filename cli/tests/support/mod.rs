@@ -202,6 +202,21 @@ impl Hub {
         tokio::spawn(async move { tower.run(client, shutdown).await.unwrap() });
     }
 
+    /// The whole system on its identities, until `shutdown`: provisioned, admission
+    /// deciding, the prod-1 traffic agent serving, and an operator (alice, sre_team) logged in.
+    pub async fn running(&self, shutdown: &CancellationToken) -> Arc<Operator> {
+        self.provision().await;
+        let key = self.admission(shutdown).await;
+        let agent = self.connection("agent_traffic_prod1", "_INBOX_agent.traffic.prod-1");
+        self.traffic_agent("prod-1", agent, key, shutdown).await;
+        let operator = Arc::new(self.operator());
+        let op = operator.clone();
+        tokio::task::spawn_blocking(move || op.login())
+            .await
+            .unwrap();
+        operator
+    }
+
     /// An operator's `rct`, with a context connecting as the `operator` identity.
     pub fn operator(&self) -> Operator {
         let operator = Operator {
