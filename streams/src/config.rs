@@ -86,6 +86,21 @@ impl Config {
                 ));
             }
         }
+        // RCT_EVT is the claim journal: while a command can still be delivered from RCT_CMD,
+        // its claim and outcome must still be in RCT_EVT, or it would run again.
+        let (commands, events) = (self.commands.max_age, self.events.max_age);
+        if !events.is_zero() && (commands.is_zero() || events < commands) {
+            return Err(format!(
+                "events.max_age ({}) must be zero (keep forever) or at least commands.max_age ({}): \
+                 RCT_EVT holds the claims that keep a command from running twice",
+                humantime_serde::re::humantime::format_duration(events),
+                if commands.is_zero() {
+                    "forever".to_owned()
+                } else {
+                    humantime_serde::re::humantime::format_duration(commands).to_string()
+                }
+            ));
+        }
         for (name, consumer) in [("admission", &self.admission), ("towers", &self.towers)] {
             if consumer.ack_wait < Duration::from_secs(1) {
                 return Err(format!("{name}.ack_wait must be at least 1s"));
@@ -201,8 +216,10 @@ mod tests {
     #[test]
     fn settings_read_from_yaml_with_defaults_for_the_rest() {
         let config =
-            parse("replicas: 3\nevents:\n  max_age: 400days\ntowers:\n  backoff: [10s, 1m]\n")
-                .unwrap();
+            parse(
+            "replicas: 3\ncommands:\n  max_age: 30days\nevents:\n  max_age: 400days\ntowers:\n  backoff: [10s, 1m]\n",
+        )
+        .unwrap();
         assert_eq!(config.replicas, 3);
         assert_eq!(config.events.max_age, Duration::from_secs(400 * 86_400));
         assert_eq!(config.events.duplicate_window, Duration::from_secs(600));
@@ -237,6 +254,34 @@ mod tests {
             change(&mut config);
             let message = config.validate().unwrap_err();
             assert!(message.contains(expected), "{message}");
+        }
+    }
+
+    /// RCT_EVT is the claim journal: a command still in RCT_CMD whose claim and outcome were
+    /// aged out of RCT_EVT would look unclaimed and run again.
+    #[test]
+    fn events_are_kept_at_least_as_long_as_commands() {
+        let day = Duration::from_secs(86_400);
+        let with = |commands: Duration, events: Duration| {
+            let mut config = Config::default();
+            config.commands.max_age = commands;
+            config.events.max_age = events;
+            config.validate()
+        };
+        for (commands, events) in [
+            (Duration::ZERO, Duration::ZERO),
+            (30 * day, Duration::ZERO),
+            (30 * day, 30 * day),
+            (30 * day, 400 * day),
+        ] {
+            with(commands, events).unwrap();
+        }
+        for (commands, events) in [(Duration::ZERO, 400 * day), (30 * day, 29 * day)] {
+            let message = with(commands, events).unwrap_err();
+            assert!(
+                message.contains("events.max_age") && message.contains("commands.max_age"),
+                "{message}"
+            );
         }
     }
 }

@@ -6,8 +6,30 @@ use std::path::Path;
 
 use tokio_util::sync::CancellationToken;
 
-/// Environment variables that start with `RCT_` but are not settings.
-const NOT_SETTINGS: [&str; 3] = ["RCT_CONFIG", "RCT_LOG", "RCT_LOG_FORMAT"];
+/// The configuration file of a service binary (`--config`).
+pub const ENV_CONFIG: &str = "RCT_CONFIG";
+/// The log filter ([`init_logging`]).
+pub const ENV_LOG: &str = "RCT_LOG";
+/// The log format, `json` or `text` ([`init_logging`]).
+pub const ENV_LOG_FORMAT: &str = "RCT_LOG_FORMAT";
+/// The CLI's state folder (`rct`'s contexts, sessions and keys).
+pub const ENV_HOME: &str = "RCT_HOME";
+/// The CLI's context, over the current one.
+pub const ENV_CONTEXT: &str = "RCT_CONTEXT";
+/// How long the CLI waits for admission's decision before saying so.
+pub const ENV_DECISION_WAIT: &str = "RCT_DECISION_WAIT";
+
+/// Environment variables that start with `RCT_` but are not settings of a service: its own
+/// command-line and logging variables, and the CLI's (an operator's shell that starts
+/// `rct-admission` or `rct-agent` has them set).
+pub const NOT_SETTINGS: [&str; 6] = [
+    ENV_CONFIG,
+    ENV_LOG,
+    ENV_LOG_FORMAT,
+    ENV_HOME,
+    ENV_CONTEXT,
+    ENV_DECISION_WAIT,
+];
 
 /// Layers a component's settings: its defaults < `file` (YAML or TOML by extension) < `env`
 /// (`RCT_` variables, `__` for nesting, the `lists` keys comma-separated). `env` is passed
@@ -62,10 +84,10 @@ pub fn init_logging(service: &str) -> Logging {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
 
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RCT_LOG")
+    let filter = tracing_subscriber::EnvFilter::try_from_env(ENV_LOG)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let fmt = if std::env::var("RCT_LOG_FORMAT").as_deref() == Ok("json") {
+    let fmt = if std::env::var(ENV_LOG_FORMAT).as_deref() == Ok("json") {
         fmt.json().boxed()
     } else {
         fmt.boxed()
@@ -117,4 +139,35 @@ pub fn shutdown_on_signal() -> CancellationToken {
         fired.cancel();
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Settings {
+        #[serde(default)]
+        concurrency: usize,
+    }
+
+    #[test]
+    fn the_cli_variables_in_the_environment_are_not_settings() {
+        let env = [
+            ("RCT_HOME", "/home/alice/.config/rct"),
+            ("RCT_CONTEXT", "prod"),
+            ("RCT_DECISION_WAIT", "30s"),
+            ("RCT_LOG", "debug"),
+            ("RCT_CONCURRENCY", "8"),
+            ("HOME", "/home/alice"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let settings: Settings = load_config(None, env, &[]).unwrap();
+        assert_eq!(settings.concurrency, 8);
+        // Any other RCT_ variable is still a setting, and an unknown one is refused by name.
+        let error = load_config::<Settings>(None, [("RCT_CONCURENCY".into(), "8".into())], &[])
+            .unwrap_err();
+        assert!(error.contains("concurency"), "{error}");
+    }
 }
