@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use regex::Regex;
@@ -110,7 +111,86 @@ pub struct Justification {
     pub required: bool,
     /// It must match this regular expression, anchored at both ends (e.g. `[A-Z]+-[0-9]+`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pattern: Option<String>,
+    pub pattern: Option<Pattern>,
+}
+
+/// A regular expression from the catalog, matched against whole values (anchored at both
+/// ends, whatever the catalog wrote). Written and served as its text; compiled once, the first
+/// time it is used, and the compiled form travels with every clone of the catalog.
+#[derive(Clone)]
+pub struct Pattern {
+    source: String,
+    compiled: OnceLock<Result<Regex, regex::Error>>,
+}
+
+impl Pattern {
+    /// A pattern; compiled when first used.
+    pub fn new(source: impl Into<String>) -> Self {
+        Self {
+            source: source.into(),
+            compiled: OnceLock::new(),
+        }
+    }
+
+    /// The text as the catalog wrote it.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// The anchored, compiled expression, or why it does not compile.
+    pub fn regex(&self) -> Result<&Regex, &regex::Error> {
+        self.compiled
+            .get_or_init(|| anchored(&self.source))
+            .as_ref()
+    }
+
+    /// Whether all of `text` matches; an error when the pattern does not compile.
+    pub fn is_match(&self, text: &str) -> Result<bool, &regex::Error> {
+        self.regex().map(|re| re.is_match(text))
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+impl fmt::Debug for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.source, f)
+    }
+}
+
+/// Two patterns are the same when their text is: compiling changes nothing.
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl From<&str> for Pattern {
+    fn from(source: &str) -> Self {
+        Self::new(source)
+    }
+}
+
+impl From<String> for Pattern {
+    fn from(source: String) -> Self {
+        Self::new(source)
+    }
+}
+
+impl Serialize for Pattern {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.source)
+    }
+}
+
+impl<'de> Deserialize<'de> for Pattern {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Self::new)
+    }
 }
 
 /// A parameter's type.
@@ -173,7 +253,7 @@ pub struct Param {
     pub description: String,
     /// Strings: a regular expression the whole value must match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pattern: Option<String>,
+    pub pattern: Option<Pattern>,
     /// Strings: the longest value, in characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_len: Option<usize>,
@@ -309,7 +389,7 @@ impl Catalog {
                 );
             }
             if let Some(pattern) = &operation.justification.pattern
-                && let Err(e) = anchored(pattern)
+                && let Err(e) = pattern.regex()
             {
                 problem(
                     &[&at[..], &["justification", "pattern"]].concat(),
@@ -468,9 +548,10 @@ impl Justification {
             };
         }
         if let Some(pattern) = &self.pattern {
-            let re =
-                anchored(pattern).map_err(|e| format!("the catalog's pattern is broken: {e}"))?;
-            if !re.is_match(text) {
+            let matches = pattern
+                .is_match(text)
+                .map_err(|e| format!("the catalog's pattern is broken: {e}"))?;
+            if !matches {
                 return Err(format!(
                     "justification {text:?} does not match {pattern}, which {operation} requires"
                 ));
@@ -530,11 +611,11 @@ impl Param {
                     return error(format!("{name} must be at most {max} characters long"));
                 }
                 if let Some(pattern) = &self.pattern {
-                    let re = anchored(pattern).map_err(|e| ParamError {
+                    let matches = pattern.is_match(s).map_err(|e| ParamError {
                         param: name.to_owned(),
                         message: format!("the catalog's pattern for {name} is broken: {e}"),
                     })?;
-                    if !re.is_match(s) {
+                    if !matches {
                         let shown = if self.secret {
                             "the value".to_owned()
                         } else {
@@ -682,7 +763,7 @@ impl Param {
             problems.push(format!("min ({min}) is larger than max ({max})"));
         }
         if let Some(pattern) = &self.pattern
-            && let Err(e) = anchored(pattern)
+            && let Err(e) = pattern.regex()
         {
             problems.push(format!("bad regular expression: {e}"));
         }
@@ -703,6 +784,8 @@ impl Param {
 
 /// A pattern anchored at both ends, whatever the catalog wrote.
 fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
+    #[cfg(test)]
+    tests::COMPILED.with(|c| c.set(c.get() + 1));
     Regex::new(&format!("^(?:{pattern})$"))
 }
 
@@ -738,6 +821,47 @@ pub fn display_value(value: &proto::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Regular expressions compiled on this thread (each test runs on its own).
+        pub(super) static COMPILED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    fn compiled() -> usize {
+        COMPILED.with(|c| c.get())
+    }
+
+    /// Every check used to compile its parameter's and the justification's regex again.
+    #[test]
+    fn patterns_are_compiled_once_per_catalog_load() {
+        // As agents and the CLI read it: the served JSON.
+        let json = serde_json::to_string(&example()).unwrap();
+        let catalog: Catalog = serde_json::from_str(&json).unwrap();
+        let (tower, scale) = catalog
+            .operation(&"workloads/scale".parse().unwrap())
+            .unwrap();
+        let params = given(&[
+            ("namespace", V::String("shop".into())),
+            ("deployment", V::String("cart".into())),
+            ("replicas", V::Integer(3)),
+        ]);
+        let patterns = scale
+            .params
+            .values()
+            .filter(|p| p.pattern.is_some())
+            .count();
+        assert!(patterns >= 1);
+        let before = compiled();
+        for _ in 0..100 {
+            scale.check(tower, &params).unwrap();
+            scale
+                .justification
+                .check("workloads/scale", "SRE-1")
+                .unwrap();
+        }
+        let justification = usize::from(scale.justification.pattern.is_some());
+        assert_eq!(compiled() - before, patterns + justification);
+    }
 
     fn example() -> Catalog {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/catalog.example.yaml");

@@ -238,7 +238,7 @@ proptest! {
         let param = Param {
             kind,
             description: String::new(),
-            pattern: pattern.clone(),
+            pattern: pattern.clone().map(Into::into),
             max_len,
             min,
             max: min.map(|m| m + span),
