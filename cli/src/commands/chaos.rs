@@ -119,6 +119,7 @@ fn fail(what: &str, e: impl std::fmt::Display) -> Error {
 
 /// `rct chaos`.
 pub async fn run(args: Args) -> Result {
+    check_args(&args)?;
     let seeds = parse_seeds(&args.seeds)?;
     let mut reports = Vec::new();
     for seed in seeds {
@@ -134,6 +135,44 @@ pub async fn run(args: Args) -> Result {
         Exit::Ok
     } else {
         Exit::Failed
+    })
+}
+
+/// Refuses flag values the run's time arithmetic cannot hold, before anything starts.
+fn check_args(args: &Args) -> Result<()> {
+    if let Some(rate) = args.rate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        return Err(Error::usage(format!(
+            "--rate {rate}: give a number of submissions per second above 0"
+        )));
+    }
+    if let Some(rate) = args.rate {
+        workload_time(args.commands, rate)?;
+    }
+    drain_until(args.drain)?;
+    Ok(())
+}
+
+/// How long `commands` submissions take at `rate` per second.
+fn workload_time(commands: usize, rate: f64) -> Result<Duration> {
+    if commands == 0 {
+        return Ok(Duration::ZERO);
+    }
+    Duration::try_from_secs_f64(commands as f64 / rate).map_err(|_| {
+        Error::usage(format!(
+            "--commands {commands} at --rate {rate} per second would take longer than any clock holds"
+        ))
+    })
+}
+
+/// When a drain of `drain` from now ends.
+fn drain_until(drain: Duration) -> Result<Instant> {
+    Instant::now().checked_add(drain).ok_or_else(|| {
+        Error::usage(format!(
+            "--drain {}: too long; give a shorter duration",
+            humantime::format_duration(drain)
+        ))
     })
 }
 
@@ -580,7 +619,7 @@ async fn run_seed(args: &Args, seed: u64) -> Result<Report> {
     let rate = args.rate.unwrap_or_else(|| {
         args.commands as f64 / (FAULT_SLOT.as_secs_f64() * schedule.len().max(1) as f64)
     });
-    let workload_time = Duration::from_secs_f64(args.commands as f64 / rate);
+    let workload_time = workload_time(args.commands, rate)?;
     let workload = tokio::spawn(workload(
         js.clone(),
         service,
@@ -657,7 +696,7 @@ async fn run_seed(args: &Args, seed: u64) -> Result<Report> {
         .filter(|(_, ok)| **ok)
         .map(|(id, _)| *id)
         .collect();
-    let drain_until = Instant::now() + args.drain;
+    let drain_until = drain_until(args.drain)?;
     let mut records;
     loop {
         // A node that was just restarted or paused may time a read out: read again.
@@ -1086,5 +1125,42 @@ impl Report {
         for (k, v) in &other.faults {
             *self.faults.entry(k).or_default() += v;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn args(flags: &[&str]) -> Args {
+        Cli::try_parse_from(std::iter::once("chaos").chain(flags.iter().copied()))
+            .unwrap()
+            .args
+    }
+
+    /// `--rate 0` panicked in `Duration::from_secs_f64`, a huge `--drain` in `Instant + _`.
+    #[test]
+    fn flags_the_clock_cannot_hold_are_usage_errors_not_panics() {
+        for (flags, expected) in [
+            (&["--rate", "0"][..], "--rate 0"),
+            (&["--rate=-1"], "--rate -1"),
+            (&["--rate", "NaN"], "--rate NaN"),
+            (&["--rate", "1e-300"], "longer than any clock"),
+            (&["--drain", "500000000000y"], "--drain"),
+        ] {
+            let error = check_args(&args(flags)).unwrap_err();
+            assert_eq!(error.exit, Exit::Usage);
+            assert!(error.message.contains(expected), "{flags:?}: {error}");
+        }
+        check_args(&args(&[])).unwrap();
+        check_args(&args(&["--commands", "0"])).unwrap();
+        assert_eq!(workload_time(0, 0.0).unwrap(), Duration::ZERO);
     }
 }

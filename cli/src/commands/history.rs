@@ -48,8 +48,8 @@ pub struct Args {
 pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
     let now = OffsetDateTime::now_utc();
     let filter = Filter {
-        since: Some(now - args.since),
-        until: args.until.map(|u| now - u),
+        since: Some(ago(now, "--since", args.since)?),
+        until: args.until.map(|u| ago(now, "--until", u)).transpose()?,
         tower: args
             .tower
             .as_deref()
@@ -119,6 +119,19 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
     Ok(Exit::Ok)
 }
 
+/// `now - back`, or a usage error naming `flag` when that is before any representable date.
+fn ago(now: OffsetDateTime, flag: &str, back: Duration) -> Result<OffsetDateTime> {
+    time::Duration::try_from(back)
+        .ok()
+        .and_then(|back| now.checked_sub(back))
+        .ok_or_else(|| {
+            Error::usage(format!(
+                "{flag} {}: that reaches back before any date; give a shorter duration",
+                humantime::format_duration(back)
+            ))
+        })
+}
+
 const PHASES: [&str; 9] = [
     "pending",
     "admitted",
@@ -148,5 +161,25 @@ fn print(state: &CommandState, output: Output) {
     match output {
         Output::Json => println!("{}", state_json(state)),
         Output::Text => println!("{}", line(state)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `rct history --since 100000000y` panicked on the date arithmetic.
+    #[test]
+    fn a_huge_since_or_until_is_a_usage_error_not_a_panic() {
+        let now = OffsetDateTime::now_utc();
+        for text in ["100000000y", "500000000000y"] {
+            let back = humantime::parse_duration(text).unwrap();
+            for flag in ["--since", "--until"] {
+                let error = ago(now, flag, back).unwrap_err();
+                assert!(error.to_string().contains(flag), "{error}");
+            }
+        }
+        let day = Duration::from_secs(86_400);
+        assert_eq!(ago(now, "--since", day).unwrap(), now - day);
     }
 }
