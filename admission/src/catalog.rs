@@ -310,4 +310,24 @@ operations:
         let error = load(Path::new("/nonexistent/catalog.yaml")).unwrap_err();
         assert!(error.to_string().contains("cannot read it"), "{error}");
     }
+
+    /// A deadline or timeout no clock can add (`100000000years`) loaded, then panicked the
+    /// first decision that added it to the time.
+    #[test]
+    fn absurd_deadlines_and_timeouts_point_at_their_line() {
+        let text = format!("{GOOD}    deadline: 100000000years\n    timeout: 100000000years\n");
+        let found = problems(&text);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].0, 10, "{found:?}");
+        assert!(found[0].1.contains("deadline"), "{found:?}");
+        assert_eq!(found[1].0, 11, "{found:?}");
+        assert!(found[1].1.contains("timeout"), "{found:?}");
+        let text = GOOD.replace(
+            "      cluster: { type: target }",
+            "      cluster: { type: target }\n      ramp: { type: duration, default: 500000000000years }",
+        );
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, 10, "{found:?}");
+    }
 }

@@ -158,6 +158,19 @@ impl Config {
         if self.freshness < Duration::from_secs(5) {
             return Err("freshness must be at least 5s".into());
         }
+        for (name, value) in [
+            ("freshness", self.freshness),
+            ("clock_skew", self.clock_skew),
+            ("certificate_ttl", self.certificate_ttl),
+        ] {
+            if value > rct_bus::catalog::LONGEST_WAIT {
+                return Err(format!(
+                    "{name} must be at most {}, not {}",
+                    humantime::format_duration(rct_bus::catalog::LONGEST_WAIT),
+                    humantime::format_duration(value)
+                ));
+            }
+        }
         if self.provision {
             self.streams.validate()?;
         }
@@ -228,5 +241,21 @@ mod tests {
         assert!(unknown.contains("unknown field `freshnes`"), "{unknown}");
         let nobody = Config::load(None, env(&[])).unwrap_err();
         assert!(nobody.contains("no way to authenticate anyone"), "{nobody}");
+    }
+
+    /// A huge freshness or certificate lifetime overflowed the clock arithmetic.
+    #[test]
+    fn durations_no_clock_can_hold_are_refused() {
+        for name in ["FRESHNESS", "CLOCK_SKEW", "CERTIFICATE_TTL"] {
+            let error = Config::load(
+                None,
+                env(&[
+                    ("RCT_DEV_ISSUER", "true"),
+                    (&format!("RCT_{name}"), "100000000years"),
+                ]),
+            )
+            .unwrap_err();
+            assert!(error.contains(&name.to_lowercase()), "{error}");
+        }
     }
 }

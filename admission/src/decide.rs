@@ -297,7 +297,7 @@ impl Policy {
                 )
             })?;
         draft.request.requested_at = submission.requested_at;
-        if requested_at < input.now - self.freshness {
+        if earlier(input.now, self.freshness).is_some_and(|oldest| requested_at < oldest) {
             return Err((
                 C::Stale,
                 format!(
@@ -307,7 +307,7 @@ impl Policy {
                 ),
             ));
         }
-        if requested_at > input.now + self.clock_skew {
+        if later(input.now, self.clock_skew).is_some_and(|latest| requested_at > latest) {
             return Err((
                 C::Stale,
                 format!(
@@ -424,7 +424,22 @@ impl Policy {
             .check(&name.to_string(), justification)
             .map_err(|message| (C::JustificationRequired, message))?;
 
-        let deadline = input.now + operation.deadline;
+        // The loader refuses waits longer than a year; a catalog built otherwise is refused
+        // here rather than overflowing the clock.
+        let beyond = |field: &str, value: Duration| {
+            (
+                C::Unspecified,
+                format!(
+                    "the catalog gives {name} a {field} of {}, which no clock can hold; the \
+                     catalog needs fixing",
+                    humantime::format_duration(value)
+                ),
+            )
+        };
+        let deadline = later(input.now, operation.deadline)
+            .ok_or_else(|| beyond("deadline", operation.deadline))?;
+        let timeout = rct_bus::catalog::proto_duration(operation.timeout)
+            .ok_or_else(|| beyond("timeout", operation.timeout))?;
         let command = proto::Command {
             command_id: command_id.to_string(),
             operation: name.to_string(),
@@ -435,7 +450,7 @@ impl Policy {
             operator: Some(identity.to_proto()),
             admitted_at: Some(from_datetime(input.now)),
             deadline: Some(from_datetime(deadline)),
-            timeout: Some(proto_duration(operation.timeout)),
+            timeout: Some(timeout),
             catalog_version: self.catalog_version.clone(),
             submission: Some(verified.into_proto()),
         };
@@ -585,9 +600,129 @@ fn target_param(operation: &Operation, params: &BTreeMap<String, proto::Value>) 
         })
 }
 
-fn proto_duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
+/// `at + d`, or `None` past the last representable date.
+fn later(at: OffsetDateTime, d: Duration) -> Option<OffsetDateTime> {
+    at.checked_add(time::Duration::try_from(d).ok()?)
+}
+
+/// `at - d`, or `None` before the first representable date.
+fn earlier(at: OffsetDateTime, d: Duration) -> Option<OffsetDateTime> {
+    at.checked_sub(time::Duration::try_from(d).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn example() -> Catalog {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/catalog.example.yaml");
+        crate::catalog::load(&path).unwrap()
+    }
+
+    fn policy(catalog: Catalog) -> Policy {
+        let key = KeyPair::generate();
+        Policy {
+            catalog_version: catalog.version(),
+            catalog,
+            certificates: Certificates::new(&key, &[], Duration::from_secs(3600)),
+            services: Services::new(&[]).unwrap(),
+            key,
+            freshness: Duration::from_secs(120),
+            clock_skew: Duration::from_secs(30),
+            max_payload: 64 * 1024,
+            source: "admission/test".into(),
+        }
+    }
+
+    /// An operator's signed submission, as it arrives in RCT_SUBMIT.
+    fn signed(policy: &Policy, submission: &proto::Submission) -> Vec<u8> {
+        let session = KeyPair::generate();
+        let identity = Identity {
+            subject: "alice".into(),
+            email: "alice@example.com".into(),
+            groups: vec!["sre_team".into()],
+        };
+        let (certificate, _) = policy
+            .certificates
+            .issue(&identity, session.public(), u64::MAX);
+        let mut envelope = session.sign(Purpose::Submission, submission.encode_to_vec());
+        envelope.certificate = certificate;
+        envelope.encode_to_vec()
+    }
+
+    fn run(
+        operation: &str,
+        target: &str,
+        params: &[(&str, proto::value::Kind)],
+        now: OffsetDateTime,
+    ) -> proto::Submission {
+        proto::Submission {
+            command_id: CommandId::generate().to_string(),
+            operation: operation.into(),
+            justification: "SRE-101".into(),
+            requested_at: Some(from_datetime(now)),
+            expires_at: Some(from_datetime(now + time::Duration::minutes(1))),
+            client: None,
+            request: Some(Request::Run(proto::Run {
+                target: target.into(),
+                params: params
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            proto::Value {
+                                kind: Some(v.clone()),
+                            },
+                        )
+                    })
+                    .collect(),
+                dry_run: false,
+            })),
+        }
+    }
+
+    fn drain(now: OffsetDateTime) -> proto::Submission {
+        run(
+            "traffic/drain-cluster",
+            "prod-1",
+            &[("cluster", proto::value::Kind::Target("prod-1".into()))],
+            now,
+        )
+    }
+
+    fn decide(policy: &Policy, payload: &[u8], now: OffsetDateTime) -> Verdict {
+        policy.decide(Submitted {
+            subject: "rct.submit.traffic.drain-cluster",
+            payload,
+            sequence: 7,
+            now,
+        })
+    }
+
+    /// A deadline no date can hold panicked in `now + deadline`; the catalog loader refuses
+    /// one, and a catalog built any other way still gets a refusal, not a crash.
+    #[test]
+    fn a_deadline_past_any_date_is_refused_not_a_panic() {
+        let now = OffsetDateTime::now_utc();
+        for deadline in [Duration::MAX, Duration::from_secs(400_000 * 365 * 86_400)] {
+            let mut catalog = example();
+            catalog
+                .operations
+                .get_mut("traffic/drain-cluster")
+                .unwrap()
+                .deadline = deadline;
+            let policy = policy(catalog);
+            let payload = signed(&policy, &drain(now));
+            let Verdict::Reject(reject) = decide(&policy, &payload, now) else {
+                panic!("admitted with a deadline of {deadline:?}");
+            };
+            assert!(
+                reject.message().contains("deadline"),
+                "{}",
+                reject.message()
+            );
+        }
     }
 }

@@ -514,7 +514,7 @@ impl Certificates {
     ) -> (String, u64) {
         use base64::Engine;
         let now = unix_now();
-        let exp = (now + self.ttl.as_secs()).min(not_after);
+        let exp = now.saturating_add(self.ttl.as_secs()).min(not_after);
         let claims = CertificateClaims {
             iss: CERTIFICATE_ISSUER.into(),
             aud: CERTIFICATE_AUDIENCE.into(),

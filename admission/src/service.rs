@@ -668,7 +668,7 @@ impl Inner {
             result: Some(R::Certificate(proto::Certificate {
                 token,
                 expires_at: Some(prost_types::Timestamp {
-                    seconds: expires_at as i64,
+                    seconds: i64::try_from(expires_at).unwrap_or(i64::MAX),
                     nanos: 0,
                 }),
             })),

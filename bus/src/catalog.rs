@@ -20,6 +20,10 @@ use crate::{OpName, OperationName, Target, Tower};
 /// Longest string parameter accepted when the catalog sets no `max_len`.
 pub const DEFAULT_MAX_LEN: usize = 1024;
 
+/// Longest deadline or timeout an operation may have: a year. Anything longer is a typo, and
+/// admission and agents add these to the current time.
+pub const LONGEST_WAIT: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// The whole catalog.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -399,6 +403,21 @@ impl Catalog {
             if operation.deadline.is_zero() || operation.timeout.is_zero() {
                 problem(&at, "deadline and timeout must be longer than zero".into());
             }
+            for (field, value) in [
+                ("deadline", operation.deadline),
+                ("timeout", operation.timeout),
+            ] {
+                if value > LONGEST_WAIT {
+                    problem(
+                        &[&at[..], &[field]].concat(),
+                        format!(
+                            "{field} {} is longer than {}, the longest rct accepts",
+                            humantime::format_duration(value),
+                            humantime::format_duration(LONGEST_WAIT)
+                        ),
+                    );
+                }
+            }
             let targets = operation
                 .params
                 .values()
@@ -579,14 +598,12 @@ impl Param {
                 "false" | "no" | "0" => false,
                 _ => return Err(error("true or false")),
             }),
-            Type::Duration => {
-                let d = humantime::parse_duration(text.trim())
-                    .map_err(|_| error("a duration such as 90s or 15m"))?;
-                V::Duration(prost_types::Duration {
-                    seconds: d.as_secs() as i64,
-                    nanos: d.subsec_nanos() as i32,
-                })
-            }
+            Type::Duration => V::Duration(
+                humantime::parse_duration(text.trim())
+                    .ok()
+                    .and_then(proto_duration)
+                    .ok_or_else(|| error("a duration such as 90s or 15m"))?,
+            ),
         };
         Ok(proto::Value { kind: Some(kind) })
     }
@@ -677,11 +694,7 @@ impl Param {
             (Type::Number, Scalar::Float(f)) => V::Number(*f),
             (Type::Boolean, Scalar::Bool(b)) => V::Boolean(*b),
             (Type::Duration, Scalar::Text(s)) => {
-                let d = humantime::parse_duration(s).ok()?;
-                V::Duration(prost_types::Duration {
-                    seconds: d.as_secs() as i64,
-                    nanos: d.subsec_nanos() as i32,
-                })
+                V::Duration(proto_duration(humantime::parse_duration(s).ok()?)?)
             }
             _ => return None,
         };
@@ -787,6 +800,15 @@ fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
     #[cfg(test)]
     tests::COMPILED.with(|c| c.set(c.get() + 1));
     Regex::new(&format!("^(?:{pattern})$"))
+}
+
+/// `d` as a protobuf duration; `None` beyond its range (about 292 billion years).
+pub fn proto_duration(d: Duration) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).ok()?,
+        // Below 1e9, so it always fits.
+        nanos: i32::try_from(d.subsec_nanos()).ok()?,
+    })
 }
 
 /// `params` with every value masked: for requests whose operation is unknown, so nothing says
@@ -1041,6 +1063,9 @@ mod tests {
             "keep_percent must be a whole number, got \"forty\""
         );
         assert_eq!(display_value(&ramp.parse("ramp", "15m").unwrap()), "15m");
+        // Past the protobuf range: refused, not wrapped into a negative duration.
+        let error = ramp.parse("ramp", "500000000000years").unwrap_err();
+        assert!(error.message.contains("a duration"), "{error}");
     }
 
     #[test]
