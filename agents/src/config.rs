@@ -40,6 +40,8 @@ pub struct Config {
     pub streams: rct_streams::Config,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`.
     pub telemetry: rct_streams::telemetry::Config,
+    /// How much of a command's output (log lines, progress) reaches the event stream.
+    pub output: Output,
 }
 
 impl Default for Config {
@@ -59,7 +61,73 @@ impl Default for Config {
             create_consumer: false,
             streams: rct_streams::Config::default(),
             telemetry: rct_streams::telemetry::Config::default(),
+            output: Output::default(),
         }
+    }
+}
+
+/// Bounds on what one command's output puts in `RCT_EVT` (which keeps everything) and holds
+/// in the agent's memory. Lines past a limit are cut or counted, never allowed to stall the
+/// command: its outcome always comes.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Output {
+    /// Longest line kept, in bytes; the rest is cut and the line ends `…truncated N bytes`.
+    /// Every other text an event carries (progress, summary, failure message) is held to it
+    /// too.
+    pub max_line: usize,
+    /// Largest log event, in bytes of lines: lines that come faster than they are published
+    /// are packed, several to an event (joined with `\n`), up to this size.
+    pub max_event: usize,
+    /// Lines recorded per command. Past this (or `max_bytes`) the output is counted, not
+    /// published, but for its last `tail_lines`; one event says how many lines were elided.
+    pub max_lines: u64,
+    /// Bytes of lines recorded per command (see `max_lines`).
+    pub max_bytes: u64,
+    /// Lines kept from the end of an output that went over its budget, recorded at the end.
+    pub tail_lines: usize,
+    /// Lines and progress updates waiting to be published, per command. When it is full a
+    /// script's output waits (the script blocks on its pipe until there is room), and a line
+    /// a handler logs is dropped and counted.
+    pub queue: usize,
+    /// After the handler ends, how long what it queued may take to publish before the rest
+    /// is dropped (counted, and the drop recorded if possible) and the outcome is written.
+    #[serde(with = "humantime_serde")]
+    pub flush_timeout: Duration,
+}
+
+impl Default for Output {
+    fn default() -> Self {
+        Self {
+            max_line: 4 * 1024,
+            max_event: 16 * 1024,
+            max_lines: 10_000,
+            max_bytes: 1024 * 1024,
+            tail_lines: 20,
+            queue: 256,
+            flush_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Output {
+    /// Checks the limits together.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(256..=256 * 1024).contains(&self.max_line) {
+            return Err("output.max_line must be between 256 bytes and 256 KiB".into());
+        }
+        if self.max_event < self.max_line || self.max_event > 512 * 1024 {
+            return Err(
+                "output.max_event must be at least output.max_line and at most 512 KiB".into(),
+            );
+        }
+        if self.queue == 0 {
+            return Err("output.queue must be at least 1".into());
+        }
+        if self.flush_timeout.is_zero() {
+            return Err("output.flush_timeout must be more than zero".into());
+        }
+        Ok(())
     }
 }
 
@@ -92,6 +160,7 @@ impl Config {
         if self.concurrency == 0 {
             return Err("concurrency must be at least 1".into());
         }
+        self.output.validate()?;
         if self.heartbeat < Duration::from_secs(1) {
             return Err("heartbeat must be at least 1s".into());
         }

@@ -69,20 +69,49 @@ impl Context {
         self.deadline
     }
 
-    /// Reports progress (0..=100); fast successive calls are coalesced.
+    /// Reports progress (0..=100); fast successive calls are coalesced. Never blocks.
     pub fn progress(&self, percent: u32, step: impl Into<String>, message: impl Into<String>) {
         self.emitter
             .progress(percent.min(100), step.into(), message.into());
     }
 
-    /// Writes a line to the command's log.
+    /// Writes a line to the command's log. Never blocks: a line that finds the agent's queue
+    /// of unpublished output full is dropped and counted (the count is recorded when the
+    /// command ends); [`Context::send_log`] waits for room instead.
+    ///
+    /// Every line is masked, cut to the agent's `output.max_line` and counted against the
+    /// command's output budget (`output.max_lines`, `output.max_bytes`).
     pub fn log(&self, line: impl Into<String>) {
         self.emitter.log(proto::LogStream::Handler, line.into());
     }
 
-    /// Writes a line of a child process's output to the command's log.
+    /// Writes a line of a child process's output to the command's log, like
+    /// [`Context::log`].
     pub fn log_stream(&self, stream: proto::LogStream, line: impl Into<String>) {
         self.emitter.log(stream, line.into());
+    }
+
+    /// Writes a line to the command's log, waiting while the agent's queue of unpublished
+    /// output is full: for output that can be slowed down (a pipe being read), so that none
+    /// of it is dropped for want of room.
+    pub async fn send_log(&self, stream: proto::LogStream, line: impl Into<String>) {
+        self.emitter.send(stream, &line.into(), 0).await;
+    }
+
+    /// [`Context::send_log`] for a line of which `cut` bytes were already left out.
+    pub(crate) async fn send_cut(&self, stream: proto::LogStream, line: &str, cut: u64) {
+        self.emitter.send(stream, line, cut).await;
+    }
+
+    /// How many bytes of one line are worth reading: the rest is cut anyway.
+    pub(crate) fn line_limit(&self) -> usize {
+        self.emitter.line_limit()
+    }
+
+    /// `text` masked and cut, as the command's events hold it (`cut`: bytes of it already
+    /// left out).
+    pub(crate) fn bound(&self, text: &str, cut: u64) -> String {
+        self.emitter.bound(text, cut)
     }
 
     /// Resolves when the command is cancelled or runs out of time: stop, and return.

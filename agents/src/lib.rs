@@ -23,7 +23,7 @@ mod metrics;
 pub mod script;
 mod tower;
 
-pub use config::Config;
+pub use config::{Config, Output};
 pub use context::{Context, Failure, Outcome, Params};
 pub use error::Error;
 pub use tower::Tower;

@@ -16,10 +16,15 @@
 //!     sha256: 9f86d08…        # refuse to run if the script changed
 //! ```
 //!
-//! Output: each stdout and stderr line becomes a `Log` event (secret values masked);
+//! Output: each stdout and stderr line becomes a log line (secret values masked, read as
+//! bytes: anything not UTF-8 is replaced, never the end of capture; cut at the agent's
+//! `output.max_line`), within the command's output budget (see [`crate::Output`]);
 //! `::progress <percent> <message>` on stdout becomes a `Progress` event. Exit status 0 is
 //! success (the last stdout line is the summary); anything else a failure carrying the last
 //! lines of stderr. Cancellation and timeouts stop the whole process group: TERM, then KILL.
+//! So does the script's own exit: what it left running (a daemon holding its pipes) gets
+//! [`READ_GRACE`] for its output to be read, then TERM, then KILL; the outcome never waits
+//! for it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,7 +38,9 @@ use rct_bus::catalog::display_value;
 use rct_bus::proto;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::{Context, Failure, Outcome, Params, Tower};
 
@@ -41,6 +48,9 @@ use crate::{Context, Failure, Outcome, Params, Tower};
 const STDERR_TAIL: usize = 10;
 /// After TERM, how long a process group has before KILL.
 const TERM_GRACE: Duration = Duration::from_secs(1);
+/// Once the script has exited, how long its output may take to reach end of file (before
+/// what it left running is stopped, and again after).
+pub const READ_GRACE: Duration = Duration::from_secs(1);
 
 /// A file of script-backed operations.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -210,54 +220,51 @@ impl Script {
 
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
-        let out_ctx = ctx.clone();
-        let reading_stdout = tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            let mut last = String::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                match progress_line(&line) {
-                    Some((percent, message)) => out_ctx.progress(percent, message.clone(), ""),
-                    None => {
-                        out_ctx.log_stream(proto::LogStream::Stdout, line.clone());
-                        last = line;
-                    }
-                }
-            }
-            last
-        });
-        let err_ctx = ctx.clone();
-        let reading_stderr = tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            let mut tail = std::collections::VecDeque::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                err_ctx.log_stream(proto::LogStream::Stderr, line.clone());
-                tail.push_back(line);
-                if tail.len() > STDERR_TAIL {
-                    tail.pop_front();
-                }
-            }
-            tail.into_iter().collect::<Vec<_>>().join("\n")
-        });
+        // Readers stop at end of file, or when told to (what holds the pipes open outlived
+        // every grace); either way they return what they read.
+        let stop = CancellationToken::new();
+        let reading_stdout =
+            AbortOnDropHandle::new(tokio::spawn(read_stdout(ctx.clone(), stdout, stop.clone())));
+        let reading_stderr =
+            AbortOnDropHandle::new(tokio::spawn(read_stderr(ctx.clone(), stderr, stop.clone())));
 
         let limit = self.timeout.unwrap_or(Duration::MAX);
         let status = tokio::select! {
-            status = child.wait() => status,
+            status = child.wait() => Ok(status),
             _ = ctx.cancelled() => {
                 stop_group(pid, &mut child).await;
-                return Err(Failure::new("cancelled", "stopped on request"));
+                Err(Failure::new("cancelled", "stopped on request"))
             }
             _ = tokio::time::sleep(limit) => {
                 stop_group(pid, &mut child).await;
-                return Err(Failure::new(
+                Err(Failure::new(
                     "timeout",
                     format!("did not finish within {}", humantime::format_duration(limit)),
-                ));
+                ))
             }
         };
-        let status = status.map_err(|e| Failure::new("wait", e.to_string()))?;
-        // The group may still hold the pipes open; the lines read so far are enough.
-        let summary = reading_stdout.await.unwrap_or_default();
-        let stderr_tail = reading_stderr.await.unwrap_or_default();
+        // The script is gone; what it started may not be, and may hold the pipes open.
+        let mut readers = std::pin::pin!(async {
+            (
+                reading_stdout.await.unwrap_or_default(),
+                reading_stderr.await.unwrap_or_default(),
+            )
+        });
+        let early = tokio::time::timeout(READ_GRACE, &mut readers).await.ok();
+        stop_leftovers(pid).await;
+        let read = match early {
+            Some(read) => read,
+            None => match tokio::time::timeout(READ_GRACE, &mut readers).await {
+                Ok(read) => read,
+                Err(_) => {
+                    // Something outside the group holds the pipes: stop reading.
+                    stop.cancel();
+                    readers.await
+                }
+            },
+        };
+        let (summary, stderr_tail) = read;
+        let status = status?.map_err(|e| Failure::new("wait", e.to_string()))?;
         if status.success() {
             Ok(Outcome::new(if summary.is_empty() {
                 "exit 0".to_owned()
@@ -271,14 +278,167 @@ impl Script {
             };
             Err(Failure::new(
                 "exit_status",
-                if stderr_tail.is_empty() {
-                    how
-                } else {
-                    format!("{how}: {stderr_tail}")
-                },
+                ctx.bound(
+                    &if stderr_tail.is_empty() {
+                        how
+                    } else {
+                        format!("{how}: {stderr_tail}")
+                    },
+                    0,
+                ),
             ))
         }
     }
+}
+
+/// Logs stdout (progress lines become progress) and returns its last line, the summary.
+async fn read_stdout(
+    ctx: Context,
+    stdout: tokio::process::ChildStdout,
+    stop: CancellationToken,
+) -> String {
+    let mut lines = Lines::new(BufReader::new(stdout), ctx.line_limit());
+    let mut last = String::new();
+    let read = async {
+        while let Some((line, cut)) = lines.next().await {
+            match progress_line(&line) {
+                Some((percent, message)) => ctx.progress(percent, message, ""),
+                None => {
+                    ctx.send_cut(proto::LogStream::Stdout, &line, cut).await;
+                    last = ctx.bound(&line, cut);
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = read => {}
+        () = stop.cancelled() => {}
+    }
+    last
+}
+
+/// Logs stderr and returns its last lines, for a failure's message.
+async fn read_stderr(
+    ctx: Context,
+    stderr: tokio::process::ChildStderr,
+    stop: CancellationToken,
+) -> String {
+    let mut lines = Lines::new(BufReader::new(stderr), ctx.line_limit());
+    let mut tail = std::collections::VecDeque::new();
+    let read = async {
+        while let Some((line, cut)) = lines.next().await {
+            ctx.send_cut(proto::LogStream::Stderr, &line, cut).await;
+            tail.push_back(ctx.bound(&line, cut));
+            if tail.len() > STDERR_TAIL {
+                tail.pop_front();
+            }
+        }
+    };
+    tokio::select! {
+        () = read => {}
+        () = stop.cancelled() => {}
+    }
+    tail.into_iter().collect::<Vec<_>>().join("\n")
+}
+
+/// Lines read as bytes, each at most `limit` bytes kept (the rest of it counted, not
+/// held), converted lossily: no line is too long and no byte invalid enough to end the
+/// reading, so the pipe is always drained.
+struct Lines<R> {
+    reader: R,
+    limit: usize,
+    line: Vec<u8>,
+}
+
+impl<R: AsyncBufRead + Unpin> Lines<R> {
+    fn new(reader: R, limit: usize) -> Self {
+        Self {
+            reader,
+            limit,
+            line: Vec::new(),
+        }
+    }
+
+    /// The next line (without its `\n` or `\r\n`) and how many of its bytes were left out;
+    /// `None` at end of file. A read error ends the output like end of file (and is logged).
+    async fn next(&mut self) -> Option<(String, u64)> {
+        self.line.clear();
+        let mut cut = 0u64;
+        let mut any = false;
+        loop {
+            let available = match self.reader.fill_buf().await {
+                Ok(available) => available,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the script's output");
+                    break;
+                }
+            };
+            if available.is_empty() {
+                break;
+            }
+            any = true;
+            let newline = available.iter().position(|&b| b == b'\n');
+            let chunk = &available[..newline.unwrap_or(available.len())];
+            let room = self.limit.saturating_sub(self.line.len());
+            let take = chunk.len().min(room);
+            self.line.extend_from_slice(&chunk[..take]);
+            cut += (chunk.len() - take) as u64;
+            let used = newline.map_or(available.len(), |i| i + 1);
+            self.reader.consume(used);
+            if newline.is_some() {
+                if cut == 0 && self.line.last() == Some(&b'\r') {
+                    self.line.pop();
+                }
+                break;
+            }
+        }
+        if !any {
+            return None;
+        }
+        // A character the cut split in two is cut whole.
+        if cut > 0 {
+            let partial = incomplete_tail(&self.line);
+            self.line.truncate(self.line.len() - partial);
+            cut += partial as u64;
+        }
+        Some((String::from_utf8_lossy(&self.line).into_owned(), cut))
+    }
+}
+
+/// How many bytes at the end of `bytes` are an unfinished UTF-8 sequence.
+fn incomplete_tail(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let b = bytes[bytes.len() - back];
+        if b & 0xC0 == 0x80 {
+            continue;
+        }
+        let needs = match b {
+            0xF0..=0xF7 => 4,
+            0xE0..=0xEF => 3,
+            0xC0..=0xDF => 2,
+            _ => 1,
+        };
+        return if needs > back { back } else { 0 };
+    }
+    0
+}
+
+/// What a script left running once it exited: TERM to its group, then KILL if it has not
+/// gone within [`TERM_GRACE`].
+async fn stop_leftovers(pid: Option<Pid>) {
+    let Some(pid) = pid else { return };
+    if killpg(pid, Signal::SIGTERM).is_err() {
+        // No such group: nothing was left.
+        return;
+    }
+    let until = tokio::time::Instant::now() + TERM_GRACE;
+    while tokio::time::Instant::now() < until {
+        if killpg(pid, None).is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = killpg(pid, Signal::SIGKILL);
 }
 
 /// TERM to the whole process group, then KILL after a grace period.
@@ -382,6 +542,47 @@ mod tests {
         assert!(script(&["{name}-suffix"]).check().is_err());
         assert!(script(&["{a}{b}", "--"]).check().is_err());
         assert!(script(&["--", "{a}{b}"]).check().is_ok());
+    }
+
+    async fn read_all(input: &[u8], limit: usize) -> Vec<(String, u64)> {
+        // A tiny buffer, so that lines span many reads.
+        let mut lines = Lines::new(BufReader::with_capacity(3, input), limit);
+        let mut out = Vec::new();
+        while let Some(line) = lines.next().await {
+            out.push(line);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn output_is_read_as_bytes_in_bounded_lines() {
+        let read = read_all(b"one\r\nbad \xff byte\n\nlong line here\nlast", 8).await;
+        assert_eq!(
+            read,
+            [
+                ("one".into(), 0),
+                ("bad \u{FFFD} by".into(), 2),
+                (String::new(), 0),
+                ("long lin".into(), 6),
+                ("last".into(), 0),
+            ]
+        );
+        // A character split by the cut is cut whole.
+        assert_eq!(
+            read_all("abcdeéf\n".as_bytes(), 6).await,
+            [("abcde".into(), 3)]
+        );
+        assert!(read_all(b"", 8).await.is_empty());
+    }
+
+    #[test]
+    fn unfinished_characters_are_found_at_the_end() {
+        assert_eq!(incomplete_tail(b"abc"), 0);
+        assert_eq!(incomplete_tail("é".as_bytes()), 0);
+        assert_eq!(incomplete_tail(&"é".as_bytes()[..1]), 1);
+        assert_eq!(incomplete_tail(&"€".as_bytes()[..2]), 2);
+        assert_eq!(incomplete_tail(&"😀".as_bytes()[..3]), 3);
+        assert_eq!(incomplete_tail(b"\xff"), 0);
     }
 
     #[test]

@@ -720,6 +720,7 @@ impl Runner {
             self.tower.clone(),
             self.event(&command, Kind::Log(proto::Log::default())),
             secrets,
+            &self.config.output,
         );
         let token = CancellationToken::new();
         let ctx = Context::new(command.clone(), finish_by, token.clone(), emitter);
@@ -754,7 +755,7 @@ impl Runner {
         drop(work);
         cancel_watch.abort();
         // Every progress and log line is out before the outcome.
-        let _ = emitting.await;
+        emitting.finish().await;
 
         let kind = match (ended, late) {
             (_, Some(Ok(outcome))) => Kind::Succeeded(proto::Succeeded {

@@ -30,6 +30,11 @@ operations:
     allowed_groups: [sre_team]
   scripts/changed:
     allowed_groups: [sre_team]
+  scripts/output:
+    allowed_groups: [sre_team]
+    params:
+      mode: { type: string, max_len: 20 }
+      arg: { type: string, max_len: 500 }
 "#,
     )
     .unwrap()
@@ -63,8 +68,13 @@ operations:
   changed:
     command: {argv:?}
     sha256: "0000000000000000000000000000000000000000000000000000000000000000"
+  output:
+    command: {output:?}
+    args: ["--", "{{mode}}", "{{arg}}"]
+    timeout: 2m
 "#,
             argv = script("argv.py"),
+            output = script("output.py"),
             fail = script("fail.py"),
             linger = script("linger.py"),
             record = record,
@@ -80,13 +90,15 @@ fn string(s: &str) -> proto::Value {
     }
 }
 
+/// Every line logged, in order (a log event may pack several lines).
 fn logs(records: &[rct_streams::Record]) -> Vec<String> {
     records
         .iter()
         .filter_map(|r| match &r.event.kind {
-            Some(Kind::Log(l)) => Some(l.line.clone()),
+            Some(Kind::Log(l)) => Some(l.line.split('\n').map(str::to_owned).collect::<Vec<_>>()),
             _ => None,
         })
+        .flatten()
         .collect()
 }
 
@@ -273,5 +285,269 @@ async fn cancel_and_timeout_stop_the_whole_process_group() {
         "processes {group:?} survived the timeout"
     );
     let _ = EventKind::Claim;
+    agent.stop().await;
+}
+
+/// Runs `output.py <mode> <arg>` and returns its events; fails (rather than hangs) if the
+/// outcome does not come `within`.
+async fn output(h: &Harness, mode: &str, arg: &str, within: Duration) -> Vec<rct_streams::Record> {
+    let command = h.command(
+        "scripts/output",
+        "_",
+        &[("mode", string(mode)), ("arg", string(arg))],
+    );
+    h.publish(&command).await;
+    tokio::time::timeout(within, h.finished(&command.command_id))
+        .await
+        .unwrap_or_else(|_| panic!("no outcome for output.py {mode} within {within:?}"))
+}
+
+fn log_events(records: &[rct_streams::Record]) -> usize {
+    records.iter().filter(|r| r.kind == EventKind::Log).count()
+}
+
+/// `…truncated N bytes` at the end of `line`: N, and the text before the marker.
+fn truncated(line: &str) -> Option<(&str, u64)> {
+    let (kept, rest) = line.rsplit_once("…truncated ")?;
+    Some((kept, rest.strip_suffix(" bytes")?.parse().ok()?))
+}
+
+#[tokio::test]
+async fn a_line_larger_than_max_payload_no_longer_wedges_the_command() {
+    let h = Harness::start_with_catalog(catalog()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = Scripts::load(&scripts_file(dir.path(), &dir.path().join("r"), "1m")).unwrap();
+    let agent = h.run(scripts.tower().config(h.config("s")));
+
+    // 2 MiB with no newline: more than the server's max_payload (1 MiB).
+    let records = output(&h, "huge", "2097152", Duration::from_secs(30)).await;
+    let Kind::Succeeded(succeeded) = outcome(&records) else {
+        panic!("{records:#?}");
+    };
+    let line = logs(&records)
+        .into_iter()
+        .find(|l| l.starts_with('x'))
+        .expect("the line is recorded");
+    let (kept, cut) = truncated(&line).unwrap_or_else(|| panic!("no marker: {line:.100}"));
+    assert!(kept.len() <= 8192, "kept {} bytes", kept.len());
+    assert!(kept.bytes().all(|b| b == b'x'));
+    assert_eq!(
+        kept.len() as u64 + cut,
+        2 * 1024 * 1024,
+        "the marker counts what was cut"
+    );
+    let (summary, _) = truncated(&succeeded.summary).expect("the summary is capped too");
+    assert!(summary.len() <= 8192);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_child_holding_the_pipes_neither_delays_the_outcome_nor_outlives_the_script() {
+    let h = Harness::start_with_catalog(catalog()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("daemon");
+    let scripts = Scripts::load(&scripts_file(dir.path(), &record, "1m")).unwrap();
+    let agent = h.run(scripts.tower().config(h.config("s")));
+
+    let started = std::time::Instant::now();
+    let records = output(
+        &h,
+        "daemon",
+        record.to_str().unwrap(),
+        Duration::from_secs(20),
+    )
+    .await;
+    let took = started.elapsed();
+    let Kind::Succeeded(succeeded) = outcome(&records) else {
+        panic!("{records:#?}");
+    };
+    assert_eq!(succeeded.summary, "daemon started");
+    assert!(took < Duration::from_secs(5), "the outcome took {took:?}");
+    let id = &records[0].event.command_id;
+    let sleeper = pids(&record, id).await[0];
+    let gone = std::time::Instant::now();
+    while alive(sleeper) {
+        assert!(
+            gone.elapsed() < Duration::from_secs(2),
+            "sleep 90 (pid {sleeper}) outlived its script"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_non_utf8_byte_no_longer_ends_output_capture() {
+    let h = Harness::start_with_catalog(catalog()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = Scripts::load(&scripts_file(dir.path(), &dir.path().join("r"), "1m")).unwrap();
+    let agent = h.run(scripts.tower().config(h.config("s")));
+
+    let records = output(&h, "binary", "-", Duration::from_secs(30)).await;
+    let Kind::Succeeded(succeeded) = outcome(&records) else {
+        panic!("{records:#?}");
+    };
+    assert_eq!(succeeded.summary, "the last line");
+    let lines = logs(&records);
+    let at = |text: &str| lines.iter().position(|l| l == text);
+    let before = at("before").expect("the first line");
+    let bad = at("bad \u{FFFD} byte").expect("the bad byte, replaced");
+    let after = lines
+        .iter()
+        .position(|l| l.starts_with("after 1999 "))
+        .expect("the lines after it");
+    let last = at("the last line").expect("the last line");
+    assert!(before < bad && bad < after && after < last);
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("after ")).count(),
+        2000
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_chatty_script_no_longer_floods_the_event_stream() {
+    let h = Harness::start_with_catalog(catalog()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = Scripts::load(&scripts_file(dir.path(), &dir.path().join("r"), "1m")).unwrap();
+    let agent = h.run(scripts.tower().config(h.config("s")));
+
+    let records = output(&h, "chatty", "200000", Duration::from_secs(60)).await;
+    let Kind::Succeeded(succeeded) = outcome(&records) else {
+        panic!("{records:#?}");
+    };
+    assert_eq!(succeeded.summary, "line 199999");
+    let events = log_events(&records);
+    assert!(events < 500, "{events} log events for 200000 lines");
+    let lines = logs(&records);
+    assert_eq!(lines[0], "line 0", "the head is kept");
+    assert!(
+        lines.iter().any(|l| l.contains("lines elided")),
+        "no elided notice in {} lines",
+        lines.len()
+    );
+    assert_eq!(
+        lines.iter().rev().find(|l| l.starts_with("line ")).unwrap(),
+        "line 199999",
+        "the tail is kept"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_the_server_refuses_is_dropped_with_its_reason_not_retried_forever() {
+    let h = Harness::start_with_catalog(catalog()).await;
+    // A stream that refuses events over 2 KiB: no retry can ever store a bigger one.
+    let mut config =
+        h.js.get_stream(rct_streams::topology::EVENT_STREAM)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .clone();
+    config.max_message_size = 2048;
+    h.js.update_stream(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = Scripts::load(&scripts_file(dir.path(), &dir.path().join("r"), "1m")).unwrap();
+    let agent = h.run(scripts.tower().config(h.config("s")));
+
+    let records = output(&h, "wide", "3000", Duration::from_secs(30)).await;
+    let Kind::Succeeded(succeeded) = outcome(&records) else {
+        panic!("{records:#?}");
+    };
+    assert_eq!(succeeded.summary, "done");
+    let lines = logs(&records);
+    let notice = lines
+        .iter()
+        .find(|l| l.contains("dropped"))
+        .unwrap_or_else(|| panic!("no record of the dropped event in {lines:?}"));
+    assert!(notice.contains("maximum"), "the reason is given: {notice}");
+    assert!(lines.iter().all(|l| !l.starts_with("www")), "{lines:?}");
+    agent.stop().await;
+}
+
+/// This process's resident set: (now, peak since the last reset), in KiB.
+fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// A benchmark, not a test: how much memory and how many events a flood of output costs.
+/// The agent runs in this process (the nats-server is another), so the peak resident set
+/// measured here is the agent's plus the test harness's. Run it with
+/// `cargo test -p rct-agents --test scripts -- --ignored --nocapture output_measurements`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: prints numbers, asserts nothing about them"]
+#[allow(clippy::print_stdout)] // the numbers are its output
+async fn output_measurements() {
+    let h = Harness::start_with_catalog(catalog()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = Scripts::load(&scripts_file(dir.path(), &dir.path().join("r"), "1m")).unwrap();
+    let config = h.config("s");
+    let limits = config.output.clone();
+    let agent = h.run(scripts.tower().config(config));
+    let events =
+        h.js.get_stream(rct_streams::topology::EVENT_STREAM)
+            .await
+            .unwrap();
+    println!("limits: {limits:?}");
+    println!(
+        "| output | took | events | log events | lines recorded | bytes stored in RCT_EVT | \
+         agent RSS before | peak RSS |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (what, mode, arg) in [
+        ("100 MB of short lines", "flood", "100000000"),
+        ("one 50 MB line", "line", "50000000"),
+    ] {
+        let stored_before = events.get_info().await.unwrap().state.bytes;
+        // Resets the peak (VmHWM) to the current resident set.
+        std::fs::write("/proc/self/clear_refs", "5").unwrap();
+        let (before, _) = rss();
+        let started = std::time::Instant::now();
+        let command = h.command(
+            "scripts/output",
+            "_",
+            &[("mode", string(mode)), ("arg", string(arg))],
+        );
+        h.publish(&command).await;
+        let records = tokio::time::timeout(Duration::from_secs(600), async {
+            loop {
+                let records = h.events(&command.command_id).await;
+                if records.iter().any(|r| r.kind == EventKind::Outcome) {
+                    return records;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await
+        .expect("an outcome within 10 minutes");
+        let took = started.elapsed();
+        let (_, peak) = rss();
+        let stored = events.get_info().await.unwrap().state.bytes - stored_before;
+        assert!(
+            matches!(outcome(&records), Kind::Succeeded(_)),
+            "{records:#?}"
+        );
+        println!(
+            "| {what} | {:.1} s | {} | {} | {} | {} KiB | {} MiB | {} MiB |",
+            took.as_secs_f64(),
+            records.len(),
+            log_events(&records),
+            logs(&records).len(),
+            stored / 1024,
+            before / 1024,
+            peak / 1024,
+        );
+    }
     agent.stop().await;
 }

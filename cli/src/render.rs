@@ -121,7 +121,13 @@ pub fn describe(event: &proto::Event) -> String {
                 format!(": {}", p.message)
             }
         ),
-        Kind::Log(l) => format!("| {}", l.line),
+        // One log event may pack several lines: each gets its bar.
+        Kind::Log(l) => l
+            .line
+            .split('\n')
+            .map(|line| format!("| {line}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
         Kind::CancelRequested(c) => format!(
             "cancel requested by {} ({})",
             operator(c.by.as_ref()),
@@ -183,7 +189,7 @@ pub fn event_json(record: &Record) -> Value {
             json!({"type": "progress", "percent": p.percent, "step": p.step, "message": p.message})
         }
         Some(Kind::Log(l)) => {
-            json!({"type": "log", "stream": proto::LogStream::try_from(l.stream).map_or("", |s| s.as_str_name()), "line": l.line})
+            json!({"type": "log", "stream": proto::LogStream::try_from(l.stream).map_or("", |s| s.as_str_name()), "line": l.line, "lines": l.line.split('\n').collect::<Vec<_>>()})
         }
         Some(Kind::CancelRequested(c)) => {
             json!({"type": "cancel_requested", "by": operator(c.by.as_ref()), "justification": c.justification})
@@ -278,7 +284,11 @@ impl Live {
                 }
                 None => self.line(&describe(event)),
             },
-            Kind::Log(l) => self.line(&format!("  {}", l.line)),
+            Kind::Log(l) => {
+                for line in l.line.split('\n') {
+                    self.line(&format!("  {line}"));
+                }
+            }
             kind => {
                 let exit = final_exit(event);
                 if exit.is_some() {
@@ -315,5 +325,22 @@ impl Live {
             }
             _ => println!("{} {}{took}", event.command_id, describe(event)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_event_packing_several_lines_shows_each() {
+        let event = proto::Event {
+            kind: Some(Kind::Log(proto::Log {
+                stream: proto::LogStream::Stdout as i32,
+                line: "one\ntwo".into(),
+            })),
+            ..Default::default()
+        };
+        assert_eq!(describe(&event), "| one\n| two");
     }
 }
