@@ -479,6 +479,119 @@ impl Policy {
         }))
     }
 
+    /// The command an `Admitted` decision admitted, rebuilt from the decision and the
+    /// submission it names (`payload`, its bytes in RCT_SUBMIT), never decided again: what was
+    /// admitted stays admitted whatever changed since (the clock, the operator's certificate,
+    /// the catalog, admission's key). Signed with the current key; with the same key the bytes
+    /// are those first published (signatures and encoding are deterministic), so the
+    /// command's `Nats-Msg-Id` dedups a copy that did reach RCT_CMD.
+    ///
+    /// The submission is not verified again: the decision says it was, and the bytes at its
+    /// sequence cannot change. The error says why the command cannot be rebuilt.
+    pub fn recorded_command(
+        &self,
+        decision: &proto::Event,
+        payload: &[u8],
+    ) -> Result<(Subject, Bytes), String> {
+        let Some(Kind::Admitted(admitted)) = &decision.kind else {
+            return Err("the decision is not an admission".into());
+        };
+        let missing = |what: &str| format!("the recorded decision has no {what}");
+        let request = admitted
+            .request
+            .as_ref()
+            .ok_or_else(|| missing("request"))?;
+        let name: OperationName = decision
+            .operation
+            .parse()
+            .map_err(|e| format!("the recorded operation: {e}"))?;
+        let target = rct_bus::Target::new(decision.target.as_str())
+            .map_err(|e| format!("the recorded target: {e}"))?;
+        let envelope = proto::SignedEnvelope::decode(payload)
+            .map_err(|e| format!("the stored submission is not an envelope: {e}"))?;
+        let submission = proto::Submission::decode(envelope.body.as_slice())
+            .map_err(|e| format!("the stored submission does not decode: {e}"))?;
+        if submission.command_id != decision.command_id {
+            return Err(format!(
+                "the stored submission is for command {}, the decision for {}",
+                submission.command_id, decision.command_id
+            ));
+        }
+        let Some(Request::Run(run)) = &submission.request else {
+            return Err("the stored submission asks to run nothing".into());
+        };
+        // The decision holds the effective parameters, secrets masked; the submission holds
+        // the values given, as they were checked (checking never rewrites a value). A masked
+        // value not given is a secret's default: only the catalog it was admitted under knows it.
+        let mut params = BTreeMap::new();
+        for (name_of, recorded) in &request.params {
+            let value = match (run.params.get(name_of), &recorded.kind) {
+                (Some(given), _) => given.clone(),
+                (None, Some(proto::value::Kind::Masked(_))) => self
+                    .catalog
+                    .operation(&name)
+                    .filter(|_| self.catalog_version == admitted.catalog_version)
+                    .and_then(|(_, op)| op.params.get(name_of))
+                    .and_then(|p| p.default_value())
+                    .ok_or_else(|| {
+                        format!(
+                            "secret parameter {name_of} took its default from catalog version {}, \
+                             which is no longer loaded",
+                            admitted.catalog_version
+                        )
+                    })?,
+                (None, _) => recorded.clone(),
+            };
+            params.insert(name_of.clone(), value);
+        }
+        let command = proto::Command {
+            command_id: decision.command_id.clone(),
+            operation: decision.operation.clone(),
+            target: decision.target.clone(),
+            params,
+            justification: submission.justification.clone(),
+            dry_run: run.dry_run,
+            operator: Some(
+                request
+                    .operator
+                    .clone()
+                    .ok_or_else(|| missing("operator"))?,
+            ),
+            admitted_at: Some(decision.at.ok_or_else(|| missing("time"))?),
+            deadline: Some(admitted.deadline.ok_or_else(|| missing("deadline"))?),
+            timeout: Some(admitted.timeout.ok_or_else(|| missing("timeout"))?),
+            catalog_version: admitted.catalog_version.clone(),
+            submission: Some(envelope),
+        };
+        let signed = self
+            .key
+            .sign(Purpose::Command, command.encode_to_vec())
+            .encode_to_vec();
+        Ok((Subject::command(&name, &target), signed.into()))
+    }
+
+    /// The `CancelRequested` event an `Admitted` cancel request recorded in `decision` asked
+    /// for, rebuilt from the decision alone.
+    pub fn recorded_cancel(decision: &proto::Event) -> Option<(CommandId, proto::Event)> {
+        let Some(Kind::Admitted(admitted)) = &decision.kind else {
+            return None;
+        };
+        let request = admitted.request.as_ref()?;
+        let target: CommandId = request.cancels.parse().ok()?;
+        let cancel = proto::Event {
+            command_id: target.to_string(),
+            at: decision.at,
+            source: decision.source.clone(),
+            operation: decision.operation.clone(),
+            target: String::new(),
+            kind: Some(Kind::CancelRequested(proto::CancelRequested {
+                by: request.operator.clone(),
+                justification: request.justification.clone(),
+            })),
+        };
+        Some((target, cancel))
+    }
+
     fn cancel(
         &self,
         now: OffsetDateTime,
@@ -724,5 +837,91 @@ mod tests {
                 reject.message()
             );
         }
+    }
+
+    fn admitted(verdict: Verdict) -> Admit {
+        match verdict {
+            Verdict::Admit(a) => a,
+            other => panic!("not admitted: {other:?}"),
+        }
+    }
+
+    fn command(signed: &[u8], key: &KeyPair) -> proto::Command {
+        rct_bus::Unverified::decode(signed)
+            .unwrap()
+            .verify_with(key.public(), Purpose::Command)
+            .unwrap()
+            .decode()
+            .unwrap()
+    }
+
+    /// The command rebuilt from the recorded decision is the one admitted: the same bytes
+    /// under the same key, whatever the clock, catalog and key say when it is rebuilt.
+    #[test]
+    fn the_recorded_decision_rebuilds_the_admitted_command() {
+        let now = OffsetDateTime::now_utc();
+        let policy = policy(example());
+        let secret = run(
+            "workloads/set-secret",
+            "_",
+            &[
+                ("namespace", proto::value::Kind::String("shop".into())),
+                ("name", proto::value::Kind::String("db".into())),
+                ("key", proto::value::Kind::String("password".into())),
+                ("value", proto::value::Kind::String("hunter2".into())),
+            ],
+            now,
+        );
+        for (subject, submission) in [
+            ("rct.submit.traffic.drain-cluster", drain(now)),
+            ("rct.submit.workloads.set-secret", secret),
+        ] {
+            let payload = signed(&policy, &submission);
+            let admit = admitted(policy.decide(Submitted {
+                subject,
+                payload: &payload,
+                sequence: 7,
+                now,
+            }));
+            let (to, bytes) = policy.recorded_command(&admit.decision, &payload).unwrap();
+            assert_eq!(to, admit.subject);
+            assert_eq!(bytes, admit.command, "{subject}: the same bytes");
+
+            // Later: another catalog (another default and timeout) and another key.
+            let mut catalog = example();
+            for operation in catalog.operations.values_mut() {
+                operation.timeout = Duration::from_secs(7);
+            }
+            let later = Policy {
+                key: KeyPair::generate(),
+                ..super::tests::policy(catalog)
+            };
+            let (_, bytes) = later.recorded_command(&admit.decision, &payload).unwrap();
+            assert_eq!(
+                command(&bytes, &later.key),
+                command(&admit.command, &policy.key),
+                "{subject}: the same command"
+            );
+        }
+    }
+
+    /// A cancel request's recorded decision rebuilds its `CancelRequested` event.
+    #[test]
+    fn the_recorded_decision_rebuilds_the_cancel_request() {
+        let now = OffsetDateTime::now_utc();
+        let policy = policy(example());
+        let target = CommandId::generate();
+        let mut submission = drain(now);
+        submission.request = Some(Request::Cancel(proto::Cancel {
+            command_id: target.to_string(),
+        }));
+        let payload = signed(&policy, &submission);
+        let Verdict::Cancel(cancel) = decide(&policy, &payload, now) else {
+            panic!("not a cancel");
+        };
+        assert_eq!(
+            Policy::recorded_cancel(&cancel.decision),
+            Some((target, cancel.cancel))
+        );
     }
 }

@@ -15,7 +15,6 @@ use rct_bus::catalog::Served;
 use rct_bus::proto::{self, RejectionCode, event::Kind};
 use rct_bus::{CommandId, EventKind, KeyPair, PublicKey, Subject, Tower, rejection_code_name};
 use rct_streams::telemetry::{self, Readiness};
-use rct_streams::timestamp::to_datetime;
 use rct_streams::topology::{
     ADMISSION_CONSUMER, CATALOG_BUCKET, CATALOG_KEY, COMMAND_STREAM, EVENT_STREAM, SUBMIT_STREAM,
 };
@@ -367,8 +366,8 @@ impl Inner {
 
     async fn handle(&self, message: jetstream::Message) {
         let started = Instant::now();
-        let sequence = match message.info() {
-            Ok(info) => info.stream_sequence,
+        let (sequence, stored_at) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.published),
             Err(e) => {
                 tracing::warn!(error = %e, "a submission without delivery info; leaving it");
                 return;
@@ -386,7 +385,12 @@ impl Inner {
             .publisher
             .traced(&telemetry::continue_trace(&span, message.headers.as_ref()));
         async {
-            match self.record(&publisher, &message, sequence, verdict).await {
+            let stored = Stored {
+                message: &message,
+                sequence,
+                at: stored_at,
+            };
+            match self.record(&publisher, stored, verdict).await {
                 Ok(outcome) => {
                     if let Err(e) = message.ack().await {
                         tracing::warn!(error = %e, sequence, "cannot acknowledge; it will be redelivered and completed again");
@@ -411,10 +415,10 @@ impl Inner {
     async fn record(
         &self,
         publisher: &Publisher,
-        message: &jetstream::Message,
-        sequence: u64,
+        stored: Stored<'_>,
         verdict: Verdict,
     ) -> Result<String, rct_streams::Error> {
+        let sequence = stored.sequence;
         let verdict = match verdict {
             Verdict::Cancel(cancel) => self.check_cancel_target(cancel).await?,
             other => other,
@@ -425,9 +429,18 @@ impl Inner {
             Verdict::Reject(r) => (&r.tower, r.command_id, &r.decision),
         };
         let Some(command_id) = command_id else {
-            self.record_elsewhere(publisher, tower, decision.clone(), None)
-                .await?;
-            return Ok(label(&verdict));
+            // Refused before its id could be trusted (an expired certificate, a rotated key):
+            // a redelivery of a submission admitted earlier is finished as admitted.
+            if let Some(holder) = self.decided_before(stored).await? {
+                self.complete(publisher, stored, &holder).await?;
+                return Ok("redelivered".into());
+            }
+            let recorded =
+                self.record_elsewhere(publisher, tower, decision.clone(), Some(stored), None);
+            return Ok(match recorded.await? {
+                Recorded::Now => label(&verdict),
+                Recorded::Before => "redelivered".into(),
+            });
         };
         // The decision's id names the submission (`<command>.decision.<submission seq>`): a
         // redelivery of this submission is recognised as ours, a replay of its command id by
@@ -440,14 +453,14 @@ impl Inner {
             }
             Slot::Written(ack) => {
                 let holder = self.stored_event(ack.sequence).await?;
-                self.complete(publisher, message, sequence, &holder).await?;
+                self.complete(publisher, stored, &holder).await?;
                 Ok("redelivered".into())
             }
             Slot::Taken { sequence: holder } => {
                 let holder = self.stored_event(holder).await?;
                 let holder_submission = decided_request(&holder).map(|r| r.submission_sequence);
                 if holder_submission == Some(sequence) {
-                    self.complete(publisher, message, sequence, &holder).await?;
+                    self.complete(publisher, stored, &holder).await?;
                     return Ok("redelivered".into());
                 }
                 let refusal = match &verdict {
@@ -465,52 +478,94 @@ impl Inner {
                     Some(Kind::Rejected(r)) => r.code,
                     _ => RejectionCode::Duplicate as i32,
                 };
-                self.record_elsewhere(publisher, tower, refusal, Some(command_id))
-                    .await?;
-                Ok(format!("rejected:{}", rejection_code_name(code)))
+                let recorded = self.record_elsewhere(
+                    publisher,
+                    tower,
+                    refusal,
+                    Some(stored),
+                    Some(command_id),
+                );
+                Ok(match recorded.await? {
+                    Recorded::Now => format!("rejected:{}", rejection_code_name(code)),
+                    Recorded::Before => "redelivered".into(),
+                })
             }
         }
     }
 
     /// A redelivered submission whose decision is already recorded (the replica that decided
     /// it may have died before publishing the command): finish it exactly as it was decided,
-    /// at the time it was decided.
+    /// from the decision itself. Never decided again: the certificate may have expired, the
+    /// catalog or the keys changed since, and what was admitted stays admitted.
     async fn complete(
         &self,
         publisher: &Publisher,
-        message: &jetstream::Message,
-        sequence: u64,
+        stored: Stored<'_>,
         holder: &proto::Event,
     ) -> Result<(), rct_streams::Error> {
-        if !matches!(holder.kind, Some(Kind::Admitted(_))) {
+        let Some(Kind::Admitted(admitted)) = &holder.kind else {
+            return Ok(());
+        };
+        let is_cancel = admitted
+            .request
+            .as_ref()
+            .is_some_and(|r| !r.cancels.is_empty());
+        if is_cancel {
+            let Some((_, cancel)) = Policy::recorded_cancel(holder) else {
+                tracing::error!(command_id = %holder.command_id, "the recorded cancel request names no command; nothing to cancel");
+                return Ok(());
+            };
+            let Ok(tower) = holder.operation.parse::<rct_bus::OperationName>() else {
+                tracing::error!(command_id = %holder.command_id, operation = %holder.operation, "the recorded cancel request names no operation");
+                return Ok(());
+            };
+            publisher
+                .event(tower.tower(), &cancel, &holder.command_id)
+                .await?;
             return Ok(());
         }
-        let at = holder
-            .at
-            .as_ref()
-            .and_then(to_datetime)
-            .unwrap_or_else(OffsetDateTime::now_utc);
-        let again = self.policy.decide(Submitted {
-            subject: message.subject.as_str(),
-            payload: &message.payload,
-            sequence,
-            now: at,
-        });
-        let again = match again {
-            Verdict::Cancel(cancel) => self.check_cancel_target(cancel).await?,
-            other => other,
-        };
-        match &again {
-            Verdict::Reject(r) => {
-                tracing::error!(
-                    command_id = %holder.command_id,
-                    reason = r.message(),
-                    "admitted earlier but no longer passes (catalog or keys changed); its command is not published again"
-                );
-                Ok(())
+        match self
+            .policy
+            .recorded_command(holder, &stored.message.payload)
+        {
+            Ok((subject, command)) => {
+                let msg_id = holder.command_id.clone();
+                publisher
+                    .send(Outgoing::new(subject, msg_id, command))
+                    .await?;
             }
-            _ => self.follow_up(publisher, &again).await,
+            // Only a decision admission did not write can get here; it never will run.
+            Err(reason) => tracing::error!(
+                command_id = %holder.command_id,
+                %reason,
+                "admitted earlier, but its command cannot be rebuilt from the record; it is not published"
+            ),
         }
+        Ok(())
+    }
+
+    /// The decision recorded earlier for this very submission, found through the command id
+    /// it claims (read without trusting it: only a decision naming this submission's sequence
+    /// counts).
+    async fn decided_before(
+        &self,
+        stored: Stored<'_>,
+    ) -> Result<Option<proto::Event>, rct_streams::Error> {
+        let Ok(Subject::Submit { operation }) = stored.message.subject.as_str().parse::<Subject>()
+        else {
+            return Ok(None);
+        };
+        let claimed = proto::SignedEnvelope::decode(stored.message.payload.as_ref())
+            .ok()
+            .and_then(|e| proto::Submission::decode(e.body.as_slice()).ok())
+            .and_then(|s| s.command_id.parse::<CommandId>().ok());
+        let Some(claimed) = claimed else {
+            return Ok(None);
+        };
+        let subject = Subject::event(operation.tower(), claimed, EventKind::Decision).to_string();
+        let holder = self.last_event_on(&subject).await?;
+        Ok(holder
+            .filter(|h| decided_request(h).map(|r| r.submission_sequence) == Some(stored.sequence)))
     }
 
     async fn follow_up(
@@ -538,29 +593,7 @@ impl Inner {
         cancel: crate::decide::Cancel,
     ) -> Result<Verdict, rct_streams::Error> {
         let subject = Subject::event(&cancel.tower, cancel.target, EventKind::Decision).to_string();
-        let stream = self
-            .js
-            .get_stream_no_info(EVENT_STREAM)
-            .await
-            .map_err(|e| rct_streams::Error::Read {
-                what: EVENT_STREAM.into(),
-                cause: e.into(),
-            })?;
-        let target = match stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(stored) => proto::Event::decode(stored.payload).ok(),
-            Err(e)
-                if e.kind()
-                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-            {
-                None
-            }
-            Err(e) => {
-                return Err(rct_streams::Error::Read {
-                    what: subject,
-                    cause: e.into(),
-                });
-            }
-        };
+        let target = self.last_event_on(&subject).await?;
         let problem = match &target {
             None => Some(format!(
                 "there is no command {} of tower {}",
@@ -586,32 +619,86 @@ impl Inner {
         })
     }
 
+    /// The last event on `subject` in RCT_EVT, if any (one that does not decode counts as
+    /// none).
+    async fn last_event_on(
+        &self,
+        subject: &str,
+    ) -> Result<Option<proto::Event>, rct_streams::Error> {
+        let stream = self
+            .js
+            .get_stream_no_info(EVENT_STREAM)
+            .await
+            .map_err(|e| rct_streams::Error::Read {
+                what: EVENT_STREAM.into(),
+                cause: e.into(),
+            })?;
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(stored) => Ok(proto::Event::decode(stored.payload).ok()),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(rct_streams::Error::Read {
+                what: subject.to_owned(),
+                cause: e.into(),
+            }),
+        }
+    }
+
     /// Records a refusal that cannot go into its own command's decision slot (no valid id,
-    /// or the id is taken) under a fresh id.
+    /// or the id is taken) under an id of admission's choosing: for a submission, the one
+    /// [`recorded_as`] derives from it, so that a redelivery lands on the same single slot
+    /// and is recorded once; otherwise (a refused login) a fresh one.
     async fn record_elsewhere(
         &self,
         publisher: &Publisher,
         tower: &Tower,
         mut decision: proto::Event,
+        submission: Option<Stored<'_>>,
         claimed: Option<CommandId>,
-    ) -> Result<(), rct_streams::Error> {
-        let fresh = CommandId::generate();
-        decision.command_id = fresh.to_string();
+    ) -> Result<Recorded, rct_streams::Error> {
+        let (id, n) = match submission {
+            Some(stored) => (
+                recorded_as(stored.sequence, stored.at, &stored.message.payload),
+                stored.sequence,
+            ),
+            None => (CommandId::generate(), 0),
+        };
+        decision.command_id = id.to_string();
         if let (Some(claimed), Some(Kind::Rejected(r))) = (claimed, decision.kind.as_mut())
             && r.code != RejectionCode::Duplicate as i32
         {
             r.message = format!(
-                "{} (recorded as {fresh}: the submission claimed command id {claimed}, which is taken)",
+                "{} (recorded as {id}: the submission claimed command id {claimed}, which is taken)",
                 r.message
             );
         }
-        log_decision(&Verdict::Reject(Reject {
-            tower: tower.clone(),
-            command_id: Some(fresh),
-            decision: decision.clone(),
-        }));
-        publisher.event(tower, &decision, 0).await?;
-        Ok(())
+        match publisher.event(tower, &decision, n).await? {
+            Slot::Written(ack) if !ack.duplicate => {
+                log_decision(&Verdict::Reject(Reject {
+                    tower: tower.clone(),
+                    command_id: Some(id),
+                    decision,
+                }));
+                Ok(Recorded::Now)
+            }
+            Slot::Written(_) => Ok(Recorded::Before),
+            Slot::Taken { sequence } => {
+                let holder = self.stored_event(sequence).await?;
+                let ours = submission.is_some_and(|s| {
+                    decided_request(&holder).map(|r| r.submission_sequence) == Some(s.sequence)
+                });
+                if !ours {
+                    // Someone chose this very id for a command of their own; the refusal
+                    // cannot be recorded, and retrying would not change that.
+                    tracing::warn!(command_id = %id, holder = sequence, "the id a refusal is recorded under is taken; the refusal is not recorded");
+                }
+                Ok(Recorded::Before)
+            }
+        }
     }
 
     async fn stored_event(&self, sequence: u64) -> Result<proto::Event, rct_streams::Error> {
@@ -692,7 +779,7 @@ impl Inner {
             })),
         };
         if let Err(e) = self
-            .record_elsewhere(&self.publisher, &tower, event, None)
+            .record_elsewhere(&self.publisher, &tower, event, None, None)
             .await
         {
             tracing::warn!(error = %e, "cannot record a refused login");
@@ -725,6 +812,42 @@ impl Inner {
             },
         }
     }
+}
+
+/// A submission as stored in RCT_SUBMIT.
+#[derive(Clone, Copy, Debug)]
+struct Stored<'a> {
+    message: &'a jetstream::Message,
+    sequence: u64,
+    /// When the server stored it.
+    at: OffsetDateTime,
+}
+
+/// Whether a refusal was recorded by this call or by an earlier delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Recorded {
+    Now,
+    Before,
+}
+
+/// The id a refusal of the submission stored at `sequence` (at `at`, with `payload`) is
+/// recorded under when it cannot be its own: the same on every delivery, sorting by the time
+/// the submission was stored. Its random part is a digest of the sequence and the bytes, so
+/// nobody can take it in advance without sending those very bytes.
+fn recorded_as(sequence: u64, at: OffsetDateTime, payload: &[u8]) -> CommandId {
+    use sha2::{Digest, Sha256};
+    let millis = u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    let digest = Sha256::new()
+        .chain_update(b"rct/v1/refusal-id\n")
+        .chain_update(sequence.to_be_bytes())
+        .chain_update(payload)
+        .finalize();
+    let mut random = [0u8; 16];
+    random[6..].copy_from_slice(&digest[..10]);
+    ulid::Ulid::from_parts(millis, u128::from_be_bytes(random))
+        .to_string()
+        .parse()
+        .expect("a ULID is a command id")
 }
 
 /// The request summary of a decision event.

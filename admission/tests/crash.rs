@@ -1,6 +1,8 @@
-//! Crash safety with real processes: two admission replicas share the consumer, one is
-//! killed with SIGKILL mid-stream, and still every submission is decided exactly once and
-//! every admitted command reaches RCT_CMD exactly once.
+//! Crash safety: two admission replicas (real processes) share the consumer, one is killed
+//! with SIGKILL mid-stream, and still every submission is decided exactly once and every
+//! admitted command reaches RCT_CMD exactly once; a replica that dies between its decision
+//! and its command leaves a submission that is finished as decided, whatever changed since;
+//! a redelivered submission is never recorded twice.
 
 mod support;
 
@@ -12,7 +14,7 @@ use prost::Message;
 use rct_bus::proto::event::Kind;
 use rct_bus::{KeyPair, Subject};
 use rct_streams::testkit::Server;
-use support::{drain, submission_sequence};
+use support::{Harness, drain, submission_sequence};
 
 const SUBMISSIONS: usize = 500;
 
@@ -227,4 +229,104 @@ impl Login {
             certificate: certificate.token,
         }
     }
+}
+
+/// A replica recorded the admission and died before publishing the command. By the time the
+/// submission comes back, the operator's certificate has expired and the catalog has changed
+/// (another timeout, another default): the command is published exactly as it was admitted,
+/// not re-decided (which refused it, recorded a second decision and stranded the command).
+#[tokio::test]
+async fn an_admitted_command_is_published_as_decided_after_its_certificate_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog.yaml");
+    let example = std::fs::read_to_string(support::catalog_path()).unwrap();
+    std::fs::write(&catalog, &example).unwrap();
+    let path = catalog.clone();
+    let mut h = Harness::start_with(move |c| {
+        c.catalog = path.clone();
+        c.certificate_ttl = Duration::from_secs(1);
+    })
+    .await;
+    let alice = h.operator("alice", &["sre_team"]).await;
+    h.stop_admission().await;
+
+    let submission = drain("prod-3");
+    let sequence = h.submit(&alice, &submission).await;
+    let rct_admission::decide::Verdict::Admit(admitted) = h.decide_and_die(sequence).await else {
+        panic!("the dead replica did not admit it");
+    };
+
+    // The certificate expires (its 1 s life plus admission's leeway) ...
+    let certificates = h.replica_policy("admission/probe").certificates;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while certificates.verify(&alice.certificate).is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the certificate expires");
+    // ... and the catalog changes.
+    let changed = example.replace("timeout: 15m", "timeout: 20m").replace(
+        "keep_percent: { type: integer, min: 0, max: 100, default: 0 }",
+        "keep_percent: { type: integer, min: 0, max: 100, default: 10 }",
+    );
+    assert_ne!(changed, example);
+    std::fs::write(&catalog, changed).unwrap();
+
+    h.start_admission().await;
+    let command = h.command_on("rct.cmd.traffic.prod-3.drain-cluster").await;
+    assert_eq!(
+        command.payload, admitted.command,
+        "the command is the one admitted, byte for byte"
+    );
+    h.submissions_settled().await;
+    let decisions = h.decisions().await;
+    assert_eq!(decisions.len(), 1, "{decisions:#?}");
+    assert_eq!(decisions[0].source, "admission/dead");
+    assert_eq!(h.commands().await, 1);
+}
+
+/// Garbage is recorded under an id of admission's choosing. It was a fresh random one on
+/// every delivery, so a lost acknowledgement recorded the same garbage twice.
+#[tokio::test]
+async fn a_redelivered_garbage_submission_is_recorded_once() {
+    let mut h = Harness::start().await;
+    let alice = h.operator("alice", &["sre_team"]).await;
+    let garbage = h
+        .publish_raw(
+            "rct.submit.traffic.drain-cluster",
+            "garbage-1",
+            b"garbage".to_vec(),
+        )
+        .await;
+    // A submission whose command id is taken is recorded elsewhere too.
+    let first = drain("prod-1");
+    h.submit(&alice, &first).await;
+    let mut replay = drain("prod-2");
+    replay.command_id = first.command_id.clone();
+    // Under another Nats-Msg-Id, or RCT_SUBMIT itself would drop it as a duplicate.
+    let taken = h
+        .publish_raw(
+            "rct.submit.traffic.drain-cluster",
+            "replay-1",
+            alice.sign(&replay).encode_to_vec(),
+        )
+        .await;
+    let garbage_decision = h.decision(garbage).await;
+    let taken_decision = h.decision(taken).await;
+
+    h.redeliver_everything().await;
+    h.submissions_settled().await;
+
+    let decisions = h.decisions().await;
+    for (sequence, recorded) in [(garbage, garbage_decision), (taken, taken_decision)] {
+        let of_it: Vec<_> = decisions
+            .iter()
+            .filter(|d| submission_sequence(d) == Some(sequence))
+            .collect();
+        assert_eq!(of_it.len(), 1, "submission {sequence}: {of_it:#?}");
+        assert_eq!(of_it[0].command_id, recorded.command_id);
+    }
+    assert_eq!(decisions.len(), 3, "{decisions:#?}");
+    assert_eq!(h.commands().await, 1);
 }

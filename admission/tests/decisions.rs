@@ -518,40 +518,10 @@ async fn a_redelivered_submission_gets_its_command_and_no_second_decision() {
     let submission = drain("prod-3");
     let sequence = h.submit(&alice, &submission).await;
     // What the dead replica managed to write: the decision only.
-    let decision = proto::Event {
-        command_id: submission.command_id.clone(),
-        at: Some(from_datetime(now())),
-        source: "admission/dead".into(),
-        operation: "traffic/drain-cluster".into(),
-        target: "prod-3".into(),
-        kind: Some(Kind::Admitted(proto::Admitted {
-            request: Some(proto::Request {
-                submission_sequence: sequence,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })),
-    };
-    rct_streams::Publisher::new(h.js.clone())
-        .event(&"traffic".parse().unwrap(), &decision, sequence)
-        .await
-        .unwrap();
+    h.decide_and_die(sequence).await;
 
     h.start_admission().await;
-    let stream = h.js.get_stream("RCT_CMD").await.unwrap();
-    let command = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Ok(m) = stream
-                .get_last_raw_message_by_subject("rct.cmd.traffic.prod-3.drain-cluster")
-                .await
-            {
-                break m;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the command is published after the redelivery");
+    let command = h.command_on("rct.cmd.traffic.prod-3.drain-cluster").await;
     let verified = Verifier::new([h.admission_key.clone()])
         .verify(
             Unverified::decode(&command.payload).unwrap(),

@@ -356,3 +356,119 @@ pub fn run<const N: usize>(
         })),
     }
 }
+
+impl Harness {
+    /// The policy of another replica with this configuration and admission key, as it stood
+    /// when it decided (the test plays a replica that dies after recording its decision).
+    pub fn replica_policy(&self, source: &str) -> rct_admission::decide::Policy {
+        let config = self.config();
+        let catalog = rct_admission::catalog::load(&config.catalog).unwrap();
+        let key = self.admission_keypair();
+        rct_admission::decide::Policy {
+            catalog_version: catalog.version(),
+            catalog,
+            certificates: rct_admission::identity::Certificates::new(
+                &key,
+                &[],
+                config.certificate_ttl,
+            ),
+            services: rct_admission::identity::Services::new(&config.services).unwrap(),
+            key,
+            freshness: config.freshness,
+            clock_skew: config.clock_skew,
+            max_payload: config.max_payload,
+            source: source.into(),
+        }
+    }
+
+    /// The submission stored at `sequence` in RCT_SUBMIT: its subject and bytes.
+    pub async fn stored_submission(&self, sequence: u64) -> (String, Bytes) {
+        let stored = self
+            .js
+            .get_stream("RCT_SUBMIT")
+            .await
+            .unwrap()
+            .get_raw_message(sequence)
+            .await
+            .unwrap();
+        (stored.subject.to_string(), stored.payload)
+    }
+
+    /// What a replica that decided the submission at `sequence` and died at once leaves
+    /// behind: its decision, recorded as admission records it, and no command. Returns the
+    /// verdict it reached.
+    pub async fn decide_and_die(&self, sequence: u64) -> rct_admission::decide::Verdict {
+        use rct_admission::decide::{Submitted, Verdict};
+        let (subject, payload) = self.stored_submission(sequence).await;
+        let verdict = self.replica_policy("admission/dead").decide(Submitted {
+            subject: &subject,
+            payload: &payload,
+            sequence,
+            now: OffsetDateTime::now_utc(),
+        });
+        let (tower, decision) = match &verdict {
+            Verdict::Admit(a) => (&a.tower, &a.decision),
+            Verdict::Cancel(c) => (&c.tower, &c.decision),
+            Verdict::Reject(r) => (&r.tower, &r.decision),
+        };
+        match Publisher::new(self.js.clone())
+            .event(tower, decision, sequence)
+            .await
+            .unwrap()
+        {
+            Slot::Written(ack) => assert!(!ack.duplicate),
+            Slot::Taken { .. } => panic!("the decision slot was taken"),
+        }
+        verdict
+    }
+
+    /// Waits for the first command on `subject` in RCT_CMD.
+    pub async fn command_on(&self, subject: &str) -> async_nats::jetstream::message::StreamMessage {
+        let stream = self.js.get_stream("RCT_CMD").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Ok(m) = stream.get_last_raw_message_by_subject(subject).await {
+                    break m;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no command on {subject}"))
+    }
+
+    /// Waits until admission has taken and acknowledged every submission stored so far.
+    pub async fn submissions_settled(&self) {
+        let mut stream = self.js.get_stream("RCT_SUBMIT").await.unwrap();
+        let last = stream.info().await.unwrap().state.last_sequence;
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+            .get_consumer(rct_streams::topology::ADMISSION_CONSUMER)
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let info = consumer.info().await.unwrap();
+                if info.ack_floor.stream_sequence >= last {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("admission acknowledges every submission");
+    }
+
+    /// Makes the shared consumer deliver every stored submission again, as a lost
+    /// acknowledgement would: recreated from scratch while admission is stopped.
+    pub async fn redeliver_everything(&mut self) {
+        self.stop_admission().await;
+        self.js
+            .delete_consumer_from_stream(rct_streams::topology::ADMISSION_CONSUMER, "RCT_SUBMIT")
+            .await
+            .unwrap();
+        rct_streams::provision(&self.js, &rct_streams::Config::default())
+            .await
+            .unwrap();
+        self.start_admission().await;
+    }
+}
