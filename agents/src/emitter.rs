@@ -478,10 +478,11 @@ impl Publishing {
             );
             let kind = self.log_kind(LogStream::Unspecified, self.shared.bound(&text, 0));
             let n = self.next_log();
-            // Past the deadline: one try, bounded, and no more.
+            // Past the deadline: this one event gets LAST_WORD, and no more.
             let event = self.event(kind);
             let _ =
-                tokio::time::timeout(LAST_WORD, self.publisher.event(&self.tower, &event, n)).await;
+                tokio::time::timeout(LAST_WORD, publish(&self.publisher, &self.tower, &event, n))
+                    .await;
         }
     }
 
@@ -618,8 +619,8 @@ fn refused(error: &rct_streams::Error) -> bool {
     }
 }
 
-/// Publishes one event until it is stored or refused for good (then it is logged here and
-/// given up: retrying could never store it).
+/// Publishes one event, its texts bounded, until it is stored or refused for good (then it
+/// is logged here and given up: retrying could never store it).
 pub(crate) async fn publish(publisher: &Publisher, tower: &Tower, event: &proto::Event, n: u64) {
     let kind = EventKind::of(event).map_or("event", EventKind::as_str);
     let event = proto::Event {
