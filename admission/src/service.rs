@@ -650,7 +650,7 @@ impl Inner {
 
     /// Records a refusal that cannot go into its own command's decision slot (no valid id,
     /// or the id is taken) under an id of admission's choosing: for a submission, the one
-    /// [`recorded_as`] derives from it, so that a redelivery lands on the same single slot
+    /// [`CommandId::derived`] gives it, so that a redelivery lands on the same single slot
     /// and is recorded once; otherwise (a refused login) a fresh one.
     async fn record_elsewhere(
         &self,
@@ -662,7 +662,12 @@ impl Inner {
     ) -> Result<Recorded, rct_streams::Error> {
         let (id, n) = match submission {
             Some(stored) => (
-                recorded_as(stored.sequence, stored.at, &stored.message.payload),
+                CommandId::derived(
+                    stored.at.into(),
+                    SUBMIT_STREAM,
+                    stored.sequence,
+                    &stored.message.payload,
+                ),
                 stored.sequence,
             ),
             None => (CommandId::generate(), 0),
@@ -828,26 +833,6 @@ struct Stored<'a> {
 enum Recorded {
     Now,
     Before,
-}
-
-/// The id a refusal of the submission stored at `sequence` (at `at`, with `payload`) is
-/// recorded under when it cannot be its own: the same on every delivery, sorting by the time
-/// the submission was stored. Its random part is a digest of the sequence and the bytes, so
-/// nobody can take it in advance without sending those very bytes.
-fn recorded_as(sequence: u64, at: OffsetDateTime, payload: &[u8]) -> CommandId {
-    use sha2::{Digest, Sha256};
-    let millis = u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-    let digest = Sha256::new()
-        .chain_update(b"rct/v1/refusal-id\n")
-        .chain_update(sequence.to_be_bytes())
-        .chain_update(payload)
-        .finalize();
-    let mut random = [0u8; 16];
-    random[6..].copy_from_slice(&digest[..10]);
-    ulid::Ulid::from_parts(millis, u128::from_be_bytes(random))
-        .to_string()
-        .parse()
-        .expect("a ULID is a command id")
 }
 
 /// The request summary of a decision event.

@@ -30,6 +30,11 @@ pub struct Config {
     /// outcome is recorded without it.
     #[serde(with = "humantime_serde")]
     pub cancel_grace: Duration,
+    /// How long a command that cannot be taken now (no handler here, the catalog or the
+    /// journal unreadable, another live agent holds it) waits before it is delivered again.
+    /// It is never given up: its deadline ends the wait with `Expired`.
+    #[serde(with = "humantime_serde")]
+    pub retry_pause: Duration,
     /// How often presence is refreshed in `rct_agents` (its TTL is the bucket's).
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
@@ -51,13 +56,14 @@ impl Default for Config {
             instance: nix::unistd::gethostname()
                 .ok()
                 .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| "agent".into()),
+                .map_or_else(|| "agent".into(), |host| instance_name(&host)),
             trusted_keys: Vec::new(),
             trust_reload: Duration::from_secs(30),
             concurrency: 4,
             shutdown_grace: Duration::from_secs(30),
             cancel_grace: Duration::from_secs(10),
             heartbeat: Duration::from_secs(10),
+            retry_pause: Duration::from_secs(5),
             create_consumer: false,
             streams: rct_streams::Config::default(),
             telemetry: rct_streams::telemetry::Config::default(),
@@ -160,6 +166,11 @@ impl Config {
         if self.concurrency == 0 {
             return Err("concurrency must be at least 1".into());
         }
+        if self.retry_pause < Duration::from_millis(100)
+            || self.retry_pause > Duration::from_secs(60)
+        {
+            return Err("retry_pause must be between 100ms and 1m".into());
+        }
         self.output.validate()?;
         if self.heartbeat < Duration::from_secs(1) {
             return Err("heartbeat must be at least 1s".into());
@@ -171,5 +182,47 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// An instance name from a host name: every character a subject token may not hold (the dots
+/// of a fully qualified name) becomes `-`.
+fn instance_name(host: &str) -> String {
+    let name: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if name.is_empty() {
+        "agent".into()
+    } else {
+        name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_name_with_dots_makes_a_valid_instance() {
+        for host in ["node-1.prod.example.com", "höst.local", "", "plain"] {
+            let config = Config {
+                instance: instance_name(host),
+                ..Config::default()
+            };
+            config
+                .validate()
+                .unwrap_or_else(|e| panic!("{host:?}: {e}"));
+        }
+        assert_eq!(
+            instance_name("node-1.prod.example.com"),
+            "node-1-prod-example-com"
+        );
     }
 }

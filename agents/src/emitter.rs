@@ -476,7 +476,7 @@ impl Publishing {
                 humantime::format_duration(self.shared.limits.flush_timeout),
                 self.last_error.as_deref().unwrap_or("no acknowledgement")
             );
-            let kind = self.log_kind(LogStream::Unspecified, self.shared.bound(&text, 0));
+            let kind = self.log_kind(LogStream::Agent, self.shared.bound(&text, 0));
             let n = self.next_log();
             // Past the deadline: this one event gets LAST_WORD, and no more.
             let event = self.event(kind);
@@ -534,7 +534,7 @@ impl Publishing {
 
     /// A note about the output itself; one the stream refuses too is only logged here.
     async fn notice(&mut self, text: String) {
-        let kind = self.log_kind(LogStream::Unspecified, self.shared.bound(&text, 0));
+        let kind = self.log_kind(LogStream::Agent, self.shared.bound(&text, 0));
         let n = self.next_log();
         if let Sent::Refused(reason) = self.send(kind, n).await {
             tracing::warn!(command_id = %self.template.command_id, %reason, note = %text, "cannot record a note about the output");

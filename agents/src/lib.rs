@@ -16,6 +16,7 @@
 pub mod cli;
 mod config;
 mod context;
+mod delivery;
 pub mod demo;
 mod emitter;
 mod error;

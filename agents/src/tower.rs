@@ -1,36 +1,35 @@
 //! The tower framework: pull admitted commands, verify, claim once, run the handler with
 //! progress, logs, cancellation and a timeout, record exactly one outcome.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
-use futures::StreamExt;
 use futures::future::BoxFuture;
+use futures::{FutureExt as _, StreamExt};
 use prometheus_client::registry::Registry;
-use prost::Message as _;
 use rct_bus::catalog::Served;
 use rct_bus::presence::Presence;
 use rct_bus::proto::{self, event::Kind};
 use rct_bus::{
     CommandId, EventKind, OperationName, PublicKey, Purpose, Subject, Target, Unverified, Verifier,
 };
+use rct_streams::journal::{self, Look};
 use rct_streams::replay::{self, Filter, Item};
 use rct_streams::telemetry::{self, Readiness};
 use rct_streams::timestamp::{from_datetime, to_datetime};
-use rct_streams::topology::{
-    self, AGENTS_BUCKET, CATALOG_BUCKET, CATALOG_KEY, COMMAND_STREAM, EVENT_STREAM,
-};
-use rct_streams::{Publisher, Slot};
+use rct_streams::topology::{self, AGENTS_BUCKET, CATALOG_BUCKET, CATALOG_KEY, COMMAND_STREAM};
+use rct_streams::{Guarded, Outgoing, Publisher, Slot};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::Instrument as _;
 
 use crate::context::{Context, Failure, Outcome, Params};
+use crate::delivery::{self, AfterClaim, Facts, Step};
 use crate::metrics::Metrics;
 use crate::{Config, Error, emitter};
 
@@ -133,8 +132,12 @@ struct Runner {
     trusted: Vec<PublicKey>,
     js: jetstream::Context,
     publisher: Publisher,
+    /// The latest served catalog seen (its version is in presence).
     catalog: RwLock<Option<Arc<Served>>>,
+    /// Catalog versions commands were checked against, by version.
+    catalogs: Mutex<HashMap<String, Arc<Served>>>,
     incarnation: String,
+    host: String,
     source: String,
     config: Config,
     running: Mutex<HashSet<CommandId>>,
@@ -178,7 +181,9 @@ impl Runner {
             publisher: Publisher::new(js.clone()),
             js,
             catalog: RwLock::new(None),
+            catalogs: Mutex::default(),
             incarnation,
+            host: host_name(),
             config: tower.config,
             running: Mutex::default(),
             started_at: OffsetDateTime::now_utc(),
@@ -319,10 +324,7 @@ impl Runner {
                 return;
             }
         };
-        let host = nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_default();
+        let host = self.host.clone();
         let key =
             rct_bus::presence::key(self.tower.as_str(), self.target.as_str(), &self.incarnation);
         loop {
@@ -360,28 +362,32 @@ impl Runner {
         let _ = bucket.delete(&key).await;
     }
 
+    /// Whether agent instance `incarnation` is present, read from the bucket's leader. When
+    /// that cannot be read, it counts as alive: nothing is declared unknown on a hunch.
     async fn alive(&self, incarnation: &str) -> bool {
-        let Ok(bucket) = self.js.get_key_value(AGENTS_BUCKET).await else {
-            // Unsure: assume alive, so nothing is declared unknown on a hunch.
-            return true;
-        };
         let key = rct_bus::presence::key(self.tower.as_str(), self.target.as_str(), incarnation);
-        !matches!(bucket.get(&key).await, Ok(None))
+        journal::present(&self.js, &key).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read presence; taking the holder for alive");
+            true
+        })
     }
 
     async fn handle(self: Arc<Self>, message: jetstream::Message, keepalive: Duration) {
+        // In-progress acks from receipt: while this copy looks at the journal, waits for the
+        // catalog or runs, the server hands no second copy out.
+        let keeper = keep_in_progress(&message, keepalive);
         let command = match self.verify(&message) {
             Ok(command) => command,
-            Err(reason) => {
-                tracing::warn!(subject = %message.subject, %reason, "refusing a command");
-                self.record_refusal(&message.subject, &reason).await;
+            Err(refusal) => {
+                tracing::warn!(subject = %message.subject, reason = %refusal.reason, "refusing a command");
+                self.record_refusal(&message, &refusal).await;
+                drop(keeper);
                 let _ = message.ack_with(AckKind::Term).await;
                 return;
             }
         };
         let id: CommandId = command.command_id.parse().expect("checked in verify");
         let command = Arc::new(command);
-        let redelivered = message.info().map_or(true, |i| i.delivered > 1);
         let operator = command
             .operator
             .as_ref()
@@ -400,144 +406,203 @@ impl Runner {
             .publisher
             .traced(&telemetry::continue_trace(&span, message.headers.as_ref()));
         async {
-            match self.prepare(&publisher, &command, id, redelivered).await {
-                Prepared::Run(params, secrets) => {
-                    self.run(&publisher, message, command, id, params, secrets, keepalive)
-                        .await
-                }
-                Prepared::Done => {
-                    let _ = message.double_ack().await;
-                }
-                Prepared::Later(pause) => {
-                    let _ = message.ack_with(AckKind::Nak(Some(pause))).await;
-                }
-                Prepared::Leave => {}
-            }
+            let settle = self.process(&publisher, &message, command, id).await;
+            drop(keeper);
+            settle.apply(&message).await;
         }
         .instrument(span)
         .await
     }
 
+    /// Takes one verified command through the steps of [`delivery`] and says how to settle
+    /// its message.
+    async fn process(
+        &self,
+        publisher: &Publisher,
+        message: &jetstream::Message,
+        command: Arc<proto::Command>,
+        id: CommandId,
+    ) -> Settle {
+        let Some(mark) = Mark::enter(&self.running, id) else {
+            // Another copy runs here now: it settles its own message; this one comes back and
+            // finds the outcome. Nothing is written for it, Expired least of all.
+            return Settle::Later(self.config.retry_pause);
+        };
+        let now = OffsetDateTime::now_utc();
+        let past_deadline = command
+            .deadline
+            .as_ref()
+            .and_then(to_datetime)
+            .is_none_or(|deadline| now > deadline);
+        let redelivered = message.info().map_or(true, |i| i.delivered > 1);
+        let look = if redelivered || past_deadline {
+            match journal::look(&self.js, &self.tower, id).await {
+                Ok(look) => Some(look),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the command's journal; trying later");
+                    return Settle::Later(self.config.retry_pause);
+                }
+            }
+        } else {
+            None
+        };
+        let holder_alive = match look.as_ref().and_then(Look::holder) {
+            Some(holder) if holder != self.incarnation => self.alive(holder).await,
+            _ => false,
+        };
+        let step = delivery::next(Facts {
+            running_here: false,
+            past_deadline,
+            journal: look.as_ref(),
+            me: &self.incarnation,
+            holder_alive,
+        });
+        tracing::debug!(?step, "next step");
+        match step {
+            Step::Busy => Settle::Later(self.config.retry_pause),
+            Step::Ended => Settle::Ack,
+            Step::HeldElsewhere => Settle::Later(self.config.retry_pause),
+            Step::Orphaned { holder } => {
+                let unknown = Kind::Unknown(proto::Unknown {
+                    reason: format!(
+                        "the agent that started it ({holder}) stopped before reporting an \
+                         outcome; it is not run again: check {} by hand",
+                        if command.target == Target::NONE {
+                            "the system"
+                        } else {
+                            &command.target
+                        }
+                    ),
+                });
+                self.end_held(publisher, &command, unknown).await
+            }
+            Step::Expire { held } => {
+                let expired = Kind::Expired(proto::Expired {
+                    deadline: command.deadline,
+                });
+                if held {
+                    self.end_held(publisher, &command, expired).await
+                } else {
+                    self.end_unclaimed(publisher, &command, id, look, expired)
+                        .await
+                }
+            }
+            Step::Resume => match self.check(&command).await {
+                Checked::Run(params, secrets) => {
+                    self.run(publisher, &command, id, params, secrets, mark)
+                        .await
+                }
+                Checked::End(kind) => self.end_held(publisher, &command, *kind).await,
+                Checked::Later(pause) => Settle::Later(pause),
+            },
+            Step::Claim => match self.check(&command).await {
+                Checked::Run(params, secrets) => match self.claim(publisher, &command, id).await {
+                    Ok(AfterClaim::Run) => {
+                        self.run(publisher, &command, id, params, secrets, mark)
+                            .await
+                    }
+                    Ok(AfterClaim::Ended) => Settle::Ack,
+                    Err(pause) => Settle::Later(pause),
+                },
+                Checked::End(kind) => {
+                    self.end_unclaimed(publisher, &command, id, look, *kind)
+                        .await
+                }
+                Checked::Later(pause) => Settle::Later(pause),
+            },
+        }
+    }
+
     /// Signature (a trusted admission key), then the command's own consistency with the
     /// subject it came on and the agent it reached.
-    fn verify(&self, message: &jetstream::Message) -> Result<proto::Command, String> {
+    fn verify(&self, message: &jetstream::Message) -> Result<proto::Command, Refusal> {
         let envelope = Unverified::decode(&message.payload)
-            .map_err(|_| "the command is not a signed envelope".to_owned())?;
+            .map_err(|_| Refusal::new("the command is not a signed envelope"))?;
+        // The id it claims, unverified: only to put a note on that command's timeline.
+        let claimed = envelope
+            .peek::<proto::Command>()
+            .and_then(|c| c.command_id.parse::<CommandId>().ok());
+        let refuse = |reason: String| Refusal { reason, claimed };
         let verified = self
             .verifier
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .verify(envelope, Purpose::Command)
             .map_err(|e| match e {
-                rct_bus::Error::UntrustedKey { key_id } => format!(
+                rct_bus::Error::UntrustedKey { key_id } => refuse(format!(
                     "the command is signed with key {key_id}, which this agent does not trust \
                      (a retired admission key, or a new one not yet added to trusted_keys)"
-                ),
-                e => format!("the command's signature is not admission's ({e})"),
+                )),
+                e => refuse(format!("the command's signature is not admission's ({e})")),
             })?;
         let command: proto::Command = verified
             .decode()
-            .map_err(|_| "the signed body is not a command".to_owned())?;
+            .map_err(|_| refuse("the signed body is not a command".into()))?;
         command
             .command_id
             .parse::<CommandId>()
-            .map_err(|_| format!("command id {:?} is not a ULID", command.command_id))?;
+            .map_err(|_| refuse(format!("command id {:?} is not a ULID", command.command_id)))?;
         let Ok(Subject::Command { operation, target }) = message.subject.parse::<Subject>() else {
-            return Err(format!("{} is not a command subject", message.subject));
+            return Err(refuse(format!(
+                "{} is not a command subject",
+                message.subject
+            )));
         };
         if operation.to_string() != command.operation || target.as_str() != command.target {
-            return Err(format!(
+            return Err(refuse(format!(
                 "the command for {} on {} arrived on {}",
                 command.operation, command.target, message.subject
-            ));
+            )));
         }
         if operation.tower() != &self.tower || (self.cluster && target != self.target) {
-            return Err(format!("{} is not for this agent", message.subject));
+            return Err(refuse(format!("{} is not for this agent", message.subject)));
         }
         Ok(command)
     }
 
-    /// Decides what to do with a verified command before running it.
-    async fn prepare(
-        &self,
-        publisher: &Publisher,
-        command: &proto::Command,
-        id: CommandId,
-        redelivered: bool,
-    ) -> Prepared {
-        let now = OffsetDateTime::now_utc();
-        let deadline = command
-            .deadline
-            .as_ref()
-            .and_then(to_datetime)
-            .unwrap_or(now);
-
-        // Claimed already? Then it is never run again, here or anywhere. A first delivery
-        // within its deadline skips the look: the claim itself is single-slot, and a taken
-        // slot sends the command back here as a redelivery.
-        if redelivered || now > deadline {
-            match self.read_slot(id, EventKind::Claim).await {
-                Err(()) => return Prepared::Later(Duration::from_secs(2)),
-                Ok(Some(claim)) => {
-                    return self.claimed_before(publisher, command, id, &claim).await;
-                }
-                Ok(None) => {}
-            }
-        }
-        if now > deadline {
-            let expired = Kind::Expired(proto::Expired {
-                deadline: command.deadline,
-            });
-            return match self.outcome(publisher, command, expired).await {
-                Ok(_) => Prepared::Done,
-                Err(()) => Prepared::Later(Duration::from_secs(2)),
-            };
-        }
+    /// Checks a command against the catalog version it was admitted under, as admission did.
+    async fn check(&self, command: &proto::Command) -> Checked {
         let op_name = command.operation.rsplit('/').next().unwrap_or_default();
         if !self.handlers.contains_key(op_name) {
+            // Never given up: an agent that has it may come, and the deadline ends the wait.
             tracing::warn!(operation = %command.operation, "no handler here; leaving it for an agent that has one");
-            return Prepared::Later(Duration::from_secs(10));
+            return Checked::Later(self.config.retry_pause);
         }
-        let Some(served) = self.catalog(&command.catalog_version).await else {
-            tracing::warn!("the catalog is not available; cannot re-validate, trying later");
-            return Prepared::Later(Duration::from_secs(5));
-        };
-        let name: OperationName = match command.operation.parse() {
-            Ok(name) => name,
-            Err(e) => {
-                return self
-                    .fail(publisher, command, "invalid_params", e.to_string())
-                    .await;
+        let served = match self.catalog(&command.catalog_version).await {
+            Catalog::Found(served) => served,
+            Catalog::Unavailable(e) => {
+                tracing::warn!(error = %e, "the catalog is not available; cannot re-validate, trying later");
+                return Checked::Later(self.config.retry_pause);
+            }
+            Catalog::Missing { kept } => {
+                return Checked::End(Box::new(failed(
+                    "catalog_unknown",
+                    format!(
+                        "it was admitted under catalog version {}, which {CATALOG_BUCKET} no \
+                         longer holds (it keeps {kept} versions): the agent cannot check it \
+                         against what admission checked; submit it again",
+                        command.catalog_version
+                    ),
+                )));
             }
         };
+        let invalid = |message: String| Checked::End(Box::new(failed("invalid_params", message)));
+        let name: OperationName = match command.operation.parse() {
+            Ok(name) => name,
+            Err(e) => return invalid(e.to_string()),
+        };
         let Some((tower_spec, operation)) = served.catalog.operation(&name) else {
-            return self
-                .fail(
-                    publisher,
-                    command,
-                    "invalid_params",
-                    format!("{name} is not in catalog {}", served.version),
-                )
-                .await;
+            return invalid(format!("{name} is not in catalog {}", served.version));
         };
         let checked = match operation.check(tower_spec, &command.params) {
             Ok(checked) => checked,
             Err(errors) => {
                 let messages: Vec<String> = errors.into_iter().map(|e| e.message).collect();
-                return self
-                    .fail(publisher, command, "invalid_params", messages.join("; "))
-                    .await;
+                return invalid(messages.join("; "));
             }
         };
         if checked.target.as_str() != command.target {
-            return self
-                .fail(
-                    publisher,
-                    command,
-                    "invalid_params",
-                    "the target disagrees with the parameters".into(),
-                )
-                .await;
+            return invalid("the target disagrees with the parameters".into());
         }
         let secrets = operation
             .params
@@ -546,96 +611,24 @@ impl Runner {
             .filter_map(|(n, _)| checked.params.get(n))
             .map(rct_bus::catalog::display_value)
             .collect();
-        Prepared::Run(Params::new(checked.params), secrets)
+        Checked::Run(Params::new(checked.params), secrets)
     }
 
-    /// A command whose claim exists: finished, running elsewhere, or orphaned.
-    async fn claimed_before(
+    /// Claims the command (single slot), then looks at its outcome slot: an outcome written
+    /// before the claim landed (a rival's `Expired`) means it must not run. A claim that
+    /// comes back as a duplicate of our own id is ours (an earlier attempt whose
+    /// acknowledgement was lost), not a rival's. `Err` carries the pause before trying again.
+    async fn claim(
         &self,
         publisher: &Publisher,
         command: &proto::Command,
         id: CommandId,
-        claim: &proto::Event,
-    ) -> Prepared {
-        match self.read_slot(id, EventKind::Outcome).await {
-            Err(()) => return Prepared::Later(Duration::from_secs(2)),
-            Ok(Some(_)) => return Prepared::Done,
-            Ok(None) => {}
-        }
-        let holder = match &claim.kind {
-            Some(Kind::Started(s)) => s.agent.clone(),
-            _ => String::new(),
-        };
-        if holder == self.incarnation
-            && self
-                .running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&id)
-        {
-            // Still running here; the running task acknowledges it.
-            return Prepared::Leave;
-        }
-        if holder != self.incarnation && self.alive(&holder).await {
-            return Prepared::Later(Duration::from_secs(5));
-        }
-        let unknown = Kind::Unknown(proto::Unknown {
-            reason: format!(
-                "the agent that started it ({holder}) stopped before reporting an outcome; it is \
-                 not run again: check {} by hand",
-                if command.target == Target::NONE {
-                    "the system"
-                } else {
-                    &command.target
-                }
-            ),
-        });
-        match self.outcome(publisher, command, unknown).await {
-            Ok(_) => Prepared::Done,
-            Err(()) => Prepared::Later(Duration::from_secs(2)),
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)] // one command's whole context, passed once
-    async fn run(
-        &self,
-        publisher: &Publisher,
-        message: jetstream::Message,
-        command: Arc<proto::Command>,
-        id: CommandId,
-        params: Params,
-        secrets: Vec<String>,
-        keepalive: Duration,
-    ) {
-        let op_name = command
-            .operation
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        let handler = self.handlers[&op_name].clone();
-        if !self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id)
-        {
-            // Another copy of this command is running here right now; this copy comes back
-            // later and finds the outcome.
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-            return;
-        }
-
+    ) -> Result<AfterClaim, Duration> {
         let claim = self.event(
-            &command,
+            command,
             Kind::Started(proto::Started {
                 agent: self.incarnation.clone(),
-                host: nix::unistd::gethostname()
-                    .ok()
-                    .and_then(|h| h.into_string().ok())
-                    .unwrap_or_default(),
+                host: self.host.clone(),
                 target: command.target.clone(),
             }),
         );
@@ -643,91 +636,87 @@ impl Runner {
             .event(&self.tower, &claim, &self.incarnation)
             .await
         {
-            Ok(Slot::Written(ack)) if ack.duplicate => {
-                // This agent claimed it before (another copy of the command): never again.
-                self.running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                let next = match self.read_slot(id, EventKind::Claim).await {
-                    Ok(Some(claim)) => self.claimed_before(publisher, &command, id, &claim).await,
-                    _ => Prepared::Later(Duration::from_secs(1)),
-                };
-                match next {
-                    Prepared::Done => {
-                        let _ = message.double_ack().await;
-                    }
-                    Prepared::Later(pause) => {
-                        let _ = message.ack_with(AckKind::Nak(Some(pause))).await;
-                    }
-                    Prepared::Leave | Prepared::Run(..) => {}
-                }
-                return;
-            }
             Ok(Slot::Written(_)) => {}
             Ok(Slot::Taken { .. }) => {
-                // Someone else started it between our look and our claim.
-                self.running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
-                return;
+                // Someone else claimed it first; its redelivery finds their claim.
+                return Err(RELOOK);
             }
             Err(e) => {
-                tracing::warn!(command_id = %id, error = %e, "cannot claim; trying later");
-                self.running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
-                    .await;
-                return;
+                tracing::warn!(error = %e, "cannot claim; trying later");
+                return Err(self.config.retry_pause);
             }
         }
-        tracing::info!(command_id = %id, operation = %command.operation, target = %command.target, "started");
+        match journal::slot(&self.js, &self.tower, id, EventKind::Outcome).await {
+            Ok(outcome) => {
+                let next = delivery::after_claim(outcome.is_some());
+                if next == AfterClaim::Ended {
+                    tracing::warn!("an outcome was recorded before our claim; not running it");
+                }
+                Ok(next)
+            }
+            Err(e) => {
+                // The claim is ours and nothing ran: the next delivery resumes it.
+                tracing::warn!(error = %e, "cannot read the outcome slot after claiming; trying later");
+                Err(self.config.retry_pause)
+            }
+        }
+    }
+
+    /// Runs a claimed command to its one outcome.
+    async fn run(
+        &self,
+        publisher: &Publisher,
+        command: &Arc<proto::Command>,
+        id: CommandId,
+        params: Params,
+        secrets: Vec<String>,
+        mark: Mark<'_>,
+    ) -> Settle {
+        let op_name = command
+            .operation
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let handler = self.handlers[&op_name].clone();
+        // From here the command stays marked running until its outcome is written, whatever
+        // happens: a copy delivered meanwhile never resumes it.
+        let running = mark.hold();
+        tracing::info!(operation = %command.operation, target = %command.target, "started");
         self.metrics.started();
         let began = std::time::Instant::now();
 
-        // Keep the server from redelivering while the handler works.
-        let keeper = {
-            let message = message.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(keepalive).await;
-                    let _ = message.ack_with(AckKind::Progress).await;
-                }
-            })
-        };
-        let cancel_watch = {
-            let js = self.js.clone();
-            let tower = self.tower.clone();
-            tokio::spawn(async move { cancel_request(&js, tower, id).await })
-        };
-
+        let cancel_watch = AbortOnDropHandle::new(tokio::spawn(cancel_request(
+            self.js.clone(),
+            self.tower.clone(),
+            id,
+        )));
         let timeout = command
             .timeout
             .as_ref()
-            .map_or(Duration::from_secs(15 * 60), |d| {
-                Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
-            });
-        let finish_by = OffsetDateTime::now_utc() + timeout;
+            .map_or(DEFAULT_TIMEOUT, rct_streams::timestamp::to_std_duration);
+        let finish_by = OffsetDateTime::now_utc()
+            .checked_add(timeout.try_into().unwrap_or(time::Duration::MAX))
+            .unwrap_or(OffsetDateTime::new_utc(
+                time::Date::MAX,
+                time::Time::MIDNIGHT,
+            ));
         let (emitter, emitting) = emitter::start(
             publisher.clone(),
             self.tower.clone(),
-            self.event(&command, Kind::Log(proto::Log::default())),
-            secrets,
+            self.event(command, Kind::Log(proto::Log::default())),
+            secrets.clone(),
             &self.config.output,
         );
         let token = CancellationToken::new();
+        // Whatever the handler started with the context's token stops when the command ends.
+        let _stop = token.clone().drop_guard();
         let ctx = Context::new(command.clone(), finish_by, token.clone(), emitter);
-        let mut work = handler(ctx, params);
+        // A panic in the handler is its failure, not the agent's: caught here.
+        let mut work = std::panic::AssertUnwindSafe(handler(ctx, params)).catch_unwind();
 
         enum Ended {
-            Done(Result<Outcome, Failure>),
+            Done(std::thread::Result<Result<Outcome, Failure>>),
             Cancelled(String),
             TimedOut,
         }
@@ -753,125 +742,237 @@ impl Runner {
             }
         };
         drop(work);
-        cancel_watch.abort();
+        drop(cancel_watch);
         // Every progress and log line is out before the outcome.
         emitting.finish().await;
 
         let kind = match (ended, late) {
-            (_, Some(Ok(outcome))) => Kind::Succeeded(proto::Succeeded {
+            (_, Some(Ok(Ok(outcome)))) => Kind::Succeeded(proto::Succeeded {
                 summary: outcome.summary,
                 outputs: outcome.outputs.into_iter().collect(),
             }),
             (Some(Ended::Cancelled(by)), _) => Kind::Cancelled(proto::Cancelled {
                 reason: format!("cancelled by {by}"),
             }),
-            (Some(Ended::TimedOut), _) => Kind::Failed(proto::Failed {
-                code: "timeout".into(),
-                message: format!(
+            (Some(Ended::TimedOut), _) => failed(
+                "timeout",
+                format!(
                     "did not finish within {}",
                     humantime::format_duration(timeout)
                 ),
-            }),
-            (_, Some(Err(failure))) => Kind::Failed(proto::Failed {
-                code: failure.code,
-                message: failure.message,
-            }),
-            (_, None) => Kind::Failed(proto::Failed {
-                code: "abandoned".into(),
-                message: "the handler did not stop after cancellation".into(),
-            }),
+            ),
+            (_, Some(Ok(Err(failure)))) => failed(&failure.code, failure.message),
+            (_, Some(Err(panic))) => failed(
+                "panic",
+                format!(
+                    "the handler panicked: {}; what it changed before is not known",
+                    panic_message(&*panic)
+                ),
+            ),
+            (_, None) => failed(
+                "abandoned",
+                "the handler did not stop after cancellation".into(),
+            ),
         };
         let summary = match &kind {
             Kind::Succeeded(_) => "succeeded",
             Kind::Cancelled(_) => "cancelled",
             _ => "failed",
         };
-        // An outcome we cannot write is retried; the command stays ours (running) meanwhile.
-        while self
-            .outcome(publisher, &command, kind.clone())
-            .await
-            .is_err()
-        {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        keeper.abort();
-        for _ in 0..5 {
-            if message.double_ack().await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        // Masked and bounded like every other event: an outcome must always be publishable.
+        let kind = emitter::bound_kind(kind, &secrets, &self.config.output);
+        self.record_outcome(publisher, command, kind).await;
+        running.release();
         self.metrics.ended(&op_name, summary, began.elapsed());
-        tracing::info!(command_id = %id, outcome = summary, "finished");
+        tracing::info!(outcome = summary, "finished");
+        Settle::Ack
     }
 
-    /// Records a failure before running (no claim): the command is refused, not run.
-    async fn fail(
-        &self,
-        publisher: &Publisher,
-        command: &proto::Command,
-        code: &str,
-        message: String,
-    ) -> Prepared {
-        tracing::warn!(command_id = %command.command_id, code, %message, "refusing to run");
-        let operation = command.operation.rsplit('/').next().unwrap_or_default();
-        self.metrics.count(operation, "refused");
-        let failed = Kind::Failed(proto::Failed {
-            code: code.to_owned(),
-            message,
-        });
-        match self.outcome(publisher, command, failed).await {
-            Ok(_) => Prepared::Done,
-            Err(()) => Prepared::Later(Duration::from_secs(2)),
+    /// Writes the outcome of a command that ran, trying until it is stored (the command stays
+    /// running here meanwhile). An outcome the server refuses for good (too large, say) is
+    /// replaced by a failure that says so.
+    async fn record_outcome(&self, publisher: &Publisher, command: &proto::Command, kind: Kind) {
+        let mut kind = kind;
+        loop {
+            let event = self.event(command, kind.clone());
+            match publisher
+                .event(&self.tower, &event, &self.incarnation)
+                .await
+            {
+                Ok(Slot::Written(_)) => return,
+                Ok(Slot::Taken { sequence }) => {
+                    // The journal must still say what happened here.
+                    tracing::error!(
+                        sequence,
+                        "another outcome was recorded first (an agent took this one for dead)"
+                    );
+                    let note = self.event(
+                        command,
+                        Kind::Log(proto::Log {
+                            stream: proto::LogStream::Agent as i32,
+                            line: format!(
+                                "agent {} ran this command and it {}, but another outcome had \
+                                 been recorded first (event {sequence}): that outcome is not \
+                                 what happened here",
+                                self.incarnation,
+                                describe(&kind)
+                            ),
+                        }),
+                    );
+                    self.note(&note, format!("late-{}", self.incarnation)).await;
+                    return;
+                }
+                Err(rct_streams::Error::Publish { cause, .. }) => {
+                    tracing::error!(error = %cause, "the server refuses the outcome; recording why instead");
+                    kind = failed(
+                        "outcome_refused",
+                        format!(
+                            "the handler ended, but its outcome could not be recorded: {cause}"
+                        ),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot record the outcome yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
         }
     }
 
-    /// Writes the outcome (once per command); `Ok(false)` if another writer had already.
-    async fn outcome(
+    /// Ends a command this agent holds the claim of (or whose holder is gone) without running
+    /// it: the outcome slot is single, so a rival's outcome wins and ours is dropped.
+    async fn end_held(
         &self,
         publisher: &Publisher,
         command: &proto::Command,
         kind: Kind,
-    ) -> Result<bool, ()> {
+    ) -> Settle {
+        self.count_unrun(command, &kind);
         let event = self.event(command, kind);
-        match publisher.event(&self.tower, &event, 0).await {
-            Ok(Slot::Written(_)) => Ok(true),
-            Ok(Slot::Taken { .. }) => {
-                tracing::warn!(command_id = %command.command_id, "an outcome was already recorded");
-                Ok(false)
-            }
+        match publisher
+            .event(&self.tower, &event, &self.incarnation)
+            .await
+        {
+            Ok(_) => Settle::Ack,
             Err(e) => {
-                tracing::warn!(command_id = %command.command_id, error = %e, "cannot record the outcome");
-                Err(())
+                tracing::warn!(error = %e, "cannot record the outcome; trying later");
+                Settle::Later(self.config.retry_pause)
             }
         }
     }
 
-    /// A refused command is recorded under a fresh id: the id in a forged command could be a
-    /// real command's, whose outcome slot must not be taken by the forgery.
-    async fn record_refusal(&self, subject: &str, reason: &str) {
-        let (operation, target) = match subject.parse::<Subject>() {
+    /// Ends an unclaimed command without running it, guarded by the last sequence of its
+    /// events read before its journal: if a claim or an outcome was written since, nothing
+    /// is written and the command is looked at again.
+    async fn end_unclaimed(
+        &self,
+        publisher: &Publisher,
+        command: &proto::Command,
+        id: CommandId,
+        look: Option<Look>,
+        kind: Kind,
+    ) -> Settle {
+        let look = match look {
+            Some(look) => look,
+            None => match journal::look(&self.js, &self.tower, id).await {
+                Ok(look) => look,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the command's journal; trying later");
+                    return Settle::Later(self.config.retry_pause);
+                }
+            },
+        };
+        if look.claim.is_some() || look.outcome.is_some() {
+            return Settle::Later(RELOOK);
+        }
+        let event = self.event(command, kind.clone());
+        let Some(outgoing) = Outgoing::event(&self.tower, &event, &self.incarnation) else {
+            return Settle::Ack;
+        };
+        match publisher
+            .send_guarded(outgoing.guarded(journal::guard(id), look.last))
+            .await
+        {
+            Ok(Guarded::Written(_)) => {
+                self.count_unrun(command, &kind);
+                Settle::Ack
+            }
+            Ok(Guarded::Moved) => Settle::Later(RELOOK),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot record the outcome; trying later");
+                Settle::Later(self.config.retry_pause)
+            }
+        }
+    }
+
+    fn count_unrun(&self, command: &proto::Command, kind: &Kind) {
+        let operation = command.operation.rsplit('/').next().unwrap_or_default();
+        let (label, code, message) = match kind {
+            Kind::Expired(_) => ("expired", "expired", "past its deadline"),
+            Kind::Unknown(u) => ("unknown", "unknown", u.reason.as_str()),
+            Kind::Failed(f) => ("refused", f.code.as_str(), f.message.as_str()),
+            _ => ("refused", "", ""),
+        };
+        tracing::warn!(code, %message, "ended without running");
+        self.metrics.count(operation, label);
+    }
+
+    /// Records a refused command: under an id derived from its place in `RCT_CMD` (the same
+    /// on every redelivery; the id in a forged command could be a real command's, whose slots
+    /// must not be taken by the forgery), and, when it names a command id, as a note on that
+    /// command's timeline (a log line, never a slot), so whoever waits for it learns why.
+    async fn record_refusal(&self, message: &jetstream::Message, refusal: &Refusal) {
+        let (operation, target) = match message.subject.parse::<Subject>() {
             Ok(Subject::Command { operation, target }) => {
                 (operation.to_string(), target.to_string())
             }
             _ => (String::new(), String::new()),
         };
-        let event = proto::Event {
-            command_id: CommandId::generate().to_string(),
+        let (sequence, stored) = message
+            .info()
+            .map(|i| (i.stream_sequence, i.published))
+            .unwrap_or((0, OffsetDateTime::now_utc()));
+        let id = CommandId::derived(stored.into(), COMMAND_STREAM, sequence, &message.payload);
+        let record = proto::Event {
+            command_id: id.to_string(),
             at: Some(from_datetime(OffsetDateTime::now_utc())),
             source: self.source.clone(),
-            operation,
-            target,
-            kind: Some(Kind::Failed(proto::Failed {
-                code: "refused".into(),
-                message: format!("{reason}; it was not run"),
-            })),
+            operation: operation.clone(),
+            target: target.clone(),
+            kind: Some(failed(
+                "refused",
+                format!("{}; it was not run", refusal.reason),
+            )),
         };
-        emitter::publish(&self.publisher, &self.tower, &event, 0).await;
+        self.note(&record, &self.incarnation).await;
+        if let Some(claimed) = refusal.claimed {
+            let note = proto::Event {
+                command_id: claimed.to_string(),
+                kind: Some(Kind::Log(proto::Log {
+                    stream: proto::LogStream::Agent as i32,
+                    line: format!(
+                        "{} agent {} refused a copy of this command from {}: {}; \
+                         that copy was not run (see {})",
+                        rct_bus::REFUSAL_NOTE,
+                        self.incarnation,
+                        message.subject,
+                        refusal.reason,
+                        record.command_id
+                    ),
+                })),
+                ..record
+            };
+            let n = format!("refused-{sequence}");
+            self.note(&note, n).await;
+        }
+    }
+
+    /// Publishes a record of a refusal (the publisher retries for about a minute); one that
+    /// cannot be stored is logged, and the refused command is not run either way.
+    async fn note(&self, event: &proto::Event, n: impl std::fmt::Display) {
+        if let Err(e) = self.publisher.event(&self.tower, event, n).await {
+            tracing::error!(command_id = %event.command_id, error = %e, "cannot record a refusal");
+        }
     }
 
     fn event(&self, command: &proto::Command, kind: Kind) -> proto::Event {
@@ -885,47 +986,55 @@ impl Runner {
         }
     }
 
-    /// The event in one single-slot subject of a command, if any.
-    async fn read_slot(&self, id: CommandId, kind: EventKind) -> Result<Option<proto::Event>, ()> {
-        let subject = Subject::event(&self.tower, id, kind).to_string();
-        let stream = self
-            .js
-            .get_stream_no_info(EVENT_STREAM)
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "cannot read {EVENT_STREAM}");
-            })?;
-        match stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(stored) => Ok(proto::Event::decode(stored.payload).ok()),
-            Err(e)
-                if e.kind()
-                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-            {
-                Ok(None)
-            }
-            Err(e) => {
-                tracing::warn!(%subject, error = %e, "cannot read");
-                Err(())
-            }
-        }
-    }
-
-    /// The served catalog, fetched again when a command names another version.
-    async fn catalog(&self, version: &str) -> Option<Arc<Served>> {
+    /// The served catalog of `version`: the cached one, the one served now, or an earlier
+    /// one from the bucket's history (a command is checked against the version it was
+    /// admitted under, never a later one).
+    async fn catalog(&self, version: &str) -> Catalog {
         if let Some(cached) = self
-            .catalog
-            .read()
+            .catalogs
+            .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            && cached.version == version
+            .get(version)
         {
-            return Some(cached.clone());
+            return Catalog::Found(cached.clone());
         }
-        let bucket = self.js.get_key_value(CATALOG_BUCKET).await.ok()?;
-        let bytes = bucket.get(CATALOG_KEY).await.ok()??;
-        let served: Arc<Served> = Arc::new(serde_json::from_slice(&bytes).ok()?);
-        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Some(served.clone());
-        Some(served)
+        let bucket = match self.js.get_key_value(CATALOG_BUCKET).await {
+            Ok(bucket) => bucket,
+            Err(e) => return Catalog::Unavailable(e.to_string()),
+        };
+        let mut history = match bucket.history(CATALOG_KEY).await {
+            Ok(history) => history,
+            Err(e) => return Catalog::Unavailable(e.to_string()),
+        };
+        let mut kept = 0;
+        let mut found = None;
+        while let Some(entry) = history.next().await {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => return Catalog::Unavailable(e.to_string()),
+            };
+            kept += 1;
+            let Ok(served) = serde_json::from_slice::<Served>(&entry.value) else {
+                continue;
+            };
+            let served = Arc::new(served);
+            if served.version == version {
+                found = Some(served.clone());
+            }
+            *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Some(served);
+        }
+        match found {
+            Some(served) => {
+                let mut cache = self.catalogs.lock().unwrap_or_else(|p| p.into_inner());
+                if cache.len() >= CATALOGS_CACHED {
+                    cache.clear();
+                }
+                cache.insert(version.to_owned(), served.clone());
+                Catalog::Found(served)
+            }
+            None if kept == 0 => Catalog::Unavailable("no catalog is served yet".into()),
+            None => Catalog::Missing { kept },
+        }
     }
 }
 
@@ -952,22 +1061,185 @@ const CONSUMER: &str = "consumer bound";
 const PRESENCE: &str = "presence written";
 const KEYS: &str = "keys loaded";
 
+/// A command's timeout when it carries none.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// After a write found the journal changed under it: look again soon.
+const RELOOK: Duration = Duration::from_millis(200);
+
+/// Catalog versions kept in memory (the bucket keeps at most 64).
+const CATALOGS_CACHED: usize = 64;
+
 /// How long a command runs before its cancel requests are watched.
 const CANCEL_WATCH_DELAY: Duration = Duration::from_millis(100);
 
-enum Prepared {
-    /// Run it with these parameters; mask these values in what is published.
-    Run(Params, Vec<String>),
-    /// Nothing more to do: acknowledge.
-    Done,
+/// How a delivery's message is settled.
+#[derive(Debug)]
+enum Settle {
+    /// Done with it, for good.
+    Ack,
     /// Not now: redeliver after this pause.
     Later(Duration),
-    /// Another task of this agent owns the message.
-    Leave,
+}
+
+impl Settle {
+    async fn apply(self, message: &jetstream::Message) {
+        match self {
+            Settle::Ack => {
+                for _ in 0..5 {
+                    if message.double_ack().await.is_ok() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                tracing::warn!("cannot acknowledge; the next delivery finds the outcome");
+            }
+            Settle::Later(pause) => {
+                let _ = message.ack_with(AckKind::Nak(Some(pause))).await;
+            }
+        }
+    }
+}
+
+/// A command marked running in this agent. Dropped before the handler starts, the mark goes;
+/// once [`Mark::hold`] is called it stays until [`Held::release`], after the outcome is
+/// written, so no later copy takes a command that started here for one that never ran.
+struct Mark<'a> {
+    running: &'a Mutex<HashSet<CommandId>>,
+    id: CommandId,
+}
+
+impl<'a> Mark<'a> {
+    /// Marks `id` running; `None` if it already is.
+    fn enter(running: &'a Mutex<HashSet<CommandId>>, id: CommandId) -> Option<Self> {
+        // Not `then_some`: it would build (and drop) a mark for the copy already running,
+        // removing that copy's mark.
+        let fresh = running.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+        if fresh {
+            Some(Self { running, id })
+        } else {
+            None
+        }
+    }
+
+    fn hold(self) -> Held<'a> {
+        let held = Held {
+            running: self.running,
+            id: self.id,
+        };
+        std::mem::forget(self);
+        held
+    }
+}
+
+impl Drop for Mark<'_> {
+    fn drop(&mut self) {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// A command whose handler started here; see [`Mark`].
+struct Held<'a> {
+    running: &'a Mutex<HashSet<CommandId>>,
+    id: CommandId,
+}
+
+impl Held<'_> {
+    fn release(self) {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// The result of checking a command before running it.
+enum Checked {
+    /// Run it with these parameters; mask these values in what is published.
+    Run(Params, Vec<String>),
+    /// End it without running, with this outcome (boxed: an event body is large).
+    End(Box<Kind>),
+    /// Not now: redeliver after this pause.
+    Later(Duration),
+}
+
+/// A catalog version looked up.
+enum Catalog {
+    Found(Arc<Served>),
+    /// The bucket answers but no longer holds it; `kept` versions are there.
+    Missing {
+        kept: usize,
+    },
+    /// The bucket cannot be read now.
+    Unavailable(String),
+}
+
+/// Why a command was refused, and the command id it claims (unverified).
+#[derive(Debug)]
+struct Refusal {
+    reason: String,
+    claimed: Option<CommandId>,
+}
+
+impl Refusal {
+    fn new(reason: &str) -> Self {
+        Self {
+            reason: reason.to_owned(),
+            claimed: None,
+        }
+    }
+}
+
+/// Starts in-progress acks for `message` every `every`, until the handle is dropped.
+fn keep_in_progress(message: &jetstream::Message, every: Duration) -> AbortOnDropHandle<()> {
+    let message = message.clone();
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        loop {
+            let _ = message.ack_with(AckKind::Progress).await;
+            tokio::time::sleep(every).await;
+        }
+    }))
+}
+
+/// This machine's name, as reported in claims and presence.
+fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+}
+
+fn failed(code: &str, message: String) -> Kind {
+    Kind::Failed(proto::Failed {
+        code: code.to_owned(),
+        message,
+    })
+}
+
+/// How a command ended, in words.
+fn describe(kind: &Kind) -> String {
+    match kind {
+        Kind::Succeeded(s) => format!("succeeded ({})", s.summary),
+        Kind::Failed(f) => format!("failed ({}: {})", f.code, f.message),
+        Kind::Cancelled(c) => format!("was cancelled ({})", c.reason),
+        _ => "ended".into(),
+    }
+}
+
+/// The text a panic carried, when it carried text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Resolves with who asked, when a cancel request for `id` is recorded.
-async fn cancel_request(js: &jetstream::Context, tower: rct_bus::Tower, id: CommandId) -> String {
+async fn cancel_request(js: jetstream::Context, tower: rct_bus::Tower, id: CommandId) -> String {
     // Commands that finish within this never pay for the watch (a consumer per command);
     // the watch reads the command's history from the start, so an earlier request is seen.
     tokio::time::sleep(CANCEL_WATCH_DELAY).await;
@@ -978,7 +1250,7 @@ async fn cancel_request(js: &jetstream::Context, tower: rct_bus::Tower, id: Comm
         ..Filter::default()
     };
     loop {
-        match replay::follow(js, &filter).await {
+        match replay::follow(&js, &filter).await {
             Ok(mut events) => {
                 while let Some(item) = events.next().await {
                     if let Ok(Item::Event(record)) = item

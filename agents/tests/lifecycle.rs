@@ -221,9 +221,17 @@ async fn commands_not_signed_by_admission_are_never_run() {
 
     for bad in [&forged, &tampered] {
         assert_eq!(ledger.executions(&bad.command_id), 0);
+        // Under the id it claims: a note, never a decision, claim or outcome.
+        let records = h.events(&bad.command_id).await;
         assert!(
-            h.events(&bad.command_id).await.is_empty(),
-            "nothing written under its id"
+            records.iter().all(|r| !r.kind.is_single_slot()),
+            "no slot taken under its id: {records:#?}"
+        );
+        assert!(
+            records
+                .iter()
+                .all(|r| rct_bus::refusal_note(&r.event).is_some()),
+            "{records:#?}"
         );
     }
     // The refusals are on record, under fresh ids.

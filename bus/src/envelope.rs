@@ -84,6 +84,12 @@ impl Unverified {
         Self(envelope)
     }
 
+    /// Decodes the body without verifying it: only to name what was refused (the command id
+    /// a refused envelope claims), never to act on it.
+    pub fn peek<M: Message + Default>(&self) -> Option<M> {
+        M::decode(self.0.body.as_slice()).ok()
+    }
+
     /// The key the envelope claims to be signed with; unchecked.
     pub fn key_id(&self) -> &str {
         &self.0.key_id

@@ -98,6 +98,20 @@ impl fmt::Display for EventKind {
     }
 }
 
+/// How an agent's note that it refused a copy of a command starts (a `Log` on stream `AGENT`
+/// in that command's timeline: never a slot, so a forged copy cannot end a real command).
+pub const REFUSAL_NOTE: &str = "refused:";
+
+/// The refusal in a note written by an agent, if `event` is one (see [`REFUSAL_NOTE`]).
+pub fn refusal_note(event: &proto::Event) -> Option<&str> {
+    match event.kind.as_ref()? {
+        proto::event::Kind::Log(log) if log.stream == proto::LogStream::Agent as i32 => {
+            log.line.strip_prefix(REFUSAL_NOTE).map(str::trim_start)
+        }
+        _ => None,
+    }
+}
+
 /// The stable, lowercase name of a rejection code (`forbidden`, `invalid_params`, …), as shown
 /// to people and used in metrics.
 pub fn rejection_code_name(code: i32) -> &'static str {

@@ -19,6 +19,28 @@ impl CommandId {
         Self(Ulid::new())
     }
 
+    /// The id a record about a stored message is made under when the message has no id of
+    /// its own to use (a refused submission or command): the same for every reader of that
+    /// message, so a record made twice lands on the same slots. It sorts by `stored` (when the
+    /// stream stored the message); its random part is a digest of `scope` (the stream), the
+    /// sequence and the bytes, so nobody can take it in advance without sending those bytes.
+    pub fn derived(stored: SystemTime, scope: &str, sequence: u64, payload: &[u8]) -> Self {
+        use sha2::{Digest, Sha256};
+        let ms = stored
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let digest = Sha256::new()
+            .chain_update(b"rct/v1/derived-id\n")
+            .chain_update(scope.as_bytes())
+            .chain_update(b"\n")
+            .chain_update(sequence.to_be_bytes())
+            .chain_update(payload)
+            .finalize();
+        let mut random = [0u8; 16];
+        random[6..].copy_from_slice(&digest[..10]);
+        Self(Ulid::from_parts(ms, u128::from_be_bytes(random)))
+    }
+
     /// When the id was generated (millisecond precision).
     pub fn timestamp(&self) -> SystemTime {
         self.0.datetime()
@@ -64,6 +86,18 @@ impl fmt::Debug for CommandId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_ids_are_the_same_for_the_same_message_and_differ_otherwise() {
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let id = |scope, n, bytes: &[u8]| CommandId::derived(at, scope, n, bytes);
+        assert_eq!(id("RCT_CMD", 42, b"x"), id("RCT_CMD", 42, b"x"));
+        assert_ne!(id("RCT_CMD", 42, b"x"), id("RCT_SUBMIT", 42, b"x"));
+        assert_ne!(id("RCT_CMD", 42, b"x"), id("RCT_CMD", 43, b"x"));
+        assert_ne!(id("RCT_CMD", 42, b"x"), id("RCT_CMD", 42, b"y"));
+        let later = at + std::time::Duration::from_secs(1);
+        assert!(id("RCT_CMD", 42, b"x") < CommandId::derived(later, "RCT_CMD", 0, b""));
+    }
 
     #[test]
     fn ids_round_trip_and_order_by_time() {

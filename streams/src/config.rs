@@ -49,9 +49,11 @@ impl Default for Config {
             // submission must wait out the outage, however long: never given up.
             admission: Consumer {
                 max_ack_pending: 256,
-                max_deliver: -1,
                 ..Consumer::default()
             },
+            // A tower never gives a command up: a command it cannot take now (no handler
+            // here, the catalog unreadable) waits, and its deadline ends the wait with an
+            // `Expired` outcome. A bounded max_deliver would drop it with no outcome at all.
             towers: Consumer::default(),
             agent_ttl: Duration::from_secs(30),
             catalog_history: 10,
@@ -115,6 +117,13 @@ impl Config {
                     "{name}.backoff has more steps than max_deliver allows"
                 ));
             }
+        }
+        if self.towers.max_deliver != -1 {
+            return Err(format!(
+                "towers.max_deliver must be -1, not {}: a tower never gives a command up (the \
+                 server would drop it with no outcome); its deadline ends the wait",
+                self.towers.max_deliver
+            ));
         }
         if self.agent_ttl < Duration::from_secs(1) {
             return Err("agent_ttl must be at least 1s".into());
@@ -184,7 +193,7 @@ impl Default for Consumer {
     fn default() -> Self {
         Self {
             ack_wait: Duration::from_secs(30),
-            max_deliver: 10,
+            max_deliver: -1,
             backoff: [30, 60, 120, 300].map(Duration::from_secs).to_vec(),
             max_ack_pending: 64,
         }
@@ -240,13 +249,17 @@ mod tests {
     #[test]
     fn bad_settings_say_what_to_change() {
         type Change = fn(&mut Config);
-        let cases: [(Change, &str); 4] = [
+        let cases: [(Change, &str); 5] = [
             (|c| c.replicas = 2, "replicas must be 1, 3 or 5"),
             (
                 |c| c.events.duplicate_window = Duration::ZERO,
                 "events.duplicate_window",
             ),
             (|c| c.towers.max_deliver = 2, "towers.backoff"),
+            (
+                |c| c.towers.max_deliver = 10,
+                "towers.max_deliver must be -1",
+            ),
             (|c| c.catalog_history = 0, "catalog_history"),
         ];
         for (change, expected) in cases {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use prost::Message as _;
@@ -43,6 +44,9 @@ pub struct Outgoing {
     payload: Bytes,
     headers: HeaderMap,
     once: bool,
+    /// Stored only if `filter`'s last sequence is still this (`Nats-Expected-Last-Subject-
+    /// Sequence` with `-Subject`): a compare-and-set over several subjects.
+    guard: Option<(String, u64)>,
 }
 
 impl Outgoing {
@@ -54,6 +58,7 @@ impl Outgoing {
             payload,
             headers: HeaderMap::new(),
             once: false,
+            guard: None,
         }
     }
 
@@ -79,6 +84,14 @@ impl Outgoing {
     /// holds one (`Nats-Expected-Last-Subject-Sequence: 0`).
     pub fn once(mut self) -> Self {
         self.once = true;
+        self
+    }
+
+    /// Makes the publish conditional on every subject matching `filter` (a wildcard may be
+    /// used): the server stores the message only if the last message on them is still
+    /// `last` (0: none). See [`Publisher::send_guarded`].
+    pub fn guarded(mut self, filter: impl Into<String>, last: u64) -> Self {
+        self.guard = Some((filter.into(), last));
         self
     }
 
@@ -116,6 +129,16 @@ pub enum Slot {
         /// Stream sequence of the message that holds the slot.
         sequence: u64,
     },
+}
+
+/// What became of a guarded publish ([`Outgoing::guarded`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Guarded {
+    /// Stored (or already stored under the same id by an earlier attempt of ours).
+    Written(Ack),
+    /// Something was written on the guarded subjects since the expectation was read, and
+    /// it is not this message: nothing was stored.
+    Moved,
 }
 
 /// Publishes with acknowledgement, dedup ids and retries. Cheap to clone.
@@ -158,20 +181,58 @@ impl Publisher {
     /// stored ([`Error::Unacknowledged`]: some attempt may have reached a stream) or surely
     /// is not ([`Error::Publish`]: no stream ever answered, or one refused it).
     pub async fn send(&self, message: Outgoing) -> Result<Slot> {
+        match self.deliver(&message).await? {
+            Some(ack) => Ok(Slot::Written(ack)),
+            None => match self.holder(&message).await? {
+                Holder::Ours(ack) => Ok(Slot::Written(ack)),
+                Holder::Other(sequence) => Ok(Slot::Taken { sequence }),
+                Holder::None => Err(Error::read(
+                    &format!("the holder of {}", message.subject),
+                    "the server refused the expected sequence, and the subject is empty",
+                )),
+            },
+        }
+    }
+
+    /// Publishes a message made with [`Outgoing::guarded`]: stored only if nothing was
+    /// written on the guarded subjects since their last sequence was read. A retry of our own
+    /// stored attempt is told apart from another writer's message by its id.
+    pub async fn send_guarded(&self, message: Outgoing) -> Result<Guarded> {
+        debug_assert!(
+            message.guard.is_some(),
+            "send_guarded needs Outgoing::guarded"
+        );
+        match self.deliver(&message).await? {
+            Some(ack) => Ok(Guarded::Written(ack)),
+            None => match self.holder(&message).await? {
+                Holder::Ours(ack) => Ok(Guarded::Written(ack)),
+                Holder::Other(_) | Holder::None => Ok(Guarded::Moved),
+            },
+        }
+    }
+
+    /// Sends until stored (`Some`) or refused for its expected sequence (`None`), retrying
+    /// what may not have reached a stream. Out of attempts, the error says whether the
+    /// message may be stored ([`Error::Unacknowledged`]) or surely is not
+    /// ([`Error::Publish`]).
+    async fn deliver(&self, message: &Outgoing) -> Result<Option<Ack>> {
         let mut pause = self.retry.pause;
         let mut attempt = 1;
         let mut maybe_stored = false;
         loop {
-            match self.attempt(&message).await {
+            match self.attempt(message).await {
                 Ok(ack) => {
-                    return Ok(Slot::Written(Ack {
+                    return Ok(Some(Ack {
                         stream: ack.stream,
                         sequence: ack.sequence,
                         duplicate: ack.duplicate,
                     }));
                 }
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence && message.once => {
-                    return self.slot_holder(&message).await;
+                Err(e)
+                    if e.kind() == PublishErrorKind::WrongLastSequence
+                        && (message.once || message.guard.is_some()) =>
+                {
+                    return Ok(None);
                 }
                 Err(e) if is_retryable(&e) => {
                     // No responders means no stream took it; anything else may have.
@@ -225,10 +286,10 @@ impl Publisher {
         self.send(outgoing).await
     }
 
-    /// The server checks the expected subject sequence before the dedup id, so a retry of our
-    /// own earlier, stored write is refused like a rival's. Tell them apart by the id of the
-    /// message that holds the slot (read from the stream leader, which is authoritative).
-    async fn slot_holder(&self, message: &Outgoing) -> Result<Slot> {
+    /// The server checks the expected sequence before the dedup id, so a retry of our own
+    /// earlier, stored write is refused like a rival's. Tell them apart by the id of the
+    /// message on the subject (read from the stream leader, which is authoritative).
+    async fn holder(&self, message: &Outgoing) -> Result<Holder> {
         let read =
             |e: async_nats::Error| Error::read(&format!("the holder of {}", message.subject), e);
         let stream = self
@@ -236,28 +297,32 @@ impl Publisher {
             .stream_by_subject(message.subject.clone())
             .await
             .map_err(|e| read(e.into()))?;
-        let holder = self
+        let holder = match self
             .js
             .get_stream_no_info(&stream)
             .await
             .map_err(|e| read(e.into()))?
             .get_last_raw_message_by_subject(&message.subject)
             .await
-            .map_err(|e| read(e.into()))?;
+        {
+            Ok(holder) => holder,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(Holder::None);
+            }
+            Err(e) => return Err(read(e.into())),
+        };
         let ours = holder
             .headers
             .get(async_nats::header::NATS_MESSAGE_ID)
             .is_some_and(|id| id.as_str() == message.msg_id);
         Ok(if ours {
-            Slot::Written(Ack {
+            Holder::Ours(Ack {
                 stream,
                 sequence: holder.sequence,
                 duplicate: true,
             })
         } else {
-            Slot::Taken {
-                sequence: holder.sequence,
-            }
+            Holder::Other(holder.sequence)
         })
     }
 
@@ -281,11 +346,30 @@ impl Publisher {
         if message.once {
             publish = publish.expected_last_subject_sequence(0);
         }
+        if let Some((filter, last)) = &message.guard {
+            publish = publish
+                .expected_last_subject_sequence(*last)
+                .header(EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT, filter.as_str());
+        }
         self.js
             .send_publish(message.subject.clone(), publish)
             .await?
             .await
     }
+}
+
+/// The subjects `Nats-Expected-Last-Subject-Sequence` applies to, when not the message's own
+/// (nats-server 2.11 and later; async-nats has no constant for it).
+const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
+
+/// Who holds the subject a conditional publish was refused on.
+enum Holder {
+    /// Our own earlier attempt.
+    Ours(Ack),
+    /// Another writer's message, at this sequence.
+    Other(u64),
+    /// Nobody: the subject is empty (the guard failed on other subjects).
+    None,
 }
 
 fn is_retryable(error: &PublishError) -> bool {

@@ -27,8 +27,6 @@ pub const AGENTS_BUCKET: &str = "rct_agents";
 pub const CATALOG_BUCKET: &str = "rct_catalog";
 /// The key under which admission serves the catalog in [`CATALOG_BUCKET`].
 pub const CATALOG_KEY: &str = "catalog";
-/// A projection of command state, rebuildable from `RCT_EVT`.
-pub const STATE_BUCKET: &str = "rct_state";
 /// Admission's durable consumer on `RCT_SUBMIT`, shared by its replicas.
 pub const ADMISSION_CONSUMER: &str = "admission";
 /// The notifier's durable consumer on `RCT_EVT`, shared by admission's replicas.
@@ -96,11 +94,6 @@ pub fn buckets(config: &Config) -> Vec<kv::Config> {
             CATALOG_BUCKET,
             "rct: the catalog admission serves",
             config.catalog_history,
-        ),
-        bucket(
-            STATE_BUCKET,
-            "rct: command state, rebuildable from RCT_EVT",
-            1,
         ),
     ]
 }

@@ -22,7 +22,6 @@ async fn provisioning_twice_changes_nothing_the_second_time() {
             "stream RCT_EVT",
             "bucket rct_agents",
             "bucket rct_catalog",
-            "bucket rct_state",
             "consumer RCT_SUBMIT/admission",
             "consumer RCT_EVT/notifier",
         ]

@@ -27,11 +27,17 @@ pub struct Harness {
     pub client: async_nats::Client,
     pub admission: KeyPair,
     pub streams: rct_streams::Config,
+    /// The version of the catalog served at start: the one commands are admitted under.
+    pub catalog_version: String,
+}
+
+pub fn example_catalog_text() -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/catalog.example.yaml");
+    std::fs::read_to_string(path).unwrap()
 }
 
 pub fn example_catalog() -> Catalog {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/catalog.example.yaml");
-    serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    serde_yaml_ng::from_str(&example_catalog_text()).unwrap()
 }
 
 impl Harness {
@@ -58,6 +64,7 @@ impl Harness {
             version: catalog.version(),
             catalog,
         };
+        let catalog_version = served.version.clone();
         js.get_key_value("rct_catalog")
             .await
             .unwrap()
@@ -70,6 +77,7 @@ impl Harness {
             client,
             admission: KeyPair::generate(),
             streams,
+            catalog_version,
         }
     }
 
@@ -93,7 +101,6 @@ impl Harness {
         params: &[(&str, proto::Value)],
     ) -> proto::Command {
         let now = OffsetDateTime::now_utc();
-        let catalog = example_catalog();
         proto::Command {
             command_id: CommandId::generate().to_string(),
             operation: operation.into(),
@@ -115,7 +122,7 @@ impl Harness {
                 seconds: 60,
                 nanos: 0,
             }),
-            catalog_version: catalog.version(),
+            catalog_version: self.catalog_version.clone(),
             submission: None,
         }
     }
@@ -173,12 +180,13 @@ impl Harness {
 
     /// Starts `tower` trusting the test admission key.
     pub fn run(&self, tower: Tower) -> Running {
+        self.run_trusting(tower, self.admission.public().clone())
+    }
+
+    /// Starts `tower` trusting `key` only.
+    pub fn run_trusting(&self, tower: Tower, key: rct_bus::PublicKey) -> Running {
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(
-            tower
-                .trust(self.admission.public().clone())
-                .run(self.client.clone(), shutdown.clone()),
-        );
+        let task = tokio::spawn(tower.trust(key).run(self.client.clone(), shutdown.clone()));
         Running { shutdown, task }
     }
 
