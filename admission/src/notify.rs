@@ -222,6 +222,7 @@ impl Notifier {
         };
         let id = &event.command_id;
         match event.kind.as_ref()? {
+            Kind::Started(started) if started.without_running => None,
             Kind::Started(started) => {
                 let (who, why) = self.who_and_why(record).await;
                 Some(format!(

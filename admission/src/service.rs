@@ -534,12 +534,47 @@ impl Inner {
                     .send(Outgoing::new(subject, msg_id, command))
                     .await?;
             }
-            // Only a decision admission did not write can get here; it never will run.
-            Err(reason) => tracing::error!(
-                command_id = %holder.command_id,
-                %reason,
-                "admitted earlier, but its command cannot be rebuilt from the record; it is not published"
-            ),
+            // It can never be published: end it on record, through its claim slot (so no
+            // agent can be running it), instead of leaving it admitted for ever.
+            Err(reason) => {
+                tracing::error!(
+                    command_id = %holder.command_id,
+                    %reason,
+                    "admitted earlier, but its command cannot be rebuilt from the record; ending it unrun"
+                );
+                let Ok(operation) = holder.operation.parse::<rct_bus::OperationName>() else {
+                    return Ok(());
+                };
+                let event = |kind| proto::Event {
+                    at: Some(rct_streams::timestamp::from_datetime(
+                        OffsetDateTime::now_utc(),
+                    )),
+                    source: self.policy.source.clone(),
+                    kind: Some(kind),
+                    ..holder.clone()
+                };
+                let claim = event(Kind::Started(proto::Started {
+                    agent: self.policy.source.clone(),
+                    host: String::new(),
+                    target: holder.target.clone(),
+                    without_running: true,
+                }));
+                let failed = event(Kind::Failed(proto::Failed {
+                    code: "not_published".into(),
+                    message: format!(
+                        "it was admitted, but its command cannot be rebuilt from the record \
+                         ({reason}); it was not run: submit it again"
+                    ),
+                }));
+                rct_streams::journal::end_unrun(
+                    publisher,
+                    operation.tower(),
+                    &claim,
+                    &failed,
+                    "admission",
+                )
+                .await?;
+            }
         }
         Ok(())
     }

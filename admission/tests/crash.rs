@@ -330,3 +330,62 @@ async fn a_redelivered_garbage_submission_is_recorded_once() {
     assert_eq!(decisions.len(), 3, "{decisions:#?}");
     assert_eq!(h.commands().await, 1);
 }
+
+/// A replica recorded the admission and died; its command took a secret's default from a
+/// catalog version that is gone when the submission comes back, so the command cannot be
+/// rebuilt. It is ended on record (claimed unrun, then failed with the reason) instead of
+/// staying `admitted` for ever with nothing to run it.
+#[tokio::test]
+async fn an_admitted_command_that_cannot_be_rebuilt_is_ended_not_stranded() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog.yaml");
+    let example = std::fs::read_to_string(support::catalog_path()).unwrap();
+    let keep = "      keep_percent: { type: integer, min: 0, max: 100, default: 0, description: Traffic share the cluster keeps }\n";
+    assert!(example.contains(keep));
+    let with_secret = example.replace(
+        keep,
+        &format!(
+            "{keep}      token: {{ type: string, secret: true, default: s3cret, max_len: 20 }}\n"
+        ),
+    );
+    std::fs::write(&catalog, &with_secret).unwrap();
+    let path = catalog.clone();
+    let mut h = Harness::start_with(move |c| c.catalog = path.clone()).await;
+    let alice = h.operator("alice", &["sre_team"]).await;
+    h.stop_admission().await;
+
+    let submission = drain("prod-3");
+    let sequence = h.submit(&alice, &submission).await;
+    let rct_admission::decide::Verdict::Admit(_) = h.decide_and_die(sequence).await else {
+        panic!("the dead replica did not admit it");
+    };
+    // The catalog the default came from is gone.
+    std::fs::write(
+        &catalog,
+        with_secret.replace("default: s3cret", "default: other"),
+    )
+    .unwrap();
+
+    h.start_admission().await;
+    h.submissions_settled().await;
+    let id: rct_bus::CommandId = submission.command_id.parse().unwrap();
+    let tower = rct_bus::Tower::new("traffic").unwrap();
+    let look = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let look = rct_streams::journal::look(&h.js, &tower, id).await.unwrap();
+            if look.outcome.is_some() {
+                return look;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the stranded command gets an outcome");
+    assert!(look.started().unwrap().without_running, "{look:?}");
+    let Some(rct_bus::proto::event::Kind::Failed(failed)) = look.outcome.unwrap().kind else {
+        panic!("not a failure");
+    };
+    assert_eq!(failed.code, "not_published");
+    assert!(failed.message.contains("no longer loaded"), "{failed:?}");
+    assert_eq!(h.commands().await, 0, "nothing to run was published");
+}

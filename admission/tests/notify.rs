@@ -84,6 +84,7 @@ async fn notifications_arrive_once_each_even_after_the_receiver_was_down() {
             agent: "traffic/prod-2/a1".into(),
             host: "edge-7".into(),
             target: "prod-2".into(),
+            without_running: false,
         }),
         Kind::Succeeded(proto::Succeeded {
             summary: "drained in 3 steps".into(),

@@ -175,6 +175,14 @@ impl Config {
         if self.heartbeat < Duration::from_secs(1) {
             return Err("heartbeat must be at least 1s".into());
         }
+        if self.heartbeat * 2 > self.streams.agent_ttl {
+            return Err(format!(
+                "heartbeat ({}) must be at most half of streams.agent_ttl ({}): an agent whose \
+                 presence may lapse between heartbeats starts nothing",
+                humantime::format_duration(self.heartbeat),
+                humantime::format_duration(self.streams.agent_ttl)
+            ));
+        }
         if rct_bus::Token::new("instance", self.instance.clone()).is_err() {
             return Err(format!(
                 "instance {:?} may only contain letters, digits, '_' and '-'",

@@ -1,16 +1,18 @@
 //! What an agent does with one delivered, verified command: a small state machine over what
-//! it knows (is it running here, what the claim journal says, is the deadline past), with
-//! every transition named. The tower executes the step and, after a claim, asks again.
+//! it knows (is it running here, what the claim journal says, is the deadline past, may this
+//! agent start work now), with every transition named. The tower executes the step.
 //!
-//! The rules it keeps, whatever crashes, pauses or redeliveries happen:
-//! - a command runs only under a claim, and only when no outcome was recorded before it;
-//! - a command is ended without running (expired, invalid, unknown catalog) only by a
-//!   publish guarded by the last sequence of its events, read before the journal: if a claim
-//!   or an outcome was written meanwhile, nothing is written and the command is looked at
-//!   again;
-//! - a claim held by this agent instance with no outcome, on a command not running here,
-//!   was never run (a handler that starts running keeps its command marked running until its
-//!   outcome is written): it is run, not called unknown;
+//! The rules it keeps, whatever crashes, pauses, redeliveries or elections happen:
+//! - the claim slot decides a command's fate, once: whoever takes it either runs the command
+//!   or, with a claim marked `without_running`, ends it unrun (expired, invalid, unknown
+//!   catalog). A command is never ended without running by any other path, so a run and an
+//!   end without running never both happen;
+//! - a command runs only under its claim, and only if no outcome was recorded before it;
+//! - an agent starts nothing (claims nothing to run) while its own presence is not fresh or
+//!   it is shutting down: others must be able to tell it is alive while it runs;
+//! - a claim held by this instance with no outcome, on a command not running here, was never
+//!   run (a handler that starts keeps its command marked running until its outcome is
+//!   written): it is resumed, not called unknown;
 //! - a claim held by an agent that is gone, with no outcome, ends `Unknown`: never run twice.
 
 use rct_streams::journal::Look;
@@ -22,6 +24,8 @@ pub(crate) struct Facts<'a> {
     pub(crate) running_here: bool,
     /// Its deadline (start before) has passed.
     pub(crate) past_deadline: bool,
+    /// This agent may start work: its presence is fresh and it is not shutting down.
+    pub(crate) may_start: bool,
     /// The journal, when it was read (a first delivery within the deadline claims at once:
     /// the claim is single-slot, and a taken slot brings the command back as a redelivery).
     pub(crate) journal: Option<&'a Look>,
@@ -36,17 +40,22 @@ pub(crate) struct Facts<'a> {
 pub(crate) enum Step {
     /// Another copy runs here now: leave this copy for later, touch nothing.
     Busy,
+    /// This agent may not start work now: come back soon, touch nothing.
+    Wait,
     /// Its outcome is recorded: acknowledge.
     Ended,
+    /// It was claimed to be ended without running, but its outcome is missing (the writer
+    /// stopped in between): record one, never run it.
+    Finish,
     /// A live agent holds its claim: come back later.
     HeldElsewhere,
     /// Its claim's holder is gone with no outcome: record `Unknown`, never run it.
     Orphaned {
-        /// The instance that claimed it.
+        /// The instance that claimed it (empty when the slot holds no readable claim).
         holder: String,
     },
-    /// Past its deadline and never started: record `Expired` (guarded when unclaimed, as the
-    /// claim's holder otherwise).
+    /// Past its deadline and never started: record `Expired` (claimed unrun when unclaimed,
+    /// as the claim's holder otherwise).
     Expire {
         /// This instance holds the claim.
         held: bool,
@@ -58,28 +67,38 @@ pub(crate) enum Step {
     Claim,
 }
 
-/// The first step for a delivered command.
+/// The step for a delivered command.
 pub(crate) fn next(facts: Facts<'_>) -> Step {
     if facts.running_here {
         return Step::Busy;
     }
+    let unclaimed = || {
+        if facts.past_deadline {
+            Step::Expire { held: false }
+        } else if facts.may_start {
+            Step::Claim
+        } else {
+            Step::Wait
+        }
+    };
     let Some(journal) = facts.journal else {
         // Not read: only a first delivery within the deadline gets here.
-        return if facts.past_deadline {
-            Step::Expire { held: false }
-        } else {
-            Step::Claim
-        };
+        return unclaimed();
     };
     if journal.outcome.is_some() {
         return Step::Ended;
+    }
+    if journal.started().is_some_and(|s| s.without_running) {
+        return Step::Finish;
     }
     match journal.holder() {
         Some(holder) if holder == facts.me => {
             if facts.past_deadline {
                 Step::Expire { held: true }
-            } else {
+            } else if facts.may_start {
                 Step::Resume
+            } else {
+                Step::Wait
             }
         }
         Some(_) if facts.holder_alive => Step::HeldElsewhere,
@@ -90,15 +109,14 @@ pub(crate) fn next(facts: Facts<'_>) -> Step {
         None if journal.claim.is_some() => Step::Orphaned {
             holder: String::new(),
         },
-        None if facts.past_deadline => Step::Expire { held: false },
-        None => Step::Claim,
+        None => unclaimed(),
     }
 }
 
 /// What to do once the claim is ours, from the outcome slot read after it.
 pub(crate) fn after_claim(outcome_recorded: bool) -> AfterClaim {
     if outcome_recorded {
-        // Someone ended it (expired, refused) before our claim landed: never run it.
+        // An outcome was recorded before our claim landed: never run it.
         AfterClaim::Ended
     } else {
         AfterClaim::Run
@@ -120,14 +138,19 @@ mod tests {
 
     use super::*;
 
-    fn claim(by: &str) -> Option<proto::Event> {
+    fn claim_by(by: &str, without_running: bool) -> Option<proto::Event> {
         Some(proto::Event {
             kind: Some(Kind::Started(proto::Started {
                 agent: by.into(),
+                without_running,
                 ..Default::default()
             })),
             ..Default::default()
         })
+    }
+
+    fn claim(by: &str) -> Option<proto::Event> {
+        claim_by(by, false)
     }
 
     fn outcome() -> Option<proto::Event> {
@@ -141,6 +164,7 @@ mod tests {
         Facts {
             running_here: false,
             past_deadline: false,
+            may_start: true,
             journal,
             me: "me",
             holder_alive: false,
@@ -171,10 +195,31 @@ mod tests {
     }
 
     #[test]
+    fn an_agent_that_may_not_start_claims_nothing_but_still_expires() {
+        let look = Look::default();
+        let ours = Look {
+            claim: claim("me"),
+            outcome: None,
+        };
+        for journal in [None, Some(&look), Some(&ours)] {
+            let f = Facts {
+                may_start: false,
+                ..facts(journal)
+            };
+            assert_eq!(next(f), Step::Wait, "{journal:?}");
+        }
+        let late = Facts {
+            may_start: false,
+            past_deadline: true,
+            ..facts(None)
+        };
+        assert_eq!(next(late), Step::Expire { held: false });
+    }
+
+    #[test]
     fn a_recorded_outcome_ends_it_whoever_holds_the_claim() {
-        for holder in [None, claim("me"), claim("other")] {
+        for holder in [None, claim("me"), claim("other"), claim_by("x", true)] {
             let look = Look {
-                last: 7,
                 claim: holder,
                 outcome: outcome(),
             };
@@ -189,9 +234,25 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_taken_to_end_it_unrun_is_finished_never_run() {
+        for by in ["me", "other"] {
+            let look = Look {
+                claim: claim_by(by, true),
+                outcome: None,
+            };
+            for holder_alive in [false, true] {
+                let f = Facts {
+                    holder_alive,
+                    ..facts(Some(&look))
+                };
+                assert_eq!(next(f), Step::Finish);
+            }
+        }
+    }
+
+    #[test]
     fn our_own_claim_without_an_outcome_is_resumed_not_called_unknown() {
         let look = Look {
-            last: 3,
             claim: claim("me"),
             outcome: None,
         };
@@ -206,7 +267,6 @@ mod tests {
     #[test]
     fn another_holder_is_waited_for_while_alive_and_unknown_once_gone() {
         let look = Look {
-            last: 3,
             claim: claim("other"),
             outcome: None,
         };
@@ -220,6 +280,16 @@ mod tests {
             next(facts(Some(&look))),
             Step::Orphaned {
                 holder: "other".into()
+            }
+        );
+        let unreadable = Look {
+            claim: Some(proto::Event::default()),
+            outcome: None,
+        };
+        assert_eq!(
+            next(facts(Some(&unreadable))),
+            Step::Orphaned {
+                holder: String::new()
             }
         );
     }

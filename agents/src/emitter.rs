@@ -592,7 +592,7 @@ impl Publishing {
 /// refused it for what it is (larger than `max_payload` or the stream's `max_msg_size`, an
 /// invalid subject or event), not for the state it is in. Unacknowledged publishes, no
 /// stream answering, and a server short of resources or of a leader are worth retrying.
-fn refused(error: &rct_streams::Error) -> bool {
+pub(crate) fn refused(error: &rct_streams::Error) -> bool {
     match error {
         rct_streams::Error::Publish { cause, .. } => match cause.kind() {
             PublishErrorKind::TimedOut

@@ -22,7 +22,7 @@ use rct_streams::replay::{self, Filter, Item};
 use rct_streams::telemetry::{self, Readiness};
 use rct_streams::timestamp::{from_datetime, to_datetime};
 use rct_streams::topology::{self, AGENTS_BUCKET, CATALOG_BUCKET, CATALOG_KEY, COMMAND_STREAM};
-use rct_streams::{Guarded, Outgoing, Publisher, Slot};
+use rct_streams::{Publisher, Slot};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
@@ -138,6 +138,12 @@ struct Runner {
     catalogs: Mutex<HashMap<String, Arc<Served>>>,
     incarnation: String,
     host: String,
+    /// Fired when shutdown is asked for: nothing new is started after it.
+    stopping: CancellationToken,
+    /// When presence was last written successfully.
+    last_heartbeat: Mutex<Option<std::time::Instant>>,
+    /// The presence bucket's TTL, as the server has it (else the configured `agent_ttl`).
+    presence_ttl: std::sync::OnceLock<Duration>,
     source: String,
     config: Config,
     running: Mutex<HashSet<CommandId>>,
@@ -184,6 +190,9 @@ impl Runner {
             catalogs: Mutex::default(),
             incarnation,
             host: host_name(),
+            stopping: CancellationToken::new(),
+            last_heartbeat: Mutex::default(),
+            presence_ttl: std::sync::OnceLock::new(),
             config: tower.config,
             running: Mutex::default(),
             started_at: OffsetDateTime::now_utc(),
@@ -192,6 +201,14 @@ impl Runner {
     }
 
     async fn serve(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), Error> {
+        {
+            // `stopping` follows `shutdown`, so deliveries already pulled start nothing new.
+            let (shutdown, stopping) = (shutdown.clone(), self.stopping.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                stopping.cancel();
+            });
+        }
         self.readiness.expect(CONSUMER);
         self.readiness.expect(PRESENCE);
         // `new` refuses to build without one.
@@ -324,6 +341,19 @@ impl Runner {
                 return;
             }
         };
+        if let Ok(status) = bucket.status().await
+            && !status.max_age().is_zero()
+        {
+            let ttl = status.max_age();
+            if self.config.heartbeat * 2 > ttl {
+                tracing::error!(
+                    heartbeat = %humantime::format_duration(self.config.heartbeat),
+                    ttl = %humantime::format_duration(ttl),
+                    "presence lasts less than two heartbeats: this agent starts nothing until heartbeat is at most half of {AGENTS_BUCKET}'s TTL"
+                );
+            }
+            let _ = self.presence_ttl.set(ttl);
+        }
         let host = self.host.clone();
         let key =
             rct_bus::presence::key(self.tower.as_str(), self.target.as_str(), &self.incarnation);
@@ -352,6 +382,12 @@ impl Runner {
             if let Err(e) = &written {
                 tracing::warn!(error = %e, "cannot refresh presence");
             }
+            if written.is_ok() {
+                *self
+                    .last_heartbeat
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+            }
             self.metrics.heartbeat(written.is_ok());
             self.readiness.set(PRESENCE, written.is_ok());
             tokio::select! {
@@ -379,10 +415,18 @@ impl Runner {
         let command = match self.verify(&message) {
             Ok(command) => command,
             Err(refusal) => {
-                tracing::warn!(subject = %message.subject, reason = %refusal.reason, "refusing a command");
+                tracing::warn!(subject = %message.subject, reason = %refusal.reason, retry = ?refusal.retry_until, "refusing a command");
                 self.record_refusal(&message, &refusal).await;
                 drop(keeper);
-                let _ = message.ack_with(AckKind::Term).await;
+                // A key not trusted yet (a rotation under way, a replica behind) may be
+                // trusted later, here or by another replica: until the deadline it claims.
+                let settle = match refusal.retry_until {
+                    Some(until) if OffsetDateTime::now_utc() < until => {
+                        AckKind::Nak(Some(self.config.retry_pause))
+                    }
+                    _ => AckKind::Term,
+                };
+                let _ = message.ack_with(settle).await;
                 return;
             }
         };
@@ -428,14 +472,10 @@ impl Runner {
             // finds the outcome. Nothing is written for it, Expired least of all.
             return Settle::Later(self.config.retry_pause);
         };
-        let now = OffsetDateTime::now_utc();
-        let past_deadline = command
-            .deadline
-            .as_ref()
-            .and_then(to_datetime)
-            .is_none_or(|deadline| now > deadline);
+        let deadline = command.deadline.as_ref().and_then(to_datetime);
+        let past_deadline = || deadline.is_none_or(|d| OffsetDateTime::now_utc() > d);
         let redelivered = message.info().map_or(true, |i| i.delivered > 1);
-        let look = if redelivered || past_deadline {
+        let look = if redelivered || past_deadline() {
             match journal::look(&self.js, &self.tower, id).await {
                 Ok(look) => Some(look),
                 Err(e) => {
@@ -447,21 +487,46 @@ impl Runner {
             None
         };
         let holder_alive = match look.as_ref().and_then(Look::holder) {
-            Some(holder) if holder != self.incarnation => self.alive(holder).await,
+            // A holder that is no valid instance name is nobody's presence.
+            Some(holder) if holder != self.incarnation => {
+                rct_bus::Token::new("instance", holder.to_owned()).is_ok()
+                    && self.alive(holder).await
+            }
             _ => false,
         };
         let step = delivery::next(Facts {
             running_here: false,
-            past_deadline,
+            past_deadline: past_deadline(),
+            may_start: self.may_start(),
             journal: look.as_ref(),
             me: &self.incarnation,
             holder_alive,
         });
         tracing::debug!(?step, "next step");
+        let expired = || {
+            Kind::Expired(proto::Expired {
+                deadline: command.deadline,
+            })
+        };
         match step {
-            Step::Busy => Settle::Later(self.config.retry_pause),
+            Step::Busy | Step::HeldElsewhere => Settle::Later(self.config.retry_pause),
+            Step::Wait => Settle::Later(RELOOK),
             Step::Ended => Settle::Ack,
-            Step::HeldElsewhere => Settle::Later(self.config.retry_pause),
+            Step::Finish => {
+                let holder = look.as_ref().and_then(Look::holder).unwrap_or_default();
+                let kind = if past_deadline() {
+                    expired()
+                } else {
+                    failed(
+                        "not_run",
+                        format!(
+                            "{holder} took it to end it without running, and stopped before \
+                             recording why; it was not run"
+                        ),
+                    )
+                };
+                self.end_held(publisher, &command, kind).await
+            }
             Step::Orphaned { holder } => {
                 let unknown = Kind::Unknown(proto::Unknown {
                     reason: format!(
@@ -476,17 +541,8 @@ impl Runner {
                 });
                 self.end_held(publisher, &command, unknown).await
             }
-            Step::Expire { held } => {
-                let expired = Kind::Expired(proto::Expired {
-                    deadline: command.deadline,
-                });
-                if held {
-                    self.end_held(publisher, &command, expired).await
-                } else {
-                    self.end_unclaimed(publisher, &command, id, look, expired)
-                        .await
-                }
-            }
+            Step::Expire { held: true } => self.end_held(publisher, &command, expired()).await,
+            Step::Expire { held: false } => self.end_unrun(publisher, &command, expired()).await,
             Step::Resume => match self.check(&command).await {
                 Checked::Run(params, secrets) => {
                     self.run(publisher, &command, id, params, secrets, mark)
@@ -496,6 +552,10 @@ impl Runner {
                 Checked::Later(pause) => Settle::Later(pause),
             },
             Step::Claim => match self.check(&command).await {
+                // The check may have waited: "start before" is checked again at the claim.
+                Checked::Run(..) if past_deadline() => {
+                    self.end_unrun(publisher, &command, expired()).await
+                }
                 Checked::Run(params, secrets) => match self.claim(publisher, &command, id).await {
                     Ok(AfterClaim::Run) => {
                         self.run(publisher, &command, id, params, secrets, mark)
@@ -504,13 +564,26 @@ impl Runner {
                     Ok(AfterClaim::Ended) => Settle::Ack,
                     Err(pause) => Settle::Later(pause),
                 },
-                Checked::End(kind) => {
-                    self.end_unclaimed(publisher, &command, id, look, *kind)
-                        .await
-                }
+                Checked::End(kind) => self.end_unrun(publisher, &command, *kind).await,
                 Checked::Later(pause) => Settle::Later(pause),
             },
         }
+    }
+
+    /// Whether this agent may start work now: its presence was refreshed recently enough
+    /// that no other agent takes it for dead while it runs, and it is not shutting down.
+    fn may_start(&self) -> bool {
+        if self.stopping.is_cancelled() {
+            return false;
+        }
+        let ttl = *self
+            .presence_ttl
+            .get()
+            .unwrap_or(&self.config.streams.agent_ttl);
+        self.last_heartbeat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at.elapsed() + self.config.heartbeat / 2 < ttl)
     }
 
     /// Signature (a trusted admission key), then the command's own consistency with the
@@ -518,21 +591,36 @@ impl Runner {
     fn verify(&self, message: &jetstream::Message) -> Result<proto::Command, Refusal> {
         let envelope = Unverified::decode(&message.payload)
             .map_err(|_| Refusal::new("the command is not a signed envelope"))?;
-        // The id it claims, unverified: only to put a note on that command's timeline.
-        let claimed = envelope
-            .peek::<proto::Command>()
+        // What it claims, unverified: only to put a note on that command's timeline, and to
+        // know how long a copy signed with a key not trusted yet is worth retrying.
+        let peeked = envelope.peek::<proto::Command>();
+        let claimed = peeked
+            .as_ref()
             .and_then(|c| c.command_id.parse::<CommandId>().ok());
-        let refuse = |reason: String| Refusal { reason, claimed };
+        let claimed_deadline = peeked
+            .as_ref()
+            .and_then(|c| c.deadline.as_ref())
+            .and_then(to_datetime)
+            .map(|d| d.min(OffsetDateTime::now_utc() + LONGEST_RETRY));
+        let refuse = |reason: String| Refusal {
+            reason,
+            claimed,
+            retry_until: None,
+        };
         let verified = self
             .verifier
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .verify(envelope, Purpose::Command)
             .map_err(|e| match e {
-                rct_bus::Error::UntrustedKey { key_id } => refuse(format!(
-                    "the command is signed with key {key_id}, which this agent does not trust \
-                     (a retired admission key, or a new one not yet added to trusted_keys)"
-                )),
+                rct_bus::Error::UntrustedKey { key_id } => Refusal {
+                    retry_until: claimed_deadline,
+                    ..refuse(format!(
+                        "the command is signed with key {key_id}, which this agent does not \
+                         trust (a retired admission key, or a new one not yet added to \
+                         trusted_keys)"
+                    ))
+                },
                 e => refuse(format!("the command's signature is not admission's ({e})")),
             })?;
         let command: proto::Command = verified
@@ -624,14 +712,7 @@ impl Runner {
         command: &proto::Command,
         id: CommandId,
     ) -> Result<AfterClaim, Duration> {
-        let claim = self.event(
-            command,
-            Kind::Started(proto::Started {
-                agent: self.incarnation.clone(),
-                host: self.host.clone(),
-                target: command.target.clone(),
-            }),
-        );
+        let claim = self.claim_event(command, false);
         match publisher
             .event(&self.tower, &claim, &self.incarnation)
             .await
@@ -822,14 +903,21 @@ impl Runner {
                     self.note(&note, format!("late-{}", self.incarnation)).await;
                     return;
                 }
-                Err(rct_streams::Error::Publish { cause, .. }) => {
-                    tracing::error!(error = %cause, "the server refuses the outcome; recording why instead");
-                    kind = failed(
+                // Refused for what it is (never for the state the server is in, which passes):
+                // record that instead, so the command still ends.
+                Err(e)
+                    if emitter::refused(&e)
+                        && !matches!(&kind, Kind::Failed(f) if f.code == "outcome_refused") =>
+                {
+                    tracing::error!(error = %e, "the server refuses the outcome; recording why instead");
+                    let why = failed(
                         "outcome_refused",
                         format!(
-                            "the handler ended, but its outcome could not be recorded: {cause}"
+                            "the handler ended ({}), but its outcome could not be recorded: {e}",
+                            describe(&kind)
                         ),
                     );
+                    kind = emitter::bound_kind(why, &[], &self.config.output);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot record the outcome yet; retrying");
@@ -861,44 +949,26 @@ impl Runner {
         }
     }
 
-    /// Ends an unclaimed command without running it, guarded by the last sequence of its
-    /// events read before its journal: if a claim or an outcome was written since, nothing
-    /// is written and the command is looked at again.
-    async fn end_unclaimed(
+    /// Ends an unclaimed command without running it: takes its claim marked
+    /// `without_running`, then records `kind` ([`journal::end_unrun`]). If someone claimed it
+    /// first, the command is looked at again.
+    async fn end_unrun(
         &self,
         publisher: &Publisher,
         command: &proto::Command,
-        id: CommandId,
-        look: Option<Look>,
         kind: Kind,
     ) -> Settle {
-        let look = match look {
-            Some(look) => look,
-            None => match journal::look(&self.js, &self.tower, id).await {
-                Ok(look) => look,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the command's journal; trying later");
-                    return Settle::Later(self.config.retry_pause);
-                }
-            },
-        };
-        if look.claim.is_some() || look.outcome.is_some() {
-            return Settle::Later(RELOOK);
-        }
-        let event = self.event(command, kind.clone());
-        let Some(outgoing) = Outgoing::event(&self.tower, &event, &self.incarnation) else {
-            return Settle::Ack;
-        };
-        match publisher
-            .send_guarded(outgoing.guarded(journal::guard(id), look.last))
-            .await
+        let claim = self.claim_event(command, true);
+        let outcome = self.event(command, kind.clone());
+        match journal::end_unrun(publisher, &self.tower, &claim, &outcome, &self.incarnation).await
         {
-            Ok(Guarded::Written(_)) => {
+            Ok(journal::Ended::Recorded) => {
                 self.count_unrun(command, &kind);
                 Settle::Ack
             }
-            Ok(Guarded::Moved) => Settle::Later(RELOOK),
+            Ok(journal::Ended::ClaimedElsewhere) => Settle::Later(RELOOK),
             Err(e) => {
+                // A claim taken unrun and no outcome yet: the next delivery finishes it.
                 tracing::warn!(error = %e, "cannot record the outcome; trying later");
                 Settle::Later(self.config.retry_pause)
             }
@@ -941,7 +1011,14 @@ impl Runner {
             target: target.clone(),
             kind: Some(failed(
                 "refused",
-                format!("{}; it was not run", refusal.reason),
+                if refusal.retry_until.is_some() {
+                    format!(
+                        "{}; it was not run, and is delivered again until its deadline",
+                        refusal.reason
+                    )
+                } else {
+                    format!("{}; it was not run", refusal.reason)
+                },
             )),
         };
         self.note(&record, &self.incarnation).await;
@@ -952,11 +1029,20 @@ impl Runner {
                     stream: proto::LogStream::Agent as i32,
                     line: format!(
                         "{} agent {} refused a copy of this command from {}: {}; \
-                         that copy was not run (see {})",
-                        rct_bus::REFUSAL_NOTE,
+                         that copy was not run{} (see {})",
+                        if refusal.retry_until.is_some() {
+                            rct_bus::REFUSAL_NOTE_FOR_NOW
+                        } else {
+                            rct_bus::REFUSAL_NOTE
+                        },
                         self.incarnation,
                         message.subject,
                         refusal.reason,
+                        if refusal.retry_until.is_some() {
+                            ", and is delivered again until its deadline"
+                        } else {
+                            ""
+                        },
                         record.command_id
                     ),
                 })),
@@ -973,6 +1059,19 @@ impl Runner {
         if let Err(e) = self.publisher.event(&self.tower, event, n).await {
             tracing::error!(command_id = %event.command_id, error = %e, "cannot record a refusal");
         }
+    }
+
+    /// This agent's claim of `command`: to run it, or only to end it `without_running`.
+    fn claim_event(&self, command: &proto::Command, without_running: bool) -> proto::Event {
+        self.event(
+            command,
+            Kind::Started(proto::Started {
+                agent: self.incarnation.clone(),
+                host: self.host.clone(),
+                target: command.target.clone(),
+                without_running,
+            }),
+        )
     }
 
     fn event(&self, command: &proto::Command, kind: Kind) -> proto::Event {
@@ -1002,26 +1101,44 @@ impl Runner {
             Ok(bucket) => bucket,
             Err(e) => return Catalog::Unavailable(e.to_string()),
         };
-        let mut history = match bucket.history(CATALOG_KEY).await {
-            Ok(history) => history,
+        let latest = match bucket.entry(CATALOG_KEY).await {
+            Ok(Some(entry)) => entry,
+            Ok(None) => return Catalog::Unavailable("no catalog is served yet".into()),
             Err(e) => return Catalog::Unavailable(e.to_string()),
         };
+        // The bucket holds one key, so its earlier versions are the revisions before the
+        // latest; the oldest ones may have been aged out (catalog_history).
         let mut kept = 0;
         let mut found = None;
-        while let Some(entry) = history.next().await {
-            let entry = match entry {
-                Ok(entry) => entry,
-                Err(e) => return Catalog::Unavailable(e.to_string()),
-            };
-            kept += 1;
-            let Ok(served) = serde_json::from_slice::<Served>(&entry.value) else {
-                continue;
-            };
-            let served = Arc::new(served);
-            if served.version == version {
-                found = Some(served.clone());
+        let oldest = latest.revision.saturating_sub(CATALOGS_CACHED as u64);
+        let mut entry = Some(latest.clone());
+        let mut revision = latest.revision;
+        while revision > oldest {
+            if let Some(e) = entry.take()
+                && let Ok(served) = serde_json::from_slice::<Served>(&e.value)
+            {
+                kept += 1;
+                let served = Arc::new(served);
+                if e.revision == latest.revision {
+                    *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Some(served.clone());
+                }
+                if served.version == version {
+                    found = Some(served);
+                    break;
+                }
             }
-            *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Some(served);
+            revision -= 1;
+            if revision == 0 {
+                break;
+            }
+            entry = match bucket.entry_for_revision(CATALOG_KEY, revision).await {
+                Ok(entry) => entry,
+                Err(e) if e.kind() == async_nats::jetstream::kv::EntryErrorKind::TimedOut => {
+                    return Catalog::Unavailable(e.to_string());
+                }
+                // Aged out, or not a catalog entry: look further back.
+                Err(_) => None,
+            };
         }
         match found {
             Some(served) => {
@@ -1032,7 +1149,6 @@ impl Runner {
                 cache.insert(version.to_owned(), served.clone());
                 Catalog::Found(served)
             }
-            None if kept == 0 => Catalog::Unavailable("no catalog is served yet".into()),
             None => Catalog::Missing { kept },
         }
     }
@@ -1066,6 +1182,10 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// After a write found the journal changed under it: look again soon.
 const RELOOK: Duration = Duration::from_millis(200);
+
+/// The longest a copy signed with a key not trusted yet is delivered again, whatever
+/// deadline it claims.
+const LONGEST_RETRY: time::Duration = time::Duration::hours(1);
 
 /// Catalog versions kept in memory (the bucket keeps at most 64).
 const CATALOGS_CACHED: usize = 64;
@@ -1177,11 +1297,13 @@ enum Catalog {
     Unavailable(String),
 }
 
-/// Why a command was refused, and the command id it claims (unverified).
+/// Why a command was refused, the command id it claims (unverified), and until when it is
+/// delivered again (a key not trusted yet), if it is.
 #[derive(Debug)]
 struct Refusal {
     reason: String,
     claimed: Option<CommandId>,
+    retry_until: Option<OffsetDateTime>,
 }
 
 impl Refusal {
@@ -1189,6 +1311,7 @@ impl Refusal {
         Self {
             reason: reason.to_owned(),
             claimed: None,
+            retry_until: None,
         }
     }
 }

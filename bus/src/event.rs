@@ -98,15 +98,40 @@ impl fmt::Display for EventKind {
     }
 }
 
-/// How an agent's note that it refused a copy of a command starts (a `Log` on stream `AGENT`
-/// in that command's timeline: never a slot, so a forged copy cannot end a real command).
+/// How an agent's note that it refused a copy of a command for good starts (a `Log` on
+/// stream `AGENT` in that command's timeline: never a slot, so a forged copy cannot end a real
+/// command).
 pub const REFUSAL_NOTE: &str = "refused:";
 
-/// The refusal in a note written by an agent, if `event` is one (see [`REFUSAL_NOTE`]).
-pub fn refusal_note(event: &proto::Event) -> Option<&str> {
+/// How an agent's note starts when it refused a copy for now (a key it does not trust yet):
+/// the copy is delivered again until its deadline, to this agent or another.
+pub const REFUSAL_NOTE_FOR_NOW: &str = "refused for now:";
+
+/// An agent's refusal note (see [`REFUSAL_NOTE`], [`REFUSAL_NOTE_FOR_NOW`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefusalNote<'a> {
+    /// What the agent said.
+    pub reason: &'a str,
+    /// The copy was dropped: nothing will run it.
+    pub dropped: bool,
+}
+
+/// The refusal in a note written by an agent, if `event` is one.
+pub fn refusal_note(event: &proto::Event) -> Option<RefusalNote<'_>> {
     match event.kind.as_ref()? {
         proto::event::Kind::Log(log) if log.stream == proto::LogStream::Agent as i32 => {
-            log.line.strip_prefix(REFUSAL_NOTE).map(str::trim_start)
+            if let Some(reason) = log.line.strip_prefix(REFUSAL_NOTE_FOR_NOW) {
+                return Some(RefusalNote {
+                    reason: reason.trim_start(),
+                    dropped: false,
+                });
+            }
+            log.line
+                .strip_prefix(REFUSAL_NOTE)
+                .map(|reason| RefusalNote {
+                    reason: reason.trim_start(),
+                    dropped: true,
+                })
         }
         _ => None,
     }

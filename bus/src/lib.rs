@@ -30,7 +30,9 @@ pub mod proto {
 
 pub use envelope::{Purpose, Unverified, Verified, Verifier};
 pub use error::{Error, Result};
-pub use event::{EventKind, REFUSAL_NOTE, refusal_note, rejection_code_name};
+pub use event::{
+    EventKind, REFUSAL_NOTE, REFUSAL_NOTE_FOR_NOW, RefusalNote, refusal_note, rejection_code_name,
+};
 pub use id::CommandId;
 pub use key::{KeyId, KeyPair, PublicKey};
 pub use name::{OpName, OperationName, Target, Token, Tower};

@@ -150,6 +150,7 @@ fn every_event_kind_round_trips() {
             agent: "agent/traffic/prod-1/a".into(),
             host: "h".into(),
             target: "prod-1".into(),
+            without_running: true,
         }),
         Kind::Progress(proto::Progress {
             percent: 40,

@@ -33,7 +33,7 @@ pub struct Contexts {
 impl Home {
     /// `$RCT_HOME`, else the platform's config folder + `rct`.
     pub fn locate() -> Self {
-        let root = std::env::var_os("RCT_HOME")
+        let root = std::env::var_os(rct_streams::runtime::ENV_HOME)
             .map(PathBuf::from)
             .or_else(|| dirs::config_dir().map(|d| d.join("rct")))
             .unwrap_or_else(|| PathBuf::from(".rct"));

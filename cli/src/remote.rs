@@ -35,7 +35,7 @@ pub fn resolve(home: &Home, global: &Global) -> Result<(String, Connection)> {
     let name = global
         .context
         .clone()
-        .or_else(|| std::env::var("RCT_CONTEXT").ok())
+        .or_else(|| std::env::var(rct_streams::runtime::ENV_CONTEXT).ok())
         .or(contexts.current.clone())
         .unwrap_or_else(|| DEFAULT_CONTEXT.to_owned());
     let mut connection = match contexts.contexts.get(&name) {

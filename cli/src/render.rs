@@ -110,6 +110,12 @@ pub fn describe(event: &proto::Event) -> String {
         }
         Kind::Rejected(r) => format!("rejected ({}): {}", rejection_code_name(r.code), r.message),
         Kind::Approval(a) => format!("approved by {}", operator(a.by.as_ref())),
+        Kind::Started(s) if s.without_running => {
+            format!(
+                "taken by {} on {} to end it without running",
+                s.agent, s.host
+            )
+        }
         Kind::Started(s) => format!("started by {} on {}", s.agent, s.host),
         Kind::Progress(p) => format!(
             "[{:>3}%] {}{}",
@@ -184,7 +190,9 @@ pub fn event_json(record: &Record) -> Value {
         Some(Kind::Approval(a)) => {
             json!({"type": "approval", "by": operator(a.by.as_ref()), "comment": a.comment})
         }
-        Some(Kind::Started(s)) => json!({"type": "started", "agent": s.agent, "host": s.host}),
+        Some(Kind::Started(s)) => {
+            json!({"type": "started", "agent": s.agent, "host": s.host, "without_running": s.without_running})
+        }
         Some(Kind::Progress(p)) => {
             json!({"type": "progress", "percent": p.percent, "step": p.step, "message": p.message})
         }
@@ -261,6 +269,7 @@ impl Live {
             return final_exit(event);
         }
         match event.kind.as_ref()? {
+            Kind::Started(s) if s.without_running => self.line(&describe(event)),
             Kind::Started(_) => {
                 self.started = event.at.as_ref().and_then(to_datetime);
                 self.line(&describe(event));

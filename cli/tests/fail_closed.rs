@@ -254,3 +254,76 @@ async fn with_quorum_lost_nothing_runs_and_the_operator_is_told_what_to_check() 
     assert!(ran as u64 <= stored, "ran {ran} times for {stored} stored");
     shutdown.cancel();
 }
+
+/// The agent refuses a genuine command (it does not trust admission's key): the operator
+/// watching it is told why at once, not only at the deadline, `rct status` says its agent
+/// refused it, and nothing ran. Before, rct was silent until the deadline and the command
+/// stayed `admitted` with no reason anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_its_agent_refuses_is_reported_at_once_with_the_reason() {
+    use std::io::BufRead as _;
+    let hub = Hub::start().await;
+    hub.provision().await;
+    let js = admin(&hub).await;
+    let shutdown = CancellationToken::new();
+    hub.admission(&shutdown).await;
+    let agent = hub.connection("agent_traffic_prod1", "_INBOX_agent.traffic.prod-1");
+    let stranger = rct_bus::KeyPair::generate().public().clone();
+    hub.traffic_agent("prod-1", agent, stranger, &shutdown)
+        .await;
+    let operator = Arc::new(hub.operator());
+    let op = operator.clone();
+    blocking(move || op.login()).await;
+
+    let op = operator.clone();
+    let out = blocking(move || op.fire_drain("prod-1", &["--detach"], &[])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = submitted_id(&text(&out.stderr));
+
+    // `rct watch` says why while it waits (the deadline is two minutes away).
+    let home = operator.home.path().to_owned();
+    let told = blocking(move || {
+        let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_rct"))
+            .args(["watch", &id.to_string()])
+            .env("RCT_HOME", &home)
+            .env_remove("RCT_CONTEXT")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = watch.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("is not started yet") {
+                    let _ = tx.send(line);
+                    return;
+                }
+            }
+        });
+        let told = rx.recv_timeout(Duration::from_secs(30));
+        let _ = watch.kill();
+        let _ = watch.wait();
+        told.expect("rct watch told the operator why it has not started")
+    })
+    .await;
+    assert!(told.contains("does not trust"), "{told}");
+
+    let op = operator.clone();
+    let status = blocking(move || op.rct(&["status", &id.to_string()])).await;
+    assert!(
+        text(&status.stdout).contains("refused by its agent"),
+        "{}",
+        text(&status.stdout)
+    );
+    let history = replay::command_history(&js, id).await.unwrap();
+    assert!(
+        !has(&history, |k| matches!(k, Kind::Started(_))),
+        "{history:#?}"
+    );
+    shutdown.cancel();
+}

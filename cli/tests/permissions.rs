@@ -77,6 +77,28 @@ async fn every_identity_does_its_job_within_its_permissions() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // The agent's reads that only happen at the edges (a redelivery, a catalog that changed
+    // since admission): the journal and a holder's presence from the stream leader, and an
+    // earlier catalog revision.
+    let agent = hub.connection(AGENT.0, AGENT.1);
+    let js = agent.jetstream(agent.connect("agent", true).await.unwrap());
+    let tower = rct_bus::Tower::new("traffic").unwrap();
+    let look = rct_streams::journal::look(&js, &tower, id.parse().unwrap())
+        .await
+        .unwrap();
+    assert!(look.outcome.is_some(), "{look:?}");
+    let holder = look.holder().unwrap().to_owned();
+    let key = rct_bus::presence::key("traffic", "prod-1", &holder);
+    assert!(rct_streams::journal::present(&js, &key).await.unwrap());
+    let catalog = js.get_key_value("rct_catalog").await.unwrap();
+    assert!(
+        catalog
+            .entry_for_revision("catalog", 1)
+            .await
+            .unwrap()
+            .is_some()
+    );
+
     shutdown.cancel();
     let violations = hub.violations();
     assert!(

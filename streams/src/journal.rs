@@ -1,49 +1,57 @@
 //! The claim journal: what the single-slot events of one command say (its claim, its
-//! outcome) and the last sequence of all its events, read from the stream leader (the
-//! `STREAM.MSG.GET` API, never a direct get that a lagging replica could answer).
+//! outcome), read from the stream leader (the `STREAM.MSG.GET` API, never a direct get that a
+//! lagging replica could answer), and the one way to end a command without running it.
+//!
+//! The claim slot decides a command's fate: whoever takes it either runs the command or, with
+//! a claim marked `without_running`, ends it unrun. So a run and an end without running can
+//! never both happen, whatever races, pauses or cluster elections come between them.
 
 use async_nats::jetstream::{self, stream::LastRawMessageErrorKind};
 use prost::Message as _;
-use rct_bus::{CommandId, EventKind, Subject, Tower, proto, subject};
+use rct_bus::{CommandId, EventKind, Subject, Tower, proto};
 
 use crate::topology::{AGENTS_BUCKET, EVENT_STREAM};
-use crate::{Error, Result};
+use crate::{Error, Publisher, Result, Slot};
 
 /// One command's journal at one moment.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Look {
-    /// The stream sequence of the command's latest event (0: none), read before the slots,
-    /// so a publish guarded by it ([`crate::Outgoing::guarded`]) fails if anything was
-    /// written since, in particular a claim or an outcome the slots did not show.
-    pub last: u64,
-    /// Its claim (`Started`), if any.
+    /// Its claim, if any. A slot holding something that is not an event reads as a claim
+    /// with no holder: nobody can take it any more.
     pub claim: Option<proto::Event>,
     /// Its outcome, if any.
     pub outcome: Option<proto::Event>,
 }
 
 impl Look {
-    /// The agent instance that claimed it, if it was claimed.
-    pub fn holder(&self) -> Option<&str> {
+    /// The claim's `Started` body, if it was claimed by an agent (or ended unrun).
+    pub fn started(&self) -> Option<&proto::Started> {
         match self.claim.as_ref()?.kind.as_ref()? {
-            proto::event::Kind::Started(started) => Some(&started.agent),
+            proto::event::Kind::Started(started) => Some(started),
             _ => None,
         }
     }
+
+    /// The instance that claimed it, if it was claimed.
+    pub fn holder(&self) -> Option<&str> {
+        self.started().map(|s| s.agent.as_str())
+    }
 }
 
-/// Reads the journal of command `id` of `tower`: the last sequence first, then the slots.
+/// Reads the journal of command `id` of `tower`.
 pub async fn look(js: &jetstream::Context, tower: &Tower, id: CommandId) -> Result<Look> {
-    let last = last_sequence(js, id).await?;
+    let claim = match slot(js, tower, id, EventKind::Claim).await {
+        Err(Error::Malformed { .. }) => Some(proto::Event::default()),
+        other => other?,
+    };
     Ok(Look {
-        last,
-        claim: slot(js, tower, id, EventKind::Claim).await?,
+        claim,
         outcome: slot(js, tower, id, EventKind::Outcome).await?,
     })
 }
 
-/// The event in one single-slot subject of a command, if any. An undecodable message in a
-/// slot reads as an error: the slot is taken, by something that is not an event.
+/// The event in one single-slot subject of a command, if any (`Error::Malformed` when the
+/// slot holds something that is not an event).
 pub async fn slot(
     js: &jetstream::Context,
     tower: &Tower,
@@ -51,45 +59,56 @@ pub async fn slot(
     kind: EventKind,
 ) -> Result<Option<proto::Event>> {
     let subject = Subject::event(tower, id, kind).to_string();
-    match last_message(js, &subject).await? {
-        None => Ok(None),
-        Some((sequence, payload)) => {
-            proto::Event::decode(payload)
-                .map(Some)
-                .map_err(|e| Error::Malformed {
-                    sequence,
-                    subject,
-                    reason: e.to_string(),
-                })
-        }
-    }
-}
-
-/// The stream sequence of the latest event of command `id` (0: it has none).
-pub async fn last_sequence(js: &jetstream::Context, id: CommandId) -> Result<u64> {
-    Ok(last_message(js, &subject::events_for_command(id))
-        .await?
-        .map_or(0, |(sequence, _)| sequence))
-}
-
-/// The guard filter for [`crate::Outgoing::guarded`]: every event of command `id`.
-pub fn guard(id: CommandId) -> String {
-    subject::events_for_command(id)
-}
-
-async fn last_message(
-    js: &jetstream::Context,
-    filter: &str,
-) -> Result<Option<(u64, bytes::Bytes)>> {
     let stream = js
         .get_stream_no_info(EVENT_STREAM)
         .await
         .map_err(|e| Error::read(EVENT_STREAM, e))?;
-    match stream.get_last_raw_message_by_subject(filter).await {
-        Ok(stored) => Ok(Some((stored.sequence, stored.payload))),
+    match stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(stored) => {
+            proto::Event::decode(stored.payload)
+                .map(Some)
+                .map_err(|e| Error::Malformed {
+                    sequence: stored.sequence,
+                    subject,
+                    reason: e.to_string(),
+                })
+        }
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(Error::read(filter, e)),
+        Err(e) => Err(Error::read(&subject, e)),
     }
+}
+
+/// What became of [`end_unrun`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The command is ended with this outcome, or another one that was recorded first
+    /// (never after a run: its claim is ours, marked `without_running`).
+    Recorded,
+    /// Someone else claimed it first: look at it again.
+    ClaimedElsewhere,
+}
+
+/// Ends an unclaimed command without running it: takes its claim, marked `without_running`
+/// (`claim` must be a `Started` event of the command with that mark), then records `outcome`.
+/// Both carry `writer` in their ids, so a retry of our own write is ours. If the writer stops
+/// between the two, the claim still says the command never ran.
+pub async fn end_unrun(
+    publisher: &Publisher,
+    tower: &Tower,
+    claim: &proto::Event,
+    outcome: &proto::Event,
+    writer: &str,
+) -> Result<Ended> {
+    debug_assert!(matches!(
+        &claim.kind,
+        Some(proto::event::Kind::Started(s)) if s.without_running
+    ));
+    match publisher.event(tower, claim, writer).await? {
+        Slot::Written(_) => {}
+        Slot::Taken { .. } => return Ok(Ended::ClaimedElsewhere),
+    }
+    publisher.event(tower, outcome, writer).await?;
+    Ok(Ended::Recorded)
 }
 
 /// Whether agent presence `key` is in `rct_agents` now, read from the bucket's stream leader

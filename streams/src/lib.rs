@@ -5,10 +5,10 @@
 //! - [`Connection`]: how every component connects (servers, credentials, TLS, domain).
 //! - [`Config`], [`provision`], [`topology`]: streams `RCT_SUBMIT`, `RCT_CMD`, `RCT_EVT`,
 //!   buckets `rct_agents`, `rct_catalog`, and the durable consumers.
-//! - [`Publisher`], [`Outgoing`], [`Slot`], [`Guarded`]: acknowledged, deduplicated, retried
-//!   publishes; [`Slot::Taken`] when a decision, claim or outcome already exists,
-//!   [`Guarded::Moved`] when a command's events moved on since they were read.
-//! - [`journal`]: a command's claim, outcome and last sequence, read from the stream leader.
+//! - [`Publisher`], [`Outgoing`], [`Slot`]: acknowledged, deduplicated, retried publishes;
+//!   [`Slot::Taken`] when a decision, claim or outcome already exists.
+//! - [`journal`]: a command's claim and outcome read from the stream leader, and ending a
+//!   command without running it.
 //! - [`replay`]: a command's history, a filtered time range, or history then live.
 //! - [`work`]: consuming a durable consumer with bounded concurrency until shutdown.
 //! - [`runtime`]: logging and signal handling shared by the binaries.
@@ -35,6 +35,6 @@ pub use config::Config;
 pub use connect::Connection;
 pub use error::{Error, Result};
 pub use projection::{CommandState, Phase};
-pub use publish::{Ack, Guarded, Outgoing, Publisher, Retry, Slot};
+pub use publish::{Ack, Outgoing, Publisher, Retry, Slot};
 pub use replay::{Filter, Item, Record};
 pub use topology::{Change, Report, provision};

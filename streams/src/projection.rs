@@ -72,6 +72,8 @@ impl Phase {
         Some(match kind {
             Kind::Rejected(_) => Phase::Rejected,
             Kind::Admitted(_) => Phase::Admitted,
+            // Claimed only to be ended without running: its outcome follows.
+            Kind::Started(s) if s.without_running => return None,
             Kind::Started(_) => Phase::Running,
             Kind::Succeeded(_) => Phase::Succeeded,
             Kind::Failed(_) => Phase::Failed,
@@ -135,6 +137,12 @@ pub struct CommandState {
     pub outcome: Option<Kind>,
     /// When the outcome was written.
     pub ended_at: Option<OffsetDateTime>,
+    /// Why an agent refused it (the latest refusal note on its timeline, see
+    /// [`rct_bus::refusal_note`]), until it is claimed.
+    pub refused: Option<String>,
+    /// That refusal dropped the copy: nothing will run it, although no outcome says so (a
+    /// refusal for now, of a key not trusted yet, is delivered again until the deadline).
+    pub refused_for_good: bool,
     /// The highest stream sequence applied.
     pub last_sequence: u64,
     progress_sequence: u64,
@@ -157,6 +165,8 @@ impl CommandState {
             cancel_requested: None,
             outcome: None,
             ended_at: None,
+            refused: None,
+            refused_for_good: false,
             last_sequence: 0,
             progress_sequence: 0,
         }
@@ -213,6 +223,12 @@ impl CommandState {
             self.target.clone_from(&event.target);
         }
         let at = event.at.as_ref().and_then(to_datetime);
+        if let Some(note) = rct_bus::refusal_note(&event)
+            && self.started.is_none()
+        {
+            self.refused = Some(note.reason.to_owned());
+            self.refused_for_good = note.dropped;
+        }
         let Some(phase) = event.kind.as_ref().map(Phase::of) else {
             return;
         };
@@ -241,6 +257,8 @@ impl CommandState {
                     self.decided_at = at;
                 }
                 (EventKind::Claim, Some(Kind::Started(started))) => {
+                    self.refused = None;
+                    self.refused_for_good = false;
                     self.started = Some(started);
                     self.started_at = at;
                 }
@@ -327,6 +345,7 @@ mod tests {
             agent: "a1".into(),
             host: "h".into(),
             target: "prod-1".into(),
+            without_running: false,
         })
     }
 
@@ -499,6 +518,56 @@ mod tests {
             owned.absorb(r);
         }
         assert_eq!(owned, borrowed);
+    }
+
+    #[test]
+    fn an_agents_refusal_is_remembered_until_a_claim() {
+        let note = |sequence| {
+            record(
+                sequence,
+                Kind::Log(proto::Log {
+                    stream: proto::LogStream::Agent as i32,
+                    line: format!(
+                        "{} agent x refused a copy: untrusted key",
+                        rct_bus::REFUSAL_NOTE
+                    ),
+                }),
+            )
+        };
+        let state = fold(&[record(1, admitted()), note(2)]);
+        assert_eq!(state.phase, Phase::Admitted);
+        assert_eq!(
+            state.refused.as_deref(),
+            Some("agent x refused a copy: untrusted key")
+        );
+        assert!(state.refused_for_good);
+        let plain = record(
+            3,
+            Kind::Log(proto::Log {
+                stream: proto::LogStream::Stdout as i32,
+                line: format!("{} not from the agent", rct_bus::REFUSAL_NOTE),
+            }),
+        );
+        assert_eq!(fold(&[record(1, admitted()), plain]).refused, None);
+        let claimed = fold(&[record(1, admitted()), note(2), record(3, started())]);
+        assert_eq!(claimed.refused, None);
+        assert!(!claimed.refused_for_good);
+        let for_now = record(
+            4,
+            Kind::Log(proto::Log {
+                stream: proto::LogStream::Agent as i32,
+                line: format!(
+                    "{} agent y: key not trusted yet",
+                    rct_bus::REFUSAL_NOTE_FOR_NOW
+                ),
+            }),
+        );
+        let waiting = fold(&[record(1, admitted()), for_now]);
+        assert_eq!(
+            waiting.refused.as_deref(),
+            Some("agent y: key not trusted yet")
+        );
+        assert!(!waiting.refused_for_good);
     }
 
     #[test]

@@ -44,9 +44,9 @@ pub struct Outgoing {
     payload: Bytes,
     headers: HeaderMap,
     once: bool,
-    /// Stored only if `filter`'s last sequence is still this (`Nats-Expected-Last-Subject-
-    /// Sequence` with `-Subject`): a compare-and-set over several subjects.
-    guard: Option<(String, u64)>,
+    /// The stream that takes it, when known (where a refused single-slot publish's holder is
+    /// read, without a stream lookup).
+    stream: Option<&'static str>,
 }
 
 impl Outgoing {
@@ -58,7 +58,7 @@ impl Outgoing {
             payload,
             headers: HeaderMap::new(),
             once: false,
-            guard: None,
+            stream: None,
         }
     }
 
@@ -68,11 +68,12 @@ impl Outgoing {
     pub fn event(tower: &Tower, event: &proto::Event, n: impl std::fmt::Display) -> Option<Self> {
         let kind = EventKind::of(event)?;
         let command_id: rct_bus::CommandId = event.command_id.parse().ok()?;
-        let outgoing = Self::new(
+        let mut outgoing = Self::new(
             Subject::event(tower, command_id, kind),
             command_id.event_msg_id(kind, n),
             event.encode_to_vec().into(),
         );
+        outgoing.stream = Some(crate::topology::EVENT_STREAM);
         Some(if kind.is_single_slot() {
             outgoing.once()
         } else {
@@ -84,14 +85,6 @@ impl Outgoing {
     /// holds one (`Nats-Expected-Last-Subject-Sequence: 0`).
     pub fn once(mut self) -> Self {
         self.once = true;
-        self
-    }
-
-    /// Makes the publish conditional on every subject matching `filter` (a wildcard may be
-    /// used): the server stores the message only if the last message on them is still
-    /// `last` (0: none). See [`Publisher::send_guarded`].
-    pub fn guarded(mut self, filter: impl Into<String>, last: u64) -> Self {
-        self.guard = Some((filter.into(), last));
         self
     }
 
@@ -129,16 +122,6 @@ pub enum Slot {
         /// Stream sequence of the message that holds the slot.
         sequence: u64,
     },
-}
-
-/// What became of a guarded publish ([`Outgoing::guarded`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Guarded {
-    /// Stored (or already stored under the same id by an earlier attempt of ours).
-    Written(Ack),
-    /// Something was written on the guarded subjects since the expectation was read, and
-    /// it is not this message: nothing was stored.
-    Moved,
 }
 
 /// Publishes with acknowledgement, dedup ids and retries. Cheap to clone.
@@ -194,23 +177,6 @@ impl Publisher {
         }
     }
 
-    /// Publishes a message made with [`Outgoing::guarded`]: stored only if nothing was
-    /// written on the guarded subjects since their last sequence was read. A retry of our own
-    /// stored attempt is told apart from another writer's message by its id.
-    pub async fn send_guarded(&self, message: Outgoing) -> Result<Guarded> {
-        debug_assert!(
-            message.guard.is_some(),
-            "send_guarded needs Outgoing::guarded"
-        );
-        match self.deliver(&message).await? {
-            Some(ack) => Ok(Guarded::Written(ack)),
-            None => match self.holder(&message).await? {
-                Holder::Ours(ack) => Ok(Guarded::Written(ack)),
-                Holder::Other(_) | Holder::None => Ok(Guarded::Moved),
-            },
-        }
-    }
-
     /// Sends until stored (`Some`) or refused for its expected sequence (`None`), retrying
     /// what may not have reached a stream. Out of attempts, the error says whether the
     /// message may be stored ([`Error::Unacknowledged`]) or surely is not
@@ -228,10 +194,7 @@ impl Publisher {
                         duplicate: ack.duplicate,
                     }));
                 }
-                Err(e)
-                    if e.kind() == PublishErrorKind::WrongLastSequence
-                        && (message.once || message.guard.is_some()) =>
-                {
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence && message.once => {
                     return Ok(None);
                 }
                 Err(e) if is_retryable(&e) => {
@@ -292,11 +255,14 @@ impl Publisher {
     async fn holder(&self, message: &Outgoing) -> Result<Holder> {
         let read =
             |e: async_nats::Error| Error::read(&format!("the holder of {}", message.subject), e);
-        let stream = self
-            .js
-            .stream_by_subject(message.subject.clone())
-            .await
-            .map_err(|e| read(e.into()))?;
+        let stream = match message.stream {
+            Some(stream) => stream.to_owned(),
+            None => self
+                .js
+                .stream_by_subject(message.subject.clone())
+                .await
+                .map_err(|e| read(e.into()))?,
+        };
         let holder = match self
             .js
             .get_stream_no_info(&stream)
@@ -346,11 +312,7 @@ impl Publisher {
         if message.once {
             publish = publish.expected_last_subject_sequence(0);
         }
-        if let Some((filter, last)) = &message.guard {
-            publish = publish
-                .expected_last_subject_sequence(*last)
-                .header(EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT, filter.as_str());
-        }
+
         self.js
             .send_publish(message.subject.clone(), publish)
             .await?
@@ -358,17 +320,13 @@ impl Publisher {
     }
 }
 
-/// The subjects `Nats-Expected-Last-Subject-Sequence` applies to, when not the message's own
-/// (nats-server 2.11 and later; async-nats has no constant for it).
-const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
-
 /// Who holds the subject a conditional publish was refused on.
 enum Holder {
     /// Our own earlier attempt.
     Ours(Ack),
     /// Another writer's message, at this sequence.
     Other(u64),
-    /// Nobody: the subject is empty (the guard failed on other subjects).
+    /// Nobody: the subject is empty.
     None,
 }
 

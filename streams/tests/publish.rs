@@ -185,63 +185,66 @@ async fn events_without_a_kind_are_refused_before_sending() {
     ));
 }
 
-/// The compare-and-set an agent ends an unclaimed command with: stored only while nothing was
-/// written among the command's events since their last sequence was read; a retry of our own
-/// stored attempt is ours, anyone else's write in between makes it `Moved`.
+/// Ending a command without running it goes through its claim slot: a rival's claim that
+/// came first wins (nothing is recorded), and a retry of our own end is ours.
 #[tokio::test]
-async fn a_guarded_publish_is_refused_once_the_command_moved_on() {
+async fn ending_a_command_unrun_takes_its_claim_first() {
+    use rct_bus::proto::{self, event::Kind};
+    use rct_streams::journal::{self, Ended};
     let (_server, js) = provisioned().await;
     let publisher = Publisher::new(js.clone());
     let traffic = tower("traffic");
-    let id = CommandId::generate();
-    let decision = event(id, "prod-1", admitted());
-    publisher.event(&traffic, &decision, 0).await.unwrap();
-    let last = rct_streams::journal::last_sequence(&js, id).await.unwrap();
-    assert!(last > 0);
-
-    // A claim lands between the look and the write: the guarded outcome is not stored.
-    publisher
-        .event(&traffic, &event(id, "prod-1", started()), "rival")
-        .await
-        .unwrap();
-    let expired = event(
-        id,
-        "prod-1",
-        rct_bus::proto::event::Kind::Expired(Default::default()),
-    );
-    let outgoing = Outgoing::event(&traffic, &expired, "me").unwrap();
-    let moved = publisher
-        .send_guarded(
-            outgoing
-                .clone()
-                .guarded(rct_streams::journal::guard(id), last),
+    let unrun = |id| {
+        event(
+            id,
+            "prod-1",
+            Kind::Started(proto::Started {
+                agent: "me".into(),
+                without_running: true,
+                ..Default::default()
+            }),
         )
+    };
+    let expired = |id| event(id, "prod-1", Kind::Expired(Default::default()));
+
+    // A rival claimed it first: nothing is ended.
+    let claimed = CommandId::generate();
+    publisher
+        .event(&traffic, &event(claimed, "prod-1", started()), "rival")
         .await
         .unwrap();
-    assert_eq!(moved, rct_streams::Guarded::Moved);
+    let ended = journal::end_unrun(
+        &publisher,
+        &traffic,
+        &unrun(claimed),
+        &expired(claimed),
+        "me",
+    )
+    .await
+    .unwrap();
+    assert_eq!(ended, Ended::ClaimedElsewhere);
+    let look = journal::look(&js, &traffic, claimed).await.unwrap();
+    assert_eq!(look.holder(), Some("agent-1"));
+    assert!(look.outcome.is_none());
+
+    // Unclaimed: claimed unrun, then ended; doing it again (a lost ack) is ours.
+    let free = CommandId::generate();
+    for _ in 0..2 {
+        let ended = journal::end_unrun(&publisher, &traffic, &unrun(free), &expired(free), "me")
+            .await
+            .unwrap();
+        assert_eq!(ended, Ended::Recorded);
+    }
+    let look = journal::look(&js, &traffic, free).await.unwrap();
+    assert!(look.started().unwrap().without_running);
+    assert!(matches!(look.outcome.unwrap().kind, Some(Kind::Expired(_))));
     assert_eq!(
         count(
             &js,
             EVENT_STREAM,
-            &Subject::event(&traffic, id, EventKind::Outcome).to_string()
+            &Subject::event(&traffic, free, EventKind::Outcome).to_string()
         )
         .await,
-        0
+        1
     );
-
-    // Read again, nothing in between: stored once, and a retry of it is ours.
-    let last = rct_streams::journal::last_sequence(&js, id).await.unwrap();
-    let guarded = outgoing.guarded(rct_streams::journal::guard(id), last);
-    let first = publisher.send_guarded(guarded.clone()).await.unwrap();
-    let again = publisher.send_guarded(guarded).await.unwrap();
-    let (rct_streams::Guarded::Written(a), rct_streams::Guarded::Written(b)) = (first, again)
-    else {
-        panic!("the guarded write and its retry are both ours");
-    };
-    assert_eq!(a.sequence, b.sequence);
-    assert!(b.duplicate);
-    let look = rct_streams::journal::look(&js, &traffic, id).await.unwrap();
-    assert_eq!(look.last, a.sequence);
-    assert_eq!(look.holder(), Some("agent-1"), "{look:?}");
-    assert!(look.outcome.is_some());
 }

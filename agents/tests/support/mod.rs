@@ -190,6 +190,27 @@ impl Harness {
         Running { shutdown, task }
     }
 
+    /// Waits until tower consumer `consumer` has every delivered command acknowledged and
+    /// none left to deliver.
+    pub async fn acknowledged(&self, consumer: &str) {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = self
+            .js
+            .get_consumer_from_stream(consumer, "RCT_CMD")
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let info = consumer.info().await.unwrap();
+                if info.num_pending == 0 && info.num_ack_pending == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("every delivery is acknowledged");
+    }
+
     /// Waits until `n` agents of `tower` are present.
     pub async fn present(&self, tower: &str, n: usize) -> Vec<rct_bus::presence::Presence> {
         let bucket = self.js.get_key_value("rct_agents").await.unwrap();

@@ -822,7 +822,7 @@ async fn footprint(stack: &Stack, session: &Session) -> Result<Vec<Row>> {
             let begin = Instant::now();
             let status = std::process::Command::new(&rct)
                 .args(["run", "bench/noop", "-p", "target=t-000", "--detach"])
-                .env("RCT_HOME", &home)
+                .env(rct_streams::runtime::ENV_HOME, &home)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .status()

@@ -848,7 +848,7 @@ impl Fold {
                     *fold.decisions.entry(seq).or_default() += 1;
                     None
                 }
-                Some(Kind::Started(s)) => {
+                Some(Kind::Started(s)) if !s.without_running => {
                     fold.claims.entry(id).or_default().push(s.agent.clone());
                     None
                 }

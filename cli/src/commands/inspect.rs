@@ -67,6 +67,7 @@ pub async fn status(home: &Home, global: &Global, args: One) -> Result {
 
 fn exit_of(state: &CommandState) -> Exit {
     match state.phase {
+        rct_streams::Phase::Admitted if state.refused_for_good => Exit::Failed,
         rct_streams::Phase::Succeeded
         | rct_streams::Phase::Pending
         | rct_streams::Phase::Admitted
@@ -93,6 +94,8 @@ pub fn line(state: &CommandState) -> String {
             _ => String::new(),
         },
         (None, Some(Kind::Rejected(r))) => format!(" ({})", rct_bus::rejection_code_name(r.code)),
+        _ if state.refused_for_good => " (refused by its agent: will not run)".into(),
+        _ if state.refused.is_some() => " (refused by its agent for now: see rct show)".into(),
         _ => state
             .progress
             .as_ref()
@@ -130,6 +133,8 @@ pub fn state_json(state: &CommandState) -> serde_json::Value {
         "ended_at": state.ended_at.map(render::datetime),
         "duration_seconds": state.duration().map(|d| d.as_secs_f64()),
         "agent": state.started.as_ref().map(|s| s.agent.clone()),
+        "refused": state.refused,
+        "refused_for_good": state.refused_for_good,
         "outcome": state.outcome.as_ref().map(|k| render::describe(&proto::Event { kind: Some(k.clone()), ..Default::default() })),
     })
 }
@@ -180,6 +185,9 @@ pub async fn show(home: &Home, global: &Global, args: One) -> Result {
         println!("dry run       yes");
     }
     println!("state         {}", state.phase);
+    if let Some(reason) = &state.refused {
+        println!("refused       {reason}");
+    }
     if let Some(trace) = records.iter().find_map(|r| r.trace) {
         println!("trace         {}", trace.trace_id());
     }

@@ -247,7 +247,7 @@ fn nix_hostname() -> String {
 const DECISION_WAIT: Duration = Duration::from_secs(30);
 
 fn decision_wait() -> Duration {
-    std::env::var("RCT_DECISION_WAIT")
+    std::env::var(rct_streams::runtime::ENV_DECISION_WAIT)
         .ok()
         .and_then(|v| humantime::parse_duration(&v).ok())
         .unwrap_or(DECISION_WAIT)
@@ -262,6 +262,7 @@ pub async fn watch(remote: &Remote, id: CommandId, output: Output) -> Result {
     let mut decided = false;
     let mut started = false;
     let mut deadline: Option<OffsetDateTime> = None;
+    let mut refused: Option<String> = None;
     let decision_wait = decision_wait();
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
@@ -293,10 +294,15 @@ pub async fn watch(remote: &Remote, id: CommandId, output: Output) -> Result {
                 )));
             }
             Err(_) => {
-                eprintln!(
-                    "{id} was not started before its deadline: no agent took it (rct agents \
-                     shows who is running)"
-                );
+                match &refused {
+                    Some(reason) => eprintln!(
+                        "{id} was not started before its deadline: its agent refused it ({reason})"
+                    ),
+                    None => eprintln!(
+                        "{id} was not started before its deadline: no agent took it (rct agents \
+                         shows who is running)"
+                    ),
+                }
                 return Ok(Exit::Failed);
             }
             Ok(None) => return Err(Error::usage("the event stream ended")),
@@ -322,6 +328,22 @@ pub async fn watch(remote: &Remote, id: CommandId, output: Output) -> Result {
         }
         if let Some(exit) = live.show(&record) {
             return Ok(exit);
+        }
+        // An agent refused it: for good (nothing will run it, so nothing to wait for), or
+        // for now (it is delivered again until its deadline: say why while waiting).
+        if !started && let Some(note) = rct_bus::refusal_note(&record.event) {
+            if note.dropped {
+                eprintln!(
+                    "{id} will not run: {}. Fix the agent (rct agents), then submit it again",
+                    note.reason
+                );
+                return Ok(Exit::Failed);
+            }
+            eprintln!(
+                "{id} is not started yet: {}. Waiting until its deadline",
+                note.reason
+            );
+            refused = Some(note.reason.to_owned());
         }
     }
 }

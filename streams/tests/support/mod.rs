@@ -26,6 +26,7 @@ pub fn started() -> Kind {
         agent: "agent-1".into(),
         host: "host-1".into(),
         target: "prod-1".into(),
+        without_running: false,
     })
 }
 
