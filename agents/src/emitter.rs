@@ -377,16 +377,7 @@ impl Publishing {
                     self.publish_pack(pack.take()).await;
                     self.publish_progress(p).await;
                 }
-                Emit::Log(stream, line) => {
-                    let rest = match &mut pack {
-                        Some(p) => p.add(stream, line, self.shared.limits.max_event),
-                        None => Some(line),
-                    };
-                    if let Some(line) = rest {
-                        self.publish_pack(pack.take()).await;
-                        pack = Some(Pack::new(stream, line));
-                    }
-                }
+                Emit::Log(stream, line) => self.pack_line(&mut pack, stream, line).await,
                 Emit::BudgetReached => {
                     self.publish_pack(pack.take()).await;
                     self.budget_reached().await;
@@ -445,14 +436,7 @@ impl Publishing {
         }
         let mut pack: Option<Pack> = None;
         for (stream, line) in tail {
-            let rest = match &mut pack {
-                Some(p) => p.add(stream, line, self.shared.limits.max_event),
-                None => Some(line),
-            };
-            if let Some(line) = rest {
-                self.publish_pack(pack.take()).await;
-                pack = Some(Pack::new(stream, line));
-            }
+            self.pack_line(&mut pack, stream, line).await;
         }
         self.publish_pack(pack).await;
         if overflow > 0 {
@@ -492,6 +476,19 @@ impl Publishing {
         if let Sent::Refused(reason) = self.send(Kind::Progress(p), n).await {
             self.notice(format!("rct: dropped a progress event: {reason}"))
                 .await;
+        }
+    }
+
+    /// Adds `line` to the event being packed; one that does not fit (another stream, or
+    /// the event is full) publishes the pack and starts the next.
+    async fn pack_line(&mut self, pack: &mut Option<Pack>, stream: LogStream, line: String) {
+        let rest = match pack {
+            Some(p) => p.add(stream, line, self.shared.limits.max_event),
+            None => Some(line),
+        };
+        if let Some(line) = rest {
+            self.publish_pack(pack.take()).await;
+            *pack = Some(Pack::new(stream, line));
         }
     }
 
