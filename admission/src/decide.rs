@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
-use rct_bus::catalog::{Catalog, Operation, TowerSpec, display_value};
+use rct_bus::catalog::{Catalog, Operation, Secrets, TowerSpec, display_value};
 use rct_bus::proto::{self, RejectionCode, event::Kind, submission::Request};
 use rct_bus::{CommandId, KeyPair, OperationName, Purpose, Subject, Tower, Unverified};
 use rct_streams::timestamp::{from_datetime, to_datetime};
@@ -403,10 +403,12 @@ impl Policy {
         verified: rct_bus::Verified,
     ) -> Result<Verdict, (RejectionCode, String)> {
         use RejectionCode as C;
-        let checked = operation.check(tower_spec, &run.params).map_err(|errors| {
-            let messages: Vec<String> = errors.into_iter().map(|e| e.message).collect();
-            (C::InvalidParams, messages.join("; "))
-        })?;
+        let checked = operation
+            .check(tower_spec, &run.params, Secrets::Sealed)
+            .map_err(|errors| {
+                let messages: Vec<String> = errors.into_iter().map(|e| e.message).collect();
+                (C::InvalidParams, messages.join("; "))
+            })?;
         draft.request.params = operation.mask(&checked.params);
         if run.target != checked.target.as_str() {
             return Err((
@@ -521,29 +523,16 @@ impl Policy {
             return Err("the stored submission asks to run nothing".into());
         };
         // The decision holds the effective parameters, secrets masked; the submission holds
-        // the values given, as they were checked (checking never rewrites a value). A masked
-        // value not given is a secret's default: only the catalog it was admitted under knows it.
-        let mut params = BTreeMap::new();
-        for (name_of, recorded) in &request.params {
-            let value = match (run.params.get(name_of), &recorded.kind) {
-                (Some(given), _) => given.clone(),
-                (None, Some(proto::value::Kind::Masked(_))) => self
-                    .catalog
-                    .operation(&name)
-                    .filter(|_| self.catalog_version == admitted.catalog_version)
-                    .and_then(|(_, op)| op.params.get(name_of))
-                    .and_then(|p| p.default_value())
-                    .ok_or_else(|| {
-                        format!(
-                            "secret parameter {name_of} took its default from catalog version {}, \
-                             which is no longer loaded",
-                            admitted.catalog_version
-                        )
-                    })?,
-                (None, _) => recorded.clone(),
-            };
-            params.insert(name_of.clone(), value);
-        }
+        // the values given, as they were checked (checking never rewrites a value, and a
+        // secret has no default, so every masked value was given, sealed).
+        let params = request
+            .params
+            .iter()
+            .map(|(name_of, recorded)| {
+                let value = run.params.get(name_of).unwrap_or(recorded);
+                (name_of.clone(), value.clone())
+            })
+            .collect();
         let command = proto::Command {
             command_id: decision.command_id.clone(),
             operation: decision.operation.clone(),
@@ -868,7 +857,12 @@ mod tests {
                 ("namespace", proto::value::Kind::String("shop".into())),
                 ("name", proto::value::Kind::String("db".into())),
                 ("key", proto::value::Kind::String("password".into())),
-                ("value", proto::value::Kind::String("hunter2".into())),
+                (
+                    "value",
+                    proto::value::Kind::Sealed(proto::Sealed {
+                        age: b"sealed to the tower".to_vec(),
+                    }),
+                ),
             ],
             now,
         );

@@ -611,24 +611,45 @@ async fn the_catalog_is_served_for_discovery() {
     let _ = Subject::Login;
 }
 
-/// A `secret: true` value reaches the agent inside the signed command, and nowhere in the
-/// audit log people read.
+/// A `secret: true` value arrives sealed to the tower; admission checks that it is, records it
+/// masked, and passes the ciphertext on: no stream holds it in clear. A client that sends it
+/// in clear is refused, and says why.
 #[tokio::test]
-async fn secret_values_are_masked_in_every_event() {
+async fn secret_values_are_sealed_end_to_end_and_masked_in_every_event() {
     let h = Harness::start().await;
     let alice = h.operator("alice", &["sre_team"]).await;
     let secret = "hunter2-do-not-log";
-    let submission = run(
+    let mut submission = run(
         "workloads/set-secret",
         "_",
         [
             ("namespace", value(V::String("shop".into()))),
             ("name", value(V::String("db".into()))),
             ("key", value(V::String("password".into()))),
-            ("value", value(V::String(secret.into()))),
         ],
         "SEC-9",
     );
+    let example_key = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/examples/workloads.agekey"),
+    )
+    .unwrap();
+    let keys = rct_bus::sealed::Keys::parse(&example_key).unwrap();
+    let binding = rct_bus::sealed::Binding {
+        command_id: submission.command_id.clone(),
+        operation: "workloads/set-secret".into(),
+        target: "_".into(),
+        param: "value".into(),
+    };
+    let sealed = rct_bus::sealed::seal(
+        &keys.recipients(),
+        &binding,
+        &value(V::String(secret.into())),
+    )
+    .unwrap();
+    let Some(proto::submission::Request::Run(request)) = &mut submission.request else {
+        unreachable!()
+    };
+    request.params.insert("value".into(), sealed.clone());
     let admitted = h.submit(&alice, &submission).await;
     let Some(Kind::Admitted(decision)) = h.decision(admitted).await.kind else {
         panic!("not admitted");
@@ -636,6 +657,20 @@ async fn secret_values_are_masked_in_every_event() {
     let params = decision.request.unwrap().params;
     assert_eq!(params["value"], value(V::Masked(proto::Masked {})));
     assert_eq!(params["key"], value(V::String("password".into())));
+    // The agent gets the ciphertext as it was sealed, and can open it.
+    let stream = h.js.get_stream("RCT_CMD").await.unwrap();
+    let stored = stream.get_raw_message(1).await.unwrap();
+    let envelope =
+        <rct_bus::proto::SignedEnvelope as prost::Message>::decode(stored.payload).unwrap();
+    let command = <proto::Command as prost::Message>::decode(envelope.body.as_slice()).unwrap();
+    assert_eq!(command.params["value"], sealed);
+    let Some(V::Sealed(inner)) = &command.params["value"].kind else {
+        unreachable!()
+    };
+    assert_eq!(
+        keys.open(inner, &binding).unwrap(),
+        value(V::String(secret.into()))
+    );
 
     // Refused with a bad value elsewhere: still masked.
     let mut refused = submission.clone();
@@ -644,11 +679,31 @@ async fn secret_values_are_masked_in_every_event() {
     let refused = h.submit(&alice, &refused).await;
     assert!(rejection(&h.decision(refused).await).is_some());
 
-    let stream = h.js.get_stream("RCT_EVT").await.unwrap();
-    let last = stream.cached_info().state.last_sequence;
-    for sequence in 1..=last {
-        let message = stream.get_raw_message(sequence).await.unwrap();
-        let raw = String::from_utf8_lossy(&message.payload);
-        assert!(!raw.contains(secret), "event {sequence} holds the secret");
+    for name in ["RCT_SUBMIT", "RCT_CMD", "RCT_EVT"] {
+        let mut stream = h.js.get_stream(name).await.unwrap();
+        let last = stream.info().await.unwrap().state.last_sequence;
+        for sequence in 1..=last {
+            let message = stream.get_raw_message(sequence).await.unwrap();
+            let raw = String::from_utf8_lossy(&message.payload);
+            assert!(!raw.contains(secret), "{name} {sequence} holds the secret");
+        }
     }
+
+    // An out-of-date client that sends it in clear is refused, with the reason.
+    let mut clear = submission.clone();
+    clear.command_id = CommandId::generate().to_string();
+    let Some(proto::submission::Request::Run(request)) = &mut clear.request else {
+        unreachable!()
+    };
+    request
+        .params
+        .insert("value".into(), value(V::String("plain-text-value".into())));
+    let decision = h.decision(h.submit(&alice, &clear).await).await;
+    let (code, message) = rejection(&decision).expect("refused");
+    assert_eq!(code, proto::RejectionCode::InvalidParams);
+    assert!(
+        message.contains("value is secret and must arrive sealed"),
+        "{message}"
+    );
+    assert!(!message.contains("plain-text-value"), "{message}");
 }

@@ -17,6 +17,10 @@ pub struct Common {
     /// Admission's public key (PEM); repeat during a key rotation (adds to the file's).
     #[arg(long = "trusted-key")]
     pub trusted_keys: Vec<PathBuf>,
+    /// This agent's secret key file (age identities, from `rct-agent keygen`); repeat during
+    /// a rotation (adds to the file's).
+    #[arg(long = "secret-key")]
+    pub secret_keys: Vec<PathBuf>,
     /// This agent's name.
     #[arg(long)]
     pub instance: Option<String>,
@@ -27,17 +31,62 @@ pub struct Common {
 
 /// `rct-agent`: runs script-backed operations (YAML) as a tower.
 #[derive(Debug, clap::Parser)]
-#[command(name = "rct-agent", version, about = "rct script-runner agent")]
+#[command(
+    name = "rct-agent",
+    version,
+    about = "rct script-runner agent",
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct ScriptAgent {
+    /// Something else than serving.
+    #[command(subcommand)]
+    pub task: Option<Task>,
     /// The operations: a scripts file (see docs/TOWERS.md).
-    #[arg(long)]
-    pub scripts: PathBuf,
+    #[arg(long, required = true)]
+    pub scripts: Option<PathBuf>,
     /// Serve this target only (cluster flavour; overrides the scripts file).
     #[arg(long)]
     pub target: Option<String>,
     /// Flags every agent takes.
     #[command(flatten)]
     pub common: Common,
+}
+
+/// What `rct-agent` does instead of serving.
+#[derive(Debug, clap::Subcommand)]
+pub enum Task {
+    /// Make a secret key (an age X25519 identity) for secret parameters: writes it to a new
+    /// file of mode 0600 and prints its public half, the recipient to list in the catalog.
+    Keygen {
+        /// The file to create (it must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+impl Task {
+    /// Carries it out; what to print on stdout.
+    pub fn run(&self) -> anyhow::Result<String> {
+        use anyhow::Context as _;
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        match self {
+            Task::Keygen { out } => {
+                let keys = rct_bus::sealed::Keys::generate();
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(out)
+                    .with_context(|| format!("cannot create {}", out.display()))?;
+                file.write_all(keys.to_file_text().as_bytes())
+                    .and_then(|()| file.sync_all())
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+                Ok(keys.recipients().join("\n"))
+            }
+        }
+    }
 }
 
 impl Common {
@@ -58,6 +107,7 @@ impl Common {
         config
             .trusted_keys
             .extend(self.trusted_keys.iter().cloned());
+        config.secret_keys.extend(self.secret_keys.iter().cloned());
         if let Some(instance) = &self.instance {
             config.instance = instance.clone();
         }

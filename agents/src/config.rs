@@ -17,8 +17,13 @@ pub struct Config {
     /// Admission's public keys: PEM files, each holding one or more keys (a bundle during a
     /// key rotation). Commands signed by anything else are refused.
     pub trusted_keys: Vec<PathBuf>,
-    /// How often `trusted_keys` are read again, so a rotation needs no restart (zero: never).
-    /// A file that cannot be read keeps the keys trusted so far.
+    /// This agent's secret keys: age identity files (`rct-agent keygen` writes one), each
+    /// holding one or more `AGE-SECRET-KEY-1…` lines. Secret parameters sealed to their public
+    /// halves (the tower's `recipients` in the catalog) are opened with them. Keep the old key
+    /// beside the new one while rotating; removing it makes what was sealed to it unreadable.
+    pub secret_keys: Vec<PathBuf>,
+    /// How often `trusted_keys` and `secret_keys` are read again, so a rotation needs no
+    /// restart (zero: never). A file that cannot be read keeps the keys loaded so far.
     #[serde(with = "humantime_serde")]
     pub trust_reload: Duration,
     /// Commands run at once.
@@ -58,6 +63,7 @@ impl Default for Config {
                 .and_then(|h| h.into_string().ok())
                 .map_or_else(|| "agent".into(), |host| instance_name(&host)),
             trusted_keys: Vec::new(),
+            secret_keys: Vec::new(),
             trust_reload: Duration::from_secs(30),
             concurrency: 4,
             shutdown_grace: Duration::from_secs(30),
@@ -143,8 +149,11 @@ impl Config {
         file: Option<&std::path::Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, String> {
-        let config: Config =
-            rct_streams::runtime::load_config(file, env, &["nats.servers", "trusted_keys"])?;
+        let config: Config = rct_streams::runtime::load_config(
+            file,
+            env,
+            &["nats.servers", "trusted_keys", "secret_keys"],
+        )?;
         config.validate()?;
         Ok(config)
     }

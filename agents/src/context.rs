@@ -1,6 +1,6 @@
 //! What a handler gets and returns.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use rct_bus::proto::{self, value::Kind as V};
@@ -130,18 +130,36 @@ impl Context {
     }
 }
 
-/// The command's parameters, validated against the catalog, with defaults applied.
+/// The command's parameters, validated against the catalog, with defaults applied; secret
+/// ones opened (in clear: hand them on only as the catalog's owner meant).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Params(BTreeMap<String, proto::Value>);
+pub struct Params {
+    values: BTreeMap<String, proto::Value>,
+    secret: BTreeSet<String>,
+}
 
 impl Params {
     pub(crate) fn new(values: BTreeMap<String, proto::Value>) -> Self {
-        Self(values)
+        Self {
+            values,
+            secret: BTreeSet::new(),
+        }
+    }
+
+    /// Marks these parameters secret.
+    pub(crate) fn with_secrets(mut self, names: impl IntoIterator<Item = String>) -> Self {
+        self.secret.extend(names);
+        self
+    }
+
+    /// Whether the catalog marks `name` secret.
+    pub fn is_secret(&self, name: &str) -> bool {
+        self.secret.contains(name)
     }
 
     /// The raw value.
     pub fn get(&self, name: &str) -> Option<&proto::Value> {
-        self.0.get(name)
+        self.values.get(name)
     }
 
     /// A string, enum or target value.
@@ -190,7 +208,7 @@ impl Params {
 
     /// Every parameter, by name.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &proto::Value)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v))
+        self.values.iter().map(|(k, v)| (k.as_str(), v))
     }
 }
 

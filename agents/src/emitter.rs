@@ -702,6 +702,42 @@ fn floor_char_boundary(text: &str, max: usize) -> usize {
         .unwrap_or(0)
 }
 
+/// What to mask for one secret value: the value and its common encodings (base64, standard
+/// and URL-safe, padded or not; percent-encoded, as a path or a form would have it; hex),
+/// longest first. Best effort on top of the encryption that keeps it out of the streams: a
+/// script that prints the value any other way is not caught.
+pub(crate) fn forms(value: &str) -> Vec<String> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+    if value.is_empty() {
+        return Vec::new();
+    }
+    // RFC 3986's unreserved characters stay as they are in most encoders.
+    const COMPONENT: &percent_encoding::AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    let bytes = value.as_bytes();
+    let percent = utf8_percent_encode(value, COMPONENT).to_string();
+    let mut forms = vec![
+        value.to_owned(),
+        STANDARD.encode(bytes),
+        STANDARD_NO_PAD.encode(bytes),
+        URL_SAFE.encode(bytes),
+        URL_SAFE_NO_PAD.encode(bytes),
+        utf8_percent_encode(value, NON_ALPHANUMERIC).to_string(),
+        percent.replace("%20", "+"),
+        percent,
+        bytes.iter().map(|b| format!("{b:02x}")).collect(),
+        bytes.iter().map(|b| format!("{b:02X}")).collect(),
+    ];
+    forms.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    forms.dedup();
+    forms
+}
+
 /// `text` with every secret value replaced by `***`.
 pub(crate) fn mask(text: &str, secrets: &[String]) -> String {
     secrets
@@ -715,6 +751,27 @@ pub(crate) fn mask(text: &str, secrets: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encodings_of_a_secret_are_masked_too() {
+        let value = "p@ss w/rd+é";
+        let all = forms(value);
+        let printed = [
+            value.to_owned(),
+            "cEBzcyB3L3JkK8Op".to_owned(),         // base64
+            "cEBzcyB3L3JkK8Op".to_owned(),         // (no padding needed)
+            "p%40ss%20w%2Frd%2B%C3%A9".to_owned(), // percent-encoded
+            "p%40ss+w%2Frd%2B%C3%A9".to_owned(),   // form-encoded
+            "7040737320772f72642bc3a9".to_owned(), // hex
+        ];
+        for shown in printed {
+            let line = format!("token={shown};");
+            assert_eq!(mask(&line, &all), "token=***;", "{shown}");
+        }
+        let short = forms("ab");
+        assert_eq!(mask("YWI= YWI YWI= 6162", &short), "*** *** *** ***");
+        assert!(forms("").is_empty());
+    }
 
     #[test]
     fn secrets_are_masked_wherever_they_appear() {

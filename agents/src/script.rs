@@ -14,7 +14,18 @@
 //!     workdir: /tmp
 //!     timeout: 10m            # the command's own timeout applies too; the shorter wins
 //!     sha256: 9f86d08…        # refuse to run if the script changed
+//!   set-secret:
+//!     command: set-secret.py
+//!     args: ["--name={name}"]
+//!     env: { SECRET_VALUE: "{value}" }      # a secret in the environment, or:
+//!     secret_files: { SECRET_FILE: value }  # a 0600 file, its path in SECRET_FILE
 //! ```
+//!
+//! Secret parameters (`secret: true` in the catalog) reach a script only the way its YAML
+//! says: in an environment variable, or in a file of mode 0600 in a private folder, removed
+//! when the script ends. Never in argv (which `ps` shows to every user) unless the operation
+//! says `secret_in_argv: true`: the agent refuses to start with such a file, and a command
+//! whose catalog made a parameter of its argv secret fails `secret_in_argv` without running.
 //!
 //! Output: each stdout and stderr line becomes a log line (secret values masked, read as
 //! bytes: anything not UTF-8 is replaced, never the end of capture; cut at the agent's
@@ -95,6 +106,13 @@ pub struct Script {
     /// SHA-256 (hex) the executable must have.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Files holding secret values: environment variable → parameter. The file (mode 0600,
+    /// in a folder of mode 0700) is removed when the script ends; the variable holds its path.
+    #[serde(default)]
+    pub secret_files: BTreeMap<String, String>,
+    /// Allow secret parameters in `args`, where every local user can read them (`ps`).
+    #[serde(default)]
+    pub secret_in_argv: bool,
 }
 
 impl Scripts {
@@ -114,6 +132,26 @@ impl Scripts {
                 .map_err(|e| format!("{}: operation {name}: {e}", path.display()))?;
         }
         Ok(scripts)
+    }
+
+    /// What in `catalog` these scripts would do wrongly: each operation that puts a secret
+    /// parameter into argv without `secret_in_argv: true`. Empty when all is well.
+    pub fn problems(&self, catalog: &rct_bus::catalog::Catalog) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (name, script) in &self.operations {
+            let Some(operation) = catalog.operations.get(&format!("{}/{name}", self.tower)) else {
+                continue;
+            };
+            let secret = operation
+                .params
+                .iter()
+                .filter(|(_, p)| p.secret)
+                .map(|(n, _)| n.as_str());
+            if let Err(e) = script.secrets_stay_out_of_argv(secret) {
+                problems.push(format!("operation {name}: {e}"));
+            }
+        }
+        problems
     }
 
     /// A tower serving these operations.
@@ -154,6 +192,38 @@ impl Script {
         Ok(())
     }
 
+    /// Refuses an argv that would carry one of the `secret` parameters, unless allowed.
+    fn secrets_stay_out_of_argv<'a>(
+        &self,
+        secret: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), String> {
+        if self.secret_in_argv {
+            return Ok(());
+        }
+        // An item that changes when only the secrets are filled in names one.
+        let only_secrets: BTreeMap<String, String> = secret
+            .into_iter()
+            .map(|name| (name.to_owned(), String::new()))
+            .collect();
+        let named: Vec<&String> = self
+            .args
+            .iter()
+            .filter(|item| fill(item, &only_secrets) != **item)
+            .collect();
+        if named.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "{} puts a secret parameter into argv, where any local user can read it (ps); pass \
+             it in `env` or `secret_files` instead, or say `secret_in_argv: true`",
+            named
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        ))
+    }
+
     /// The argument list: one item per template item, whatever the values hold (no shell
     /// ever sees them).
     fn argv(&self, values: &BTreeMap<String, String>) -> Vec<String> {
@@ -187,8 +257,16 @@ impl Script {
                 ));
             }
         }
+        let secret = params
+            .iter()
+            .map(|(n, _)| n)
+            .filter(|n| params.is_secret(n));
+        self.secrets_stay_out_of_argv(secret)
+            .map_err(|e| Failure::new("secret_in_argv", format!("not run: {e}")))?;
         let values = placeholders(&ctx, &params);
         let args = self.argv(&values);
+        // Removed when this returns, whatever happens to the script.
+        let files = self.secret_files(&values)?;
         let mut command = tokio::process::Command::new(&self.command);
         command
             .args(&args)
@@ -199,6 +277,11 @@ impl Script {
                     .filter_map(|k| std::env::var(k).ok().map(|v| (k, v))),
             )
             .envs(self.env.iter().map(|(k, v)| (k, fill(v, &values))))
+            .envs(
+                files
+                    .iter()
+                    .flat_map(|f| f.paths.iter().map(|(k, v)| (k, v))),
+            )
             .env("RCT_COMMAND_ID", ctx.command_id())
             .env("RCT_DRY_RUN", if ctx.dry_run() { "1" } else { "0" })
             .stdin(Stdio::null())
@@ -288,6 +371,55 @@ impl Script {
                 ),
             ))
         }
+    }
+}
+
+/// The files of `secret_files`, in a private folder removed on drop.
+struct SecretFiles {
+    _dir: tempfile::TempDir,
+    paths: Vec<(String, PathBuf)>,
+}
+
+impl Script {
+    fn secret_files(
+        &self,
+        values: &BTreeMap<String, String>,
+    ) -> Result<Option<SecretFiles>, Failure> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        if self.secret_files.is_empty() {
+            return Ok(None);
+        }
+        let fail = |e: std::io::Error| {
+            Failure::new(
+                "secret_file",
+                format!("cannot write a secret file for the script: {e}"),
+            )
+        };
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::Builder::new()
+            .prefix("rct-secrets-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .map_err(fail)?;
+        let mut paths = Vec::new();
+        for (var, param) in &self.secret_files {
+            let value = values.get(param).ok_or_else(|| {
+                Failure::new(
+                    "secret_file",
+                    format!("secret_files names {param}, which this operation does not take"),
+                )
+            })?;
+            let path = dir.path().join(var);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(fail)?;
+            std::io::Write::write_all(&mut file, value.as_bytes()).map_err(fail)?;
+            paths.push((var.clone(), path));
+        }
+        Ok(Some(SecretFiles { _dir: dir, paths }))
     }
 }
 
@@ -528,14 +660,7 @@ mod tests {
 
     #[test]
     fn bare_values_must_follow_the_separator() {
-        let script = |args: &[&str]| Script {
-            command: "x".into(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            env: BTreeMap::new(),
-            workdir: None,
-            timeout: None,
-            sha256: None,
-        };
+        let script = |args: &[&str]| script(args.iter().map(|s| s.to_string()).collect());
         assert!(script(&["{name}"]).check().is_err());
         assert!(script(&["--name={name}"]).check().is_ok());
         assert!(script(&["--flag", "--", "{name}"]).check().is_ok());
@@ -604,7 +729,20 @@ mod tests {
             workdir: None,
             timeout: None,
             sha256: None,
+            secret_files: BTreeMap::new(),
+            secret_in_argv: false,
         }
+    }
+
+    #[test]
+    fn secrets_stay_out_of_argv_unless_allowed() {
+        let mut s = script(vec!["--name={name}".into(), "--token={token}".into()]);
+        let e = s.secrets_stay_out_of_argv(["token"]).unwrap_err();
+        assert!(e.starts_with("--token={token} puts a secret"), "{e}");
+        assert!(s.secrets_stay_out_of_argv(["other"]).is_ok());
+        assert!(s.secrets_stay_out_of_argv([]).is_ok());
+        s.secret_in_argv = true;
+        assert!(s.secrets_stay_out_of_argv(["token"]).is_ok());
     }
 
     /// Any item a template may hold.

@@ -11,9 +11,10 @@ use async_nats::jetstream::{self, AckKind};
 use futures::future::BoxFuture;
 use futures::{FutureExt as _, StreamExt};
 use prometheus_client::registry::Registry;
-use rct_bus::catalog::Served;
+use rct_bus::catalog::{Secrets, Served};
 use rct_bus::presence::Presence;
 use rct_bus::proto::{self, event::Kind};
+use rct_bus::sealed::{Binding, Keys};
 use rct_bus::{
     CommandId, EventKind, OperationName, PublicKey, Purpose, Subject, Target, Unverified, Verifier,
 };
@@ -130,6 +131,8 @@ struct Runner {
     verifier: RwLock<Verifier>,
     /// Keys given in code (`Tower::trust`), kept across reloads.
     trusted: Vec<PublicKey>,
+    /// The keys secret parameters are opened with (`secret_keys`), reloaded like trust.
+    keys: RwLock<Keys>,
     js: jetstream::Context,
     publisher: Publisher,
     /// The latest served catalog seen (its version is in presence).
@@ -169,6 +172,7 @@ impl Runner {
         }
         let verifier =
             load_trust(&tower.trusted, &tower.config.trusted_keys).map_err(Error::Config)?;
+        let keys = load_keys(&tower.config.secret_keys).map_err(Error::Config)?;
         let js = tower.config.nats.jetstream(client);
         let incarnation = format!(
             "{}-{}",
@@ -184,6 +188,7 @@ impl Runner {
             handlers: tower.handlers,
             verifier: RwLock::new(verifier),
             trusted: tower.trusted,
+            keys: RwLock::new(keys),
             publisher: Publisher::new(js.clone()),
             js,
             catalog: RwLock::new(None),
@@ -327,6 +332,19 @@ impl Runner {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot reload trusted_keys; keeping the keys trusted so far");
+                }
+            }
+            match load_keys(&self.config.secret_keys) {
+                Ok(fresh) => {
+                    let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+                    let (before, after) = (keys.recipients(), fresh.recipients());
+                    if before != after {
+                        tracing::info!(?before, ?after, "secret keys changed");
+                        *keys = fresh;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reload secret_keys; keeping the keys loaded so far");
                 }
             }
         }
@@ -682,7 +700,11 @@ impl Runner {
         let Some((tower_spec, operation)) = served.catalog.operation(&name) else {
             return invalid(format!("{name} is not in catalog {}", served.version));
         };
-        let checked = match operation.check(tower_spec, &command.params) {
+        let given = match self.open_secrets(command, operation) {
+            Ok(given) => given,
+            Err(kind) => return Checked::End(kind),
+        };
+        let checked = match operation.check(tower_spec, &given, Secrets::Open) {
             Ok(checked) => checked,
             Err(errors) => {
                 let messages: Vec<String> = errors.into_iter().map(|e| e.message).collect();
@@ -692,14 +714,76 @@ impl Runner {
         if checked.target.as_str() != command.target {
             return invalid("the target disagrees with the parameters".into());
         }
-        let secrets = operation
+        let secret: Vec<&String> = operation
             .params
             .iter()
             .filter(|(_, p)| p.secret)
-            .filter_map(|(n, _)| checked.params.get(n))
-            .map(rct_bus::catalog::display_value)
+            .map(|(n, _)| n)
             .collect();
-        Checked::Run(Params::new(checked.params), secrets)
+        let masked = secret
+            .iter()
+            .filter_map(|n| checked.params.get(*n))
+            .flat_map(|v| emitter::forms(&rct_bus::catalog::display_value(v)))
+            .collect();
+        let params = Params::new(checked.params).with_secrets(secret.into_iter().cloned());
+        Checked::Run(params, masked)
+    }
+
+    /// The command's parameters with every sealed secret opened; a secret that does not open
+    /// ends the command with a failure that says why.
+    fn open_secrets(
+        &self,
+        command: &proto::Command,
+        operation: &rct_bus::catalog::Operation,
+    ) -> Result<BTreeMap<String, proto::Value>, Box<Kind>> {
+        let mut given = command.params.clone();
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+        let secret = operation.params.iter().filter(|(_, p)| p.secret);
+        for name in secret.map(|(name, _)| name) {
+            let sealed = match given.get(name).and_then(|v| v.kind.as_ref()) {
+                Some(proto::value::Kind::Sealed(sealed)) => sealed,
+                // Missing: the check says so.
+                None => continue,
+                Some(_) => {
+                    return Err(Box::new(failed(
+                        "secret_not_sealed",
+                        format!(
+                            "secret parameter {name} arrived in clear, so the command stream \
+                             holds it: not run. Replace that secret, and check the version of \
+                             admission that signed this command"
+                        ),
+                    )));
+                }
+            };
+            if keys.is_empty() {
+                return Err(Box::new(failed(
+                    "secret_undecryptable",
+                    format!(
+                        "secret parameter {name} is sealed, and this agent has no secret key \
+                         to open it: set secret_keys (rct-agent keygen makes one)"
+                    ),
+                )));
+            }
+            let binding = Binding {
+                command_id: command.command_id.clone(),
+                operation: command.operation.clone(),
+                target: command.target.clone(),
+                param: name.clone(),
+            };
+            match keys.open(sealed, &binding) {
+                Ok(value) => {
+                    given.insert(name.clone(), value);
+                }
+                Err(e) => {
+                    tracing::warn!(param = %name, code = e.code(), "a secret parameter does not open");
+                    return Err(Box::new(failed(
+                        e.code(),
+                        format!("secret parameter {name} cannot be opened: {e}"),
+                    )));
+                }
+            }
+        }
+        Ok(given)
     }
 
     /// Claims the command (single slot), then looks at its outcome slot: an outcome written
@@ -1170,6 +1254,24 @@ fn load_trust(in_code: &[PublicKey], files: &[std::path::PathBuf]) -> Result<Ver
         );
     }
     Ok(verifier)
+}
+
+/// Every key in `files` (none: an agent that takes no secrets); an error says which file and
+/// why, never what it holds.
+fn load_keys(files: &[std::path::PathBuf]) -> Result<Keys, String> {
+    let mut keys = Keys::default();
+    for path in files {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read secret key file {}: {e}", path.display()))?;
+        keys.extend(Keys::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?);
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(file = %path.display(), "the secret key file is readable by others than its owner; chmod 600 it");
+        }
+    }
+    Ok(keys)
 }
 
 /// Readiness conditions (`/readyz`).

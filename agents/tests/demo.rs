@@ -86,7 +86,11 @@ async fn the_traffic_tower_drains_gradually_and_reports_the_weight_table() {
 async fn the_example_workloads_scripts_run_with_the_example_catalog() {
     let h = Harness::start().await;
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/examples/workloads.yaml");
-    let agent = h.run(Scripts::load(&file).unwrap().tower().config(h.config("w")));
+    let config = rct_agents::Config {
+        secret_keys: vec![support::example_key_file()],
+        ..h.config("w")
+    };
+    let agent = h.run(Scripts::load(&file).unwrap().tower().config(config));
 
     let restart = h.command(
         "workloads/restart",
@@ -110,16 +114,17 @@ async fn the_example_workloads_scripts_run_with_the_example_catalog() {
     assert_eq!(succeeded.summary, "shop/cart: 3 pods restarted");
 
     let secret = "correct horse battery staple";
-    let set = h.command(
+    let mut set = h.command(
         "workloads/set-secret",
         "_",
         &[
             ("namespace", string("shop")),
             ("name", string("db")),
             ("key", string("password")),
-            ("value", string(secret)),
         ],
     );
+    let value = support::sealed_for(&set, "value", secret, &[support::example_recipient()]);
+    set.params.insert("value".into(), value);
     h.publish(&set).await;
     let records = h.finished(&set.command_id).await;
     let Kind::Succeeded(succeeded) = outcome(&records) else {

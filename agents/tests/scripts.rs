@@ -12,18 +12,28 @@ use rct_bus::proto::{self, event::Kind};
 use support::{Harness, outcome};
 
 fn catalog() -> Catalog {
-    serde_yaml_ng::from_str(
-        r#"
+    let catalog: Catalog = serde_yaml_ng::from_str(
+        &r#"
 towers:
   scripts:
     flavour: simple
+    recipients: [RECIPIENT]
 operations:
   scripts/argv:
     allowed_groups: [sre_team]
     params:
       text: { type: string, max_len: 200 }
       flag: { type: string, max_len: 200 }
-      token: { type: string, secret: true, default: "s3cr3t-t0ken" }
+      token: { type: string, secret: true, max_len: 100 }
+  scripts/secrets:
+    allowed_groups: [sre_team]
+    params:
+      value: { type: string, secret: true, pattern: "[^x]*", max_len: 100 }
+      mode: { type: string, max_len: 20 }
+  scripts/leaky:
+    allowed_groups: [sre_team]
+    params:
+      value: { type: string, secret: true, max_len: 100 }
   scripts/fail:
     allowed_groups: [sre_team]
   scripts/linger:
@@ -35,9 +45,12 @@ operations:
     params:
       mode: { type: string, max_len: 20 }
       arg: { type: string, max_len: 500 }
-"#,
+"#
+        .replace("RECIPIENT", &support::example_recipient()),
     )
-    .unwrap()
+    .unwrap();
+    assert_eq!(catalog.problems(), []);
+    catalog
 }
 
 fn script(name: &str) -> PathBuf {
@@ -59,6 +72,15 @@ operations:
     command: {argv:?}
     args: ["--text={{text}}", "--token={{token}}", "--", "{{flag}}", "{{text}}"]
     env: {{ EXTRA: "x" }}
+    secret_in_argv: true
+  secrets:
+    command: {secrets:?}
+    args: ["--", "{{mode}}", {record:?}]
+    env: {{ SECRET_VALUE: "{{value}}" }}
+    secret_files: {{ SECRET_FILE: value }}
+  leaky:
+    command: {argv:?}
+    args: ["--value={{value}}"]
   fail:
     command: {fail:?}
   linger:
@@ -74,6 +96,7 @@ operations:
     timeout: 2m
 "#,
             argv = script("argv.py"),
+            secrets = script("secrets.py"),
             output = script("output.py"),
             fail = script("fail.py"),
             linger = script("linger.py"),
@@ -107,14 +130,22 @@ async fn shell_metacharacters_arrive_as_single_argv_items() {
     let h = Harness::start_with_catalog(catalog()).await;
     let dir = tempfile::tempdir().unwrap();
     let scripts = Scripts::load(&scripts_file(dir.path(), &dir.path().join("r"), "1m")).unwrap();
-    let agent = h.run(scripts.tower().config(h.config("s")));
+    let config = with_keys(&h, "s", vec![support::example_key_file()]);
+    let agent = h.run(scripts.tower().config(config));
 
     let nasty = "; rm -rf / $(id) `id` \"quoted\" 'single' \\back\nnewline *glob* >out";
-    let command = h.command(
+    let mut command = h.command(
         "scripts/argv",
         "_",
         &[("text", string(nasty)), ("flag", string("-rf"))],
     );
+    let token = support::sealed_for(
+        &command,
+        "token",
+        "s3cr3t-t0ken",
+        &[support::example_recipient()],
+    );
+    command.params.insert("token".into(), token);
     h.publish(&command).await;
     let records = h.finished(&command.command_id).await;
     let Kind::Succeeded(succeeded) = outcome(&records) else {
@@ -136,7 +167,8 @@ async fn shell_metacharacters_arrive_as_single_argv_items() {
             "-rf".to_owned(),
             nasty.to_owned(),
         ],
-        "each value is one argv item, and the secret is masked in the log"
+        "each value is one argv item, and the secret (in argv, as the YAML allows) is \
+         masked in the log"
     );
     let env_line = logs(&records)
         .into_iter()
@@ -549,5 +581,290 @@ async fn output_measurements() {
             peak / 1024,
         );
     }
+    agent.stop().await;
+}
+
+/// How many stored messages of RCT_SUBMIT, RCT_CMD and RCT_EVT hold `needle`, by stream.
+async fn stored_with(h: &Harness, needle: &str) -> Vec<(String, u64)> {
+    let mut found = Vec::new();
+    for name in ["RCT_SUBMIT", "RCT_CMD", "RCT_EVT"] {
+        let mut stream = h.js.get_stream(name).await.unwrap();
+        let last = stream.info().await.unwrap().state.last_sequence;
+        for sequence in 1..=last {
+            let Ok(message) = stream.get_raw_message(sequence).await else {
+                continue;
+            };
+            let bytes: &[u8] = &message.payload;
+            if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                found.push((name.to_owned(), sequence));
+            }
+        }
+    }
+    found
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+/// A `scripts/secrets` command (mode `mode`) whose value is sealed to `recipients`.
+fn secret_command(h: &Harness, mode: &str, value: &str, recipients: &[String]) -> proto::Command {
+    let mut command = h.command("scripts/secrets", "_", &[("mode", string(mode))]);
+    let sealed = support::sealed_for(&command, "value", value, recipients);
+    command.params.insert("value".into(), sealed);
+    command
+}
+
+fn with_keys(h: &Harness, instance: &str, keys: Vec<PathBuf>) -> rct_agents::Config {
+    rct_agents::Config {
+        secret_keys: keys,
+        ..h.config(instance)
+    }
+}
+
+/// The value reaches the script in the environment variable and the 0600 file its YAML names,
+/// nowhere else; the file is gone once the script ends; and nothing stored (submissions,
+/// commands, events: progress, logs, summary, failure message) holds the value or its base64.
+#[tokio::test]
+async fn a_secret_reaches_the_script_only_as_its_yaml_says_and_is_stored_nowhere() {
+    let h = Harness::start_with_catalog(catalog()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("received.json");
+    let scripts = Scripts::load(&scripts_file(dir.path(), &record, "1m")).unwrap();
+    let config = with_keys(&h, "s", vec![support::example_key_file()]);
+    let agent = h.run(scripts.tower().config(config));
+    let secret = "hunter2 Zz9/+?&=é";
+    let recipients = [support::example_recipient()];
+
+    let ok = secret_command(&h, "ok", secret, &recipients);
+    h.publish(&ok).await;
+    let records = h.finished(&ok.command_id).await;
+    let Kind::Succeeded(succeeded) = outcome(&records) else {
+        panic!("{records:#?}");
+    };
+    assert_eq!(succeeded.summary, "done with ***");
+    let got: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    assert_eq!(got["env"], secret);
+    assert_eq!(got["file"], secret);
+    assert_eq!(got["file_mode"], 0o600);
+    assert_eq!(got["dir_mode"], 0o700);
+    assert!(!got["argv"].to_string().contains("hunter2"), "{got}");
+    let path = PathBuf::from(got["path"].as_str().unwrap());
+    assert!(!path.exists(), "{} outlived the script", path.display());
+    assert!(!path.parent().unwrap().exists());
+    let logged = logs(&records);
+    for expected in ["clear ***", "base64 ***", "stderr ***"] {
+        assert!(
+            logged.iter().any(|l| l == expected),
+            "{expected:?} in {logged:#?}"
+        );
+    }
+
+    let failing = secret_command(&h, "fail", secret, &recipients);
+    h.publish(&failing).await;
+    let records = h.finished(&failing.command_id).await;
+    let Kind::Failed(failed) = outcome(&records) else {
+        panic!("{records:#?}");
+    };
+    assert_eq!(failed.code, "exit_status");
+    assert!(failed.message.contains("failed using ***"), "{failed:?}");
+
+    for needle in [secret.to_owned(), base64_of(secret), "hunter2".to_owned()] {
+        assert_eq!(stored_with(&h, &needle).await, [], "{needle:?} is stored");
+    }
+    agent.stop().await;
+}
+
+/// A secret the agent cannot open, or one that arrived in clear, fails the command with a code
+/// and a sentence, without running it and without showing the value.
+#[tokio::test]
+async fn a_secret_that_does_not_open_fails_the_command_with_its_reason() {
+    let h = Harness::start_with_catalog(catalog()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("received.json");
+    let scripts = Scripts::load(&scripts_file(dir.path(), &record, "1m")).unwrap();
+    let agent = h.run(scripts.clone().tower().config(with_keys(
+        &h,
+        "s",
+        vec![support::example_key_file()],
+    )));
+    let ours = [support::example_recipient()];
+    let theirs = rct_bus::sealed::Keys::generate().recipients();
+
+    let foreign = secret_command(&h, "ok", "hunter2", &theirs);
+    let mut tampered = secret_command(&h, "ok", "hunter2", &ours);
+    if let Some(proto::value::Kind::Sealed(s)) = &mut tampered.params.get_mut("value").unwrap().kind
+    {
+        let last = s.age.len() - 1;
+        s.age[last] ^= 1;
+    }
+    let mut copied = secret_command(&h, "ok", "hunter2", &ours);
+    copied.command_id = rct_bus::CommandId::generate().to_string();
+    let mut clear = h.command("scripts/secrets", "_", &[("mode", string("ok"))]);
+    clear.params.insert("value".into(), string("hunter2"));
+    // Opened, then checked like any value: the pattern refuses an `x`, without echoing it.
+    let unfit = secret_command(&h, "ok", "hunter2x", &ours);
+    let cases = [
+        (
+            unfit,
+            "invalid_params",
+            "value must match [^x]*, and the value does not",
+        ),
+        (
+            foreign,
+            "secret_undecryptable",
+            "no key of this agent opens it",
+        ),
+        (tampered, "secret_tampered", "changed after it was sealed"),
+        (
+            copied,
+            "secret_misbound",
+            "was sealed for parameter value of command",
+        ),
+        (clear, "secret_not_sealed", "arrived in clear"),
+    ];
+    for (command, code, words) in cases {
+        h.publish(&command).await;
+        let records = h.finished(&command.command_id).await;
+        let Kind::Failed(failed) = outcome(&records) else {
+            panic!("{code}: {records:#?}");
+        };
+        assert_eq!(failed.code, code, "{failed:?}");
+        assert!(failed.message.contains(words), "{failed:?}");
+        assert!(!failed.message.contains("hunter2"), "{failed:?}");
+        assert!(
+            records.iter().all(|r| r.kind != EventKind::Log),
+            "{code}: the script ran: {records:#?}"
+        );
+    }
+    assert!(!record.exists(), "a script ran");
+    agent.stop().await;
+
+    // An agent with no key at all says so.
+    let agent = h.run(scripts.tower().config(with_keys(&h, "nokeys", Vec::new())));
+    let command = secret_command(&h, "ok", "hunter2", &ours);
+    h.publish(&command).await;
+    let Kind::Failed(failed) = outcome(&h.finished(&command.command_id).await).clone() else {
+        panic!("not failed");
+    };
+    assert_eq!(failed.code, "secret_undecryptable");
+    assert!(failed.message.contains("no secret key"), "{failed:?}");
+    agent.stop().await;
+}
+
+/// A script tower that would put a secret into argv is refused at load (against the served
+/// catalog) and, should the catalog change under a running agent, per command.
+#[tokio::test]
+async fn a_secret_in_argv_is_refused_unless_the_yaml_allows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = Scripts::load(&scripts_file(dir.path(), &dir.path().join("r"), "1m")).unwrap();
+    let problems = scripts.problems(&catalog());
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0]
+            .starts_with("operation leaky: --value={value} puts a secret parameter into argv"),
+        "{problems:?}"
+    );
+
+    let h = Harness::start_with_catalog(catalog()).await;
+    let config = with_keys(&h, "s", vec![support::example_key_file()]);
+    let agent = h.run(scripts.tower().config(config));
+    let mut leaky = h.command("scripts/leaky", "_", &[]);
+    let sealed = support::sealed_for(&leaky, "value", "hunter2", &[support::example_recipient()]);
+    leaky.params.insert("value".into(), sealed);
+    h.publish(&leaky).await;
+    let records = h.finished(&leaky.command_id).await;
+    let Kind::Failed(failed) = outcome(&records) else {
+        panic!("{records:#?}");
+    };
+    assert_eq!(failed.code, "secret_in_argv");
+    assert!(
+        logs(&records).iter().all(|l| !l.starts_with("arg ")),
+        "argv.py ran: {records:#?}"
+    );
+    agent.stop().await;
+}
+
+/// Rotation: with the old and the new key both values open; once the old key is gone (read
+/// again without a restart), what was sealed to it no longer opens, in the command stream or
+/// anywhere, while values sealed to the new key run.
+#[tokio::test]
+async fn rotating_the_key_shreds_what_was_sealed_to_the_old_one() {
+    let h = Harness::start_with_catalog(catalog()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("received.json");
+    let scripts = Scripts::load(&scripts_file(dir.path(), &record, "1m")).unwrap();
+    let (old, new) = (
+        rct_bus::sealed::Keys::generate(),
+        rct_bus::sealed::Keys::generate(),
+    );
+    let key_file = dir.path().join("agent.agekey");
+    std::fs::write(
+        &key_file,
+        format!("{}{}", old.to_file_text(), new.to_file_text()),
+    )
+    .unwrap();
+    let config = rct_agents::Config {
+        trust_reload: Duration::from_millis(100),
+        ..with_keys(&h, "s", vec![key_file.clone()])
+    };
+    let agent = h.run(scripts.tower().config(config));
+    let succeeds = |command: proto::Command| {
+        let h = &h;
+        async move {
+            h.publish(&command).await;
+            let records = h.finished(&command.command_id).await;
+            outcome(&records).clone()
+        }
+    };
+    // While rotating: sealed to either key (or both), it opens.
+    for recipients in [
+        old.recipients(),
+        new.recipients(),
+        [old.recipients(), new.recipients()].concat(),
+    ] {
+        let kind = succeeds(secret_command(&h, "ok", "during", &recipients)).await;
+        assert!(matches!(kind, Kind::Succeeded(_)), "{kind:?}");
+    }
+    let before = secret_command(&h, "ok", "sealed-to-old", &old.recipients());
+
+    // The old key is removed from the agent's file: it reads it again.
+    std::fs::write(&key_file, new.to_file_text()).unwrap();
+    let mut shredded = None;
+    for _ in 0..50 {
+        let kind = succeeds(secret_command(&h, "ok", "probe", &old.recipients())).await;
+        if let Kind::Failed(f) = kind {
+            shredded = Some(f);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shredded = shredded.expect("the agent never dropped the old key");
+    assert_eq!(shredded.code, "secret_undecryptable");
+
+    // A command sealed to the old key before the rotation: not readable any more.
+    let kind = succeeds(before.clone()).await;
+    let Kind::Failed(failed) = kind else {
+        panic!("{kind:?}")
+    };
+    assert_eq!(failed.code, "secret_undecryptable");
+    let Some(proto::value::Kind::Sealed(sealed)) = &before.params["value"].kind else {
+        panic!("not sealed");
+    };
+    let binding = rct_bus::sealed::Binding {
+        command_id: before.command_id.clone(),
+        operation: before.operation.clone(),
+        target: before.target.clone(),
+        param: "value".into(),
+    };
+    assert_eq!(
+        new.open(sealed, &binding),
+        Err(rct_bus::sealed::OpenError::NoKey)
+    );
+    // New ones work.
+    let kind = succeeds(secret_command(&h, "ok", "after", &new.recipients())).await;
+    assert!(matches!(kind, Kind::Succeeded(_)), "{kind:?}");
     agent.stop().await;
 }

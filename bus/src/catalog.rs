@@ -57,6 +57,23 @@ pub struct TowerSpec {
     /// The targets of a cluster tower.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<String>,
+    /// Who can open its secret parameters: age X25519 recipients (`age1…`, printed by
+    /// `rct-agent keygen`), every one a value is sealed to. List the new key beside the old
+    /// one while rotating.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
+    /// Cluster towers: recipients for one target, instead of `recipients`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub target_recipients: BTreeMap<String, Vec<String>>,
+}
+
+impl TowerSpec {
+    /// The recipients secret values for `target` are sealed to.
+    pub fn recipients_for(&self, target: &str) -> &[String] {
+        self.target_recipients
+            .get(target)
+            .unwrap_or(&self.recipients)
+    }
 }
 
 /// How a tower's agents take their work.
@@ -273,9 +290,19 @@ pub struct Param {
     /// The value when none is given; without one, the parameter is required.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<Scalar>,
-    /// Masked in every event and log.
+    /// Sealed to the tower's recipients by the CLI, opened only by its agents, and masked
+    /// in everything they publish.
     #[serde(default)]
     pub secret: bool,
+}
+
+/// How the secret values of a request arrive at a check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Secrets {
+    /// Sealed, as admission sees them: only presence and size can be checked.
+    Sealed,
+    /// In clear: in the CLI before sealing, in the agent once opened. Every check applies.
+    Open,
 }
 
 /// Something wrong in a catalog, at a path of keys (`["operations", "a/b", "params", "x"]`)
@@ -359,6 +386,22 @@ impl Catalog {
             for target in &tower.targets {
                 if let Err(e) = Target::new(target.as_str()) {
                     problem(&[&at[..], &["targets"]].concat(), e.to_string());
+                }
+            }
+            for recipient in &tower.recipients {
+                if let Err(e) = crate::sealed::check_recipient(recipient) {
+                    problem(&[&at[..], &["recipients"]].concat(), e);
+                }
+            }
+            for (target, recipients) in &tower.target_recipients {
+                let at = [&at[..], &["target_recipients", target.as_str()]].concat();
+                if !tower.targets.contains(target) {
+                    problem(&at, format!("{target} is not one of the tower's targets"));
+                }
+                for recipient in recipients {
+                    if let Err(e) = crate::sealed::check_recipient(recipient) {
+                        problem(&at, e);
+                    }
                 }
             }
         }
@@ -445,6 +488,33 @@ impl Catalog {
                 for message in param.problems(param_name, tower) {
                     problem(&at, message);
                 }
+                let Some(tower) = tower.filter(|_| param.secret) else {
+                    continue;
+                };
+                let targets: Vec<&str> = match tower.flavour {
+                    Flavour::Cluster => tower.targets.iter().map(String::as_str).collect(),
+                    Flavour::Simple => vec![Target::NONE],
+                };
+                let without: Vec<&str> = targets
+                    .into_iter()
+                    .filter(|t| tower.recipients_for(t).is_empty())
+                    .collect();
+                if !without.is_empty() {
+                    let tower_name = parsed.as_ref().map(|p| p.tower().to_string());
+                    let tower_name = tower_name.unwrap_or_default();
+                    let which = match tower.flavour {
+                        Flavour::Cluster => format!(" for {}", without.join(", ")),
+                        Flavour::Simple => String::new(),
+                    };
+                    problem(
+                        &at,
+                        format!(
+                            "{param_name} is secret, but tower {tower_name} has no recipients \
+                             to seal it to{which}: add its agents' public keys (rct-agent keygen \
+                             prints one) to the tower's `recipients`"
+                        ),
+                    );
+                }
             }
         }
         problems
@@ -453,11 +523,13 @@ impl Catalog {
 
 impl Operation {
     /// Checks `given` parameters: unknown names refused, types and limits checked, defaults
-    /// applied, required ones present. All problems are reported at once.
+    /// applied, required ones present. All problems are reported at once. Secret values must
+    /// arrive as `secrets` says: sealed ones are checked for presence and size only.
     pub fn check(
         &self,
         tower: &TowerSpec,
         given: &BTreeMap<String, proto::Value>,
+        secrets: Secrets,
     ) -> Result<Checked, Vec<ParamError>> {
         let mut errors = Vec::new();
         for name in given.keys() {
@@ -487,7 +559,12 @@ impl Operation {
                     }
                 },
             };
-            match param.check(name, &value, tower) {
+            let checked = if param.secret && secrets == Secrets::Sealed {
+                param.check_sealed(name, &value)
+            } else {
+                param.check(name, &value, tower)
+            };
+            match checked {
                 Ok(()) => {
                     if let Some(V::Target(t)) = &value.kind
                         && let Ok(t) = Target::new(t.as_str())
@@ -581,11 +658,37 @@ impl Justification {
 }
 
 impl Param {
+    /// A sealed value, as admission sees it: present, and not too large.
+    fn check_sealed(&self, name: &str, value: &proto::Value) -> Result<(), ParamError> {
+        let error = |message: String| {
+            Err(ParamError {
+                param: name.to_owned(),
+                message,
+            })
+        };
+        match &value.kind {
+            Some(V::Sealed(sealed)) if sealed.age.len() <= crate::sealed::MAX_SEALED => Ok(()),
+            Some(V::Sealed(sealed)) => error(format!(
+                "{name} is {} bytes sealed; at most {} are accepted",
+                sealed.age.len(),
+                crate::sealed::MAX_SEALED
+            )),
+            _ => error(format!(
+                "{name} is secret and must arrive sealed to the tower's recipients (rct \
+                 encrypts it; a client that sends it in clear is out of date)"
+            )),
+        }
+    }
+
     /// Reads a value typed on a command line, by this parameter's type.
     pub fn parse(&self, name: &str, text: &str) -> Result<proto::Value, ParamError> {
         let error = |what: &str| ParamError {
             param: name.to_owned(),
-            message: format!("{name} must be {what}, got {text:?}"),
+            message: if self.secret {
+                format!("{name} must be {what}")
+            } else {
+                format!("{name} must be {what}, got {text:?}")
+            },
         };
         let kind = match self.kind {
             Type::String => V::String(text.to_owned()),
@@ -621,6 +724,14 @@ impl Param {
                 message,
             })
         };
+        // What a message may say of the value: nothing, when it is secret.
+        let got = |shown: String| {
+            if self.secret {
+                String::new()
+            } else {
+                format!(", got {shown}")
+            }
+        };
         match (self.kind, value.kind.as_ref()) {
             (Type::String, Some(V::String(s))) => {
                 let max = self.max_len.unwrap_or(DEFAULT_MAX_LEN);
@@ -643,16 +754,21 @@ impl Param {
                 }
                 Ok(())
             }
-            (Type::Integer, Some(V::Integer(i))) => self.check_range(name, *i as f64),
-            (Type::Number, Some(V::Number(n))) if n.is_finite() => self.check_range(name, *n),
+            (Type::Integer, Some(V::Integer(i))) => {
+                self.check_range(name, *i as f64, &got(i.to_string()))
+            }
+            (Type::Number, Some(V::Number(n))) if n.is_finite() => {
+                self.check_range(name, *n, &got(n.to_string()))
+            }
             (Type::Boolean, Some(V::Boolean(_))) => Ok(()),
             (Type::Enum, Some(V::Enumeration(v))) => {
                 if self.values.contains(v) {
                     Ok(())
                 } else {
                     error(format!(
-                        "{name} must be one of {}, got {v:?}",
-                        self.values.join(", ")
+                        "{name} must be one of {}{}",
+                        self.values.join(", "),
+                        got(format!("{v:?}"))
                     ))
                 }
             }
@@ -662,8 +778,9 @@ impl Param {
                     Ok(())
                 } else {
                     error(format!(
-                        "{name} must be one of {}, got {t:?}",
-                        tower.targets.join(", ")
+                        "{name} must be one of {}{}",
+                        tower.targets.join(", "),
+                        got(format!("{t:?}"))
                     ))
                 }
             }
@@ -671,13 +788,13 @@ impl Param {
         }
     }
 
-    fn check_range(&self, name: &str, n: f64) -> Result<(), ParamError> {
+    fn check_range(&self, name: &str, n: f64, got: &str) -> Result<(), ParamError> {
         let below = self.min.is_some_and(|min| n < min);
         let above = self.max.is_some_and(|max| n > max);
         if below || above {
             return Err(ParamError {
                 param: name.to_owned(),
-                message: format!("{name} must be {}, got {n}", self.describe()),
+                message: format!("{name} must be {}{got}", self.describe()),
             });
         }
         Ok(())
@@ -780,7 +897,13 @@ impl Param {
         {
             problems.push(format!("bad regular expression: {e}"));
         }
-        if self.default.is_some() {
+        if self.secret && self.default.is_some() {
+            problems.push(
+                "a secret parameter cannot have a default: the catalog is readable by every \
+                 operator, so the value would be no secret; remove `default`"
+                    .into(),
+            );
+        } else if self.default.is_some() {
             match (self.default_value(), tower) {
                 (None, _) => problems.push(format!("default is not {}", self.describe())),
                 (Some(value), Some(tower)) => {
@@ -835,7 +958,7 @@ pub fn display_value(value: &proto::Value) -> String {
             d.nanos.max(0) as u32,
         ))
         .to_string(),
-        Some(V::Masked(_)) => "***".into(),
+        Some(V::Masked(_) | V::Sealed(_)) => "***".into(),
         None => String::new(),
     }
 }
@@ -875,7 +998,7 @@ mod tests {
         assert!(patterns >= 1);
         let before = compiled();
         for _ in 0..100 {
-            scale.check(tower, &params).unwrap();
+            scale.check(tower, &params, Secrets::Open).unwrap();
             scale
                 .justification
                 .check("workloads/scale", "SRE-1")
@@ -921,7 +1044,11 @@ mod tests {
     fn defaults_are_applied_and_the_target_found() {
         let (tower, drain) = op(&example(), "traffic/drain-cluster");
         let checked = drain
-            .check(&tower, &given(&[("cluster", V::Target("prod-2".into()))]))
+            .check(
+                &tower,
+                &given(&[("cluster", V::Target("prod-2".into()))]),
+                Secrets::Open,
+            )
             .unwrap();
         assert_eq!(checked.target.as_str(), "prod-2");
         assert_eq!(checked.params["keep_percent"], value(V::Integer(0)));
@@ -934,6 +1061,7 @@ mod tests {
                     ("namespace", V::String("shop".into())),
                     ("deployment", V::String("cart".into())),
                 ]),
+                Secrets::Open,
             )
             .unwrap();
         assert!(checked.target.is_none());
@@ -1015,7 +1143,7 @@ mod tests {
             ),
         ];
         for (operation, tower, params, expected) in cases {
-            let errors = operation.check(tower, &params).unwrap_err();
+            let errors = operation.check(tower, &params, Secrets::Open).unwrap_err();
             assert!(
                 errors.iter().any(|e| e.message.contains(expected)),
                 "expected {expected:?} in {errors:?}"
@@ -1034,9 +1162,134 @@ mod tests {
                     ("key", V::String("password".into())),
                     ("value", V::String("hunter2".into())),
                 ]),
+                Secrets::Open,
             )
             .unwrap_err();
         assert!(!errors[0].message.contains("hunter2"), "{errors:?}");
+        // So is one that is not even of the right type, on the command line or the wire.
+        let mut number = secret.params["value"].clone();
+        number.kind = Type::Integer;
+        let e = number.parse("value", "hunter2").unwrap_err();
+        assert!(!e.message.contains("hunter2"), "{e}");
+        number.max = Some(1.0);
+        let e = number
+            .check("value", &value(V::Integer(12345)), &workloads)
+            .unwrap_err();
+        assert!(!e.message.contains("12345"), "{e}");
+    }
+
+    /// Admission sees secrets sealed: it checks that they are, and their size, nothing else.
+    #[test]
+    fn admission_takes_secrets_sealed_only() {
+        let (workloads, secret) = op(&example(), "workloads/set-secret");
+        let with = |value: V| {
+            given(&[
+                ("namespace", V::String("shop".into())),
+                ("name", V::String("db".into())),
+                ("key", V::String("password".into())),
+                ("value", value),
+            ])
+        };
+        let sealed = |n: usize| V::Sealed(proto::Sealed { age: vec![0; n] });
+        secret
+            .check(&workloads, &with(sealed(100)), Secrets::Sealed)
+            .unwrap();
+        let cases = [
+            (V::String("hunter2".into()), "must arrive sealed"),
+            (V::Masked(proto::Masked {}), "must arrive sealed"),
+            (sealed(crate::sealed::MAX_SEALED + 1), "at most"),
+        ];
+        for (value, expected) in cases {
+            let errors = secret
+                .check(&workloads, &with(value), Secrets::Sealed)
+                .unwrap_err();
+            assert!(errors[0].message.contains(expected), "{errors:?}");
+            assert!(!errors[0].message.contains("hunter2"), "{errors:?}");
+        }
+        // The agent, once it opened them, checks them like any other value.
+        let errors = secret
+            .check(&workloads, &with(sealed(100)), Secrets::Open)
+            .unwrap_err();
+        assert!(errors[0].message.contains("value must be"), "{errors:?}");
+        // A sealed value where none is secret is refused.
+        let (_, scale) = op(&example(), "workloads/scale");
+        let errors = scale
+            .check(
+                &workloads,
+                &given(&[
+                    ("namespace", V::String("shop".into())),
+                    ("deployment", sealed(10)),
+                    ("replicas", V::Integer(1)),
+                ]),
+                Secrets::Sealed,
+            )
+            .unwrap_err();
+        assert!(
+            errors[0].message.contains("deployment must be"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn secrets_need_recipients_and_no_default() {
+        let mut catalog = example();
+        let keys = crate::sealed::Keys::generate();
+        catalog
+            .towers
+            .get_mut("workloads")
+            .unwrap()
+            .recipients
+            .clear();
+        let secret = catalog
+            .operations
+            .get_mut("workloads/set-secret")
+            .unwrap()
+            .params
+            .get_mut("value")
+            .unwrap();
+        secret.default = Some(Scalar::Text("hunter2".into()));
+        // A secret on a cluster tower: every target needs recipients.
+        let mut traffic_secret = secret.clone();
+        traffic_secret.default = None;
+        catalog
+            .operations
+            .get_mut("traffic/set-weights")
+            .unwrap()
+            .params
+            .insert("token".into(), traffic_secret);
+        let traffic = catalog.towers.get_mut("traffic").unwrap();
+        for target in ["prod-1", "prod-2", "prod-3"] {
+            traffic
+                .target_recipients
+                .insert(target.into(), keys.recipients());
+        }
+        traffic
+            .target_recipients
+            .insert("prod-9".into(), vec!["age1nope".into()]);
+        let messages: Vec<String> = catalog
+            .problems()
+            .into_iter()
+            .map(|p| format!("{}: {}", p.path.join("."), p.message))
+            .collect();
+        let expect = [
+            "operations.workloads/set-secret.params.value: value is secret, but tower workloads \
+             has no recipients",
+            "operations.workloads/set-secret.params.value: a secret parameter cannot have a default",
+            "operations.traffic/set-weights.params.token: token is secret, but tower traffic has \
+             no recipients to seal it to for prod-4:",
+            "towers.traffic.target_recipients.prod-9: prod-9 is not one of the tower's targets",
+            "towers.traffic.target_recipients.prod-9: \"age1nope\" is not an age X25519 recipient",
+        ];
+        for expected in expect {
+            assert!(
+                messages.iter().any(|m| m.starts_with(expected)),
+                "expected {expected:?} in {messages:#?}"
+            );
+        }
+        assert_eq!(messages.len(), expect.len(), "{messages:#?}");
+        let traffic = &catalog.towers["traffic"];
+        assert_eq!(traffic.recipients_for("prod-1"), keys.recipients());
+        assert!(traffic.recipients_for("prod-4").is_empty());
     }
 
     #[test]

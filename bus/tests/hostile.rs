@@ -152,6 +152,8 @@ fn tower() -> TowerSpec {
         description: String::new(),
         flavour: Flavour::Cluster,
         targets: vec!["prod-1".into(), "prod-2".into()],
+        recipients: Vec::new(),
+        target_recipients: Default::default(),
     }
 }
 
@@ -274,7 +276,9 @@ proptest! {
             V::Enumeration(e) => prop_assert!(e == "fast" || e == "slow"),
             V::Target(t) => prop_assert!(t == "prod-1" || t == "prod-2"),
             V::Boolean(_) | V::Duration(_) => {}
-            V::Masked(_) => prop_assert!(false, "a parsed value is never masked"),
+            V::Masked(_) | V::Sealed(_) => {
+                prop_assert!(false, "a parsed value is never masked or sealed")
+            }
         }
     }
 

@@ -21,6 +21,7 @@ pub mod exit;
 pub mod home;
 pub mod remote;
 pub mod render;
+pub mod secret;
 pub mod session;
 pub mod stack;
 
@@ -165,6 +166,12 @@ fn command(catalog: Option<&Served>) -> clap::Command {
                 }
                 if !param.description.is_empty() {
                     help = format!("{}: {help}", param.description);
+                }
+                if param.secret {
+                    help = format!(
+                        "{help} [secret: sealed to the tower; - reads it from stdin, @FILE from \
+                         a file; asked for when left out on a terminal]"
+                    );
                 }
                 let mut arg = Arg::new(param_name.clone())
                     .long(param_name.replace('_', "-"))

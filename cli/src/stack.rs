@@ -29,6 +29,11 @@ const SCRIPTS: [(&str, &str); 3] = [
         include_str!("../../ops/examples/set-secret.py"),
     ),
 ];
+/// The public half of `ops/examples/workloads.agekey`, which the example catalog lists for
+/// the workloads tower: the stack puts a key of its own in its place.
+/// The workloads agents' secret key file in the state folder.
+const WORKLOADS_KEY: &str = "workloads.agekey";
+const EXAMPLE_RECIPIENT: &str = "age1h8w2m3amcn8m9r4m4g9cdnhch3d74rtutexzgxjjtz08t9rk0dgsmwq8e5";
 /// The traffic tower's targets in the demo catalog.
 const TARGETS: [&str; 4] = ["prod-1", "prod-2", "prod-3", "prod-4"];
 /// Where `ops/bootstrap` installs nats-server in this source tree.
@@ -76,7 +81,8 @@ impl Stack {
     /// Starts everything, state in `dir`, NATS on `port`; returns once the agents are live.
     pub async fn start(dir: &Path, port: u16) -> Result<Self> {
         let (mut stack, client) = Self::nats(dir, port).await?;
-        let trusted = stack.admission(&client, CATALOG)?;
+        let recipient = stack.workloads_key()?;
+        let trusted = stack.admission(&client, &CATALOG.replace(EXAMPLE_RECIPIENT, &recipient))?;
         stack.wait_for_admission(&client).await?;
         let js = async_nats::jetstream::new(client.clone());
         let agent_config = stack.agent_config();
@@ -94,7 +100,14 @@ impl Stack {
         write_scripts(&examples)?;
         let scripts = Scripts::load(&examples.join("workloads.yaml"))
             .map_err(|e| Error::usage(format!("cannot load the workloads scripts: {e}")))?;
-        stack.spawn(scripts.tower().trust(trusted).config(agent_config), &client);
+        let workloads_config = rct_agents::Config {
+            secret_keys: vec![stack.dir.join(WORKLOADS_KEY)],
+            ..agent_config
+        };
+        stack.spawn(
+            scripts.tower().trust(trusted).config(workloads_config),
+            &client,
+        );
         stack.wait_for_agents(&js, TARGETS.len() + 1).await?;
         Ok(stack)
     }
@@ -139,6 +152,23 @@ impl Stack {
             .await
             .map_err(|e| fail("cannot provision the streams", &e))?;
         Ok((stack, client))
+    }
+
+    /// The workloads agents' secret key, made on first use (as `rct-agent keygen` does); its
+    /// public half.
+    fn workloads_key(&self) -> Result<String> {
+        let fail = |e: &dyn std::fmt::Display| {
+            Error::usage(format!("cannot make the workloads secret key: {e}"))
+        };
+        let path = self.dir.join(WORKLOADS_KEY);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => rct_bus::sealed::Keys::parse(&text)
+                .map(|keys| keys.recipients().join(", "))
+                .map_err(|e| fail(&format!("{}: {e}", path.display()))),
+            Err(_) => rct_agents::cli::Task::Keygen { out: path }
+                .run()
+                .map_err(|e| fail(&format!("{e:#}"))),
+        }
     }
 
     /// Starts admission in-process with `catalog` and the development issuer; its public key.

@@ -15,6 +15,24 @@ use serde_json::Value;
 use crate::config::{self, Config, Storage};
 use crate::{Error, Result};
 
+/// The catalog admission serves in [`CATALOG_BUCKET`]; `None` when it serves none yet.
+pub async fn served_catalog(js: &jetstream::Context) -> Result<Option<rct_bus::catalog::Served>> {
+    let read = |cause: async_nats::Error| Error::Read {
+        what: format!("the catalog ({CATALOG_BUCKET})"),
+        cause,
+    };
+    let bucket = js
+        .get_key_value(CATALOG_BUCKET)
+        .await
+        .map_err(|e| read(e.into()))?;
+    let Some(bytes) = bucket.get(CATALOG_KEY).await.map_err(|e| read(e.into()))? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| read(e.into()))
+}
+
 /// Stream of signed submissions, `rct.submit.>`.
 pub const SUBMIT_STREAM: &str = "RCT_SUBMIT";
 /// Stream of admitted, admission-signed commands, `rct.cmd.>`.

@@ -13,8 +13,16 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(task) = &args.task {
+        #[allow(clippy::print_stdout)] // the recipient is the result
+        {
+            println!("{}", task.run()?);
+        }
+        return Ok(());
+    }
     let mut config = args.common.load()?;
-    let mut scripts = Scripts::load(&args.scripts).map_err(anyhow::Error::msg)?;
+    let path = args.scripts.as_deref().expect("clap requires --scripts");
+    let mut scripts = Scripts::load(path).map_err(anyhow::Error::msg)?;
     if args.target.is_some() {
         scripts.target = args.target;
     }
@@ -26,6 +34,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
             true,
         )
         .await?;
+    // What the catalog says of the parameters (which are secret) is checked before serving.
+    let js = config.nats.jetstream(client.clone());
+    match rct_streams::topology::served_catalog(&js).await {
+        Ok(Some(served)) => {
+            let problems = scripts.problems(&served.catalog);
+            if !problems.is_empty() {
+                anyhow::bail!(
+                    "{} (catalog {}):\n  {}",
+                    path.display(),
+                    served.version,
+                    problems.join("\n  ")
+                );
+            }
+        }
+        Ok(None) => {
+            tracing::warn!("no catalog is served yet: secret parameters are checked per command")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the catalog: secret parameters are checked per command")
+        }
+    }
     let shutdown = rct_streams::runtime::shutdown_on_signal();
     scripts.tower().config(config).run(client, shutdown).await?;
     Ok(())

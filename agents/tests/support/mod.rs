@@ -320,3 +320,34 @@ pub fn outcome(records: &[Record]) -> &Kind {
         .and_then(|r| r.event.kind.as_ref())
         .expect("an outcome")
 }
+
+/// The example key file (`ops/examples/workloads.agekey`), whose public half the example
+/// catalog lists for the workloads tower.
+pub fn example_key_file() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/examples/workloads.agekey")
+}
+
+/// The public half of [`example_key_file`].
+pub fn example_recipient() -> String {
+    let text = std::fs::read_to_string(example_key_file()).unwrap();
+    rct_bus::sealed::Keys::parse(&text).unwrap().recipients()[0].clone()
+}
+
+/// `value` sealed to `recipients` for parameter `param` of `command`, as the CLI seals it.
+pub fn sealed_for(
+    command: &proto::Command,
+    param: &str,
+    value: &str,
+    recipients: &[String],
+) -> proto::Value {
+    let binding = rct_bus::sealed::Binding {
+        command_id: command.command_id.clone(),
+        operation: command.operation.clone(),
+        target: command.target.clone(),
+        param: param.into(),
+    };
+    let clear = proto::Value {
+        kind: Some(proto::value::Kind::String(value.into())),
+    };
+    rct_bus::sealed::seal(recipients, &binding, &clear).unwrap()
+}

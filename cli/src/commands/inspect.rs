@@ -247,6 +247,7 @@ pub async fn cancel(home: &Home, global: &Global, args: CancelArgs) -> Result {
     let cancel_id = submit(
         &remote,
         &session,
+        CommandId::generate(),
         &name,
         args.justification.as_deref().unwrap_or_default(),
         request,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use prost::Message as _;
-use rct_bus::catalog::Served;
+use rct_bus::catalog::{Secrets, Served};
 use rct_bus::proto::{self, event::Kind};
 use rct_bus::trace::{TRACEPARENT, TraceContext};
 use rct_bus::{CommandId, OperationName, Purpose, Subject};
@@ -25,7 +25,8 @@ use crate::session::Session;
 pub struct Args {
     /// The operation, `<tower>/<op>` (rct ops lists them).
     pub operation: String,
-    /// A parameter, `name=value`; repeat for each.
+    /// A parameter, `name=value`; repeat for each. A secret one takes `name=-` (read from
+    /// stdin) or `name=@FILE`, and is asked for (not echoed) when left out on a terminal.
     #[arg(short = 'p', long = "param", value_parser = parse_pair)]
     pub params: Vec<(String, String)>,
     /// How to fire and what to show.
@@ -89,10 +90,13 @@ pub async fn fire_with_id(
     let remote = remote::connect(home, global).await?;
     let session = Session::load(home, &remote.context)?;
     let served = remote.catalog_or_cached(home).await?;
-    let (run, justification) = request(&served, name, raw, fire)?;
-    let command_id = submit(
+    // Chosen first: secrets are sealed for this command and no other.
+    let command_id = CommandId::generate();
+    let (run, justification) = request(&served, name, raw, fire, command_id)?;
+    submit(
         &remote,
         &session,
+        command_id,
         name,
         &justification,
         proto::submission::Request::Run(run),
@@ -112,12 +116,14 @@ pub async fn fire_with_id(
     Ok((watch(&remote, command_id, fire.output).await?, command_id))
 }
 
-/// The checked request: the same checks and words as admission's.
+/// The checked request: the same checks and words as admission's (and the agent's, for
+/// secrets, which are checked in clear here and then sealed to the tower's recipients).
 fn request(
     served: &Served,
     name: &OperationName,
     raw: Vec<(String, String)>,
     fire: &Fire,
+    command_id: CommandId,
 ) -> Result<(proto::Run, String)> {
     let (tower, operation) = served.catalog.operation(name).ok_or_else(|| {
         Error::usage(format!(
@@ -126,8 +132,29 @@ fn request(
     })?;
     let mut params = BTreeMap::new();
     let mut problems = Vec::new();
-    for (key, text) in raw {
-        let key = key.replace('-', "_");
+    let mut secrets = crate::secret::Input::default();
+    let raw: Vec<(String, Option<String>)> = raw
+        .into_iter()
+        .map(|(k, v)| (k.replace('-', "_"), Some(v)))
+        .collect();
+    // Secrets left out are asked for.
+    let asked: Vec<(String, Option<String>)> = operation
+        .params
+        .iter()
+        .filter(|(n, p)| p.secret && !raw.iter().any(|(k, _)| k == *n))
+        .map(|(n, _)| (n.clone(), None))
+        .collect();
+    for (key, given) in raw.into_iter().chain(asked) {
+        let text = match operation.params.get(&key) {
+            Some(param) if param.secret => match secrets.read(&key, given.as_deref()) {
+                Ok(text) => text,
+                Err(e) => {
+                    problems.push(e);
+                    continue;
+                }
+            },
+            _ => given.unwrap_or_default(),
+        };
         match operation.params.get(&key) {
             Some(param) => match param.parse(&key, &text) {
                 Ok(value) => {
@@ -147,7 +174,7 @@ fn request(
         }
     }
     if problems.is_empty()
-        && let Err(errors) = operation.check(tower, &params)
+        && let Err(errors) = operation.check(tower, &params, Secrets::Open)
     {
         problems.extend(errors.into_iter().map(|e| e.message));
     }
@@ -164,7 +191,26 @@ fn request(
             problems.join("\n  ")
         )));
     }
-    let checked = operation.check(tower, &params).expect("checked above");
+    let checked = operation
+        .check(tower, &params, Secrets::Open)
+        .expect("checked above");
+    let recipients = tower.recipients_for(checked.target.as_str());
+    for (param_name, value) in params.iter_mut() {
+        if !operation.params[param_name].secret {
+            continue;
+        }
+        let binding = rct_bus::sealed::Binding {
+            command_id: command_id.to_string(),
+            operation: name.to_string(),
+            target: checked.target.to_string(),
+            param: param_name.clone(),
+        };
+        *value = rct_bus::sealed::seal(recipients, &binding, value).map_err(|e| {
+            Error::usage(format!(
+                "not submitted: cannot seal secret parameter {param_name}: {e}"
+            ))
+        })?;
+    }
     Ok((
         proto::Run {
             target: checked.target.to_string(),
@@ -175,15 +221,15 @@ fn request(
     ))
 }
 
-/// Signs and publishes a submission; its id.
+/// Signs and publishes a submission as `command_id`.
 pub async fn submit(
     remote: &Remote,
     session: &Session,
+    command_id: CommandId,
     name: &OperationName,
     justification: &str,
     request: proto::submission::Request,
 ) -> Result<CommandId> {
-    let command_id = CommandId::generate();
     let now = OffsetDateTime::now_utc();
     let submission = proto::Submission {
         command_id: command_id.to_string(),
@@ -382,6 +428,7 @@ mod tests {
             &name,
             pairs(&[("cluster", "prod-2"), ("keep-percent", "5")]),
             &fire("SRE-1"),
+            CommandId::generate(),
         )
         .unwrap();
         assert_eq!(run.target, "prod-2");
@@ -392,6 +439,7 @@ mod tests {
             &name,
             pairs(&[("cluster", "prod-9"), ("keep_percent", "150")]),
             &fire("SRE-1"),
+            CommandId::generate(),
         )
         .unwrap_err();
         assert!(
@@ -405,6 +453,7 @@ mod tests {
             &name,
             pairs(&[("cluster", "prod-1"), ("keep_percent", "150")]),
             &fire("SRE-1"),
+            CommandId::generate(),
         )
         .unwrap_err();
         assert!(
@@ -413,8 +462,14 @@ mod tests {
                 .contains("keep_percent must be an integer from 0 to 100, got 150"),
             "{error}"
         );
-        let error =
-            request(&served(), &name, pairs(&[("cluster", "prod-1")]), &fire("")).unwrap_err();
+        let error = request(
+            &served(),
+            &name,
+            pairs(&[("cluster", "prod-1")]),
+            &fire(""),
+            CommandId::generate(),
+        )
+        .unwrap_err();
         assert!(
             error
                 .message
@@ -422,5 +477,62 @@ mod tests {
             "{error}"
         );
         assert_eq!(error.exit, Exit::Usage);
+    }
+
+    /// A secret is checked in clear, then sealed for this command: only the tower's key opens
+    /// it, and nothing of the clear value is in the request.
+    #[test]
+    fn secrets_are_checked_then_sealed_for_this_command() {
+        let name: OperationName = "workloads/set-secret".parse().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("value");
+        std::fs::write(&file, "hunter2\n").unwrap();
+        let raw = |value: &str| {
+            [
+                ("namespace", "shop"),
+                ("name", "db"),
+                ("key", "password"),
+                ("value", value),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+        };
+        let id = CommandId::generate();
+        let at = format!("@{}", file.display());
+        let (run, _) = request(&served(), &name, raw(&at), &fire("SEC-1"), id).unwrap();
+        let Some(proto::value::Kind::Sealed(sealed)) = &run.params["value"].kind else {
+            panic!("not sealed: {:?}", run.params["value"]);
+        };
+        assert!(!format!("{run:?}").contains("hunter2"));
+        let keys = rct_bus::sealed::Keys::parse(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../ops/examples/workloads.agekey"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let binding = |command_id: CommandId| rct_bus::sealed::Binding {
+            command_id: command_id.to_string(),
+            operation: name.to_string(),
+            target: "_".into(),
+            param: "value".into(),
+        };
+        let opened = keys.open(sealed, &binding(id)).unwrap();
+        assert_eq!(
+            opened.kind,
+            Some(proto::value::Kind::String("hunter2".into()))
+        );
+        assert!(keys.open(sealed, &binding(CommandId::generate())).is_err());
+
+        // Too long for the catalog: refused here, in clear words, without the value.
+        let long = "x".repeat(5000);
+        let error = request(&served(), &name, raw(&long), &fire("SEC-1"), id).unwrap_err();
+        assert!(
+            error.message.contains("value must be at most 4096"),
+            "{error}"
+        );
+        assert!(!error.message.contains("xxxx"), "{error}");
     }
 }

@@ -1,0 +1,334 @@
+//! Secret parameter values, encrypted to the tower that runs them.
+//!
+//! The CLI seals each `secret: true` value to the recipients the served catalog lists for the
+//! tower (or the target), bound to the command id, operation, target and parameter name.
+//! Admission and the streams see ciphertext only; the agent opens it with one of its keys and
+//! refuses a value sealed for another command or parameter. The cryptography is age
+//! (age-encryption.org/v1) with X25519 recipients: recipients are written `age1…` and keys
+//! `AGE-SECRET-KEY-1…`, so `age-keygen` and `rage` read and write the same files.
+
+use std::io::{Read, Write};
+
+use age::secrecy::ExposeSecret;
+use prost::Message;
+
+use crate::proto::{self, value::Kind as V};
+
+/// The largest sealed value admission accepts, in bytes: the value, its binding, and about
+/// 200 bytes per recipient.
+pub const MAX_SEALED: usize = 64 * 1024;
+
+/// What a sealed value is for: it opens only for the same command, operation, target and
+/// parameter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// The command id (chosen by the CLI before it seals).
+    pub command_id: String,
+    /// `<tower>/<op>`.
+    pub operation: String,
+    /// The command's target (`_` on simple towers).
+    pub target: String,
+    /// The parameter's name.
+    pub param: String,
+}
+
+/// Why a sealed value could not be opened; each has a code for the `Failed` outcome.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// None of the agent's keys is among the recipients.
+    #[error(
+        "no key of this agent opens it: it was sealed to other recipients (a key rotated away, \
+         or a catalog naming another agent's key); fire it again"
+    )]
+    NoKey,
+    /// Not an age file, or changed after it was sealed.
+    #[error("it is not a valid sealed value, or it was changed after it was sealed")]
+    Tampered,
+    /// Sealed for another command or parameter.
+    #[error("it was sealed for {0}, not for this command")]
+    Misbound(String),
+}
+
+impl OpenError {
+    /// The code of the `Failed` outcome.
+    pub fn code(&self) -> &'static str {
+        match self {
+            OpenError::NoKey => "secret_undecryptable",
+            OpenError::Tampered => "secret_tampered",
+            OpenError::Misbound(_) => "secret_misbound",
+        }
+    }
+}
+
+/// Whether `text` is an X25519 age recipient (`age1…`); the error says what is wrong.
+pub fn check_recipient(text: &str) -> Result<(), String> {
+    text.parse::<age::x25519::Recipient>()
+        .map(|_| ())
+        .map_err(|e| format!("{text:?} is not an age X25519 recipient (age1…): {e}"))
+}
+
+/// `value` encrypted to every one of `recipients`, for `binding`.
+pub fn seal(
+    recipients: &[String],
+    binding: &Binding,
+    value: &proto::Value,
+) -> Result<proto::Value, String> {
+    let parsed = recipients
+        .iter()
+        .map(|r| r.parse::<age::x25519::Recipient>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("a recipient of the tower does not parse: {e}"))?;
+    let encryptor =
+        age::Encryptor::with_recipients(parsed.iter().map(|r| r as &dyn age::Recipient))
+            .map_err(|e| format!("cannot encrypt to the tower's recipients: {e}"))?;
+    let content = proto::SealedContent {
+        command_id: binding.command_id.clone(),
+        operation: binding.operation.clone(),
+        target: binding.target.clone(),
+        param: binding.param.clone(),
+        value: Some(value.clone()),
+    };
+    let mut age = Vec::new();
+    let mut writer = encryptor
+        .wrap_output(&mut age)
+        .map_err(|e| format!("cannot encrypt: {e}"))?;
+    writer
+        .write_all(&content.encode_to_vec())
+        .and_then(|()| writer.finish().map(|_| ()))
+        .map_err(|e| format!("cannot encrypt: {e}"))?;
+    Ok(proto::Value {
+        kind: Some(V::Sealed(proto::Sealed { age })),
+    })
+}
+
+/// An agent's secret keys: every one it may open values with (the new and the old one while a
+/// rotation is under way). `Debug` shows the public halves only.
+#[derive(Default)]
+pub struct Keys {
+    identities: Vec<age::x25519::Identity>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("recipients", &self.recipients())
+            .finish()
+    }
+}
+
+impl Keys {
+    /// One new key.
+    pub fn generate() -> Self {
+        Self {
+            identities: vec![age::x25519::Identity::generate()],
+        }
+    }
+
+    /// The keys of an identity file: one `AGE-SECRET-KEY-1…` a line; blank lines and `#`
+    /// comments are skipped. The error names the line, never its content.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut identities = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let identity = line.parse::<age::x25519::Identity>().map_err(|_| {
+                format!(
+                    "line {} is not an age X25519 secret key (AGE-SECRET-KEY-1…)",
+                    n + 1
+                )
+            })?;
+            identities.push(identity);
+        }
+        if identities.is_empty() {
+            return Err("it holds no key".into());
+        }
+        Ok(Self { identities })
+    }
+
+    /// Adds `other`'s keys.
+    pub fn extend(&mut self, other: Keys) {
+        self.identities.extend(other.identities);
+    }
+
+    /// Whether there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.identities.is_empty()
+    }
+
+    /// The public halves (`age1…`), in order: what the catalog lists as the tower's recipients.
+    pub fn recipients(&self) -> Vec<String> {
+        self.identities
+            .iter()
+            .map(|i| i.to_public().to_string())
+            .collect()
+    }
+
+    /// The keys as an identity file, each after a comment with its public half.
+    pub fn to_file_text(&self) -> String {
+        self.identities
+            .iter()
+            .map(|i| {
+                format!(
+                    "# public key: {}\n{}\n",
+                    i.to_public(),
+                    i.to_string().expose_secret()
+                )
+            })
+            .collect()
+    }
+
+    /// Opens a sealed value for `binding`.
+    pub fn open(
+        &self,
+        sealed: &proto::Sealed,
+        binding: &Binding,
+    ) -> Result<proto::Value, OpenError> {
+        let decryptor =
+            age::Decryptor::new_buffered(sealed.age.as_slice()).map_err(|_| OpenError::Tampered)?;
+        let mut reader = decryptor
+            .decrypt(self.identities.iter().map(|i| i as &dyn age::Identity))
+            .map_err(|e| match e {
+                age::DecryptError::NoMatchingKeys => OpenError::NoKey,
+                _ => OpenError::Tampered,
+            })?;
+        let mut plain = Vec::new();
+        reader
+            .read_to_end(&mut plain)
+            .map_err(|_| OpenError::Tampered)?;
+        let content =
+            proto::SealedContent::decode(plain.as_slice()).map_err(|_| OpenError::Tampered)?;
+        let sealed_for = Binding {
+            command_id: content.command_id,
+            operation: content.operation,
+            target: content.target,
+            param: content.param,
+        };
+        if &sealed_for != binding {
+            return Err(OpenError::Misbound(format!(
+                "parameter {} of command {} ({} on {})",
+                sealed_for.param, sealed_for.command_id, sealed_for.operation, sealed_for.target
+            )));
+        }
+        content.value.ok_or(OpenError::Tampered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(param: &str) -> Binding {
+        Binding {
+            command_id: "01JCOMMAND".into(),
+            operation: "workloads/set-secret".into(),
+            target: "_".into(),
+            param: param.into(),
+        }
+    }
+
+    fn text(s: &str) -> proto::Value {
+        proto::Value {
+            kind: Some(V::String(s.into())),
+        }
+    }
+
+    fn sealed(value: &proto::Value) -> &proto::Sealed {
+        match &value.kind {
+            Some(V::Sealed(s)) => s,
+            other => panic!("not sealed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_value_opens_with_any_recipient_key_and_holds_no_clear_text() {
+        let (old, new) = (Keys::generate(), Keys::generate());
+        let recipients = [old.recipients(), new.recipients()].concat();
+        let value = seal(&recipients, &binding("value"), &text("hunter2")).unwrap();
+        let age = &sealed(&value).age;
+        assert!(!age.windows(7).any(|w| w == b"hunter2"));
+        assert_eq!(
+            old.open(sealed(&value), &binding("value")),
+            Ok(text("hunter2"))
+        );
+        assert_eq!(
+            new.open(sealed(&value), &binding("value")),
+            Ok(text("hunter2"))
+        );
+    }
+
+    #[test]
+    fn a_key_rotated_away_no_longer_opens_old_values() {
+        let (old, new) = (Keys::generate(), Keys::generate());
+        let value = seal(&old.recipients(), &binding("value"), &text("hunter2")).unwrap();
+        assert_eq!(
+            new.open(sealed(&value), &binding("value")),
+            Err(OpenError::NoKey)
+        );
+    }
+
+    #[test]
+    fn a_changed_or_foreign_value_is_refused() {
+        let keys = Keys::generate();
+        let value = seal(&keys.recipients(), &binding("value"), &text("hunter2")).unwrap();
+        let mut changed = sealed(&value).clone();
+        let last = changed.age.len() - 1;
+        changed.age[last] ^= 1;
+        assert_eq!(
+            keys.open(&changed, &binding("value")),
+            Err(OpenError::Tampered)
+        );
+        let garbage = proto::Sealed {
+            age: b"hunter2".to_vec(),
+        };
+        assert_eq!(
+            keys.open(&garbage, &binding("value")),
+            Err(OpenError::Tampered)
+        );
+        // Copied into another parameter (or command): refused, saying what it was sealed for.
+        let other = keys.open(sealed(&value), &binding("key")).unwrap_err();
+        assert_eq!(other.code(), "secret_misbound");
+        assert!(
+            other
+                .to_string()
+                .contains("parameter value of command 01JCOMMAND")
+        );
+    }
+
+    #[test]
+    fn identity_files_round_trip_and_errors_never_show_a_key() {
+        let keys = Keys::generate();
+        let text_of = keys.to_file_text();
+        let again = Keys::parse(&text_of).unwrap();
+        assert_eq!(again.recipients(), keys.recipients());
+        assert!(text_of.contains(&keys.recipients()[0]));
+        let secret_line = text_of.lines().nth(1).unwrap().to_owned();
+        let broken = format!("# comment\n\n{}X\n", secret_line);
+        let e = Keys::parse(&broken).unwrap_err();
+        assert!(e.contains("line 3"), "{e}");
+        assert!(!e.contains(&secret_line[..20]), "{e}");
+        assert!(Keys::parse("# nothing\n").is_err());
+        assert!(!format!("{keys:?}").contains("AGE-SECRET-KEY"));
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes arrive as a sealed value, opening them fails cleanly.
+        #[test]
+        fn arbitrary_bytes_never_open_and_never_panic(
+            age in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+        ) {
+            let keys = Keys::generate();
+            let sealed = proto::Sealed { age };
+            proptest::prop_assert!(keys.open(&sealed, &binding("value")).is_err());
+        }
+    }
+
+    #[test]
+    fn recipients_are_checked() {
+        let keys = Keys::generate();
+        assert!(check_recipient(&keys.recipients()[0]).is_ok());
+        assert!(check_recipient("age1nope").is_err());
+        assert!(seal(&[], &binding("value"), &text("x")).is_err());
+    }
+}
