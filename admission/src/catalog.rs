@@ -80,6 +80,23 @@ pub fn parse(file: &Path, text: &str) -> Result<Catalog, Error> {
         })
         .collect();
     if problems.is_empty() {
+        for (name, tower) in &catalog.towers {
+            let listed = tower
+                .recipients
+                .iter()
+                .chain(tower.target_recipients.values().flatten());
+            if listed
+                .into_iter()
+                .any(|r| r == rct_bus::sealed::EXAMPLE_RECIPIENT)
+            {
+                tracing::warn!(
+                    tower = %name,
+                    "the catalog lists the example key of ops/examples/workloads.agekey, which is \
+                     public: anything sealed to it can be read by anyone; list your agents' own \
+                     keys (rct-agent keygen)"
+                );
+            }
+        }
         Ok(catalog)
     } else {
         problems.sort_by_key(|p| p.line);

@@ -897,6 +897,11 @@ impl Param {
         {
             problems.push(format!("bad regular expression: {e}"));
         }
+        if self.secret && self.kind == Type::Target {
+            problems.push(
+                "a target cannot be secret: it names where the command runs, in its subject".into(),
+            );
+        }
         if self.secret && self.default.is_some() {
             problems.push(
                 "a secret parameter cannot have a default: the catalog is readable by every \
@@ -1253,6 +1258,14 @@ mod tests {
         traffic_secret.default = None;
         catalog
             .operations
+            .get_mut("traffic/undrain-cluster")
+            .unwrap()
+            .params
+            .get_mut("cluster")
+            .unwrap()
+            .secret = true;
+        catalog
+            .operations
             .get_mut("traffic/set-weights")
             .unwrap()
             .params
@@ -1278,6 +1291,9 @@ mod tests {
             "operations.traffic/set-weights.params.token: token is secret, but tower traffic has \
              no recipients to seal it to for prod-4:",
             "towers.traffic.target_recipients.prod-9: prod-9 is not one of the tower's targets",
+            "operations.traffic/undrain-cluster.params.cluster: a target cannot be secret",
+            "operations.traffic/undrain-cluster.params.cluster: cluster is secret, but tower \
+             traffic has no recipients to seal it to for prod-4:",
             "towers.traffic.target_recipients.prod-9: \"age1nope\" is not an age X25519 recipient",
         ];
         for expected in expect {

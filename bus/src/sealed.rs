@@ -14,6 +14,12 @@ use prost::Message;
 
 use crate::proto::{self, value::Kind as V};
 
+/// The public half of `ops/examples/workloads.agekey`, the example catalog's key for the
+/// workloads tower. That key is public: admission warns when a catalog lists it, and `rct dev`
+/// puts a key of its own in its place.
+pub const EXAMPLE_RECIPIENT: &str =
+    "age1h8w2m3amcn8m9r4m4g9cdnhch3d74rtutexzgxjjtz08t9rk0dgsmwq8e5";
+
 /// The largest sealed value admission accepts, in bytes: the value, its binding, and about
 /// 200 bytes per recipient.
 pub const MAX_SEALED: usize = 64 * 1024;
@@ -322,6 +328,15 @@ mod tests {
             let sealed = proto::Sealed { age };
             proptest::prop_assert!(keys.open(&sealed, &binding("value")).is_err());
         }
+    }
+
+    #[test]
+    fn the_example_key_is_the_one_the_example_catalog_names() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/");
+        let key = std::fs::read_to_string(format!("{root}examples/workloads.agekey")).unwrap();
+        assert_eq!(Keys::parse(&key).unwrap().recipients(), [EXAMPLE_RECIPIENT]);
+        let catalog = std::fs::read_to_string(format!("{root}catalog.example.yaml")).unwrap();
+        assert!(catalog.contains(EXAMPLE_RECIPIENT));
     }
 
     #[test]

@@ -29,11 +29,8 @@ const SCRIPTS: [(&str, &str); 3] = [
         include_str!("../../ops/examples/set-secret.py"),
     ),
 ];
-/// The public half of `ops/examples/workloads.agekey`, which the example catalog lists for
-/// the workloads tower: the stack puts a key of its own in its place.
-/// The workloads agents' secret key file in the state folder.
+/// The workloads agents' secret key file in the state folder (it replaces the example key).
 const WORKLOADS_KEY: &str = "workloads.agekey";
-const EXAMPLE_RECIPIENT: &str = "age1h8w2m3amcn8m9r4m4g9cdnhch3d74rtutexzgxjjtz08t9rk0dgsmwq8e5";
 /// The traffic tower's targets in the demo catalog.
 const TARGETS: [&str; 4] = ["prod-1", "prod-2", "prod-3", "prod-4"];
 /// Where `ops/bootstrap` installs nats-server in this source tree.
@@ -82,7 +79,10 @@ impl Stack {
     pub async fn start(dir: &Path, port: u16) -> Result<Self> {
         let (mut stack, client) = Self::nats(dir, port).await?;
         let recipient = stack.workloads_key()?;
-        let trusted = stack.admission(&client, &CATALOG.replace(EXAMPLE_RECIPIENT, &recipient))?;
+        let trusted = stack.admission(
+            &client,
+            &CATALOG.replace(rct_bus::sealed::EXAMPLE_RECIPIENT, &recipient),
+        )?;
         stack.wait_for_admission(&client).await?;
         let js = async_nats::jetstream::new(client.clone());
         let agent_config = stack.agent_config();

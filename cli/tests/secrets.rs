@@ -133,6 +133,22 @@ fn ok(output: Output) -> Output {
     output
 }
 
+/// `rct workloads set-secret` for shop/db's key `password`, then `extra`.
+fn set_secret<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "workloads",
+        "set-secret",
+        "--namespace",
+        "shop",
+        "--name",
+        "db",
+        "--key",
+        "password",
+    ];
+    args.extend(extra);
+    args
+}
+
 /// Every file under `dir` that holds `needle`.
 fn files_with(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -184,7 +200,7 @@ async fn a_secret_from_stdin_reaches_the_script_and_nothing_else_holds_it() {
 
     // Admission: the example catalog with that key, set-secret notifying a channel.
     let value_line = "      value: { type: string, secret: true, max_len: 4096 }\n";
-    let example_recipient = "age1h8w2m3amcn8m9r4m4g9cdnhch3d74rtutexzgxjjtz08t9rk0dgsmwq8e5";
+    let example_recipient = rct_bus::sealed::EXAMPLE_RECIPIENT;
     let example = std::fs::read_to_string(ops().join("catalog.example.yaml")).unwrap();
     assert!(example.contains(value_line) && example.contains(example_recipient));
     let catalog = example
@@ -283,20 +299,7 @@ async fn a_secret_from_stdin_reaches_the_script_and_nothing_else_holds_it() {
     assert!(help.contains("[secret: sealed to the tower"), "{help}");
     let fired = ok(rct(
         &home,
-        &[
-            "workloads",
-            "set-secret",
-            "--namespace",
-            "shop",
-            "--name",
-            "db",
-            "--key",
-            "password",
-            "--value",
-            "-",
-            "-j",
-            "SEC-42",
-        ],
+        &set_secret(&["--value", "-", "-j", "SEC-42"]),
         &format!("{SECRET}\n"),
     ));
     let stderr = text(&fired.stderr);
@@ -365,6 +368,36 @@ async fn a_secret_from_stdin_reaches_the_script_and_nothing_else_holds_it() {
     assert_eq!(files_with(work, SECRET.as_bytes()), vec![received.clone()]);
     assert!(!files_with(&server.store_dir(), b"done with ***").is_empty());
 
+    // Left out on a terminal, it is asked for, and what is typed is not echoed.
+    let prompted = "typed-at-the-prompt-77";
+    let command = format!("{RCT} {}", set_secret(&["-j", "SEC-45"]).join(" "));
+    let mut terminal = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("RCT_HOME", &home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script(1), from util-linux, gives rct a terminal");
+    let mut keyboard = terminal.stdin.take().unwrap();
+    let typist = std::thread::spawn(move || {
+        // Typed once the prompt is up; kept open until rct is done.
+        std::thread::sleep(Duration::from_secs(2));
+        keyboard
+            .write_all(format!("{prompted}\n").as_bytes())
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(20));
+    });
+    let screen = terminal.wait_with_output().unwrap();
+    let shown = text(&screen.stdout) + &text(&screen.stderr);
+    assert!(screen.status.success(), "{shown}");
+    assert!(shown.contains("value (secret, not echoed): "), "{shown}");
+    assert!(!shown.contains(prompted), "echoed: {shown}");
+    let got: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&received).unwrap()).unwrap();
+    assert_eq!(got["env"], prompted);
+    drop(typist);
+
     // A value typed on the command line still works, with one warning.
     let typed = rct(
         &home,
@@ -392,22 +425,7 @@ async fn a_secret_from_stdin_reaches_the_script_and_nothing_else_holds_it() {
         "{warned}"
     );
     // Without a terminal and without a value: an error that says how to give it.
-    let missing = rct(
-        &home,
-        &[
-            "workloads",
-            "set-secret",
-            "--namespace",
-            "shop",
-            "--name",
-            "db",
-            "--key",
-            "k",
-            "-j",
-            "SEC-44",
-        ],
-        "",
-    );
+    let missing = rct(&home, &set_secret(&["-j", "SEC-44"]), "");
     assert_eq!(missing.status.code(), Some(2));
     assert!(
         text(&missing.stderr)
