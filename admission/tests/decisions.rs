@@ -634,11 +634,16 @@ async fn secret_values_are_sealed_end_to_end_and_masked_in_every_event() {
     )
     .unwrap();
     let keys = rct_bus::sealed::Keys::parse(&example_key).unwrap();
+    let Some(proto::submission::Request::Run(given)) = &submission.request else {
+        unreachable!()
+    };
     let binding = rct_bus::sealed::Binding {
         command_id: submission.command_id.clone(),
         operation: "workloads/set-secret".into(),
         target: "_".into(),
         param: "value".into(),
+        operator: "alice".into(),
+        params: rct_bus::sealed::params_digest(&given.params, |n| n == "value"),
     };
     let sealed = rct_bus::sealed::seal(
         &keys.recipients(),

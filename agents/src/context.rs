@@ -131,11 +131,27 @@ impl Context {
 }
 
 /// The command's parameters, validated against the catalog, with defaults applied; secret
-/// ones opened (in clear: hand them on only as the catalog's owner meant).
-#[derive(Clone, Debug, Default, PartialEq)]
+/// ones opened (in clear: hand them on only as the catalog's owner meant; [`Params::is_secret`]
+/// says which they are, and `Debug` shows them as `***`).
+#[derive(Clone, Default, PartialEq)]
 pub struct Params {
     values: BTreeMap<String, proto::Value>,
     secret: BTreeSet<String>,
+}
+
+impl std::fmt::Debug for Params {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let masked = proto::Value {
+            kind: Some(V::Masked(proto::Masked {})),
+        };
+        f.debug_map()
+            .entries(
+                self.values.iter().map(|(name, value)| {
+                    (name, if self.is_secret(name) { &masked } else { value })
+                }),
+            )
+            .finish()
+    }
 }
 
 impl Params {
@@ -254,5 +270,32 @@ impl Failure {
             code: code.into(),
             message: message.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_params_are_known_and_never_shown_by_debug() {
+        let text = |s: &str| proto::Value {
+            kind: Some(V::String(s.into())),
+        };
+        let params = Params::new(
+            [
+                ("name".to_owned(), text("db")),
+                ("value".to_owned(), text("hunter2")),
+            ]
+            .into(),
+        )
+        .with_secrets(["value".to_owned()]);
+        assert!(params.is_secret("value") && !params.is_secret("name"));
+        assert_eq!(params.str("value"), Some("hunter2"));
+        let shown = format!("{params:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("db"),
+            "{shown}"
+        );
     }
 }

@@ -702,40 +702,118 @@ fn floor_char_boundary(text: &str, max: usize) -> usize {
         .unwrap_or(0)
 }
 
-/// What to mask for one secret value: the value and its common encodings (base64, standard
-/// and URL-safe, padded or not; percent-encoded, as a path or a form would have it; hex),
-/// longest first. Best effort on top of the encryption that keeps it out of the streams: a
-/// script that prints the value any other way is not caught.
+/// The shortest line of a secret of several lines that is masked on its own.
+const SHORTEST_LINE: usize = 4;
+
+/// What to mask for one secret value, longest first: the value and its common encodings, and,
+/// for a value of several lines (a key, a kubeconfig), which output reaches the agent line by
+/// line, each of its lines of at least [`SHORTEST_LINE`] characters and their encodings. Best
+/// effort on top of the encryption that keeps the value out of the streams: a script that
+/// prints it some other way is not caught.
 pub(crate) fn forms(value: &str) -> Vec<String> {
+    let mut forms = encodings(value);
+    if value.contains('\n') {
+        value
+            .lines()
+            .map(|line| line.trim_end_matches('\r'))
+            .filter(|line| line.trim().chars().count() >= SHORTEST_LINE)
+            .for_each(|line| forms.extend(encodings(line)));
+    }
+    forms.retain(|f| !f.is_empty());
+    forms.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    forms.dedup();
+    forms
+}
+
+/// `value` and the forms scripts commonly print it in: base64 (standard and URL-safe, padded or
+/// not, and as part of a longer base64 text at any alignment, as in HTTP Basic credentials),
+/// percent-encoding (every common character set, upper- and lower-case hex, `+` for spaces),
+/// JSON string escapes (with and without `\u` for non-ASCII), hex.
+fn encodings(value: &str) -> Vec<String> {
     use base64::Engine as _;
     use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
-    use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+    use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
     if value.is_empty() {
         return Vec::new();
     }
-    // RFC 3986's unreserved characters stay as they are in most encoders.
-    const COMPONENT: &percent_encoding::AsciiSet = &NON_ALPHANUMERIC
+    // RFC 3986's unreserved characters, which most encoders keep; a path keeps `/` as well.
+    const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
         .remove(b'-')
         .remove(b'.')
         .remove(b'_')
         .remove(b'~');
+    const PATH: &AsciiSet = &COMPONENT.remove(b'/');
+    const JAVASCRIPT: &AsciiSet = &COMPONENT
+        .remove(b'!')
+        .remove(b'*')
+        .remove(b'\'')
+        .remove(b'(')
+        .remove(b')');
     let bytes = value.as_bytes();
-    let percent = utf8_percent_encode(value, COMPONENT).to_string();
-    let mut forms = vec![
-        value.to_owned(),
-        STANDARD.encode(bytes),
-        STANDARD_NO_PAD.encode(bytes),
-        URL_SAFE.encode(bytes),
-        URL_SAFE_NO_PAD.encode(bytes),
-        utf8_percent_encode(value, NON_ALPHANUMERIC).to_string(),
-        percent.replace("%20", "+"),
-        percent,
-        bytes.iter().map(|b| format!("{b:02x}")).collect(),
-        bytes.iter().map(|b| format!("{b:02X}")).collect(),
-    ];
-    forms.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
-    forms.dedup();
+    let mut forms = vec![value.to_owned()];
+    for engine in [STANDARD, URL_SAFE, STANDARD_NO_PAD, URL_SAFE_NO_PAD] {
+        forms.push(engine.encode(bytes));
+    }
+    // Inside a longer base64 text the value starts 0, 1 or 2 bytes into a group: what encodes
+    // its bytes alone, without the characters shared with its neighbours.
+    for engine in [STANDARD_NO_PAD, URL_SAFE_NO_PAD] {
+        for offset in 0..3usize {
+            let mut shifted = vec![0u8; offset];
+            shifted.extend_from_slice(bytes);
+            let encoded = engine.encode(&shifted);
+            let skip = [0, 2, 3][offset];
+            let known = shifted.len() * 8 / 6;
+            if known >= skip + SHORTEST_LINE {
+                forms.push(encoded[skip..known].to_owned());
+            }
+        }
+    }
+    for set in [NON_ALPHANUMERIC, COMPONENT, PATH, JAVASCRIPT] {
+        let percent = utf8_percent_encode(value, set).to_string();
+        forms.push(percent.replace("%20", "+"));
+        forms.push(lower_hex(&percent));
+        forms.push(percent);
+    }
+    let json = serde_json::to_string(value).expect("a string serializes");
+    let json = json[1..json.len() - 1].to_owned();
+    forms.push(
+        json.chars()
+            .flat_map(|c| {
+                let mut units = [0u16; 2];
+                let escaped: Vec<String> = if c.is_ascii() {
+                    vec![c.to_string()]
+                } else {
+                    c.encode_utf16(&mut units)
+                        .iter()
+                        .map(|u| format!("\\u{u:04x}"))
+                        .collect()
+                };
+                escaped
+            })
+            .collect(),
+    );
+    forms.push(json);
+    forms.push(bytes.iter().map(|b| format!("{b:02x}")).collect());
+    forms.push(bytes.iter().map(|b| format!("{b:02X}")).collect());
     forms
+}
+
+/// `text` with the hex digits of its `%XX` escapes in lower case.
+fn lower_hex(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut escape = 0;
+    for c in text.chars() {
+        if c == '%' {
+            escape = 2;
+            out.push(c);
+        } else if escape > 0 {
+            escape -= 1;
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// `text` with every secret value replaced by `***`.
@@ -754,23 +832,50 @@ mod tests {
 
     #[test]
     fn encodings_of_a_secret_are_masked_too() {
-        let value = "p@ss w/rd+é";
+        let value = "p@ss w/rd+é\"\\1";
         let all = forms(value);
+        // As Python prints them: base64.b64encode, urllib.parse.quote (keeps /) and
+        // quote(safe=''), quote_plus, json.dumps (ensure_ascii) and without, bytes.hex(),
+        // a lower-case escape, and HTTP Basic credentials (base64 of "user:" + value).
         let printed = [
-            value.to_owned(),
-            "cEBzcyB3L3JkK8Op".to_owned(),         // base64
-            "cEBzcyB3L3JkK8Op".to_owned(),         // (no padding needed)
-            "p%40ss%20w%2Frd%2B%C3%A9".to_owned(), // percent-encoded
-            "p%40ss+w%2Frd%2B%C3%A9".to_owned(),   // form-encoded
-            "7040737320772f72642bc3a9".to_owned(), // hex
+            value,
+            "cEBzcyB3L3JkK8OpIlwx",
+            "p%40ss%20w/rd%2B%C3%A9%22%5C1",
+            "p%40ss%20w%2Frd%2B%C3%A9%22%5C1",
+            "p%40ss+w%2Frd%2B%C3%A9%22%5C1",
+            "p%40ss%20w%2frd%2b%c3%a9%22%5c1",
+            r#"p@ss w/rd+\u00e9\"\\1"#,
+            r#"p@ss w/rd+é\"\\1"#,
+            "7040737320772f72642bc3a9225c31",
         ];
         for shown in printed {
             let line = format!("token={shown};");
             assert_eq!(mask(&line, &all), "token=***;", "{shown}");
         }
+        // dXNlcjpwQHNzIHcvcmQrw6kiXDE= is base64("user:" + value): the part that encodes the
+        // value alone is masked, whatever precedes it.
+        let basic = mask("Authorization: Basic dXNlcjpwQHNzIHcvcmQrw6kiXDE=", &all);
+        assert!(!basic.contains("cEBzcyB3L3JkK8OpIlwx"), "{basic}");
+        assert!(!basic.contains("wQHNzIHcvcmQrw6kiXD"), "{basic}");
         let short = forms("ab");
-        assert_eq!(mask("YWI= YWI YWI= 6162", &short), "*** *** *** ***");
+        assert_eq!(mask("YWI= YWI 6162", &short), "*** *** ***");
         assert!(forms("").is_empty());
+    }
+
+    /// A value of several lines reaches the agent line by line: each line is masked.
+    #[test]
+    fn every_line_of_a_secret_of_several_lines_is_masked() {
+        let value = "-----BEGIN KEY-----\nline-two-BBB \"q\" \\ x\r\nab\n-----END KEY-----\n";
+        let all = forms(value);
+        for line in [
+            "line-two-BBB \"q\" \\ x",
+            "-----BEGIN KEY-----",
+            "-----END KEY-----",
+        ] {
+            assert_eq!(mask(&format!("> {line} <"), &all), "> *** <", "{line}");
+        }
+        // Two characters mean nothing alone: not masked, so output stays readable.
+        assert_eq!(mask("ab", &all), "ab");
     }
 
     #[test]

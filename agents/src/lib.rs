@@ -28,3 +28,18 @@ pub use config::{Config, Output};
 pub use context::{Context, Failure, Outcome, Params};
 pub use error::Error;
 pub use tower::Tower;
+
+/// Makes panics log where they happened and withhold what they said: a handler's panic
+/// message may hold a secret parameter in clear (the command's outcome records it, masked).
+/// Call it once at start, after logging is set up; the `rct-agent` and `rct-demo-traffic`
+/// binaries do.
+pub fn withhold_panic_messages() {
+    std::panic::set_hook(Box::new(|info| {
+        let at = info.location().map(ToString::to_string).unwrap_or_default();
+        tracing::error!(
+            at,
+            "panicked; the message is withheld, as it may hold a secret (a handler's panic is \
+             in its command's outcome, masked)"
+        );
+    }));
+}

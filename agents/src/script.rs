@@ -150,13 +150,24 @@ impl Scripts {
             if let Err(e) = script.secrets_stay_out_of_argv(secret) {
                 problems.push(format!("operation {name}: {e}"));
             }
+            for (var, param) in &script.secret_files {
+                if !operation.params.contains_key(param) {
+                    problems.push(format!(
+                        "operation {name}: secret_files {var} names {param}, which the catalog's \
+                         {}/{name} does not take",
+                        self.tower
+                    ));
+                }
+            }
         }
         problems
     }
 
-    /// A tower serving these operations.
+    /// A tower serving these operations, refusing to serve a catalog [`Scripts::problems`]
+    /// finds fault with.
     pub fn tower(self) -> Tower {
-        let mut tower = Tower::new(&self.tower);
+        let checked = self.clone();
+        let mut tower = Tower::new(&self.tower).check_catalog(move |c| checked.problems(c));
         if let Some(target) = &self.target {
             tower = tower.cluster(target);
         }
@@ -178,6 +189,19 @@ impl Script {
     /// An item that starts with a value (`{value}`, `{value}-x`) must come after `--`, so no
     /// value is ever read as an option.
     fn check(&self) -> Result<(), String> {
+        for var in self.secret_files.keys() {
+            let mut chars = var.chars();
+            let valid = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(format!(
+                    "secret_files: {var:?} is not an environment variable name (letters, digits \
+                     and '_', not starting with a digit)"
+                ));
+            }
+        }
         let mut after_separator = false;
         for item in &self.args {
             if item == "--" {

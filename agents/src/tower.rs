@@ -37,6 +37,9 @@ use crate::{Config, Error, emitter};
 type Handler =
     Arc<dyn Fn(Context, Params) -> BoxFuture<'static, Result<Outcome, Failure>> + Send + Sync>;
 
+/// What a tower finds wrong with a catalog (one sentence each), checked before it serves.
+type CatalogCheck = Arc<dyn Fn(&rct_bus::catalog::Catalog) -> Vec<String> + Send + Sync>;
+
 /// A tower: a name, optionally the one target this agent serves (cluster flavour), and its
 /// operations' handlers.
 ///
@@ -57,6 +60,7 @@ pub struct Tower {
     handlers: BTreeMap<String, Handler>,
     config: Config,
     trusted: Vec<PublicKey>,
+    checks: Vec<CatalogCheck>,
 }
 
 impl std::fmt::Debug for Tower {
@@ -78,6 +82,7 @@ impl Tower {
             handlers: BTreeMap::new(),
             config: Config::default(),
             trusted: Vec::new(),
+            checks: Vec::new(),
         }
     }
 
@@ -101,6 +106,16 @@ impl Tower {
     /// Replaces the settings.
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;
+        self
+    }
+
+    /// Refuses to serve a catalog in which `check` finds problems (checked against the served
+    /// catalog at start; each problem is one sentence).
+    pub fn check_catalog(
+        mut self,
+        check: impl Fn(&rct_bus::catalog::Catalog) -> Vec<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.checks.push(Arc::new(check));
         self
     }
 
@@ -133,6 +148,7 @@ struct Runner {
     trusted: Vec<PublicKey>,
     /// The keys secret parameters are opened with (`secret_keys`), reloaded like trust.
     keys: RwLock<Keys>,
+    checks: Vec<CatalogCheck>,
     js: jetstream::Context,
     publisher: Publisher,
     /// The latest served catalog seen (its version is in presence).
@@ -172,7 +188,7 @@ impl Runner {
         }
         let verifier =
             load_trust(&tower.trusted, &tower.config.trusted_keys).map_err(Error::Config)?;
-        let keys = load_keys(&tower.config.secret_keys).map_err(Error::Config)?;
+        let keys = load_keys(&tower.config.secret_keys, true).map_err(Error::Config)?;
         let js = tower.config.nats.jetstream(client);
         let incarnation = format!(
             "{}-{}",
@@ -189,6 +205,7 @@ impl Runner {
             verifier: RwLock::new(verifier),
             trusted: tower.trusted,
             keys: RwLock::new(keys),
+            checks: tower.checks,
             publisher: Publisher::new(js.clone()),
             js,
             catalog: RwLock::new(None),
@@ -225,6 +242,7 @@ impl Runner {
             telemetry::serve(listen, registry, self.readiness.clone(), client)
                 .map_err(|e| Error::Config(format!("cannot serve telemetry on {listen}: {e}")))?;
         }
+        self.check_served_catalog().await?;
         let desired = topology::tower_consumer(
             &self.config.streams,
             &self.tower,
@@ -334,20 +352,86 @@ impl Runner {
                     tracing::error!(error = %e, "cannot reload trusted_keys; keeping the keys trusted so far");
                 }
             }
-            match load_keys(&self.config.secret_keys) {
-                Ok(fresh) => {
-                    let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
-                    let (before, after) = (keys.recipients(), fresh.recipients());
-                    if before != after {
-                        tracing::info!(?before, ?after, "secret keys changed");
-                        *keys = fresh;
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot reload secret_keys; keeping the keys loaded so far");
+            // What the files hold now, and nothing else: a key removed from them (or a file
+            // deleted) is forgotten at once, so destroying a key shreds what was sealed to it.
+            let fresh = load_keys(&self.config.secret_keys, false).unwrap_or_default();
+            let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+            let (before, after) = (keys.recipients(), fresh.recipients());
+            if before != after {
+                tracing::info!(
+                    ?before,
+                    ?after,
+                    "secret keys changed (a key file that cannot be read holds none)"
+                );
+                *keys = fresh;
+            }
+        }
+    }
+
+    /// Before serving: the served catalog must not be one this tower refuses (its own checks),
+    /// and for every operation it serves that takes secrets, this agent must hold a key the
+    /// values are sealed to. With no catalog served yet, each command is checked instead.
+    async fn check_served_catalog(&self) -> Result<(), Error> {
+        let served = match topology::served_catalog(&self.js).await {
+            Ok(Some(served)) => served,
+            Ok(None) => {
+                tracing::warn!("no catalog is served yet: the catalog is checked per command");
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the catalog is checked per command");
+                return Ok(());
+            }
+        };
+        let mut problems: Vec<String> = self
+            .checks
+            .iter()
+            .flat_map(|c| c(&served.catalog))
+            .collect();
+        let held = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .recipients();
+        if let Some(tower) = served.catalog.towers.get(self.tower.as_str()) {
+            let sealed_to = tower.recipients_for(self.target.as_str());
+            for name in self.handlers.keys() {
+                let Some(operation) = served
+                    .catalog
+                    .operations
+                    .get(&format!("{}/{name}", self.tower))
+                else {
+                    continue;
+                };
+                let secret: Vec<&str> = operation
+                    .params
+                    .iter()
+                    .filter(|(_, p)| p.secret)
+                    .map(|(n, _)| n.as_str())
+                    .collect();
+                if !secret.is_empty() && !sealed_to.iter().any(|r| held.contains(r)) {
+                    problems.push(format!(
+                        "operation {name} takes secret parameters ({}), sealed to {}, and this \
+                         agent holds none of those keys: give it one in secret_keys",
+                        secret.join(", "),
+                        if sealed_to.is_empty() {
+                            "no one".to_owned()
+                        } else {
+                            sealed_to.join(", ")
+                        }
+                    ));
                 }
             }
         }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Config(format!(
+            "tower {} cannot serve catalog {}:\n  {}",
+            self.tower,
+            served.version,
+            problems.join("\n  ")
+        )))
     }
 
     /// Keeps this agent's entry in `rct_agents` fresh; removes it on the way out.
@@ -744,6 +828,16 @@ impl Runner {
                 Some(proto::value::Kind::Sealed(sealed)) => sealed,
                 // Missing: the check says so.
                 None => continue,
+                Some(proto::value::Kind::Masked(_)) => {
+                    return Err(Box::new(failed(
+                        "secret_not_sealed",
+                        format!(
+                            "secret parameter {name} arrived masked, with no value: the command \
+                             was rebuilt from a record that holds none (a secret's default in an \
+                             older catalog); fire it again"
+                        ),
+                    )));
+                }
                 Some(_) => {
                     return Err(Box::new(failed(
                         "secret_not_sealed",
@@ -769,6 +863,14 @@ impl Runner {
                 operation: command.operation.clone(),
                 target: command.target.clone(),
                 param: name.clone(),
+                operator: command
+                    .operator
+                    .as_ref()
+                    .map(|o| o.subject.clone())
+                    .unwrap_or_default(),
+                params: rct_bus::sealed::params_digest(&command.params, |n| {
+                    operation.params.get(n).is_some_and(|p| p.secret)
+                }),
             };
             match keys.open(sealed, &binding) {
                 Ok(value) => {
@@ -1257,15 +1359,22 @@ fn load_trust(in_code: &[PublicKey], files: &[std::path::PathBuf]) -> Result<Ver
 }
 
 /// Every key in `files` (none: an agent that takes no secrets); an error says which file and
-/// why, never what it holds.
-fn load_keys(files: &[std::path::PathBuf]) -> Result<Keys, String> {
+/// why, never what it holds. At start (`strict`) a file that cannot be used is an error; later
+/// it holds no keys (it was deleted or emptied: its keys are gone), and says so.
+fn load_keys(files: &[std::path::PathBuf], strict: bool) -> Result<Keys, String> {
+    use std::os::unix::fs::PermissionsExt as _;
     let mut keys = Keys::default();
     for path in files {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read secret key file {}: {e}", path.display()))?;
-        keys.extend(Keys::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?);
-        use std::os::unix::fs::PermissionsExt as _;
-        if let Ok(meta) = std::fs::metadata(path)
+        let parsed = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read secret key file {}: {e}", path.display()))
+            .and_then(|text| Keys::parse(&text).map_err(|e| format!("{}: {e}", path.display())));
+        match parsed {
+            Ok(more) => keys.extend(more),
+            Err(e) if strict => return Err(e),
+            Err(e) => tracing::debug!(error = %e, "the keys of this file are dropped"),
+        }
+        if strict
+            && let Ok(meta) = std::fs::metadata(path)
             && meta.permissions().mode() & 0o077 != 0
         {
             tracing::warn!(file = %path.display(), "the secret key file is readable by others than its owner; chmod 600 it");

@@ -12,6 +12,11 @@ use rct_bus::proto::{self, event::Kind};
 use support::{Harness, outcome};
 
 fn catalog() -> Catalog {
+    catalog_sealing_to(&[support::example_recipient()])
+}
+
+/// The test catalog, its secrets sealed to `recipients`.
+fn catalog_sealing_to(recipients: &[String]) -> Catalog {
     let catalog: Catalog = serde_yaml_ng::from_str(
         &r#"
 towers:
@@ -46,7 +51,7 @@ operations:
       mode: { type: string, max_len: 20 }
       arg: { type: string, max_len: 500 }
 "#
-        .replace("RECIPIENT", &support::example_recipient()),
+        .replace("RECIPIENT", &recipients.join(", ")),
     )
     .unwrap();
     assert_eq!(catalog.problems(), []);
@@ -78,9 +83,7 @@ operations:
     args: ["--", "{{mode}}", {record:?}]
     env: {{ SECRET_VALUE: "{{value}}" }}
     secret_files: {{ SECRET_FILE: value }}
-  leaky:
-    command: {argv:?}
-    args: ["--value={{value}}"]
+
   fail:
     command: {fail:?}
   linger:
@@ -206,7 +209,7 @@ async fn a_failing_script_fails_with_its_stderr_and_a_changed_one_never_runs() {
     let h = Harness::start_with_catalog(catalog()).await;
     let dir = tempfile::tempdir().unwrap();
     let scripts = Scripts::load(&scripts_file(dir.path(), &dir.path().join("r"), "1m")).unwrap();
-    let agent = h.run(scripts.tower().config(h.config("s")));
+    let agent = h.run(scripts.tower().config(keyed(&h, "s")));
 
     let failing = h.command("scripts/fail", "_", &[]);
     h.publish(&failing).await;
@@ -263,7 +266,7 @@ async fn cancel_and_timeout_stop_the_whole_process_group() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("pids");
     let scripts = Scripts::load(&scripts_file(dir.path(), &record, "2s")).unwrap();
-    let agent = h.run(scripts.tower().config(h.config("s")));
+    let agent = h.run(scripts.tower().config(keyed(&h, "s")));
 
     // Cancelled: stopped within 2 s of the request.
     let cancelled = h.command("scripts/linger", "_", &[]);
@@ -349,7 +352,7 @@ async fn a_line_larger_than_max_payload_no_longer_wedges_the_command() {
     let h = Harness::start_with_catalog(catalog()).await;
     let dir = tempfile::tempdir().unwrap();
     let scripts = Scripts::load(&scripts_file(dir.path(), &dir.path().join("r"), "1m")).unwrap();
-    let agent = h.run(scripts.tower().config(h.config("s")));
+    let agent = h.run(scripts.tower().config(keyed(&h, "s")));
 
     // 2 MiB with no newline: more than the server's max_payload (1 MiB).
     let records = output(&h, "huge", "2097152", Duration::from_secs(30)).await;
@@ -379,7 +382,7 @@ async fn a_child_holding_the_pipes_neither_delays_the_outcome_nor_outlives_the_s
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("daemon");
     let scripts = Scripts::load(&scripts_file(dir.path(), &record, "1m")).unwrap();
-    let agent = h.run(scripts.tower().config(h.config("s")));
+    let agent = h.run(scripts.tower().config(keyed(&h, "s")));
 
     let started = std::time::Instant::now();
     let records = output(
@@ -413,7 +416,7 @@ async fn a_non_utf8_byte_no_longer_ends_output_capture() {
     let h = Harness::start_with_catalog(catalog()).await;
     let dir = tempfile::tempdir().unwrap();
     let scripts = Scripts::load(&scripts_file(dir.path(), &dir.path().join("r"), "1m")).unwrap();
-    let agent = h.run(scripts.tower().config(h.config("s")));
+    let agent = h.run(scripts.tower().config(keyed(&h, "s")));
 
     let records = output(&h, "binary", "-", Duration::from_secs(30)).await;
     let Kind::Succeeded(succeeded) = outcome(&records) else {
@@ -442,7 +445,7 @@ async fn a_chatty_script_no_longer_floods_the_event_stream() {
     let h = Harness::start_with_catalog(catalog()).await;
     let dir = tempfile::tempdir().unwrap();
     let scripts = Scripts::load(&scripts_file(dir.path(), &dir.path().join("r"), "1m")).unwrap();
-    let agent = h.run(scripts.tower().config(h.config("s")));
+    let agent = h.run(scripts.tower().config(keyed(&h, "s")));
 
     let records = output(&h, "chatty", "200000", Duration::from_secs(60)).await;
     let Kind::Succeeded(succeeded) = outcome(&records) else {
@@ -483,7 +486,7 @@ async fn an_event_the_server_refuses_is_dropped_with_its_reason_not_retried_fore
     h.js.update_stream(config).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let scripts = Scripts::load(&scripts_file(dir.path(), &dir.path().join("r"), "1m")).unwrap();
-    let agent = h.run(scripts.tower().config(h.config("s")));
+    let agent = h.run(scripts.tower().config(keyed(&h, "s")));
 
     let records = output(&h, "wide", "3000", Duration::from_secs(30)).await;
     let Kind::Succeeded(succeeded) = outcome(&records) else {
@@ -524,7 +527,7 @@ async fn output_measurements() {
     let h = Harness::start_with_catalog(catalog()).await;
     let dir = tempfile::tempdir().unwrap();
     let scripts = Scripts::load(&scripts_file(dir.path(), &dir.path().join("r"), "1m")).unwrap();
-    let config = h.config("s");
+    let config = keyed(&h, "s");
     let limits = config.output.clone();
     let agent = h.run(scripts.tower().config(config));
     let events =
@@ -584,6 +587,22 @@ async fn output_measurements() {
     agent.stop().await;
 }
 
+/// The command `id` as RCT_CMD stores it.
+async fn stored_command(h: &Harness, id: &str) -> proto::Command {
+    use prost::Message as _;
+    let stream = h.js.get_stream("RCT_CMD").await.unwrap();
+    let last = stream.get_info().await.unwrap().state.last_sequence;
+    for sequence in 1..=last {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        let envelope = proto::SignedEnvelope::decode(message.payload).unwrap();
+        let command = proto::Command::decode(envelope.body.as_slice()).unwrap();
+        if command.command_id == id {
+            return command;
+        }
+    }
+    panic!("{id} is not in RCT_CMD")
+}
+
 /// How many stored messages of RCT_SUBMIT, RCT_CMD and RCT_EVT hold `needle`, by stream.
 async fn stored_with(h: &Harness, needle: &str) -> Vec<(String, u64)> {
     let mut found = Vec::new();
@@ -614,6 +633,11 @@ fn secret_command(h: &Harness, mode: &str, value: &str, recipients: &[String]) -
     let sealed = support::sealed_for(&command, "value", value, recipients);
     command.params.insert("value".into(), sealed);
     command
+}
+
+/// Settings for a test agent holding the example key.
+fn keyed(h: &Harness, instance: &str) -> rct_agents::Config {
+    with_keys(h, instance, vec![support::example_key_file()])
 }
 
 fn with_keys(h: &Harness, instance: &str, keys: Vec<PathBuf>) -> rct_agents::Config {
@@ -702,6 +726,8 @@ async fn a_secret_that_does_not_open_fails_the_command_with_its_reason() {
     }
     let mut copied = secret_command(&h, "ok", "hunter2", &ours);
     copied.command_id = rct_bus::CommandId::generate().to_string();
+    let mut moved = secret_command(&h, "ok", "hunter2", &ours);
+    moved.params.insert("mode".into(), string("fail"));
     let mut clear = h.command("scripts/secrets", "_", &[("mode", string("ok"))]);
     clear.params.insert("value".into(), string("hunter2"));
     // Opened, then checked like any value: the pattern refuses an `x`, without echoing it.
@@ -723,6 +749,11 @@ async fn a_secret_that_does_not_open_fails_the_command_with_its_reason() {
             "secret_misbound",
             "was sealed for parameter value of command",
         ),
+        (
+            moved,
+            "secret_misbound",
+            "this command's other parameters differ",
+        ),
         (clear, "secret_not_sealed", "arrived in clear"),
     ];
     for (command, code, words) in cases {
@@ -742,36 +773,71 @@ async fn a_secret_that_does_not_open_fails_the_command_with_its_reason() {
     assert!(!record.exists(), "a script ran");
     agent.stop().await;
 
-    // An agent with no key at all says so.
+    // An agent that holds none of the keys its operations' secrets are sealed to does not
+    // start, and says why.
     let agent = h.run(scripts.tower().config(with_keys(&h, "nokeys", Vec::new())));
-    let command = secret_command(&h, "ok", "hunter2", &ours);
-    h.publish(&command).await;
-    let Kind::Failed(failed) = outcome(&h.finished(&command.command_id).await).clone() else {
-        panic!("not failed");
-    };
-    assert_eq!(failed.code, "secret_undecryptable");
-    assert!(failed.message.contains("no secret key"), "{failed:?}");
-    agent.stop().await;
+    let refused = agent.task.await.unwrap().unwrap_err().to_string();
+    assert!(
+        refused.contains(
+            "operation secrets takes secret parameters (value), sealed to age1h8w2m3amcn8m9r4m4g9cdnhch3d74rtutexzgxjjtz08t9rk0dgsmwq8e5, \
+             and this agent holds none of those keys"
+        ),
+        "{refused}"
+    );
 }
 
-/// A script tower that would put a secret into argv is refused at load (against the served
-/// catalog) and, should the catalog change under a running agent, per command.
+/// A script tower that would put a secret into argv does not start against the served
+/// catalog; and should a later catalog make an argv parameter secret, its commands fail
+/// without running.
 #[tokio::test]
 async fn a_secret_in_argv_is_refused_unless_the_yaml_allows_it() {
     let dir = tempfile::tempdir().unwrap();
-    let scripts = Scripts::load(&scripts_file(dir.path(), &dir.path().join("r"), "1m")).unwrap();
+    let file = dir.path().join("leaky.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "tower: scripts\noperations:\n  leaky:\n    command: {:?}\n    \
+             args: [\"--value={{value}}\"]\n",
+            script("argv.py")
+        ),
+    )
+    .unwrap();
+    let scripts = Scripts::load(&file).unwrap();
     let problems = scripts.problems(&catalog());
     assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(
-        problems[0]
-            .starts_with("operation leaky: --value={value} puts a secret parameter into argv"),
-        "{problems:?}"
-    );
+    let expected = "operation leaky: --value={value} puts a secret parameter into argv";
+    assert!(problems[0].starts_with(expected), "{problems:?}");
 
     let h = Harness::start_with_catalog(catalog()).await;
-    let config = with_keys(&h, "s", vec![support::example_key_file()]);
-    let agent = h.run(scripts.tower().config(config));
+    let agent = h.run(scripts.clone().tower().config(keyed(&h, "s")));
+    let refused = agent.task.await.unwrap().unwrap_err().to_string();
+    assert!(refused.contains(expected), "{refused}");
+
+    // Served a catalog in which it is not secret, it starts; then the catalog changes.
+    let mut plain = catalog();
+    plain
+        .operations
+        .get_mut("scripts/leaky")
+        .unwrap()
+        .params
+        .get_mut("value")
+        .unwrap()
+        .secret = false;
+    let h = Harness::start_with_catalog(plain).await;
+    let agent = h.run(scripts.tower().config(keyed(&h, "s")));
+    h.present("scripts", 1).await;
+    let secret = rct_bus::catalog::Served {
+        version: catalog().version(),
+        catalog: catalog(),
+    };
+    h.js.get_key_value("rct_catalog")
+        .await
+        .unwrap()
+        .put("catalog", serde_json::to_vec(&secret).unwrap().into())
+        .await
+        .unwrap();
     let mut leaky = h.command("scripts/leaky", "_", &[]);
+    leaky.catalog_version = secret.version.clone();
     let sealed = support::sealed_for(&leaky, "value", "hunter2", &[support::example_recipient()]);
     leaky.params.insert("value".into(), sealed);
     h.publish(&leaky).await;
@@ -780,6 +846,12 @@ async fn a_secret_in_argv_is_refused_unless_the_yaml_allows_it() {
         panic!("{records:#?}");
     };
     assert_eq!(failed.code, "secret_in_argv");
+    assert!(
+        failed
+            .message
+            .starts_with("not run: --value={value} puts a secret parameter into argv"),
+        "{failed:?}"
+    );
     assert!(
         logs(&records).iter().all(|l| !l.starts_with("arg ")),
         "argv.py ran: {records:#?}"
@@ -792,14 +864,15 @@ async fn a_secret_in_argv_is_refused_unless_the_yaml_allows_it() {
 /// anywhere, while values sealed to the new key run.
 #[tokio::test]
 async fn rotating_the_key_shreds_what_was_sealed_to_the_old_one() {
-    let h = Harness::start_with_catalog(catalog()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let record = dir.path().join("received.json");
-    let scripts = Scripts::load(&scripts_file(dir.path(), &record, "1m")).unwrap();
     let (old, new) = (
         rct_bus::sealed::Keys::generate(),
         rct_bus::sealed::Keys::generate(),
     );
+    let both = [old.recipients(), new.recipients()].concat();
+    let h = Harness::start_with_catalog(catalog_sealing_to(&both)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("received.json");
+    let scripts = Scripts::load(&scripts_file(dir.path(), &record, "1m")).unwrap();
     let key_file = dir.path().join("agent.agekey");
     std::fs::write(
         &key_file,
@@ -828,7 +901,10 @@ async fn rotating_the_key_shreds_what_was_sealed_to_the_old_one() {
         let kind = succeeds(secret_command(&h, "ok", "during", &recipients)).await;
         assert!(matches!(kind, Kind::Succeeded(_)), "{kind:?}");
     }
+    // Run before the rotation, and kept in RCT_CMD for ever.
     let before = secret_command(&h, "ok", "sealed-to-old", &old.recipients());
+    let kind = succeeds(before.clone()).await;
+    assert!(matches!(kind, Kind::Succeeded(_)), "{kind:?}");
 
     // The old key is removed from the agent's file: it reads it again.
     std::fs::write(&key_file, new.to_file_text()).unwrap();
@@ -844,27 +920,46 @@ async fn rotating_the_key_shreds_what_was_sealed_to_the_old_one() {
     let shredded = shredded.expect("the agent never dropped the old key");
     assert_eq!(shredded.code, "secret_undecryptable");
 
-    // A command sealed to the old key before the rotation: not readable any more.
-    let kind = succeeds(before.clone()).await;
-    let Kind::Failed(failed) = kind else {
-        panic!("{kind:?}")
-    };
-    assert_eq!(failed.code, "secret_undecryptable");
-    let Some(proto::value::Kind::Sealed(sealed)) = &before.params["value"].kind else {
+    // The command stored before the rotation: its value opens with the old key only, which
+    // is gone, and not with what the agent holds now.
+    let stored = stored_command(&h, &before.command_id).await;
+    let Some(proto::value::Kind::Sealed(sealed)) = &stored.params["value"].kind else {
         panic!("not sealed");
     };
     let binding = rct_bus::sealed::Binding {
-        command_id: before.command_id.clone(),
-        operation: before.operation.clone(),
-        target: before.target.clone(),
+        command_id: stored.command_id.clone(),
+        operation: stored.operation.clone(),
+        target: stored.target.clone(),
         param: "value".into(),
+        operator: stored.operator.as_ref().unwrap().subject.clone(),
+        params: rct_bus::sealed::params_digest(&stored.params, |n| n == "value"),
     };
+    let held = rct_bus::sealed::Keys::parse(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
     assert_eq!(
-        new.open(sealed, &binding),
+        held.open(sealed, &binding),
         Err(rct_bus::sealed::OpenError::NoKey)
+    );
+    assert_eq!(
+        old.open(sealed, &binding).unwrap(),
+        string("sealed-to-old"),
+        "the stored ciphertext is the one the old key opened"
     );
     // New ones work.
     let kind = succeeds(secret_command(&h, "ok", "after", &new.recipients())).await;
     assert!(matches!(kind, Kind::Succeeded(_)), "{kind:?}");
+
+    // Deleting the key file forgets its keys too.
+    std::fs::remove_file(&key_file).unwrap();
+    let mut forgotten = None;
+    for _ in 0..50 {
+        let kind = succeeds(secret_command(&h, "ok", "probe", &new.recipients())).await;
+        if let Kind::Failed(f) = kind {
+            forgotten = Some(f);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let forgotten = forgotten.expect("the agent kept the keys of a deleted file");
+    assert_eq!(forgotten.code, "secret_undecryptable");
     agent.stop().await;
 }

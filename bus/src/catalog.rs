@@ -897,10 +897,17 @@ impl Param {
         {
             problems.push(format!("bad regular expression: {e}"));
         }
-        if self.secret && self.kind == Type::Target {
-            problems.push(
+        match self.kind {
+            Type::Target if self.secret => problems.push(
                 "a target cannot be secret: it names where the command runs, in its subject".into(),
-            );
+            ),
+            Type::Boolean | Type::Enum if self.secret => problems.push(format!(
+                "{} {} parameter cannot be secret: its possible values are in the catalog for \
+                 everyone to read, and masking them would show which one was given",
+                if self.kind == Type::Enum { "an" } else { "a" },
+                self.kind
+            )),
+            _ => {}
         }
         if self.secret && self.default.is_some() {
             problems.push(
@@ -1266,6 +1273,14 @@ mod tests {
             .secret = true;
         catalog
             .operations
+            .get_mut("workloads/restart")
+            .unwrap()
+            .params
+            .get_mut("strategy")
+            .unwrap()
+            .secret = true;
+        catalog
+            .operations
             .get_mut("traffic/set-weights")
             .unwrap()
             .params
@@ -1292,6 +1307,10 @@ mod tests {
              no recipients to seal it to for prod-4:",
             "towers.traffic.target_recipients.prod-9: prod-9 is not one of the tower's targets",
             "operations.traffic/undrain-cluster.params.cluster: a target cannot be secret",
+            "operations.workloads/restart.params.strategy: an enum parameter cannot be secret",
+            "operations.workloads/restart.params.strategy: a secret parameter cannot have a default",
+            "operations.workloads/restart.params.strategy: strategy is secret, but tower \
+             workloads has no recipients",
             "operations.traffic/undrain-cluster.params.cluster: cluster is secret, but tower \
              traffic has no recipients to seal it to for prod-4:",
             "towers.traffic.target_recipients.prod-9: \"age1nope\" is not an age X25519 recipient",

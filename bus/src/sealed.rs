@@ -1,16 +1,19 @@
 //! Secret parameter values, encrypted to the tower that runs them.
 //!
 //! The CLI seals each `secret: true` value to the recipients the served catalog lists for the
-//! tower (or the target), bound to the command id, operation, target and parameter name.
+//! tower (or the target), bound to the command id, operation, target, parameter name, the
+//! operator and the values of the other parameters.
 //! Admission and the streams see ciphertext only; the agent opens it with one of its keys and
 //! refuses a value sealed for another command or parameter. The cryptography is age
 //! (age-encryption.org/v1) with X25519 recipients: recipients are written `age1…` and keys
 //! `AGE-SECRET-KEY-1…`, so `age-keygen` and `rage` read and write the same files.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
 use age::secrecy::ExposeSecret;
 use prost::Message;
+use sha2::{Digest, Sha256};
 
 use crate::proto::{self, value::Kind as V};
 
@@ -24,8 +27,8 @@ pub const EXAMPLE_RECIPIENT: &str =
 /// 200 bytes per recipient.
 pub const MAX_SEALED: usize = 64 * 1024;
 
-/// What a sealed value is for: it opens only for the same command, operation, target and
-/// parameter.
+/// What a sealed value is for: it opens only for the same command, operation, target,
+/// parameter, operator and other parameters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Binding {
     /// The command id (chosen by the CLI before it seals).
@@ -36,6 +39,29 @@ pub struct Binding {
     pub target: String,
     /// The parameter's name.
     pub param: String,
+    /// Who asks: the operator's subject (the certificate's `sub`).
+    pub operator: String,
+    /// [`params_digest`] of the command's parameters.
+    pub params: Vec<u8>,
+}
+
+/// SHA-256 over the parameters that are not `secret` (name and encoded value each, in name
+/// order): what a sealed value is bound to besides its command. `params` are the effective
+/// ones (defaults applied), as the CLI checked them and as the command carries them.
+pub fn params_digest<'a>(
+    params: impl IntoIterator<Item = (&'a String, &'a proto::Value)>,
+    secret: impl Fn(&str) -> bool,
+) -> Vec<u8> {
+    let sorted: BTreeMap<&String, &proto::Value> = params.into_iter().collect();
+    let mut hash = Sha256::new();
+    hash.update(b"rct sealed params v1\0");
+    for (name, value) in sorted.into_iter().filter(|(n, _)| !secret(n)) {
+        for part in [name.as_bytes(), &value.encode_to_vec()] {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part);
+        }
+    }
+    hash.finalize().to_vec()
 }
 
 /// Why a sealed value could not be opened; each has a code for the `Failed` outcome.
@@ -50,9 +76,15 @@ pub enum OpenError {
     /// Not an age file, or changed after it was sealed.
     #[error("it is not a valid sealed value, or it was changed after it was sealed")]
     Tampered,
-    /// Sealed for another command or parameter.
-    #[error("it was sealed for {0}, not for this command")]
-    Misbound(String),
+    /// Sealed for another command, parameter, operator or request.
+    #[error("it was sealed for {sealed_for}, and this command's {} differ", .differs.join(", "))]
+    Misbound {
+        /// What it was sealed for, in words.
+        sealed_for: String,
+        /// What differs: `command id`, `operation`, `target`, `parameter`, `operator`,
+        /// `other parameters`.
+        differs: Vec<&'static str>,
+    },
 }
 
 impl OpenError {
@@ -61,7 +93,7 @@ impl OpenError {
         match self {
             OpenError::NoKey => "secret_undecryptable",
             OpenError::Tampered => "secret_tampered",
-            OpenError::Misbound(_) => "secret_misbound",
+            OpenError::Misbound { .. } => "secret_misbound",
         }
     }
 }
@@ -93,6 +125,8 @@ pub fn seal(
         target: binding.target.clone(),
         param: binding.param.clone(),
         value: Some(value.clone()),
+        operator: binding.operator.clone(),
+        params: binding.params.clone(),
     };
     let mut age = Vec::new();
     let mut writer = encryptor
@@ -205,17 +239,33 @@ impl Keys {
             .map_err(|_| OpenError::Tampered)?;
         let content =
             proto::SealedContent::decode(plain.as_slice()).map_err(|_| OpenError::Tampered)?;
-        let sealed_for = Binding {
-            command_id: content.command_id,
-            operation: content.operation,
-            target: content.target,
-            param: content.param,
-        };
-        if &sealed_for != binding {
-            return Err(OpenError::Misbound(format!(
-                "parameter {} of command {} ({} on {})",
-                sealed_for.param, sealed_for.command_id, sealed_for.operation, sealed_for.target
-            )));
+        let fields = [
+            ("command id", &content.command_id, &binding.command_id),
+            ("operation", &content.operation, &binding.operation),
+            ("target", &content.target, &binding.target),
+            ("parameter", &content.param, &binding.param),
+            ("operator", &content.operator, &binding.operator),
+        ];
+        let mut differs: Vec<&'static str> = fields
+            .iter()
+            .filter(|(_, sealed, here)| sealed != here)
+            .map(|(what, _, _)| *what)
+            .collect();
+        if content.params != binding.params {
+            differs.push("other parameters");
+        }
+        if !differs.is_empty() {
+            return Err(OpenError::Misbound {
+                sealed_for: format!(
+                    "parameter {} of command {} ({} on {}, by {})",
+                    content.param,
+                    content.command_id,
+                    content.operation,
+                    content.target,
+                    content.operator
+                ),
+                differs,
+            });
         }
         content.value.ok_or(OpenError::Tampered)
     }
@@ -231,7 +281,17 @@ mod tests {
             operation: "workloads/set-secret".into(),
             target: "_".into(),
             param: param.into(),
+            operator: "alice".into(),
+            params: params_digest(&other(), |n| n == "value"),
         }
+    }
+
+    fn other() -> BTreeMap<String, proto::Value> {
+        [
+            ("namespace".to_owned(), text("shop")),
+            ("value".to_owned(), text("hunter2")),
+        ]
+        .into()
     }
 
     fn text(s: &str) -> proto::Value {
@@ -292,14 +352,41 @@ mod tests {
             keys.open(&garbage, &binding("value")),
             Err(OpenError::Tampered)
         );
-        // Copied into another parameter (or command): refused, saying what it was sealed for.
-        let other = keys.open(sealed(&value), &binding("key")).unwrap_err();
-        assert_eq!(other.code(), "secret_misbound");
-        assert!(
-            other
-                .to_string()
-                .contains("parameter value of command 01JCOMMAND")
+        // Copied into another parameter, command, operator's request, or beside other
+        // parameters: refused, saying what it was sealed for and what differs.
+        let e = keys.open(sealed(&value), &binding("key")).unwrap_err();
+        assert_eq!(e.code(), "secret_misbound");
+        assert_eq!(
+            e.to_string(),
+            "it was sealed for parameter value of command 01JCOMMAND (workloads/set-secret \
+             on _, by alice), and this command's parameter differ"
         );
+        let mut elsewhere = binding("value");
+        elsewhere.operator = "mallory".into();
+        let mut params = other();
+        params.insert("namespace".into(), text("mallory-ns"));
+        elsewhere.params = params_digest(&params, |n| n == "value");
+        elsewhere.command_id = "01JOTHER".into();
+        let e = keys.open(sealed(&value), &elsewhere).unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("this command's command id, operator, other parameters differ"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_params_digest_ignores_secrets_and_order_only() {
+        let digest = |p: &BTreeMap<String, proto::Value>| params_digest(p, |n| n == "value");
+        let mut changed_secret = other();
+        changed_secret.insert("value".into(), text("other"));
+        assert_eq!(digest(&other()), digest(&changed_secret));
+        let mut changed = other();
+        changed.insert("namespace".into(), text("shop2"));
+        assert_ne!(digest(&other()), digest(&changed));
+        let mut added = other();
+        added.insert("extra".into(), text(""));
+        assert_ne!(digest(&other()), digest(&added));
     }
 
     #[test]

@@ -47,6 +47,11 @@ impl Input {
             ));
         }
         self.stdin_taken = Some(name.to_owned());
+        if std::io::stdin().is_terminal() {
+            // Typed, then: without echo.
+            return rpassword::prompt_password(format!("{name} (secret, not echoed): "))
+                .map_err(|e| format!("cannot read {name} from the terminal: {e}"));
+        }
         let mut text = String::new();
         std::io::stdin()
             .read_to_string(&mut text)

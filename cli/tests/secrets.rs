@@ -133,6 +133,15 @@ fn ok(output: Output) -> Output {
     output
 }
 
+/// The command id in what `rct` printed ("submitted … as <id>").
+fn command_id(printed: &str) -> String {
+    printed
+        .split_whitespace()
+        .find(|w| w.len() == 26 && w.chars().all(|c| c.is_ascii_alphanumeric()))
+        .unwrap_or_else(|| panic!("no command id in {printed}"))
+        .to_owned()
+}
+
 /// `rct workloads set-secret` for shop/db's key `password`, then `extra`.
 fn set_secret<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
@@ -304,11 +313,7 @@ async fn a_secret_from_stdin_reaches_the_script_and_nothing_else_holds_it() {
     ));
     let stderr = text(&fired.stderr);
     assert!(!stderr.contains("warning"), "{stderr}");
-    let id = stderr
-        .split_whitespace()
-        .find(|w| w.len() == 26 && w.chars().all(|c| c.is_ascii_alphanumeric()))
-        .unwrap_or_else(|| panic!("no command id in {stderr}"))
-        .to_owned();
+    let id = command_id(&stderr);
 
     // The script got the value, through the environment and its file.
     let got: serde_json::Value =
@@ -316,57 +321,9 @@ async fn a_secret_from_stdin_reaches_the_script_and_nothing_else_holds_it() {
     assert_eq!(got["env"], SECRET);
     assert_eq!(got["file"], SECRET);
 
-    let show = ok(rct(&home, &["show", &id], ""));
-    let history = ok(rct(&home, &["history", "--output", "json"], ""));
-    assert!(text(&history.stdout).contains(&id));
-    // The notifier posts the start and the end.
-    let started = Instant::now();
-    while bodies.lock().unwrap().len() < 2 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the notifier posted {:?}",
-            bodies.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let posted = bodies.lock().unwrap().join("\n");
-    assert!(
-        posted.contains(&id) || posted.contains("set-secret"),
-        "{posted}"
-    );
-
-    use base64::Engine as _;
-    let needles = [
-        SECRET.to_owned(),
-        base64::engine::general_purpose::STANDARD.encode(SECRET),
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(SECRET),
-    ];
-    let outputs = [
-        ("admission log", admission.log()),
-        ("agent log", agent.log()),
-        ("rct show", text(&show.stdout) + &text(&show.stderr)),
-        ("rct history --output json", text(&history.stdout)),
-        ("webhook bodies", posted),
-        ("rct's own output", text(&fired.stdout) + &stderr),
-    ];
-    for needle in &needles {
-        for (what, output) in &outputs {
-            assert!(
-                !output.contains(needle.as_str()),
-                "{what} holds {needle:?}:\n{output}"
-            );
-        }
-        let found = files_with(&server.store_dir(), needle.as_bytes());
-        assert_eq!(
-            found,
-            Vec::<PathBuf>::new(),
-            "the JetStream store holds {needle:?}"
-        );
-    }
-    // The instrument looks where the value would be: the script's own record holds it, and
-    // the store holds what the script printed around it.
+    // The instrument looks where the value would be: the script's own record holds it (and
+    // nothing else of ours does).
     assert_eq!(files_with(work, SECRET.as_bytes()), vec![received.clone()]);
-    assert!(!files_with(&server.store_dir(), b"done with ***").is_empty());
 
     // Left out on a terminal, it is asked for, and what is typed is not echoed.
     let prompted = "typed-at-the-prompt-77";
@@ -396,6 +353,7 @@ async fn a_secret_from_stdin_reaches_the_script_and_nothing_else_holds_it() {
     let got: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&received).unwrap()).unwrap();
     assert_eq!(got["env"], prompted);
+    let prompted_id = command_id(&shown);
     drop(typist);
 
     // A value typed on the command line still works, with one warning.
@@ -414,11 +372,11 @@ async fn a_secret_from_stdin_reaches_the_script_and_nothing_else_holds_it() {
             "value=typed-on-the-line",
             "-j",
             "SEC-43",
-            "--detach",
         ],
         "",
     );
     let warned = text(&ok(typed).stderr);
+    let typed_id = command_id(&warned);
     assert_eq!(warned.matches("warning:").count(), 1, "{warned}");
     assert!(
         warned.contains("stays in shell history and shows in ps"),
@@ -433,6 +391,72 @@ async fn a_secret_from_stdin_reaches_the_script_and_nothing_else_holds_it() {
         "{}",
         text(&missing.stderr)
     );
+
+    // Everything of the three commands, as a person or a program reads it.
+    let ids = [&id, &prompted_id, &typed_id];
+    let mut shown = String::new();
+    for id in ids {
+        let show = ok(rct(&home, &["show", id], ""));
+        shown += &(text(&show.stdout) + &text(&show.stderr));
+        assert!(shown.contains("done with ***"), "{shown}");
+    }
+    let history = ok(rct(&home, &["history", "--output", "json"], ""));
+    let history = text(&history.stdout);
+    // The notifier posts each command's start and end.
+    let started = Instant::now();
+    let posted = loop {
+        let posted = bodies.lock().unwrap().join("\n");
+        if ids
+            .iter()
+            .all(|id| posted.matches(id.as_str()).count() >= 2)
+        {
+            break posted;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the notifier posted {posted}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for id in ids {
+        assert!(history.contains(id.as_str()), "{history}");
+    }
+
+    use base64::Engine as _;
+    let needles: Vec<String> = [SECRET, prompted, "typed-on-the-line"]
+        .into_iter()
+        .flat_map(|value| {
+            [
+                value.to_owned(),
+                base64::engine::general_purpose::STANDARD.encode(value),
+                base64::engine::general_purpose::STANDARD_NO_PAD.encode(value),
+            ]
+        })
+        .collect();
+    let outputs = [
+        ("admission log", admission.log()),
+        ("agent log", agent.log()),
+        ("rct show", shown),
+        ("rct history --output json", history),
+        ("webhook bodies", posted),
+        ("rct's own output", text(&fired.stdout) + &stderr + &warned),
+    ];
+    for needle in &needles {
+        for (what, output) in &outputs {
+            assert!(
+                !output.contains(needle.as_str()),
+                "{what} holds {needle:?}:\n{output}"
+            );
+        }
+        let found = files_with(&server.store_dir(), needle.as_bytes());
+        assert_eq!(
+            found,
+            Vec::<PathBuf>::new(),
+            "the JetStream store holds {needle:?}"
+        );
+    }
+    // The store holds what the script printed around the values.
+    assert!(!files_with(&server.store_dir(), b"done with ***").is_empty());
 
     // An agent whose scripts would put the secret into argv does not start.
     std::fs::write(

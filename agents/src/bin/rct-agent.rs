@@ -9,6 +9,7 @@ use rct_agents::script::Scripts;
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let _logging = rct_streams::runtime::init_logging("rct-agent");
+    rct_agents::withhold_panic_messages();
     rct_streams::runtime::exit("rct-agent", run(args).await)
 }
 
@@ -34,27 +35,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             true,
         )
         .await?;
-    // What the catalog says of the parameters (which are secret) is checked before serving.
-    let js = config.nats.jetstream(client.clone());
-    match rct_streams::topology::served_catalog(&js).await {
-        Ok(Some(served)) => {
-            let problems = scripts.problems(&served.catalog);
-            if !problems.is_empty() {
-                anyhow::bail!(
-                    "{} (catalog {}):\n  {}",
-                    path.display(),
-                    served.version,
-                    problems.join("\n  ")
-                );
-            }
-        }
-        Ok(None) => {
-            tracing::warn!("no catalog is served yet: secret parameters are checked per command")
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the catalog: secret parameters are checked per command")
-        }
-    }
     let shutdown = rct_streams::runtime::shutdown_on_signal();
     scripts.tower().config(config).run(client, shutdown).await?;
     Ok(())

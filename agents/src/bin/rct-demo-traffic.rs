@@ -20,6 +20,7 @@ struct Args {
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let _logging = rct_streams::runtime::init_logging("rct-demo-traffic");
+    rct_agents::withhold_panic_messages();
     rct_streams::runtime::exit("rct-demo-traffic", run(args).await)
 }
 

@@ -345,6 +345,8 @@ pub fn sealed_for(
         operation: command.operation.clone(),
         target: command.target.clone(),
         param: param.into(),
+        operator: command.operator.as_ref().unwrap().subject.clone(),
+        params: rct_bus::sealed::params_digest(&command.params, |n| n == param),
     };
     let clear = proto::Value {
         kind: Some(proto::value::Kind::String(value.into())),

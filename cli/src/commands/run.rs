@@ -92,7 +92,11 @@ pub async fn fire_with_id(
     let served = remote.catalog_or_cached(home).await?;
     // Chosen first: secrets are sealed for this command and no other.
     let command_id = CommandId::generate();
-    let (run, justification) = request(&served, name, raw, fire, command_id)?;
+    let sealed_for = Sealing {
+        command_id,
+        operator: session.identity.subject.clone(),
+    };
+    let (run, justification) = request(&served, name, raw, fire, &sealed_for)?;
     submit(
         &remote,
         &session,
@@ -116,6 +120,14 @@ pub async fn fire_with_id(
     Ok((watch(&remote, command_id, fire.output).await?, command_id))
 }
 
+/// What secret values are sealed for besides their parameter: the command and who asks.
+#[derive(Debug)]
+struct Sealing {
+    command_id: CommandId,
+    /// The operator's subject, as the certificate says (and admission records).
+    operator: String,
+}
+
 /// The checked request: the same checks and words as admission's (and the agent's, for
 /// secrets, which are checked in clear here and then sealed to the tower's recipients).
 fn request(
@@ -123,7 +135,7 @@ fn request(
     name: &OperationName,
     raw: Vec<(String, String)>,
     fire: &Fire,
-    command_id: CommandId,
+    sealing: &Sealing,
 ) -> Result<(proto::Run, String)> {
     let (tower, operation) = served.catalog.operation(name).ok_or_else(|| {
         Error::usage(format!(
@@ -195,15 +207,20 @@ fn request(
         .check(tower, &params, Secrets::Open)
         .expect("checked above");
     let recipients = tower.recipients_for(checked.target.as_str());
+    let secret = |n: &str| operation.params.get(n).is_some_and(|p| p.secret);
+    // Bound to the parameters as admission will complete them (defaults applied).
+    let others = rct_bus::sealed::params_digest(&checked.params, secret);
     for (param_name, value) in params.iter_mut() {
-        if !operation.params[param_name].secret {
+        if !secret(param_name) {
             continue;
         }
         let binding = rct_bus::sealed::Binding {
-            command_id: command_id.to_string(),
+            command_id: sealing.command_id.to_string(),
             operation: name.to_string(),
             target: checked.target.to_string(),
             param: param_name.clone(),
+            operator: sealing.operator.clone(),
+            params: others.clone(),
         };
         *value = rct_bus::sealed::seal(recipients, &binding, value).map_err(|e| {
             Error::usage(format!(
@@ -408,6 +425,13 @@ mod tests {
         }
     }
 
+    fn sealing(command_id: CommandId) -> Sealing {
+        Sealing {
+            command_id,
+            operator: "alice".into(),
+        }
+    }
+
     fn fire(justification: &str) -> Fire {
         Fire {
             justification: Some(justification.into()),
@@ -428,7 +452,7 @@ mod tests {
             &name,
             pairs(&[("cluster", "prod-2"), ("keep-percent", "5")]),
             &fire("SRE-1"),
-            CommandId::generate(),
+            &sealing(CommandId::generate()),
         )
         .unwrap();
         assert_eq!(run.target, "prod-2");
@@ -439,7 +463,7 @@ mod tests {
             &name,
             pairs(&[("cluster", "prod-9"), ("keep_percent", "150")]),
             &fire("SRE-1"),
-            CommandId::generate(),
+            &sealing(CommandId::generate()),
         )
         .unwrap_err();
         assert!(
@@ -453,7 +477,7 @@ mod tests {
             &name,
             pairs(&[("cluster", "prod-1"), ("keep_percent", "150")]),
             &fire("SRE-1"),
-            CommandId::generate(),
+            &sealing(CommandId::generate()),
         )
         .unwrap_err();
         assert!(
@@ -467,7 +491,7 @@ mod tests {
             &name,
             pairs(&[("cluster", "prod-1")]),
             &fire(""),
-            CommandId::generate(),
+            &sealing(CommandId::generate()),
         )
         .unwrap_err();
         assert!(
@@ -500,7 +524,7 @@ mod tests {
         };
         let id = CommandId::generate();
         let at = format!("@{}", file.display());
-        let (run, _) = request(&served(), &name, raw(&at), &fire("SEC-1"), id).unwrap();
+        let (run, _) = request(&served(), &name, raw(&at), &fire("SEC-1"), &sealing(id)).unwrap();
         let Some(proto::value::Kind::Sealed(sealed)) = &run.params["value"].kind else {
             panic!("not sealed: {:?}", run.params["value"]);
         };
@@ -513,11 +537,14 @@ mod tests {
             .unwrap(),
         )
         .unwrap();
+        let others = rct_bus::sealed::params_digest(&run.params, |n| n == "value");
         let binding = |command_id: CommandId| rct_bus::sealed::Binding {
             command_id: command_id.to_string(),
             operation: name.to_string(),
             target: "_".into(),
             param: "value".into(),
+            operator: "alice".into(),
+            params: others.clone(),
         };
         let opened = keys.open(sealed, &binding(id)).unwrap();
         assert_eq!(
@@ -528,7 +555,8 @@ mod tests {
 
         // Too long for the catalog: refused here, in clear words, without the value.
         let long = "x".repeat(5000);
-        let error = request(&served(), &name, raw(&long), &fire("SEC-1"), id).unwrap_err();
+        let error =
+            request(&served(), &name, raw(&long), &fire("SEC-1"), &sealing(id)).unwrap_err();
         assert!(
             error.message.contains("value must be at most 4096"),
             "{error}"
