@@ -13,6 +13,9 @@ pub enum Exit {
     Usage = 2,
     /// Rejected by admission.
     Rejected = 3,
+    /// Not known yet: the request is stored but not decided (it may still be admitted and
+    /// run). Do not fire it again; `rct watch <id>` follows it.
+    NotKnown = 4,
     /// Ctrl-C while watching: detached, the command goes on.
     Interrupted = 130,
 }

@@ -1,9 +1,11 @@
 //! `rct`, the operator's command line: fire an operation and watch it, look back at what
 //! happened, run the whole system locally.
 //!
-//! Exit codes: 0 the operation succeeded; 1 it failed, was cancelled, expired or ended
-//! unknown; 2 usage, configuration or infrastructure error; 3 rejected by admission; 130
-//! interrupted while watching (the command goes on). Data on stdout, progress on stderr.
+//! Exit codes ([`exit::Exit`], docs/CLI.md): 0 the operation succeeded (or the verb did what
+//! was asked); 1 it failed, was cancelled, expired, ended unknown or will not run; 2 usage,
+//! configuration or infrastructure error; 3 rejected by admission; 4 not known yet (stored,
+//! not decided); 130 interrupted while watching (the command goes on). Data on stdout,
+//! progress on stderr.
 
 /// One module per verb.
 pub mod commands {

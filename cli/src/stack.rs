@@ -29,6 +29,8 @@ const SCRIPTS: [(&str, &str); 3] = [
         include_str!("../../ops/examples/set-secret.py"),
     ),
 ];
+/// util-linux's `setpriv`, which starts nats-server with a parent-death signal.
+const SETPRIV: &str = "/usr/bin/setpriv";
 /// The workloads agents' secret key file in the state folder (it replaces the example key).
 const WORKLOADS_KEY: &str = "workloads.agekey";
 /// The traffic tower's targets in the demo catalog.
@@ -39,7 +41,9 @@ const BOOTSTRAPPED: &str = concat!(
     "/../.tools/nats/bin/nats-server"
 );
 
-/// A running local stack.
+/// A running local stack. Its nats-server runs in a process group of its own (a Ctrl-C at
+/// the terminal reaches `rct` only, which stops everything in order) and, where `setpriv` is
+/// available, is sent TERM should `rct` die.
 #[derive(Debug)]
 pub struct Stack {
     server: Child,
@@ -47,8 +51,12 @@ pub struct Stack {
     pub url: String,
     /// Where its state lives.
     pub dir: PathBuf,
-    shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    /// Stops the agents (first).
+    agents_stop: CancellationToken,
+    /// Stops admission (once the agents are done).
+    admission_stop: CancellationToken,
+    agents: Vec<JoinHandle<()>>,
+    admission: Vec<JoinHandle<()>>,
 }
 
 /// The nats-server to run: `$NATS_SERVER_BIN`, then `PATH`, then this tree's bootstrap folder.
@@ -120,33 +128,53 @@ impl Stack {
             .canonicalize()
             .map_err(|e| fail("cannot use the state folder", &e))?;
         let conf = dir.join("nats.conf");
+        // A name of its own, so the server answering on the port is known to be this one.
+        let name = format!(
+            "rct-dev-{}",
+            rct_bus::CommandId::generate().to_string().to_lowercase()
+        );
         std::fs::write(
             &conf,
             format!(
-                "server_name: rct-dev\nlisten: 127.0.0.1:{port}\nlog_file: {log:?}\n\
+                "server_name: {name}\nlisten: 127.0.0.1:{port}\nlog_file: {log:?}\n\
+                 pid_file: {pid:?}\n\
                  jetstream {{\n  store_dir: {store:?}\n  domain: hub\n}}\n",
                 log = dir.join("nats.log"),
+                pid = dir.join("nats.pid"),
                 store = dir.join("jetstream"),
             ),
         )
         .map_err(|e| fail("cannot write the nats-server config", &e))?;
         let bin = nats_server()?;
-        let server = Command::new(&bin)
+        let setpriv = Path::new(SETPRIV);
+        let mut command = if setpriv.is_file() {
+            let mut command = Command::new(setpriv);
+            command.args(["--pdeathsig", "TERM", "--"]).arg(&bin);
+            command
+        } else {
+            Command::new(&bin)
+        };
+        use std::os::unix::process::CommandExt as _;
+        let server = command
             .arg("-c")
             .arg(&conf)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .map_err(|e| fail(&format!("cannot start {}", bin.display()), &e))?;
+        let agents_stop = CancellationToken::new();
         let mut stack = Self {
             server,
             url: format!("nats://127.0.0.1:{port}"),
             dir,
-            shutdown: CancellationToken::new(),
-            tasks: Vec::new(),
+            admission_stop: CancellationToken::new(),
+            agents_stop,
+            agents: Vec::new(),
+            admission: Vec::new(),
         };
-        let client = stack.wait_for_nats().await?;
+        let client = stack.wait_for_nats(&name, port).await?;
         let js = async_nats::jetstream::new(client.clone());
         rct_streams::provision(&js, &rct_streams::Config::default())
             .await
@@ -196,8 +224,8 @@ impl Stack {
         let trusted = admission.public_key().clone();
         std::fs::write(self.dir.join("admission.pub"), trusted.to_pem())
             .map_err(|e| fail("cannot write admission's public key", &e))?;
-        let shutdown = self.shutdown.clone();
-        self.tasks.push(tokio::spawn(async move {
+        let shutdown = self.admission_stop.clone();
+        self.admission.push(tokio::spawn(async move {
             if let Err(e) = admission.run(shutdown).await {
                 tracing::error!(error = %e, "admission stopped");
             }
@@ -234,15 +262,17 @@ impl Stack {
 
     /// Runs an agent in-process until the stack stops.
     pub fn spawn(&mut self, tower: rct_agents::Tower, client: &async_nats::Client) {
-        let run = tower.run(client.clone(), self.shutdown.clone());
-        self.tasks.push(tokio::spawn(async move {
+        let run = tower.run(client.clone(), self.agents_stop.clone());
+        self.agents.push(tokio::spawn(async move {
             if let Err(e) = run.await {
                 tracing::error!(error = %e, "an agent stopped");
             }
         }));
     }
 
-    async fn wait_for_nats(&mut self) -> Result<async_nats::Client> {
+    /// Connects once nats-server serves, checking that the server answering is this stack's
+    /// own child (named `name`), not another one already on `port`.
+    async fn wait_for_nats(&mut self, name: &str, port: u16) -> Result<async_nats::Client> {
         let started = Instant::now();
         loop {
             if let Ok(Some(status)) = self.server.try_wait() {
@@ -253,13 +283,23 @@ impl Stack {
                     last.into_iter().rev().collect::<Vec<_>>().join("\n")
                 )));
             }
-            if let Ok(client) = async_nats::connect(&self.url).await
-                && async_nats::jetstream::new(client.clone())
+            if let Ok(client) = async_nats::connect(&self.url).await {
+                let answering = client.server_info().server_name;
+                if answering != name {
+                    let _ = self.server.kill();
+                    return Err(Error::usage(format!(
+                        "port {port} is already taken by another server ({answering:?}), so \
+                         this stack's nats-server cannot listen there; stop that one, or choose \
+                         another port with --port"
+                    )));
+                }
+                if async_nats::jetstream::new(client.clone())
                     .query_account()
                     .await
                     .is_ok()
-            {
-                return Ok(client);
+                {
+                    return Ok(client);
+                }
             }
             if started.elapsed() > Duration::from_secs(30) {
                 return Err(Error::usage("nats-server did not get ready within 30 s"));
@@ -277,11 +317,20 @@ impl Stack {
         wait_for_agents(js, count, ".dev-", Duration::from_secs(30)).await
     }
 
-    /// Stops the agents and admission (letting running commands finish), then nats-server.
+    /// Stops in order: the agents (letting running commands finish), then admission, then
+    /// nats-server.
     pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        for task in self.tasks.drain(..) {
-            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        for (stop, tasks) in [
+            (self.agents_stop.clone(), std::mem::take(&mut self.agents)),
+            (
+                self.admission_stop.clone(),
+                std::mem::take(&mut self.admission),
+            ),
+        ] {
+            stop.cancel();
+            for task in tasks {
+                let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+            }
         }
         let _ = nix_term(&mut self.server);
     }

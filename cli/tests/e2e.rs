@@ -232,6 +232,22 @@ fn an_operator_session_end_to_end() {
     assert!(text(&out.stderr).contains(
         "bob@example.com is not in any of the groups allowed to run traffic/drain-cluster: sre_team, traffic_team"
     ));
+    // Detached, the refusal is still said, and exits 3.
+    let out = dev.rct(&[
+        "traffic",
+        "drain-cluster",
+        "--cluster",
+        "prod-3",
+        "-j",
+        "SRE-104",
+        "--detach",
+    ]);
+    assert_eq!(code(&out), 3, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("rejected (forbidden)"),
+        "{}",
+        text(&out.stderr)
+    );
     ok(dev.rct(&["login", "--dev", "--user", "alice", "--groups", "sre_team"]));
 
     // Refused before submitting: exit 2 with the catalog's rule.
@@ -322,8 +338,13 @@ fn an_operator_session_end_to_end() {
     let out = dev.rct(&["cancel", &running, "-j", "SRE-107"]);
     assert_eq!(
         code(&out),
-        1,
-        "cancelled ends with 1: {}",
+        0,
+        "a cancel that cancelled did what was asked: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains(&format!("{running} is cancelled")),
+        "{}",
         text(&out.stderr)
     );
     assert!(
@@ -350,7 +371,7 @@ fn an_operator_session_end_to_end() {
             .iter()
             .filter(|l| l.contains("traffic/drain-cluster"))
             .count(),
-        1,
+        2,
         "{only_rejected}"
     );
     assert_eq!(
@@ -358,7 +379,7 @@ fn an_operator_session_end_to_end() {
         2,
         "refused logins are on record:\n{only_rejected}"
     );
-    assert_eq!(lines.len(), 3, "{only_rejected}");
+    assert_eq!(lines.len(), 4, "{only_rejected}");
     let none = text(&ok(dev.rct(&["history", "--since", "10m", "--until", "9m"])).stdout);
     assert!(none.trim().is_empty(), "{none}");
     let agents = text(&ok(dev.rct(&["agents"])).stdout);
@@ -394,6 +415,191 @@ fn the_demo_runs_and_cleans_up() {
         std::fs::read_dir(home.path()).unwrap().next().is_none(),
         "the demo leaves the operator's home alone"
     );
+}
+
+/// A submission admission cannot record under its own id (here: its certificate does not
+/// verify, so the id it claims is nobody's) is refused under an id of admission's; the
+/// operator hears the reason at once, watching or detached, not "admission may be down".
+#[test]
+fn a_refusal_recorded_under_another_id_reaches_the_operator_at_once() {
+    let dev = Dev::start();
+    ok(dev.rct(&["login", "--dev", "--user", "alice", "--groups", "sre_team"]));
+    std::fs::write(
+        dev.home().join("contexts/dev/certificate"),
+        "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJtYWxsb3J5In0.c2lnbmF0dXJl",
+    )
+    .unwrap();
+    for extra in [&[][..], &["--detach"][..]] {
+        let asked = Instant::now();
+        let mut args = vec![
+            "traffic",
+            "drain-cluster",
+            "--cluster",
+            "prod-1",
+            "-j",
+            "SRE-1",
+        ];
+        args.extend(extra);
+        let out = dev.rct(&args);
+        let said = text(&out.stderr);
+        assert_eq!(code(&out), 3, "{extra:?}: {said}");
+        assert!(
+            said.contains("rejected (unauthenticated)")
+                && said.contains("admission recorded it as"),
+            "{extra:?}: {said}"
+        );
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            asked.elapsed()
+        );
+    }
+}
+
+/// A command id nothing is on record for, from long ago: said at once, not waited on.
+#[test]
+fn watching_a_command_that_does_not_exist_says_so_at_once() {
+    let dev = Dev::start();
+    ok(dev.rct(&["login", "--dev", "--user", "alice", "--groups", "sre_team"]));
+    for verb in ["watch", "status", "show"] {
+        let asked = Instant::now();
+        let out = dev.rct(&[verb, "01H00000000000000000000000"]);
+        assert_eq!(code(&out), 2, "{verb}: {}", text(&out.stderr));
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "{verb} took {:?}",
+            asked.elapsed()
+        );
+        let said = text(&out.stderr);
+        assert!(
+            said.contains("no such command") || said.contains("nothing is on record"),
+            "{verb}: {said}"
+        );
+    }
+}
+
+/// `rct dev` on a port another server holds fails, and touches nothing of that server.
+#[tokio::test]
+async fn rct_dev_on_a_taken_port_fails_and_leaves_the_other_server_alone() {
+    let other = rct_streams::testkit::Server::start().await;
+    let home = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let out = tokio::task::spawn_blocking({
+        let (port, home, dir) = (other.port(), home.path().to_owned(), state.path().join("s"));
+        move || {
+            let mut child = Command::new(RCT)
+                .args(["dev", "--port", &port.to_string(), "--dir"])
+                .arg(dir)
+                .env("RCT_HOME", home)
+                .env("NATS_SERVER_BIN", nats_server())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // It must give up on its own; one that thinks it runs is stopped and fails here.
+            let started = Instant::now();
+            while child.try_wait().unwrap().is_none() {
+                if started.elapsed() > Duration::from_secs(60) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(child.id() as i32),
+                        nix::sys::signal::Signal::SIGINT,
+                    );
+                    let out = child.wait_with_output().unwrap();
+                    panic!("rct dev did not fail:\n{}", text(&out.stderr));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            child.wait_with_output().unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&out), 2, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!("port {} is already taken", other.port())),
+        "{}",
+        text(&out.stderr)
+    );
+    let js = other.jetstream().await;
+    assert!(
+        js.get_stream("RCT_SUBMIT").await.is_err(),
+        "the other server was provisioned"
+    );
+}
+
+/// `rct dev`'s nats-server: gone after SIGTERM, SIGHUP or a Ctrl-C at the terminal (which
+/// reaches rct only, so it stops in order, agents first), and after rct is killed.
+#[test]
+fn rct_dev_never_leaves_its_nats_server_behind() {
+    use nix::sys::signal::{Signal, kill, killpg};
+    use nix::unistd::Pid;
+    use std::os::unix::process::CommandExt as _;
+    let alive = |pid: Pid| kill(pid, None).is_ok();
+    let gone_within = |pid: Pid, within: Duration| {
+        let started = Instant::now();
+        while alive(pid) {
+            if started.elapsed() > within {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        true
+    };
+    for how in ["SIGTERM", "SIGHUP", "Ctrl-C", "SIGKILL"] {
+        let home = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let log = state.path().join("dev.log");
+        let mut child = Command::new(RCT)
+            .args(["dev", "--port", &free_port().to_string(), "--dir"])
+            .arg(state.path().join("stack"))
+            .env("RCT_HOME", home.path())
+            .env("NATS_SERVER_BIN", nats_server())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            // Its own group, as a shell job is: a Ctrl-C goes to the whole group.
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("rct dev is running")
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "{how}: never started"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let nats: i32 = std::fs::read_to_string(state.path().join("stack/nats.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let (rct, nats) = (Pid::from_raw(child.id() as i32), Pid::from_raw(nats));
+        match how {
+            "SIGTERM" => kill(rct, Signal::SIGTERM).unwrap(),
+            "SIGHUP" => kill(rct, Signal::SIGHUP).unwrap(),
+            "Ctrl-C" => killpg(rct, Signal::SIGINT).unwrap(),
+            _ => kill(rct, Signal::SIGKILL).unwrap(),
+        }
+        let status = child.wait().unwrap();
+        assert!(
+            gone_within(nats, Duration::from_secs(20)),
+            "{how}: nats-server is left"
+        );
+        if how != "SIGKILL" {
+            let said = std::fs::read_to_string(&log).unwrap();
+            assert_eq!(status.code(), Some(0), "{how}: {said}");
+            assert!(
+                said.contains("stopping the agents, then admission, then nats-server")
+                    && said.contains("stopped"),
+                "{how}: {said}"
+            );
+        }
+    }
 }
 
 /// `rct … | head -1`: the reader closing early is not an error.

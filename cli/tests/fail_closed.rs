@@ -65,45 +65,188 @@ async fn admin(hub: &Hub) -> async_nats::jetstream::Context {
     admin.jetstream(admin.connect("admin", false).await.unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_admission_down_nothing_runs_and_the_operator_is_told() {
+/// `rct` running in the background; what it printed on stderr so far.
+struct Background {
+    child: std::process::Child,
+    stderr: Arc<std::sync::Mutex<String>>,
+}
+
+impl Background {
+    fn start(op: &support::Operator, args: &[&str], env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(support::RCT)
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RCT_HOME", op.home.path())
+            .env_remove("RCT_CONTEXT")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(std::sync::Mutex::new(String::new()));
+        let lines = std::io::BufReader::new(child.stderr.take().unwrap());
+        let kept = stderr.clone();
+        std::thread::spawn(move || {
+            for line in lines.lines().map_while(Result::ok) {
+                let mut kept = kept.lock().unwrap();
+                kept.push_str(&line);
+                kept.push('\n');
+            }
+        });
+        Self { child, stderr }
+    }
+
+    fn said(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until stderr holds `needle`; how long that took.
+    async fn until_said(&self, needle: &str, within: Duration) -> Duration {
+        let started = Instant::now();
+        while !self.said().contains(needle) {
+            assert!(
+                started.elapsed() < within,
+                "never said {needle:?}: {}",
+                self.said()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        started.elapsed()
+    }
+
+    async fn exit(mut self, within: Duration) -> (Option<i32>, String) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // The reader has the last lines once the pipe closes.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return (status.code(), self.said());
+            }
+            assert!(started.elapsed() < within, "still running: {}", self.said());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The hub with the prod-1 agent and alice logged in, after admission stopped: the hub, an
+/// admin's JetStream, the operator, and the token that stops the agent.
+async fn admission_stopped() -> (
+    Hub,
+    async_nats::jetstream::Context,
+    Arc<support::Operator>,
+    CancellationToken,
+) {
     let hub = Hub::start().await;
     hub.provision().await;
     let js = admin(&hub).await;
-    let fresh = |c: &mut rct_admission::Config| c.freshness = Duration::from_secs(5);
     let stop_admission = CancellationToken::new();
-    let (key, admission) = hub.admission_with(&stop_admission, fresh).await;
+    let (key, admission) = hub.admission_with(&stop_admission, |_| {}).await;
     let agents = CancellationToken::new();
     let agent = hub.connection("agent_traffic_prod1", "_INBOX_agent.traffic.prod-1");
     hub.traffic_agent("prod-1", agent, key, &agents).await;
     let operator = Arc::new(hub.operator());
     let op = operator.clone();
     blocking(move || op.login()).await;
-
     stop_admission.cancel();
     admission.await.unwrap();
+    (hub, js, operator, agents)
+}
 
-    let op = operator.clone();
-    let asked = Instant::now();
-    let out = blocking(move || op.fire_drain("prod-1", &[], &[("RCT_DECISION_WAIT", "3s")])).await;
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("no decision") && stderr.contains("admission may be down"),
-        "{stderr}"
+/// Admission is down when the operator fires: rct says the request is stored and will still be
+/// decided if admission returns in time, keeps watching, and when admission returns the drain
+/// runs and rct ends with its outcome (it used to say "admission may be down", exit 2, and the
+/// drain ran later anyway). Detached, it says the same and exits 4, "not known yet".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_admission_down_the_operator_is_told_it_is_stored_and_it_runs_when_admission_returns()
+{
+    let (hub, js, operator, agents) = admission_stopped().await;
+
+    let watching = Background::start(
+        &operator,
+        &[
+            "traffic",
+            "drain-cluster",
+            "--cluster",
+            "prod-1",
+            "-j",
+            "SRE-101",
+        ],
+        &[("RCT_DECISION_WAIT", "2s")],
     );
-    let id = submitted_id(&stderr);
+    watching
+        .until_said(
+            "), and not decided after 2s: admission may be down",
+            Duration::from_secs(20),
+        )
+        .await;
+    let said = watching.said();
+    assert!(
+        said.contains("If admission returns before")
+            && said.contains("Do not fire it again")
+            && !said.contains("admission may be down. Nothing runs"),
+        "{said}"
+    );
     assert_eq!(
         commands_stored(&js).await,
         0,
         "a command without a decision"
     );
 
-    // Admission comes back after the request went stale: it is refused, on record, and
-    // still nothing ran.
-    tokio::time::sleep_until((asked + Duration::from_secs(6)).into()).await;
+    let op = operator.clone();
+    let detached =
+        blocking(move || op.fire_drain("prod-1", &["--detach"], &[("RCT_DECISION_WAIT", "1s")]))
+            .await;
+    let detached_said = text(&detached.stderr);
+    assert_eq!(detached.status.code(), Some(4), "{detached_said}");
+    assert!(
+        detached_said.contains("is stored, and not decided after 1s"),
+        "{detached_said}"
+    );
+
+    // Admission returns in time: both are decided, both run, and the watcher ends with it.
     let again = CancellationToken::new();
-    hub.admission_with(&again, fresh).await;
+    hub.admission_with(&again, |_| {}).await;
+    let (code, said) = watching.exit(Duration::from_secs(60)).await;
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("admitted"), "{said}");
+    assert_eq!(commands_stored(&js).await, 2);
+    again.cancel();
+    agents.cancel();
+}
+
+/// Admission stays down past the request's expiry: rct says it will not run, exit 1, and when
+/// admission returns it refuses it, on record, and nothing runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_not_decided_before_it_expires_is_said_not_to_run_and_never_runs() {
+    let (hub, js, operator, agents) = admission_stopped().await;
+
+    let op = operator.clone();
+    let out = blocking(move || {
+        op.fire_drain(
+            "prod-1",
+            &[],
+            &[("RCT_DECISION_WAIT", "1s"), ("RCT_REQUEST_TTL", "1s")],
+        )
+    })
+    .await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("was not decided by") && stderr.contains("it will not run"),
+        "{stderr}"
+    );
+    let id = submitted_id(&stderr);
+
+    let again = CancellationToken::new();
+    hub.admission_with(&again, |_| {}).await;
     let history = history_until(&js, id, |h| has(h, |k| matches!(k, Kind::Rejected(_)))).await;
     let Some(Kind::Rejected(rejected)) = history[0].event.kind.as_ref() else {
         panic!("{history:#?}");
@@ -119,6 +262,35 @@ async fn with_admission_down_nothing_runs_and_the_operator_is_told() {
     assert_eq!(commands_stored(&js).await, 0);
     again.cancel();
     agents.cancel();
+}
+
+/// Admitted for a target no agent serves: said at once, with its deadline, while waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_for_a_target_with_no_live_agent_says_so_at_once() {
+    let hub = Hub::start().await;
+    let shutdown = CancellationToken::new();
+    let operator = hub.running(&shutdown).await;
+    let watching = Background::start(
+        &operator,
+        &[
+            "traffic",
+            "drain-cluster",
+            "--cluster",
+            "prod-2",
+            "-j",
+            "SRE-102",
+        ],
+        &[],
+    );
+    let took = watching
+        .until_said(
+            "no live agent serves traffic/drain-cluster on prod-2 now (rct agents): it waits for \
+             one until its deadline",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    shutdown.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,17 +18,20 @@ pub const ENV_HOME: &str = "RCT_HOME";
 pub const ENV_CONTEXT: &str = "RCT_CONTEXT";
 /// How long the CLI waits for admission's decision before saying so.
 pub const ENV_DECISION_WAIT: &str = "RCT_DECISION_WAIT";
+/// How long a request may wait for admission before it expires (`rct`; default 60s).
+pub const ENV_REQUEST_TTL: &str = "RCT_REQUEST_TTL";
 
 /// Environment variables that start with `RCT_` but are not settings of a service: its own
 /// command-line and logging variables, and the CLI's (an operator's shell that starts
 /// `rct-admission` or `rct-agent` has them set).
-pub const NOT_SETTINGS: [&str; 6] = [
+pub const NOT_SETTINGS: [&str; 7] = [
     ENV_CONFIG,
     ENV_LOG,
     ENV_LOG_FORMAT,
     ENV_HOME,
     ENV_CONTEXT,
     ENV_DECISION_WAIT,
+    ENV_REQUEST_TTL,
 ];
 
 /// Layers a component's settings: its defaults < `file` (YAML or TOML by extension) < `env`

@@ -37,10 +37,28 @@ pub async fn dev(home: &Home, args: DevArgs) -> Result {
         url = stack.url,
         dir = stack.dir.display()
     );
-    let _ = tokio::signal::ctrl_c().await;
-    eprintln!("stopping…");
+    let signal = stop_signal().await?;
+    eprintln!("{signal}: stopping the agents, then admission, then nats-server…");
     stack.stop().await;
+    eprintln!("stopped");
     Ok(Exit::Ok)
+}
+
+/// Waits for SIGINT, SIGTERM or SIGHUP; its name.
+async fn stop_signal() -> Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let listen =
+        |kind| signal(kind).map_err(|e| Error::usage(format!("cannot listen for signals: {e}")));
+    let (mut int, mut term, mut hup) = (
+        listen(SignalKind::interrupt())?,
+        listen(SignalKind::terminate())?,
+        listen(SignalKind::hangup())?,
+    );
+    Ok(tokio::select! {
+        _ = int.recv() => "interrupted",
+        _ = term.recv() => "terminated",
+        _ = hup.recv() => "hung up",
+    })
 }
 
 fn use_context(home: &Home, name: &str, url: &str) -> Result<()> {

@@ -36,6 +36,12 @@ async fn history(remote: &Remote, id: CommandId) -> Result<Vec<Record>> {
         .await
         .map_err(|e| Error::usage(format!("cannot read {id}: {e}")))?;
     if records.is_empty() {
+        if time::OffsetDateTime::now_utc() > run::decided_by(id) {
+            return Err(Error::usage(format!(
+                "no such command: nothing is on record for {id}, and a request made then can \
+                 no longer be decided"
+            )));
+        }
         return Err(Error::usage(format!(
             "nothing is on record for command {id} yet: it was never submitted, or admission \
              has not decided it (is admission down? rct history shows recent decisions)"
@@ -252,7 +258,8 @@ pub async fn cancel(home: &Home, global: &Global, args: CancelArgs) -> Result {
         args.justification.as_deref().unwrap_or_default(),
         request,
     )
-    .await?;
+    .await?
+    .id;
     // The cancel request's own decision first.
     let mut decision = replay::follow(&remote.js, &replay::Filter::command(cancel_id))
         .await
@@ -273,7 +280,16 @@ pub async fn cancel(home: &Home, global: &Global, args: CancelArgs) -> Result {
     if args.detach {
         return Ok(Exit::Ok);
     }
-    run::watch(&remote, id, args.output).await
+    // Done when the command ended cancelled; it may have ended otherwise first.
+    run::watch(&remote, id, args.output).await?;
+    let state = CommandState::fold(&history(&remote, id).await?).expect("not empty");
+    if state.phase == rct_streams::Phase::Cancelled {
+        eprintln!("{id} is cancelled");
+        Ok(Exit::Ok)
+    } else {
+        eprintln!("{id} was not cancelled: it ended {} first", state.phase);
+        Ok(Exit::Failed)
+    }
 }
 
 /// `rct agents`: the live agents.

@@ -9,6 +9,7 @@ use rct_bus::catalog::{Secrets, Served};
 use rct_bus::proto::{self, event::Kind};
 use rct_bus::trace::{TRACEPARENT, TraceContext};
 use rct_bus::{CommandId, OperationName, Purpose, Subject};
+use rct_streams::Record;
 use rct_streams::replay::{self, Filter, Item};
 use rct_streams::timestamp::{from_datetime, to_datetime};
 use rct_streams::{Outgoing, Publisher};
@@ -17,7 +18,7 @@ use time::OffsetDateTime;
 use crate::exit::{Error, Exit, Result};
 use crate::home::Home;
 use crate::remote::{self, Global, Remote};
-use crate::render::{Live, Output};
+use crate::render::{self, Live, Output};
 use crate::session::Session;
 
 /// `rct run <tower>/<op> -p name=value …`: the generic form of `rct <tower> <op> --name value`.
@@ -97,7 +98,7 @@ pub async fn fire_with_id(
         operator: session.identity.subject.clone(),
     };
     let (run, justification) = request(&served, name, raw, fire, &sealed_for)?;
-    submit(
+    let stored = submit(
         &remote,
         &session,
         command_id,
@@ -106,18 +107,19 @@ pub async fn fire_with_id(
         proto::submission::Request::Run(run),
     )
     .await?;
+    if fire.output == Output::Text {
+        eprintln!("submitted {name} as {command_id}");
+    }
     if fire.detach {
         #[allow(clippy::print_stdout)] // the id is the result
         {
             println!("{command_id}");
         }
-        eprintln!("submitted; watch with: rct watch {command_id}");
-        return Ok((Exit::Ok, command_id));
+        let exit = decision(&remote, &stored).await?;
+        return Ok((exit, command_id));
     }
-    if fire.output == Output::Text {
-        eprintln!("submitted {name} as {command_id}");
-    }
-    Ok((watch(&remote, command_id, fire.output).await?, command_id))
+    let exit = watch_submitted(&remote, command_id, Some(&stored), fire.output).await?;
+    Ok((exit, command_id))
 }
 
 /// What secret values are sealed for besides their parameter: the command and who asks.
@@ -238,6 +240,19 @@ fn request(
     ))
 }
 
+/// A submission as `RCT_SUBMIT` stored it.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    /// The command id it asks for.
+    pub id: CommandId,
+    /// Its tower (where admission records a refusal it cannot put under `id`).
+    pub tower: rct_bus::Tower,
+    /// Its sequence in `RCT_SUBMIT`.
+    pub sequence: u64,
+    /// About when it was stored.
+    pub at: OffsetDateTime,
+}
+
 /// Signs and publishes a submission as `command_id`.
 pub async fn submit(
     remote: &Remote,
@@ -246,14 +261,14 @@ pub async fn submit(
     name: &OperationName,
     justification: &str,
     request: proto::submission::Request,
-) -> Result<CommandId> {
+) -> Result<Stored> {
     let now = OffsetDateTime::now_utc();
     let submission = proto::Submission {
         command_id: command_id.to_string(),
         operation: name.to_string(),
         justification: justification.to_owned(),
         requested_at: Some(from_datetime(now)),
-        expires_at: Some(from_datetime(now + time::Duration::minutes(1))),
+        expires_at: Some(from_datetime(now + request_ttl())),
         client: Some(proto::ClientInfo {
             agent: format!("rct/{}", env!("CARGO_PKG_VERSION")),
             host: nix_hostname(),
@@ -271,7 +286,7 @@ pub async fn submit(
         envelope.encode_to_vec().into(),
     )
     .header(TRACEPARENT, &TraceContext::root().to_string());
-    Publisher::new(remote.js.clone())
+    let slot = Publisher::new(remote.js.clone())
         .send(outgoing)
         .await
         .map_err(|e| match e {
@@ -296,7 +311,16 @@ pub async fn submit(
             }
             e => Error::usage(format!("cannot submit {name} (nothing was stored): {e}")),
         })?;
-    Ok(command_id)
+    let sequence = match slot {
+        rct_streams::Slot::Written(ack) => ack.sequence,
+        rct_streams::Slot::Taken { sequence } => sequence,
+    };
+    Ok(Stored {
+        id: command_id,
+        tower: name.tower().clone(),
+        sequence,
+        at: now,
+    })
 }
 
 fn nix_hostname() -> String {
@@ -305,42 +329,218 @@ fn nix_hostname() -> String {
         .unwrap_or_default()
 }
 
-/// How long to wait for admission's decision before saying so; `RCT_DECISION_WAIT` (e.g.
-/// `10s`) changes it.
+/// How long to wait for admission's decision before saying it has none yet;
+/// `RCT_DECISION_WAIT` (e.g. `10s`) changes it.
 const DECISION_WAIT: Duration = Duration::from_secs(30);
 
+/// How long a request may wait for admission (its `expires_at`: admission refuses it after);
+/// `RCT_REQUEST_TTL` changes it.
+const REQUEST_TTL: Duration = Duration::from_secs(60);
+
+/// How far behind admission's clock may be (admission's default `clock_skew`): once a
+/// request's `expires_at` is this far past, no admission admits it any more.
+const CLOCK_SKEW: time::Duration = time::Duration::seconds(30);
+
 fn decision_wait() -> Duration {
-    std::env::var(rct_streams::runtime::ENV_DECISION_WAIT)
-        .ok()
-        .and_then(|v| humantime::parse_duration(&v).ok())
-        .unwrap_or(DECISION_WAIT)
+    duration_from_env(rct_streams::runtime::ENV_DECISION_WAIT).unwrap_or(DECISION_WAIT)
 }
 
-/// Shows a command's events from the start until its outcome; the exit code follows it.
-pub async fn watch(remote: &Remote, id: CommandId, output: Output) -> Result {
+fn request_ttl() -> time::Duration {
+    let ttl = duration_from_env(rct_streams::runtime::ENV_REQUEST_TTL).unwrap_or(REQUEST_TTL);
+    time::Duration::try_from(ttl).unwrap_or(time::Duration::MINUTE)
+}
+
+fn duration_from_env(name: &str) -> Option<Duration> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
+}
+
+/// The latest a request made as `id` can still be decided (and admitted): its expiry, as
+/// this rct sets it, plus the clock skew admission allows.
+pub(crate) fn decided_by(id: CommandId) -> OffsetDateTime {
+    OffsetDateTime::from(id.timestamp()) + request_ttl() + CLOCK_SKEW
+}
+
+/// Whether a live agent of `tower` serves `target` now (`rct_agents`); `None` when the
+/// bucket cannot be read.
+async fn agent_serves(remote: &Remote, operation: &str, target: &str) -> Option<bool> {
+    let tower = operation.split('/').next()?;
+    let bucket = remote
+        .js
+        .get_key_value(rct_streams::topology::AGENTS_BUCKET)
+        .await
+        .ok()?;
+    let mut keys = bucket.keys().await.ok()?;
+    let prefix = format!("{tower}.{target}.");
+    while let Some(key) = keys.next().await {
+        if key.ok()?.starts_with(&prefix) {
+            return Some(true);
+        }
+    }
+    Some(false)
+}
+
+/// Waits (at most the decision wait) for `id`'s decision and says what it was: exit 0 when
+/// admitted, 3 when refused, 4 when not decided yet.
+pub async fn decision(remote: &Remote, stored: &Stored) -> Result {
+    let id = stored.id;
     let mut events = replay::follow(&remote.js, &Filter::command(id))
         .await
         .map_err(|e| Error::usage(format!("cannot watch {id}: {e}")))?;
+    let wait = decision_wait();
+    let own = async {
+        while let Some(item) = events.next().await {
+            if let Ok(Item::Event(record)) = item
+                && record.kind == rct_bus::EventKind::Decision
+            {
+                return Some(record);
+            }
+        }
+        None
+    };
+    let elsewhere = Box::pin(refused_elsewhere(remote, stored));
+    let either = async {
+        tokio::select! {
+            record = own => record.map(|r| (r, false)),
+            Some(record) = elsewhere => Some((record, true)),
+        }
+    };
+    let decided = tokio::time::timeout(wait, either).await;
+    match decided {
+        Ok(Some((record, elsewhere))) => {
+            if elsewhere {
+                eprintln!(
+                    "{}: admission recorded it as {}, as it cannot be recorded under {id}",
+                    render::describe(&record.event),
+                    record.event.command_id
+                );
+            } else {
+                eprintln!(
+                    "{}; watch with: rct watch {id}",
+                    render::describe(&record.event)
+                );
+            }
+            Ok(match record.event.kind {
+                Some(Kind::Rejected(_)) => Exit::Rejected,
+                _ => Exit::Ok,
+            })
+        }
+        Ok(None) => Err(Error::usage("the event stream ended")),
+        Err(_) => {
+            eprintln!(
+                "{id} is stored, and not decided after {}s: admission may be down. If admission \
+                 returns before {}, it decides it then; after that it refuses it as expired, and \
+                 it never runs. Do not fire it again. Watch with: rct watch {id}",
+                wait.as_secs(),
+                render::datetime(decided_by(id))
+            );
+            Ok(Exit::NotKnown)
+        }
+    }
+}
+
+/// While no agent serves an admitted command, how often watching says so.
+const NO_AGENT_REMINDER: Duration = Duration::from_secs(15);
+
+/// Shows a command's events from the start until its outcome; the exit code follows it.
+pub async fn watch(remote: &Remote, id: CommandId, output: Output) -> Result {
+    watch_submitted(remote, id, None, output).await
+}
+
+/// A refusal admission recorded under an id of its own for the submission `stored` (it could
+/// not put it under the id the submission asked for: an unverifiable certificate, a taken
+/// id): its tower's decisions are followed for one that names the submission's sequence.
+async fn refused_elsewhere(remote: &Remote, stored: &Stored) -> Option<Record> {
+    let filter = Filter {
+        tower: Some(stored.tower.clone()),
+        kind: Some(rct_bus::EventKind::Decision),
+        since: Some(stored.at - time::Duration::seconds(5)),
+        ..Filter::default()
+    };
+    let mut decisions = replay::follow(&remote.js, &filter).await.ok()?;
+    while let Some(item) = decisions.next().await {
+        let Ok(Item::Event(record)) = item else {
+            continue;
+        };
+        let Some(Kind::Rejected(rejected)) = &record.event.kind else {
+            continue;
+        };
+        let ours = rejected
+            .request
+            .as_ref()
+            .is_some_and(|r| r.submission_sequence == stored.sequence);
+        if ours && record.event.command_id != stored.id.to_string() {
+            return Some(record);
+        }
+    }
+    None
+}
+
+/// [`watch`], for a submission this rct just stored: a refusal recorded under another id is
+/// reported too, as soon as it is recorded.
+pub async fn watch_submitted(
+    remote: &Remote,
+    id: CommandId,
+    stored: Option<&Stored>,
+    output: Output,
+) -> Result {
+    let mut events = replay::follow(&remote.js, &Filter::command(id))
+        .await
+        .map_err(|e| Error::usage(format!("cannot watch {id}: {e}")))?;
+    // Fused: once it has answered (or given up), it never answers again. On the heap: it
+    // holds a follow of its own.
+    let mut elsewhere = Box::pin(futures::FutureExt::fuse(async {
+        match stored {
+            Some(stored) => refused_elsewhere(remote, stored).await,
+            None => std::future::pending().await,
+        }
+    }));
     let mut live = Live::new(output);
     let mut decided = false;
     let mut started = false;
     let mut deadline: Option<OffsetDateTime> = None;
     let mut refused: Option<String> = None;
     let decision_wait = decision_wait();
+    let decided_by = decided_by(id);
+    let mut told_undecided = false;
+    // While admitted and not started: (operation, target) whose agent is missing, and when
+    // that was last said.
+    let mut no_agent: Option<(String, String)> = None;
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     loop {
-        let wait = if !decided {
+        let until = |at: OffsetDateTime| -> Duration {
+            (at - OffsetDateTime::now_utc())
+                .try_into()
+                .unwrap_or(Duration::ZERO)
+        };
+        let wait = if !decided && !told_undecided {
             decision_wait
+        } else if !decided {
+            until(decided_by)
         } else if !started {
-            deadline
-                .map(|d| d - OffsetDateTime::now_utc() + time::Duration::seconds(5))
-                .and_then(|d| d.try_into().ok())
-                .unwrap_or(Duration::from_secs(5))
+            let to_deadline = deadline
+                .map(|d| until(d + time::Duration::seconds(5)))
+                .unwrap_or(Duration::from_secs(5));
+            // With no agent, a line every so often says so, and how long is left.
+            if no_agent.is_some() {
+                to_deadline.min(NO_AGENT_REMINDER)
+            } else {
+                to_deadline
+            }
         } else {
             Duration::MAX
         };
         let item = tokio::select! {
+            Some(record) = &mut elsewhere, if !decided => {
+                eprintln!(
+                    "{}: admission recorded it as {}, as it cannot be recorded under {id}",
+                    render::describe(&record.event),
+                    record.event.command_id
+                );
+                return Ok(Exit::Rejected);
+            }
             _ = &mut interrupted => {
                 eprintln!("\ndetached; {id} goes on. Reattach: rct watch {id}   Cancel: rct cancel {id}");
                 return Err(Error { exit: Exit::Interrupted, message: String::new() });
@@ -348,13 +548,55 @@ pub async fn watch(remote: &Remote, id: CommandId, output: Output) -> Result {
             item = tokio::time::timeout(wait, events.next()) => item,
         };
         let record = match item {
+            Err(_) if !decided && !told_undecided && OffsetDateTime::now_utc() < decided_by => {
+                told_undecided = true;
+                let what = match stored {
+                    Some(stored) => format!(
+                        "{id} is stored (RCT_SUBMIT {}), and not decided after {}s",
+                        stored.sequence,
+                        decision_wait.as_secs()
+                    ),
+                    None => format!(
+                        "nothing is on record for {id} after {}s; if it was submitted, it is not \
+                         decided yet",
+                        decision_wait.as_secs()
+                    ),
+                };
+                eprintln!(
+                    "{what}: admission may be down. If admission returns before {}, it decides \
+                     it then (and may admit it); after that it refuses it as expired, and it \
+                     never runs. Do not fire it again: that would be a second command. Still \
+                     watching (Ctrl-C detaches; rct watch {id} reattaches)",
+                    render::datetime(decided_by)
+                );
+                continue;
+            }
             Err(_) if !decided => {
-                return Err(Error::usage(format!(
-                    "no decision on {id} after {}s: admission may be down. Nothing runs without \
-                     a decision; the request stays queued until admission decides it or it \
-                     expires. Reattach: rct watch {id}",
-                    decision_wait.as_secs()
-                )));
+                eprintln!(
+                    "{id} was not decided by {}: it will not run (admission refuses a request \
+                     once it has expired). Fire it again if it is still needed",
+                    render::datetime(decided_by)
+                );
+                return Ok(Exit::Failed);
+            }
+            Err(_)
+                if !started
+                    && deadline.is_some_and(|d| OffsetDateTime::now_utc() < d)
+                    && let Some((operation, target)) = &no_agent =>
+            {
+                let left = deadline.map(until).unwrap_or_default();
+                match agent_serves(remote, operation, target).await {
+                    Some(false) => eprintln!(
+                        "still no live agent for {operation} on {target}; {}s left before its \
+                         deadline",
+                        left.as_secs()
+                    ),
+                    _ => {
+                        eprintln!("an agent for {operation} on {target} is live now");
+                        no_agent = None;
+                    }
+                }
+                continue;
             }
             Err(_) => {
                 match &refused {
@@ -373,18 +615,40 @@ pub async fn watch(remote: &Remote, id: CommandId, output: Output) -> Result {
                 tracing::debug!(error = %e, "while watching");
                 continue;
             }
-            Ok(Some(Ok(Item::CaughtUp))) => continue,
+            Ok(Some(Ok(Item::CaughtUp))) => {
+                if !decided && OffsetDateTime::now_utc() >= decided_by {
+                    return Err(Error::usage(format!(
+                        "no such command: nothing is on record for {id}, and a request made \
+                         then can no longer be decided"
+                    )));
+                }
+                continue;
+            }
             Ok(Some(Ok(Item::Event(record)))) => record,
         };
         match &record.event.kind {
             Some(Kind::Admitted(a)) => {
                 decided = true;
                 deadline = a.deadline.as_ref().and_then(to_datetime);
+                if !started
+                    && agent_serves(remote, &record.event.operation, &record.event.target).await
+                        == Some(false)
+                {
+                    eprintln!(
+                        "no live agent serves {} on {} now (rct agents): it waits for one until \
+                         its deadline, {}",
+                        record.event.operation,
+                        record.event.target,
+                        deadline.map_or_else(|| "?".to_owned(), render::datetime)
+                    );
+                    no_agent = Some((record.event.operation.clone(), record.event.target.clone()));
+                }
             }
             Some(Kind::Rejected(_)) => decided = true,
             Some(Kind::Started(_)) => {
                 decided = true;
                 started = true;
+                no_agent = None;
             }
             Some(_) => decided = true,
             None => {}
