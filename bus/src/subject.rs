@@ -175,6 +175,11 @@ pub fn events_for_tower(tower: &Tower) -> String {
     format!("{ROOT}.{EVT}.{tower}.>")
 }
 
+/// `rct.evt.<tower>.*.<kind>`: one kind of event of every command of a tower.
+pub fn events_of_tower_kind(tower: &Tower, kind: EventKind) -> String {
+    format!("{ROOT}.{EVT}.{tower}.*.{kind}")
+}
+
 /// `rct.evt.*.<command_id>.>`: the whole history of one command.
 pub fn events_for_command(command_id: CommandId) -> String {
     format!("{ROOT}.{EVT}.*.{command_id}.>")

@@ -147,7 +147,7 @@ impl Stack {
         .map_err(|e| fail("cannot write the nats-server config", &e))?;
         let bin = nats_server()?;
         let setpriv = Path::new(SETPRIV);
-        let mut command = if setpriv.is_file() {
+        let mut command = if pdeathsig_works(setpriv) {
             let mut command = Command::new(setpriv);
             command.args(["--pdeathsig", "TERM", "--"]).arg(&bin);
             command
@@ -328,9 +328,16 @@ impl Stack {
             ),
         ] {
             stop.cancel();
-            for task in tasks {
-                let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
-            }
+            // All of them at once, for at most 15 s; what is still running then is stopped.
+            let all = futures::future::join_all(tasks.into_iter().map(|mut task| async move {
+                if tokio::time::timeout(Duration::from_secs(15), &mut task)
+                    .await
+                    .is_err()
+                {
+                    task.abort();
+                }
+            }));
+            all.await;
         }
         let _ = nix_term(&mut self.server);
     }
@@ -338,9 +345,25 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
+        self.agents_stop.cancel();
+        self.admission_stop.cancel();
+        for task in self.agents.iter().chain(&self.admission) {
+            task.abort();
+        }
         let _ = self.server.kill();
         let _ = self.server.wait();
     }
+}
+
+/// Whether `setpriv` can set a parent-death signal (util-linux 2.33 or later).
+fn pdeathsig_works(setpriv: &Path) -> bool {
+    Command::new(setpriv)
+        .args(["--pdeathsig", "TERM", "--", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn nix_term(child: &mut Child) -> std::io::Result<()> {

@@ -63,7 +63,6 @@ impl Process {
                 "RCT_LOG",
                 "info,rct_admission=debug,rct_agents=debug,rct_streams=debug",
             )
-            .env("NO_COLOR", "1")
             .spawn()
             .unwrap();
         Self { child, log }
@@ -441,6 +440,13 @@ async fn a_secret_from_stdin_reaches_the_script_and_nothing_else_holds_it() {
         ("webhook bodies", posted),
         ("rct's own output", text(&fired.stdout) + &stderr + &warned),
     ];
+    // Written to files, the logs carry no escape codes.
+    for (what, output) in &outputs[..2] {
+        assert!(
+            !output.contains('\x1b'),
+            "escape codes in the {what}:\n{output}"
+        );
+    }
     for needle in &needles {
         for (what, output) in &outputs {
             assert!(

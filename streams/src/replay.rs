@@ -105,6 +105,8 @@ pub struct Filter {
     pub since: Option<OffsetDateTime>,
     /// Only events stored at or before this instant.
     pub until: Option<OffsetDateTime>,
+    /// Only events stored at or after this stream sequence (instead of `since`).
+    pub from_sequence: Option<u64>,
 }
 
 impl Filter {
@@ -130,6 +132,12 @@ impl Filter {
                 None => subject::events_of_kind(*id, kind),
             },
             (Some(id), None) => subject::events_for_command(*id),
+            // Read from a recent sequence (a live follow), a tower's events of one kind are
+            // few: filtered by the server.
+            (None, Some(kind)) if self.from_sequence.is_some() => match &self.tower {
+                Some(tower) => subject::events_of_tower_kind(tower, kind),
+                None => subject::all_events(),
+            },
             (None, _) => subject::all_events(),
         }
     }
@@ -216,9 +224,10 @@ impl Replay {
             .get_stream_no_info(EVENT_STREAM)
             .await
             .map_err(|e| Error::read(EVENT_STREAM, e))?;
-        let deliver_policy = match filter.since {
-            Some(start_time) => DeliverPolicy::ByStartTime { start_time },
-            None => DeliverPolicy::All,
+        let deliver_policy = match (filter.from_sequence, filter.since) {
+            (Some(start_sequence), _) => DeliverPolicy::ByStartSequence { start_sequence },
+            (None, Some(start_time)) => DeliverPolicy::ByStartTime { start_time },
+            (None, None) => DeliverPolicy::All,
         };
         let consumer = stream
             .create_consumer(pull::OrderedConfig {

@@ -89,7 +89,9 @@ pub fn init_logging(service: &str) -> Logging {
 
     let filter = tracing_subscriber::EnvFilter::try_from_env(ENV_LOG)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colours(&std::io::stderr()));
     let fmt = if std::env::var(ENV_LOG_FORMAT).as_deref() == Ok("json") {
         fmt.json().boxed()
     } else {
@@ -109,6 +111,12 @@ pub fn init_logging(service: &str) -> Logging {
         .with(otlp)
         .init();
     Logging { provider }
+}
+
+/// Whether to write escape codes (colour, bold) to `stream`: only to a terminal, and not when
+/// `NO_COLOR` is set (no-color.org).
+pub fn colours(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Keeps span export going; flushes it when dropped.

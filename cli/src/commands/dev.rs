@@ -25,7 +25,15 @@ pub struct DevArgs {
 
 /// Runs `rct dev`.
 pub async fn dev(home: &Home, args: DevArgs) -> Result {
-    let stack = Stack::start(&args.dir, args.port).await?;
+    // Listening from the start: a signal while starting stops what was started.
+    let mut stop = Box::pin(stop_signal()?);
+    let stack = tokio::select! {
+        stack = Stack::start(&args.dir, args.port) => stack?,
+        signal = &mut stop => {
+            say(&format!("{signal} while starting: stopped"));
+            return Ok(Exit::Ok);
+        }
+    };
     use_context(home, "dev", &stack.url)?;
     eprintln!(
         "rct dev is running: NATS at {url}, admission (dev issuer on), traffic agents for prod-1..4, workloads.\n\
@@ -37,15 +45,23 @@ pub async fn dev(home: &Home, args: DevArgs) -> Result {
         url = stack.url,
         dir = stack.dir.display()
     );
-    let signal = stop_signal().await?;
-    eprintln!("{signal}: stopping the agents, then admission, then nats-server…");
+    let signal = stop.await;
+    say(&format!(
+        "{signal}: stopping the agents, then admission, then nats-server…"
+    ));
     stack.stop().await;
-    eprintln!("stopped");
+    say("stopped");
     Ok(Exit::Ok)
 }
 
-/// Waits for SIGINT, SIGTERM or SIGHUP; its name.
-async fn stop_signal() -> Result<&'static str> {
+/// A line on stderr, which may be gone (the terminal hung up): never a panic.
+fn say(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Resolves at SIGINT, SIGTERM or SIGHUP with its name; listening starts at once.
+fn stop_signal() -> Result<impl std::future::Future<Output = &'static str>> {
     use tokio::signal::unix::{SignalKind, signal};
     let listen =
         |kind| signal(kind).map_err(|e| Error::usage(format!("cannot listen for signals: {e}")));
@@ -54,10 +70,12 @@ async fn stop_signal() -> Result<&'static str> {
         listen(SignalKind::terminate())?,
         listen(SignalKind::hangup())?,
     );
-    Ok(tokio::select! {
-        _ = int.recv() => "interrupted",
-        _ = term.recv() => "terminated",
-        _ = hup.recv() => "hung up",
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => "interrupted",
+            _ = term.recv() => "terminated",
+            _ = hup.recv() => "hung up",
+        }
     })
 }
 
@@ -104,7 +122,11 @@ pub async fn demo(args: DemoArgs) -> Result {
 }
 
 fn step(text: &str) {
-    eprintln!("\n\x1b[1m==> {text}\x1b[0m");
+    if rct_streams::runtime::colours(&std::io::stderr()) {
+        eprintln!("\n\x1b[1m==> {text}\x1b[0m");
+    } else {
+        eprintln!("\n==> {text}");
+    }
 }
 
 async fn script(home: &Home) -> Result {

@@ -36,7 +36,7 @@ async fn history(remote: &Remote, id: CommandId) -> Result<Vec<Record>> {
         .await
         .map_err(|e| Error::usage(format!("cannot read {id}: {e}")))?;
     if records.is_empty() {
-        if time::OffsetDateTime::now_utc() > run::decided_by(id) {
+        if time::OffsetDateTime::now_utc() > run::decided_by(id, None) {
             return Err(Error::usage(format!(
                 "no such command: nothing is on record for {id}, and a request made then can \
                  no longer be decided"
@@ -238,10 +238,11 @@ pub async fn cancel(home: &Home, global: &Global, args: CancelArgs) -> Result {
     let records = history(&remote, id).await?;
     let state = CommandState::fold(&records).expect("not empty");
     if state.phase.is_terminal() {
-        return Err(Error::usage(format!(
-            "{id} has already ended: {}",
+        eprintln!(
+            "{id} was not cancelled: it has already ended {}",
             state.phase
-        )));
+        );
+        return Ok(Exit::Failed);
     }
     let name: OperationName = state
         .operation
@@ -250,7 +251,7 @@ pub async fn cancel(home: &Home, global: &Global, args: CancelArgs) -> Result {
     let request = proto::submission::Request::Cancel(proto::Cancel {
         command_id: id.to_string(),
     });
-    let cancel_id = submit(
+    let stored = submit(
         &remote,
         &session,
         CommandId::generate(),
@@ -258,37 +259,30 @@ pub async fn cancel(home: &Home, global: &Global, args: CancelArgs) -> Result {
         args.justification.as_deref().unwrap_or_default(),
         request,
     )
-    .await?
-    .id;
-    // The cancel request's own decision first.
-    let mut decision = replay::follow(&remote.js, &replay::Filter::command(cancel_id))
-        .await
-        .map_err(|e| Error::usage(e.to_string()))?;
-    while let Some(item) = decision.next().await {
-        if let Ok(replay::Item::Event(record)) = item {
-            match &record.event.kind {
-                Some(Kind::Rejected(_)) => {
-                    eprintln!("{}", render::describe(&record.event));
-                    return Ok(Exit::Rejected);
-                }
-                Some(Kind::Admitted(_)) => break,
-                _ => {}
-            }
-        }
+    .await?;
+    // The cancel request's own decision first (refused, or not decided: said, and done).
+    let decided = run::decision(&remote, &stored).await?;
+    if decided != Exit::Ok {
+        return Ok(decided);
     }
     eprintln!("cancel of {id} requested");
     if args.detach {
         return Ok(Exit::Ok);
     }
-    // Done when the command ended cancelled; it may have ended otherwise first.
-    run::watch(&remote, id, args.output).await?;
+    // Done when the command ended cancelled; it may have ended otherwise first, or watching
+    // may have stopped without an end (which it said).
+    let watched = run::watch(&remote, id, args.output).await?;
     let state = CommandState::fold(&history(&remote, id).await?).expect("not empty");
-    if state.phase == rct_streams::Phase::Cancelled {
-        eprintln!("{id} is cancelled");
-        Ok(Exit::Ok)
-    } else {
-        eprintln!("{id} was not cancelled: it ended {} first", state.phase);
-        Ok(Exit::Failed)
+    match state.phase {
+        rct_streams::Phase::Cancelled => {
+            eprintln!("{id} is cancelled");
+            Ok(Exit::Ok)
+        }
+        phase if phase.is_terminal() => {
+            eprintln!("{id} was not cancelled: it ended {phase} first");
+            Ok(Exit::Failed)
+        }
+        _ => Ok(watched),
     }
 }
 

@@ -44,7 +44,8 @@ pub struct Fire {
     /// Ask the agent to change nothing and say what it would do.
     #[arg(long)]
     pub dry_run: bool,
-    /// Print the command id and exit; watch later with rct watch.
+    /// Print the command id, wait for admission's decision (at most $RCT_DECISION_WAIT), and
+    /// exit: 0 admitted, 3 rejected, 4 not decided yet. Watch later with rct watch.
     #[arg(long)]
     pub detach: bool,
     /// Output format.
@@ -251,6 +252,11 @@ pub struct Stored {
     pub sequence: u64,
     /// About when it was stored.
     pub at: OffsetDateTime,
+    /// Its `expires_at`: admission refuses it after this.
+    pub expires_at: OffsetDateTime,
+    /// `RCT_EVT`'s next sequence just before it was stored (decisions about it come at or
+    /// after it), if the stream's state could be read.
+    pub events_from: Option<u64>,
 }
 
 /// Signs and publishes a submission as `command_id`.
@@ -262,13 +268,23 @@ pub async fn submit(
     justification: &str,
     request: proto::submission::Request,
 ) -> Result<Stored> {
+    // Decisions about it are stored after this; where it cannot be read, by time.
+    let events_from = match remote
+        .js
+        .get_stream(rct_streams::topology::EVENT_STREAM)
+        .await
+    {
+        Ok(stream) => Some(stream.cached_info().state.last_sequence + 1),
+        Err(_) => None,
+    };
     let now = OffsetDateTime::now_utc();
+    let expires_at = now + request_ttl();
     let submission = proto::Submission {
         command_id: command_id.to_string(),
         operation: name.to_string(),
         justification: justification.to_owned(),
         requested_at: Some(from_datetime(now)),
-        expires_at: Some(from_datetime(now + request_ttl())),
+        expires_at: Some(from_datetime(expires_at)),
         client: Some(proto::ClientInfo {
             agent: format!("rct/{}", env!("CARGO_PKG_VERSION")),
             host: nix_hostname(),
@@ -320,6 +336,8 @@ pub async fn submit(
         tower: name.tower().clone(),
         sequence,
         at: now,
+        expires_at,
+        events_from,
     })
 }
 
@@ -356,11 +374,20 @@ fn duration_from_env(name: &str) -> Option<Duration> {
         .and_then(|v| humantime::parse_duration(&v).ok())
 }
 
-/// The latest a request made as `id` can still be decided (and admitted): its expiry, as
-/// this rct sets it, plus the clock skew admission allows.
-pub(crate) fn decided_by(id: CommandId) -> OffsetDateTime {
-    OffsetDateTime::from(id.timestamp()) + request_ttl() + CLOCK_SKEW
+/// The latest a request can still be admitted: its expiry plus [`CLOCK_SKEW`] for
+/// admission's clock. For a request this rct stored, its own `expires_at`; for any other id,
+/// a horizon no request outlives ([`ANY_REQUEST`] after the id was made).
+pub(crate) fn decided_by(id: CommandId, stored: Option<&Stored>) -> OffsetDateTime {
+    match stored {
+        Some(stored) => stored.expires_at + CLOCK_SKEW,
+        None => OffsetDateTime::from(id.timestamp()) + ANY_REQUEST,
+    }
 }
+
+/// Longer than any request waits for admission (admission refuses requests older than its
+/// `freshness`, at most a year but 2 minutes by default): an id with nothing on record after
+/// this long names no command.
+const ANY_REQUEST: time::Duration = time::Duration::hours(1);
 
 /// Whether a live agent of `tower` serves `target` now (`rct_agents`); `None` when the
 /// bucket cannot be read.
@@ -427,17 +454,51 @@ pub async fn decision(remote: &Remote, stored: &Stored) -> Result {
             })
         }
         Ok(None) => Err(Error::usage("the event stream ended")),
+        Err(_) if OffsetDateTime::now_utc() > decided_by(id, Some(stored)) => {
+            eprintln!(
+                "{id} was not decided by {}: it will not run (admission refuses a request once \
+                 it has expired)",
+                render::datetime(decided_by(id, Some(stored)))
+            );
+            Ok(Exit::Failed)
+        }
         Err(_) => {
             eprintln!(
                 "{id} is stored, and not decided after {}s: admission may be down. If admission \
-                 returns before {}, it decides it then; after that it refuses it as expired, and \
-                 it never runs. Do not fire it again. Watch with: rct watch {id}",
+                 returns before {} at the latest, it decides it then; after that it refuses it \
+                 as expired, and it never runs. Do not fire it again. Watch with: rct watch {id}",
                 wait.as_secs(),
-                render::datetime(decided_by(id))
+                render::datetime(decided_by(id, Some(stored)))
             );
             Ok(Exit::NotKnown)
         }
     }
+}
+
+/// `admitted` (operation, target), when no live agent serves it: said, with the deadline.
+async fn missing_agent(
+    remote: &Remote,
+    admitted: &(String, String),
+    deadline: Option<OffsetDateTime>,
+) -> Option<(String, String)> {
+    let (operation, target) = admitted;
+    if agent_serves(remote, operation, target).await != Some(false) {
+        return None;
+    }
+    eprintln!(
+        "no live agent serves {operation} on {target} now (rct agents): it waits for one until \
+         its deadline, {}",
+        deadline.map_or_else(|| "?".to_owned(), render::datetime)
+    );
+    Some(admitted.clone())
+}
+
+/// A last look before saying a command will not run: whether anything is on record for it
+/// after all (a decision stored but not delivered yet).
+async fn decided_late(remote: &Remote, id: CommandId) -> bool {
+    replay::command_history(&remote.js, id)
+        .await
+        .is_ok_and(|history| !history.is_empty())
 }
 
 /// While no agent serves an admitted command, how often watching says so.
@@ -455,7 +516,11 @@ async fn refused_elsewhere(remote: &Remote, stored: &Stored) -> Option<Record> {
     let filter = Filter {
         tower: Some(stored.tower.clone()),
         kind: Some(rct_bus::EventKind::Decision),
-        since: Some(stored.at - time::Duration::seconds(5)),
+        from_sequence: stored.events_from,
+        since: stored
+            .events_from
+            .is_none()
+            .then(|| stored.at - time::Duration::seconds(30)),
         ..Filter::default()
     };
     let mut decisions = replay::follow(&remote.js, &filter).await.ok()?;
@@ -502,7 +567,12 @@ pub async fn watch_submitted(
     let mut deadline: Option<OffsetDateTime> = None;
     let mut refused: Option<String> = None;
     let decision_wait = decision_wait();
-    let decided_by = decided_by(id);
+    let decided_by = decided_by(id, stored);
+    // Agents are looked for once the history is read: a replayed admission may have been
+    // followed by its start long ago.
+    let mut caught_up = false;
+    let mut look_for_agent = false;
+    let mut record_of_admission = (String::new(), String::new());
     let mut told_undecided = false;
     // While admitted and not started: (operation, target) whose agent is missing, and when
     // that was last said.
@@ -563,15 +633,15 @@ pub async fn watch_submitted(
                     ),
                 };
                 eprintln!(
-                    "{what}: admission may be down. If admission returns before {}, it decides \
-                     it then (and may admit it); after that it refuses it as expired, and it \
+                    "{what}: admission may be down. If admission returns before {} at the \
+                     latest, it decides it then; after that it refuses it as expired, and it \
                      never runs. Do not fire it again: that would be a second command. Still \
                      watching (Ctrl-C detaches; rct watch {id} reattaches)",
                     render::datetime(decided_by)
                 );
                 continue;
             }
-            Err(_) if !decided => {
+            Err(_) if !decided && !decided_late(remote, id).await => {
                 eprintln!(
                     "{id} was not decided by {}: it will not run (admission refuses a request \
                      once it has expired). Fire it again if it is still needed",
@@ -579,22 +649,26 @@ pub async fn watch_submitted(
                 );
                 return Ok(Exit::Failed);
             }
+            // Decided meanwhile: the follow delivers it.
+            Err(_) if !decided => continue,
             Err(_)
                 if !started
-                    && deadline.is_some_and(|d| OffsetDateTime::now_utc() < d)
-                    && let Some((operation, target)) = &no_agent =>
+                    && no_agent.is_some()
+                    && deadline.is_some_and(|d| OffsetDateTime::now_utc() < d) =>
             {
+                let (operation, target) = no_agent.clone().unwrap_or_default();
                 let left = deadline.map(until).unwrap_or_default();
-                match agent_serves(remote, operation, target).await {
-                    Some(false) => eprintln!(
+                match agent_serves(remote, &operation, &target).await {
+                    Some(true) => {
+                        eprintln!("an agent for {operation} on {target} is live now");
+                        no_agent = None;
+                    }
+                    // Absent, or the bucket unreadable: nothing new to say but the time left.
+                    _ => eprintln!(
                         "still no live agent for {operation} on {target}; {}s left before its \
                          deadline",
                         left.as_secs()
                     ),
-                    _ => {
-                        eprintln!("an agent for {operation} on {target} is live now");
-                        no_agent = None;
-                    }
                 }
                 continue;
             }
@@ -616,11 +690,15 @@ pub async fn watch_submitted(
                 continue;
             }
             Ok(Some(Ok(Item::CaughtUp))) => {
-                if !decided && OffsetDateTime::now_utc() >= decided_by {
+                if !decided && stored.is_none() && OffsetDateTime::now_utc() >= decided_by {
                     return Err(Error::usage(format!(
                         "no such command: nothing is on record for {id}, and a request made \
                          then can no longer be decided"
                     )));
+                }
+                caught_up = true;
+                if look_for_agent && !started {
+                    no_agent = missing_agent(remote, &record_of_admission, deadline).await;
                 }
                 continue;
             }
@@ -630,18 +708,11 @@ pub async fn watch_submitted(
             Some(Kind::Admitted(a)) => {
                 decided = true;
                 deadline = a.deadline.as_ref().and_then(to_datetime);
-                if !started
-                    && agent_serves(remote, &record.event.operation, &record.event.target).await
-                        == Some(false)
-                {
-                    eprintln!(
-                        "no live agent serves {} on {} now (rct agents): it waits for one until \
-                         its deadline, {}",
-                        record.event.operation,
-                        record.event.target,
-                        deadline.map_or_else(|| "?".to_owned(), render::datetime)
-                    );
-                    no_agent = Some((record.event.operation.clone(), record.event.target.clone()));
+                record_of_admission = (record.event.operation.clone(), record.event.target.clone());
+                if caught_up {
+                    no_agent = missing_agent(remote, &record_of_admission, deadline).await;
+                } else {
+                    look_for_agent = true;
                 }
             }
             Some(Kind::Rejected(_)) => decided = true,
