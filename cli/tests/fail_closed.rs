@@ -499,3 +499,53 @@ async fn a_command_its_agent_refuses_is_reported_at_once_with_the_reason() {
     );
     shutdown.cancel();
 }
+
+/// `rct agents`: the live agents, and every place the catalog has no live agent for; one
+/// time format; `--output json` one object per line, like every other verb.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_lists_the_targets_no_agent_serves() {
+    let hub = Hub::start().await;
+    let shutdown = CancellationToken::new();
+    let operator = hub.running(&shutdown).await;
+    let op = operator.clone();
+    let text_out = blocking(move || op.rct(&["agents"])).await;
+    let listing = text(&text_out.stdout);
+    assert_eq!(
+        text_out.status.code(),
+        Some(0),
+        "{}",
+        text(&text_out.stderr)
+    );
+    let row = |target: &str| {
+        listing
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(target))
+            .unwrap_or_else(|| panic!("no {target} row:\n{listing}"))
+            .to_owned()
+    };
+    assert!(!row("prod-1").contains("no agent"), "{listing}");
+    let since = row("prod-1").split_whitespace().nth(4).unwrap().to_owned();
+    assert!(
+        since.len() == 10 && since.as_bytes()[4] == b'-',
+        "{listing}"
+    );
+    for target in ["prod-2", "prod-3", "prod-4", "_"] {
+        assert!(row(target).contains("no agent"), "{target}: {listing}");
+    }
+    let op = operator.clone();
+    let json_out = blocking(move || op.rct(&["agents", "--output", "json"])).await;
+    let objects: Vec<serde_json::Value> = text(&json_out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let live = |target: &str| {
+        objects
+            .iter()
+            .find(|o| o["target"] == target)
+            .map(|o| o["live"].clone())
+    };
+    assert_eq!(live("prod-1"), Some(true.into()), "{objects:?}");
+    assert_eq!(live("prod-2"), Some(false.into()), "{objects:?}");
+    assert_eq!(objects.len(), 5, "{objects:?}");
+    shutdown.cancel();
+}

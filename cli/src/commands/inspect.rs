@@ -319,14 +319,44 @@ pub async fn agents(home: &Home, global: &Global, args: AgentsArgs) -> Result {
     agents.sort_by(|a, b| {
         (&a.tower, &a.target, &a.instance).cmp(&(&b.tower, &b.target, &b.instance))
     });
+    // Every place the catalog says an agent should serve, and none does.
+    let mut missing: Vec<(String, String)> = Vec::new();
+    if let Ok(served) = remote.catalog_or_cached(home).await {
+        for (tower, spec) in &served.catalog.towers {
+            let targets = match spec.flavour {
+                rct_bus::catalog::Flavour::Cluster => spec.targets.clone(),
+                rct_bus::catalog::Flavour::Simple => vec![rct_bus::Target::NONE.to_owned()],
+            };
+            for target in targets {
+                if !agents
+                    .iter()
+                    .any(|a| &a.tower == tower && a.target == target)
+                {
+                    missing.push((tower.clone(), target));
+                }
+            }
+        }
+    }
+    let since = |at: &str| {
+        time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+            .map_or_else(|_| at.to_owned(), render::datetime)
+    };
     if args.output == Output::Json {
-        println!(
-            "{}",
-            serde_json::to_string(&agents).expect("presence serializes")
-        );
+        for a in &agents {
+            let mut value = serde_json::to_value(a).expect("presence serializes");
+            value["live"] = true.into();
+            value["started_at"] = since(&a.started_at).into();
+            println!("{value}");
+        }
+        for (tower, target) in &missing {
+            println!(
+                "{}",
+                serde_json::json!({ "tower": tower, "target": target, "live": false })
+            );
+        }
         return Ok(Exit::Ok);
     }
-    if agents.is_empty() {
+    if agents.is_empty() && missing.is_empty() {
         eprintln!("no live agents");
         return Ok(Exit::Ok);
     }
@@ -344,8 +374,18 @@ pub async fn agents(home: &Home, global: &Global, args: AgentsArgs) -> Result {
             a.target,
             a.instance,
             a.host,
-            a.started_at,
+            since(&a.started_at),
             a.operations.join(","),
+        ]);
+    }
+    for (tower, target) in missing {
+        rows.push([
+            tower,
+            target,
+            "no agent".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
         ]);
     }
     crate::commands::ops::print_table(&rows);
