@@ -372,6 +372,11 @@ impl Policy {
                     )
                 })?;
                 draft.request.cancels = target.to_string();
+                // Stopping it is changing production too: the operation's rule applies.
+                operation
+                    .justification
+                    .check(&subject_op.to_string(), &submission.justification)
+                    .map_err(|message| (C::JustificationRequired, message))?;
                 Ok(Verdict::Cancel(self.cancel(
                     input.now,
                     draft,
@@ -897,6 +902,38 @@ mod tests {
                 "{subject}: the same command"
             );
         }
+    }
+
+    /// A cancel follows the operation's justification rule, and its event records the reason.
+    #[test]
+    fn a_cancel_needs_the_justification_its_operation_needs() {
+        let now = OffsetDateTime::now_utc();
+        let policy = policy(example());
+        let cancel = |justification: &str| {
+            let mut submission = drain(now);
+            submission.justification = justification.into();
+            submission.request = Some(Request::Cancel(proto::Cancel {
+                command_id: CommandId::generate().to_string(),
+            }));
+            decide(&policy, &signed(&policy, &submission), now)
+        };
+        for refused in ["", "because"] {
+            let Verdict::Reject(reject) = cancel(refused) else {
+                panic!("a cancel justified by {refused:?} was admitted");
+            };
+            assert!(
+                reject.message().contains("justification"),
+                "{}",
+                reject.message()
+            );
+        }
+        let Verdict::Cancel(admitted) = cancel("SRE-9") else {
+            panic!("a justified cancel was refused");
+        };
+        let Some(Kind::CancelRequested(requested)) = admitted.cancel.kind else {
+            panic!("no cancel event");
+        };
+        assert_eq!(requested.justification, "SRE-9");
     }
 
     /// A cancel request's recorded decision rebuilds its `CancelRequested` event.

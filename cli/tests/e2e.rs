@@ -335,6 +335,14 @@ fn an_operator_session_end_to_end() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Stopping it needs the justification running it needs.
+    let unjustified = dev.rct(&["cancel", &running]);
+    assert_eq!(code(&unjustified), 2, "{}", text(&unjustified.stderr));
+    assert!(
+        text(&unjustified.stderr).contains("needs a justification"),
+        "{}",
+        text(&unjustified.stderr)
+    );
     let out = dev.rct(&["cancel", &running, "-j", "SRE-107"]);
     assert_eq!(
         code(&out),

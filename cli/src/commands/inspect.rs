@@ -248,6 +248,19 @@ pub async fn cancel(home: &Home, global: &Global, args: CancelArgs) -> Result {
         .operation
         .parse()
         .map_err(|_| Error::usage(format!("{id} names no operation")))?;
+    // The operation's justification rule applies to stopping it, checked here with
+    // admission's words before anything is sent.
+    let justification = args.justification.as_deref().unwrap_or_default();
+    if let Ok(served) = remote.catalog_or_cached(home).await
+        && let Some((_, operation)) = served.catalog.operation(&name)
+        && let Err(message) = operation
+            .justification
+            .check(&name.to_string(), justification)
+    {
+        return Err(Error::usage(format!(
+            "not submitted: {message} to cancel it too (rct cancel {id} -j …)"
+        )));
+    }
     let request = proto::submission::Request::Cancel(proto::Cancel {
         command_id: id.to_string(),
     });
@@ -256,7 +269,7 @@ pub async fn cancel(home: &Home, global: &Global, args: CancelArgs) -> Result {
         &session,
         CommandId::generate(),
         &name,
-        args.justification.as_deref().unwrap_or_default(),
+        justification,
         request,
     )
     .await?;
