@@ -103,6 +103,22 @@ fn code(output: &Output) -> i32 {
     output.status.code().unwrap_or(-1)
 }
 
+/// `output` ended with `exit`, and `stream` (its stdout or stderr) says `needle`.
+fn said(output: &Output, exit: i32, stream: &[u8], needle: &str) {
+    assert_eq!(
+        code(output),
+        exit,
+        "stdout:\n{}\nstderr:\n{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+    assert!(
+        text(stream).contains(needle),
+        "{needle:?} not in:\n{}",
+        text(stream)
+    );
+}
+
 fn ok(output: Output) -> Output {
     assert_eq!(
         code(&output),
@@ -242,12 +258,7 @@ fn an_operator_session_end_to_end() {
         "SRE-104",
         "--detach",
     ]);
-    assert_eq!(code(&out), 3, "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("rejected (forbidden)"),
-        "{}",
-        text(&out.stderr)
-    );
+    said(&out, 3, &out.stderr, "rejected (forbidden)");
     ok(dev.rct(&["login", "--dev", "--user", "alice", "--groups", "sre_team"]));
 
     // Refused before submitting: exit 2 with the catalog's rule.
@@ -282,12 +293,7 @@ fn an_operator_session_end_to_end() {
         "-j",
         "SRE-105",
     ]);
-    assert_eq!(code(&out), 1, "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("quota exceeded"),
-        "{}",
-        text(&out.stdout)
-    );
+    said(&out, 1, &out.stdout, "quota exceeded");
 
     // Detach, then watch shows the whole history.
     let out = ok(dev.rct(&[
@@ -337,11 +343,11 @@ fn an_operator_session_end_to_end() {
     }
     // Stopping it needs the justification running it needs.
     let unjustified = dev.rct(&["cancel", &running]);
-    assert_eq!(code(&unjustified), 2, "{}", text(&unjustified.stderr));
-    assert!(
-        text(&unjustified.stderr).contains("needs a justification"),
-        "{}",
-        text(&unjustified.stderr)
+    said(
+        &unjustified,
+        2,
+        &unjustified.stderr,
+        "needs a justification",
     );
     let out = dev.rct(&["cancel", &running, "-j", "SRE-107"]);
     assert_eq!(
@@ -362,11 +368,11 @@ fn an_operator_session_end_to_end() {
     );
     // Once more: too late, it has ended; exit 1, as the table says.
     let again = dev.rct(&["cancel", &running, "-j", "SRE-108"]);
-    assert_eq!(code(&again), 1, "{}", text(&again.stderr));
-    assert!(
-        text(&again.stderr).contains("was not cancelled: it has already ended cancelled"),
-        "{}",
-        text(&again.stderr)
+    said(
+        &again,
+        1,
+        &again.stderr,
+        "was not cancelled: it has already ended cancelled",
     );
 
     // The timeline and history, from the streams alone.

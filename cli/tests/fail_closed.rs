@@ -136,6 +136,15 @@ impl Drop for Background {
     }
 }
 
+/// The whole system on its identities (admission, the prod-1 agent, alice logged in), until
+/// the token is cancelled; the hub must be kept alive meanwhile.
+async fn running() -> (Hub, CancellationToken, Arc<support::Operator>) {
+    let hub = Hub::start().await;
+    let shutdown = CancellationToken::new();
+    let operator = hub.running(&shutdown).await;
+    (hub, shutdown, operator)
+}
+
 /// The hub with the prod-1 agent and alice logged in, after admission stopped: the hub, an
 /// admin's JetStream, the operator, and the token that stops the agent.
 async fn admission_stopped() -> (
@@ -267,9 +276,7 @@ async fn a_request_not_decided_before_it_expires_is_said_not_to_run_and_never_ru
 /// Admitted for a target no agent serves: said at once, with its deadline, while waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_for_a_target_with_no_live_agent_says_so_at_once() {
-    let hub = Hub::start().await;
-    let shutdown = CancellationToken::new();
-    let operator = hub.running(&shutdown).await;
+    let (_hub, shutdown, operator) = running().await;
     let watching = Background::start(
         &operator,
         &[
@@ -295,9 +302,7 @@ async fn a_command_for_a_target_with_no_live_agent_says_so_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_command_stream_unwritable_nothing_runs_until_it_is_back() {
-    let hub = Hub::start().await;
-    let shutdown = CancellationToken::new();
-    let operator = hub.running(&shutdown).await;
+    let (hub, shutdown, operator) = running().await;
     let js = admin(&hub).await;
 
     // RCT_CMD stops taking rct.cmd.>: every command write fails.
@@ -504,9 +509,7 @@ async fn a_command_its_agent_refuses_is_reported_at_once_with_the_reason() {
 /// time format; `--output json` one object per line, like every other verb.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_lists_the_targets_no_agent_serves() {
-    let hub = Hub::start().await;
-    let shutdown = CancellationToken::new();
-    let operator = hub.running(&shutdown).await;
+    let (_hub, shutdown, operator) = running().await;
     let op = operator.clone();
     let text_out = blocking(move || op.rct(&["agents"])).await;
     let listing = text(&text_out.stdout);
