@@ -332,6 +332,11 @@ impl Policy {
             .catalog
             .operation(&subject_op)
             .ok_or_else(|| (C::UnknownOperation, self.unknown_operation(&subject_op)))?;
+        if let Some(Request::Run(run)) = &submission.request {
+            // The operation says which parameters are secret: the others are on record, in
+            // clear, from here on (a refusal says what was asked for).
+            draft.request.params = operation.mask(&run.params);
+        }
         let allowed = operation
             .allowed_groups
             .iter()
@@ -934,6 +939,54 @@ mod tests {
             panic!("no cancel event");
         };
         assert_eq!(requested.justification, "SRE-9");
+    }
+
+    /// A refused request records what it asked for: its parameters in clear, except those
+    /// the operation says are secret (and any the operation does not know).
+    #[test]
+    fn a_refusal_records_the_parameters_that_are_not_secret() {
+        let now = OffsetDateTime::now_utc();
+        let policy = policy(example());
+        let submission = run(
+            "workloads/set-secret",
+            "_",
+            &[
+                ("namespace", proto::value::Kind::String("shop".into())),
+                ("name", proto::value::Kind::String("db".into())),
+                ("bogus", proto::value::Kind::String("what is this".into())),
+                (
+                    "value",
+                    proto::value::Kind::Sealed(proto::Sealed {
+                        age: b"sealed to the tower".to_vec(),
+                    }),
+                ),
+            ],
+            now,
+        );
+        let Verdict::Reject(reject) = policy.decide(Submitted {
+            subject: "rct.submit.workloads.set-secret",
+            payload: &signed(&policy, &submission),
+            sequence: 7,
+            now,
+        }) else {
+            panic!("an unknown parameter was admitted");
+        };
+        assert_eq!(reject.code(), RejectionCode::InvalidParams);
+        let Some(Kind::Rejected(rejected)) = &reject.decision.kind else {
+            panic!("not a rejection");
+        };
+        let shown: BTreeMap<&str, String> = rejected
+            .request
+            .as_ref()
+            .unwrap()
+            .params
+            .iter()
+            .map(|(k, v)| (k.as_str(), rct_bus::catalog::display_value(v)))
+            .collect();
+        assert_eq!(shown["namespace"], "shop");
+        assert_eq!(shown["name"], "db");
+        assert_eq!(shown["value"], "***", "secret");
+        assert_eq!(shown["bogus"], "***", "not in the catalog: may be anything");
     }
 
     /// A cancel request's recorded decision rebuilds its `CancelRequested` event.

@@ -44,6 +44,96 @@ pub fn datetime(at: OffsetDateTime) -> String {
     )
 }
 
+/// How times are shown to people and read from them: local time on a terminal, UTC off one,
+/// in JSON, and with `--utc`.
+#[derive(Clone, Debug)]
+pub enum Zone {
+    /// `2026-11-26 10:02:03Z`.
+    Utc,
+    /// `2026-11-26 11:02:03+01:00`, in this zone.
+    Local(jiff::tz::TimeZone),
+}
+
+impl Zone {
+    /// The zone to show times in: local on a terminal, unless `utc` or JSON.
+    pub fn for_display(utc: bool, output: Output) -> Self {
+        if utc || output == Output::Json || !std::io::stdout().is_terminal() {
+            Zone::Utc
+        } else {
+            Zone::Local(jiff::tz::TimeZone::system())
+        }
+    }
+
+    /// The zone a date or time without an offset is read in: local, unless `utc`.
+    pub fn for_input(utc: bool) -> Self {
+        if utc {
+            Zone::Utc
+        } else {
+            Zone::Local(jiff::tz::TimeZone::system())
+        }
+    }
+
+    fn tz(&self) -> jiff::tz::TimeZone {
+        match self {
+            Zone::Utc => jiff::tz::TimeZone::UTC,
+            Zone::Local(tz) => tz.clone(),
+        }
+    }
+
+    /// `at`, for people.
+    pub fn show(&self, at: OffsetDateTime) -> String {
+        let local = match self {
+            Zone::Utc => return datetime(at),
+            Zone::Local(tz) => jiff::Timestamp::new(at.unix_timestamp(), 0).map(|t| {
+                t.to_zoned(tz.clone())
+                    .strftime("%Y-%m-%d %H:%M:%S%:z")
+                    .to_string()
+            }),
+        };
+        local.unwrap_or_else(|_| datetime(at))
+    }
+
+    /// An instant as people give one: a duration back from `now` (`30m`, `2h`, `7d`), an
+    /// RFC 3339 time (`2026-12-01T10:00:00Z`), or a date or time without an offset
+    /// (`2026-12-01`, `2026-12-01 10:00`) in this zone.
+    pub fn parse(&self, text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
+        let text = text.trim();
+        if let Ok(back) = humantime::parse_duration(text) {
+            return time::Duration::try_from(back)
+                .ok()
+                .and_then(|back| now.checked_sub(back))
+                .ok_or_else(|| {
+                    format!("{text} reaches back before any date; give a shorter duration")
+                });
+        }
+        let instant = text
+            .parse::<jiff::Timestamp>()
+            .or_else(|_| {
+                text.parse::<jiff::civil::DateTime>()
+                    .and_then(|civil| civil.to_zoned(self.tz()))
+                    .map(|zoned| zoned.timestamp())
+            })
+            .or_else(|_| {
+                text.parse::<jiff::civil::Date>()
+                    .and_then(|date| date.to_zoned(self.tz()))
+                    .map(|zoned| zoned.timestamp())
+            })
+            .map_err(|_| {
+                format!(
+                    "{text:?} is not a time: give a duration back (30m, 2h, 7d), a date \
+                     (2026-12-01), or a time (2026-12-01T10:00:00Z; without an offset it is \
+                     {})",
+                    match self {
+                        Zone::Utc => "UTC",
+                        Zone::Local(_) => "local time, or UTC with --utc",
+                    }
+                )
+            })?;
+        OffsetDateTime::from_unix_timestamp_nanos(instant.as_nanosecond())
+            .map_err(|e| format!("{text}: {e}"))
+    }
+}
+
 /// An event timestamp, for people.
 pub fn at(event: &proto::Event) -> String {
     event
@@ -340,6 +430,62 @@ impl Live {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_read_in_every_form_people_give_them() {
+        let now = OffsetDateTime::from_unix_timestamp(1_764_590_400).unwrap(); // 2025-12-01T12:00Z
+        let plus_one = Zone::Local(jiff::tz::TimeZone::fixed(jiff::tz::offset(1)));
+        let at = |zone: &Zone, text| zone.parse(text, now).map(datetime);
+        for zone in [&Zone::Utc, &plus_one] {
+            assert_eq!(at(zone, "2h").unwrap(), "2025-12-01 10:00:00Z");
+            assert_eq!(
+                at(zone, "2025-12-01T09:30:00Z").unwrap(),
+                "2025-12-01 09:30:00Z"
+            );
+            assert_eq!(
+                zone.parse("2025-12-01T09:30:00.25Z", now)
+                    .unwrap()
+                    .nanosecond(),
+                250_000_000
+            );
+            assert_eq!(
+                at(zone, "2025-12-01T09:30:00+02:00").unwrap(),
+                "2025-12-01 07:30:00Z"
+            );
+            assert!(
+                at(zone, "yesterday-ish")
+                    .unwrap_err()
+                    .contains("not a time")
+            );
+            assert!(
+                at(zone, "100000000y")
+                    .unwrap_err()
+                    .contains("shorter duration")
+            );
+        }
+        // Without an offset: the zone's own time.
+        assert_eq!(
+            at(&Zone::Utc, "2025-12-01").unwrap(),
+            "2025-12-01 00:00:00Z"
+        );
+        assert_eq!(at(&plus_one, "2025-12-01").unwrap(), "2025-11-30 23:00:00Z");
+        assert_eq!(
+            at(&plus_one, "2025-12-01 10:00").unwrap(),
+            "2025-12-01 09:00:00Z"
+        );
+        assert_eq!(
+            at(&plus_one, "2025-12-01T10:00:00").unwrap(),
+            "2025-12-01 09:00:00Z"
+        );
+    }
+
+    #[test]
+    fn local_time_shows_its_offset_and_utc_its_z() {
+        let at = OffsetDateTime::from_unix_timestamp(1_764_590_400).unwrap();
+        let plus_one = Zone::Local(jiff::tz::TimeZone::fixed(jiff::tz::offset(1)));
+        assert_eq!(plus_one.show(at), "2025-12-01 13:00:00+01:00");
+        assert_eq!(Zone::Utc.show(at), "2025-12-01 12:00:00Z");
+    }
 
     #[test]
     fn a_log_event_packing_several_lines_shows_each() {

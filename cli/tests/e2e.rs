@@ -667,3 +667,198 @@ fn a_closed_pipe_ends_rct_quietly() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// The instant now, as RFC 3339 with nanoseconds (what `--since`/`--until` accept).
+fn instant_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    // Seconds and nanoseconds since the epoch, written as a UTC date and time.
+    let days = now.as_secs() / 86_400;
+    let seconds = now.as_secs() % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60,
+        now.subsec_nanos()
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn fired(out: Output) -> String {
+    let out = ok(out);
+    text(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("the command id")
+        .to_owned()
+}
+
+/// `rct history` as an incident-review tool: bounded ranges that print what is in them,
+/// absolute times, commands decided before the range kept whole, rows that say what each
+/// command was, and the filters an incident needs.
+#[test]
+fn history_answers_an_incident_reviews_questions() {
+    let dev = Dev::start();
+    ok(dev.rct(&["login", "--dev", "--user", "alice", "--groups", "sre_team"]));
+    let drained = fired(dev.rct(&[
+        "traffic",
+        "drain-cluster",
+        "--cluster",
+        "prod-1",
+        "-j",
+        "SRE-201",
+    ]));
+    std::thread::sleep(Duration::from_millis(300));
+    let after_drain = instant_now();
+    std::thread::sleep(Duration::from_millis(300));
+    let long_why = "SRE-202: a justification long enough to push any column after it well past \
+                    where the others start";
+    let weighted = fired(dev.rct(&[
+        "workloads",
+        "restart",
+        "--namespace",
+        "shop",
+        "--deployment",
+        "cart",
+        "-j",
+        long_why,
+        "--dry-run",
+    ]));
+    ok(dev.rct(&["login", "--dev", "--user", "bob", "--groups", "app_oncall"]));
+    let refused = dev.rct(&[
+        "traffic",
+        "drain-cluster",
+        "--cluster",
+        "prod-3",
+        "--keep-percent",
+        "7",
+        "-j",
+        "SRE-203",
+    ]);
+    assert_eq!(code(&refused), 3, "{}", text(&refused.stderr));
+    ok(dev.rct(&["login", "--dev", "--user", "alice", "--groups", "sre_team"]));
+    let ramping = fired(dev.rct(&[
+        "traffic",
+        "undrain-cluster",
+        "--cluster",
+        "prod-4",
+        "--ramp",
+        "60s",
+        "-j",
+        "SRE-204",
+        "--detach",
+    ]));
+    let started = Instant::now();
+    while !text(&dev.rct(&["status", &ramping]).stdout).contains("running") {
+        assert!(started.elapsed() < Duration::from_secs(30), "never running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let while_ramping = instant_now();
+    std::thread::sleep(Duration::from_millis(300));
+    ok(dev.rct(&["cancel", &ramping, "-j", "SRE-205"]));
+
+    let rows = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["history"];
+        all.extend_from_slice(args);
+        text(&ok(dev.rct(&all)).stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let has = |rows: &[String], id: &str| rows.iter().any(|r| r.contains(id));
+
+    // Everything: each command once, no `?` anywhere, what each one was.
+    let all = rows(&["--since", "10m"]);
+    let joined = all.join("\n");
+    assert!(!joined.contains('?'), "{joined}");
+    for id in [&drained, &weighted, &ramping] {
+        assert_eq!(
+            all.iter().filter(|r| r.contains(id.as_str())).count(),
+            if id == &ramping { 2 } else { 1 },
+            "{id} (the ramp twice: its row and its cancel's):\n{joined}"
+        );
+    }
+    let row = |id: &str| {
+        all.iter()
+            .find(|r| r.contains(id) && !r.contains("cancels"))
+            .unwrap()
+            .clone()
+    };
+    assert!(row(&weighted).contains("(dry run)"), "{joined}");
+    let cancel = all.iter().find(|r| r.contains("cancels")).expect(&joined);
+    assert!(
+        cancel.contains(" cancel ") && cancel.contains(&format!("cancels {ramping}")),
+        "a cancel request is a cancel, not an admitted command: {cancel}"
+    );
+    assert!(!cancel.contains("admitted"), "{cancel}");
+    let refusal = all.iter().find(|r| r.contains("SRE-203")).expect(&joined);
+    assert!(
+        refusal.contains("forbidden") && refusal.contains("keep_percent=7"),
+        "a refused request shows what it asked for: {refusal}"
+    );
+    // Columns start at the same place whatever the justification's length.
+    let column = |r: &str| r.find("alice@example.com").unwrap();
+    assert_eq!(column(&row(&drained)), column(&row(&weighted)), "{joined}");
+
+    // A bound in time: what was before it, and nothing after (--until printed nothing when
+    // events existed after the bound).
+    let before = rows(&["--since", "10m", "--until", &after_drain]);
+    assert!(has(&before, &drained), "{before:?}");
+    assert!(!has(&before, &weighted), "{before:?}");
+
+    // A command decided before --since is shown whole: who asked, why, how it ended; also
+    // when the range is filtered by operator.
+    let straddling = rows(&["--since", &while_ramping, "--operator", "alice@example.com"]);
+    let ramp = straddling
+        .iter()
+        .find(|r| r.contains(&ramping) && !r.contains("cancels"))
+        .unwrap_or_else(|| panic!("decided before --since, ended after: {straddling:?}"));
+    assert!(
+        ramp.contains("SRE-204") && ramp.contains("cancelled"),
+        "{ramp}"
+    );
+    assert!(!has(&straddling, &drained), "{straddling:?}");
+
+    // Filters: by ticket (a whole word), the last N.
+    let ticket = rows(&["--since", "10m", "--ticket", "sre-201"]);
+    assert_eq!(ticket.len(), 1, "{ticket:?}");
+    assert!(has(&ticket, &drained));
+    let last = rows(&["--since", "10m", "--limit", "2"]);
+    assert_eq!(last.len(), 2, "{last:?}");
+    assert_eq!(&last[..], &all[all.len() - 2..], "the last two: {last:?}");
+
+    // JSON: parameters as an object, one object per line.
+    let json = text(&ok(dev.rct(&["history", "--since", "10m", "--output", "json"])).stdout);
+    let weights: serde_json::Value = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["command_id"] == weighted.as_str())
+        .unwrap();
+    assert_eq!(weights["params"]["deployment"], "cart", "{weights}");
+    assert_eq!(weights["dry_run"], true, "{weights}");
+
+    // Empty and inverted ranges say so.
+    let empty = dev.rct(&["history", "--since", "2001-01-01", "--until", "2001-01-02"]);
+    said(&empty, 0, &empty.stderr, "no commands between");
+    assert!(text(&empty.stdout).is_empty());
+    let inverted = dev.rct(&["history", "--since", &after_drain, "--until", "2001-01-02"]);
+    said(&inverted, 2, &inverted.stderr, "the range is empty");
+    let nonsense = dev.rct(&["history", "--since", "last tuesday"]);
+    said(&nonsense, 2, &nonsense.stderr, "is not a time");
+}

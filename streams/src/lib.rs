@@ -34,7 +34,7 @@ pub mod testkit;
 pub use config::Config;
 pub use connect::Connection;
 pub use error::{Error, Result};
-pub use projection::{CommandState, Phase};
+pub use projection::{CommandState, Folded, Folder, Phase};
 pub use publish::{Ack, Outgoing, Publisher, Retry, Slot};
 pub use replay::{Filter, Item, Record};
 pub use topology::{Change, Report, provision};

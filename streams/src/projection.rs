@@ -11,6 +11,7 @@
 //! So applying a record twice, or records in another order, gives the same state.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use rct_bus::proto::{self, event::Kind};
@@ -143,6 +144,8 @@ pub struct CommandState {
     /// That refusal dropped the copy: nothing will run it, although no outcome says so (a
     /// refusal for now, of a key not trusted yet, is delivered again until the deadline).
     pub refused_for_good: bool,
+    /// The lowest stream sequence applied.
+    pub first_sequence: u64,
     /// The highest stream sequence applied.
     pub last_sequence: u64,
     progress_sequence: u64,
@@ -167,6 +170,7 @@ impl CommandState {
             ended_at: None,
             refused: None,
             refused_for_good: false,
+            first_sequence: 0,
             last_sequence: 0,
             progress_sequence: 0,
         }
@@ -216,6 +220,9 @@ impl CommandState {
             return;
         }
         self.last_sequence = self.last_sequence.max(sequence);
+        if self.first_sequence == 0 || sequence < self.first_sequence {
+            self.first_sequence = sequence;
+        }
         if self.operation.is_empty() {
             self.operation.clone_from(&event.operation);
         }
@@ -294,6 +301,127 @@ impl CommandState {
     /// The operator's identity, if the decision recorded it.
     pub fn operator(&self) -> Option<&proto::Operator> {
         self.request.as_ref()?.operator.as_ref()
+    }
+
+    /// The command this one asks to cancel, when it is a cancel request.
+    pub fn cancels(&self) -> Option<&str> {
+        Some(self.request.as_ref()?.cancels.as_str()).filter(|c| !c.is_empty())
+    }
+
+    /// Whether the request asked for a dry run.
+    pub fn dry_run(&self) -> bool {
+        self.request.as_ref().is_some_and(|r| r.dry_run)
+    }
+
+    /// Whether nothing more will happen to it: it reached a terminal phase, or it is a cancel
+    /// request that was admitted (its effect is recorded on the command it cancels).
+    pub fn is_over(&self) -> bool {
+        self.phase.is_terminal() || (self.phase == Phase::Admitted && self.cancels().is_some())
+    }
+}
+
+/// What [`Folder::absorb`] made of a record.
+#[derive(Debug)]
+pub enum Folded {
+    /// Its command is still open.
+    Open,
+    /// Its command is over: the final state, no longer kept.
+    Ended(Box<CommandState>),
+    /// The first record seen of a command whose decision came before the window: give the
+    /// decision to [`Folder::begin`], then the record again, to follow it.
+    Unseen(Box<Record>),
+    /// A record of a command that is already over, or of one no decision names: ignored.
+    Late,
+}
+
+/// Folds a window of the event stream into commands, keeping state only for the open ones:
+/// each command is handed back the moment it is over, so memory follows the commands in
+/// flight, not the length of the window.
+#[derive(Debug, Default)]
+pub struct Folder {
+    open: HashMap<CommandId, CommandState>,
+    /// Commands recently over (bounded), so their late records are known as late.
+    over: HashSet<CommandId>,
+    over_order: VecDeque<CommandId>,
+}
+
+/// How many ended commands [`Folder`] remembers to recognise late records.
+const REMEMBERED: usize = 65_536;
+
+impl Folder {
+    /// An empty folder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Folds one record in.
+    pub fn absorb(&mut self, record: Record) -> Folded {
+        let id = record.command_id;
+        let Some(state) = self.open.get_mut(&id) else {
+            if self.over.contains(&id) {
+                return Folded::Late;
+            }
+            if record.kind != EventKind::Decision {
+                return Folded::Unseen(Box::new(record));
+            }
+            let mut state = CommandState::new(id);
+            state.absorb(record);
+            return self.keep_or_end(state);
+        };
+        state.absorb(record);
+        if state.is_over() {
+            let state = self.open.remove(&id).expect("just seen");
+            return self.end(state);
+        }
+        Folded::Open
+    }
+
+    /// Starts following a command from its decision, read from before the window.
+    pub fn begin(&mut self, decision: Record) -> Folded {
+        let mut state = CommandState::new(decision.command_id);
+        state.absorb(decision);
+        self.keep_or_end(state)
+    }
+
+    /// Marks a command as over without a state (its records are ignored from now on).
+    pub fn ignore(&mut self, id: CommandId) {
+        self.remember(id);
+    }
+
+    fn keep_or_end(&mut self, state: CommandState) -> Folded {
+        if state.is_over() {
+            return self.end(state);
+        }
+        self.open.insert(state.command_id, state);
+        Folded::Open
+    }
+
+    fn end(&mut self, state: CommandState) -> Folded {
+        self.remember(state.command_id);
+        Folded::Ended(Box::new(state))
+    }
+
+    fn remember(&mut self, id: CommandId) {
+        if self.over.insert(id) {
+            self.over_order.push_back(id);
+        }
+        if self.over_order.len() > REMEMBERED
+            && let Some(oldest) = self.over_order.pop_front()
+        {
+            self.over.remove(&oldest);
+        }
+    }
+
+    /// How many commands are open.
+    pub fn open(&self) -> usize {
+        self.open.len()
+    }
+
+    /// The commands still open, in the order they were first seen.
+    pub fn into_open(self) -> Vec<CommandState> {
+        let mut open: Vec<CommandState> = self.open.into_values().collect();
+        open.sort_by_key(|s| s.first_sequence);
+        open
     }
 }
 
@@ -568,6 +696,67 @@ mod tests {
             Some("agent y: key not trusted yet")
         );
         assert!(!waiting.refused_for_good);
+    }
+
+    fn of(id: &str, mut record: Record) -> Record {
+        record.command_id = id.parse().unwrap();
+        record.event.command_id = id.into();
+        record
+    }
+
+    #[test]
+    fn the_folder_keeps_only_open_commands_and_hands_each_back_once_over() {
+        const B: &str = "01JQ0000000000000000000002";
+        const C: &str = "01JQ0000000000000000000003";
+        let mut folder = Folder::new();
+        assert!(matches!(folder.absorb(record(1, admitted())), Folded::Open));
+        assert!(matches!(
+            folder.absorb(of(B, record(2, admitted()))),
+            Folded::Open
+        ));
+        assert!(matches!(folder.absorb(record(3, started())), Folded::Open));
+        assert_eq!(folder.open(), 2);
+        let Folded::Ended(state) = folder.absorb(record(4, Kind::Succeeded(Default::default())))
+        else {
+            panic!("over with its outcome");
+        };
+        assert_eq!((state.phase, state.first_sequence), (Phase::Succeeded, 1));
+        assert_eq!(folder.open(), 1, "no state kept for what is over");
+        // A duplicate after the end is late, not a new command.
+        assert!(matches!(
+            folder.absorb(record(5, Kind::Succeeded(Default::default()))),
+            Folded::Late
+        ));
+        // A command first seen after its decision: the caller must supply the decision.
+        let Folded::Unseen(progress) = folder.absorb(of(C, record(6, progress(40)))) else {
+            panic!("a command without its decision is unseen");
+        };
+        assert!(matches!(
+            folder.begin(of(C, record(1, admitted()))),
+            Folded::Open
+        ));
+        assert!(matches!(folder.absorb(*progress), Folded::Open));
+        let open = folder.into_open();
+        let ids: Vec<String> = open.iter().map(|s| s.command_id.to_string()).collect();
+        assert_eq!(ids, [C, B], "in the order first seen");
+        assert_eq!(open[0].progress.as_ref().unwrap().percent, 40);
+    }
+
+    #[test]
+    fn a_cancel_request_is_over_once_admitted() {
+        let cancel = Kind::Admitted(proto::Admitted {
+            request: Some(proto::Request {
+                cancels: "01JQ0000000000000000000009".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let mut folder = Folder::new();
+        let Folded::Ended(state) = folder.absorb(record(1, cancel)) else {
+            panic!("a cancel request has no outcome of its own");
+        };
+        assert_eq!(state.cancels(), Some("01JQ0000000000000000000009"));
+        assert_eq!(folder.open(), 0);
     }
 
     #[test]

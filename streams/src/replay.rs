@@ -209,6 +209,29 @@ pub async fn command_history(js: &jetstream::Context, id: CommandId) -> Result<V
     Ok(records)
 }
 
+/// The decision (admitted or rejected) of one command of `tower`, if it has one.
+pub async fn decision(
+    js: &jetstream::Context,
+    tower: &Tower,
+    id: CommandId,
+) -> Result<Option<Record>> {
+    let filter = Filter {
+        command: Some(id),
+        tower: Some(tower.clone()),
+        kind: Some(EventKind::Decision),
+        ..Filter::default()
+    };
+    let mut events = history(js, &filter).await?;
+    while let Some(record) = events.next().await {
+        match record {
+            Ok(record) => return Ok(Some(record)),
+            Err(e @ Error::Malformed { .. }) => tracing::warn!(error = %e, "skipping"),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
 struct Replay {
     messages: Option<pull::Ordered>,
     filter: Filter,

@@ -1,7 +1,6 @@
 //! `rct bench`: what rct costs on top of NATS, measured as ratios against bare-JetStream
 //! floors in one run, on one machine. Starts its own nats-server and components.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,7 +11,7 @@ use rct_bus::proto;
 use rct_bus::{CommandId, EventKind, KeyPair, OperationName, Purpose, Subject};
 use rct_streams::replay::{self, Filter, Item};
 use rct_streams::timestamp::from_datetime;
-use rct_streams::{CommandState, Outgoing, Publisher};
+use rct_streams::{Outgoing, Publisher};
 use time::OffsetDateTime;
 
 use crate::commands::login;
@@ -577,23 +576,38 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
     let mut first_sequence = None;
     let mut acks = Vec::with_capacity(1024);
     let mut command = CommandId::generate();
+    // Each command as history sees one: its decision, progress, its outcome.
     for i in 0..n {
         if i % per_command == 0 {
             command = CommandId::generate();
         }
+        let kind = match i % per_command {
+            0 => proto::event::Kind::Admitted(proto::Admitted {
+                request: Some(proto::Request {
+                    justification: "BENCH-1".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            last if last == per_command - 1 => {
+                proto::event::Kind::Succeeded(proto::Succeeded::default())
+            }
+            _ => proto::event::Kind::Progress(proto::Progress {
+                percent: (i % 100) as u32,
+                step: "step".into(),
+                message: String::new(),
+            }),
+        };
         let event = proto::Event {
             command_id: command.to_string(),
             at: Some(from_datetime(OffsetDateTime::now_utc())),
             source: "bench".into(),
             operation: format!("{tower}/noop"),
             target: "t".into(),
-            kind: Some(proto::event::Kind::Progress(proto::Progress {
-                percent: (i % 100) as u32,
-                step: "step".into(),
-                message: String::new(),
-            })),
+            kind: Some(kind),
         };
-        let subject = Subject::event(&tower, command, EventKind::Progress).to_string();
+        let slot = EventKind::of(&event).expect("an event with a kind");
+        let subject = Subject::event(&tower, command, slot).to_string();
         acks.push(
             js.publish(subject, event.encode_to_vec().into())
                 .await
@@ -618,20 +632,29 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
     };
 
     let begin = Instant::now();
-    let mut states: HashMap<CommandId, CommandState> = HashMap::new();
+    let mut folder = rct_streams::Folder::new();
     let mut history = replay::history(js, &filter).await.map_err(|e| io(&e))?;
-    let mut seen = 0;
+    let (mut seen, mut ended, mut most_open) = (0, 0, 0);
     while let Some(record) = history.next().await {
         let record = record.map_err(|e| io(&e))?;
         seen += 1;
-        states
-            .entry(record.command_id)
-            .or_insert_with(|| CommandState::new(record.command_id))
-            .absorb(record);
+        if let rct_streams::Folded::Ended(_) = folder.absorb(record) {
+            ended += 1;
+        }
+        most_open = most_open.max(folder.open());
     }
     let ours = begin.elapsed();
-    if seen != n {
-        return Err(Error::usage(format!("replay read {seen} of {n} events")));
+    let commands = n.div_ceil(per_command);
+    if seen != n || ended + folder.open() != commands {
+        return Err(Error::usage(format!(
+            "replay read {seen} of {n} events, ended {ended} of {commands} commands"
+        )));
+    }
+    // What `rct history` keeps: only the commands in flight (here one at a time).
+    if most_open > 1 {
+        return Err(Error::usage(format!(
+            "replay held {most_open} open commands; history must keep only those in flight"
+        )));
     }
 
     use async_nats::jetstream::consumer::pull;
@@ -663,10 +686,7 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
     let floor = begin.elapsed();
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
     Ok(Row {
-        scenario: format!(
-            "replay into history ({n} events, {} commands)",
-            states.len()
-        ),
+        scenario: format!("replay into history ({n} events, {commands} commands)"),
         rct: format!("{:.0} events/s ({:.2} s)", rate(ours), ours.as_secs_f64()),
         floor: format!("{:.0} events/s ({:.2} s)", rate(floor), floor.as_secs_f64()),
         ratio: ratio(rate(ours), rate(floor)),

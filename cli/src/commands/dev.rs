@@ -164,6 +164,7 @@ async fn script(home: &Home) -> Result {
         &global,
         inspect::One {
             id: id.to_string(),
+            utc: false,
             output: Output::Text,
         },
     )
@@ -198,12 +199,15 @@ async fn script(home: &Home) -> Result {
         home,
         &global,
         history::Args {
-            since: std::time::Duration::from_secs(600),
+            since: "10m".into(),
             until: None,
             tower: None,
             target: None,
             operator: None,
             outcome: None,
+            ticket: None,
+            limit: None,
+            utc: false,
             follow: false,
             output: Output::Text,
         },

@@ -1,29 +1,32 @@
-//! `rct history`: one line per command, from the event stream alone.
+//! `rct history`: one line per command, from the event stream alone, printed as each command
+//! ends; only the commands still open are kept in memory.
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::io::IsTerminal;
 
 use futures::StreamExt;
-use rct_bus::CommandId;
+use rct_bus::catalog::{Served, display_value};
+use rct_bus::proto::{self, event::Kind};
 use rct_streams::replay::{self, Filter, Item};
-use rct_streams::{CommandState, Phase};
+use rct_streams::{CommandState, Folded, Folder, Phase};
+use serde_json::json;
 use time::OffsetDateTime;
 
-use crate::commands::inspect::{line, state_json};
 use crate::exit::{Error, Exit, Result};
 use crate::home::Home;
 use crate::remote::{self, Global};
-use crate::render::Output;
+use crate::render::{self, Output, Zone};
 
 /// What happened, who asked, why, how it went.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// How far back (e.g. 30m, 2h, 7d).
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
-    pub since: Duration,
-    /// Up to this long ago (e.g. 1h); default now.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub until: Option<Duration>,
+    /// From when: a duration back (30m, 2h, 7d), a date (2026-12-01) or a time
+    /// (2026-12-01T10:00:00Z; without an offset it is local time).
+    #[arg(long, default_value = "24h")]
+    pub since: String,
+    /// Up to when, in the same forms; default now.
+    #[arg(long)]
+    pub until: Option<String>,
     /// Only this tower.
     #[arg(long)]
     pub tower: Option<String>,
@@ -33,9 +36,18 @@ pub struct Args {
     /// Only commands of this operator (email or subject).
     #[arg(long)]
     pub operator: Option<String>,
-    /// Only commands in this state (succeeded, failed, rejected, running, …).
+    /// Only commands in this state (succeeded, failed, rejected, running, cancel, …).
     #[arg(long)]
     pub outcome: Option<String>,
+    /// Only commands whose justification names this ticket (a whole word, any case).
+    #[arg(long)]
+    pub ticket: Option<String>,
+    /// Only the last N commands of the range (with --follow, then every new one).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Times in UTC, read and shown (off a terminal and in JSON they are shown in UTC anyway).
+    #[arg(long)]
+    pub utc: bool,
     /// Keep going: print commands as they end.
     #[arg(long)]
     pub follow: bool,
@@ -47,9 +59,31 @@ pub struct Args {
 /// Runs `rct history`.
 pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
     let now = OffsetDateTime::now_utc();
+    let input = Zone::for_input(args.utc);
+    let when = |flag: &str, text: &str| {
+        input
+            .parse(text, now)
+            .map_err(|e| Error::usage(format!("{flag}: {e}")))
+    };
+    let since = when("--since", &args.since)?;
+    let until = args
+        .until
+        .as_deref()
+        .map(|u| when("--until", u))
+        .transpose()?;
+    let zone = Zone::for_display(args.utc, args.output);
+    if let Some(until) = until
+        && until <= since
+    {
+        return Err(Error::usage(format!(
+            "the range is empty: --until {} is not after --since {}",
+            zone.show(until),
+            zone.show(since)
+        )));
+    }
     let filter = Filter {
-        since: Some(ago(now, "--since", args.since)?),
-        until: args.until.map(|u| ago(now, "--until", u)).transpose()?,
+        since: Some(since),
+        until,
         tower: args
             .tower
             .as_deref()
@@ -65,74 +99,101 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
         ..Filter::default()
     };
     if let Some(outcome) = &args.outcome
-        && !PHASES.contains(&outcome.as_str())
+        && !WORDS.contains(&outcome.as_str())
     {
         return Err(Error::usage(format!(
             "--outcome {outcome}: use one of {}",
-            PHASES.join(", ")
+            WORDS.join(", ")
         )));
     }
+    if args.limit == Some(0) {
+        return Err(Error::usage("--limit 0 would show nothing: give 1 or more"));
+    }
     let remote = remote::connect(home, global).await?;
-    let mut states: HashMap<CommandId, CommandState> = HashMap::new();
-    let mut order: Vec<CommandId> = Vec::new();
-    let mut printed: std::collections::HashSet<CommandId> = Default::default();
+    let layout = Layout::of(remote.catalog_or_cached(home).await.ok().as_ref());
+    let mut rows = Rows::new(&args, zone.clone(), layout);
+    let mut folder = Folder::new();
     let mut events = replay::follow(&remote.js, &filter)
         .await
         .map_err(|e| Error::usage(format!("cannot read history: {e}")))?;
-    let mut caught_up = false;
+    let mut lookup_failed = false;
     while let Some(item) = events.next().await {
         let record = match item {
             Ok(Item::Event(record)) => record,
-            Ok(Item::CaughtUp) => {
-                caught_up = true;
-                let mut listed: Vec<&CommandState> =
-                    order.iter().filter_map(|id| states.get(id)).collect();
-                listed.sort_by_key(|s| (s.decided_at.or(s.started_at), s.last_sequence));
-                for state in listed {
-                    if matches(state, &args) {
-                        print(state, args.output);
-                        printed.insert(state.command_id);
-                    }
-                }
-                if !args.follow {
-                    break;
-                }
+            Ok(Item::CaughtUp) if args.follow => {
+                rows.live();
                 continue;
             }
+            Ok(Item::CaughtUp) => break,
             Err(e) => {
                 tracing::debug!(error = %e, "skipping");
                 continue;
             }
         };
-        let id = record.command_id;
-        let state = states.entry(id).or_insert_with(|| {
-            order.push(id);
-            CommandState::new(id)
-        });
-        state.absorb(record);
-        if caught_up && state.phase.is_terminal() && !printed.contains(&id) && matches(state, &args)
-        {
-            print(state, args.output);
-            printed.insert(id);
+        let folded = match folder.absorb(record) {
+            // Decided before the window: its decision says who asked and why.
+            Folded::Unseen(record) => {
+                match replay::decision(&remote.js, &record.tower, record.command_id).await {
+                    Ok(Some(decision)) if decision.published < since => {
+                        folder.begin(decision);
+                        folder.absorb(*record)
+                    }
+                    // Decided within the window and already over, or never decided.
+                    Ok(_) => {
+                        folder.ignore(record.command_id);
+                        Folded::Late
+                    }
+                    Err(e) => {
+                        if !lookup_failed {
+                            eprintln!(
+                                "rct: cannot read the decisions of commands decided before \
+                                 --since ({e}); they show without who asked and why"
+                            );
+                            lookup_failed = true;
+                        }
+                        folder.begin(*record)
+                    }
+                }
+            }
+            folded => folded,
+        };
+        if let Folded::Ended(state) = folded {
+            rows.push(&state);
         }
+    }
+    // Still open at the end of the range (or when the follow ended).
+    for state in folder.into_open() {
+        rows.push(&state);
+    }
+    if rows.finish() == 0 {
+        eprintln!(
+            "no commands{} {}{}",
+            if args.tower.is_some()
+                || args.target.is_some()
+                || args.operator.is_some()
+                || args.outcome.is_some()
+                || args.ticket.is_some()
+            {
+                " matching the filters"
+            } else {
+                ""
+            },
+            match until {
+                Some(until) => format!("between {} and {}", zone.show(since), zone.show(until)),
+                None => format!("since {}", zone.show(since)),
+            },
+            if args.follow {
+                " (following ended)"
+            } else {
+                ""
+            }
+        );
     }
     Ok(Exit::Ok)
 }
 
-/// `now - back`, or a usage error naming `flag` when that is before any representable date.
-fn ago(now: OffsetDateTime, flag: &str, back: Duration) -> Result<OffsetDateTime> {
-    time::Duration::try_from(back)
-        .ok()
-        .and_then(|back| now.checked_sub(back))
-        .ok_or_else(|| {
-            Error::usage(format!(
-                "{flag} {}: that reaches back before any date; give a shorter duration",
-                humantime::format_duration(back)
-            ))
-        })
-}
-
-const PHASES: [&str; 9] = [
+/// The states `--outcome` takes: the phases, and `cancel` for cancel requests.
+const WORDS: [&str; 10] = [
     "pending",
     "admitted",
     "running",
@@ -142,44 +203,342 @@ const PHASES: [&str; 9] = [
     "expired",
     "cancelled",
     "unknown",
+    "cancel",
 ];
 
-fn matches(state: &CommandState, args: &Args) -> bool {
-    let operator = state.operator();
-    args.operator
-        .as_ref()
-        .is_none_or(|who| operator.is_some_and(|o| &o.email == who || &o.subject == who))
-        && args
-            .outcome
-            .as_ref()
-            .is_none_or(|phase| state.phase.as_str() == phase)
-        && state.phase != Phase::Pending
+/// The word for where a command is: its phase, or `cancel` for a cancel request.
+pub fn word(state: &CommandState) -> &'static str {
+    if state.cancels().is_some() && state.phase == Phase::Admitted {
+        "cancel"
+    } else {
+        state.phase.as_str()
+    }
 }
 
-#[allow(clippy::print_stdout)] // history is data
-fn print(state: &CommandState, output: Output) {
-    match output {
-        Output::Json => println!("{}", state_json(state)),
-        Output::Text => println!("{}", line(state)),
+/// Whether `justification` names `ticket` as a whole word, in any case.
+fn names_ticket(justification: &str, ticket: &str) -> bool {
+    justification
+        .split(|c: char| !(c.is_alphanumeric() || c == '-' || c == '_' || c == '#'))
+        .any(|word| word.eq_ignore_ascii_case(ticket))
+}
+
+/// The rows of one `rct history`: filtered, limited, with a header on a terminal.
+struct Rows<'a> {
+    args: &'a Args,
+    zone: Zone,
+    layout: Layout,
+    header: bool,
+    /// The last `--limit` rows, held until the stored range is read.
+    held: Option<VecDeque<String>>,
+    printed: usize,
+}
+
+impl<'a> Rows<'a> {
+    fn new(args: &'a Args, zone: Zone, layout: Layout) -> Self {
+        Self {
+            args,
+            zone,
+            layout,
+            header: args.output == Output::Text && std::io::stdout().is_terminal(),
+            held: args.limit.map(VecDeque::with_capacity),
+            printed: 0,
+        }
     }
+
+    fn matches(&self, state: &CommandState) -> bool {
+        let args = self.args;
+        let operator = state.operator();
+        state.phase != Phase::Pending
+            && args
+                .operator
+                .as_ref()
+                .is_none_or(|who| operator.is_some_and(|o| &o.email == who || &o.subject == who))
+            && args.outcome.as_ref().is_none_or(|w| word(state) == w)
+            && args.ticket.as_ref().is_none_or(|t| {
+                state
+                    .request
+                    .as_ref()
+                    .is_some_and(|r| names_ticket(&r.justification, t))
+            })
+    }
+
+    fn push(&mut self, state: &CommandState) {
+        if !self.matches(state) {
+            return;
+        }
+        let line = match self.args.output {
+            Output::Json => state_json(state).to_string(),
+            Output::Text => self.layout.row(state, &self.zone),
+        };
+        match (&mut self.held, self.args.limit) {
+            (Some(held), Some(limit)) => {
+                if held.len() == limit {
+                    held.pop_front();
+                }
+                held.push_back(line);
+            }
+            _ => self.print(&line),
+        }
+    }
+
+    /// The stored range is read: print what was held; from now on rows print as they come.
+    fn live(&mut self) {
+        for line in self.held.take().unwrap_or_default() {
+            self.print(&line);
+        }
+    }
+
+    /// Prints what is held; how many rows were printed.
+    fn finish(mut self) -> usize {
+        self.live();
+        self.printed
+    }
+
+    #[allow(clippy::print_stdout)] // history is data
+    fn print(&mut self, line: &str) {
+        if self.header {
+            println!("{}", self.layout.header(&self.zone));
+            self.header = false;
+        }
+        println!("{line}");
+        self.printed += 1;
+    }
+}
+
+/// Column widths for text rows, from the catalog's names, so rows align while streaming.
+#[derive(Debug)]
+pub struct Layout {
+    operation: usize,
+    target: usize,
+}
+
+const OPERATOR: usize = 24;
+const STATE: usize = 9;
+const TOOK: usize = 8;
+
+impl Layout {
+    /// Wide enough for every operation and target `catalog` names.
+    pub fn of(catalog: Option<&Served>) -> Self {
+        let (mut operation, mut target) = ("OPERATION".len(), "TARGET".len());
+        if let Some(served) = catalog {
+            let catalog = &served.catalog;
+            for name in catalog.operations.keys() {
+                operation = operation.max(name.chars().count());
+            }
+            for spec in catalog.towers.values() {
+                for t in &spec.targets {
+                    target = target.max(t.chars().count());
+                }
+            }
+        }
+        Self {
+            operation: operation.min(48),
+            target: target.min(32),
+        }
+    }
+
+    fn header(&self, zone: &Zone) -> String {
+        let time = zone.show(OffsetDateTime::UNIX_EPOCH).chars().count();
+        format!(
+            "{:<time$}  {:<26}  {:<op$}  {:<tg$}  {:<STATE$}  {:>TOOK$}  {:<OPERATOR$}  \
+             JUSTIFICATION",
+            "TIME",
+            "COMMAND",
+            "OPERATION",
+            "TARGET",
+            "STATE",
+            "TOOK",
+            "OPERATOR",
+            op = self.operation,
+            tg = self.target,
+        )
+    }
+
+    /// One command in one line: when it was decided, what, where, how it went, how long it
+    /// ran, who asked, then why and what else is worth knowing.
+    pub fn row(&self, state: &CommandState, zone: &Zone) -> String {
+        let when = state.decided_at.or(state.started_at);
+        let time = when.map_or_else(
+            || "-".repeat(zone.show(OffsetDateTime::UNIX_EPOCH).chars().count()),
+            |at| zone.show(at),
+        );
+        let request = state.request.as_ref();
+        let took = state.duration().map_or_else(String::new, render::duration);
+        let operator = request
+            .and_then(|r| r.operator.as_ref())
+            .map_or_else(|| "-".to_owned(), |o| render::operator(Some(o)));
+        let mut why = request.map_or_else(String::new, |r| r.justification.clone());
+        if why.is_empty() {
+            why.push('-');
+        }
+        format!(
+            "{time}  {}  {:<op$}  {:<tg$}  {:<STATE$}  {took:>TOOK$}  {operator:<OPERATOR$}  \
+             {why}{}",
+            state.command_id,
+            or_dash(&state.operation),
+            or_dash(state.target.as_str()),
+            word(state),
+            notes(state),
+            op = self.operation,
+            tg = self.target,
+        )
+    }
+}
+
+fn or_dash(text: &str) -> &str {
+    match text {
+        "" | "_" => "-",
+        text => text,
+    }
+}
+
+/// What else the row should say: dry run, what it cancels, why it failed or was refused (with
+/// the refused request's parameters), how far it got.
+fn notes(state: &CommandState) -> String {
+    let mut notes: Vec<String> = Vec::new();
+    if state.dry_run() {
+        notes.push("dry run".into());
+    }
+    if let Some(cancelled) = state.cancels() {
+        notes.push(format!("cancels {cancelled}"));
+    }
+    match (&state.outcome, &state.decision) {
+        (Some(Kind::Failed(f)), _) => notes.push(f.code.clone()),
+        (Some(Kind::Unknown(_)), _) => notes.push("agent died".into()),
+        (Some(_), _) => {}
+        (None, Some(Kind::Rejected(r))) => {
+            notes.push(rct_bus::rejection_code_name(r.code).to_owned());
+            if let Some(request) = &r.request
+                && !request.params.is_empty()
+            {
+                notes.push(render::params(&request.params));
+            }
+        }
+        _ if state.refused_for_good => notes.push("refused by its agent: will not run".into()),
+        _ if state.refused.is_some() => {
+            notes.push("refused by its agent for now: see rct show".into());
+        }
+        _ => {
+            if let Some(p) = &state.progress {
+                notes.push(format!("{}%", p.percent));
+            }
+        }
+    }
+    if notes.is_empty() {
+        String::new()
+    } else {
+        format!("  ({})", notes.join("; "))
+    }
+}
+
+/// A command's state as JSON.
+pub fn state_json(state: &CommandState) -> serde_json::Value {
+    let request = state.request.as_ref();
+    let params = request.map(|r| {
+        r.params
+            .iter()
+            .map(|(k, v)| (k.clone(), display_value(v).into()))
+            .collect::<serde_json::Map<String, serde_json::Value>>()
+    });
+    json!({
+        "command_id": state.command_id.to_string(),
+        "operation": state.operation,
+        "target": state.target,
+        "phase": state.phase.as_str(),
+        "operator": request.and_then(|r| r.operator.as_ref()).map(|o| render::operator(Some(o))),
+        "justification": request.map(|r| r.justification.clone()),
+        "params": params,
+        "dry_run": state.dry_run(),
+        "cancels": state.cancels(),
+        "decided_at": state.decided_at.map(render::datetime),
+        "started_at": state.started_at.map(render::datetime),
+        "ended_at": state.ended_at.map(render::datetime),
+        "duration_seconds": state.duration().map(|d| d.as_secs_f64()),
+        "agent": state.started.as_ref().map(|s| s.agent.clone()),
+        "refused": state.refused,
+        "refused_for_good": state.refused_for_good,
+        "outcome": state.outcome.as_ref().map(|k| render::describe(&proto::Event { kind: Some(k.clone()), ..Default::default() })),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// `rct history --since 100000000y` panicked on the date arithmetic.
     #[test]
-    fn a_huge_since_or_until_is_a_usage_error_not_a_panic() {
-        let now = OffsetDateTime::now_utc();
-        for text in ["100000000y", "500000000000y"] {
-            let back = humantime::parse_duration(text).unwrap();
-            for flag in ["--since", "--until"] {
-                let error = ago(now, flag, back).unwrap_err();
-                assert!(error.to_string().contains(flag), "{error}");
-            }
+    fn a_ticket_is_matched_as_a_whole_word_in_any_case() {
+        assert!(names_ticket("SRE-101 drain for maintenance", "sre-101"));
+        assert!(names_ticket("for (SRE-101), see #42", "SRE-101"));
+        assert!(names_ticket("see #42", "#42"));
+        assert!(!names_ticket("SRE-1011", "SRE-101"));
+        assert!(!names_ticket("SRE-10", "SRE-101"));
+    }
+
+    fn state(justification: &str, operator: &str) -> CommandState {
+        let id = rct_bus::CommandId::generate();
+        let event = proto::Event {
+            command_id: id.to_string(),
+            at: Some(rct_streams::timestamp::from_datetime(
+                OffsetDateTime::UNIX_EPOCH,
+            )),
+            operation: "traffic/drain-cluster".into(),
+            target: "prod-1".into(),
+            kind: Some(Kind::Admitted(proto::Admitted {
+                request: Some(proto::Request {
+                    justification: justification.into(),
+                    operator: Some(proto::Operator {
+                        email: operator.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let record = rct_streams::Record {
+            sequence: 1,
+            published: OffsetDateTime::UNIX_EPOCH,
+            tower: "traffic".parse().unwrap(),
+            command_id: id,
+            kind: rct_bus::EventKind::Decision,
+            event,
+            trace: None,
+        };
+        CommandState::fold([&record]).unwrap()
+    }
+
+    /// Every column before the justification starts at the same place, whatever the
+    /// justification or the operator's length, and the header names them there.
+    #[test]
+    fn rows_align_under_the_header_whatever_their_lengths() {
+        let layout = Layout {
+            operation: 21,
+            target: 6,
+        };
+        let zone = Zone::Utc;
+        let header = layout.header(&zone);
+        let column = header.find("JUSTIFICATION").unwrap();
+        for (why, who) in [
+            ("x", "a@b.c"),
+            (
+                "a very long justification that goes on and on, SRE-1",
+                "alice@example.com",
+            ),
+            ("", "bob@example.com"),
+        ] {
+            let row = layout.row(&state(why, who), &zone);
+            assert_eq!(
+                row.find(if why.is_empty() { "-" } else { why }),
+                Some(column),
+                "{header}\n{row}"
+            );
+            assert_eq!(row.find(who), header.find("OPERATOR"), "{header}\n{row}");
+            assert_eq!(
+                row.find("admitted"),
+                header.find("STATE"),
+                "{header}\n{row}"
+            );
         }
-        let day = Duration::from_secs(86_400);
-        assert_eq!(ago(now, "--since", day).unwrap(), now - day);
     }
 }

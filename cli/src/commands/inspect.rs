@@ -1,16 +1,17 @@
 //! After the fact: `rct watch`, `rct status`, `rct show`, `rct cancel`, `rct agents`.
 
 use futures::StreamExt;
-use rct_bus::proto::{self, event::Kind};
+use rct_bus::proto;
 use rct_bus::{CommandId, EventKind, OperationName};
 use rct_streams::replay;
 use rct_streams::{CommandState, Record};
 
+use crate::commands::history;
 use crate::commands::run::{self, submit};
 use crate::exit::{Error, Exit, Result};
 use crate::home::Home;
 use crate::remote::{self, Global, Remote};
-use crate::render::{self, Output};
+use crate::render::{self, Output, Zone};
 use crate::session::Session;
 
 /// One command, by id.
@@ -18,6 +19,9 @@ use crate::session::Session;
 pub struct One {
     /// The command id (printed when it was submitted).
     pub id: String,
+    /// Times in UTC (off a terminal and in JSON they are in UTC anyway).
+    #[arg(long)]
+    pub utc: bool,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
@@ -65,8 +69,14 @@ pub async fn status(home: &Home, global: &Global, args: One) -> Result {
     let records = history(&remote, id).await?;
     let state = CommandState::fold(&records).expect("not empty");
     match args.output {
-        Output::Json => println!("{}", state_json(&state)),
-        Output::Text => println!("{}", line(&state)),
+        Output::Json => println!("{}", history::state_json(&state)),
+        Output::Text => {
+            let layout = history::Layout::of(remote.catalog_or_cached(home).await.ok().as_ref());
+            println!(
+                "{}",
+                layout.row(&state, &Zone::for_display(args.utc, args.output))
+            );
+        }
     }
     Ok(exit_of(&state))
 }
@@ -83,68 +93,6 @@ fn exit_of(state: &CommandState) -> Exit {
     }
 }
 
-/// One line per command: time, operation, target, operator, justification, outcome, duration.
-pub fn line(state: &CommandState) -> String {
-    let when = state
-        .decided_at
-        .or(state.started_at)
-        .map_or_else(|| "?".to_owned(), render::datetime);
-    let request = state.request.as_ref();
-    let took = state
-        .duration()
-        .map_or_else(String::new, |d| format!(" in {}", render::duration(d)));
-    let detail = match (&state.outcome, &state.decision) {
-        (Some(kind), _) => match kind {
-            Kind::Failed(f) => format!(" ({})", f.code),
-            Kind::Unknown(_) => " (agent died)".into(),
-            _ => String::new(),
-        },
-        (None, Some(Kind::Rejected(r))) => format!(" ({})", rct_bus::rejection_code_name(r.code)),
-        _ if state.refused_for_good => " (refused by its agent: will not run)".into(),
-        _ if state.refused.is_some() => " (refused by its agent for now: see rct show)".into(),
-        _ => state
-            .progress
-            .as_ref()
-            .map(|p| format!(" ({}%)", p.percent))
-            .unwrap_or_default(),
-    };
-    format!(
-        "{when}  {}  {:<24} {:<8} {:<22} {:<10} {}{detail}{took}",
-        state.command_id,
-        state.operation,
-        if state.target.is_empty() {
-            "-"
-        } else {
-            &state.target
-        },
-        render::operator(request.and_then(|r| r.operator.as_ref())),
-        request.map_or("", |r| r.justification.as_str()),
-        state.phase,
-    )
-}
-
-/// A command's state as JSON.
-pub fn state_json(state: &CommandState) -> serde_json::Value {
-    let request = state.request.as_ref();
-    serde_json::json!({
-        "command_id": state.command_id.to_string(),
-        "operation": state.operation,
-        "target": state.target,
-        "phase": state.phase.as_str(),
-        "operator": render::operator(request.and_then(|r| r.operator.as_ref())),
-        "justification": request.map(|r| r.justification.clone()),
-        "params": request.map(|r| render::params(&r.params)),
-        "decided_at": state.decided_at.map(render::datetime),
-        "started_at": state.started_at.map(render::datetime),
-        "ended_at": state.ended_at.map(render::datetime),
-        "duration_seconds": state.duration().map(|d| d.as_secs_f64()),
-        "agent": state.started.as_ref().map(|s| s.agent.clone()),
-        "refused": state.refused,
-        "refused_for_good": state.refused_for_good,
-        "outcome": state.outcome.as_ref().map(|k| render::describe(&proto::Event { kind: Some(k.clone()), ..Default::default() })),
-    })
-}
-
 /// `rct show <id>`: the whole timeline.
 #[allow(clippy::print_stdout)] // the timeline is the result
 pub async fn show(home: &Home, global: &Global, args: One) -> Result {
@@ -158,6 +106,7 @@ pub async fn show(home: &Home, global: &Global, args: One) -> Result {
         }
         return Ok(exit_of(&state));
     }
+    let zone = Zone::for_display(args.utc, args.output);
     let request = state.request.as_ref();
     println!("command       {id}");
     println!(
@@ -190,7 +139,10 @@ pub async fn show(home: &Home, global: &Global, args: One) -> Result {
     if request.is_some_and(|r| r.dry_run) {
         println!("dry run       yes");
     }
-    println!("state         {}", state.phase);
+    if let Some(cancelled) = state.cancels() {
+        println!("cancels       {cancelled}");
+    }
+    println!("state         {}", history::word(&state));
     if let Some(reason) = &state.refused {
         println!("refused       {reason}");
     }
@@ -206,7 +158,12 @@ pub async fn show(home: &Home, global: &Global, args: One) -> Result {
         };
         println!(
             "{}  {:<8} {}{who}",
-            render::at(&record.event),
+            record
+                .event
+                .at
+                .as_ref()
+                .and_then(rct_streams::timestamp::to_datetime)
+                .map_or_else(String::new, |at| zone.show(at)),
             record.kind.as_str(),
             render::describe(&record.event)
         );
