@@ -328,10 +328,12 @@ impl Policy {
             ));
         }
 
-        let (tower_spec, operation) = self
-            .catalog
-            .operation(&subject_op)
-            .ok_or_else(|| (C::UnknownOperation, self.unknown_operation(&subject_op)))?;
+        let (tower_spec, operation) = self.catalog.operation(&subject_op).ok_or_else(|| {
+            (
+                C::UnknownOperation,
+                self.catalog.unknown_operation(&subject_op),
+            )
+        })?;
         if let Some(Request::Run(run)) = &submission.request {
             // The operation says which parameters are secret: the others are on record, in
             // clear, from here on (a refusal says what was asked for).
@@ -673,28 +675,6 @@ impl Policy {
             operation: operation.to_owned(),
             target: target.to_owned(),
             kind: Some(kind),
-        }
-    }
-
-    fn unknown_operation(&self, name: &OperationName) -> String {
-        let prefix = format!("{}/", name.tower());
-        let siblings: Vec<&str> = self
-            .catalog
-            .operations
-            .keys()
-            .filter_map(|k| k.strip_prefix(&prefix))
-            .collect();
-        if siblings.is_empty() {
-            format!(
-                "unknown operation {name}: there is no tower {}; rct ops lists the operations",
-                name.tower()
-            )
-        } else {
-            format!(
-                "unknown operation {name}; {} has: {}",
-                name.tower(),
-                siblings.join(", ")
-            )
         }
     }
 }

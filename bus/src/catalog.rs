@@ -356,6 +356,44 @@ impl Catalog {
         Some((tower, operation))
     }
 
+    /// Why `name` names no operation, with the nearest names that do: the one sentence
+    /// admission and the CLI both say.
+    pub fn unknown_operation(&self, name: &OperationName) -> String {
+        let tower = name.tower().as_str();
+        let prefix = format!("{tower}/");
+        let siblings: Vec<&str> = self
+            .operations
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .collect();
+        let asked = name.to_string();
+        let hint = nearest(&asked, self.operations.keys().map(String::as_str))
+            .map(|n| format!(" (did you mean {n}?)"))
+            .unwrap_or_default();
+        if siblings.is_empty() {
+            format!(
+                "unknown operation {name}: there is no tower {tower}{hint}; rct ops lists the \
+                 operations"
+            )
+        } else {
+            format!(
+                "unknown operation {name}{hint}; {tower} has: {}",
+                siblings.join(", ")
+            )
+        }
+    }
+
+    /// Why `tower` names no tower, with the nearest that does.
+    pub fn unknown_tower(&self, tower: &str) -> String {
+        let hint = nearest(tower, self.towers.keys().map(String::as_str))
+            .map(|n| format!(" (did you mean {n}?)"))
+            .unwrap_or_default();
+        format!(
+            "there is no tower {tower}{hint}; the towers are: {}",
+            self.towers.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    }
+
     /// Everything wrong with the catalog; empty when it is sound.
     pub fn problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
@@ -958,6 +996,18 @@ pub fn mask_all(params: &BTreeMap<String, proto::Value>) -> BTreeMap<String, pro
         .collect()
 }
 
+/// The name in `names` closest to `word`, when one is close enough to be what was meant
+/// (a typo, a missing letter, words swapped around a dash).
+pub fn nearest<'a>(word: &str, names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    names
+        .into_iter()
+        .filter(|n| *n != word)
+        .map(|n| (strsim::jaro_winkler(word, n), n))
+        .filter(|(score, _)| *score >= 0.85)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, n)| n)
+}
+
 /// A parameter value as people read it (`prod-1`, `40`, `90s`, `***`).
 pub fn display_value(value: &proto::Value) -> String {
     match &value.kind {
@@ -989,6 +1039,34 @@ mod tests {
     }
 
     /// Every check used to compile its parameter's and the justification's regex again.
+    #[test]
+    fn the_nearest_name_is_suggested_only_when_close() {
+        let names = [
+            "traffic/drain-cluster",
+            "traffic/undrain-cluster",
+            "workloads/restart",
+        ];
+        assert_eq!(
+            nearest("traffic/drian-cluster", names),
+            Some("traffic/drain-cluster")
+        );
+        assert_eq!(
+            nearest("trafic/drain-cluster", names),
+            Some("traffic/drain-cluster")
+        );
+        assert_eq!(
+            nearest("workload/restart", names),
+            Some("workloads/restart")
+        );
+        assert_eq!(nearest("database/failover", names), None);
+        assert_eq!(
+            nearest("traffic", ["traffic", "workloads"]),
+            None,
+            "not itself"
+        );
+        assert_eq!(nearest("trafic", ["traffic", "workloads"]), Some("traffic"));
+    }
+
     #[test]
     fn patterns_are_compiled_once_per_catalog_load() {
         // As agents and the CLI read it: the served JSON.

@@ -53,5 +53,51 @@ impl From<anyhow::Error> for Error {
     }
 }
 
+/// `message` without a word repeated across a `: ` join, as error chains say them ("no
+/// responders: no responders" is said once).
+pub fn without_repeats(message: &str) -> String {
+    let parts: Vec<&str> = message.split(": ").collect();
+    let mut kept: Vec<&str> = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        let repeated = parts.get(i + 1).is_some_and(|next| {
+            next.eq_ignore_ascii_case(part)
+                || (next.len() > part.len()
+                    && next.is_char_boundary(part.len())
+                    && next[..part.len()].eq_ignore_ascii_case(part)
+                    && !next[part.len()..].starts_with(char::is_alphanumeric))
+        });
+        if !repeated {
+            kept.push(part);
+        }
+    }
+    kept.join(": ")
+}
+
 /// Result of a verb: the exit code to end with, or an error.
 pub type Result<T = Exit> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_cause_is_said_once() {
+        assert_eq!(
+            without_repeats(
+                "admission did not answer on rct.auth.dev-token: no responders: no responders; \
+                 is it running?"
+            ),
+            "admission did not answer on rct.auth.dev-token: no responders; is it running?"
+        );
+        assert_eq!(without_repeats("timed out: Timed out"), "Timed out");
+        assert_eq!(
+            without_repeats("cannot connect: IO error: Connection refused"),
+            "cannot connect: IO error: Connection refused"
+        );
+        assert_eq!(
+            without_repeats("no stream: no streamer found"),
+            "no stream: no streamer found",
+            "a longer word is another word"
+        );
+    }
+}

@@ -80,6 +80,22 @@ impl Home {
     }
 }
 
+/// A context's name becomes a folder's: a plain word, no path.
+pub fn check_name(name: &str) -> Result<()> {
+    let plain = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if plain {
+        Ok(())
+    } else {
+        Err(Error::usage(format!(
+            "{name:?} cannot name a context: use letters, digits, '-', '_' and '.' (not first)"
+        )))
+    }
+}
+
 /// Writes a file readable by its owner only (mode 0600), creating folders as needed.
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
     use std::io::Write;

@@ -53,6 +53,8 @@ struct Cli {
 enum Verb {
     /// Log in: exchange an id_token for an operator certificate.
     Login(login::Args),
+    /// Forget this context's session (its key and certificate).
+    Logout,
     /// Show who you are logged in as, and until when.
     Whoami(login::WhoamiArgs),
     /// List the operations (or describe one).
@@ -99,26 +101,51 @@ enum Verb {
 /// Parses the command line, runs the verb, and returns the exit status.
 pub async fn main() -> std::process::ExitCode {
     exit_quietly_on_broken_pipe();
+    let json = wants_json(&std::env::args().collect::<Vec<_>>());
     let home = Home::locate();
     let catalog = match catalog_for_commands(&home).await {
         Ok(catalog) => catalog,
-        Err(message) => {
-            eprintln!("rct: {message}");
-            return std::process::ExitCode::from(Exit::Usage as u8);
-        }
+        Err(message) => return fail(json, &Error::usage(message)),
     };
-    let matches = command(catalog.as_ref()).get_matches();
-    let result = dispatch(&home, catalog.as_ref(), matches).await;
-    let exit = match result {
-        Ok(exit) => exit,
+    let matches = match command(catalog.as_ref()).try_get_matches() {
+        Ok(matches) => matches,
+        Err(e) if !json || !e.use_stderr() => e.exit(),
         Err(e) => {
-            if !e.message.is_empty() {
-                eprintln!("rct: {}", e.message);
-            }
-            e.exit
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or_default();
+            let message = first.strip_prefix("error: ").unwrap_or(first);
+            return fail(json, &Error::usage(message));
         }
     };
-    std::process::ExitCode::from(exit as u8)
+    match dispatch(&home, catalog.as_ref(), matches).await {
+        Ok(exit) => std::process::ExitCode::from(exit as u8),
+        Err(e) => fail(json, &e),
+    }
+}
+
+/// Whether the command line asks for `--output json` (errors are then JSON objects too).
+fn wants_json(args: &[String]) -> bool {
+    args.iter()
+        .zip(args.iter().skip(1))
+        .any(|(flag, value)| flag == "--output" && value == "json")
+        || args.iter().any(|a| a == "--output=json")
+}
+
+/// Says what went wrong on stderr (`rct: …`, or `{"error": …, "exit": …}` under
+/// `--output json`) and ends with its exit code.
+fn fail(json: bool, e: &Error) -> std::process::ExitCode {
+    let message = exit::without_repeats(&e.message);
+    if message.is_empty() {
+        // Already said (an interrupted watch).
+    } else if json {
+        eprintln!(
+            "{}",
+            serde_json::json!({"error": message, "exit": e.exit as u8})
+        );
+    } else {
+        eprintln!("rct: {message}");
+    }
+    std::process::ExitCode::from(e.exit as u8)
 }
 
 /// `rct history | head` closes stdout early: that is the reader's choice, not an error, so
@@ -175,25 +202,30 @@ fn command(catalog: Option<&Served>) -> clap::Command {
                          a file; asked for when left out on a terminal]"
                     );
                 }
-                let mut arg = Arg::new(param_name.clone())
-                    .long(param_name.replace('_', "-"))
-                    .value_name(param.kind.to_string().to_uppercase())
-                    .help(help);
+                // Every value reaches rct's own check (its words, for every type): clap only
+                // collects them, repeats included, so a repeat is refused there too.
                 let values: Vec<String> = match param.kind {
                     Type::Enum => param.values.clone(),
                     Type::Target => spec.targets.clone(),
                     _ => Vec::new(),
                 };
-                if !values.is_empty() {
-                    arg = arg.value_parser(clap::builder::PossibleValuesParser::new(values));
-                }
+                let arg = Arg::new(param_name.clone())
+                    .long(param_name.replace('_', "-"))
+                    .value_name(param.kind.to_string().to_uppercase())
+                    .help(help)
+                    .action(clap::ArgAction::Append)
+                    .allow_negative_numbers(true)
+                    .value_parser(Candidates(values));
                 op_command = op_command.arg(arg);
             }
-            op_command = run::Fire::augment_args(op_command).after_help(format!(
-                "Allowed groups: {}. Justification: {}.",
-                op.allowed_groups.join(", "),
-                op.justification.describe()
-            ));
+            op_command = run::Fire::augment_args(op_command)
+                .about(op.description.clone())
+                .long_about(None)
+                .after_help(format!(
+                    "Allowed groups: {}. Justification: {}.",
+                    op.allowed_groups.join(", "),
+                    op.justification.describe()
+                ));
             tower_command = tower_command.subcommand(op_command);
         }
         command = command.subcommand(tower_command);
@@ -201,28 +233,94 @@ fn command(catalog: Option<&Served>) -> clap::Command {
     command
 }
 
-/// The catalog the dynamic commands are made from: the cached one, refreshed from the server
-/// when the command line names something that is not a built-in verb.
-/// The catalog the dynamic commands are built from: the cached one, fetched again when the
-/// first word is neither a verb nor a tower the cache knows. When that fetch fails, the word
+/// A value parser that lets any text through (rct checks it, in its own words) and offers
+/// its values to help and completion.
+#[derive(Clone, Debug)]
+struct Candidates(Vec<String>);
+
+impl clap::builder::TypedValueParser for Candidates {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        clap::builder::StringValueParser::new().parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        if self.0.is_empty() {
+            return None;
+        }
+        Some(Box::new(
+            self.0
+                .iter()
+                .map(|v| clap::builder::PossibleValue::new(v.clone())),
+        ))
+    }
+}
+
+/// The global flags and the first word, read before the command is built: the dynamic
+/// commands come from the catalog of the context (and servers) the command line names.
+fn early(args: &[String]) -> (Global, Option<String>) {
+    let mut global = Global::default();
+    let mut first = None;
+    let mut words = args.iter().skip(1);
+    while let Some(arg) = words.next() {
+        if arg == "--" {
+            break;
+        }
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_owned())),
+            _ => (arg.as_str(), None),
+        };
+        match flag {
+            "--context" | "--server" => {
+                let Some(value) = inline.or_else(|| words.next().cloned()) else {
+                    break;
+                };
+                if flag == "--context" {
+                    global.context = Some(value);
+                } else {
+                    global.servers.push(value);
+                }
+            }
+            _ if first.is_none() => first = Some(arg.clone()),
+            _ => {}
+        }
+    }
+    (global, first)
+}
+
+/// The catalog the dynamic commands are built from: the cached one of the context the command
+/// line names, fetched again when the first word is neither a verb nor a tower the cache knows
+/// (or `--server` points elsewhere than the cache came from). When that fetch fails, the word
 /// cannot be understood: say why (not "unrecognized subcommand").
 async fn catalog_for_commands(home: &Home) -> Result<Option<Served>, String> {
-    let Ok((context, _)) = remote::resolve(home, &Global::default()) else {
+    let args: Vec<String> = std::env::args().collect();
+    let (global, first) = early(&args);
+    let Ok((context, _)) = remote::resolve(home, &global) else {
         return Ok(None);
     };
+    // With --server the cache may describe another system: it only serves when nothing
+    // else can be read.
     let cached = remote::cached_catalog(home, &context);
-    let Some(first) = std::env::args().nth(1) else {
+    let Some(first) = first else {
         return Ok(cached);
     };
     let is_verb = first.starts_with('-') || Verb::has_subcommand(&first) || first == "help";
     let known = cached
         .as_ref()
         .is_some_and(|s| s.catalog.towers.contains_key(&first));
-    if is_verb || known {
+    if is_verb || (known && global.servers.is_empty()) {
         return Ok(cached);
     }
     // An unknown first word: maybe a tower the cache does not know yet.
-    let fetched = match remote::connect(home, &Global::default()).await {
+    let fetched = match remote::connect(home, &global).await {
         Ok(remote) => remote.catalog(home).await.map_err(|e| e.message),
         Err(e) => Err(e.message),
     };
@@ -250,9 +348,11 @@ async fn dispatch(home: &Home, catalog: Option<&Served>, matches: ArgMatches) ->
             .map(|op| {
                 op.params
                     .keys()
-                    .filter_map(|p| {
+                    .flat_map(|p| {
                         op_matches
-                            .get_one::<String>(p)
+                            .get_many::<String>(p)
+                            .into_iter()
+                            .flatten()
                             .map(|v| (p.clone(), v.clone()))
                     })
                     .collect()
@@ -265,6 +365,7 @@ async fn dispatch(home: &Home, catalog: Option<&Served>, matches: ArgMatches) ->
     let cli = Cli::from_arg_matches(&matches).map_err(|e| Error::usage(e.to_string()))?;
     match cli.verb {
         Verb::Login(args) => login::run(home, &global, args).await,
+        Verb::Logout => login::logout(home, &global),
         Verb::Whoami(args) => login::whoami(home, &global, args),
         Verb::Ops(args) => ops::run(home, &global, args).await,
         Verb::Run(args) => run::run(home, &global, args).await,
@@ -282,9 +383,58 @@ async fn dispatch(home: &Home, catalog: Option<&Served>, matches: ArgMatches) ->
         Verb::ChaosAdmission(args) => chaos::admission(args).await,
         Verb::ChaosAgent(args) => chaos::agent(args).await,
         Verb::Completion { shell } => {
-            let mut command = command(catalog);
+            let mut command = completable(command(catalog), catalog);
             clap_complete::generate(shell, &mut command, "rct", &mut std::io::stdout());
             Ok(Exit::Ok)
         }
+    }
+}
+
+/// `command`, with the catalog's operations and towers as the values of `rct run`,
+/// `rct ops describe` and `rct ops`, for completion only (rct checks those names itself, and
+/// suggests the nearest when one is wrong).
+fn completable(command: clap::Command, catalog: Option<&Served>) -> clap::Command {
+    let Some(served) = catalog else {
+        return command;
+    };
+    let operations = Candidates(served.catalog.operations.keys().cloned().collect());
+    let towers = Candidates(served.catalog.towers.keys().cloned().collect());
+    command
+        .mut_subcommand("run", |run| {
+            run.mut_arg("operation", |a| a.value_parser(operations.clone()))
+        })
+        .mut_subcommand("ops", |ops| {
+            ops.mut_arg("tower", |a| a.value_parser(towers.clone()))
+                .mut_arg("tower_flag", |a| a.value_parser(towers))
+                .mut_subcommand("describe", |d| {
+                    d.mut_arg("operation", |a| a.value_parser(operations))
+                })
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_context_and_servers_are_found_wherever_they_are_given() {
+        let args = |line: &str| -> Vec<String> {
+            std::iter::once("rct")
+                .chain(line.split_whitespace())
+                .map(str::to_owned)
+                .collect()
+        };
+        let (global, first) = early(&args("--context prod traffic drain-cluster --cluster a"));
+        assert_eq!(global.context.as_deref(), Some("prod"));
+        assert_eq!(first.as_deref(), Some("traffic"));
+        let (global, first) = early(&args(
+            "traffic drain-cluster --server=nats://a:4222 --server nats://b:4222 --context=x",
+        ));
+        assert_eq!(global.servers, ["nats://a:4222", "nats://b:4222"]);
+        assert_eq!(global.context.as_deref(), Some("x"));
+        assert_eq!(first.as_deref(), Some("traffic"));
+        let (global, first) = early(&args("history -- --context y"));
+        assert_eq!(global.context, None);
+        assert_eq!(first.as_deref(), Some("history"));
     }
 }

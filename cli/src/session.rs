@@ -41,6 +41,26 @@ impl Session {
         write_private(&dir.join("identity.json"), &identity)
     }
 
+    /// Removes the stored session of `context`; whether there was one.
+    pub fn remove(home: &Home, context: &str) -> Result<bool> {
+        let dir = home.context_dir(context);
+        let mut removed = false;
+        for name in ["session.key", "certificate", "identity.json"] {
+            let path = dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::usage(format!(
+                        "cannot remove {}: {e}",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// The stored session of `context`, refusing an expired one with the way out.
     pub fn load(home: &Home, context: &str) -> Result<Self> {
         let dir = home.context_dir(context);

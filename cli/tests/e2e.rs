@@ -862,3 +862,159 @@ fn history_answers_an_incident_reviews_questions() {
     let nonsense = dev.rct(&["history", "--since", "last tuesday"]);
     said(&nonsense, 2, &nonsense.stderr, "is not a time");
 }
+
+/// The dynamic commands and discovery say rct's own words: the operation's description as
+/// the help header, rct's checks for every value (negative numbers, enum and target values,
+/// repeats), the nearest name for a typo, filters by tower, completion of operation names,
+/// and `--server` reaching a catalog the home has never seen.
+#[test]
+fn the_interface_speaks_rcts_words_and_suggests_the_way() {
+    let dev = Dev::start();
+    ok(dev.rct(&["login", "--dev", "--user", "alice", "--groups", "sre_team"]));
+    let help = ok(dev.rct(&["traffic", "drain-cluster", "--help"]));
+    assert_eq!(
+        text(&help.stdout).lines().next(),
+        Some("Move all traffic away from one cluster"),
+        "{}",
+        text(&help.stdout)
+    );
+    let refused = |args: &[&str], needle: &str| {
+        let out = dev.rct(args);
+        said(&out, 2, &out.stderr, needle);
+    };
+    let drain = |extra: &[&str], needle: &str| {
+        let mut args = vec!["traffic", "drain-cluster", "-j", "SRE-301"];
+        args.extend_from_slice(extra);
+        refused(&args, needle);
+    };
+    drain(
+        &["--cluster", "prod-1", "--keep-percent", "-5"],
+        "keep_percent must be an integer from 0 to 100, got -5",
+    );
+    drain(
+        &["--cluster", "prod-9"],
+        "cluster must be one of prod-1, prod-2, prod-3, prod-4, got \"prod-9\"",
+    );
+    drain(
+        &["--cluster", "prod-1", "--cluster", "prod-2"],
+        "cluster is given 2 times (prod-1, prod-2): give it once",
+    );
+    refused(
+        &[
+            "run",
+            "traffic/drain-cluster",
+            "-p",
+            "cluster=prod-1",
+            "-p",
+            "cluster=prod-2",
+            "-j",
+            "SRE-301",
+        ],
+        "cluster is given 2 times",
+    );
+    refused(
+        &["run", "traffic/drian-cluster", "-j", "SRE-301"],
+        "did you mean traffic/drain-cluster?",
+    );
+    refused(
+        &["ops", "describe", "workload/restart"],
+        "did you mean workloads/restart?",
+    );
+    refused(
+        &["ops", "trafic"],
+        "there is no tower trafic (did you mean traffic?)",
+    );
+
+    // Filters by tower, positional or flag.
+    for args in [&["ops", "traffic"][..], &["ops", "--tower", "traffic"][..]] {
+        let listed = text(&ok(dev.rct(args)).stdout);
+        assert!(listed.contains("traffic/drain-cluster"), "{listed}");
+        assert!(!listed.contains("workloads/"), "{listed}");
+    }
+
+    // Completion knows the operations for `rct run` and `rct ops describe`.
+    let bash = text(&ok(dev.rct(&["completion", "bash"])).stdout);
+    assert!(bash.contains("traffic/drain-cluster"), "no operation names");
+
+    // A home that has never seen this system: --server reaches its catalog.
+    let fresh = tempfile::tempdir().unwrap();
+    let server = std::fs::read_to_string(dev.home().join("contexts.yaml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("- ").map(str::to_owned))
+        .unwrap();
+    let out = Command::new(RCT)
+        .args(["--server", &server, "traffic", "drain-cluster", "--help"])
+        .env("RCT_HOME", fresh.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    said(
+        &out,
+        0,
+        &out.stdout,
+        "Move all traffic away from one cluster",
+    );
+
+    // Errors are JSON under --output json, and say a repeated cause once.
+    let out = dev.rct(&["status", "not-an-id", "--output", "json"]);
+    assert_eq!(code(&out), 2);
+    let error: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(error["exit"], 2);
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("is not a command id"),
+        "{error}"
+    );
+}
+
+/// Contexts and sessions: every verb that changes state says what it did.
+#[test]
+fn contexts_and_logout_say_what_they_did() {
+    let home = tempfile::tempdir().unwrap();
+    let rct = |args: &[&str]| {
+        Command::new(RCT)
+            .args(args)
+            .env("RCT_HOME", home.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = rct(&["context", "set", "prod", "--server", "nats://127.0.0.1:1"]);
+    said(&out, 0, &out.stderr, "created context prod (current)");
+    let out = rct(&["context", "set", "prod", "--server", "nats://127.0.0.1:2"]);
+    said(&out, 0, &out.stderr, "updated context prod");
+    let out = rct(&["context", "current"]);
+    said(&out, 0, &out.stdout, "prod");
+    let out = rct(&["context", "rename", "prod", "production"]);
+    said(&out, 0, &out.stderr, "renamed context prod to production");
+    let out = rct(&["context", "current"]);
+    said(&out, 0, &out.stdout, "production");
+    let out = rct(&["context", "use", "prod"]);
+    said(&out, 2, &out.stderr, "did you mean production?");
+    let out = rct(&["context", "set", "../x", "--server", "nats://a:1"]);
+    said(&out, 2, &out.stderr, "cannot name a context");
+    let out = rct(&["logout"]);
+    said(
+        &out,
+        0,
+        &out.stderr,
+        "not logged in to production: nothing to do",
+    );
+    // A stored session is deleted by logout, and the context with its folder.
+    let dir = home.path().join("contexts/production");
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in ["session.key", "certificate", "identity.json"] {
+        std::fs::write(dir.join(file), "x").unwrap();
+    }
+    let out = rct(&["logout"]);
+    said(&out, 0, &out.stderr, "logged out of production");
+    assert!(!dir.join("session.key").exists());
+    let out = rct(&["context", "delete", "production"]);
+    said(&out, 0, &out.stderr, "no context is current now");
+    assert!(!dir.exists());
+    let out = rct(&["context", "current"]);
+    said(&out, 2, &out.stderr, "no context is current");
+}

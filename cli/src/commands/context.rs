@@ -13,6 +13,20 @@ pub enum Args {
         /// Its name.
         name: String,
     },
+    /// Print the current context's name.
+    Current,
+    /// Delete a context, with its session and catalog cache.
+    Delete {
+        /// Its name.
+        name: String,
+    },
+    /// Rename a context (its session and cache go with it).
+    Rename {
+        /// Its name now.
+        from: String,
+        /// Its new name.
+        to: String,
+    },
     /// Create or change a context.
     Set {
         /// Its name.
@@ -66,11 +80,62 @@ pub fn run(home: &Home, args: Args) -> Result {
             }
         }
         Args::Use { name } => {
-            if !contexts.contexts.contains_key(&name) {
-                return Err(Error::usage(format!("there is no context {name}")));
-            }
-            contexts.current = Some(name);
+            known(&contexts, &name)?;
+            contexts.current = Some(name.clone());
             home.save_contexts(&contexts)?;
+            eprintln!("now using context {name}");
+        }
+        Args::Current => match &contexts.current {
+            Some(name) => println!("{name}"),
+            None => {
+                return Err(Error::usage(
+                    "no context is current: rct context use NAME picks one (rct context list)",
+                ));
+            }
+        },
+        Args::Delete { name } => {
+            known(&contexts, &name)?;
+            contexts.contexts.remove(&name);
+            let was_current = contexts.current.as_deref() == Some(name.as_str());
+            if was_current {
+                contexts.current = None;
+            }
+            home.save_contexts(&contexts)?;
+            remove_dir(&home.context_dir(&name))?;
+            eprintln!(
+                "deleted context {name}, with its session and catalog cache{}",
+                if was_current {
+                    "; no context is current now (rct context use NAME)"
+                } else {
+                    ""
+                }
+            );
+        }
+        Args::Rename { from, to } => {
+            known(&contexts, &from)?;
+            if contexts.contexts.contains_key(&to) {
+                return Err(Error::usage(format!(
+                    "there is already a context {to}: rct context delete {to} first"
+                )));
+            }
+            crate::home::check_name(&to)?;
+            let connection = contexts.contexts.remove(&from).expect("known");
+            contexts.contexts.insert(to.clone(), connection);
+            if contexts.current.as_deref() == Some(from.as_str()) {
+                contexts.current = Some(to.clone());
+            }
+            let (old, new) = (home.context_dir(&from), home.context_dir(&to));
+            if old.exists() {
+                std::fs::rename(&old, &new).map_err(|e| {
+                    Error::usage(format!(
+                        "cannot move {} to {}: {e}",
+                        old.display(),
+                        new.display()
+                    ))
+                })?;
+            }
+            home.save_contexts(&contexts)?;
+            eprintln!("renamed context {from} to {to}");
         }
         Args::Set {
             name,
@@ -94,10 +159,38 @@ pub fn run(home: &Home, args: Args) -> Result {
                 timeout: timeout.unwrap_or(rct_streams::Connection::default().timeout),
                 ..rct_streams::Connection::default()
             };
-            contexts.contexts.insert(name.clone(), connection);
-            contexts.current.get_or_insert(name);
+            crate::home::check_name(&name)?;
+            let existed = contexts.contexts.insert(name.clone(), connection).is_some();
+            let current = contexts.current.get_or_insert(name.clone()) == &name;
             home.save_contexts(&contexts)?;
+            eprintln!(
+                "{} context {name}{}",
+                if existed { "updated" } else { "created" },
+                if current { " (current)" } else { "" }
+            );
         }
     }
     Ok(Exit::Ok)
+}
+
+fn known(contexts: &crate::home::Contexts, name: &str) -> Result<()> {
+    if contexts.contexts.contains_key(name) {
+        return Ok(());
+    }
+    let hint = rct_bus::catalog::nearest(name, contexts.contexts.keys().map(String::as_str))
+        .map(|n| format!(" (did you mean {n}?)"))
+        .unwrap_or_default();
+    Err(Error::usage(format!(
+        "there is no context {name}{hint}; rct context list shows the known ones"
+    )))
+}
+
+fn remove_dir(dir: &std::path::Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::usage(format!(
+            "cannot remove {}: {e}",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
 }

@@ -182,6 +182,28 @@ fn claims(token: &str) -> Result<Identity> {
     })
 }
 
+/// Runs `rct logout`: forgets the session key and certificate of the context.
+pub fn logout(home: &Home, global: &Global) -> Result {
+    let (context, _) = remote::resolve(home, global)?;
+    let who = Session::load(home, &context)
+        .ok()
+        .map(|s| s.identity.email)
+        .unwrap_or_default();
+    if Session::remove(home, &context)? {
+        eprintln!(
+            "logged out of {context}{}: its session key and certificate are deleted",
+            if who.is_empty() {
+                String::new()
+            } else {
+                format!(" ({who})")
+            }
+        );
+    } else {
+        eprintln!("not logged in to {context}: nothing to do");
+    }
+    Ok(Exit::Ok)
+}
+
 /// Shows who you are logged in as.
 #[derive(Debug, clap::Args)]
 pub struct WhoamiArgs {

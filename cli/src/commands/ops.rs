@@ -14,6 +14,16 @@ pub struct Args {
     /// `describe <tower>/<op>`, or nothing for the list.
     #[command(subcommand)]
     pub describe: Option<Describe>,
+    /// Only this tower's operations.
+    pub tower: Option<String>,
+    /// Only this tower's operations (as the positional TOWER).
+    #[arg(
+        long = "tower",
+        id = "tower_flag",
+        value_name = "TOWER",
+        conflicts_with = "tower"
+    )]
+    pub tower_flag: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t, global = true)]
     pub output: Output,
@@ -34,14 +44,34 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
     let remote = remote::connect(home, global).await?;
     let served = remote.catalog(home).await?;
     match args.describe {
-        None => list(&served, args.output),
+        None => list(
+            &served,
+            args.tower.or(args.tower_flag).as_deref(),
+            args.output,
+        ),
         Some(Describe::Describe { operation }) => describe(&served, &operation, args.output),
     }
 }
 
 #[allow(clippy::print_stdout)] // the listing is the result
-fn list(served: &Served, output: Output) -> Result {
+fn list(served: &Served, tower: Option<&str>, output: Output) -> Result {
+    if let Some(tower) = tower
+        && !served.catalog.towers.contains_key(tower)
+    {
+        return Err(Error::usage(served.catalog.unknown_tower(tower)));
+    }
+    let shown = |name: &str| tower.is_none_or(|t| name.split('/').next() == Some(t));
     if output == Output::Json {
+        if let Some(tower) = tower {
+            let mut only = served.clone();
+            only.catalog.towers.retain(|t, _| t == tower);
+            only.catalog.operations.retain(|name, _| shown(name));
+            println!(
+                "{}",
+                serde_json::to_string(&only).expect("a catalog serializes")
+            );
+            return Ok(Exit::Ok);
+        }
         println!(
             "{}",
             serde_json::to_string(served).expect("a catalog serializes")
@@ -54,7 +84,7 @@ fn list(served: &Served, output: Output) -> Result {
         "ALLOWED GROUPS".to_owned(),
         "DESCRIPTION".to_owned(),
     ]];
-    for (name, op) in &served.catalog.operations {
+    for (name, op) in served.catalog.operations.iter().filter(|(n, _)| shown(n)) {
         let tower = name.split('/').next().unwrap_or_default();
         let targets = match served.catalog.towers.get(tower) {
             Some(t) if t.flavour == Flavour::Cluster => t.targets.join(","),
@@ -80,11 +110,10 @@ fn describe(served: &Served, operation: &str, output: Output) -> Result {
     let name: OperationName = operation
         .parse()
         .map_err(|e| Error::usage(format!("{e}")))?;
-    let (tower, op) = served.catalog.operation(&name).ok_or_else(|| {
-        Error::usage(format!(
-            "unknown operation {name}; rct ops lists the operations"
-        ))
-    })?;
+    let (tower, op) = served
+        .catalog
+        .operation(&name)
+        .ok_or_else(|| Error::usage(served.catalog.unknown_operation(&name)))?;
     if output == Output::Json {
         println!(
             "{}",

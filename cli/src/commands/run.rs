@@ -140,11 +140,10 @@ fn request(
     fire: &Fire,
     sealing: &Sealing,
 ) -> Result<(proto::Run, String)> {
-    let (tower, operation) = served.catalog.operation(name).ok_or_else(|| {
-        Error::usage(format!(
-            "unknown operation {name}; rct ops lists the operations"
-        ))
-    })?;
+    let (tower, operation) = served
+        .catalog
+        .operation(name)
+        .ok_or_else(|| Error::usage(served.catalog.unknown_operation(name)))?;
     let mut params = BTreeMap::new();
     let mut problems = Vec::new();
     let mut secrets = crate::secret::Input::default();
@@ -159,6 +158,33 @@ fn request(
         .filter(|(n, p)| p.secret && !raw.iter().any(|(k, _)| k == *n))
         .map(|(n, _)| (n.clone(), None))
         .collect();
+    // A parameter given twice is refused: taking either one silently could run what was
+    // not meant.
+    let twice: std::collections::BTreeSet<&String> = raw
+        .iter()
+        .enumerate()
+        .filter(|(i, (key, _))| raw[..*i].iter().any(|(k, _)| k == key))
+        .map(|(_, (key, _))| key)
+        .collect();
+    for key in &twice {
+        let secret = operation.params.get(*key).is_some_and(|p| p.secret);
+        let values: Vec<&str> = raw
+            .iter()
+            .filter(|(k, _)| k == *key)
+            .map(|(_, v)| match v {
+                _ if secret => "***",
+                v => v.as_deref().unwrap_or_default(),
+            })
+            .collect();
+        problems.push(format!(
+            "{key} is given {} times ({}): give it once",
+            values.len(),
+            values.join(", ")
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(not_submitted(name, &problems));
+    }
     for (key, given) in raw.into_iter().chain(asked) {
         let text = match operation.params.get(&key) {
             Some(param) if param.secret => match secrets.read(&key, given.as_deref()) {
@@ -201,10 +227,7 @@ fn request(
         problems.push(message);
     }
     if !problems.is_empty() {
-        return Err(Error::usage(format!(
-            "not submitted:\n  {}\n(rct ops describe {name} shows the parameters)",
-            problems.join("\n  ")
-        )));
+        return Err(not_submitted(name, &problems));
     }
     let checked = operation
         .check(tower, &params, Secrets::Open)
@@ -238,6 +261,13 @@ fn request(
             dry_run: fire.dry_run,
         },
         justification,
+    ))
+}
+
+fn not_submitted(name: &OperationName, problems: &[String]) -> Error {
+    Error::usage(format!(
+        "not submitted:\n  {}\n(rct ops describe {name} shows the parameters)",
+        problems.join("\n  ")
     ))
 }
 
