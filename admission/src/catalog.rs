@@ -60,26 +60,26 @@ pub fn parse(file: &Path, text: &str) -> Result<Catalog, Error> {
         file: file.to_owned(),
         problems,
     };
+    // A syntax error ends the reading: nothing after it can be understood.
     let index = Index::of(text).map_err(|p| fail(vec![p]))?;
-    if !index.duplicates.is_empty() {
-        return Err(fail(index.duplicates));
-    }
-    let catalog: Catalog = serde_yaml_ng::from_str(text).map_err(|e| {
-        let line = e.location().map_or(0, |l| l.line());
-        fail(vec![Problem {
-            line,
-            message: hint(&e.to_string()),
-        }])
-    })?;
-    let mut problems: Vec<Problem> = catalog
-        .problems()
-        .into_iter()
-        .map(|p| Problem {
+    let mut problems = index.duplicates.clone();
+    let (catalog, structural) = structure(text, &index);
+    problems.extend(structural);
+    // The rules are checked on what could be read, so one run says everything.
+    if let Some(catalog) = &catalog {
+        problems.extend(catalog.problems().into_iter().map(|p| Problem {
             line: index.line_of(&p.path),
             message: p.message,
-        })
-        .collect();
-    if problems.is_empty() {
+        }));
+    }
+    let catalog = match catalog {
+        Some(catalog) if problems.is_empty() => catalog,
+        _ => {
+            problems.sort_by_key(|p| p.line);
+            return Err(fail(problems));
+        }
+    };
+    {
         for (name, tower) in &catalog.towers {
             let listed = tower
                 .recipients
@@ -97,10 +97,107 @@ pub fn parse(file: &Path, text: &str) -> Result<Catalog, Error> {
                 );
             }
         }
-        Ok(catalog)
+    }
+    Ok(catalog)
+}
+
+/// Reads the catalog's structure, collecting every unknown field and every value of the
+/// wrong type: each is noted and taken out, and the reading starts again, until the rest
+/// reads. The catalog is `None` when what is left cannot be one (a required field missing or
+/// wrong).
+fn structure(text: &str, index: &Index) -> (Option<Catalog>, Vec<Problem>) {
+    let mut problems = Vec::new();
+    // Keys written twice (already said) stop serde_yaml: read the rest another way.
+    let parsed = if index.duplicates.is_empty() {
+        serde_yaml_ng::from_str(text).map_err(Some)
     } else {
-        problems.sort_by_key(|p| p.line);
-        Err(fail(problems))
+        index.value.clone().ok_or(None)
+    };
+    let mut value: serde_yaml_ng::Value = match parsed {
+        Ok(value) => value,
+        Err(None) => return (None, problems),
+        Err(Some(e)) => {
+            let line = e.location().map_or(0, |l| l.line());
+            problems.push(Problem {
+                line,
+                message: hint(&e.to_string()),
+            });
+            return (None, problems);
+        }
+    };
+    let mut removed: Vec<Vec<String>> = Vec::new();
+    // Each round takes one thing out; a catalog has far fewer than this.
+    for _ in 0..200 {
+        let error = match serde_path_to_error::deserialize::<_, Catalog>(value.clone()) {
+            Ok(catalog) => return (Some(catalog), problems),
+            Err(error) => error,
+        };
+        let path = path_of(error.path());
+        let message = error.inner().to_string();
+        // Missing because an earlier round took it out: already said.
+        let consequence = removed.iter().any(|r| r.starts_with(&path));
+        if !consequence {
+            problems.push(Problem {
+                line: index.line_of(&path),
+                message: match path.split_last() {
+                    Some((_, [])) | None => hint(&message),
+                    Some((_, parents)) => format!("{}: {}", parents.join("."), hint(&message)),
+                },
+            });
+        }
+        if consequence || path.is_empty() || !remove(&mut value, &path) {
+            return (None, problems);
+        }
+        removed.push(path);
+    }
+    (None, problems)
+}
+
+/// A serde path as the index's keys (`operations`, `traffic/drain-cluster`, `params`, …).
+fn path_of(path: &serde_path_to_error::Path) -> Vec<String> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|segment| match segment {
+            Segment::Seq { index } => Some(index.to_string()),
+            Segment::Map { key } => Some(key.clone()),
+            Segment::Enum { variant } => Some(variant.clone()),
+            Segment::Unknown => None,
+        })
+        .collect()
+}
+
+/// Takes the value at `path` out of `value`; whether there was one.
+fn remove(value: &mut serde_yaml_ng::Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut at = value;
+    for key in parents {
+        at = match at {
+            serde_yaml_ng::Value::Mapping(map) => match map.get_mut(key.as_str()) {
+                Some(next) => next,
+                None => return false,
+            },
+            serde_yaml_ng::Value::Sequence(list) => {
+                match key.parse::<usize>().ok().and_then(|i| list.get_mut(i)) {
+                    Some(next) => next,
+                    None => return false,
+                }
+            }
+            serde_yaml_ng::Value::Tagged(tagged) => &mut tagged.value,
+            _ => return false,
+        };
+    }
+    match at {
+        serde_yaml_ng::Value::Mapping(map) => map.remove(last.as_str()).is_some(),
+        serde_yaml_ng::Value::Sequence(list) => match last.parse::<usize>() {
+            Ok(i) if i < list.len() => {
+                list.remove(i);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -125,6 +222,16 @@ struct Index {
     lines: HashMap<Vec<String>, usize>,
     duplicates: Vec<Problem>,
     stack: Vec<Frame>,
+    /// The document, where a key written twice keeps its first value (serde_yaml refuses
+    /// it whole; this lets the other problems be found too).
+    value: Option<serde_yaml_ng::Value>,
+    building: Vec<Node>,
+}
+
+#[derive(Debug)]
+enum Node {
+    Mapping(serde_yaml_ng::Mapping, Option<serde_yaml_ng::Value>),
+    Sequence(Vec<serde_yaml_ng::Value>),
 }
 
 #[derive(Debug)]
@@ -175,6 +282,21 @@ impl Index {
         }
     }
 
+    /// Puts a finished value where the document being built expects one.
+    fn attach(&mut self, value: serde_yaml_ng::Value) {
+        match self.building.last_mut() {
+            None => self.value = Some(value),
+            Some(Node::Sequence(items)) => items.push(value),
+            Some(Node::Mapping(_, key @ None)) => *key = Some(value),
+            Some(Node::Mapping(map, key)) => {
+                let key = key.take().expect("matched above");
+                if !map.contains_key(&key) {
+                    map.insert(key, value);
+                }
+            }
+        }
+    }
+
     fn open(&mut self, is_mapping: bool, line: usize) {
         let path = self.value_path();
         self.lines.entry(path.clone()).or_insert(line);
@@ -191,6 +313,23 @@ impl Index {
 impl MarkedEventReceiver for Index {
     fn on_event(&mut self, event: Event, mark: Marker) {
         let line = mark.line();
+        match &event {
+            Event::MappingStart(..) => self
+                .building
+                .push(Node::Mapping(serde_yaml_ng::Mapping::new(), None)),
+            Event::SequenceStart(..) => self.building.push(Node::Sequence(Vec::new())),
+            Event::MappingEnd | Event::SequenceEnd => {
+                let done = match self.building.pop() {
+                    Some(Node::Mapping(map, _)) => serde_yaml_ng::Value::Mapping(map),
+                    Some(Node::Sequence(items)) => serde_yaml_ng::Value::Sequence(items),
+                    None => serde_yaml_ng::Value::Null,
+                };
+                self.attach(done);
+            }
+            Event::Scalar(text, style, ..) => self.attach(scalar(text, *style)),
+            Event::Alias(_) => self.attach(serde_yaml_ng::Value::Null),
+            _ => {}
+        }
         match event {
             Event::MappingStart(..) => self.open(true, line),
             Event::SequenceStart(..) => self.open(false, line),
@@ -226,6 +365,25 @@ impl MarkedEventReceiver for Index {
             }
             _ => {}
         }
+    }
+}
+
+/// A scalar as YAML's core schema reads it: plain `null`, booleans and numbers; the rest,
+/// and anything quoted, text.
+fn scalar(text: &str, style: yaml_rust2::scanner::TScalarStyle) -> serde_yaml_ng::Value {
+    use serde_yaml_ng::Value;
+    if style != yaml_rust2::scanner::TScalarStyle::Plain {
+        return Value::String(text.to_owned());
+    }
+    match text {
+        "" | "~" | "null" | "Null" | "NULL" => Value::Null,
+        "true" | "True" | "TRUE" => Value::Bool(true),
+        "false" | "False" | "FALSE" => Value::Bool(false),
+        _ => text
+            .parse::<i64>()
+            .map(|i| Value::Number(i.into()))
+            .or_else(|_| text.parse::<f64>().map(|f| Value::Number(f.into())))
+            .unwrap_or_else(|_| Value::String(text.to_owned())),
     }
 }
 
@@ -273,6 +431,47 @@ operations:
             "{found:?}"
         );
         assert!(found[0].1.contains("expected"), "{found:?}");
+    }
+
+    /// Every problem in one run: unknown fields anywhere, a value of the wrong type, a
+    /// duplicate, and the rules on what could be read.
+    #[test]
+    fn every_problem_is_reported_in_one_run() {
+        let text = "\
+towers:
+  traffic:
+    flavour: cluster
+    targets: [prod-1, prod-2]
+    colour: blue
+operations:
+  traffic/drain-cluster:
+    allowed_group: [sre_team]
+    allowed_groups: [sre_team]
+    timeout: soon
+    params:
+      cluster: { type: target, secrett: false }
+  db/failover:
+    allowed_groups: [dba]
+  db/failover:
+    allowed_groups: [dba]
+";
+        // Without the duplicate, serde_yaml reads the document; with it, the index does.
+        let without = text.trim_end().rsplitn(3, '\n').nth(2).unwrap().to_owned() + "\n";
+        let found = problems(&without);
+        let lines: Vec<usize> = found.iter().map(|(line, _)| *line).collect();
+        assert_eq!(lines, [5, 8, 10, 12, 13], "{found:#?}");
+        let found = problems(text);
+        let lines: Vec<usize> = found.iter().map(|(line, _)| *line).collect();
+        assert_eq!(lines, [5, 8, 10, 12, 13, 15], "{found:#?}");
+        assert!(found[0].1.contains("unknown field `colour`"), "{found:#?}");
+        assert!(
+            found[1].1.contains("unknown field `allowed_group`"),
+            "{found:#?}"
+        );
+        assert!(found[2].1.contains("soon"), "{found:#?}");
+        assert!(found[3].1.contains("unknown field `secrett`"), "{found:#?}");
+        assert!(found[4].1.starts_with("unknown tower db"), "{found:#?}");
+        assert!(found[5].1.contains("defined twice"), "{found:#?}");
     }
 
     #[test]

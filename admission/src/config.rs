@@ -4,12 +4,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::identity::{IssuerConfig, ServiceConfig};
 
 /// What one `rct-admission` process does.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Decides, and notifies when channels are configured (development, small setups).
@@ -23,7 +23,7 @@ pub enum Role {
 }
 
 /// Everything admission needs to start.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// How to reach NATS.
@@ -110,6 +110,12 @@ const INBOX_PREFIX: &str = "_INBOX_admission";
 const NOTIFIER_INBOX_PREFIX: &str = "_INBOX_notifier";
 
 impl Config {
+    /// The configuration as a YAML file that loads as this same configuration
+    /// (`--print-config`).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).expect("a configuration serializes")
+    }
+
     /// Layers defaults < `file` (YAML or TOML by extension) < `env` (`RCT_` variables, `__`
     /// for nesting, lists comma-separated), then validates. `env` is passed in, so tests never
     /// touch the process environment.
@@ -229,6 +235,25 @@ mod tests {
         assert_eq!(config.notify.channels.len(), 1);
         crate::identity::Services::new(&config.services).unwrap();
         crate::identity::IdTokens::new(&config.issuers).unwrap();
+    }
+
+    /// `--print-config` prints YAML that loads as the same configuration: every setting of
+    /// the example (issuers, services, channels, streams) survives the trip.
+    #[test]
+    fn the_printed_configuration_loads_as_the_same_one() {
+        let example =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/admission.example.yaml");
+        let config = Config::load(Some(&example), env(&[("RCT_CONCURRENCY", "9")])).unwrap();
+        let printed = config.to_yaml();
+        assert!(
+            !printed.contains("Config {"),
+            "not debug output:\n{printed}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("printed.yaml");
+        std::fs::write(&file, &printed).unwrap();
+        let again = Config::load(Some(&file), env(&[])).unwrap();
+        assert_eq!(again, config, "{printed}");
     }
 
     #[test]

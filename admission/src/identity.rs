@@ -71,7 +71,7 @@ impl Refusal {
 }
 
 /// An identity provider whose id_tokens admission accepts at login.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
     /// The `iss` claim, exactly.
@@ -118,7 +118,7 @@ fn default_jwks_cooldown() -> Duration {
 }
 
 /// One public key of an identity provider: a PEM (inline or in a file) or a JWK.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     /// The key id tokens name in their header; without it the key is tried for any token.
@@ -603,7 +603,7 @@ impl Certificates {
 }
 
 /// A registered automation identity: its public key and groups, no login.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// Its name (recorded as the operator).

@@ -33,7 +33,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.print_config {
         #[allow(clippy::print_stdout)] // the one thing asked for
         {
-            println!("{config:#?}");
+            print!("{}", config.to_yaml());
         }
         return Ok(());
     }

@@ -30,7 +30,7 @@ pub const EVENT_ID_HEADER: &str = "X-Rct-Event-Id";
 const REMEMBERED: usize = 10_000;
 
 /// Where notifications go.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Webhook URL of each channel the catalog's `notify` lists name.

@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// How the streams, consumers and buckets are provisioned. Every field has a default fit for a
 /// single server; production raises `replicas` to 3 and keeps deny-delete and deny-purge on.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Replicas of every stream and bucket (1, 3 or 5).
@@ -136,7 +136,7 @@ impl Config {
 }
 
 /// Where a stream keeps its messages.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Storage {
     /// On disk: the only choice for audit data.
@@ -146,7 +146,7 @@ pub enum Storage {
 }
 
 /// Retention of one stream.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Stream {
     /// How long messages are kept; zero keeps them forever (the audit default).
@@ -173,7 +173,7 @@ impl Default for Stream {
 }
 
 /// Delivery settings of a durable work consumer.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Consumer {
     /// Redelivery after this long without an ack or in-progress ack. With a `backoff`, the
@@ -183,7 +183,7 @@ pub struct Consumer {
     /// Deliveries before a message is given up; -1 never gives up.
     pub max_deliver: i64,
     /// Waits between redeliveries; the last step repeats.
-    #[serde(deserialize_with = "durations")]
+    #[serde(deserialize_with = "durations", serialize_with = "durations_out")]
     pub backoff: Vec<Duration>,
     /// Messages delivered but not yet acknowledged, at most.
     pub max_ack_pending: i64,
@@ -201,6 +201,15 @@ impl Default for Consumer {
 }
 
 /// A list of human-readable durations (`[30s, 1m]`).
+fn durations_out<S: serde::Serializer>(list: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(list.len()))?;
+    for d in list {
+        seq.serialize_element(&humantime_serde::Serde::from(*d))?;
+    }
+    seq.end()
+}
+
 fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
     let list: Vec<humantime_serde::Serde<Duration>> = Deserialize::deserialize(d)?;
     Ok(list.into_iter().map(|d| d.into_inner()).collect())
