@@ -25,6 +25,10 @@ pub struct Args {
     /// Print the effective configuration and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Print the public key of the signing key (PEM: what agents trust) and exit; with
+    /// generate_key, the key is made first when missing.
+    #[arg(long)]
+    pub print_public_key: bool,
     /// Create or converge the streams, buckets and consumers (every tower's, from the
     /// catalog), print what changed, and exit. Needs an administrator's NATS identity.
     #[arg(long)]

@@ -72,6 +72,10 @@ pub struct Config {
     pub notify: crate::notify::Config,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`.
     pub telemetry: rct_streams::telemetry::Config,
+    /// Reload the catalog when its file changes, looking this often (e.g. `2s`); off when
+    /// unset. SIGHUP reloads it either way.
+    #[serde(with = "humantime_serde")]
+    pub watch_catalog: Option<Duration>,
 }
 
 impl Default for Config {
@@ -100,6 +104,7 @@ impl Default for Config {
             streams: rct_streams::Config::default(),
             notify: crate::notify::Config::default(),
             telemetry: rct_streams::telemetry::Config::default(),
+            watch_catalog: None,
         }
     }
 }

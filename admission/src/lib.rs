@@ -27,7 +27,7 @@ mod service;
 
 pub use config::{Config, Role};
 pub use error::Error;
-pub use service::{AUTH_TOWER, Admission};
+pub use service::{AUTH_TOWER, Admission, CATALOG_TOWER, Reload, public_key_pem};
 
 /// Connects nothing itself: serves with `client` in the configured role until `shutdown`
 /// fires.
@@ -51,6 +51,7 @@ pub async fn run(
             }
             let js = config.nats.jetstream(client);
             tracing::info!(instance = %config.instance, "notifier ready");
+            let (_, catalog) = tokio::sync::watch::channel(catalog);
             notify::Notifier::new(js, catalog, &config.notify)
                 .run(shutdown)
                 .await;

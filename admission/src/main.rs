@@ -30,6 +30,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         config.instance = instance;
     }
     config.validate().map_err(anyhow::Error::msg)?;
+    if args.print_public_key {
+        #[allow(clippy::print_stdout)] // the one thing asked for
+        {
+            print!("{}", rct_admission::public_key_pem(&config)?);
+        }
+        return Ok(());
+    }
     if args.print_config {
         #[allow(clippy::print_stdout)] // the one thing asked for
         {
@@ -51,6 +58,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let shutdown = rct_streams::runtime::shutdown_on_signal();
-    rct_admission::run(config, client, shutdown).await?;
+    if config.role == rct_admission::Role::Notify {
+        rct_admission::run(config, client, shutdown).await?;
+        return Ok(());
+    }
+    let admission = rct_admission::Admission::new(config, client)?;
+    tokio::spawn(reload_on_hangup(admission.clone()));
+    admission.run(shutdown).await?;
     Ok(())
+}
+
+/// SIGHUP reloads the catalog (checked first; the one in force stays when it is not sound).
+async fn reload_on_hangup(admission: rct_admission::Admission) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: the catalog reloads only when watched");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        admission.reload("SIGHUP").await;
+    }
 }

@@ -42,7 +42,7 @@ pub struct Config {
 
 pub(crate) struct Notifier {
     js: jetstream::Context,
-    catalog: Arc<Catalog>,
+    catalog: tokio::sync::watch::Receiver<Arc<Catalog>>,
     channels: BTreeMap<String, String>,
     http: reqwest::Client,
     posted: Mutex<Remembered>,
@@ -72,7 +72,11 @@ impl Remembered {
 }
 
 impl Notifier {
-    pub(crate) fn new(js: jetstream::Context, catalog: Arc<Catalog>, config: &Config) -> Self {
+    pub(crate) fn new(
+        js: jetstream::Context,
+        catalog: tokio::sync::watch::Receiver<Arc<Catalog>>,
+        config: &Config,
+    ) -> Self {
         let http = reqwest::Client::builder()
             .timeout(config.timeout.unwrap_or(Duration::from_secs(10)))
             .build()
@@ -139,6 +143,7 @@ impl Notifier {
             };
         let channels: Vec<(String, String)> = self
             .catalog
+            .borrow()
             .operations
             .get(&record.event.operation)
             .map(|op| {

@@ -41,7 +41,16 @@ pub struct Admission {
 
 #[derive(Debug)]
 struct Inner {
-    policy: Policy,
+    /// The policy in force: replaced whole when the catalog is reloaded, so a decision
+    /// uses one catalog and records its version.
+    policy: tokio::sync::watch::Sender<Arc<Policy>>,
+    /// The catalog in force, for the notifier.
+    catalog: tokio::sync::watch::Sender<Arc<rct_bus::catalog::Catalog>>,
+    /// What a reloaded policy is built from besides the catalog.
+    previous: Vec<PublicKey>,
+    services: Services,
+    /// The catalog file's bytes last read, by the watch (a change is reloaded once).
+    catalog_file: std::sync::Mutex<Vec<u8>>,
     id_tokens: IdTokens,
     dev: Option<DevIssuer>,
     client: async_nats::Client,
@@ -76,21 +85,17 @@ impl Admission {
         issuers.extend(dev.as_ref().map(DevIssuer::issuer_config));
         let id_tokens = IdTokens::new(&issuers).map_err(Error::Config)?;
         let services = Services::new(&config.services).map_err(Error::Config)?;
-        let policy = Policy {
-            catalog_version: catalog.version(),
-            catalog,
-            certificates: Certificates::new(&key, &previous, config.certificate_ttl),
-            services,
-            key,
-            freshness: config.freshness,
-            clock_skew: config.clock_skew,
-            max_payload: config.max_payload,
-            source: format!("admission/{}", config.instance),
-        };
+        let catalog_file = std::fs::read(&config.catalog).unwrap_or_default();
+        let (catalog_sender, _) = tokio::sync::watch::channel(Arc::new(catalog.clone()));
+        let policy = build_policy(&config, catalog, key, &previous, &services);
         let js = config.nats.jetstream(client.clone());
         Ok(Self {
             inner: Arc::new(Inner {
-                policy,
+                policy: tokio::sync::watch::Sender::new(Arc::new(policy)),
+                catalog: catalog_sender,
+                previous,
+                services,
+                catalog_file: std::sync::Mutex::new(catalog_file),
                 id_tokens,
                 dev,
                 publisher: Publisher::new(js.clone()),
@@ -103,8 +108,34 @@ impl Admission {
     }
 
     /// The public key commands are signed with: agents trust it.
-    pub fn public_key(&self) -> &PublicKey {
-        self.inner.policy.key.public()
+    pub fn public_key(&self) -> PublicKey {
+        self.inner.policy().key.public().clone()
+    }
+
+    /// The catalog file (reloaded by [`Admission::reload`]).
+    pub fn catalog_file(&self) -> &Path {
+        &self.inner.config.catalog
+    }
+
+    /// Whether the catalog file's bytes differ from those last read.
+    pub fn catalog_file_changed(&self) -> bool {
+        let Ok(bytes) = std::fs::read(&self.inner.config.catalog) else {
+            return false;
+        };
+        *self.inner.catalog_file.lock().expect("not poisoned") != bytes
+    }
+
+    /// The version of the catalog in force.
+    pub fn catalog_version(&self) -> String {
+        self.inner.policy().catalog_version.clone()
+    }
+
+    /// Loads the catalog file again (`why` is recorded): checked first, put in force and
+    /// served when sound, and recorded as an event either way (`_catalog/reload`: admitted
+    /// and succeeded with the new version, or rejected with every problem, the old catalog
+    /// kept).
+    pub async fn reload(&self, why: &str) -> Reload {
+        self.inner.reload(why).await
     }
 
     /// Decision counters.
@@ -173,7 +204,7 @@ impl Admission {
         if inner.config.role == crate::Role::All && !inner.config.notify.channels.is_empty() {
             let notifier = crate::notify::Notifier::new(
                 inner.js.clone(),
-                Arc::new(inner.policy.catalog.clone()),
+                inner.catalog.subscribe(),
                 &inner.config.notify,
             );
             tracker.spawn(notifier.run(shutdown.clone()));
@@ -190,11 +221,14 @@ impl Admission {
             })?;
         tracing::info!(
             instance = %inner.config.instance,
-            catalog_version = %inner.policy.catalog_version,
-            key_id = %inner.policy.key.id(),
+            catalog_version = %inner.policy().catalog_version,
+            key_id = %inner.policy().key.id(),
             "admission ready"
         );
         readiness.set(CONSUMER, true);
+        if let Some(every) = inner.config.watch_catalog {
+            tracker.spawn(watch_catalog(self.clone(), every, shutdown.clone()));
+        }
         tracker.spawn(watch_pending(
             consumer.clone(),
             inner.metrics.clone(),
@@ -271,19 +305,100 @@ async fn watch_pending(
     }
 }
 
-/// Loads admission's key, creating it (mode 0600) when allowed and missing.
+/// What [`Admission::reload`] did.
+#[derive(Debug)]
+pub enum Reload {
+    /// The file holds the catalog in force (this version).
+    Unchanged(String),
+    /// A new catalog is in force.
+    Loaded {
+        /// The version before.
+        from: String,
+        /// The version now.
+        to: String,
+    },
+    /// The file is not a sound catalog: the one in force stays.
+    Refused(catalog::Error),
+}
+
+/// The tower token under which catalog reloads are recorded.
+pub const CATALOG_TOWER: &str = "_catalog";
+
+/// The policy for `catalog`, with everything else from the configuration.
+fn build_policy(
+    config: &Config,
+    catalog: rct_bus::catalog::Catalog,
+    key: KeyPair,
+    previous: &[PublicKey],
+    services: &Services,
+) -> Policy {
+    Policy {
+        catalog_version: catalog.version(),
+        catalog,
+        certificates: Certificates::new(&key, previous, config.certificate_ttl),
+        services: services.clone(),
+        key,
+        freshness: config.freshness,
+        clock_skew: config.clock_skew,
+        max_payload: config.max_payload,
+        source: format!("admission/{}", config.instance),
+    }
+}
+
+/// Reloads the catalog whenever its file's bytes change (looked at every `every`).
+async fn watch_catalog(
+    admission: Admission,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if admission.catalog_file_changed() {
+            admission.reload("the catalog file changed").await;
+        }
+    }
+}
+
+/// The public half of the configured signing key, as PEM (made first with `generate_key`).
+pub fn public_key_pem(config: &Config) -> Result<String, Error> {
+    Ok(signing_key(&config.signing_key, config.generate_key)?
+        .public()
+        .to_pem())
+}
+
+/// Where the public half of a generated key is written: `admission.key` → `admission.pub`.
+fn public_key_path(key: &Path) -> std::path::PathBuf {
+    key.with_extension("pub")
+}
+
+/// Loads admission's key, creating it (mode 0600) when allowed and missing; a generated key's
+/// public half is written next to it (see [`public_key_path`]), for the agents to trust.
 fn signing_key(path: &Path, generate: bool) -> Result<KeyPair, Error> {
     let error = |reason: String| Error::Key {
         path: path.to_owned(),
         reason,
     };
     match std::fs::read_to_string(path) {
-        Ok(pem) => KeyPair::from_pem(&pem).map_err(|e| error(e.to_string())),
+        Ok(pem) => {
+            let key = KeyPair::from_pem(&pem).map_err(|e| error(e.to_string()))?;
+            let public = public_key_path(path);
+            if generate && std::fs::read_to_string(&public).ok() != Some(key.public().to_pem()) {
+                std::fs::write(&public, key.public().to_pem())
+                    .map_err(|e| error(format!("cannot write {}: {e}", public.display())))?;
+            }
+            Ok(key)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && generate => {
             let key = KeyPair::generate();
             write_private(path, &key.to_pem())
                 .map_err(|e| error(format!("cannot create it: {e}")))?;
-            tracing::info!(path = %path.display(), key_id = %key.id(), "generated a signing key");
+            let public = public_key_path(path);
+            std::fs::write(&public, key.public().to_pem())
+                .map_err(|e| error(format!("cannot write {}: {e}", public.display())))?;
+            tracing::info!(path = %path.display(), public = %public.display(), key_id = %key.id(), "generated a signing key");
             Ok(key)
         }
         Err(e) => Err(error(format!(
@@ -346,10 +461,128 @@ async fn respond(
 }
 
 impl Inner {
+    fn policy(&self) -> Arc<Policy> {
+        self.policy.borrow().clone()
+    }
+
+    async fn reload(&self, why: &str) -> Reload {
+        let path = &self.config.catalog;
+        let bytes = std::fs::read(path).unwrap_or_default();
+        *self.catalog_file.lock().expect("not poisoned") = bytes;
+        let current = self.policy();
+        let from = current.catalog_version.clone();
+        let catalog = match catalog::load(path) {
+            Ok(catalog) => catalog,
+            Err(error) => {
+                tracing::warn!(%why, "{error}; catalog {from} stays in force");
+                let message = format!("{error}\ncatalog {from} stays in force");
+                self.record_reload(
+                    why,
+                    &from,
+                    Kind::Rejected(proto::Rejected {
+                        code: RejectionCode::InvalidParams as i32,
+                        message,
+                        request: None,
+                    }),
+                    None,
+                )
+                .await;
+                return Reload::Refused(error);
+            }
+        };
+        let to = catalog.version();
+        if to == from {
+            tracing::info!(%why, version = %to, "the catalog is unchanged");
+            return Reload::Unchanged(to);
+        }
+        let key = KeyPair::from_pem(&current.key.to_pem()).expect("the key in force reads back");
+        let summary = changes(&current.catalog, &catalog);
+        self.catalog.send_replace(Arc::new(catalog.clone()));
+        self.policy.send_replace(Arc::new(build_policy(
+            &self.config,
+            catalog,
+            key,
+            &self.previous,
+            &self.services,
+        )));
+        if self.config.provision
+            && let Err(e) = crate::provision(&self.js, &self.config).await
+        {
+            tracing::error!(error = %e, "cannot create the consumers of the reloaded catalog's towers");
+        }
+        if let Err(e) = self.publish_catalog().await {
+            tracing::error!(error = %e, "catalog {to} is in force but could not be served");
+        }
+        tracing::info!(%why, %from, %to, "{summary}");
+        self.record_reload(
+            why,
+            &from,
+            Kind::Admitted(proto::Admitted {
+                catalog_version: to.clone(),
+                ..Default::default()
+            }),
+            Some(Kind::Succeeded(proto::Succeeded {
+                summary: format!("catalog {to} in force (was {from}): {summary}"),
+                outputs: [
+                    ("version".to_owned(), to.clone()),
+                    ("previous".to_owned(), from.clone()),
+                ]
+                .into(),
+            })),
+        )
+        .await;
+        Reload::Loaded { from, to }
+    }
+
+    /// Records a reload as a command of its own under [`CATALOG_TOWER`]: its decision, then
+    /// its outcome.
+    async fn record_reload(&self, why: &str, from: &str, decision: Kind, outcome: Option<Kind>) {
+        let tower = Tower::new(CATALOG_TOWER).expect("a valid token");
+        let id = CommandId::generate();
+        let mut decision = decision;
+        let request = proto::Request {
+            operator: Some(proto::Operator {
+                subject: self.policy().source.clone(),
+                ..Default::default()
+            }),
+            justification: why.to_owned(),
+            params: [(
+                "previous".to_owned(),
+                proto::Value {
+                    kind: Some(proto::value::Kind::String(from.to_owned())),
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        match &mut decision {
+            Kind::Admitted(a) => a.request = Some(request),
+            Kind::Rejected(r) => r.request = Some(request),
+            _ => {}
+        }
+        for kind in std::iter::once(decision).chain(outcome) {
+            let event = proto::Event {
+                command_id: id.to_string(),
+                at: Some(rct_streams::timestamp::from_datetime(
+                    OffsetDateTime::now_utc(),
+                )),
+                source: self.policy().source.clone(),
+                operation: format!("{CATALOG_TOWER}/reload"),
+                target: String::new(),
+                kind: Some(kind),
+            };
+            if let Err(e) = self.publisher.event(&tower, &event, 0).await {
+                tracing::error!(error = %e, "cannot record the catalog reload");
+                return;
+            }
+        }
+    }
+
     async fn publish_catalog(&self) -> Result<(), Error> {
+        let policy = self.policy();
         let served = Served {
-            version: self.policy.catalog_version.clone(),
-            catalog: self.policy.catalog.clone(),
+            version: policy.catalog_version.clone(),
+            catalog: policy.catalog.clone(),
         };
         let json = serde_json::to_vec(&served).expect("a catalog always serializes");
         let bucket = self
@@ -373,7 +606,7 @@ impl Inner {
                 return;
             }
         };
-        let verdict = self.policy.decide(Submitted {
+        let verdict = self.policy().decide(Submitted {
             subject: message.subject.as_str(),
             payload: &message.payload,
             sequence,
@@ -525,7 +758,7 @@ impl Inner {
             return Ok(());
         }
         match self
-            .policy
+            .policy()
             .recorded_command(holder, &stored.message.payload)
         {
             Ok((subject, command)) => {
@@ -549,12 +782,12 @@ impl Inner {
                     at: Some(rct_streams::timestamp::from_datetime(
                         OffsetDateTime::now_utc(),
                     )),
-                    source: self.policy.source.clone(),
+                    source: self.policy().source.clone(),
                     kind: Some(kind),
                     ..holder.clone()
                 };
                 let claim = event(Kind::Started(proto::Started {
-                    agent: self.policy.source.clone(),
+                    agent: self.policy().source.clone(),
                     host: String::new(),
                     target: holder.target.clone(),
                     without_running: true,
@@ -787,7 +1020,7 @@ impl Inner {
             );
         };
         let (token, expires_at) =
-            self.policy
+            self.policy()
                 .certificates
                 .issue(&verified.identity, &session_key, verified.expires_at);
         tracing::info!(operator = verified.identity.name(), groups = ?verified.identity.groups, "logged in");
@@ -809,7 +1042,7 @@ impl Inner {
             at: Some(rct_streams::timestamp::from_datetime(
                 OffsetDateTime::now_utc(),
             )),
-            source: self.policy.source.clone(),
+            source: self.policy().source.clone(),
             operation: format!("{AUTH_TOWER}/login"),
             target: String::new(),
             kind: Some(Kind::Rejected(proto::Rejected {
@@ -919,5 +1152,40 @@ fn log_decision(verdict: &Verdict) {
             reason = r.message(),
             "rejected"
         ),
+    }
+}
+
+/// What changed between two catalogs, in a phrase: operations added, removed and changed.
+fn changes(before: &rct_bus::catalog::Catalog, after: &rct_bus::catalog::Catalog) -> String {
+    let json = |c: &rct_bus::catalog::Catalog, name: &str| {
+        c.operations
+            .get(name)
+            .map(|op| serde_json::to_string(op).unwrap_or_default())
+    };
+    let mut added = Vec::new();
+    let mut removed = Vec::new();
+    let mut changed = Vec::new();
+    for name in after.operations.keys() {
+        match json(before, name) {
+            None => added.push(name.as_str()),
+            old if old != json(after, name) => changed.push(name.as_str()),
+            _ => {}
+        }
+    }
+    for name in before.operations.keys() {
+        if !after.operations.contains_key(name) {
+            removed.push(name.as_str());
+        }
+    }
+    let mut parts = Vec::new();
+    for (what, names) in [("added", added), ("removed", removed), ("changed", changed)] {
+        if !names.is_empty() {
+            parts.push(format!("{what} {}", names.join(", ")));
+        }
+    }
+    if parts.is_empty() {
+        "no operation changed (towers or settings did)".into()
+    } else {
+        parts.join("; ")
     }
 }

@@ -163,11 +163,57 @@ impl Scripts {
         problems
     }
 
+    /// What is odd, not wrong, about these scripts under `catalog`: a script's own timeout
+    /// that differs from the catalog's (the shorter one stops it), operations on one side
+    /// only.
+    pub fn warnings(&self, catalog: &rct_bus::catalog::Catalog) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let prefix = format!("{}/", self.tower);
+        for (name, script) in &self.operations {
+            let Some(operation) = catalog.operations.get(&format!("{prefix}{name}")) else {
+                warnings.push(format!(
+                    "operation {name} is not in the catalog ({prefix}{name}): nothing can run it"
+                ));
+                continue;
+            };
+            if let Some(own) = script.timeout
+                && own != operation.timeout
+            {
+                let shorter = own.min(operation.timeout);
+                warnings.push(format!(
+                    "operation {name}: the script's timeout ({}) and the catalog's ({}) differ; \
+                     the shorter, {}, stops it",
+                    humantime::format_duration(own),
+                    humantime::format_duration(operation.timeout),
+                    humantime::format_duration(shorter)
+                ));
+            }
+        }
+        for name in catalog.operations.keys() {
+            if let Some(op) = name.strip_prefix(&prefix)
+                && !self.operations.contains_key(op)
+            {
+                warnings.push(format!(
+                    "the catalog's {name} has no script here: commands for it will fail"
+                ));
+            }
+        }
+        warnings
+    }
+
     /// A tower serving these operations, refusing to serve a catalog [`Scripts::problems`]
-    /// finds fault with.
+    /// finds fault with, and warning of what [`Scripts::warnings`] finds.
     pub fn tower(self) -> Tower {
         let checked = self.clone();
-        let mut tower = Tower::new(&self.tower).check_catalog(move |c| checked.problems(c));
+        let warned = self.clone();
+        let mut tower = Tower::new(&self.tower)
+            .check_catalog(move |c| checked.problems(c))
+            .check_catalog(move |c| {
+                for warning in warned.warnings(c) {
+                    tracing::warn!(tower = %warned.tower, "{warning}");
+                }
+                Vec::new()
+            });
         if let Some(target) = &self.target {
             tower = tower.cluster(target);
         }
@@ -680,6 +726,51 @@ mod tests {
         );
         assert_eq!(fill("{ns}", &values), "a b; rm -rf /");
         assert_eq!(fill("{unknown} {", &values), "{unknown} {");
+    }
+
+    #[test]
+    fn a_timeout_that_differs_from_the_catalogs_and_one_sided_operations_are_warned_of() {
+        let catalog: rct_bus::catalog::Catalog = serde_yaml_ng::from_str(
+            "towers: { w: { flavour: simple } }
+operations:
+  w/restart: { allowed_groups: [sre], timeout: 10m }
+  w/scale: { allowed_groups: [sre], timeout: 2m }
+  w/resize: { allowed_groups: [sre] }
+",
+        )
+        .unwrap();
+        let scripts: Scripts = serde_yaml_ng::from_str(
+            "tower: w
+operations:
+  restart: { command: /bin/true, timeout: 5m }
+  scale: { command: /bin/true, timeout: 2m }
+  resize: { command: /bin/true }
+  typo: { command: /bin/true }
+",
+        )
+        .unwrap();
+        let warnings = scripts.warnings(&catalog);
+        assert_eq!(warnings.len(), 2, "{warnings:#?}");
+        assert!(
+            warnings[0]
+                .contains("restart: the script's timeout (5m) and the catalog's (10m) differ")
+                && warnings[0].contains("the shorter, 5m, stops it"),
+            "{warnings:#?}"
+        );
+        assert!(
+            warnings[1].contains("operation typo is not in the catalog"),
+            "{warnings:#?}"
+        );
+        let mut fewer = scripts.clone();
+        fewer.operations.remove("resize");
+        assert!(
+            fewer
+                .warnings(&catalog)
+                .iter()
+                .any(|w| w.contains("w/resize has no script here")),
+            "{:#?}",
+            fewer.warnings(&catalog)
+        );
     }
 
     #[test]

@@ -141,10 +141,9 @@ async fn the_example_workloads_scripts_run_with_the_example_catalog() {
 #[tokio::test]
 async fn the_script_tower_template_runs() {
     let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/templates/script-tower");
-    let catalog = serde_yaml_ng::from_str(
-        &std::fs::read_to_string(folder.join("catalog-entry.yaml")).unwrap(),
-    )
-    .unwrap();
+    let catalog =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(folder.join("catalog.yaml")).unwrap())
+            .unwrap();
     let h = Harness::start_with_catalog(catalog).await;
     let agent = h.run(
         Scripts::load(&folder.join("scripts.yaml"))

@@ -266,11 +266,11 @@ impl clap::builder::TypedValueParser for Candidates {
 
 /// The global flags and the first word, read before the command is built: the dynamic
 /// commands come from the catalog of the context (and servers) the command line names.
-fn early(args: &[String]) -> (Global, Option<String>) {
+fn early(args: &[String]) -> (Global, Vec<String>) {
     let mut global = Global::default();
-    let mut first = None;
-    let mut words = args.iter().skip(1);
-    while let Some(arg) = words.next() {
+    let mut words = Vec::new();
+    let mut args = args.iter().skip(1);
+    while let Some(arg) = args.next() {
         if arg == "--" {
             break;
         }
@@ -280,7 +280,7 @@ fn early(args: &[String]) -> (Global, Option<String>) {
         };
         match flag {
             "--context" | "--server" => {
-                let Some(value) = inline.or_else(|| words.next().cloned()) else {
+                let Some(value) = inline.or_else(|| args.next().cloned()) else {
                     break;
                 };
                 if flag == "--context" {
@@ -289,11 +289,14 @@ fn early(args: &[String]) -> (Global, Option<String>) {
                     global.servers.push(value);
                 }
             }
-            _ if first.is_none() => first = Some(arg.clone()),
+            // The verb or tower, then (after a tower) the operation.
+            _ if words.is_empty() || (words.len() == 1 && !arg.starts_with('-')) => {
+                words.push(arg.clone());
+            }
             _ => {}
         }
     }
-    (global, first)
+    (global, words)
 }
 
 /// The catalog the dynamic commands are built from: the cached one of the context the command
@@ -302,20 +305,24 @@ fn early(args: &[String]) -> (Global, Option<String>) {
 /// cannot be understood: say why (not "unrecognized subcommand").
 async fn catalog_for_commands(home: &Home) -> Result<Option<Served>, String> {
     let args: Vec<String> = std::env::args().collect();
-    let (global, first) = early(&args);
+    let (global, words) = early(&args);
     let Ok((context, _)) = remote::resolve(home, &global) else {
         return Ok(None);
     };
     // With --server the cache may describe another system: it only serves when nothing
     // else can be read.
     let cached = remote::cached_catalog(home, &context);
-    let Some(first) = first else {
+    let Some(first) = words.first().cloned() else {
         return Ok(cached);
     };
     let is_verb = first.starts_with('-') || Verb::has_subcommand(&first) || first == "help";
-    let known = cached
-        .as_ref()
-        .is_some_and(|s| s.catalog.towers.contains_key(&first));
+    // A tower the cache knows, and an operation of it (or none yet, or help).
+    let known = cached.as_ref().is_some_and(|s| {
+        s.catalog.towers.contains_key(&first)
+            && words.get(1).is_none_or(|op| {
+                op == "help" || s.catalog.operations.contains_key(&format!("{first}/{op}"))
+            })
+    });
     if is_verb || (known && global.servers.is_empty()) {
         return Ok(cached);
     }
@@ -424,17 +431,19 @@ mod tests {
                 .map(str::to_owned)
                 .collect()
         };
-        let (global, first) = early(&args("--context prod traffic drain-cluster --cluster a"));
+        let (global, words) = early(&args("--context prod traffic drain-cluster --cluster a"));
         assert_eq!(global.context.as_deref(), Some("prod"));
-        assert_eq!(first.as_deref(), Some("traffic"));
-        let (global, first) = early(&args(
+        assert_eq!(words, ["traffic", "drain-cluster"]);
+        let (global, words) = early(&args(
             "traffic drain-cluster --server=nats://a:4222 --server nats://b:4222 --context=x",
         ));
         assert_eq!(global.servers, ["nats://a:4222", "nats://b:4222"]);
         assert_eq!(global.context.as_deref(), Some("x"));
-        assert_eq!(first.as_deref(), Some("traffic"));
-        let (global, first) = early(&args("history -- --context y"));
+        assert_eq!(words, ["traffic", "drain-cluster"]);
+        let (global, words) = early(&args("history -- --context y"));
         assert_eq!(global.context, None);
-        assert_eq!(first.as_deref(), Some("history"));
+        assert_eq!(words, ["history"]);
+        let (_, words) = early(&args("traffic --help"));
+        assert_eq!(words, ["traffic"]);
     }
 }

@@ -57,6 +57,38 @@ pub struct Stack {
     admission_stop: CancellationToken,
     agents: Vec<JoinHandle<()>>,
     admission: Vec<JoinHandle<()>>,
+    /// The admission in process (to reload its catalog).
+    admitting: Option<rct_admission::Admission>,
+    /// Agents of scripts files given with `rct dev --scripts`, restarted when a file changes.
+    scripted: Vec<Scripted>,
+    client: Option<async_nats::Client>,
+}
+
+/// Towers of your own for `rct dev`: a catalog in place of the demo's, and scripts files.
+#[derive(Clone, Debug, Default)]
+pub struct Own {
+    /// The catalog admission serves (watched); the demo's when `None`.
+    pub catalog: Option<PathBuf>,
+    /// Scripts files, an agent each (watched).
+    pub scripts: Vec<PathBuf>,
+}
+
+/// An agent of one scripts file.
+#[derive(Debug)]
+struct Scripted {
+    file: PathBuf,
+    /// The file's bytes it runs.
+    bytes: Vec<u8>,
+    tower: String,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+/// What [`Stack::reload`] found.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// One line per change or refusal, for the person at the terminal.
+    pub said: Vec<String>,
 }
 
 /// The nats-server to run: `$NATS_SERVER_BIN`, then `PATH`, then this tree's bootstrap folder.
@@ -83,41 +115,184 @@ fn nats_server() -> Result<PathBuf> {
 }
 
 impl Stack {
-    /// Starts everything, state in `dir`, NATS on `port`; returns once the agents are live.
+    /// Starts everything, state in `dir`, NATS on `port`, with the demo towers; returns once
+    /// the agents are live.
     pub async fn start(dir: &Path, port: u16) -> Result<Self> {
+        Self::start_with(dir, port, &Own::default()).await
+    }
+
+    /// [`Stack::start`], with towers of your own: `own.catalog` in place of the demo's (the
+    /// demo towers run for those of its towers they are: `traffic`, `workloads` without a
+    /// scripts file of its own) and an agent per scripts file.
+    pub async fn start_with(dir: &Path, port: u16, own: &Own) -> Result<Self> {
         let (mut stack, client) = Self::nats(dir, port).await?;
         let recipient = stack.workloads_key()?;
-        let trusted = stack.admission(
-            &client,
-            &CATALOG.replace(rct_bus::sealed::EXAMPLE_RECIPIENT, &recipient),
-        )?;
+        let trusted = match &own.catalog {
+            None => stack.admission(
+                &client,
+                &CATALOG.replace(rct_bus::sealed::EXAMPLE_RECIPIENT, &recipient),
+            )?,
+            Some(path) => {
+                let path = path.canonicalize().map_err(|e| {
+                    Error::usage(format!("cannot use the catalog {}: {e}", path.display()))
+                })?;
+                stack.admission_from(&client, &path)?
+            }
+        };
         stack.wait_for_admission(&client).await?;
         let js = async_nats::jetstream::new(client.clone());
+        let served = rct_admission::catalog::load(&stack.catalog_file())
+            .map_err(|e| Error::usage(e.to_string()))?;
         let agent_config = stack.agent_config();
-        let lb = LoadBalancer::open(&js)
-            .await
-            .map_err(|e| Error::usage(format!("cannot open the demo load balancer: {e}")))?;
-        let targets: Vec<String> = TARGETS.map(String::from).to_vec();
-        for target in TARGETS {
-            let tower = traffic_tower(lb.clone(), target, targets.clone())
-                .trust(trusted.clone())
-                .config(agent_config.clone());
-            stack.spawn(tower, &client);
+        let mut expected = 0;
+        if served.towers.contains_key("traffic") {
+            let lb = LoadBalancer::open(&js)
+                .await
+                .map_err(|e| Error::usage(format!("cannot open the demo load balancer: {e}")))?;
+            let targets: Vec<String> = TARGETS.map(String::from).to_vec();
+            for target in TARGETS {
+                let tower = traffic_tower(lb.clone(), target, targets.clone())
+                    .trust(trusted.clone())
+                    .config(agent_config.clone());
+                stack.spawn(tower, &client);
+                expected += 1;
+            }
         }
-        let examples = stack.dir.join("examples");
-        write_scripts(&examples)?;
-        let scripts = Scripts::load(&examples.join("workloads.yaml"))
-            .map_err(|e| Error::usage(format!("cannot load the workloads scripts: {e}")))?;
-        let workloads_config = rct_agents::Config {
-            secret_keys: vec![stack.dir.join(WORKLOADS_KEY)],
-            ..agent_config
-        };
-        stack.spawn(
-            scripts.tower().trust(trusted).config(workloads_config),
-            &client,
-        );
-        stack.wait_for_agents(&js, TARGETS.len() + 1).await?;
+        // Your scripts files first: a workloads file of yours replaces the demo's.
+        stack.client = Some(client.clone());
+        for file in &own.scripts {
+            let file = file.canonicalize().map_err(|e| {
+                Error::usage(format!(
+                    "cannot use the scripts file {}: {e}",
+                    file.display()
+                ))
+            })?;
+            let bytes = std::fs::read(&file).unwrap_or_default();
+            let scripts = Scripts::load(&file).map_err(Error::usage)?;
+            let tower = scripts.tower.clone();
+            let mut scripted = Scripted {
+                file,
+                bytes,
+                tower,
+                stop: stack.agents_stop.child_token(),
+                task: None,
+            };
+            stack.run_scripts(&mut scripted, scripts, &trusted);
+            stack.scripted.push(scripted);
+            expected += 1;
+        }
+        let mine = |tower: &str| stack.scripted.iter().any(|s| s.tower == tower);
+        if served.towers.contains_key("workloads") && !mine("workloads") {
+            let examples = stack.dir.join("examples");
+            write_scripts(&examples)?;
+            let scripts = Scripts::load(&examples.join("workloads.yaml"))
+                .map_err(|e| Error::usage(format!("cannot load the workloads scripts: {e}")))?;
+            let workloads_config = rct_agents::Config {
+                secret_keys: vec![stack.dir.join(WORKLOADS_KEY)],
+                ..agent_config
+            };
+            stack.spawn(
+                scripts.tower().trust(trusted).config(workloads_config),
+                &client,
+            );
+            expected += 1;
+        }
+        stack.wait_for_agents(&js, expected).await?;
         Ok(stack)
+    }
+
+    /// The catalog file admission serves.
+    pub fn catalog_file(&self) -> PathBuf {
+        self.admitting
+            .as_ref()
+            .map(|a| a.catalog_file().to_owned())
+            .unwrap_or_else(|| self.dir.join("catalog.yaml"))
+    }
+
+    /// Runs (or runs again) the agent of one scripts file.
+    fn run_scripts(
+        &mut self,
+        scripted: &mut Scripted,
+        scripts: Scripts,
+        trusted: &rct_bus::PublicKey,
+    ) {
+        let config = rct_agents::Config {
+            secret_keys: vec![self.dir.join(WORKLOADS_KEY)],
+            ..self.agent_config()
+        };
+        let tower = scripts.tower().trust(trusted.clone()).config(config);
+        let client = self.client.clone().expect("connected before agents start");
+        let run = tower.run(client, scripted.stop.clone());
+        let file = scripted.file.display().to_string();
+        scripted.task = Some(tokio::spawn(async move {
+            if let Err(e) = run.await {
+                tracing::error!(error = %e, %file, "the agent of this scripts file stopped");
+            }
+        }));
+    }
+
+    /// Looks at the catalog and the scripts files: a changed catalog is reloaded by admission
+    /// (checked first; the one in force stays when it is not sound), a changed scripts file
+    /// is checked and its agent restarted with it (the running one stays when it is not
+    /// sound). What happened, in lines for the terminal.
+    pub async fn reload(&mut self) -> Reloaded {
+        let mut said = Vec::new();
+        if let Some(admission) = self.admitting.clone()
+            && admission.catalog_file_changed()
+        {
+            match admission.reload("the catalog file changed (rct dev)").await {
+                rct_admission::Reload::Loaded { from, to } => {
+                    said.push(format!("catalog reloaded: {from} -> {to}"));
+                }
+                rct_admission::Reload::Unchanged(version) => {
+                    said.push(format!("catalog unchanged ({version})"));
+                }
+                rct_admission::Reload::Refused(error) => said.push(format!(
+                    "{error}\nthe catalog in force stays: fix the file and save it again"
+                )),
+            }
+        }
+        let trusted = self.admitting.as_ref().map(|a| a.public_key());
+        let mut scripted = std::mem::take(&mut self.scripted);
+        for agent in &mut scripted {
+            let bytes = std::fs::read(&agent.file).unwrap_or_default();
+            if bytes == agent.bytes {
+                continue;
+            }
+            agent.bytes = bytes;
+            let file = agent.file.display().to_string();
+            let scripts = match Scripts::load(&agent.file) {
+                Ok(scripts) => scripts,
+                Err(e) => {
+                    said.push(format!(
+                        "{e}\nthe agent keeps the scripts it had: fix the file and save it again"
+                    ));
+                    continue;
+                }
+            };
+            // The old agent finishes what it runs, then the new one takes over.
+            agent.stop.cancel();
+            if let Some(task) = agent.task.take()
+                && tokio::time::timeout(Duration::from_secs(15), task)
+                    .await
+                    .is_err()
+            {
+                said.push(format!("{file}: the old agent did not stop within 15 s"));
+            }
+            agent.stop = self.agents_stop.child_token();
+            agent.tower = scripts.tower.clone();
+            let operations: Vec<String> = scripts.operations.keys().cloned().collect();
+            let tower = scripts.tower.clone();
+            if let Some(trusted) = &trusted {
+                self.run_scripts(agent, scripts, trusted);
+            }
+            said.push(format!(
+                "{file} reloaded: tower {tower}, operations {}",
+                operations.join(", ")
+            ));
+        }
+        self.scripted = scripted;
+        Reloaded { said }
     }
 
     /// Starts nats-server alone, with the topology provisioned.
@@ -173,6 +348,9 @@ impl Stack {
             agents_stop,
             agents: Vec::new(),
             admission: Vec::new(),
+            admitting: None,
+            scripted: Vec::new(),
+            client: None,
         };
         let client = stack.wait_for_nats(&name, port).await?;
         let js = async_nats::jetstream::new(client.clone());
@@ -205,9 +383,20 @@ impl Stack {
         client: &async_nats::Client,
         catalog: &str,
     ) -> Result<rct_bus::PublicKey> {
-        let fail = |what: &str, e: &dyn std::fmt::Display| Error::usage(format!("{what}: {e}"));
         let path = self.dir.join("catalog.yaml");
-        std::fs::write(&path, catalog).map_err(|e| fail("cannot write the catalog", &e))?;
+        std::fs::write(&path, catalog)
+            .map_err(|e| Error::usage(format!("cannot write the catalog: {e}")))?;
+        self.admission_from(client, &path)
+    }
+
+    /// Starts admission in-process with the catalog file at `path`; its public key.
+    pub fn admission_from(
+        &mut self,
+        client: &async_nats::Client,
+        path: &Path,
+    ) -> Result<rct_bus::PublicKey> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| Error::usage(format!("{what}: {e}"));
+        let path = path.to_owned();
         let admission = rct_admission::Admission::new(
             rct_admission::Config {
                 nats: rct_streams::Connection::to([self.url.clone()]),
@@ -221,9 +410,9 @@ impl Stack {
             client.clone(),
         )
         .map_err(|e| fail("cannot start admission", &e))?;
-        let trusted = admission.public_key().clone();
-        std::fs::write(self.dir.join("admission.pub"), trusted.to_pem())
-            .map_err(|e| fail("cannot write admission's public key", &e))?;
+        // Its public half is in admission.pub, next to the generated key.
+        let trusted = admission.public_key();
+        self.admitting = Some(admission.clone());
         let shutdown = self.admission_stop.clone();
         self.admission.push(tokio::spawn(async move {
             if let Err(e) = admission.run(shutdown).await {
@@ -320,8 +509,10 @@ impl Stack {
     /// Stops in order: the agents (letting running commands finish), then admission, then
     /// nats-server.
     pub async fn stop(mut self) {
+        let mut agents = std::mem::take(&mut self.agents);
+        agents.extend(self.scripted.iter_mut().filter_map(|s| s.task.take()));
         for (stop, tasks) in [
-            (self.agents_stop.clone(), std::mem::take(&mut self.agents)),
+            (self.agents_stop.clone(), agents),
             (
                 self.admission_stop.clone(),
                 std::mem::take(&mut self.admission),
@@ -348,6 +539,9 @@ impl Drop for Stack {
         self.agents_stop.cancel();
         self.admission_stop.cancel();
         for task in self.agents.iter().chain(&self.admission) {
+            task.abort();
+        }
+        for task in self.scripted.iter().filter_map(|s| s.task.as_ref()) {
             task.abort();
         }
         let _ = self.server.kill();

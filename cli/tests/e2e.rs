@@ -1018,3 +1018,123 @@ fn contexts_and_logout_say_what_they_did() {
     let out = rct(&["context", "current"]);
     said(&out, 2, &out.stderr, "no context is current");
 }
+
+/// The fenced block of `docs/TOWERS.md` whose info string is `sh <name>`.
+fn towers_block(name: &str) -> String {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/TOWERS.md")).unwrap();
+    let start = doc
+        .find(&format!("```sh {name}\n"))
+        .unwrap_or_else(|| panic!("no ```sh {name} block in docs/TOWERS.md"));
+    let body = &doc[start..];
+    let body = &body[body.find('\n').unwrap() + 1..];
+    body[..body.find("\n```").unwrap()].to_owned()
+}
+
+/// docs/TOWERS.md's first-tower walk, run as it is written: the template copied, `rct dev`
+/// with its catalog and scripts, a first run, a dry run, a second operation added to both
+/// files while rct dev runs (reloaded by both), its run, and the history.
+#[test]
+fn the_towers_walk_runs_as_written() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
+    let copy = |from: &Path, to: &Path| {
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    std::fs::create_dir_all(dir.join("ops")).unwrap();
+    copy(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/templates"),
+        &dir.join("ops/templates"),
+    );
+    let bin = Path::new(RCT).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let home = dir.join("home");
+    let shell = |script: &str| {
+        let mut command = Command::new("sh");
+        command
+            .args(["-e", "-c", script])
+            .current_dir(dir)
+            .env("PATH", &path)
+            .env("RCT_HOME", &home)
+            .env("NATS_SERVER_BIN", nats_server())
+            .stdin(Stdio::null());
+        command
+    };
+
+    // The first block: everything before `rct dev`, then rct dev in the background.
+    let dev_block = towers_block("dev");
+    let (before, dev_line) = dev_block.rsplit_once('\n').unwrap();
+    assert!(dev_line.starts_with("rct dev "), "{dev_line}");
+    ok(shell(before).output().unwrap());
+    let log = dir.join("dev.log");
+    let child = shell(&format!("exec {dev_line} --port {}", free_port()))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let dev = Dev {
+        child,
+        home: tempfile::tempdir().unwrap(),
+        _state: tempfile::tempdir().unwrap(),
+    };
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let started = Instant::now();
+    while !read_log().contains("rct dev is running") {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "rct dev did not start:\n{}",
+            read_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The second block, as one shell script.
+    let walk = shell(&towers_block("walk")).output().unwrap();
+    let walked = format!("{}{}", text(&walk.stdout), text(&walk.stderr));
+    assert!(
+        walk.status.success(),
+        "the walk failed:\n{walked}\nrct dev said:\n{}",
+        read_log()
+    );
+    for needle in [
+        "hello/greet",
+        "hello, Ada",
+        "would say hi to Ada",
+        "wave, Ada",
+        "alice@example.com",
+    ] {
+        assert!(walked.contains(needle), "{needle:?} not in:\n{walked}");
+    }
+    let stdout = text(&walk.stdout);
+    let history: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("hello/") && l.contains("succeeded"))
+        .collect();
+    assert_eq!(history.len(), 3, "the three runs in the history:\n{walked}");
+    assert_eq!(
+        history.iter().filter(|l| l.contains("(dry run)")).count(),
+        1,
+        "{walked}"
+    );
+    let said = read_log();
+    for needle in [
+        "rct dev: catalog reloaded",
+        "reloaded: tower hello, operations greet, wave",
+    ] {
+        assert!(
+            said.contains(needle),
+            "{needle:?} not in rct dev's output:\n{said}"
+        );
+    }
+    drop(dev);
+}

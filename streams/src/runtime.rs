@@ -83,12 +83,17 @@ pub fn exit<E: std::fmt::Display>(name: &str, result: Result<(), E>) -> std::pro
 /// [`crate::telemetry::continue_trace`]). Keep the guard until the end of `main`: dropping it
 /// flushes the spans not yet sent.
 pub fn init_logging(service: &str) -> Logging {
+    init_logging_at(service, "info")
+}
+
+/// [`init_logging`], with `default` as the filter when `RCT_LOG` is not set.
+pub fn init_logging_at(service: &str, default: &str) -> Logging {
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
 
     let filter = tracing_subscriber::EnvFilter::try_from_env(ENV_LOG)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(colours(&std::io::stderr()));

@@ -10,7 +10,7 @@ use crate::home::{Contexts, Home};
 use crate::remote::Global;
 use crate::render::Output;
 use crate::session::Session;
-use crate::stack::Stack;
+use crate::stack::{Own, Stack};
 
 /// Run the whole system locally, in the foreground, until Ctrl-C.
 #[derive(Debug, clap::Args)]
@@ -21,31 +21,80 @@ pub struct DevArgs {
     /// The NATS port.
     #[arg(long, default_value_t = 4222)]
     pub port: u16,
+    /// Serve this catalog instead of the demo's (reloaded when it changes; the demo towers
+    /// run for those of its towers they are).
+    #[arg(long, value_name = "FILE")]
+    pub catalog: Option<PathBuf>,
+    /// Run an agent for this scripts file (see docs/TOWERS.md), restarted when it changes;
+    /// repeat for several.
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    pub scripts: Vec<PathBuf>,
 }
 
 /// Runs `rct dev`.
 pub async fn dev(home: &Home, args: DevArgs) -> Result {
     // Listening from the start: a signal while starting stops what was started.
     let mut stop = Box::pin(stop_signal()?);
-    let stack = tokio::select! {
-        stack = Stack::start(&args.dir, args.port) => stack?,
+    // Warnings of the in-process services (a script's timeout that differs from the
+    // catalog's, an agent's refusal) reach the terminal; RCT_LOG says more.
+    // (Admission's warnings are about being a dev stack, and a refused reload is said below.)
+    let _logging = rct_streams::runtime::init_logging_at("rct-dev", "warn,rct_admission=error");
+    let own = Own {
+        catalog: args.catalog.clone(),
+        scripts: args.scripts.clone(),
+    };
+    let mut stack = tokio::select! {
+        stack = Stack::start_with(&args.dir, args.port, &own) => stack?,
         signal = &mut stop => {
             say(&format!("{signal} while starting: stopped"));
             return Ok(Exit::Ok);
         }
     };
     use_context(home, "dev", &stack.url)?;
+    let towers = match &args.catalog {
+        None => "traffic agents for prod-1..4, workloads".to_owned(),
+        Some(catalog) => format!(
+            "the catalog {} (reloaded when it changes){}",
+            catalog.display(),
+            if args.scripts.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", agents for {} (restarted when they change)",
+                    args.scripts
+                        .iter()
+                        .map(|s| s.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        ),
+    };
+    let first = match &args.catalog {
+        None => "rct traffic drain-cluster --cluster prod-1 --justification SRE-101",
+        Some(_) => "rct <tower> <operation> --help",
+    };
     eprintln!(
-        "rct dev is running: NATS at {url}, admission (dev issuer on), traffic agents for prod-1..4, workloads.\n\
-         State in {dir}. Context \"dev\" is now current; in another terminal:\n\n  \
+        "rct dev is running: NATS at {url}, admission (dev issuer on), {towers}.\n\
+         State in {dir}; admission's public key in {dir}/admission.pub. Context \"dev\" is now \
+         current; in another terminal:\n\n  \
          rct login --dev --user alice --groups sre_team\n  \
          rct ops\n  \
-         rct traffic drain-cluster --cluster prod-1 --justification SRE-101\n\n\
+         {first}\n\n\
          Ctrl-C stops everything.",
         url = stack.url,
         dir = stack.dir.display()
     );
-    let signal = stop.await;
+    let signal = loop {
+        tokio::select! {
+            signal = &mut stop => break signal,
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
+                for line in stack.reload().await.said {
+                    say(&format!("rct dev: {line}"));
+                }
+            }
+        }
+    };
     say(&format!(
         "{signal}: stopping the agents, then admission, then nats-server…"
     ));
