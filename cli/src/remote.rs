@@ -27,6 +27,8 @@ pub struct Remote {
     pub client: async_nats::Client,
     /// JetStream (with the context's domain).
     pub js: async_nats::jetstream::Context,
+    /// Whether the connection is up now (it changes as NATS goes away and comes back).
+    pub connected: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The context's name and connection settings.
@@ -59,7 +61,17 @@ pub fn resolve(home: &Home, global: &Global) -> Result<(String, Connection)> {
 /// Connects, failing at once with a way forward when nothing answers.
 pub async fn connect(home: &Home, global: &Global) -> Result<Remote> {
     let (context, connection) = resolve(home, global)?;
-    let client = connection.connect("rct", false).await.map_err(|e| {
+    let (up, connected) = tokio::sync::watch::channel(true);
+    let observe = move |event: &async_nats::Event| match event {
+        async_nats::Event::Disconnected => {
+            up.send_replace(false);
+        }
+        async_nats::Event::Connected => {
+            up.send_replace(true);
+        }
+        _ => {}
+    };
+    let client = connection.connect_observed("rct", false, observe).await.map_err(|e| {
         Error::usage(format!(
             "{e} (context {context}); is `rct dev` running, or is the context right? (rct context list)"
         ))
@@ -69,6 +81,7 @@ pub async fn connect(home: &Home, global: &Global) -> Result<Remote> {
         context,
         client,
         js,
+        connected,
     })
 }
 

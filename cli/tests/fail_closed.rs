@@ -69,32 +69,47 @@ async fn admin(hub: &Hub) -> async_nats::jetstream::Context {
 struct Background {
     child: std::process::Child,
     stderr: Arc<std::sync::Mutex<String>>,
+    stdout: Arc<std::sync::Mutex<String>>,
+}
+
+/// Keeps what `from` says, line by line, as it comes.
+fn kept(from: impl std::io::Read + Send + 'static) -> Arc<std::sync::Mutex<String>> {
+    use std::io::BufRead as _;
+    let text = Arc::new(std::sync::Mutex::new(String::new()));
+    let kept = text.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+            let mut kept = kept.lock().unwrap();
+            kept.push_str(&line);
+            kept.push('\n');
+        }
+    });
+    text
 }
 
 impl Background {
     fn start(op: &support::Operator, args: &[&str], env: &[(&str, &str)]) -> Self {
-        use std::io::BufRead as _;
         let mut child = std::process::Command::new(support::RCT)
             .args(args)
             .envs(env.iter().copied())
             .env("RCT_HOME", op.home.path())
             .env_remove("RCT_CONTEXT")
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = Arc::new(std::sync::Mutex::new(String::new()));
-        let lines = std::io::BufReader::new(child.stderr.take().unwrap());
-        let kept = stderr.clone();
-        std::thread::spawn(move || {
-            for line in lines.lines().map_while(Result::ok) {
-                let mut kept = kept.lock().unwrap();
-                kept.push_str(&line);
-                kept.push('\n');
-            }
-        });
-        Self { child, stderr }
+        let stderr = kept(child.stderr.take().unwrap());
+        let stdout = kept(child.stdout.take().unwrap());
+        Self {
+            child,
+            stderr,
+            stdout,
+        }
+    }
+
+    fn printed(&self) -> String {
+        self.stdout.lock().unwrap().clone()
     }
 
     fn said(&self) -> String {
@@ -551,4 +566,99 @@ async fn agents_lists_the_targets_no_agent_serves() {
     assert_eq!(live("prod-2"), Some(false.into()), "{objects:?}");
     assert_eq!(objects.len(), 5, "{objects:?}");
     shutdown.cancel();
+}
+
+/// NATS restarts while a command is watched: rct says it is reconnecting, then that it is
+/// back, and the watch goes on to the outcome having shown every event of the command once.
+#[tokio::test]
+async fn a_lost_connection_mid_watch_is_said_and_no_event_is_missed_or_repeated() {
+    let mut hub = Hub::start().await;
+    let shutdown = CancellationToken::new();
+    hub.provision().await;
+    let key = hub.admission(&shutdown).await;
+    // A drain slow enough to span the restart: twenty steps over about six seconds.
+    let connection = hub.connection("agent_traffic_prod1", "_INBOX_agent.traffic.prod-1");
+    let client = connection.connect("agent", true).await.unwrap();
+    let tower = rct_agents::Tower::new("traffic")
+        .cluster("prod-1")
+        .operation("drain-cluster", |ctx, _params| async move {
+            for step in 1..=20u32 {
+                ctx.progress(step * 5, format!("step {step}"), "moving traffic");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Ok(rct_agents::Outcome::new("prod-1 drained"))
+        })
+        .trust(key)
+        .config(rct_agents::Config {
+            nats: connection,
+            instance: "agent-prod-1".into(),
+            ..rct_agents::Config::default()
+        });
+    let agent = shutdown.clone();
+    tokio::spawn(async move { tower.run(client, agent).await.unwrap() });
+    let op = Arc::new(hub.operator());
+    let login = op.clone();
+    blocking(move || login.login()).await;
+    let watch = Background::start(
+        &op,
+        &[
+            "traffic",
+            "drain-cluster",
+            "--cluster",
+            "prod-1",
+            "-j",
+            "SRE-1",
+            "--output",
+            "json",
+        ],
+        &[],
+    );
+    let started = Instant::now();
+    while !watch.printed().contains("\"started\"") {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{}{}",
+            watch.said(),
+            watch.printed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hub.server.restart().await;
+    watch
+        .until_said(
+            "NATS connection lost: reconnecting…",
+            Duration::from_secs(10),
+        )
+        .await;
+    watch
+        .until_said("reconnected to NATS", Duration::from_secs(30))
+        .await;
+    let stdout = watch.stdout.clone();
+    // The drain has about five seconds to go: the watch resumes at once, not when the pull
+    // that was waiting times out (tens of seconds later).
+    let (code, said) = watch.exit(Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0), "{said}");
+    let printed: Vec<u64> = stdout
+        .lock()
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| v["sequence"].as_u64().unwrap())
+        .collect();
+    let id: CommandId = stdout
+        .lock()
+        .unwrap()
+        .lines()
+        .next()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .and_then(|v| v["command_id"].as_str().and_then(|id| id.parse().ok()))
+        .expect("the first line names the command");
+    let stored: Vec<u64> = replay::command_history(&admin(&hub).await, id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.sequence)
+        .collect();
+    assert_eq!(printed, stored, "every event once, in order:\n{said}");
+    assert!(stored.len() > 5, "progress across the restart: {stored:?}");
 }

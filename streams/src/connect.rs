@@ -77,6 +77,17 @@ impl Connection {
     /// Connects as `name` (shown in the server's connection list). With `wait`, retries until
     /// a server answers; without, fails at once when none does.
     pub async fn connect(&self, name: &str, wait: bool) -> Result<async_nats::Client, Error> {
+        self.connect_observed(name, wait, |_| {}).await
+    }
+
+    /// [`Connection::connect`], also telling `observe` of every connection event
+    /// (disconnected, connected again, …) as it happens, besides logging it.
+    pub async fn connect_observed(
+        &self,
+        name: &str,
+        wait: bool,
+        observe: impl Fn(&async_nats::Event) + Send + Sync + 'static,
+    ) -> Result<async_nats::Client, Error> {
         let error = |reason: String| Error {
             servers: self.servers.join(","),
             reason,
@@ -115,11 +126,14 @@ impl Connection {
             .map_err(|e| error(format!("bad server address: {e}")))?;
         options
             .name(name)
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                    other => tracing::warn!(event = %other, "NATS connection event"),
+            .event_callback(move |event| {
+                observe(&event);
+                async move {
+                    match event {
+                        async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                        async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                        other => tracing::warn!(event = %other, "NATS connection event"),
+                    }
                 }
             })
             .connect(addrs)

@@ -194,6 +194,19 @@ pub async fn follow(
         .boxed())
 }
 
+/// [`follow`], starting again after the last event read as soon as `connected` says the
+/// connection is back (rather than when the pull that was waiting times out, tens of seconds
+/// later): nothing is missed or delivered twice.
+pub async fn follow_reconnecting(
+    js: &jetstream::Context,
+    filter: &Filter,
+    connected: tokio::sync::watch::Receiver<bool>,
+) -> Result<impl Stream<Item = Result<Item>> + Unpin + use<>> {
+    let mut replay = Replay::start(js, filter.clone(), true).await?;
+    replay.connected = Some(connected);
+    Ok(replay.into_stream().boxed())
+}
+
 /// The whole stored history of one command, in order. Malformed messages are logged and
 /// skipped; infrastructure errors end the read.
 pub async fn command_history(js: &jetstream::Context, id: CommandId) -> Result<Vec<Record>> {
@@ -234,25 +247,35 @@ pub async fn decision(
 
 struct Replay {
     messages: Option<pull::Ordered>,
+    js: jetstream::Context,
     filter: Filter,
     follow: bool,
     /// Everything stored at the start has been delivered; later messages are live.
     caught_up: bool,
+    /// The stream sequence of the last message read: a replay that failed resumes after it.
+    last: Option<u64>,
+    /// The read failed (a server restart, a lost connection): start again after `last`.
+    resume: bool,
+    /// Whether the connection is up: when it comes back, start again after `last`.
+    connected: Option<tokio::sync::watch::Receiver<bool>>,
     queue: VecDeque<Result<Item>>,
 }
 
+/// How long to wait between attempts to resume a failed replay.
+const RESUME_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl Replay {
-    async fn start(js: &jetstream::Context, filter: Filter, follow: bool) -> Result<Self> {
+    /// An ordered consumer reading `filter`'s events from `deliver_policy` on.
+    async fn consumer(
+        js: &jetstream::Context,
+        filter: &Filter,
+        deliver_policy: DeliverPolicy,
+    ) -> Result<jetstream::consumer::Consumer<pull::OrderedConfig>> {
         let stream = js
             .get_stream_no_info(EVENT_STREAM)
             .await
             .map_err(|e| Error::read(EVENT_STREAM, e))?;
-        let deliver_policy = match (filter.from_sequence, filter.since) {
-            (Some(start_sequence), _) => DeliverPolicy::ByStartSequence { start_sequence },
-            (None, Some(start_time)) => DeliverPolicy::ByStartTime { start_time },
-            (None, None) => DeliverPolicy::All,
-        };
-        let consumer = stream
+        stream
             .create_consumer(pull::OrderedConfig {
                 filter_subject: filter.subject(),
                 deliver_policy,
@@ -260,7 +283,48 @@ impl Replay {
                 ..Default::default()
             })
             .await
-            .map_err(|e| Error::read(EVENT_STREAM, e))?;
+            .map_err(|e| Error::read(EVENT_STREAM, e))
+    }
+
+    fn deliver_policy(filter: &Filter, after: Option<u64>) -> DeliverPolicy {
+        match (after, filter.from_sequence, filter.since) {
+            (Some(last), _, _) => DeliverPolicy::ByStartSequence {
+                start_sequence: last + 1,
+            },
+            (None, Some(start_sequence), _) => DeliverPolicy::ByStartSequence { start_sequence },
+            (None, None, Some(start_time)) => DeliverPolicy::ByStartTime { start_time },
+            (None, None, None) => DeliverPolicy::All,
+        }
+    }
+
+    /// After a failed read: a new ordered consumer from the message after the last one read,
+    /// tried until it can be made (the server may still be coming back).
+    async fn resume(&mut self) {
+        loop {
+            let policy = Self::deliver_policy(&self.filter, self.last);
+            let made = match Self::consumer(&self.js, &self.filter, policy).await {
+                Ok(consumer) => consumer
+                    .messages()
+                    .await
+                    .map_err(|e| Error::read(EVENT_STREAM, e)),
+                Err(e) => Err(e),
+            };
+            match made {
+                Ok(messages) => {
+                    self.messages = Some(messages);
+                    self.resume = false;
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "resuming the replay");
+                    tokio::time::sleep(RESUME_PAUSE).await;
+                }
+            }
+        }
+    }
+
+    async fn start(js: &jetstream::Context, filter: Filter, follow: bool) -> Result<Self> {
+        let consumer = Self::consumer(js, &filter, Self::deliver_policy(&filter, None)).await?;
         let empty = consumer.cached_info().num_pending == 0;
         let mut queue = VecDeque::new();
         if empty && follow {
@@ -278,9 +342,13 @@ impl Replay {
         };
         Ok(Self {
             messages,
+            js: js.clone(),
             filter,
             follow,
             caught_up: empty,
+            last: None,
+            resume: false,
+            connected: None,
             queue,
         })
     }
@@ -291,12 +359,34 @@ impl Replay {
                 if let Some(item) = replay.queue.pop_front() {
                     return Some((item, replay));
                 }
-                let message = replay.messages.as_mut()?.next().await?;
+                if replay.resume {
+                    replay.resume().await;
+                }
+                let messages = replay.messages.as_mut()?;
+                let message = match replay.connected.as_mut() {
+                    None => messages.next().await?,
+                    Some(connected) => tokio::select! {
+                        message = messages.next() => message?,
+                        changed = connected.changed() => {
+                            match changed {
+                                // Back: the pull that was waiting may never answer.
+                                Ok(()) if *connected.borrow_and_update() => replay.resume = true,
+                                Ok(()) => {}
+                                Err(_) => replay.connected = None,
+                            }
+                            continue;
+                        }
+                    },
+                };
                 match message {
                     Ok(message) => replay.take(&message),
-                    // The ordered consumer recreates itself after gaps and lost heartbeats;
-                    // report and keep reading.
-                    Err(e) => replay.queue.push_back(Err(Error::read(EVENT_STREAM, e))),
+                    // The ordered consumer recreates itself after gaps and lost heartbeats,
+                    // but not after a failed pull (a server restart): then a new one starts
+                    // after the last message read. Reported either way.
+                    Err(e) => {
+                        replay.resume = true;
+                        replay.queue.push_back(Err(Error::read(EVENT_STREAM, e)));
+                    }
                 }
             }
         })
@@ -311,6 +401,11 @@ impl Replay {
             }
         };
         let (sequence, published, pending) = (info.stream_sequence, info.published, info.pending);
+        // A resumed consumer starts after the last one read; anything older is not new.
+        if self.last.is_some_and(|last| sequence <= last) {
+            return;
+        }
+        self.last = Some(sequence);
         if self.filter.until.is_some_and(|until| published > until) {
             self.messages = None;
             return;

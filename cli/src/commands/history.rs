@@ -113,7 +113,7 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
     let layout = Layout::of(remote.catalog_or_cached(home).await.ok().as_ref());
     let mut rows = Rows::new(&args, zone.clone(), layout);
     let mut folder = Folder::new();
-    let mut events = replay::follow(&remote.js, &filter)
+    let mut events = replay::follow_reconnecting(&remote.js, &filter, remote.connected.clone())
         .await
         .map_err(|e| Error::usage(format!("cannot read history: {e}")))?;
     let mut lookup_failed = false;

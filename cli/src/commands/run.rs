@@ -442,9 +442,10 @@ async fn agent_serves(remote: &Remote, operation: &str, target: &str) -> Option<
 /// admitted, 3 when refused, 4 when not decided yet.
 pub async fn decision(remote: &Remote, stored: &Stored) -> Result {
     let id = stored.id;
-    let mut events = replay::follow(&remote.js, &Filter::command(id))
-        .await
-        .map_err(|e| Error::usage(format!("cannot watch {id}: {e}")))?;
+    let mut events =
+        replay::follow_reconnecting(&remote.js, &Filter::command(id), remote.connected.clone())
+            .await
+            .map_err(|e| Error::usage(format!("cannot watch {id}: {e}")))?;
     let wait = decision_wait();
     let own = async {
         while let Some(item) = events.next().await {
@@ -539,6 +540,31 @@ pub async fn watch(remote: &Remote, id: CommandId, output: Output) -> Result {
     watch_submitted(remote, id, None, output).await
 }
 
+/// While a watch runs: says when the connection to NATS is lost and when it is back. The
+/// watch itself resumes where it was (its ordered consumer starts again after the last event
+/// it delivered), so nothing is missed or shown twice. Stops when dropped.
+fn say_connection(
+    mut connected: tokio::sync::watch::Receiver<bool>,
+    id: CommandId,
+) -> tokio_util::task::AbortOnDropHandle<()> {
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut up = *connected.borrow_and_update();
+        while connected.changed().await.is_ok() {
+            match (*connected.borrow_and_update(), up) {
+                (false, true) => eprintln!(
+                    "NATS connection lost: reconnecting… (the command goes on; the watch \
+                     resumes without missing an event)"
+                ),
+                (true, false) => {
+                    eprintln!("reconnected to NATS: watching {id} again, from where it was");
+                }
+                _ => {}
+            }
+            up = *connected.borrow();
+        }
+    }))
+}
+
 /// A refusal admission recorded under an id of its own for the submission `stored` (it could
 /// not put it under the id the submission asked for: an unverifiable certificate, a taken
 /// id): its tower's decisions are followed for one that names the submission's sequence.
@@ -580,9 +606,10 @@ pub async fn watch_submitted(
     stored: Option<&Stored>,
     output: Output,
 ) -> Result {
-    let mut events = replay::follow(&remote.js, &Filter::command(id))
-        .await
-        .map_err(|e| Error::usage(format!("cannot watch {id}: {e}")))?;
+    let mut events =
+        replay::follow_reconnecting(&remote.js, &Filter::command(id), remote.connected.clone())
+            .await
+            .map_err(|e| Error::usage(format!("cannot watch {id}: {e}")))?;
     // Fused: once it has answered (or given up), it never answers again. On the heap: it
     // holds a follow of its own.
     let mut elsewhere = Box::pin(futures::FutureExt::fuse(async {
@@ -591,6 +618,7 @@ pub async fn watch_submitted(
             None => std::future::pending().await,
         }
     }));
+    let _connection = say_connection(remote.connected.clone(), id);
     let mut live = Live::new(output);
     let mut decided = false;
     let mut started = false;
