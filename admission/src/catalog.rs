@@ -63,8 +63,28 @@ pub fn parse(file: &Path, text: &str) -> Result<Catalog, Error> {
     // A syntax error ends the reading: nothing after it can be understood.
     let index = Index::of(text).map_err(|p| fail(vec![p]))?;
     let mut problems = index.duplicates.clone();
-    let (catalog, structural) = structure(text, &index);
-    problems.extend(structural);
+    // Read as serde_yaml reads a document (a plain scalar is text where text is expected);
+    // only when that fails is the structure walked to find every problem.
+    let direct = if problems.is_empty() {
+        serde_yaml_ng::from_str::<Catalog>(text).map_err(Some)
+    } else {
+        Err(None)
+    };
+    let catalog = match direct {
+        Ok(catalog) => Some(catalog),
+        Err(direct) => {
+            let (catalog, structural) = structure(text, &index);
+            match (structural.is_empty(), direct) {
+                // The walk found nothing serde_yaml refused: say what it said.
+                (true, Some(e)) => problems.push(Problem {
+                    line: e.location().map_or(0, |l| l.line()),
+                    message: hint(&e.to_string()),
+                }),
+                _ => problems.extend(structural),
+            }
+            catalog
+        }
+    };
     // The rules are checked on what could be read, so one run says everything.
     if let Some(catalog) = &catalog {
         problems.extend(catalog.problems().into_iter().map(|p| Problem {
@@ -134,6 +154,20 @@ fn structure(text: &str, index: &Index) -> (Option<Catalog>, Vec<Problem>) {
         };
         let path = path_of(error.path());
         let message = error.inner().to_string();
+        // A plain number or boolean is text where text is expected (as serde_yaml reads a
+        // document): read it so, and go on.
+        if message.contains("expected a string")
+            && [
+                "invalid type: integer",
+                "invalid type: boolean",
+                "invalid type: floating point",
+            ]
+            .iter()
+            .any(|m| message.starts_with(m))
+            && as_text(&mut value, &path)
+        {
+            continue;
+        }
         // Missing because an earlier round took it out: already said.
         let consequence = removed.iter().any(|r| r.starts_with(&path));
         if !consequence {
@@ -166,28 +200,46 @@ fn path_of(path: &serde_path_to_error::Path) -> Vec<String> {
         .collect()
 }
 
+/// The value at `path` in `value`.
+fn at_mut<'a>(
+    value: &'a mut serde_yaml_ng::Value,
+    path: &[String],
+) -> Option<&'a mut serde_yaml_ng::Value> {
+    let mut at = value;
+    for key in path {
+        at = match at {
+            serde_yaml_ng::Value::Mapping(map) => map.get_mut(key.as_str())?,
+            serde_yaml_ng::Value::Sequence(list) => list.get_mut(key.parse::<usize>().ok()?)?,
+            serde_yaml_ng::Value::Tagged(tagged) => &mut tagged.value,
+            _ => return None,
+        };
+    }
+    Some(at)
+}
+
+/// Replaces the number or boolean at `path` by its text; whether it did.
+fn as_text(value: &mut serde_yaml_ng::Value, path: &[String]) -> bool {
+    use serde_yaml_ng::Value;
+    let Some(at) = at_mut(value, path) else {
+        return false;
+    };
+    let text = match at {
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        _ => return false,
+    };
+    *at = Value::String(text);
+    true
+}
+
 /// Takes the value at `path` out of `value`; whether there was one.
 fn remove(value: &mut serde_yaml_ng::Value, path: &[String]) -> bool {
     let Some((last, parents)) = path.split_last() else {
         return false;
     };
-    let mut at = value;
-    for key in parents {
-        at = match at {
-            serde_yaml_ng::Value::Mapping(map) => match map.get_mut(key.as_str()) {
-                Some(next) => next,
-                None => return false,
-            },
-            serde_yaml_ng::Value::Sequence(list) => {
-                match key.parse::<usize>().ok().and_then(|i| list.get_mut(i)) {
-                    Some(next) => next,
-                    None => return false,
-                }
-            }
-            serde_yaml_ng::Value::Tagged(tagged) => &mut tagged.value,
-            _ => return false,
-        };
-    }
+    let Some(at) = at_mut(value, parents) else {
+        return false;
+    };
     match at {
         serde_yaml_ng::Value::Mapping(map) => map.remove(last.as_str()).is_some(),
         serde_yaml_ng::Value::Sequence(list) => match last.parse::<usize>() {
@@ -472,6 +524,29 @@ operations:
         assert!(found[3].1.contains("unknown field `secrett`"), "{found:#?}");
         assert!(found[4].1.starts_with("unknown tower db"), "{found:#?}");
         assert!(found[5].1.contains("defined twice"), "{found:#?}");
+    }
+
+    /// A plain number or boolean is text where text is expected, as it was before every
+    /// problem was collected: such catalogs still load, and are still read so when another
+    /// problem is reported.
+    #[test]
+    fn plain_numbers_and_booleans_are_text_where_text_is_expected() {
+        let text = GOOD
+            .replace("targets: [prod-1, prod-2]", "targets: [prod-1, 2024]")
+            .replace("allowed_groups: [sre_team]", "allowed_groups: [1001, true]")
+            + "    description: 42\n";
+        let catalog = parse(Path::new("good.yaml"), &text).unwrap();
+        assert_eq!(
+            catalog.operations["traffic/drain-cluster"].description,
+            "42"
+        );
+        assert_eq!(
+            catalog.operations["traffic/drain-cluster"].allowed_groups,
+            ["1001", "true"]
+        );
+        let found = problems(&(text.clone() + "    colour: blue\n"));
+        assert_eq!(found.len(), 1, "only the unknown field: {found:#?}");
+        assert!(found[0].1.contains("unknown field `colour`"), "{found:#?}");
     }
 
     #[test]

@@ -14,6 +14,9 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // Listened for from the start: a SIGHUP while connecting must not end the process.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot listen for SIGHUP")?;
     let mut config = Config::load(args.config.as_deref(), std::env::vars())
         .map_err(anyhow::Error::msg)
         .context("cannot load the configuration")?;
@@ -59,23 +62,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let shutdown = rct_streams::runtime::shutdown_on_signal();
     if config.role == rct_admission::Role::Notify {
+        tokio::spawn(reload_on_hangup(hangups, None));
         rct_admission::run(config, client, shutdown).await?;
         return Ok(());
     }
     let admission = rct_admission::Admission::new(config, client)?;
-    tokio::spawn(reload_on_hangup(admission.clone()));
+    tokio::spawn(reload_on_hangup(hangups, Some(admission.clone())));
     admission.run(shutdown).await?;
     Ok(())
 }
 
 /// SIGHUP reloads the catalog (checked first; the one in force stays when it is not sound).
-async fn reload_on_hangup(admission: rct_admission::Admission) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP: the catalog reloads only when watched");
-        return;
-    };
+/// The notifier alone reads its catalog at start only, and says so.
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    admission: Option<rct_admission::Admission>,
+) {
     while hangups.recv().await.is_some() {
-        admission.reload("SIGHUP").await;
+        match &admission {
+            Some(admission) => {
+                admission.reload("SIGHUP").await;
+            }
+            None => tracing::warn!(
+                "SIGHUP: the notifier reads the catalog at start only; restart it to use a new one"
+            ),
+        }
     }
 }

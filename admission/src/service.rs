@@ -51,6 +51,11 @@ struct Inner {
     services: Services,
     /// The catalog file's bytes last read, by the watch (a change is reloaded once).
     catalog_file: std::sync::Mutex<Vec<u8>>,
+    /// The bytes the watch saw last time it looked: a change is reloaded once it has held
+    /// for one look (an editor may write a file in several steps).
+    catalog_seen: std::sync::Mutex<Vec<u8>>,
+    /// One reload at a time (SIGHUP and the watch may ask at once).
+    reloading: tokio::sync::Mutex<()>,
     id_tokens: IdTokens,
     dev: Option<DevIssuer>,
     client: async_nats::Client,
@@ -95,7 +100,9 @@ impl Admission {
                 catalog: catalog_sender,
                 previous,
                 services,
+                catalog_seen: std::sync::Mutex::new(catalog_file.clone()),
                 catalog_file: std::sync::Mutex::new(catalog_file),
+                reloading: tokio::sync::Mutex::new(()),
                 id_tokens,
                 dev,
                 publisher: Publisher::new(js.clone()),
@@ -117,12 +124,25 @@ impl Admission {
         &self.inner.config.catalog
     }
 
-    /// Whether the catalog file's bytes differ from those last read.
+    /// Whether the catalog file's bytes differ from those last read, and are the same as
+    /// when this was last asked (a change that has settled: one written in several steps is
+    /// not read half-way).
     pub fn catalog_file_changed(&self) -> bool {
         let Ok(bytes) = std::fs::read(&self.inner.config.catalog) else {
             return false;
         };
-        *self.inner.catalog_file.lock().expect("not poisoned") != bytes
+        let settled = {
+            let mut seen = self.inner.catalog_seen.lock().expect("not poisoned");
+            let settled = *seen == bytes;
+            *seen = bytes.clone();
+            settled
+        };
+        settled && *self.inner.catalog_file.lock().expect("not poisoned") != bytes
+    }
+
+    /// The catalog in force.
+    pub fn catalog(&self) -> Arc<rct_bus::catalog::Catalog> {
+        self.inner.catalog.borrow().clone()
     }
 
     /// The version of the catalog in force.
@@ -319,6 +339,9 @@ pub enum Reload {
     },
     /// The file is not a sound catalog: the one in force stays.
     Refused(catalog::Error),
+    /// The catalog is sound but could not be served to the agents: the one in force stays
+    /// (commands admitted under a version agents cannot read would fail).
+    Unserved(String),
 }
 
 /// The tower token under which catalog reloads are recorded.
@@ -381,6 +404,13 @@ fn signing_key(path: &Path, generate: bool) -> Result<KeyPair, Error> {
         path: path.to_owned(),
         reason,
     };
+    if generate && public_key_path(path) == path {
+        return Err(error(
+            "its public half would be written over it (a generated key's public half goes to \
+             the same name ending .pub): name the key differently, e.g. admission.key"
+                .into(),
+        ));
+    }
     match std::fs::read_to_string(path) {
         Ok(pem) => {
             let key = KeyPair::from_pem(&pem).map_err(|e| error(e.to_string()))?;
@@ -466,12 +496,18 @@ impl Inner {
     }
 
     async fn reload(&self, why: &str) -> Reload {
+        let _one_at_a_time = self.reloading.lock().await;
         let path = &self.config.catalog;
-        let bytes = std::fs::read(path).unwrap_or_default();
-        *self.catalog_file.lock().expect("not poisoned") = bytes;
+        // What is checked is what is remembered as read.
+        let read = std::fs::read(path);
+        let loaded = match &read {
+            Ok(bytes) => catalog::parse(path, &String::from_utf8_lossy(bytes)),
+            Err(_) => catalog::load(path),
+        };
+        *self.catalog_file.lock().expect("not poisoned") = read.unwrap_or_default();
         let current = self.policy();
         let from = current.catalog_version.clone();
-        let catalog = match catalog::load(path) {
+        let catalog = match loaded {
             Ok(catalog) => catalog,
             Err(error) => {
                 tracing::warn!(%why, "{error}; catalog {from} stays in force");
@@ -497,6 +533,31 @@ impl Inner {
         }
         let key = KeyPair::from_pem(&current.key.to_pem()).expect("the key in force reads back");
         let summary = changes(&current.catalog, &catalog);
+        // Served (and its towers' consumers made) before it decides anything: a command
+        // admitted under a version agents cannot read would fail.
+        if self.config.provision
+            && let Err(e) = crate::provision(&self.js, &self.config).await
+        {
+            tracing::error!(error = %e, "cannot create the consumers of the reloaded catalog's towers");
+        }
+        if let Err(e) = self.publish(&to, &catalog).await {
+            let message = format!(
+                "catalog {to} cannot be served to the agents ({e}); catalog {from} stays in force"
+            );
+            tracing::error!(%why, "{message}");
+            self.record_reload(
+                why,
+                &from,
+                Kind::Rejected(proto::Rejected {
+                    code: RejectionCode::InvalidParams as i32,
+                    message: message.clone(),
+                    request: None,
+                }),
+                None,
+            )
+            .await;
+            return Reload::Unserved(message);
+        }
         self.catalog.send_replace(Arc::new(catalog.clone()));
         self.policy.send_replace(Arc::new(build_policy(
             &self.config,
@@ -505,14 +566,6 @@ impl Inner {
             &self.previous,
             &self.services,
         )));
-        if self.config.provision
-            && let Err(e) = crate::provision(&self.js, &self.config).await
-        {
-            tracing::error!(error = %e, "cannot create the consumers of the reloaded catalog's towers");
-        }
-        if let Err(e) = self.publish_catalog().await {
-            tracing::error!(error = %e, "catalog {to} is in force but could not be served");
-        }
         tracing::info!(%why, %from, %to, "{summary}");
         self.record_reload(
             why,
@@ -580,9 +633,18 @@ impl Inner {
 
     async fn publish_catalog(&self) -> Result<(), Error> {
         let policy = self.policy();
+        self.publish(&policy.catalog_version, &policy.catalog).await
+    }
+
+    /// Serves `catalog` as `version` in `rct_catalog`.
+    async fn publish(
+        &self,
+        version: &str,
+        catalog: &rct_bus::catalog::Catalog,
+    ) -> Result<(), Error> {
         let served = Served {
-            version: policy.catalog_version.clone(),
-            catalog: policy.catalog.clone(),
+            version: version.to_owned(),
+            catalog: catalog.clone(),
         };
         let json = serde_json::to_vec(&served).expect("a catalog always serializes");
         let bucket = self

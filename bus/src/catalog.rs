@@ -407,6 +407,14 @@ impl Catalog {
             let at = ["towers", name.as_str()];
             if let Err(e) = Tower::new(name.as_str()) {
                 problem(&at, e.to_string());
+            } else if name.starts_with('_') {
+                problem(
+                    &at,
+                    format!(
+                        "tower {name}: names starting with _ are rct's own records (_auth, \
+                         _catalog); choose another name"
+                    ),
+                );
             }
             match tower.flavour {
                 Flavour::Cluster if tower.targets.is_empty() => problem(
@@ -1039,6 +1047,20 @@ mod tests {
     }
 
     /// Every check used to compile its parameter's and the justification's regex again.
+    #[test]
+    fn towers_named_like_rcts_own_records_are_refused() {
+        let catalog: Catalog =
+            serde_yaml_ng::from_str("towers: { _catalog: { flavour: simple } }\noperations: {}\n")
+                .unwrap();
+        let problems = catalog.problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.message.contains("rct's own records")),
+            "{problems:?}"
+        );
+    }
+
     #[test]
     fn the_nearest_name_is_suggested_only_when_close() {
         let names = [

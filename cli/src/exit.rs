@@ -64,7 +64,7 @@ pub fn without_repeats(message: &str) -> String {
                 || (next.len() > part.len()
                     && next.is_char_boundary(part.len())
                     && next[..part.len()].eq_ignore_ascii_case(part)
-                    && !next[part.len()..].starts_with(char::is_alphanumeric))
+                    && next[part.len()..].starts_with([';', ',', ' ', '(', ')']))
         });
         if !repeated {
             kept.push(part);
@@ -98,6 +98,11 @@ mod tests {
             without_repeats("no stream: no streamer found"),
             "no stream: no streamer found",
             "a longer word is another word"
+        );
+        assert_eq!(
+            without_repeats("prod: prod-1 unreachable"),
+            "prod: prod-1 unreachable",
+            "a name that starts another is not repeated"
         );
     }
 }

@@ -306,8 +306,13 @@ fn early(args: &[String]) -> (Global, Vec<String>) {
 async fn catalog_for_commands(home: &Home) -> Result<Option<Served>, String> {
     let args: Vec<String> = std::env::args().collect();
     let (global, words) = early(&args);
-    let Ok((context, _)) = remote::resolve(home, &global) else {
-        return Ok(None);
+    let is_verb =
+        |word: &str| word.starts_with('-') || Verb::has_subcommand(word) || word == "help";
+    let (context, _) = match remote::resolve(home, &global) {
+        Ok(resolved) => resolved,
+        // A verb says so itself; a tower's command cannot be built without the context.
+        Err(_) if words.first().is_none_or(|w| is_verb(w)) => return Ok(None),
+        Err(e) => return Err(e.message),
     };
     // With --server the cache may describe another system: it only serves when nothing
     // else can be read.
@@ -315,7 +320,7 @@ async fn catalog_for_commands(home: &Home) -> Result<Option<Served>, String> {
     let Some(first) = words.first().cloned() else {
         return Ok(cached);
     };
-    let is_verb = first.starts_with('-') || Verb::has_subcommand(&first) || first == "help";
+    let is_verb = is_verb(&first);
     // A tower the cache knows, and an operation of it (or none yet, or help).
     let known = cached.as_ref().is_some_and(|s| {
         s.catalog.towers.contains_key(&first)

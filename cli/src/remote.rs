@@ -29,6 +29,9 @@ pub struct Remote {
     pub js: async_nats::jetstream::Context,
     /// Whether the connection is up now (it changes as NATS goes away and comes back).
     pub connected: tokio::sync::watch::Receiver<bool>,
+    /// Whether this is the context's own server (not `--server`): only then is the catalog
+    /// cached under the context, or its cache used.
+    pub cached: bool,
 }
 
 /// The context's name and connection settings.
@@ -82,6 +85,7 @@ pub async fn connect(home: &Home, global: &Global) -> Result<Remote> {
         client,
         js,
         connected,
+        cached: global.servers.is_empty(),
     })
 }
 
@@ -92,6 +96,7 @@ impl Remote {
     pub async fn catalog_or_cached(&self, home: &Home) -> Result<Served> {
         match self.catalog(home).await {
             Ok(served) => Ok(served),
+            Err(e) if !self.cached => Err(e),
             Err(e) => match cached_catalog(home, &self.context) {
                 Some(cached) => {
                     tracing::debug!(error = %e.message, "using the cached catalog");
@@ -122,8 +127,10 @@ impl Remote {
             .ok_or_else(missing)?;
         let served: Served = serde_json::from_slice(&bytes)
             .map_err(|e| Error::usage(format!("the served catalog is not readable: {e}")))?;
-        let cache = home.context_dir(&self.context).join("catalog.json");
-        let _ = crate::home::write_private(&cache, &bytes);
+        if self.cached {
+            let cache = home.context_dir(&self.context).join("catalog.json");
+            let _ = crate::home::write_private(&cache, &bytes);
+        }
         Ok(served)
     }
 }

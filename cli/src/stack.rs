@@ -145,19 +145,6 @@ impl Stack {
             .map_err(|e| Error::usage(e.to_string()))?;
         let agent_config = stack.agent_config();
         let mut expected = 0;
-        if served.towers.contains_key("traffic") {
-            let lb = LoadBalancer::open(&js)
-                .await
-                .map_err(|e| Error::usage(format!("cannot open the demo load balancer: {e}")))?;
-            let targets: Vec<String> = TARGETS.map(String::from).to_vec();
-            for target in TARGETS {
-                let tower = traffic_tower(lb.clone(), target, targets.clone())
-                    .trust(trusted.clone())
-                    .config(agent_config.clone());
-                stack.spawn(tower, &client);
-                expected += 1;
-            }
-        }
         // Your scripts files first: a workloads file of yours replaces the demo's.
         stack.client = Some(client.clone());
         for file in &own.scripts {
@@ -181,7 +168,22 @@ impl Stack {
             stack.scripted.push(scripted);
             expected += 1;
         }
-        let mine = |tower: &str| stack.scripted.iter().any(|s| s.tower == tower);
+        // The demo towers, for those of the catalog's towers no scripts file of yours serves.
+        let mine: Vec<String> = stack.scripted.iter().map(|s| s.tower.clone()).collect();
+        let mine = |tower: &str| mine.iter().any(|t| t == tower);
+        if served.towers.contains_key("traffic") && !mine("traffic") {
+            let lb = LoadBalancer::open(&js)
+                .await
+                .map_err(|e| Error::usage(format!("cannot open the demo load balancer: {e}")))?;
+            let targets: Vec<String> = TARGETS.map(String::from).to_vec();
+            for target in TARGETS {
+                let tower = traffic_tower(lb.clone(), target, targets.clone())
+                    .trust(trusted.clone())
+                    .config(agent_config.clone());
+                stack.spawn(tower, &client);
+                expected += 1;
+            }
+        }
         if served.towers.contains_key("workloads") && !mine("workloads") {
             let examples = stack.dir.join("examples");
             write_scripts(&examples)?;
@@ -237,11 +239,15 @@ impl Stack {
     /// sound). What happened, in lines for the terminal.
     pub async fn reload(&mut self) -> Reloaded {
         let mut said = Vec::new();
+        // After a new catalog, an agent that stopped (its start-up check refused the old
+        // one) is started again.
+        let mut catalog_reloaded = false;
         if let Some(admission) = self.admitting.clone()
             && admission.catalog_file_changed()
         {
             match admission.reload("the catalog file changed (rct dev)").await {
                 rct_admission::Reload::Loaded { from, to } => {
+                    catalog_reloaded = true;
                     said.push(format!("catalog reloaded: {from} -> {to}"));
                 }
                 rct_admission::Reload::Unchanged(version) => {
@@ -250,13 +256,15 @@ impl Stack {
                 rct_admission::Reload::Refused(error) => said.push(format!(
                     "{error}\nthe catalog in force stays: fix the file and save it again"
                 )),
+                rct_admission::Reload::Unserved(message) => said.push(message),
             }
         }
         let trusted = self.admitting.as_ref().map(|a| a.public_key());
         let mut scripted = std::mem::take(&mut self.scripted);
         for agent in &mut scripted {
             let bytes = std::fs::read(&agent.file).unwrap_or_default();
-            if bytes == agent.bytes {
+            let stopped = agent.task.as_ref().is_some_and(|t| t.is_finished());
+            if bytes == agent.bytes && !(catalog_reloaded && stopped) {
                 continue;
             }
             agent.bytes = bytes;
@@ -270,14 +278,29 @@ impl Stack {
                     continue;
                 }
             };
+            // Checked against the catalog in force before the running agent is stopped.
+            if let Some(admission) = &self.admitting {
+                let problems = scripts.problems(&admission.catalog());
+                if !problems.is_empty() {
+                    said.push(format!(
+                        "{file} does not fit the catalog in force:\n  {}\nthe agent keeps the \
+                         scripts it had: fix the file (or the catalog) and save it again",
+                        problems.join("\n  ")
+                    ));
+                    continue;
+                }
+            }
             // The old agent finishes what it runs, then the new one takes over.
             agent.stop.cancel();
-            if let Some(task) = agent.task.take()
-                && tokio::time::timeout(Duration::from_secs(15), task)
+            if let Some(mut task) = agent.task.take()
+                && tokio::time::timeout(Duration::from_secs(15), &mut task)
                     .await
                     .is_err()
             {
-                said.push(format!("{file}: the old agent did not stop within 15 s"));
+                task.abort();
+                said.push(format!(
+                    "{file}: the old agent did not stop within 15 s and was stopped"
+                ));
             }
             agent.stop = self.agents_stop.child_token();
             agent.tower = scripts.tower.clone();

@@ -834,6 +834,25 @@ fn history_answers_an_incident_reviews_questions() {
         "{ramp}"
     );
     assert!(!has(&straddling, &drained), "{straddling:?}");
+    // Its claim too: who ran it, and for how long.
+    let json =
+        text(&ok(dev.rct(&["history", "--since", &while_ramping, "--output", "json"])).stdout);
+    let ramp: serde_json::Value = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["command_id"] == ramping.as_str())
+        .unwrap();
+    assert!(
+        ramp["agent"].is_string() && ramp["duration_seconds"].is_number(),
+        "{ramp}"
+    );
+    let open = dev.rct(&["history", "--follow", "--outcome", "running"]);
+    said(
+        &open,
+        2,
+        &open.stderr,
+        "--follow prints commands as they end",
+    );
 
     // Filters: by ticket (a whole word), the last N.
     let ticket = rows(&["--since", "10m", "--ticket", "sre-201"]);
@@ -841,7 +860,11 @@ fn history_answers_an_incident_reviews_questions() {
     assert!(has(&ticket, &drained));
     let last = rows(&["--since", "10m", "--limit", "2"]);
     assert_eq!(last.len(), 2, "{last:?}");
-    assert_eq!(&last[..], &all[all.len() - 2..], "the last two: {last:?}");
+    assert_eq!(
+        last,
+        [row(&ramping), cancel.clone()],
+        "the two most recently decided, in the order decided"
+    );
 
     // JSON: parameters as an object, one object per line.
     let json = text(&ok(dev.rct(&["history", "--since", "10m", "--output", "json"])).stdout);
@@ -955,6 +978,10 @@ fn the_interface_speaks_rcts_words_and_suggests_the_way() {
         &out.stdout,
         "Move all traffic away from one cluster",
     );
+
+    // A context that does not exist is said to be one, not an unknown command.
+    let out = dev.rct(&["--context", "nosuch", "traffic", "drain-cluster", "--help"]);
+    said(&out, 2, &out.stderr, "there is no context nosuch");
 
     // Errors are JSON under --output json, and say a repeated cause once.
     let out = dev.rct(&["status", "not-an-id", "--output", "json"]);

@@ -303,6 +303,14 @@ impl CommandState {
         self.request.as_ref()?.operator.as_ref()
     }
 
+    /// By when an agent had to start it, as admission decided.
+    pub fn deadline(&self) -> Option<OffsetDateTime> {
+        match &self.decision {
+            Some(Kind::Admitted(a)) => a.deadline.as_ref().and_then(to_datetime),
+            _ => None,
+        }
+    }
+
     /// The command this one asks to cancel, when it is a cancel request.
     pub fn cancels(&self) -> Option<&str> {
         Some(self.request.as_ref()?.cancels.as_str()).filter(|c| !c.is_empty())
@@ -381,6 +389,34 @@ impl Folder {
         let mut state = CommandState::new(decision.command_id);
         state.absorb(decision);
         self.keep_or_end(state)
+    }
+
+    /// [`Folder::begin`] for the first record of a command, [`Folder::absorb`] after.
+    pub fn begin_or_absorb(&mut self, record: Record) -> Folded {
+        if self.open.contains_key(&record.command_id) {
+            self.absorb(record)
+        } else {
+            self.begin(record)
+        }
+    }
+
+    /// Takes out the open commands `over` says are over (as if they had ended).
+    pub fn take_where(&mut self, over: impl Fn(&CommandState) -> bool) -> Vec<CommandState> {
+        let ids: Vec<CommandId> = self
+            .open
+            .values()
+            .filter(|s| over(s))
+            .map(|s| s.command_id)
+            .collect();
+        let mut taken = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(state) = self.open.remove(&id) {
+                self.remember(id);
+                taken.push(state);
+            }
+        }
+        taken.sort_by_key(|s| s.first_sequence);
+        taken
     }
 
     /// Marks a command as over without a state (its records are ignored from now on).
@@ -740,6 +776,23 @@ mod tests {
         let ids: Vec<String> = open.iter().map(|s| s.command_id.to_string()).collect();
         assert_eq!(ids, [C, B], "in the order first seen");
         assert_eq!(open[0].progress.as_ref().unwrap().percent, 40);
+    }
+
+    #[test]
+    fn commands_taken_out_as_over_are_not_held_and_their_late_records_are_late() {
+        const B: &str = "01JQ0000000000000000000002";
+        let mut folder = Folder::new();
+        folder.absorb(record(1, admitted()));
+        folder.absorb(of(B, record(2, admitted())));
+        folder.absorb(of(B, record(3, started())));
+        let taken = folder.take_where(|s| s.started.is_none());
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].command_id.to_string(), ID);
+        assert_eq!(folder.open(), 1);
+        assert!(matches!(
+            folder.absorb(record(4, Kind::Expired(Default::default()))),
+            Folded::Late
+        ));
     }
 
     #[test]

@@ -203,6 +203,9 @@ pub async fn follow_reconnecting(
     connected: tokio::sync::watch::Receiver<bool>,
 ) -> Result<impl Stream<Item = Result<Item>> + Unpin + use<>> {
     let mut replay = Replay::start(js, filter.clone(), true).await?;
+    let mut connected = connected;
+    // Up now (the first connect is announced too): only a return after a loss resumes.
+    replay.up = *connected.borrow_and_update();
     replay.connected = Some(connected);
     Ok(replay.into_stream().boxed())
 }
@@ -222,16 +225,18 @@ pub async fn command_history(js: &jetstream::Context, id: CommandId) -> Result<V
     Ok(records)
 }
 
-/// The decision (admitted or rejected) of one command of `tower`, if it has one.
-pub async fn decision(
+/// The event in one single-slot `kind` (decision, claim, outcome, …) of one command of
+/// `tower`, if it has one (the first, for a slot written more than once).
+pub async fn slot(
     js: &jetstream::Context,
     tower: &Tower,
     id: CommandId,
+    kind: EventKind,
 ) -> Result<Option<Record>> {
     let filter = Filter {
         command: Some(id),
         tower: Some(tower.clone()),
-        kind: Some(EventKind::Decision),
+        kind: Some(kind),
         ..Filter::default()
     };
     let mut events = history(js, &filter).await?;
@@ -258,6 +263,8 @@ struct Replay {
     resume: bool,
     /// Whether the connection is up: when it comes back, start again after `last`.
     connected: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Whether it was up when last looked at.
+    up: bool,
     queue: VecDeque<Result<Item>>,
 }
 
@@ -349,6 +356,7 @@ impl Replay {
             last: None,
             resume: false,
             connected: None,
+            up: true,
             queue,
         })
     }
@@ -369,9 +377,15 @@ impl Replay {
                         message = messages.next() => message?,
                         changed = connected.changed() => {
                             match changed {
-                                // Back: the pull that was waiting may never answer.
-                                Ok(()) if *connected.borrow_and_update() => replay.resume = true,
-                                Ok(()) => {}
+                                Ok(()) => {
+                                    let up = *connected.borrow_and_update();
+                                    // Back after a loss: the pull that was waiting may never
+                                    // answer.
+                                    if up && !replay.up {
+                                        replay.resume = true;
+                                    }
+                                    replay.up = up;
+                                }
                                 Err(_) => replay.connected = None,
                             }
                             continue;

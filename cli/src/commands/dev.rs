@@ -88,7 +88,7 @@ pub async fn dev(home: &Home, args: DevArgs) -> Result {
     let signal = loop {
         tokio::select! {
             signal = &mut stop => break signal,
-            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
+            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {
                 for line in stack.reload().await.said {
                     say(&format!("rct dev: {line}"));
                 }

@@ -1,7 +1,7 @@
 //! `rct history`: one line per command, from the event stream alone, printed as each command
 //! ends; only the commands still open are kept in memory.
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 
 use futures::StreamExt;
@@ -109,6 +109,14 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
     if args.limit == Some(0) {
         return Err(Error::usage("--limit 0 would show nothing: give 1 or more"));
     }
+    if args.follow
+        && let Some(open) = args.outcome.as_deref().filter(|o| OPEN.contains(o))
+    {
+        return Err(Error::usage(format!(
+            "--follow prints commands as they end, so --outcome {open} would print nothing: \
+             without --follow, rct history lists what is {open} at the end of the range"
+        )));
+    }
     let remote = remote::connect(home, global).await?;
     let layout = Layout::of(remote.catalog_or_cached(home).await.ok().as_ref());
     let mut rows = Rows::new(&args, zone.clone(), layout);
@@ -116,8 +124,18 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
     let mut events = replay::follow_reconnecting(&remote.js, &filter, remote.connected.clone())
         .await
         .map_err(|e| Error::usage(format!("cannot read history: {e}")))?;
+    let _connection = crate::commands::run::say_connection(remote.connected.clone(), None);
     let mut lookup_failed = false;
+    let mut pruned = std::time::Instant::now();
     while let Some(item) = events.next().await {
+        // Admitted, never started, past its deadline: nothing will take it (only an agent
+        // writes `expired`); said once and not held any longer.
+        if args.follow && pruned.elapsed() > PRUNE_EVERY {
+            pruned = std::time::Instant::now();
+            for state in folder.take_where(|s| nothing_took_it(s, OffsetDateTime::now_utc())) {
+                rows.push(&state);
+            }
+        }
         let record = match item {
             Ok(Item::Event(record)) => record,
             Ok(Item::CaughtUp) if args.follow => {
@@ -131,15 +149,19 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
             }
         };
         let folded = match folder.absorb(record) {
-            // Decided before the window: its decision says who asked and why.
+            // Decided before the window: its decision says who asked and why, its claim who
+            // runs it.
             Folded::Unseen(record) => {
-                match replay::decision(&remote.js, &record.tower, record.command_id).await {
-                    Ok(Some(decision)) if decision.published < since => {
-                        folder.begin(decision);
+                match before_the_window(&remote.js, &record, since).await {
+                    Ok(Some(earlier)) => {
+                        for slot in earlier {
+                            folder.begin_or_absorb(slot);
+                        }
                         folder.absorb(*record)
                     }
-                    // Decided within the window and already over, or never decided.
-                    Ok(_) => {
+                    // Decided within the window and already over, over before this record,
+                    // or never decided.
+                    Ok(None) => {
                         folder.ignore(record.command_id);
                         Folded::Late
                     }
@@ -192,9 +214,53 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
     Ok(Exit::Ok)
 }
 
+/// Whether a command was admitted, never started, and its deadline (and a minute of grace)
+/// has passed.
+fn nothing_took_it(state: &CommandState, now: OffsetDateTime) -> bool {
+    state.phase == Phase::Admitted
+        && state.started.is_none()
+        && state
+            .deadline()
+            .is_some_and(|deadline| deadline + time::Duration::minutes(1) < now)
+}
+
+/// How often `--follow` lets go of commands nothing took.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// For the first record seen of a command whose decision may be older than the window
+/// (`since`): its decision and, when earlier than `record`, its claim. `None` when it was
+/// decided within the window (so it is already over), never decided, or ended before this
+/// record (a late event).
+async fn before_the_window(
+    js: &async_nats::jetstream::Context,
+    record: &rct_streams::Record,
+    since: OffsetDateTime,
+) -> std::result::Result<Option<Vec<rct_streams::Record>>, rct_streams::Error> {
+    use rct_bus::EventKind;
+    let slot = |kind| replay::slot(js, &record.tower, record.command_id, kind);
+    let Some(decision) = slot(EventKind::Decision).await? else {
+        return Ok(None);
+    };
+    if decision.published >= since {
+        return Ok(None);
+    }
+    if slot(EventKind::Outcome)
+        .await?
+        .is_some_and(|outcome| outcome.sequence < record.sequence)
+    {
+        return Ok(None);
+    }
+    let mut earlier = vec![decision];
+    if let Some(claim) = slot(EventKind::Claim).await?
+        && claim.sequence < record.sequence
+    {
+        earlier.push(claim);
+    }
+    Ok(Some(earlier))
+}
+
 /// The states `--outcome` takes: the phases, and `cancel` for cancel requests.
-const WORDS: [&str; 10] = [
-    "pending",
+const WORDS: [&str; 9] = [
     "admitted",
     "running",
     "rejected",
@@ -205,6 +271,9 @@ const WORDS: [&str; 10] = [
     "unknown",
     "cancel",
 ];
+
+/// The states a command is in before it ends.
+const OPEN: [&str; 2] = ["admitted", "running"];
 
 /// The word for where a command is: its phase, or `cancel` for a cancel request.
 pub fn word(state: &CommandState) -> &'static str {
@@ -228,8 +297,8 @@ struct Rows<'a> {
     zone: Zone,
     layout: Layout,
     header: bool,
-    /// The last `--limit` rows, held until the stored range is read.
-    held: Option<VecDeque<String>>,
+    /// The `--limit` most recently decided rows, held until the stored range is read.
+    held: Option<BTreeMap<(Option<OffsetDateTime>, u64), String>>,
     printed: usize,
 }
 
@@ -240,7 +309,7 @@ impl<'a> Rows<'a> {
             zone,
             layout,
             header: args.output == Output::Text && std::io::stdout().is_terminal(),
-            held: args.limit.map(VecDeque::with_capacity),
+            held: args.limit.map(|_| BTreeMap::new()),
             printed: 0,
         }
     }
@@ -272,10 +341,13 @@ impl<'a> Rows<'a> {
         };
         match (&mut self.held, self.args.limit) {
             (Some(held), Some(limit)) => {
-                if held.len() == limit {
-                    held.pop_front();
+                held.insert(
+                    (state.decided_at.or(state.started_at), state.first_sequence),
+                    line,
+                );
+                if held.len() > limit {
+                    held.pop_first();
                 }
-                held.push_back(line);
             }
             _ => self.print(&line),
         }
@@ -283,7 +355,7 @@ impl<'a> Rows<'a> {
 
     /// The stored range is read: print what was held; from now on rows print as they come.
     fn live(&mut self) {
-        for line in self.held.take().unwrap_or_default() {
+        for line in self.held.take().unwrap_or_default().into_values() {
             self.print(&line);
         }
     }
@@ -415,6 +487,9 @@ fn notes(state: &CommandState) -> String {
             }
         }
         _ if state.refused_for_good => notes.push("refused by its agent: will not run".into()),
+        _ if nothing_took_it(state, OffsetDateTime::now_utc()) => {
+            notes.push("deadline passed: nothing took it".into());
+        }
         _ if state.refused.is_some() => {
             notes.push("refused by its agent for now: see rct show".into());
         }

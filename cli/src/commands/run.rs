@@ -543,21 +543,24 @@ pub async fn watch(remote: &Remote, id: CommandId, output: Output) -> Result {
 /// While a watch runs: says when the connection to NATS is lost and when it is back. The
 /// watch itself resumes where it was (its ordered consumer starts again after the last event
 /// it delivered), so nothing is missed or shown twice. Stops when dropped.
-fn say_connection(
+pub(crate) fn say_connection(
     mut connected: tokio::sync::watch::Receiver<bool>,
-    id: CommandId,
+    id: Option<CommandId>,
 ) -> tokio_util::task::AbortOnDropHandle<()> {
     tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
         let mut up = *connected.borrow_and_update();
         while connected.changed().await.is_ok() {
             match (*connected.borrow_and_update(), up) {
                 (false, true) => eprintln!(
-                    "NATS connection lost: reconnecting… (the command goes on; the watch \
-                     resumes without missing an event)"
+                    "NATS connection lost: reconnecting… (commands go on; reading resumes \
+                     without missing an event)"
                 ),
-                (true, false) => {
-                    eprintln!("reconnected to NATS: watching {id} again, from where it was");
-                }
+                (true, false) => match id {
+                    Some(id) => {
+                        eprintln!("reconnected to NATS: watching {id} again, from where it was");
+                    }
+                    None => eprintln!("reconnected to NATS: reading on from where it was"),
+                },
                 _ => {}
             }
             up = *connected.borrow();
@@ -618,7 +621,7 @@ pub async fn watch_submitted(
             None => std::future::pending().await,
         }
     }));
-    let _connection = say_connection(remote.connected.clone(), id);
+    let _connection = say_connection(remote.connected.clone(), Some(id));
     let mut live = Live::new(output);
     let mut decided = false;
     let mut started = false;
