@@ -139,8 +139,25 @@ async fn every_submission_is_decided_once_across_a_replica_kill() {
     }
     assert_eq!(decisions.len(), SUBMISSIONS);
 
-    // Every admitted command is in RCT_CMD exactly once (possibly after a moment: the
-    // decision can land before its command).
+    // The kill hit work in flight: submissions the killed replica held unacknowledged were
+    // delivered again (a delivery count above the submissions says so).
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(rct_streams::topology::ADMISSION_CONSUMER, "RCT_SUBMIT")
+        .await
+        .unwrap();
+    let mut consumer = consumer;
+    let deliveries = consumer.info().await.unwrap().delivered.consumer_sequence;
+    assert!(
+        deliveries > SUBMISSIONS as u64,
+        "no submission was delivered again ({deliveries} deliveries): the kill hit nothing"
+    );
+
+    // Every admitted command is in RCT_CMD exactly once, the very set admitted (possibly
+    // after a moment: the decision can land before its command). A count alone would pass
+    // a duplicate and a missing one.
+    let admitted: std::collections::BTreeSet<String> =
+        decisions.iter().map(|d| d.command_id.clone()).collect();
+    assert_eq!(admitted.len(), SUBMISSIONS);
     let mut commands = js.get_stream("RCT_CMD").await.unwrap();
     tokio::time::timeout(Duration::from_secs(60), async {
         while commands.info().await.unwrap().state.messages < SUBMISSIONS as u64 {
@@ -149,10 +166,45 @@ async fn every_submission_is_decided_once_across_a_replica_kill() {
     })
     .await
     .expect("every admitted command is published");
+    let mut published: HashMap<String, usize> = HashMap::new();
+    for id in command_ids(&commands, key.public()).await {
+        *published.entry(id).or_default() += 1;
+    }
+    let twice: Vec<_> = published.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "published more than once: {twice:?}");
+    let published: std::collections::BTreeSet<String> = published.into_keys().collect();
     assert_eq!(
-        commands.info().await.unwrap().state.messages,
-        SUBMISSIONS as u64
+        published, admitted,
+        "RCT_CMD holds exactly the admitted commands"
     );
+}
+
+/// The command id of every message in RCT_CMD, from the commands themselves (each verified
+/// as signed by `admission`).
+async fn command_ids(
+    stream: &async_nats::jetstream::stream::Stream,
+    admission: &rct_bus::PublicKey,
+) -> Vec<String> {
+    use async_nats::jetstream::consumer::pull;
+    use futures::StreamExt;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let total = consumer.cached_info().num_pending;
+    let mut messages = consumer.messages().await.unwrap();
+    let mut ids = Vec::new();
+    while (ids.len() as u64) < total {
+        let message = messages.next().await.unwrap().unwrap();
+        let command: rct_bus::proto::Command = rct_bus::Unverified::decode(&message.payload)
+            .unwrap()
+            .verify_with(admission, rct_bus::Purpose::Command)
+            .unwrap()
+            .decode()
+            .unwrap();
+        ids.push(command.command_id);
+    }
+    ids
 }
 
 async fn count_decisions(events: &async_nats::jetstream::stream::Stream) -> usize {

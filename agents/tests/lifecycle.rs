@@ -223,6 +223,19 @@ async fn commands_not_signed_by_admission_are_never_run() {
     h.publish(&good).await;
     h.finished(&good.command_id).await;
 
+    // With several commands at once, the good one may finish before the bad ones are
+    // refused: wait until both notes are on record (an empty record would pass vacuously).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for bad in [&forged, &tampered] {
+        while h.events(&bad.command_id).await.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no refusal noted under {}",
+                bad.command_id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     for bad in [&forged, &tampered] {
         assert_eq!(ledger.executions(&bad.command_id), 0);
         // Under the id it claims: a note, never a decision, claim or outcome.
@@ -238,18 +251,24 @@ async fn commands_not_signed_by_admission_are_never_run() {
             "{records:#?}"
         );
     }
-    // The refusals are on record, under fresh ids.
-    let refusals: Vec<_> = rct_streams::replay::history(&h.js, &Default::default())
-        .await
-        .unwrap()
-        .filter_map(|r| async move {
-            match r.unwrap().event.kind {
-                Some(Kind::Failed(f)) if f.code == "refused" => Some(f.message),
-                _ => None,
-            }
-        })
-        .collect::<Vec<_>>()
-        .await;
+    // The refusals are on record, under fresh ids (waited for: recorded after the notes).
+    let refusals = loop {
+        let refusals: Vec<_> = rct_streams::replay::history(&h.js, &Default::default())
+            .await
+            .unwrap()
+            .filter_map(|r| async move {
+                match r.unwrap().event.kind {
+                    Some(Kind::Failed(f)) if f.code == "refused" => Some(f.message),
+                    _ => None,
+                }
+            })
+            .collect::<Vec<_>>()
+            .await;
+        if refusals.len() >= 2 || std::time::Instant::now() > deadline {
+            break refusals;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(refusals.len(), 2, "{refusals:?}");
     assert!(
         refusals.iter().all(

@@ -113,7 +113,7 @@ async fn a_retried_single_slot_publish_is_recognised_as_ours() {
 }
 
 #[tokio::test]
-async fn a_publish_during_a_server_restart_is_stored_exactly_once() {
+async fn a_publish_during_a_server_restart_is_retried_until_stored() {
     let (mut server, _) = provisioned().await;
     // A short ack timeout makes the outage outlast it, so the publisher must retry.
     let client = server.client().await;
@@ -153,6 +153,111 @@ async fn a_publish_during_a_server_restart_is_stored_exactly_once() {
         .await
         .unwrap();
     assert_eq!(stored.payload.as_ref(), b"cmd");
+}
+
+/// A TCP relay to the server on `to` that, while held, lets the client's bytes through but
+/// throws away what the server says, and on release closes the connections it held so the
+/// client reconnects: a message stored whose acknowledgement never arrives.
+async fn relay(to: u16) -> (u16, tokio::sync::watch::Sender<bool>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (hold, held) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            let up = tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+            });
+            let mut held = held.clone();
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 64 * 1024];
+                let mut dropped = false;
+                loop {
+                    tokio::select! {
+                        read = server_read.read(&mut buffer) => {
+                            let Ok(n @ 1..) = read else { break };
+                            if *held.borrow() {
+                                dropped = true;
+                            } else if client_write.write_all(&buffer[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        changed = held.changed() => {
+                            // Released after bytes were thrown away: this connection is
+                            // broken, close it.
+                            if changed.is_err() || (!*held.borrow() && dropped) {
+                                break;
+                            }
+                        }
+                    }
+                }
+                up.abort();
+            });
+        }
+    });
+    (port, hold)
+}
+
+/// The server stores the message and its acknowledgement is lost: the publisher's retry
+/// (the same `Nats-Msg-Id`) is deduplicated by the server, so one copy is stored, and the
+/// publisher learns it was already written.
+#[tokio::test]
+async fn a_publish_whose_ack_is_lost_is_stored_once_and_known_as_written() {
+    let (server, admin) = provisioned().await;
+    let (port, hold) = relay(server.port()).await;
+    let client = async_nats::ConnectOptions::new()
+        .connect(format!("nats://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(500))
+        .build(client);
+    let publisher = Publisher::new(js).with_retry(Retry {
+        attempts: 60,
+        pause: Duration::from_millis(100),
+        max_pause: Duration::from_millis(500),
+    });
+    let id = CommandId::generate();
+    let operation = "traffic/drain-cluster".parse().unwrap();
+    let subject = Subject::command(&operation, &"prod-1".parse().unwrap()).to_string();
+
+    hold.send_replace(true);
+    let publishing = {
+        let outgoing = Outgoing::new(subject.clone(), id.msg_id(), Bytes::from_static(b"cmd"));
+        tokio::spawn(async move { publisher.send(outgoing).await })
+    };
+    // Stored, while its acknowledgement is thrown away...
+    let started = std::time::Instant::now();
+    while count(&admin, COMMAND_STREAM, &subject).await == 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "never stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... for longer than the publisher waits for one, so it must retry.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        !publishing.is_finished(),
+        "acknowledged while the acks were held"
+    );
+    hold.send_replace(false);
+
+    let slot = tokio::time::timeout(Duration::from_secs(60), publishing)
+        .await
+        .expect("the publish completes once acks get through")
+        .unwrap()
+        .unwrap();
+    let Slot::Written(ack) = slot else {
+        panic!("not written: {slot:?}");
+    };
+    assert!(
+        ack.duplicate,
+        "the retry was recognised as the stored message: {ack:?}"
+    );
+    assert_eq!(count(&admin, COMMAND_STREAM, &subject).await, 1);
 }
 
 #[tokio::test]
