@@ -43,6 +43,9 @@ pub struct Args {
     /// Fan-out: cluster agents (one target each).
     #[arg(long)]
     pub agents: Option<usize>,
+    /// Evaluate every row's target and exit 1 when one is missed (each miss said).
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// A bench scenario.
@@ -66,7 +69,79 @@ struct Row {
     rct: String,
     floor: String,
     ratio: String,
-    target: String,
+    /// The targets, as checked (`--check`) and as printed.
+    checks: Vec<Check>,
+}
+
+/// A target a row must meet, with what was measured for it.
+#[derive(Clone, Copy, Debug)]
+enum Check {
+    /// A cost: rct's figure over the floor's, at most `max`.
+    RatioAtMost { ratio: f64, max: f64 },
+    /// A rate: rct's figure over the floor's, at least `min`.
+    RatioAtLeast { ratio: f64, min: f64 },
+    /// A figure in `unit`, below `max`.
+    Below {
+        value: f64,
+        max: f64,
+        unit: &'static str,
+    },
+}
+
+impl Check {
+    /// The target as the table shows it.
+    fn label(&self) -> String {
+        match self {
+            Check::RatioAtMost { max, .. } => format!("≤ {max}×"),
+            Check::RatioAtLeast { min, .. } => format!("≥ {min}×"),
+            Check::Below { max, unit, .. } => format!("< {max} {unit}"),
+        }
+    }
+
+    /// Whether it was met.
+    fn met(&self) -> bool {
+        match *self {
+            Check::RatioAtMost { ratio, max } => ratio.is_finite() && ratio <= max,
+            Check::RatioAtLeast { ratio, min } => ratio.is_finite() && ratio >= min,
+            Check::Below { value, max, .. } => value.is_finite() && value < max,
+        }
+    }
+
+    /// What was measured, in the target's terms.
+    fn measured(&self) -> String {
+        match self {
+            Check::RatioAtMost { ratio, .. } | Check::RatioAtLeast { ratio, .. } => {
+                format!("{ratio:.2}×")
+            }
+            Check::Below { value, unit, .. } => format!("{value:.2} {unit}"),
+        }
+    }
+}
+
+impl Row {
+    fn target(&self) -> String {
+        self.checks
+            .iter()
+            .map(Check::label)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The rows' targets not met, one sentence each.
+fn misses(rows: &[Row]) -> Vec<String> {
+    rows.iter()
+        .flat_map(|row| {
+            row.checks.iter().filter(|c| !c.met()).map(|c| {
+                format!(
+                    "{}: {} misses the target {}",
+                    row.scenario,
+                    c.measured(),
+                    c.label()
+                )
+            })
+        })
+        .collect()
 }
 
 fn catalog(targets: usize) -> String {
@@ -96,6 +171,7 @@ pub async fn run(args: Args) -> Result {
         Scenario::Fanout,
         Scenario::Footprint,
     ];
+    let args_check = args.check;
     let scenarios: Vec<Scenario> = if args.scenarios.is_empty() {
         all.to_vec()
     } else {
@@ -181,8 +257,23 @@ pub async fn run(args: Args) -> Result {
     for row in &rows {
         println!(
             "| {} | {} | {} | {} | {} |",
-            row.scenario, row.rct, row.floor, row.ratio, row.target
+            row.scenario,
+            row.rct,
+            row.floor,
+            row.ratio,
+            row.target()
         );
+    }
+    if args_check {
+        let missed = misses(&rows);
+        if !missed.is_empty() {
+            for miss in &missed {
+                eprintln!("rct bench: {miss}");
+            }
+            eprintln!("rct bench: {} target(s) missed", missed.len());
+            return Ok(Exit::Failed);
+        }
+        eprintln!("rct bench: every target met");
     }
     Ok(Exit::Ok)
 }
@@ -267,18 +358,25 @@ async fn latency(
     ] {
         ours.sort();
         floor.sort();
-        for (p, name, target) in [
-            (0.5, "p50", "≤ 1.5×"),
-            (0.99, "p99", "≤ 2×"),
-            (0.999, "p99.9", ""),
+        for (p, name, max) in [
+            (0.5, "p50", Some(1.5)),
+            (0.99, "p99", Some(2.0)),
+            (0.999, "p99.9", None),
         ] {
             let (o, f) = (percentile(&ours, p), percentile(&floor, p));
+            let measured = o.as_secs_f64() / f.as_secs_f64();
             rows.push(Row {
                 scenario: format!("latency {label} {name} (n={n})"),
                 rct: ms(o),
                 floor: ms(f),
                 ratio: ratio(o.as_secs_f64(), f.as_secs_f64()),
-                target: target.into(),
+                checks: max
+                    .map(|max| Check::RatioAtMost {
+                        ratio: measured,
+                        max,
+                    })
+                    .into_iter()
+                    .collect(),
             });
         }
     }
@@ -502,7 +600,10 @@ async fn throughput(
         rct: format!("{ours:.0} decisions/s"),
         floor: format!("{floor:.0} msg/s"),
         ratio: ratio(ours, floor),
-        target: "≥ 0.7×".into(),
+        checks: vec![Check::RatioAtLeast {
+            ratio: ours / floor,
+            min: 0.7,
+        }],
     })
 }
 
@@ -690,10 +791,19 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
         rct: format!("{:.0} events/s ({:.2} s)", rate(ours), ours.as_secs_f64()),
         floor: format!("{:.0} events/s ({:.2} s)", rate(floor), floor.as_secs_f64()),
         ratio: ratio(rate(ours), rate(floor)),
-        target: if n >= 1_000_000 {
-            "≥ 0.5×, < 5 s".into()
-        } else {
-            "≥ 0.5×".into()
+        checks: {
+            let mut checks = vec![Check::RatioAtLeast {
+                ratio: rate(ours) / rate(floor),
+                min: 0.5,
+            }];
+            if n >= 1_000_000 {
+                checks.push(Check::Below {
+                    value: ours.as_secs_f64(),
+                    max: 5.0,
+                    unit: "s",
+                });
+            }
+            checks
         },
     })
 }
@@ -758,14 +868,18 @@ async fn fanout(
             rct: ms(all_started),
             floor: "-".into(),
             ratio: "-".into(),
-            target: "< 2 s (200)".into(),
+            checks: vec![Check::Below {
+                value: all_started.as_secs_f64(),
+                max: 2.0,
+                unit: "s",
+            }],
         },
         Row {
             scenario: format!("fan-out to {agents} cluster agents: all succeeded"),
             rct: ms(all_done),
             floor: "-".into(),
             ratio: "-".into(),
-            target: "".into(),
+            checks: Vec::new(),
         },
     ])
 }
@@ -794,7 +908,7 @@ async fn footprint(stack: &Stack, session: &Session) -> Result<Vec<Row>> {
             rows.push(rss_row(
                 "RSS of admission (separate process, idle after start)",
                 rss,
-                "< 30 MB",
+                30.0,
             ));
         }
         None => eprintln!("rct bench: rct-admission not found next to rct; skipping its footprint"),
@@ -811,10 +925,12 @@ async fn footprint(stack: &Stack, session: &Session) -> Result<Vec<Row>> {
             command
                 .args(["--scripts".as_ref(), scripts.as_os_str()])
                 .args(["--server", &stack.url, "--instance", "footprint"])
+                // Its consumer exists only if another scenario made it.
+                .arg("--create-consumer")
                 .arg("--trusted-key")
                 .arg(stack.dir.join("admission.pub"));
             let rss = idle_rss(command)?;
-            rows.push(rss_row("RSS of an idle agent (rct-agent)", rss, "< 15 MB"));
+            rows.push(rss_row("RSS of an idle agent (rct-agent)", rss, 15.0));
         }
         None => eprintln!("rct bench: rct-agent not found next to rct; skipping its footprint"),
     }
@@ -865,7 +981,11 @@ async fn footprint(stack: &Stack, session: &Session) -> Result<Vec<Row>> {
             rct: ms(percentile(&times, 0.5)),
             floor: "-".into(),
             ratio: "-".into(),
-            target: "< 50 ms".into(),
+            checks: vec![Check::Below {
+                value: percentile(&times, 0.5).as_secs_f64() * 1000.0,
+                max: 50.0,
+                unit: "ms",
+            }],
         });
     }
     Ok(rows)
@@ -885,13 +1005,18 @@ fn idle_rss(mut command: std::process::Command) -> Result<Option<f64>> {
     Ok(rss)
 }
 
-fn rss_row(scenario: &str, rss: Option<f64>, target: &str) -> Row {
+/// A footprint row: `rss` (unknown: a miss) below `max` MB.
+fn rss_row(scenario: &str, rss: Option<f64>, max: f64) -> Row {
     Row {
         scenario: scenario.into(),
         rct: rss.map_or("-".into(), |m| format!("{m:.1} MB")),
         floor: "-".into(),
         ratio: "-".into(),
-        target: target.into(),
+        checks: vec![Check::Below {
+            value: rss.unwrap_or(f64::NAN),
+            max,
+            unit: "MB",
+        }],
     }
 }
 
@@ -905,4 +1030,79 @@ fn rss_mb(pid: u32) -> Option<f64> {
         .parse()
         .ok()?;
     Some(kb / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(checks: Vec<Check>) -> Row {
+        Row {
+            scenario: "s".into(),
+            rct: String::new(),
+            floor: String::new(),
+            ratio: String::new(),
+            checks,
+        }
+    }
+
+    /// Each kind of target says no when missed, and an unmeasured figure is a miss.
+    #[test]
+    fn every_target_can_be_missed() {
+        let met = row(vec![
+            Check::RatioAtMost {
+                ratio: 1.2,
+                max: 1.5,
+            },
+            Check::RatioAtLeast {
+                ratio: 0.8,
+                min: 0.5,
+            },
+            Check::Below {
+                value: 4.9,
+                max: 5.0,
+                unit: "s",
+            },
+        ]);
+        assert!(misses(&[met]).is_empty());
+        let missed = row(vec![
+            Check::RatioAtMost {
+                ratio: 1.6,
+                max: 1.5,
+            },
+            Check::RatioAtLeast {
+                ratio: 0.4,
+                min: 0.5,
+            },
+            Check::Below {
+                value: 5.0,
+                max: 5.0,
+                unit: "s",
+            },
+            Check::Below {
+                value: f64::NAN,
+                max: 30.0,
+                unit: "MB",
+            },
+            Check::RatioAtLeast {
+                ratio: f64::INFINITY,
+                min: 0.5,
+            },
+        ]);
+        let said = misses(&[missed]);
+        assert_eq!(said.len(), 5, "{said:#?}");
+        assert!(
+            said[0].contains("1.60× misses the target ≤ 1.5×"),
+            "{said:#?}"
+        );
+        assert_eq!(
+            row(vec![Check::Below {
+                value: 1.0,
+                max: 2.0,
+                unit: "s"
+            }])
+            .target(),
+            "< 2 s"
+        );
+    }
 }
