@@ -533,14 +533,19 @@ async fn a_redelivered_submission_gets_its_command_and_no_second_decision() {
         submission.command_id
     );
 
+    // Once admission has acknowledged the redelivery: one decision about the submission,
+    // whatever id it was recorded under (a second one, such as a `duplicate` refusal, goes
+    // under an id of admission's choosing).
+    h.submissions_settled().await;
     let decisions: Vec<_> = h
         .decisions()
         .await
         .into_iter()
-        .filter(|d| d.command_id == submission.command_id)
+        .filter(|d| submission_sequence(d) == Some(sequence))
         .collect();
-    assert_eq!(decisions.len(), 1);
+    assert_eq!(decisions.len(), 1, "{decisions:#?}");
     assert_eq!(decisions[0].source, "admission/dead");
+    assert_eq!(decisions[0].command_id, submission.command_id);
 }
 
 #[tokio::test]

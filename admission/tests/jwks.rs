@@ -115,14 +115,35 @@ async fn a_rotated_provider_key_is_picked_up_after_the_cooldown() {
     let jwks = JwksServer::start(JwkSet {
         keys: vec![jwk("k1")],
     });
-    let verifier = IdTokens::new(&[issuer(&jwks.url, Duration::ZERO)]).unwrap();
+    let cooldown = Duration::from_millis(500);
+    let verifier = IdTokens::new(&[issuer(&jwks.url, cooldown)]).unwrap();
     verifier.verify(&token("k1")).await.unwrap();
+    assert_eq!(jwks.fetches.load(Ordering::SeqCst), 1);
 
     // The provider rotates: same key material under a new id.
     *jwks.current.lock().unwrap() = JwkSet {
         keys: vec![jwk("k2")],
     };
-    verifier.verify(&token("k2")).await.unwrap();
+    // Asked for steadily: refused within the cooldown (the set is not fetched again), then
+    // picked up once it has passed. A refusal that pushed the cooldown back would lock the
+    // new key out for as long as it is asked for.
+    let asked = std::time::Instant::now();
+    while verifier.verify(&token("k2")).await.is_err() {
+        assert_eq!(
+            jwks.fetches.load(Ordering::SeqCst),
+            1,
+            "fetched within the cooldown"
+        );
+        assert!(
+            asked.elapsed() < cooldown * 4,
+            "a steady stream of asks kept the rotated key out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        asked.elapsed() >= cooldown / 2,
+        "picked up before the cooldown passed"
+    );
     assert_eq!(jwks.fetches.load(Ordering::SeqCst), 2);
 }
 

@@ -156,11 +156,22 @@ async fn bad_id_tokens_are_refused_and_recorded() {
         .collect()
         .await;
     assert_eq!(recorded.len(), cases.len(), "{recorded:#?}");
-    assert!(
-        recorded
-            .iter()
-            .all(|e| matches!(e.kind, Some(Kind::Rejected(_))))
-    );
+    // Each refusal on record once: a count alone would pass one recorded twice and another
+    // not at all.
+    let messages: Vec<&str> = recorded
+        .iter()
+        .map(|e| match &e.kind {
+            Some(Kind::Rejected(r)) => r.message.as_str(),
+            other => panic!("not a rejection: {other:?}"),
+        })
+        .collect();
+    for (name, _, needle) in &cases {
+        assert_eq!(
+            messages.iter().filter(|m| m.contains(needle)).count(),
+            1,
+            "{name}: {messages:#?}"
+        );
+    }
 }
 
 #[tokio::test]

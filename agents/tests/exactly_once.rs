@@ -112,6 +112,17 @@ async fn a_claim_whose_acknowledgement_was_lost_is_ours_and_the_command_runs() {
     );
     assert_eq!(ledger.executions(&command.command_id), 1);
     assert_eq!(kinds(&records, EventKind::Claim), 1);
+    // On its first delivery: a claim taken for a rival's would be looked at again on a
+    // redelivery, and still run then.
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        h.js.get_consumer_from_stream("tower-traffic@prod-1", "RCT_CMD")
+            .await
+            .unwrap();
+    assert_eq!(
+        consumer.info().await.unwrap().delivered.consumer_sequence,
+        1,
+        "the command was delivered again"
+    );
     agent.stop().await;
 }
 
@@ -362,8 +373,21 @@ async fn a_refused_command_gets_a_note_on_its_own_timeline_and_no_slot() {
     })
     .await
     .expect("a refusal note on the command's timeline");
-    let (note, records) = note;
+    let (note, _) = note;
     assert!(note.contains("does not trust"), "{note}");
+    // Retried: after a later delivery too, no slot is taken and nothing runs.
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        h.js.get_consumer_from_stream("tower-traffic@prod-1", "RCT_CMD")
+            .await
+            .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while consumer.info().await.unwrap().delivered.consumer_sequence < 3 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the refused copy is delivered again");
+    let records = h.events(&command.command_id).await;
     assert!(
         records.iter().all(|r| !r.kind.is_single_slot()),
         "no decision, claim or outcome under its id: {records:#?}"

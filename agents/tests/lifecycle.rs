@@ -441,5 +441,9 @@ async fn presence_appears_and_goes_with_the_agent() {
     assert_eq!(present[0].operations, ["drain-cluster"]);
     assert!(present[0].instance.starts_with("edge-3-"));
     agent.stop().await;
-    h.present("traffic", 0).await;
+    // Removed by the agent as it stops, not left to expire (the TTL would pass the test too).
+    assert!(
+        h.present_now("traffic").await.is_empty(),
+        "presence left behind after a clean stop"
+    );
 }

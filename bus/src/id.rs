@@ -109,6 +109,10 @@ mod tests {
             "not-a-ulid".parse::<CommandId>(),
             Err(Error::InvalidCommandId { .. })
         ));
+        // Ordered by time: one made later sorts after, as text too.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = CommandId::generate();
+        assert!(a < b && a.to_string() < b.to_string(), "{a} {b}");
     }
 
     #[test]

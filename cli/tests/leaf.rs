@@ -100,23 +100,28 @@ async fn an_agent_behind_a_leaf_node_runs_commands_end_to_end() {
     let mut agent = hub.connection("agent_traffic_prod1", "_INBOX_agent.traffic.prod-1");
     agent.servers = vec![leaf.url()];
     let client = agent.connect("probe", false).await.unwrap();
+    // A pull asks for one message without waiting, so an allowed one is answered at once
+    // (a 404 with nothing pending) and silence means refused.
     let ask = |subject: &'static str| {
         let client = client.clone();
+        let body = if subject.contains(".MSG.NEXT.") {
+            bytes::Bytes::from_static(br#"{"batch":1,"no_wait":true}"#)
+        } else {
+            bytes::Bytes::new()
+        };
         async move {
-            tokio::time::timeout(
-                Duration::from_secs(3),
-                client.request(subject, bytes::Bytes::new()),
-            )
-            .await
-            .ok()
-            .and_then(Result::ok)
+            tokio::time::timeout(Duration::from_secs(3), client.request(subject, body))
+                .await
+                .ok()
+                .and_then(Result::ok)
         }
     };
-    assert!(
-        ask("$JS.hub.API.CONSUMER.INFO.RCT_CMD.tower-traffic@prod-1")
-            .await
-            .is_some()
-    );
+    for own in [
+        "$JS.hub.API.CONSUMER.INFO.RCT_CMD.tower-traffic@prod-1",
+        "$JS.hub.API.CONSUMER.MSG.NEXT.RCT_CMD.tower-traffic@prod-1",
+    ] {
+        assert!(ask(own).await.is_some(), "{own} was not answered");
+    }
     for other in [
         "$JS.hub.API.CONSUMER.INFO.RCT_CMD.tower-traffic@prod-2",
         "$JS.hub.API.CONSUMER.MSG.NEXT.RCT_CMD.tower-traffic@prod-2",

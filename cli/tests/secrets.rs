@@ -396,8 +396,9 @@ async fn a_secret_from_stdin_reaches_the_script_and_nothing_else_holds_it() {
     let mut shown = String::new();
     for id in ids {
         let show = ok(rct(&home, &["show", id], ""));
-        shown += &(text(&show.stdout) + &text(&show.stderr));
-        assert!(shown.contains("done with ***"), "{shown}");
+        let this = text(&show.stdout) + &text(&show.stderr);
+        assert!(this.contains("done with ***"), "{id}: {this}");
+        shown += &this;
     }
     let history = ok(rct(&home, &["history", "--output", "json"], ""));
     let history = text(&history.stdout);

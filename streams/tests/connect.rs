@@ -127,9 +127,15 @@ async fn user_and_password_and_a_clear_error_when_wrong() {
 async fn several_servers_fail_over_to_one_that_answers() {
     let server = Server::start().await;
     let dead = format!("nats://127.0.0.1:{}", free_port());
-    let connection = Connection::to([dead, server.url()]);
-    let client = connection.connect("failover", false).await.unwrap();
-    provision(&connection.jetstream(client), &Config::default())
-        .await
-        .unwrap();
+    // Both orders: a connection that used only the first, or only the last, server fails
+    // one of them.
+    for servers in [[dead.clone(), server.url()], [server.url(), dead.clone()]] {
+        for _ in 0..3 {
+            let connection = Connection::to(servers.clone());
+            let client = connection.connect("failover", false).await.unwrap();
+            provision(&connection.jetstream(client), &Config::default())
+                .await
+                .unwrap();
+        }
+    }
 }

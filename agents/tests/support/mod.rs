@@ -212,20 +212,26 @@ impl Harness {
     }
 
     /// Waits until `n` agents of `tower` are present.
-    pub async fn present(&self, tower: &str, n: usize) -> Vec<rct_bus::presence::Presence> {
+    /// The presences of `tower`'s agents now, read once.
+    pub async fn present_now(&self, tower: &str) -> Vec<rct_bus::presence::Presence> {
         let bucket = self.js.get_key_value("rct_agents").await.unwrap();
+        let mut found = Vec::new();
+        let mut keys = bucket.keys().await.unwrap();
+        while let Some(key) = keys.next().await {
+            let key = key.unwrap();
+            if key.starts_with(&format!("{tower}."))
+                && let Some(value) = bucket.get(&key).await.unwrap()
+            {
+                found.push(serde_json::from_slice(&value).unwrap());
+            }
+        }
+        found
+    }
+
+    pub async fn present(&self, tower: &str, n: usize) -> Vec<rct_bus::presence::Presence> {
         tokio::time::timeout(Duration::from_secs(30), async {
             loop {
-                let mut found = Vec::new();
-                let mut keys = bucket.keys().await.unwrap();
-                while let Some(key) = keys.next().await {
-                    let key = key.unwrap();
-                    if key.starts_with(&format!("{tower}."))
-                        && let Some(value) = bucket.get(&key).await.unwrap()
-                    {
-                        found.push(serde_json::from_slice(&value).unwrap());
-                    }
-                }
+                let found = self.present_now(tower).await;
                 if found.len() == n {
                     return found;
                 }
