@@ -68,18 +68,23 @@ async fn a_killed_agent_leaves_its_command_unknown_and_never_rerun() {
     );
     let command = h.command("scripts/linger", "_", &[]);
     h.publish(&command).await;
+    // Killed mid-command: once the script itself runs (its executions line), not merely once
+    // the claim is written.
     tokio::time::timeout(Duration::from_secs(30), async {
         while !h
             .events(&command.command_id)
             .await
             .iter()
             .any(|r| r.kind == EventKind::Claim)
+            || std::fs::read_to_string(&record)
+                .unwrap_or_default()
+                .is_empty()
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await
-    .expect("the first agent starts the command");
+    .expect("the first agent starts the command, and its script runs");
     assert!(
         h.present("scripts", 1).await[0]
             .instance

@@ -167,6 +167,45 @@ async fn a_key_rotation_end_to_end_and_the_retired_key_refused() {
         .filter(|r| matches!(r.event.kind, Some(Kind::Started(_))))
         .count();
     assert_eq!(starts, 1, "only the original run: {history:#?}");
+    // The replay reuses a command that already ran, so its journal alone would stop it: a
+    // fresh command signed with the retired key shows that trust refuses it.
+    let mut fresh = replayed.clone();
+    fresh.command_id = rct_bus::CommandId::generate().to_string();
+    let signed = old.sign(
+        rct_bus::Purpose::Command,
+        prost::Message::encode_to_vec(&fresh),
+    );
+    Publisher::new(js.clone())
+        .send(Outgoing::new(
+            first_command.subject.to_string(),
+            fresh.command_id.clone(),
+            prost::Message::encode_to_vec(&signed).into(),
+        ))
+        .await
+        .unwrap();
+    let fresh_id: rct_bus::CommandId = fresh.command_id.parse().unwrap();
+    let noted = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let history = replay::command_history(&js, fresh_id).await.unwrap();
+            if let Some(note) = history
+                .iter()
+                .find_map(|r| rct_bus::refusal_note(&r.event).map(|n| n.reason.to_owned()))
+            {
+                return (note, history);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the fresh command signed with the retired key was never refused");
+    let (note, history) = noted;
+    assert!(note.contains("does not trust"), "{note}");
+    assert!(
+        history
+            .iter()
+            .all(|r| !matches!(r.event.kind, Some(Kind::Started(_)))),
+        "a command signed with the retired key started: {history:#?}"
+    );
     second.cancel();
     agents.cancel();
 }
