@@ -15,7 +15,14 @@
 //!   does not verify, or a decision for a request nobody made;
 //! - `unknown`: outcomes recorded as unknown; they must be exactly the commands a killed agent
 //!   had claimed and not finished (`unknown ≠ kills` counts the difference);
-//! - `unaccounted`: admitted commands without a terminal outcome.
+//! - `unaccounted`: admitted commands without a terminal outcome;
+//! - `not_as_recorded`: an effect that began for a command recorded as not run (ended
+//!   without running, or expired), or a command recorded succeeded whose effect never
+//!   finished (no `end` line);
+//! - `failed`: admitted commands that ended failed, expired or cancelled (the workload's
+//!   handler always succeeds, so each is a command the faults cost);
+//! - a run that proves nothing is a violation too: nothing attempted, acknowledged, admitted
+//!   or succeeded, or no fault injected when faults were asked for.
 //!
 //! It prints a table and exits 1 on any violation. docs/RELIABILITY.md records large runs.
 
@@ -477,7 +484,7 @@ impl Fault {
 }
 
 /// What one seed did and what the checker found.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Report {
     seed: u64,
     topology: String,
@@ -496,6 +503,10 @@ struct Report {
     unknown_not_from_kills: usize,
     kills_without_unknown: usize,
     unaccounted: usize,
+    not_as_recorded: usize,
+    failed: usize,
+    /// Faults the schedule was asked to inject.
+    faults_asked: usize,
     seconds: f64,
 }
 
@@ -508,6 +519,27 @@ impl Report {
             && self.unknown_not_from_kills == 0
             && self.kills_without_unknown == 0
             && self.unaccounted == 0
+            && self.not_as_recorded == 0
+            && self.failed == 0
+            && self.vacuous().is_none()
+    }
+
+    /// Why the run proves nothing, if it does not: a checker that passes an empty run, or
+    /// one whose faults never happened, cannot say no.
+    fn vacuous(&self) -> Option<&'static str> {
+        if self.attempted == 0 {
+            Some("nothing was attempted")
+        } else if self.acked == 0 {
+            Some("nothing was acknowledged")
+        } else if self.admitted == 0 {
+            Some("nothing was admitted")
+        } else if self.succeeded == 0 {
+            Some("nothing succeeded")
+        } else if self.faults_asked > 0 && self.faults.values().sum::<usize>() == 0 {
+            Some("no fault was injected")
+        } else {
+            None
+        }
     }
 
     fn line(&self) -> String {
@@ -528,7 +560,23 @@ impl Report {
             self.unexpected,
             self.unaccounted,
             self.unknown_not_from_kills + self.kills_without_unknown,
-            if self.valid() { "ok" } else { "VIOLATION" }
+            match (self.valid(), self.vacuous()) {
+                (true, _) => "ok".to_owned(),
+                (false, Some(why)) => format!("VIOLATION: the run proves nothing ({why})"),
+                (false, None) => format!(
+                    "VIOLATION{}{}",
+                    if self.not_as_recorded > 0 {
+                        format!(", not as recorded {}", self.not_as_recorded)
+                    } else {
+                        String::new()
+                    },
+                    if self.failed > 0 {
+                        format!(", failed {}", self.failed)
+                    } else {
+                        String::new()
+                    }
+                ),
+            }
         )
     }
 }
@@ -736,6 +784,7 @@ async fn run_seed(args: &Args, seed: u64) -> Result<Report> {
     report.seed = seed;
     report.topology = format!("{:?}", args.topology).to_lowercase();
     report.faults = faults;
+    report.faults_asked = args.faults;
     report.seconds = started.elapsed().as_secs_f64();
 
     for proc in admissions.iter_mut().chain(agents.iter_mut()) {
@@ -823,6 +872,8 @@ struct Fold {
     claims: BTreeMap<CommandId, Vec<String>>,
     /// Its terminal outcome and who wrote it.
     outcome: BTreeMap<CommandId, (&'static str, String)>,
+    /// Claimed only to be ended without running.
+    unrun: BTreeSet<CommandId>,
 }
 
 impl Fold {
@@ -850,6 +901,10 @@ impl Fold {
                 }
                 Some(Kind::Started(s)) if !s.without_running => {
                     fold.claims.entry(id).or_default().push(s.agent.clone());
+                    None
+                }
+                Some(Kind::Started(_)) => {
+                    fold.unrun.insert(id);
                     None
                 }
                 Some(Kind::Succeeded(_)) => terminal("succeeded"),
@@ -962,6 +1017,7 @@ async fn check(
     }
 
     let mut effects: BTreeMap<CommandId, usize> = BTreeMap::new();
+    let mut finished: BTreeSet<CommandId> = BTreeSet::new();
     let mut ledger_garbage = 0;
     for entry in
         std::fs::read_dir(dir.join("ledger")).map_err(|e| fail("cannot read the ledger", e))?
@@ -969,6 +1025,15 @@ async fn check(
         let path = entry.map_err(|e| fail("cannot read the ledger", e))?.path();
         let text = std::fs::read_to_string(&path).map_err(|e| fail("cannot read the ledger", e))?;
         for line in text.lines() {
+            if let Some(end) = line.strip_prefix("end ") {
+                match end.parse::<CommandId>() {
+                    Ok(id) => {
+                        finished.insert(id);
+                    }
+                    Err(_) => ledger_garbage += 1,
+                }
+                continue;
+            }
             match line.strip_prefix("begin ").map(str::parse::<CommandId>) {
                 Some(Ok(id)) => *effects.entry(id).or_default() += 1,
                 Some(Err(_)) => ledger_garbage += 1,
@@ -1036,6 +1101,27 @@ async fn check(
             .keys()
             .filter(|id| !fold.outcome.contains_key(*id))
             .count(),
+        // The outcome and the effect ledger must tell the same story.
+        not_as_recorded: effects
+            .keys()
+            .filter(|id| {
+                fold.unrun.contains(*id)
+                    || fold
+                        .outcome
+                        .get(*id)
+                        .is_some_and(|(kind, _)| *kind == "expired")
+            })
+            .count()
+            + fold
+                .outcome
+                .iter()
+                .filter(|(id, (kind, _))| *kind == "succeeded" && !finished.contains(*id))
+                .count(),
+        failed: fold
+            .outcome
+            .values()
+            .filter(|(kind, _)| matches!(*kind, "failed" | "expired" | "cancelled"))
+            .count(),
         ..Report::default()
     })
 }
@@ -1046,9 +1132,9 @@ fn table(reports: &[Report], args: &Args) -> String {
         out,
         "| seed | topology | attempted | acked | recovered | admitted | rejected | succeeded | faults | lost | \
          decided twice | executed twice | unexpected | unknown (= killed agents' running commands) | \
-         unaccounted | seconds |"
+         unaccounted | not as recorded | failed | seconds |"
     );
-    let _ = writeln!(out, "|{}", "---|".repeat(16));
+    let _ = writeln!(out, "|{}", "---|".repeat(18));
     let mut total = Report::default();
     for r in reports {
         let _ = writeln!(out, "{}", r.row(&r.seed.to_string()));
@@ -1078,7 +1164,7 @@ impl Report {
     fn row(&self, label: &str) -> String {
         let mismatch = self.unknown_not_from_kills + self.kills_without_unknown;
         format!(
-            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {:.0} |",
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {:.0} |",
             self.topology,
             self.attempted,
             self.acked,
@@ -1101,6 +1187,8 @@ impl Report {
                 )
             },
             self.unaccounted,
+            self.not_as_recorded,
+            self.failed,
             self.seconds
         )
     }
@@ -1121,6 +1209,9 @@ impl Report {
         self.unknown_not_from_kills += other.unknown_not_from_kills;
         self.kills_without_unknown += other.kills_without_unknown;
         self.unaccounted += other.unaccounted;
+        self.not_as_recorded += other.not_as_recorded;
+        self.failed += other.failed;
+        self.faults_asked = self.faults_asked.max(other.faults_asked);
         self.seconds += other.seconds;
         for (k, v) in &other.faults {
             *self.faults.entry(k).or_default() += v;
@@ -1143,6 +1234,57 @@ mod tests {
         Cli::try_parse_from(std::iter::once("chaos").chain(flags.iter().copied()))
             .unwrap()
             .args
+    }
+
+    /// A checker that passes an empty run, an all-failed run or a run whose faults never
+    /// happened cannot say no; nor one that ignores the effect ledger.
+    #[test]
+    fn a_run_that_proves_nothing_or_whose_outcomes_lie_is_a_violation() {
+        let good = Report {
+            attempted: 10,
+            acked: 10,
+            admitted: 10,
+            succeeded: 10,
+            faults_asked: 1,
+            faults: [("kill agent", 1)].into(),
+            ..Report::default()
+        };
+        assert!(good.valid(), "{}", good.line());
+        for (bad, why) in [
+            (Report::default(), "nothing was attempted"),
+            (
+                Report {
+                    succeeded: 0,
+                    failed: 10,
+                    ..good.clone()
+                },
+                "nothing succeeded",
+            ),
+            (
+                Report {
+                    faults: BTreeMap::new(),
+                    ..good.clone()
+                },
+                "no fault was injected",
+            ),
+        ] {
+            assert!(!bad.valid(), "{why}");
+            assert!(bad.line().contains(why), "{}", bad.line());
+        }
+        for bad in [
+            Report {
+                not_as_recorded: 1,
+                ..good.clone()
+            },
+            Report {
+                failed: 1,
+                succeeded: 9,
+                ..good.clone()
+            },
+        ] {
+            assert!(!bad.valid(), "{}", bad.line());
+            assert!(bad.line().contains("VIOLATION"), "{}", bad.line());
+        }
     }
 
     /// `--rate 0` panicked in `Duration::from_secs_f64`, a huge `--drain` in `Instant + _`.
