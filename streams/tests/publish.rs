@@ -32,6 +32,27 @@ async fn count(js: &jetstream::Context, stream: &str, subject: &str) -> usize {
     total
 }
 
+/// A short ack timeout and many attempts: an outage or a lost ack outlasts one attempt, so
+/// the publisher must retry.
+fn patient(client: async_nats::Client) -> (jetstream::Context, Publisher) {
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(500))
+        .build(client);
+    let publisher = Publisher::new(js.clone()).with_retry(Retry {
+        attempts: 60,
+        pause: Duration::from_millis(100),
+        max_pause: Duration::from_millis(500),
+    });
+    (js, publisher)
+}
+
+/// A fresh command id and the subject of a drain of prod-1.
+fn drain_command() -> (CommandId, String) {
+    let operation = "traffic/drain-cluster".parse().unwrap();
+    let subject = Subject::command(&operation, &"prod-1".parse().unwrap()).to_string();
+    (CommandId::generate(), subject)
+}
+
 #[tokio::test]
 async fn twenty_racing_claims_have_exactly_one_winner() {
     let (_server, js) = provisioned().await;
@@ -117,17 +138,8 @@ async fn a_publish_during_a_server_restart_is_retried_until_stored() {
     let (mut server, _) = provisioned().await;
     // A short ack timeout makes the outage outlast it, so the publisher must retry.
     let client = server.client().await;
-    let js = jetstream::ContextBuilder::new()
-        .timeout(Duration::from_millis(500))
-        .build(client);
-    let publisher = Publisher::new(js.clone()).with_retry(Retry {
-        attempts: 60,
-        pause: Duration::from_millis(100),
-        max_pause: Duration::from_millis(500),
-    });
-    let id = CommandId::generate();
-    let operation = "traffic/drain-cluster".parse().unwrap();
-    let subject = Subject::command(&operation, &"prod-1".parse().unwrap()).to_string();
+    let (js, publisher) = patient(client);
+    let (id, subject) = drain_command();
 
     server.kill();
     let publishing = {
@@ -214,17 +226,8 @@ async fn a_publish_whose_ack_is_lost_is_stored_once_and_known_as_written() {
         .connect(format!("nats://127.0.0.1:{port}"))
         .await
         .unwrap();
-    let js = jetstream::ContextBuilder::new()
-        .timeout(Duration::from_millis(500))
-        .build(client);
-    let publisher = Publisher::new(js).with_retry(Retry {
-        attempts: 60,
-        pause: Duration::from_millis(100),
-        max_pause: Duration::from_millis(500),
-    });
-    let id = CommandId::generate();
-    let operation = "traffic/drain-cluster".parse().unwrap();
-    let subject = Subject::command(&operation, &"prod-1".parse().unwrap()).to_string();
+    let (_, publisher) = patient(client);
+    let (id, subject) = drain_command();
 
     hold.send_replace(true);
     let publishing = {
