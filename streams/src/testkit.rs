@@ -149,6 +149,11 @@ impl Server {
         jetstream::new(self.client().await)
     }
 
+    /// The process id, while it runs (a chaos run reads its state from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process is running.
     pub fn is_running(&mut self) -> bool {
         self.child
