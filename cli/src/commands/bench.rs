@@ -339,11 +339,13 @@ async fn latency(
     n: usize,
 ) -> Result<Vec<Row>> {
     let publisher = Publisher::new(js.clone());
-    let floor = Floor::start(js).await?;
+    // A first operation, not counted: the floor sends its messages byte for byte.
+    let (id, submission) = rct_operation(js, session, &publisher).await?.2;
+    let floor = Floor::start(js, Payloads::of(js, id, submission, true).await?).await?;
     let (mut started, mut succeeded) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut floor_started, mut floor_done) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for _ in 0..n {
-        let (s, d) = rct_operation(js, session, &publisher).await?;
+        let (s, d, _) = rct_operation(js, session, &publisher).await?;
         started.push(s);
         succeeded.push(d);
         let (s, d) = floor.operation(js).await?;
@@ -388,22 +390,30 @@ async fn rct_operation(
     js: &async_nats::jetstream::Context,
     session: &Session,
     publisher: &Publisher,
-) -> Result<(Duration, Duration)> {
+) -> Result<(Duration, Duration, (CommandId, Bytes))> {
     let (id, name, bytes) = signed(session, &target(0));
     let begin = Instant::now();
     publisher
-        .send(Outgoing::new(Subject::submit(&name), id.msg_id(), bytes))
+        .send(Outgoing::new(
+            Subject::submit(&name),
+            id.msg_id(),
+            bytes.clone(),
+        ))
         .await
         .map_err(|e| Error::usage(e.to_string()))?;
     let mut events = replay::follow(js, &Filter::command(id))
         .await
         .map_err(|e| Error::usage(e.to_string()))?;
     let mut started = Duration::ZERO;
-    while let Some(item) = events.next().await {
+    loop {
+        let item = tokio::time::timeout(WAIT, events.next())
+            .await
+            .map_err(|_| Error::usage(format!("no outcome for {id} within {WAIT:?}")))?;
+        let Some(item) = item else { break };
         if let Ok(Item::Event(record)) = item {
             match record.kind {
                 EventKind::Claim => started = begin.elapsed(),
-                EventKind::Outcome => return Ok((started, begin.elapsed())),
+                EventKind::Outcome => return Ok((started, begin.elapsed(), (id, bytes))),
                 EventKind::Decision
                     if matches!(record.event.kind, Some(proto::event::Kind::Rejected(_))) =>
                 {
@@ -419,62 +429,131 @@ async fn rct_operation(
     Err(Error::usage("the event stream ended"))
 }
 
-/// The same hops with bare JetStream: publish → pull → two publishes → ack → pull → two
-/// publishes → double ack, observed by an ordered consumer created after the publish, as rct's
-/// watcher is; no signing, no policy.
+/// What rct writes per operation, taken from one that ran: the floor sends the same bytes.
+#[derive(Clone)]
+struct Payloads {
+    submission: Bytes,
+    decision: Bytes,
+    command: Bytes,
+    claim: Bytes,
+    outcome: Bytes,
+}
+
+impl Payloads {
+    /// The messages of command `id`, admitted (and, when `ran`, run) on `target(0)`; the
+    /// claim and outcome of a command that did not run are left empty.
+    async fn of(
+        js: &async_nats::jetstream::Context,
+        id: CommandId,
+        submission: Bytes,
+        ran: bool,
+    ) -> Result<Self> {
+        let io = |e: &dyn std::fmt::Display| Error::usage(format!("floor payloads: {e}"));
+        let tower: rct_bus::Tower = "bench".parse().expect("valid");
+        let mut events = Vec::new();
+        for kind in [EventKind::Decision, EventKind::Claim, EventKind::Outcome] {
+            if !ran && kind != EventKind::Decision {
+                events.push(Bytes::new());
+                continue;
+            }
+            let record = replay::slot(js, &tower, id, kind)
+                .await
+                .map_err(|e| io(&e))?
+                .ok_or_else(|| io(&format!("no {kind:?} for {id}")))?;
+            events.push(Bytes::from(record.event.encode_to_vec()));
+        }
+        let command = js
+            .get_stream("RCT_CMD")
+            .await
+            .map_err(|e| io(&e))?
+            .get_last_raw_message_by_subject(&format!("rct.cmd.bench.{}.noop", target(0)))
+            .await
+            .map_err(|e| io(&e))?
+            .payload;
+        let [decision, claim, outcome] = events.try_into().expect("three events");
+        Ok(Self {
+            submission,
+            decision,
+            command,
+            claim,
+            outcome,
+        })
+    }
+}
+
+/// The same hops with bare JetStream and rct's own plumbing: the same publisher (a
+/// `Nats-Msg-Id` on every message, `Nats-Expected-Last-Subject-Sequence: 0` on the single-slot
+/// decision, claim and outcome, acks awaited), the same consume loop (`work::consume`, with
+/// admission's and the agent's default concurrency) and rct's payloads byte for byte; observed
+/// by an ordered consumer created after the publish, as rct's watcher is. What differs: no
+/// signature made or verified, no policy, no journal or presence reads, no in-progress acks.
 struct Floor {
-    relay: tokio::task::JoinHandle<()>,
-    worker: tokio::task::JoinHandle<()>,
+    relay: Relay,
+    worker: Relay,
     events: async_nats::jetstream::stream::Stream,
+    payloads: Payloads,
 }
 
 impl Floor {
-    async fn start(js: &async_nats::jetstream::Context) -> Result<Self> {
-        use async_nats::jetstream::consumer::pull;
+    async fn start(js: &async_nats::jetstream::Context, payloads: Payloads) -> Result<Self> {
         let io = |e: &dyn std::fmt::Display| Error::usage(format!("floor: {e}"));
-        let submit = js.get_stream("RCT_SUBMIT").await.map_err(|e| io(&e))?;
-        let cmd = js.get_stream("RCT_CMD").await.map_err(|e| io(&e))?;
-        let pull_config = |name: &str, filter: &str| pull::Config {
-            durable_name: Some(name.into()),
-            filter_subject: filter.into(),
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
-            ..Default::default()
-        };
-        let relay = submit
-            .create_consumer(pull_config("floor-relay", "rct.submit.floor.>"))
-            .await
-            .map_err(|e| io(&e))?;
-        let worker = cmd
-            .create_consumer(pull_config("floor-worker", "rct.cmd.floor.>"))
-            .await
-            .map_err(|e| io(&e))?;
-        let relay = spawn_relay(js.clone(), relay, "floor", 1, None);
-        let js_worker = js.clone();
-        let worker = tokio::spawn(async move {
-            let mut messages = worker.messages().await.expect("floor worker pulls");
-            while let Some(Ok(m)) = messages.next().await {
-                let id = m
-                    .subject
-                    .as_str()
-                    .rsplit('.')
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                for kind in ["claim", "outcome"] {
-                    let _ = js_worker
-                        .publish(format!("rct.evt.floor.{id}.{kind}"), Bytes::new())
-                        .await
-                        .expect("publish")
-                        .await;
+        let relay = relay_consumer(js, "RCT_SUBMIT", "floor-relay", "rct.submit.floor.>").await?;
+        let worker = relay_consumer(js, "RCT_CMD", "floor-worker", "rct.cmd.floor.>").await?;
+        let relay = Relay::start(
+            js,
+            relay,
+            rct_admission::Config::default().concurrency,
+            None,
+            {
+                let p = payloads.clone();
+                move |id| {
+                    vec![
+                        Outgoing::new(
+                            format!("rct.evt.floor.{id}.decision"),
+                            format!("{id}.decision"),
+                            p.decision.clone(),
+                        )
+                        .once(),
+                        Outgoing::new(
+                            format!("rct.cmd.floor.x.{id}"),
+                            id.to_string(),
+                            p.command.clone(),
+                        ),
+                    ]
                 }
-                let _ = m.double_ack().await;
-            }
-        });
+            },
+        );
+        let worker = Relay::start(
+            js,
+            worker,
+            rct_agents::Config::default().concurrency,
+            None,
+            {
+                let p = payloads.clone();
+                move |id| {
+                    vec![
+                        Outgoing::new(
+                            format!("rct.evt.floor.{id}.claim"),
+                            format!("{id}.claim"),
+                            p.claim.clone(),
+                        )
+                        .once(),
+                        Outgoing::new(
+                            format!("rct.evt.floor.{id}.outcome"),
+                            format!("{id}.outcome"),
+                            p.outcome.clone(),
+                        )
+                        .once(),
+                    ]
+                }
+            },
+        );
         let events = js.get_stream("RCT_EVT").await.map_err(|e| io(&e))?;
         Ok(Self {
             relay,
             worker,
             events,
+            payloads,
         })
     }
 
@@ -483,9 +562,12 @@ impl Floor {
         let io = |e: &dyn std::fmt::Display| Error::usage(format!("floor: {e}"));
         let id = CommandId::generate();
         let begin = Instant::now();
-        js.publish(format!("rct.submit.floor.{id}"), Bytes::from_static(b"x"))
-            .await
-            .map_err(|e| io(&e))?
+        Publisher::new(js.clone())
+            .send(Outgoing::new(
+                format!("rct.submit.floor.{id}"),
+                id.msg_id(),
+                self.payloads.submission.clone(),
+            ))
             .await
             .map_err(|e| io(&e))?;
         let observer = self
@@ -498,20 +580,51 @@ impl Floor {
             .map_err(|e| io(&e))?;
         let mut messages = observer.messages().await.map_err(|e| io(&e))?;
         let mut started = Duration::ZERO;
-        while let Some(Ok(m)) = messages.next().await {
-            if m.subject.ends_with(".claim") {
-                started = begin.elapsed();
-            } else if m.subject.ends_with(".outcome") {
-                return Ok((started, begin.elapsed()));
+        loop {
+            let next = tokio::time::timeout(WAIT, messages.next())
+                .await
+                .map_err(|_| io(&format!("no outcome for {id} within {WAIT:?}")))?;
+            match next {
+                Some(Ok(m)) if m.subject.ends_with(".claim") => started = begin.elapsed(),
+                Some(Ok(m)) if m.subject.ends_with(".outcome") => {
+                    return Ok((started, begin.elapsed()));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(io(&e)),
+                None => return Err(io(&"the floor's event stream ended")),
             }
         }
-        Err(io(&"the floor's event stream ended"))
     }
 
     fn stop(self) {
-        self.relay.abort();
-        self.worker.abort();
+        self.relay.stop();
+        self.worker.stop();
     }
+}
+
+/// The longest any one wait of the bench may take; each says what it waited for.
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn relay_consumer(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    name: &str,
+    filter: &str,
+) -> Result<async_nats::jetstream::consumer::PullConsumer> {
+    use async_nats::jetstream::consumer::pull;
+    let io = |e: &dyn std::fmt::Display| Error::usage(format!("floor: {e}"));
+    js.get_stream(stream)
+        .await
+        .map_err(|e| io(&e))?
+        .create_consumer(pull::Config {
+            durable_name: Some(name.into()),
+            filter_subject: filter.into(),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 1024,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| io(&e))
 }
 
 /// Scenario 2: admitted decisions per second with K submitters; floor: pull → two publishes
@@ -543,43 +656,67 @@ async fn throughput(
     for chunk in chunks {
         chunk.await.map_err(|e| io(&e))?;
     }
-    while count(js, "rct.evt.bench.*.decision").await? < decided_before + total {
+    let until = Instant::now() + WAIT.max(Duration::from_secs_f64(total as f64 / 50.0));
+    loop {
+        let decided = count(js, "rct.evt.bench.*.decision").await? - decided_before;
+        if decided >= total {
+            break;
+        }
+        if Instant::now() > until {
+            return Err(io(&format!(
+                "admission decided {decided} of {total} submissions in {:?}",
+                begin.elapsed()
+            )));
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ours = total as f64 / begin.elapsed().as_secs_f64();
 
-    // Floor: the same number of messages through a pull → publish, publish → ack loop.
-    use async_nats::jetstream::consumer::pull;
-    let submit = js.get_stream("RCT_SUBMIT").await.map_err(|e| io(&e))?;
-    let relay = submit
-        .create_consumer(pull::Config {
-            durable_name: Some("floor-throughput".into()),
-            filter_subject: "rct.submit.floorput.>".into(),
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
-            max_ack_pending: 1024,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| io(&e))?;
+    // Floor: the same submissions through rct's consume loop and publisher, publishing
+    // rct's decision and command bytes.
+    let (sample, _, submission) = prepared.last().cloned().expect("at least one");
+    let payloads = Payloads::of(js, sample, submission, false).await?;
+    let relay = relay_consumer(
+        js,
+        "RCT_SUBMIT",
+        "floor-throughput",
+        "rct.submit.floorput.>",
+    )
+    .await?;
     // The relay runs first, like admission; the same submitters then publish to it.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let relay_task = spawn_relay(js.clone(), relay, "floorput", 64, Some(tx));
+    let relay_task = Relay::start(
+        js,
+        relay,
+        rct_admission::Config::default().concurrency,
+        Some(tx),
+        move |id| {
+            vec![
+                Outgoing::new(
+                    format!("rct.evt.floorput.{id}.decision"),
+                    format!("{id}.decision"),
+                    payloads.decision.clone(),
+                )
+                .once(),
+                Outgoing::new(
+                    format!("rct.cmd.floorput.x.{id}"),
+                    id.to_string(),
+                    payloads.command.clone(),
+                ),
+            ]
+        },
+    );
     let begin = Instant::now();
     let mut chunks = Vec::new();
-    let indexed: Vec<(usize, Bytes)> = prepared
-        .iter()
-        .map(|(_, _, b)| b.clone())
-        .enumerate()
-        .collect();
-    for chunk in indexed.chunks(total.div_ceil(submitters.max(1))) {
+    for chunk in prepared.chunks(total.div_ceil(submitters.max(1))) {
         let chunk = chunk.to_vec();
         let publisher = Publisher::new(js.clone());
         chunks.push(tokio::spawn(async move {
-            for (i, bytes) in chunk {
+            for (id, _, bytes) in chunk {
                 publisher
                     .send(Outgoing::new(
-                        format!("rct.submit.floorput.{i}"),
-                        format!("floorput-{i}"),
+                        format!("rct.submit.floorput.{id}"),
+                        format!("floorput-{}", id.msg_id()),
                         bytes,
                     ))
                     .await
@@ -590,10 +727,14 @@ async fn throughput(
     for chunk in chunks {
         chunk.await.map_err(|e| io(&e))?;
     }
-    for _ in 0..total {
-        rx.recv().await;
+    for done in 0..total {
+        tokio::time::timeout(WAIT, rx.recv()).await.map_err(|_| {
+            io(&format!(
+                "the floor relayed {done} of {total} within {WAIT:?} of the last"
+            ))
+        })?;
     }
-    relay_task.abort();
+    relay_task.stop();
     let floor = total as f64 / begin.elapsed().as_secs_f64();
     Ok(Row {
         scenario: format!("admission throughput ({total} submissions, {submitters} submitters)"),
@@ -607,47 +748,59 @@ async fn throughput(
     })
 }
 
-/// The floor's admission: pull a message, publish a "decision" and a "command" (acks
-/// awaited), ack; `concurrency` at a time; each handled message is reported on `done`.
-fn spawn_relay(
-    js: async_nats::jetstream::Context,
-    relay: async_nats::jetstream::consumer::PullConsumer,
-    prefix: &'static str,
-    concurrency: usize,
-    done: Option<tokio::sync::mpsc::UnboundedSender<()>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut messages = relay.messages().await.expect("the floor relay pulls");
-        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
-        while let Some(Ok(m)) = messages.next().await {
-            let permit = permits.clone().acquire_owned().await.expect("open");
-            let (js, done) = (js.clone(), done.clone());
-            tokio::spawn(async move {
-                let id = m
-                    .subject
-                    .as_str()
-                    .rsplit('.')
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                for subject in [
-                    format!("rct.evt.{prefix}.{id}.decision"),
-                    format!("rct.cmd.{prefix}.x.{id}"),
-                ] {
-                    let _ = js
-                        .publish(subject, m.payload.clone())
-                        .await
-                        .expect("publish")
-                        .await;
+/// A floor hop: rct's consume loop and publisher; per message (named by the last token of its
+/// subject), the messages `out` makes, each acknowledged by the server, then the ack. Each
+/// handled message is reported on `done`.
+struct Relay {
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    fn start(
+        js: &async_nats::jetstream::Context,
+        consumer: async_nats::jetstream::consumer::PullConsumer,
+        concurrency: usize,
+        done: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+        out: impl Fn(&str) -> Vec<Outgoing> + Send + Sync + 'static,
+    ) -> Self {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let publisher = Publisher::new(js.clone());
+        let out = std::sync::Arc::new(out);
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let tracker = tokio_util::task::TaskTracker::new();
+            let _ = rct_streams::work::consume(&consumer, concurrency, &stop, &tracker, |m| {
+                let (publisher, out, done) = (publisher.clone(), out.clone(), done.clone());
+                async move {
+                    let id = m
+                        .subject
+                        .as_str()
+                        .rsplit('.')
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    for outgoing in out(&id) {
+                        if let Err(e) = publisher.send(outgoing).await {
+                            eprintln!("rct bench: the floor could not publish: {e}");
+                            return;
+                        }
+                    }
+                    let _ = m.ack().await;
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
                 }
-                let _ = m.ack().await;
-                drop(permit);
-                if let Some(done) = done {
-                    let _ = done.send(());
-                }
-            });
-        }
-    })
+            })
+            .await;
+        });
+        Self { shutdown, task }
+    }
+
+    fn stop(self) {
+        self.shutdown.cancel();
+        self.task.abort();
+    }
 }
 
 async fn count(js: &async_nats::jetstream::Context, subjects: &str) -> Result<usize> {
@@ -732,6 +885,9 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
         ..Filter::default()
     };
 
+    // The peak resident set of this process while history folds: reset, then read after.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let resident_before = status_kb("VmRSS:");
     let begin = Instant::now();
     let mut folder = rct_streams::Folder::new();
     let mut history = replay::history(js, &filter).await.map_err(|e| io(&e))?;
@@ -745,6 +901,7 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
         most_open = most_open.max(folder.open());
     }
     let ours = begin.elapsed();
+    let peak = status_kb("VmHWM:");
     let commands = n.div_ceil(per_command);
     if seen != n || ended + folder.open() != commands {
         return Err(Error::usage(format!(
@@ -777,7 +934,10 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
     let prefix = format!("rct.evt.{tower}.");
     let mut drained = 0;
     while drained < n {
-        let Some(Ok(message)) = messages.next().await else {
+        let next = tokio::time::timeout(WAIT, messages.next())
+            .await
+            .map_err(|_| io(&format!("the raw read stalled at {drained} of {n} events")))?;
+        let Some(Ok(message)) = next else {
             break;
         };
         if message.subject.starts_with(prefix.as_str()) {
@@ -788,7 +948,19 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
     Ok(Row {
         scenario: format!("replay into history ({n} events, {commands} commands)"),
-        rct: format!("{:.0} events/s ({:.2} s)", rate(ours), ours.as_secs_f64()),
+        rct: format!(
+            "{:.0} events/s ({:.2} s; peak RSS {})",
+            rate(ours),
+            ours.as_secs_f64(),
+            match (peak, resident_before) {
+                (Some(peak), Some(before)) => format!(
+                    "{:.0} MB, {:+.0} MB while folding",
+                    peak as f64 / 1024.0,
+                    (peak as f64 - before as f64) / 1024.0
+                ),
+                _ => "unknown".into(),
+            }
+        ),
         floor: format!("{:.0} events/s ({:.2} s)", rate(floor), floor.as_secs_f64()),
         ratio: ratio(rate(ours), rate(floor)),
         checks: {
@@ -839,7 +1011,12 @@ async fn fanout(
     let (mut started, mut done) = (0, 0);
     let (mut all_started, mut all_done) = (Duration::ZERO, Duration::ZERO);
     while done < agents {
-        let Some(item) = events.next().await else {
+        let next = tokio::time::timeout(WAIT, events.next()).await.map_err(|_| {
+            io(&format!(
+                "{started} of {agents} agents started, {done} succeeded; nothing more within {WAIT:?}"
+            ))
+        })?;
+        let Some(item) = next else {
             break;
         };
         if let Ok(Item::Event(record)) = item
@@ -904,7 +1081,7 @@ async fn footprint(stack: &Stack, session: &Session) -> Result<Vec<Row>> {
                 .args(["--signing-key".as_ref(), key.as_os_str()])
                 .args(["--server", &stack.url, "--instance", "footprint"])
                 .env("RCT_DEV_ISSUER", "true");
-            let rss = idle_rss(command)?;
+            let rss = idle_rss(command).await?;
             rows.push(rss_row(
                 "RSS of admission (separate process, idle after start)",
                 rss,
@@ -929,7 +1106,7 @@ async fn footprint(stack: &Stack, session: &Session) -> Result<Vec<Row>> {
                 .arg("--create-consumer")
                 .arg("--trusted-key")
                 .arg(stack.dir.join("admission.pub"));
-            let rss = idle_rss(command)?;
+            let rss = idle_rss(command).await?;
             rows.push(rss_row("RSS of an idle agent (rct-agent)", rss, 15.0));
         }
         None => eprintln!("rct bench: rct-agent not found next to rct; skipping its footprint"),
@@ -992,17 +1169,29 @@ async fn footprint(stack: &Stack, session: &Session) -> Result<Vec<Row>> {
 }
 
 /// Starts `command`, lets it settle for two seconds, reads its RSS, stops it.
-fn idle_rss(mut command: std::process::Command) -> Result<Option<f64>> {
+async fn idle_rss(mut command: std::process::Command) -> Result<Option<f64>> {
     let mut child = command
         .env("RCT_LOG", "error")
         .stdin(std::process::Stdio::null())
         .spawn()
         .map_err(|e| Error::usage(format!("cannot start {:?}: {e}", command.get_program())))?;
-    std::thread::sleep(Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let rss = rss_mb(child.id());
     let _ = child.kill();
     let _ = child.wait();
     Ok(rss)
+}
+
+/// A field of `/proc/self/status`, in kB.
+fn status_kb(field: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .ok()
 }
 
 /// A footprint row: `rss` (unknown: a miss) below `max` MB.

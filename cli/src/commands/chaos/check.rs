@@ -563,7 +563,6 @@ pub(super) async fn check(
         idle: world
             .idle
             .iter()
-            .cloned()
             .map(|why| format!("did not bite: {why}"))
             .chain(
                 world
