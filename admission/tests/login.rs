@@ -182,5 +182,18 @@ async fn the_dev_issuer_is_off_unless_enabled() {
         .client
         .request("rct.auth.dev-token", bytes::Bytes::new())
         .await;
-    assert!(dev.is_err(), "nobody answers dev-token requests");
+    let error = dev.expect_err("nobody answers dev-token requests");
+    assert_eq!(
+        error.kind(),
+        async_nats::RequestErrorKind::NoResponders,
+        "{error}"
+    );
+    // The control: with the issuer on, the same request on the same subject is answered, so
+    // the refusal above is the issuer's absence, not a wrong subject or a slow start.
+    let on = Harness::start_with(|config| config.dev_issuer = true).await;
+    let answer = on
+        .client
+        .request("rct.auth.dev-token", bytes::Bytes::new())
+        .await;
+    assert!(answer.is_ok(), "{answer:?}");
 }
