@@ -26,6 +26,8 @@ fn the_quick_bench_runs_every_scenario_and_prints_numbers() {
         "admission throughput",
         "replay",
         "fan-out",
+        "agent processes",
+        "[3 nodes, R3, sync always]",
         "CLI process start",
     ] {
         let row = rows

@@ -339,12 +339,53 @@ fn is_retryable(error: &PublishError) -> bool {
     ) || in_process(error)
 }
 
-/// The stream's leader holds an earlier attempt with this id that it cannot commit yet (its
-/// quorum is lost): what becomes of it is not known, so the same id is tried again.
+/// The stream's leader holds an earlier write it has not committed yet: an attempt with this
+/// id (its quorum is lost), or, on a clustered stream, any write to this single-slot subject
+/// (10164, "wrong last sequence" without a sequence: the leader refuses a second expected-
+/// sequence write while one is in process). What becomes of it is not known, so the same id is
+/// tried again: once it is settled, the retry is a duplicate, or is refused for its expected
+/// sequence and the subject's holder says whose it is.
 fn in_process(error: &PublishError) -> bool {
+    use async_nats::jetstream::ErrorCode;
     std::error::Error::source(error)
         .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
         .is_some_and(|e| {
-            e.error_code() == async_nats::jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT
+            [
+                ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT,
+                ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT,
+            ]
+            .contains(&e.error_code())
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server error as the server sends it.
+    fn server(err_code: u64, description: &str) -> PublishError {
+        let error: async_nats::jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 400,
+            "err_code": err_code,
+            "description": description,
+        }))
+        .unwrap();
+        PublishError::with_source(PublishErrorKind::Other, error)
+    }
+
+    /// A clustered leader answers a single-slot write with 10164 while another write to the
+    /// subject is in process (a first attempt whose PubAck was lost, or a rival's): retried,
+    /// not taken for a refusal. Before, rct's writes of decisions, claims and outcomes on R3
+    /// streams failed on it (found by `rct bench`'s cluster scenario).
+    #[test]
+    fn a_write_in_process_on_a_clustered_leader_is_tried_again() {
+        assert!(is_retryable(&server(10164, "wrong last sequence")));
+        assert!(is_retryable(&server(
+            10158,
+            "duplicate message id is in process"
+        )));
+        // Refusals stay refusals.
+        assert!(!is_retryable(&server(10077, "maximum messages exceeded")));
+        assert!(!is_retryable(&server(10071, "wrong last sequence: 7")));
+    }
 }

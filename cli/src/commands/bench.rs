@@ -25,7 +25,8 @@ pub struct Args {
     /// Small sizes, for a smoke test (under a minute).
     #[arg(long)]
     pub quick: bool,
-    /// Only these scenarios (repeatable): latency, throughput, replay, fanout, footprint.
+    /// Only these scenarios (repeatable): latency, throughput, replay, fanout, footprint,
+    /// cluster.
     #[arg(long = "scenario", value_enum)]
     pub scenarios: Vec<Scenario>,
     /// Latency: operations, one after the other.
@@ -43,6 +44,10 @@ pub struct Args {
     /// Fan-out: cluster agents (one target each).
     #[arg(long)]
     pub agents: Option<usize>,
+    /// Fan-out: agents as separate `rct-agent` processes (one target each), as a deployment
+    /// runs them.
+    #[arg(long)]
+    pub agent_processes: Option<usize>,
     /// Evaluate every row's target and exit 1 when one is missed (each miss said).
     #[arg(long)]
     pub check: bool,
@@ -61,6 +66,8 @@ pub enum Scenario {
     Fanout,
     /// Memory of admission and an idle agent; CLI start to PubAck.
     Footprint,
+    /// Latency and throughput on three nodes with R3 streams and `sync_interval: always`.
+    Cluster,
 }
 
 /// One row of the table.
@@ -170,6 +177,7 @@ pub async fn run(args: Args) -> Result {
         Scenario::Replay,
         Scenario::Fanout,
         Scenario::Footprint,
+        Scenario::Cluster,
     ];
     let args_check = args.check;
     let scenarios: Vec<Scenario> = if args.scenarios.is_empty() {
@@ -184,6 +192,7 @@ pub async fn run(args: Args) -> Result {
         .events
         .unwrap_or(if quick { 20_000 } else { 1_000_000 });
     let agents = args.agents.unwrap_or(if quick { 10 } else { 200 });
+    let processes = args.agent_processes.unwrap_or(if quick { 3 } else { 50 });
 
     let scratch = tempfile::Builder::new()
         .prefix("rct-bench-")
@@ -198,7 +207,7 @@ pub async fn run(args: Args) -> Result {
         scratch.path().display()
     );
     let (mut stack, client) = Stack::nats(&scratch.path().join("stack"), port).await?;
-    let trusted = stack.admission(&client, &catalog(agents))?;
+    let trusted = stack.admission(&client, &catalog(agents + processes))?;
     stack.wait_for_admission(&client).await?;
     let js = async_nats::jetstream::new(client.clone());
     let token = login::dev_token(&client, "bench", &["bench".into()]).await?;
@@ -235,7 +244,7 @@ pub async fn run(args: Args) -> Result {
                         .config(stack.agent_config());
                     stack.spawn(tower, &client);
                 }
-                stack.wait_for_agents(&js, agents).await?;
+                // Target 0's agent is the latency scenario's, when it ran.
                 if !scenarios.contains(&Scenario::Latency) {
                     let tower = Tower::new("bench")
                         .cluster(&target(0))
@@ -243,11 +252,21 @@ pub async fn run(args: Args) -> Result {
                         .trust(trusted.clone())
                         .config(stack.agent_config());
                     stack.spawn(tower, &client);
-                    stack.wait_for_agents(&js, agents).await?;
                 }
-                rows.extend(fanout(&js, &session, agents).await?);
+                stack.wait_for_agents(&js, agents).await?;
+                rows.extend(fanout(&js, &session, 0..agents, "cluster agents").await?);
+                rows.extend(fanout_processes(&stack, &js, &session, agents, processes).await?);
             }
             Scenario::Footprint => rows.extend(footprint(&stack, &session).await?),
+            Scenario::Cluster => rows.extend(
+                cluster(
+                    scratch.path(),
+                    operations / 4,
+                    submissions / 2,
+                    args.submitters,
+                )
+                .await?,
+            ),
         }
     }
     stack.stop().await;
@@ -984,8 +1003,10 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
 async fn fanout(
     js: &async_nats::jetstream::Context,
     session: &Session,
-    agents: usize,
+    targets: std::ops::Range<usize>,
+    what: &str,
 ) -> Result<Vec<Row>> {
+    let agents = targets.len();
     let io = |e: &dyn std::fmt::Display| Error::usage(format!("fan-out: {e}"));
     let mut events = replay::follow(
         js,
@@ -1000,7 +1021,7 @@ async fn fanout(
     let publisher = Publisher::new(js.clone());
     let mut ids = std::collections::HashSet::new();
     let begin = Instant::now();
-    for i in 0..agents {
+    for i in targets {
         let (id, name, bytes) = signed(session, &target(i));
         ids.insert(id);
         publisher
@@ -1041,7 +1062,7 @@ async fn fanout(
     }
     Ok(vec![
         Row {
-            scenario: format!("fan-out to {agents} cluster agents: all started"),
+            scenario: format!("fan-out to {agents} {what}: all started"),
             rct: ms(all_started),
             floor: "-".into(),
             ratio: "-".into(),
@@ -1052,7 +1073,7 @@ async fn fanout(
             }],
         },
         Row {
-            scenario: format!("fan-out to {agents} cluster agents: all succeeded"),
+            scenario: format!("fan-out to {agents} {what}: all succeeded"),
             rct: ms(all_done),
             floor: "-".into(),
             ratio: "-".into(),
@@ -1061,13 +1082,166 @@ async fn fanout(
     ])
 }
 
+/// Scenario 4b: one operation to each of `processes` agents, each a `rct-agent` process of
+/// its own (its own connection and runtime) serving a script that runs `/bin/true`, on the
+/// targets after the in-process agents'.
+async fn fanout_processes(
+    stack: &Stack,
+    js: &async_nats::jetstream::Context,
+    session: &Session,
+    first: usize,
+    processes: usize,
+) -> Result<Vec<Row>> {
+    let Some(bin) = sibling("rct-agent") else {
+        eprintln!("rct bench: rct-agent not found next to rct; skipping fan-out to processes");
+        return Ok(Vec::new());
+    };
+    let mut children = Vec::new();
+    let mut start = || -> Result<()> {
+        for i in first..first + processes {
+            let scripts = stack.dir.join(format!("fanout-{i}.yaml"));
+            std::fs::write(
+                &scripts,
+                format!(
+                    "tower: bench\ntarget: {}\noperations:\n  noop:\n    command: /bin/true\n",
+                    target(i)
+                ),
+            )
+            .map_err(|e| Error::usage(e.to_string()))?;
+            let child = std::process::Command::new(&bin)
+                .args(["--scripts".as_ref(), scripts.as_os_str()])
+                .args(["--server", &stack.url, "--instance", &format!("fanout{i}")])
+                .arg("--create-consumer")
+                .arg("--trusted-key")
+                .arg(stack.dir.join("admission.pub"))
+                .env("RCT_LOG", "error")
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| Error::usage(format!("cannot start {}: {e}", bin.display())))?;
+            children.push(child);
+        }
+        Ok(())
+    };
+    let started = start();
+    let rows = match started {
+        Ok(()) => {
+            let present = crate::stack::wait_for_agents(
+                js,
+                processes,
+                ".fanout",
+                Duration::from_secs(30 + processes as u64),
+            )
+            .await;
+            match present {
+                Ok(()) => {
+                    fanout(
+                        js,
+                        session,
+                        first..first + processes,
+                        "agent processes (rct-agent, a script each)",
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    rows
+}
+
+/// A binary next to this one.
+fn sibling(name: &str) -> Option<std::path::PathBuf> {
+    let dir = std::env::current_exe().ok()?.parent()?.to_owned();
+    Some(dir.join(name)).filter(|p| p.is_file())
+}
+
+/// Scenario 6: latency and throughput on three nodes with every stream R3 and
+/// `sync_interval: always` (each write on a quorum's disks before its PubAck), rct and its
+/// floors on the same cluster.
+async fn cluster(
+    scratch: &std::path::Path,
+    operations: usize,
+    submissions: usize,
+    submitters: usize,
+) -> Result<Vec<Row>> {
+    use rct_streams::testkit::{Cluster, Setup};
+    let fail = |what: &str, e: &dyn std::fmt::Display| Error::usage(format!("{what}: {e}"));
+    let nats = Cluster::start_with(Setup {
+        sync_always: true,
+        ..Setup::default()
+    })
+    .await;
+    let connection = rct_streams::Connection::to(nats.urls());
+    let client = connection
+        .connect("rct bench cluster", true)
+        .await
+        .map_err(|e| fail("cannot connect to the cluster", &e))?;
+    let js = connection.jetstream(client.clone());
+    let streams = rct_streams::Config {
+        replicas: 3,
+        ..rct_streams::Config::default()
+    };
+    let dir = scratch.join("cluster");
+    std::fs::create_dir_all(&dir).map_err(|e| fail("cannot make a folder", &e))?;
+    std::fs::write(dir.join("catalog.yaml"), catalog(1)).map_err(|e| fail("cannot write", &e))?;
+    let config = rct_admission::Config {
+        nats: connection.clone(),
+        instance: "bench".into(),
+        catalog: dir.join("catalog.yaml"),
+        signing_key: dir.join("admission.key"),
+        generate_key: true,
+        dev_issuer: true,
+        streams: streams.clone(),
+        ..rct_admission::Config::default()
+    };
+    rct_admission::provision(&js, &config)
+        .await
+        .map_err(|e| fail("cannot provision", &e))?;
+    let admission = rct_admission::Admission::new(config, client.clone())
+        .map_err(|e| fail("cannot start admission", &e))?;
+    let trusted = admission.public_key();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let admitting = tokio::spawn(admission.run(stop.clone()));
+    let agent = Tower::new("bench")
+        .cluster(&target(0))
+        .operation("noop", noop)
+        .trust(trusted)
+        .config(rct_agents::Config {
+            nats: connection.clone(),
+            instance: "bench".into(),
+            create_consumer: true,
+            streams,
+            ..rct_agents::Config::default()
+        });
+    let running = tokio::spawn(agent.run(client.clone(), stop.clone()));
+    let until = Instant::now() + WAIT;
+    let session = loop {
+        match login::dev_token(&client, "bench", &["bench".into()]).await {
+            Ok(token) => break login::exchange(&client, &token).await?,
+            Err(e) if Instant::now() > until => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    crate::stack::wait_for_agents(&js, 1, "", WAIT).await?;
+    let mut rows = latency(&js, &session, operations).await?;
+    rows.push(throughput(&js, &session, submissions, submitters).await?);
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), admitting).await;
+    let _ = tokio::time::timeout(Duration::from_secs(15), running).await;
+    for row in &mut rows {
+        row.scenario = format!("{} [3 nodes, R3, sync always]", row.scenario);
+    }
+    Ok(rows)
+}
+
 /// Scenario 5: RSS of admission and of an idle agent as their own processes; CLI start to
 /// PubAck.
 async fn footprint(stack: &Stack, session: &Session) -> Result<Vec<Row>> {
-    let dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.to_owned()));
-    let sibling = |name: &str| dir.as_ref().map(|d| d.join(name)).filter(|p| p.is_file());
     let mut rows = Vec::new();
     let key = stack.dir.join("admission.key");
     match sibling("rct-admission") {
