@@ -7,9 +7,10 @@ use std::process::Command;
 const PROCESS_FAULTS: &str =
     "kill-nats,pause-nats,kill-admission,pause-admission,kill-agent,pause-agent";
 /// Faults that each wedged, lost or misreported commands before: lost PubAcks, agents paused
-/// before they claim, a catalog outage, a panicking handler, scripts whose output misbehaves.
+/// before they claim, a catalog outage, a panicking handler, scripts whose output misbehaves,
+/// requests dated by skewed clocks.
 const EDGE_FAULTS: &str =
-    "pause-nats-long,pause-before-claim,catalog-outage,panic,flood,huge-line,orphan";
+    "pause-nats-long,pause-before-claim,catalog-outage,panic,flood,huge-line,orphan,clock-skew";
 
 fn chaos(args: &[&str], names: &[&str]) {
     let out = Command::new(env!("CARGO_BIN_EXE_rct"))
@@ -102,6 +103,7 @@ fn commands_end_once_and_as_recorded_under_the_faults_that_broke_them_before() {
             "output flood",
             "huge line",
             "child holding pipes",
+            "clock skew",
         ],
     );
 }

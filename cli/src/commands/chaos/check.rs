@@ -61,6 +61,8 @@ pub(super) enum Want {
     Orphaned(PathBuf),
     /// At least one was claimed only after this moment: held, unclaimed, by paused agents.
     ClaimedAfter(OffsetDateTime),
+    /// Each was rejected, with a reason containing this.
+    Rejected(&'static str),
 }
 
 /// How long a script that leaves a child holding its pipes may take to end.
@@ -138,6 +140,22 @@ impl Expect {
                         Some(_) => None,
                     }
                 })
+            }),
+            Want::Rejected(needle) => self.ids.iter().find_map(|id| {
+                let rejected = of(id).find_map(|(kind, _)| match kind {
+                    Some(Kind::Rejected(r)) => Some(r.message.clone()),
+                    _ => None,
+                });
+                match rejected {
+                    Some(message) if message.contains(needle) => None,
+                    Some(message) => {
+                        Some(format!("{id} was rejected for another reason: {message}"))
+                    }
+                    None => Some(format!(
+                        "{id} was not rejected ({})",
+                        describe(outcome(id).map(|o| o.0))
+                    )),
+                }
             }),
             Want::ClaimedAfter(moment) => {
                 let late = self
@@ -819,6 +837,29 @@ mod tests {
                 claimed_late
             )
             .is_some()
+        );
+
+        let rejected = |message: &str| {
+            Kind::Rejected(proto::Rejected {
+                message: message.into(),
+                ..proto::Rejected::default()
+            })
+        };
+        let ahead = Want::Rejected("ahead of admission's clock");
+        assert_eq!(
+            unmet(
+                ahead,
+                vec![(rejected("dated …, ahead of admission's clock"), now)]
+            ),
+            None
+        );
+        let ahead = Want::Rejected("ahead of admission's clock");
+        assert!(unmet(ahead, vec![(rejected("not in the catalog"), now)]).is_some());
+        let ahead = Want::Rejected("ahead of admission's clock");
+        assert!(
+            unmet(ahead, vec![(succeeded.clone(), now)])
+                .unwrap()
+                .contains("not rejected")
         );
 
         let folder = tempfile::tempdir().unwrap();

@@ -56,10 +56,13 @@ pub(super) enum Fault {
     HugeLine,
     /// A script that leaves a child holding its stdout and stderr.
     Orphan,
+    /// Requests dated by clocks ahead of and behind admission's: within its tolerance
+    /// (`clock_skew`, `freshness`) they run, beyond it they are refused as stale.
+    ClockSkew,
 }
 
 impl Fault {
-    pub(super) const ALL: [Fault; 13] = [
+    pub(super) const ALL: [Fault; 14] = [
         Fault::KillNats,
         Fault::PauseNats,
         Fault::PauseNatsLong,
@@ -73,6 +76,7 @@ impl Fault {
         Fault::Flood,
         Fault::HugeLine,
         Fault::Orphan,
+        Fault::ClockSkew,
     ];
 
     pub(super) fn name(self) -> &'static str {
@@ -90,6 +94,7 @@ impl Fault {
             Fault::Flood => "output flood",
             Fault::HugeLine => "huge line",
             Fault::Orphan => "child holding pipes",
+            Fault::ClockSkew => "clock skew",
         }
     }
 
@@ -103,7 +108,9 @@ impl Fault {
             Fault::PauseAdmission => settings.ack_wait() + s(5),
             Fault::PauseAgent | Fault::PauseBeforeClaim => settings.agent_pauses().1 + s(4),
             Fault::CatalogOutage => OUTAGE + s(15),
-            Fault::Panic | Fault::Flood | Fault::HugeLine | Fault::Orphan => s(3),
+            Fault::Panic | Fault::Flood | Fault::HugeLine | Fault::Orphan | Fault::ClockSkew => {
+                s(3)
+            }
         }
     }
 }
@@ -526,6 +533,28 @@ impl World {
                 held.resume()
             }
             Fault::CatalogOutage => self.catalog_outage(&target, rng).await?,
+            Fault::ClockSkew => {
+                // Admission's tolerances, as the run set them.
+                let (ahead, behind) = self.settings.tolerances();
+                let effect = || vec![("work_ms", proto::value::Kind::Integer(50))];
+                let skewed = |skew: time::Duration| {
+                    self.submitter
+                        .submit_skewed(EFFECT, &target, effect(), skew)
+                };
+                let within = vec![skewed(ahead / 2_i32), skewed(-(behind / 2_i32))];
+                let beyond = vec![skewed(ahead + time::Duration::minutes(4))];
+                self.expects.push(Expect {
+                    fault: fault.name(),
+                    ids: within,
+                    want: Want::Succeeded,
+                });
+                self.expects.push(Expect {
+                    fault: fault.name(),
+                    ids: beyond,
+                    want: Want::Rejected("ahead of admission's clock"),
+                });
+                Ok(())
+            }
             Fault::Panic => {
                 let id = self.submitter.submit(PANIC, &target, Vec::new());
                 self.expect(fault, id, Want::Panicked);

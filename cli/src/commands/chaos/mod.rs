@@ -134,6 +134,15 @@ impl Settings {
         towers.backoff.first().copied().unwrap_or(towers.ack_wait)
     }
 
+    /// How far a request's date may be ahead of admission's clock (`clock_skew`) and behind
+    /// it (`freshness`), as this run sets admission.
+    fn tolerances(self) -> (time::Duration, time::Duration) {
+        let mut config = rct_admission::Config::default();
+        self.admission(&mut config);
+        let signed = |d: Duration| time::Duration::try_from(d).unwrap_or(time::Duration::MAX);
+        (signed(config.clock_skew), signed(config.freshness))
+    }
+
     fn agent_ttl(self) -> Duration {
         self.streams(1).agent_ttl
     }
@@ -670,8 +679,19 @@ impl Submitter {
         target: &str,
         params: Vec<(&str, proto::value::Kind)>,
     ) -> CommandId {
+        self.submit_skewed(operation, target, params, time::Duration::ZERO)
+    }
+
+    /// [`Submitter::submit`], dated by a clock `skew` ahead of this one (behind if negative).
+    pub(crate) fn submit_skewed(
+        &self,
+        operation: &str,
+        target: &str,
+        params: Vec<(&str, proto::value::Kind)>,
+        skew: time::Duration,
+    ) -> CommandId {
         let id = CommandId::generate();
-        let now = OffsetDateTime::now_utc();
+        let now = OffsetDateTime::now_utc() + skew;
         let value = |kind| proto::Value { kind: Some(kind) };
         let mut all = BTreeMap::from([(
             "target".to_owned(),
