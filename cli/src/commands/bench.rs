@@ -534,7 +534,7 @@ impl Floor {
                         )
                         .once(),
                         Outgoing::new(
-                            format!("rct.cmd.floor.x.{id}"),
+                            "rct.cmd.floor.x.noop".to_owned(),
                             id.to_string(),
                             p.command.clone(),
                         ),
@@ -583,7 +583,7 @@ impl Floor {
         let begin = Instant::now();
         Publisher::new(js.clone())
             .send(Outgoing::new(
-                format!("rct.submit.floor.{id}"),
+                "rct.submit.floor.noop".to_owned(),
                 id.msg_id(),
                 self.payloads.submission.clone(),
             ))
@@ -718,7 +718,7 @@ async fn throughput(
                 )
                 .once(),
                 Outgoing::new(
-                    format!("rct.cmd.floorput.x.{id}"),
+                    "rct.cmd.floorput.x.noop".to_owned(),
                     id.to_string(),
                     payloads.command.clone(),
                 ),
@@ -734,7 +734,7 @@ async fn throughput(
             for (id, _, bytes) in chunk {
                 publisher
                     .send(Outgoing::new(
-                        format!("rct.submit.floorput.{id}"),
+                        "rct.submit.floorput.noop".to_owned(),
                         format!("floorput-{}", id.msg_id()),
                         bytes,
                     ))
@@ -767,8 +767,8 @@ async fn throughput(
     })
 }
 
-/// A floor hop: rct's consume loop and publisher; per message (named by the last token of its
-/// subject), the messages `out` makes, each acknowledged by the server, then the ack. Each
+/// A floor hop: rct's consume loop and publisher; per message (its command id in its
+/// `Nats-Msg-Id`), the messages `out` makes, each acknowledged by the server, then the ack. Each
 /// handled message is reported on `done`.
 struct Relay {
     shutdown: tokio_util::sync::CancellationToken,
@@ -792,13 +792,14 @@ impl Relay {
             let _ = rct_streams::work::consume(&consumer, concurrency, &stop, &tracker, |m| {
                 let (publisher, out, done) = (publisher.clone(), out.clone(), done.clone());
                 async move {
+                    // Like rct's, the floor's subjects name the operation, not the command:
+                    // the command is in the message id.
                     let id = m
-                        .subject
-                        .as_str()
-                        .rsplit('.')
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned();
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                        .map(|v| v.as_str().to_owned())
+                        .unwrap_or_default();
                     for outgoing in out(&id) {
                         if let Err(e) = publisher.send(outgoing).await {
                             eprintln!("rct bench: the floor could not publish: {e}");
