@@ -161,12 +161,12 @@ impl Server {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// SIGKILL: no shutdown, no flush. The store stays for [`Server::start_again`].
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+    /// SIGKILL: no shutdown, no flush. The store stays for [`Server::start_again`]. The exit
+    /// status says whether the kill is what ended it.
+    pub fn kill(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = child.kill();
+        child.wait().ok()
     }
 
     /// SIGTERM and wait: a clean shutdown.

@@ -784,7 +784,8 @@ impl Relay {
         out: impl Fn(&str) -> Vec<Outgoing> + Send + Sync + 'static,
     ) -> Self {
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let publisher = Publisher::new(js.clone());
+        // Admission and agents publish with the operation's trace context, as a header.
+        let publisher = Publisher::new(js.clone()).traced(&rct_bus::trace::TraceContext::root());
         let out = std::sync::Arc::new(out);
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
@@ -912,7 +913,10 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
     let mut folder = rct_streams::Folder::new();
     let mut history = replay::history(js, &filter).await.map_err(|e| io(&e))?;
     let (mut seen, mut ended, mut most_open) = (0, 0, 0);
-    while let Some(record) = history.next().await {
+    while let Some(record) = tokio::time::timeout(WAIT, history.next())
+        .await
+        .map_err(|_| io(&format!("history stalled after {seen} of {n} events")))?
+    {
         let record = record.map_err(|e| io(&e))?;
         seen += 1;
         if let rct_streams::Folded::Ended(_) = folder.absorb(record) {
@@ -957,8 +961,14 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
         let next = tokio::time::timeout(WAIT, messages.next())
             .await
             .map_err(|_| io(&format!("the raw read stalled at {drained} of {n} events")))?;
-        let Some(Ok(message)) = next else {
-            break;
+        let message = match next {
+            Some(Ok(message)) => message,
+            Some(Err(e)) => return Err(io(&e)),
+            None => {
+                return Err(io(&format!(
+                    "the raw read ended at {drained} of {n} events"
+                )));
+            }
         };
         if message.subject.starts_with(prefix.as_str()) {
             drained += 1;
@@ -1039,7 +1049,9 @@ async fn fanout(
             ))
         })?;
         let Some(item) = next else {
-            break;
+            return Err(io(&format!(
+                "the event stream ended with {started} of {agents} started, {done} succeeded"
+            )));
         };
         if let Ok(Item::Event(record)) = item
             && ids.contains(&record.command_id)
@@ -1307,25 +1319,33 @@ async fn footprint(stack: &Stack, session: &Session) -> Result<Vec<Row>> {
         .save(&home_dir, context)?;
         let mut times = Vec::new();
         for _ in 0..20 {
-            use std::io::BufRead as _;
+            use tokio::io::AsyncBufReadExt as _;
             let begin = Instant::now();
-            let mut child = std::process::Command::new(&rct)
+            let mut child = tokio::process::Command::new(&rct)
                 .args(["run", "bench/noop", "-p", "target=t-000", "--detach"])
                 .env(rct_streams::runtime::ENV_HOME, &home)
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
                 .spawn()
                 .map_err(|e| Error::usage(e.to_string()))?;
             // The id is printed once the PubAck is in: that is the time taken (--detach then
             // waits for the decision, which is not part of it).
             let mut id = String::new();
             let stdout = child.stdout.take().expect("piped");
-            let read = std::io::BufReader::new(stdout).read_line(&mut id);
+            let read =
+                tokio::time::timeout(WAIT, tokio::io::BufReader::new(stdout).read_line(&mut id))
+                    .await;
             let acked = begin.elapsed();
-            let status = child.wait().map_err(|e| Error::usage(e.to_string()))?;
-            if read.is_ok_and(|n| n > 0) && status.success() {
+            let status = tokio::time::timeout(WAIT, child.wait()).await;
+            if matches!(read, Ok(Ok(n)) if n > 0) && matches!(status, Ok(Ok(s)) if s.success()) {
                 times.push(acked);
             }
+        }
+        if times.is_empty() {
+            return Err(Error::usage(
+                "footprint: no `rct run --detach` printed its command id within 60 s",
+            ));
         }
         times.sort();
         rows.push(Row {

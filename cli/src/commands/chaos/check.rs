@@ -12,8 +12,8 @@
 //!   had claimed and not finished (`unknown ≠ kills` counts the difference);
 //! - `unaccounted`: admitted commands without a terminal outcome;
 //! - `not_as_recorded`: an effect that began for a command recorded as not run (ended
-//!   without running, or expired), or a command recorded succeeded whose effect never
-//!   finished (no `end` line);
+//!   without running, or expired), a command recorded succeeded whose effect never
+//!   finished (no `end` line), or a command with more than one outcome (on any subject);
 //! - `failed`: admitted commands that ended failed, expired or cancelled, other than those
 //!   meant to (a panicking handler's);
 //! - faults that did not bite, or whose commands did not end as they must ([`Expect`]);
@@ -59,10 +59,13 @@ pub(super) enum Want {
     /// Each succeeded soon after its claim, and the child it left running (its pid in a file
     /// of this folder named by the command id) is gone.
     Orphaned(PathBuf),
-    /// At least one was claimed only after this moment: held, unclaimed, by paused agents.
-    ClaimedAfter(OffsetDateTime),
-    /// Each was rejected, with a reason containing this.
-    Rejected(&'static str),
+    /// At least one was admitted before this moment and claimed only after it: delivered to
+    /// paused agents, and held unclaimed until they resumed.
+    HeldUntil(OffsetDateTime),
+    /// Each was claimed only after this moment, and succeeded.
+    SucceededAfter(OffsetDateTime),
+    /// Each was rejected as stale, with a reason containing this.
+    Stale(&'static str),
 }
 
 /// How long a script that leaves a child holding its pipes may take to end.
@@ -93,6 +96,12 @@ impl Expect {
         let claimed = |id: &CommandId| {
             of(id).find_map(|(kind, at)| match kind {
                 Some(Kind::Started(s)) if !s.without_running => at,
+                _ => None,
+            })
+        };
+        let admitted = |id: &CommandId| {
+            of(id).find_map(|(kind, at)| match kind {
+                Some(Kind::Admitted(_)) => at,
                 _ => None,
             })
         };
@@ -141,32 +150,45 @@ impl Expect {
                     }
                 })
             }),
-            Want::Rejected(needle) => self.ids.iter().find_map(|id| {
+            Want::Stale(needle) => self.ids.iter().find_map(|id| {
                 let rejected = of(id).find_map(|(kind, _)| match kind {
-                    Some(Kind::Rejected(r)) => Some(r.message.clone()),
+                    Some(Kind::Rejected(r)) => Some(r.clone()),
                     _ => None,
                 });
                 match rejected {
-                    Some(message) if message.contains(needle) => None,
-                    Some(message) => {
-                        Some(format!("{id} was rejected for another reason: {message}"))
+                    Some(r)
+                        if r.code == proto::RejectionCode::Stale as i32
+                            && r.message.contains(needle) =>
+                    {
+                        None
                     }
+                    Some(r) => Some(format!(
+                        "{id} was rejected otherwise (code {}): {}",
+                        r.code, r.message
+                    )),
                     None => Some(format!(
                         "{id} was not rejected ({})",
                         describe(outcome(id).map(|o| o.0))
                     )),
                 }
             }),
-            Want::ClaimedAfter(moment) => {
-                let late = self
-                    .ids
-                    .iter()
-                    .any(|id| claimed(id).is_some_and(|at| at >= *moment));
-                (!late).then(|| {
-                    "every command sent to the paused agents was claimed before they resumed"
+            Want::HeldUntil(moment) => {
+                let held = self.ids.iter().any(|id| {
+                    admitted(id).is_some_and(|at| at < *moment)
+                        && claimed(id).is_some_and(|at| at >= *moment)
+                });
+                (!held).then(|| {
+                    "no command was admitted while the agents were paused and claimed only after"
                         .to_owned()
                 })
             }
+            Want::SucceededAfter(moment) => self.ids.iter().find_map(|id| {
+                succeeded(id).or_else(|| match claimed(id) {
+                    Some(at) if at >= *moment => None,
+                    Some(at) => Some(format!("{id} was claimed at {at}, before {moment}")),
+                    None => Some(format!("{id} has no claim")),
+                })
+            }),
         };
         problem.map(|p| format!("{}: {p}", self.fault))
     }
@@ -313,6 +335,8 @@ pub(super) struct Fold {
     pub(super) outcome: BTreeMap<CommandId, (&'static str, String)>,
     /// Claimed only to be ended without running.
     unrun: BTreeSet<CommandId>,
+    /// Terminal events per command, on every subject (one is the only right number).
+    outcomes: BTreeMap<CommandId, usize>,
 }
 
 impl Fold {
@@ -354,6 +378,7 @@ impl Fold {
                 _ => None,
             };
             if let Some(outcome) = outcome {
+                *fold.outcomes.entry(id).or_default() += 1;
                 fold.outcome.insert(id, outcome);
             }
         }
@@ -562,7 +587,8 @@ pub(super) async fn check(
                 .outcome
                 .iter()
                 .filter(|(id, (kind, _))| *kind == "succeeded" && !finished.contains(*id))
-                .count(),
+                .count()
+            + fold.outcomes.values().filter(|n| **n > 1).count(),
         failed: fold
             .outcome
             .iter()
@@ -829,38 +855,41 @@ mod tests {
         assert_eq!(unmet(Want::Logged("lines elided"), logged.clone()), None);
         assert!(unmet(Want::Logged("…truncated "), logged).is_some());
         let later = now + time::Duration::seconds(1);
-        let claimed_late = vec![(started.clone(), later), (succeeded.clone(), later)];
-        assert_eq!(unmet(Want::ClaimedAfter(now), claimed_late.clone()), None);
+        let admitted = Kind::Admitted(proto::Admitted::default());
+        let held = vec![
+            (admitted.clone(), now - time::Duration::seconds(1)),
+            (started.clone(), later),
+            (succeeded.clone(), later),
+        ];
+        assert_eq!(unmet(Want::HeldUntil(now), held.clone()), None);
+        // Claimed before the resume, or admitted only after it: not held by paused agents.
+        let after = later + time::Duration::seconds(1);
+        assert!(unmet(Want::HeldUntil(after), held.clone()).is_some());
+        let admitted_late = vec![(admitted, later), (started.clone(), later)];
+        assert!(unmet(Want::HeldUntil(now), admitted_late).is_some());
+        assert_eq!(unmet(Want::SucceededAfter(now), held.clone()), None);
         assert!(
-            unmet(
-                Want::ClaimedAfter(later + time::Duration::seconds(1)),
-                claimed_late
-            )
-            .is_some()
+            unmet(Want::SucceededAfter(after), held)
+                .unwrap()
+                .contains("before")
         );
 
-        let rejected = |message: &str| {
+        let rejected = |code: proto::RejectionCode, message: &str| {
             Kind::Rejected(proto::Rejected {
+                code: code as i32,
                 message: message.into(),
                 ..proto::Rejected::default()
             })
         };
-        let ahead = Want::Rejected("ahead of admission's clock");
-        assert_eq!(
-            unmet(
-                ahead,
-                vec![(rejected("dated …, ahead of admission's clock"), now)]
-            ),
-            None
-        );
-        let ahead = Want::Rejected("ahead of admission's clock");
-        assert!(unmet(ahead, vec![(rejected("not in the catalog"), now)]).is_some());
-        let ahead = Want::Rejected("ahead of admission's clock");
-        assert!(
-            unmet(ahead, vec![(succeeded.clone(), now)])
-                .unwrap()
-                .contains("not rejected")
-        );
+        let stale = proto::RejectionCode::Stale;
+        let ahead = || Want::Stale("ahead of admission's clock");
+        let dated = "dated …, ahead of admission's clock";
+        assert_eq!(unmet(ahead(), vec![(rejected(stale, dated), now)]), None);
+        assert!(unmet(ahead(), vec![(rejected(stale, "not in the catalog"), now)]).is_some());
+        let other = proto::RejectionCode::Expired;
+        assert!(unmet(ahead(), vec![(rejected(other, dated), now)]).is_some());
+        let ran = unmet(ahead(), vec![(succeeded.clone(), now)]).unwrap();
+        assert!(ran.contains("not rejected"), "{ran}");
 
         let folder = tempfile::tempdir().unwrap();
         let orphaned = || Want::Orphaned(folder.path().to_owned());

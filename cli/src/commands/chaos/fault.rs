@@ -153,6 +153,25 @@ fn stat(pid: u32) -> Option<(char, u64)> {
     Some((state, cpu))
 }
 
+/// Whether every thread of `pid` is stopped (`/proc/<pid>/task/*/stat` state `T`).
+fn all_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|t| {
+                let after = &t[t.rfind(')')? + 1..];
+                after
+                    .split_whitespace()
+                    .next()
+                    .map(|s| s == "T" || s == "t")
+            })
+            .unwrap_or(true)
+    })
+}
+
 /// Whether `pid` is a live process (a zombie is not).
 pub(super) fn alive(pid: u32) -> bool {
     stat(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
@@ -172,7 +191,8 @@ impl Held {
             let until = Instant::now() + Duration::from_secs(2);
             loop {
                 match stat(pid) {
-                    Some(('T', cpu)) => {
+                    // Every thread, so that none adds CPU time while it finishes stopping.
+                    Some(('T', cpu)) if all_stopped(pid) => {
                         held.pids.push((pid, cpu));
                         break;
                     }
@@ -401,12 +421,8 @@ impl World {
             Fault::KillNats => {
                 let node = self.nats.node(rng);
                 let url = node.url();
-                let Some(pid) = node.pid().filter(|_| node.is_running()) else {
-                    return Ok(Err(format!("{url} was not running")));
-                };
-                node.kill();
-                if alive(pid) {
-                    return Ok(Err(format!("{url} (pid {pid}) still ran after SIGKILL")));
+                if let Err(why) = killed(node.kill()) {
+                    return Ok(Err(format!("{url}: {why}")));
                 }
                 tokio::time::sleep(down).await;
                 node.start_again().await;
@@ -528,11 +544,11 @@ impl World {
                 self.expects.push(Expect {
                     fault: fault.name(),
                     ids,
-                    want: Want::ClaimedAfter(resumed),
+                    want: Want::HeldUntil(resumed),
                 });
                 held.resume()
             }
-            Fault::CatalogOutage => self.catalog_outage(&target, rng).await?,
+            Fault::CatalogOutage => self.catalog_outage(&target).await?,
             Fault::ClockSkew => {
                 // Admission's tolerances, as the run set them.
                 let (ahead, behind) = self.settings.tolerances();
@@ -541,8 +557,11 @@ impl World {
                     self.submitter
                         .submit_skewed(EFFECT, &target, effect(), skew)
                 };
-                let within = vec![skewed(ahead / 2_i32), skewed(-(behind / 2_i32))];
-                let beyond = vec![skewed(ahead + time::Duration::minutes(4))];
+                // Behind by a quarter of freshness: room for a backlog before admission
+                // sees it.
+                let within = vec![skewed(ahead / 2_i32), skewed(-(behind / 4_i32))];
+                let ahead_beyond = vec![skewed(ahead + time::Duration::minutes(4))];
+                let behind_beyond = vec![skewed(-(behind + time::Duration::minutes(4)))];
                 self.expects.push(Expect {
                     fault: fault.name(),
                     ids: within,
@@ -550,8 +569,13 @@ impl World {
                 });
                 self.expects.push(Expect {
                     fault: fault.name(),
-                    ids: beyond,
-                    want: Want::Rejected("ahead of admission's clock"),
+                    ids: ahead_beyond,
+                    want: Want::Stale("ahead of admission's clock"),
+                });
+                self.expects.push(Expect {
+                    fault: fault.name(),
+                    ids: behind_beyond,
+                    want: Want::Stale("before admission saw it"),
                 });
                 Ok(())
             }
@@ -585,14 +609,12 @@ impl World {
         });
     }
 
-    /// The catalog bucket is deleted for [`OUTAGE`] and then restored as it was; an agent of
-    /// `target` is restarted (gracefully) at its start, so it has no catalog cached, and
-    /// commands for `target` are submitted: they must wait and then succeed.
-    async fn catalog_outage(
-        &mut self,
-        target: &str,
-        rng: &mut fastrand::Rng,
-    ) -> Result<std::result::Result<(), String>> {
+    /// The catalog bucket is deleted for [`OUTAGE`], then made again with its configuration
+    /// and the served catalog (its earlier revisions are gone: a run serves one). Every agent
+    /// of `target` is restarted (gracefully) at its start, so none has the catalog cached, and
+    /// commands for `target` are submitted: they must be claimed only once the bucket is back,
+    /// and succeed.
+    async fn catalog_outage(&mut self, target: &str) -> Result<std::result::Result<(), String>> {
         use rct_streams::topology::{CATALOG_BUCKET, CATALOG_KEY};
         let name = format!("KV_{CATALOG_BUCKET}");
         let read = |e: &dyn std::fmt::Display| fail("cannot read the catalog bucket", e);
@@ -616,16 +638,18 @@ impl World {
             Ok(Some(_)) => Err("the catalog could still be read".to_owned()),
             _ => Ok(()),
         };
-        let candidates: Vec<usize> = (0..self.agents.len())
+        // Every agent of `target` starts again with no catalog cached: its commands must wait.
+        let restarted: Vec<usize> = (0..self.agents.len())
             .filter(|i| self.agents[*i].target == target)
             .collect();
-        let i = candidates[rng.usize(0..candidates.len())];
-        let old = self.agents[i].instance();
-        if !self.agents[i].proc.stop().await {
-            self.killed.insert(old);
-        }
-        if let Err(why) = self.next_agent(i).await? {
-            bit = bit.and(Err(why));
+        for &i in &restarted {
+            let old = self.agents[i].instance();
+            if !self.agents[i].proc.stop().await {
+                self.killed.insert(old);
+            }
+            if let Err(why) = self.next_agent(i).await? {
+                bit = bit.and(Err(why));
+            }
         }
         let ids = (0..2)
             .map(|_| {
@@ -637,11 +661,15 @@ impl World {
             })
             .collect();
         tokio::time::sleep(OUTAGE.saturating_sub(began.elapsed())).await;
-        let log = self.log(&self.agents[i].instance());
-        if log_count(&log, "the catalog is not available") == 0 {
+        let missed = restarted.iter().any(|&i| {
+            log_count(
+                &self.log(&self.agents[i].instance()),
+                "the catalog is not available",
+            ) > 0
+        });
+        if !missed {
             bit = bit.and(Err(format!(
-                "{} never missed the catalog",
-                self.agents[i].instance()
+                "no restarted agent of {target} missed the catalog"
             )));
         }
         self.js
@@ -658,7 +686,7 @@ impl World {
         self.expects.push(Expect {
             fault: Fault::CatalogOutage.name(),
             ids,
-            want: Want::Succeeded,
+            want: Want::SucceededAfter(OffsetDateTime::now_utc()),
         });
         Ok(bit)
     }
