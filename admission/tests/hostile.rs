@@ -110,12 +110,26 @@ proptest! {
     /// is refused: the subject and the signed body must agree.
     #[test]
     fn a_valid_submission_on_another_subject_is_refused(
-        subject in "rct\\.submit\\.(traffic|workloads|db)\\.[a-z-]{1,16}",
+        subject in prop_oneof![
+            // The catalog's other operations: only the subject check can refuse these.
+            Just("rct.submit.traffic.undrain-cluster".to_owned()),
+            Just("rct.submit.traffic.set-weights".to_owned()),
+            Just("rct.submit.workloads.restart".to_owned()),
+            Just("rct.submit.workloads.scale".to_owned()),
+            "rct\\.submit\\.(traffic|workloads|db)\\.[a-z-]{1,16}",
+        ],
     ) {
         prop_assume!(subject != SUBJECT);
         let service = KeyPair::generate();
         let now = OffsetDateTime::now_utc();
         let verdict = decide(&policy(&service), &subject, &valid_submission(&service), now);
-        prop_assert!(matches!(verdict, Verdict::Reject(_)), "{verdict:?}");
+        let Verdict::Reject(reject) = &verdict else {
+            return Err(TestCaseError::fail(format!("{verdict:?}")));
+        };
+        let Some(rct_bus::proto::event::Kind::Rejected(rejected)) = &reject.decision.kind else {
+            return Err(TestCaseError::fail(format!("{reject:?}")));
+        };
+        prop_assert_eq!(rejected.code, rct_bus::proto::RejectionCode::Malformed as i32);
+        prop_assert!(rejected.message.contains("but was published for"), "{}", rejected.message);
     }
 }

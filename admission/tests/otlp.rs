@@ -107,6 +107,8 @@ async fn admission_exports_its_decision_span_into_the_operations_trace() {
     };
     let hop = TraceContext::parse(command.headers.get(TRACEPARENT).unwrap().as_str()).unwrap();
     assert_eq!(hop.trace_id(), submitter.trace_id());
+    // A span of admission's own, not the submitter's passed on.
+    assert_ne!(hop.span_id_bytes(), submitter.span_id_bytes());
 
     let exported = loop {
         let found = bodies.lock().unwrap().iter().any(|body| {

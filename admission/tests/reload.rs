@@ -174,6 +174,9 @@ async fn sighup_reloads_the_binarys_catalog_and_its_public_key_is_printed_and_wr
     let written = std::fs::read_to_string(dir.path().join("admission.pub")).unwrap();
     assert_eq!(String::from_utf8(printed.stdout).unwrap(), written);
     assert!(written.contains("PUBLIC KEY"), "{written}");
+    // The public half of the signing key itself, not merely what was printed.
+    let signing = rct_bus::KeyPair::from_pem(&std::fs::read_to_string(&key).unwrap()).unwrap();
+    assert_eq!(written, signing.public().to_pem());
 
     let mut child = admission(&[])
         .stdout(std::process::Stdio::null())

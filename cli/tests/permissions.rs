@@ -333,9 +333,14 @@ async fn attempt(hub: &Hub, case: &Case) -> Option<String> {
         Attempt::Subscribe(subject) => Some(client.subscribe(subject).await.unwrap()),
     };
     client.flush().await.unwrap();
+    // The refusal of this attempt: it names the subject (another refusal, say of the
+    // client's own inbox, would not do).
+    let subject = match case.attempt {
+        Attempt::Publish(subject) | Attempt::Subscribe(subject) => subject,
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while let Ok(Some(error)) = tokio::time::timeout_at(deadline.into(), rx.recv()).await {
-        if error.contains("Permissions Violation") {
+        if error.contains("Permissions Violation") && error.contains(subject) {
             return Some(error);
         }
     }

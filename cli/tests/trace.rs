@@ -58,6 +58,22 @@ async fn a_drain_is_one_trace_from_the_cli_to_its_last_event() {
             .trace
             .unwrap_or_else(|| panic!("{:?} has no trace", record.kind));
         assert_eq!(trace.trace_id(), trace_id, "{:?}", record.kind);
+        // Admission's decision is in its hop's span; the agent's events in a span of the
+        // agent's own, neither the submitter's nor admission's.
+        if record.kind == rct_bus::EventKind::Decision {
+            assert_eq!(trace, commands[0], "the decision is in admission's span");
+        } else {
+            assert_ne!(
+                trace, commands[0],
+                "{:?} is in admission's span",
+                record.kind
+            );
+            assert_ne!(
+                trace, submitted[0],
+                "{:?} is in the submitter's span",
+                record.kind
+            );
+        }
         spans.insert(trace.to_string());
     }
     // Admission's decision and the agent's events: two hops, two spans.

@@ -28,6 +28,7 @@ async fn a_restarted_server_keeps_its_port_and_its_data() {
     server.kill();
     assert!(!server.is_running());
     server.start_again().await;
+    assert_eq!(server.port(), port);
     let js = server.jetstream().await;
     assert_eq!(replay::command_history(&js, id).await.unwrap().len(), 1);
 }
