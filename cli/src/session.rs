@@ -32,6 +32,16 @@ pub struct Session {
 }
 
 impl Session {
+    /// `submission`, signed with the session key and carrying the certificate.
+    pub fn sign(&self, submission: &rct_bus::proto::Submission) -> rct_bus::proto::SignedEnvelope {
+        use prost::Message as _;
+        let mut envelope = self
+            .key
+            .sign(rct_bus::Purpose::Submission, submission.encode_to_vec());
+        envelope.certificate = self.certificate.clone();
+        envelope
+    }
+
     /// Stores the session for `context`.
     pub fn save(&self, home: &Home, context: &str) -> Result<()> {
         let dir = home.context_dir(context);

@@ -8,7 +8,7 @@ use futures::StreamExt;
 use prost::Message as _;
 use rct_agents::{Context, Outcome, Params, Tower};
 use rct_bus::proto;
-use rct_bus::{CommandId, EventKind, KeyPair, OperationName, Purpose, Subject};
+use rct_bus::{CommandId, EventKind, KeyPair, OperationName, Subject};
 use rct_streams::replay::{self, Filter, Item};
 use rct_streams::timestamp::from_datetime;
 use rct_streams::{Outgoing, Publisher};
@@ -319,10 +319,7 @@ fn signed(session: &Session, target_name: &str) -> (CommandId, OperationName, By
             dry_run: false,
         })),
     };
-    let mut envelope = session
-        .key
-        .sign(Purpose::Submission, submission.encode_to_vec());
-    envelope.certificate = session.certificate.clone();
+    let envelope = session.sign(&submission);
     (
         id,
         "bench/noop".parse().expect("valid"),
@@ -523,24 +520,7 @@ impl Floor {
             relay,
             rct_admission::Config::default().concurrency,
             None,
-            {
-                let p = payloads.clone();
-                move |id| {
-                    vec![
-                        Outgoing::new(
-                            format!("rct.evt.floor.{id}.decision"),
-                            format!("{id}.decision"),
-                            p.decision.clone(),
-                        )
-                        .once(),
-                        Outgoing::new(
-                            "rct.cmd.floor.x.noop".to_owned(),
-                            id.to_string(),
-                            p.command.clone(),
-                        ),
-                    ]
-                }
-            },
+            admission_hop("floor", payloads.clone()),
         );
         let worker = Relay::start(
             js,
@@ -618,6 +598,29 @@ impl Floor {
     fn stop(self) {
         self.relay.stop();
         self.worker.stop();
+    }
+}
+
+/// The floor's admission hop for `prefix`: a single-slot decision and a command, of rct's
+/// bytes, for command `id`.
+fn admission_hop(
+    prefix: &'static str,
+    p: Payloads,
+) -> impl Fn(&str) -> Vec<Outgoing> + Send + Sync {
+    move |id| {
+        vec![
+            Outgoing::new(
+                format!("rct.evt.{prefix}.{id}.decision"),
+                format!("{id}.decision"),
+                p.decision.clone(),
+            )
+            .once(),
+            Outgoing::new(
+                format!("rct.cmd.{prefix}.x.noop"),
+                id.to_string(),
+                p.command.clone(),
+            ),
+        ]
     }
 }
 
@@ -709,21 +712,7 @@ async fn throughput(
         relay,
         rct_admission::Config::default().concurrency,
         Some(tx),
-        move |id| {
-            vec![
-                Outgoing::new(
-                    format!("rct.evt.floorput.{id}.decision"),
-                    format!("{id}.decision"),
-                    payloads.decision.clone(),
-                )
-                .once(),
-                Outgoing::new(
-                    "rct.cmd.floorput.x.noop".to_owned(),
-                    id.to_string(),
-                    payloads.command.clone(),
-                ),
-            ]
-        },
+        admission_hop("floorput", payloads),
     );
     let begin = Instant::now();
     let mut chunks = Vec::new();

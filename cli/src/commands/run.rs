@@ -8,7 +8,7 @@ use prost::Message as _;
 use rct_bus::catalog::{Secrets, Served};
 use rct_bus::proto::{self, event::Kind};
 use rct_bus::trace::{TRACEPARENT, TraceContext};
-use rct_bus::{CommandId, OperationName, Purpose, Subject};
+use rct_bus::{CommandId, OperationName, Subject};
 use rct_streams::Record;
 use rct_streams::replay::{self, Filter, Item};
 use rct_streams::timestamp::{from_datetime, to_datetime};
@@ -321,10 +321,7 @@ pub async fn submit(
         }),
         request: Some(request),
     };
-    let mut envelope = session
-        .key
-        .sign(Purpose::Submission, submission.encode_to_vec());
-    envelope.certificate = session.certificate.clone();
+    let envelope = session.sign(&submission);
     // The operation's trace starts here; admission and the agent continue it.
     let outgoing = Outgoing::new(
         Subject::submit(name),

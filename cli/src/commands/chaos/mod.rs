@@ -711,14 +711,11 @@ impl Submitter {
                 dry_run: false,
             })),
         };
-        let body = submission.encode_to_vec();
         let envelope = match &self.operator {
-            Some(session) if self.count.fetch_add(1, SeqCst) % 2 == 1 => {
-                let mut envelope = session.key.sign(Purpose::Submission, body);
-                envelope.certificate = session.certificate.clone();
-                envelope
-            }
-            _ => self.service.sign(Purpose::Submission, body),
+            Some(session) if self.count.fetch_add(1, SeqCst) % 2 == 1 => session.sign(&submission),
+            _ => self
+                .service
+                .sign(Purpose::Submission, submission.encode_to_vec()),
         };
         let name: OperationName = operation.parse().expect("a valid operation name");
         let outgoing = Outgoing::new(
