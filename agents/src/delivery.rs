@@ -14,6 +14,7 @@
 //!   run (a handler that starts keeps its command marked running until its outcome is
 //!   written): it is resumed, not called unknown;
 //! - a claim held by an agent that is gone, with no outcome, ends `Unknown`: never run twice.
+//!   So an agent that stops ends the claims it holds and never started (`not_run`) first.
 
 use rct_streams::journal::Look;
 

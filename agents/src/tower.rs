@@ -166,6 +166,9 @@ struct Runner {
     source: String,
     config: Config,
     running: Mutex<HashSet<CommandId>>,
+    /// Commands this instance claimed (or tried to) and has not started or ended: a stop
+    /// ends them, and a handler starts only by taking its command out of here.
+    claims: Mutex<HashMap<CommandId, Claimed>>,
     started_at: OffsetDateTime,
     metrics: Metrics,
     readiness: Readiness,
@@ -217,6 +220,7 @@ impl Runner {
             presence_ttl: std::sync::OnceLock::new(),
             config: tower.config,
             running: Mutex::default(),
+            claims: Mutex::default(),
             started_at: OffsetDateTime::now_utc(),
             readiness: Readiness::default(),
         })
@@ -314,6 +318,8 @@ impl Runner {
                 "commands still running after the grace period; their outcome will be unknown"
             );
         }
+        // Presence stays meanwhile too: no other agent calls these unknown first.
+        self.end_unstarted().await;
         presence_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         tracing::info!("agent stopped");
@@ -553,6 +559,10 @@ impl Runner {
             .traced(&telemetry::continue_trace(&span, message.headers.as_ref()));
         async {
             let settle = self.process(&publisher, &message, command, id).await;
+            if matches!(settle, Settle::Ack) {
+                // Ended, here or elsewhere: nothing of it is left for a stop to end.
+                self.claimed().remove(&id);
+            }
             drop(keeper);
             settle.apply(&message).await;
         }
@@ -574,8 +584,7 @@ impl Runner {
             // finds the outcome. Nothing is written for it, Expired least of all.
             return Settle::Later(self.config.retry_pause);
         };
-        let deadline = command.deadline.as_ref().and_then(to_datetime);
-        let past_deadline = || deadline.is_none_or(|d| OffsetDateTime::now_utc() > d);
+        let past_deadline = || past(command.deadline.as_ref());
         let redelivered = message.info().map_or(true, |i| i.delivered > 1);
         let look = if redelivered || past_deadline() {
             match journal::look(&self.js, &self.tower, id).await {
@@ -895,17 +904,31 @@ impl Runner {
     async fn claim(
         &self,
         publisher: &Publisher,
-        command: &proto::Command,
+        command: &Arc<proto::Command>,
         id: CommandId,
     ) -> Result<AfterClaim, Duration> {
+        // Tracked before the write: a write whose acknowledgement is lost may have landed.
+        self.claimed().insert(
+            id,
+            Claimed {
+                command: command.clone(),
+                publisher: publisher.clone(),
+                confirmed: false,
+            },
+        );
         let claim = self.claim_event(command, false);
         match publisher
             .event(&self.tower, &claim, &self.incarnation)
             .await
         {
-            Ok(Slot::Written(_)) => {}
+            Ok(Slot::Written(_)) => {
+                if let Some(claimed) = self.claimed().get_mut(&id) {
+                    claimed.confirmed = true;
+                }
+            }
             Ok(Slot::Taken { .. }) => {
                 // Someone else claimed it first; its redelivery finds their claim.
+                self.claimed().remove(&id);
                 return Err(RELOOK);
             }
             Err(e) => {
@@ -913,20 +936,94 @@ impl Runner {
                 return Err(self.config.retry_pause);
             }
         }
-        match journal::slot(&self.js, &self.tower, id, EventKind::Outcome).await {
-            Ok(outcome) => {
-                let next = delivery::after_claim(outcome.is_some());
-                if next == AfterClaim::Ended {
-                    tracing::warn!("an outcome was recorded before our claim; not running it");
+        // The claim is ours and nothing ran. This delivery keeps it (its in-progress acks go
+        // on) until the slot is read, rather than hand it to an agent that would only find
+        // it held, and a graceful stop waits for it as for a running command: taken work is
+        // finished. Past the deadline its next delivery expires it; once a stop took it to
+        // end it, it is left to the stop.
+        loop {
+            match journal::slot(&self.js, &self.tower, id, EventKind::Outcome).await {
+                Ok(outcome) => {
+                    let next = delivery::after_claim(outcome.is_some());
+                    if next == AfterClaim::Ended {
+                        tracing::warn!("an outcome was recorded before our claim; not running it");
+                    }
+                    return Ok(next);
                 }
-                Ok(next)
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the outcome slot after claiming; reading again");
+                }
             }
-            Err(e) => {
-                // The claim is ours and nothing ran: the next delivery resumes it.
-                tracing::warn!(error = %e, "cannot read the outcome slot after claiming; trying later");
-                Err(self.config.retry_pause)
+            if past(command.deadline.as_ref()) || !self.claimed().contains_key(&id) {
+                return Err(RELOOK);
+            }
+            tokio::time::sleep(REREAD).await;
+        }
+    }
+
+    /// The commands claimed here and not started or ended.
+    fn claimed(&self) -> std::sync::MutexGuard<'_, HashMap<CommandId, Claimed>> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends every command this instance claimed and never started: once it is gone, the
+    /// next agent would find a claim whose holder left no outcome and record `Unknown` for a
+    /// command that never ran. A claim whose write was never confirmed is ended only if the
+    /// journal shows it ours. Bounded by `shutdown_grace`; what is left then ends `Unknown`.
+    async fn end_unstarted(&self) {
+        let claimed: Vec<(CommandId, Claimed)> = self.claimed().drain().collect();
+        if claimed.is_empty() {
+            return;
+        }
+        let ending = async {
+            for (id, claimed) in &claimed {
+                while let Err(e) = self.end_claimed(*id, claimed).await {
+                    tracing::warn!(command_id = %id, error = %e, "cannot end a claim never started; trying again");
+                    tokio::time::sleep(REREAD).await;
+                }
+            }
+        };
+        if tokio::time::timeout(self.config.shutdown_grace, ending)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "claims never started are left without an outcome after the grace period; \
+                 the next agent records them unknown"
+            );
+        }
+    }
+
+    async fn end_claimed(&self, id: CommandId, claimed: &Claimed) -> rct_streams::Result<()> {
+        if !claimed.confirmed {
+            let look = journal::look(&self.js, &self.tower, id).await?;
+            if look.outcome.is_some() || look.holder() != Some(self.incarnation.as_str()) {
+                return Ok(());
             }
         }
+        let command = &claimed.command;
+        let kind = if past(command.deadline.as_ref()) {
+            Kind::Expired(proto::Expired {
+                deadline: command.deadline,
+            })
+        } else {
+            failed(
+                "not_run",
+                format!(
+                    "agent {} claimed it and stopped before starting it; it was not run: fire \
+                     it again",
+                    self.incarnation
+                ),
+            )
+        };
+        let event = self.event(command, kind.clone());
+        // A rival's outcome recorded first wins the single slot: the command is ended then too.
+        claimed
+            .publisher
+            .event(&self.tower, &event, &self.incarnation)
+            .await?;
+        self.count_unrun(command, &kind);
+        Ok(())
     }
 
     /// Runs a claimed command to its one outcome.
@@ -946,6 +1043,10 @@ impl Runner {
             .unwrap_or_default()
             .to_owned();
         let handler = self.handlers[&op_name].clone();
+        if self.claimed().remove(&id).is_none() {
+            // A stop took it to end it: never both ended unrun and run.
+            return Settle::Later(self.config.retry_pause);
+        }
         // From here the command stays marked running until its outcome is written, whatever
         // happens: a copy delivered meanwhile never resumes it.
         let running = mark.hold();
@@ -1401,8 +1502,27 @@ const LONGEST_RETRY: time::Duration = time::Duration::hours(1);
 /// Catalog versions kept in memory (the bucket keeps at most 64).
 const CATALOGS_CACHED: usize = 64;
 
+/// The pause before reading a slot again, or writing an outcome again, when it failed.
+const REREAD: Duration = Duration::from_secs(1);
+
 /// How long a command runs before its cancel requests are watched.
 const CANCEL_WATCH_DELAY: Duration = Duration::from_millis(100);
+
+/// A command this instance claimed and has not started or ended.
+struct Claimed {
+    command: Arc<proto::Command>,
+    /// The publisher its events go out with (its trace).
+    publisher: Publisher,
+    /// The claim's write was acknowledged as ours (else it may or may not have landed).
+    confirmed: bool,
+}
+
+/// Whether `deadline` (none: always) has passed.
+fn past(deadline: Option<&prost_types::Timestamp>) -> bool {
+    deadline
+        .and_then(to_datetime)
+        .is_none_or(|d| OffsetDateTime::now_utc() > d)
+}
 
 /// How a delivery's message is settled.
 #[derive(Debug)]

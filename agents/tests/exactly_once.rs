@@ -1,7 +1,8 @@
 //! At most once, exactly one outcome, and a journal that says what happened — at the edges:
 //! an outcome recorded before a claim lands, a claim whose acknowledgement was lost, a rival
 //! outcome, a panicking handler, a command no agent can take now, a catalog that changed
-//! since admission, a genuine command the agent cannot verify.
+//! since admission, a genuine command the agent cannot verify, a claim taken and never
+//! started when the agent stops.
 
 mod support;
 
@@ -14,8 +15,9 @@ use rct_bus::catalog::{Catalog, Served};
 use rct_bus::proto::{self, event::Kind};
 use rct_bus::{EventKind, KeyPair, Tower as TowerName};
 use rct_streams::Publisher;
+use rct_streams::testkit::Setup;
 use rct_streams::timestamp::from_datetime;
-use support::{Harness, Ledger, drain_agent, drain_handler, outcome, target};
+use support::{Harness, Ledger, drain_agent, drain_handler, example_catalog, outcome, target};
 use time::OffsetDateTime;
 
 fn drain(h: &Harness) -> proto::Command {
@@ -394,4 +396,147 @@ async fn a_refused_command_gets_a_note_on_its_own_timeline_and_no_slot() {
     );
     assert_eq!(ledger.executions(&command.command_id), 0);
     agent.stop().await;
+}
+
+/// Users for a server where the agent may do everything except read the event stream's
+/// slots (`STREAM.MSG.GET` on `RCT_EVT`): its claims land, but it never learns whether an
+/// outcome came first. The harness connects without credentials, as `admin`.
+const AGENT_CANNOT_READ_SLOTS: &str = r#"
+authorization {
+  users = [
+    { user: admin, password: admin }
+    { user: agent, password: agent, permissions: {
+        publish: { allow: ">", deny: "$JS.API.STREAM.MSG.GET.RCT_EVT" }
+        subscribe: ">"
+    } }
+  ]
+}
+no_auth_user: admin
+"#;
+
+/// An agent as user `agent`, which `AGENT_CANNOT_READ_SLOTS` restricts, on `h`'s server,
+/// waiting `shutdown_grace` for its commands when stopped.
+async fn restricted_agent(
+    h: &Harness,
+    ledger: &Ledger,
+    shutdown_grace: Duration,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Result<(), rct_agents::Error>>,
+) {
+    let client = async_nats::ConnectOptions::with_user_and_password("agent".into(), "agent".into())
+        .connect(h.server.url())
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let tower = Tower::new("traffic")
+        .cluster("prod-1")
+        .operation("drain-cluster", drain_handler(ledger.clone(), "a"))
+        .config(rct_agents::Config {
+            shutdown_grace,
+            ..h.config("a")
+        })
+        .trust(h.admission.public().clone());
+    let agent = tokio::spawn(tower.run(client, shutdown.clone()));
+    (shutdown, agent)
+}
+
+/// Waits until command `command` is claimed.
+async fn claimed(h: &Harness, command: &proto::Command) {
+    let tower = TowerName::new("traffic").unwrap();
+    let id = command.command_id.parse().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while rct_streams::journal::slot(&h.js, &tower, id, EventKind::Claim)
+            .await
+            .unwrap()
+            .is_none()
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the agent claims the command");
+}
+
+fn restricted() -> Setup {
+    Setup {
+        extra: AGENT_CANNOT_READ_SLOTS.into(),
+        ..Setup::default()
+    }
+}
+
+/// An agent claims a command and cannot read its outcome slot for a while (a server
+/// paused or failing over right after the claim), and is asked to stop meanwhile: the
+/// delivery that claimed it keeps it, reads again, and runs it once it can, within the
+/// stop's grace. Before, it handed the delivery back; copies went to agents that could only
+/// find the claim held, and a stop left the claim with no outcome.
+#[tokio::test]
+async fn a_claim_whose_outcome_slot_cannot_be_read_yet_is_run_by_the_same_delivery() {
+    let mut h = Harness::start_with(restricted(), example_catalog()).await;
+    let ledger = Ledger::default();
+    let (shutdown, agent) = restricted_agent(&h, &ledger, Duration::from_secs(30)).await;
+    h.present("traffic", 1).await;
+    let command = drain(&h);
+    h.publish(&command).await;
+    claimed(&h, &command).await;
+    // At least one read refused, a stop asked for, then the slots are readable again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        ledger.executions(&command.command_id),
+        0,
+        "run without its slot read"
+    );
+    shutdown.cancel();
+    h.server.reconfigure(Setup::default()).await;
+
+    let records = h.finished(&command.command_id).await;
+    assert!(
+        matches!(outcome(&records), Kind::Succeeded(_)),
+        "{records:#?}"
+    );
+    assert_eq!(ledger.executions(&command.command_id), 1);
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        h.js.get_consumer_from_stream("tower-traffic@prod-1", "RCT_CMD")
+            .await
+            .unwrap();
+    assert_eq!(
+        consumer.info().await.unwrap().delivered.consumer_sequence,
+        1,
+        "the command was handed back and delivered again"
+    );
+    agent.await.unwrap().unwrap();
+}
+
+/// The agent claims a command, then cannot read its outcome slot (as when the server
+/// pauses or fails over right after the claim), and is stopped gracefully before it could.
+/// The stop waits its grace for the claimed command as for a running one; the claim is this
+/// instance's and nothing ran, so the stop then ends it `not_run`, saying why. Before, the stop left the claim with no outcome; the next agent took its
+/// holder for gone and recorded `Unknown` for a command that never ran.
+#[tokio::test]
+async fn a_claim_never_started_is_ended_not_run_when_its_agent_stops() {
+    let h = Harness::start_with(restricted(), example_catalog()).await;
+    let ledger = Ledger::default();
+    let (shutdown, agent) = restricted_agent(&h, &ledger, Duration::from_secs(3)).await;
+    let instance = h.present("traffic", 1).await.remove(0).instance;
+    let command = drain(&h);
+    h.publish(&command).await;
+    claimed(&h, &command).await;
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(60), agent)
+        .await
+        .expect("the agent stops within its grace")
+        .unwrap()
+        .unwrap();
+    let records = h.events(&command.command_id).await;
+    let Kind::Failed(failed) = outcome(&records) else {
+        panic!("not ended as not run: {records:#?}");
+    };
+    assert_eq!(failed.code, "not_run", "{failed:?}");
+    assert!(
+        failed.message.contains(&instance) && failed.message.contains("not run"),
+        "the outcome says who held it and that it did not run: {failed:?}"
+    );
+    assert_eq!(kinds(&records, EventKind::Outcome), 1);
+    assert_eq!(ledger.executions(&command.command_id), 0, "never run");
 }

@@ -239,12 +239,37 @@ impl Server {
         }
     }
 
-    fn spawn(&mut self) {
+    /// Rewrites the config as `setup` says and has the running server reload it (SIGHUP):
+    /// users and permissions change under connected clients. Returns once the log says so.
+    pub async fn reconfigure(&mut self, setup: Setup) {
+        let reloads = |log: &str| log.matches("Reloaded server configuration").count();
+        let before = reloads(&self.log());
+        self.setup = setup;
+        self.write_config();
+        self.signal(Signal::SIGHUP);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while reloads(&self.log()) == before {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not reload its config; its log:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn write_config(&self) -> PathBuf {
         for (name, contents) in &self.setup.files {
             fs::write(self.dir.path().join(name), contents).expect("write an included file");
         }
         let conf = self.dir.path().join("server.conf");
         fs::write(&conf, self.config()).expect("write server config");
+        conf
+    }
+
+    fn spawn(&mut self) {
+        let conf = self.write_config();
         let child = Command::new(nats_server_bin())
             .arg("-c")
             .arg(&conf)

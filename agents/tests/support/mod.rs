@@ -14,7 +14,7 @@ use rct_bus::catalog::{Catalog, Served};
 use rct_bus::proto::{self, event::Kind};
 use rct_bus::{CommandId, KeyPair, OperationName, Purpose, Subject, Target};
 use rct_streams::replay::{self, Filter, Item, Record};
-use rct_streams::testkit::Server;
+use rct_streams::testkit::{Server, Setup};
 use rct_streams::timestamp::from_datetime;
 use rct_streams::{Outgoing, Publisher};
 use time::OffsetDateTime;
@@ -46,7 +46,13 @@ impl Harness {
     }
 
     pub async fn start_with_catalog(catalog: Catalog) -> Self {
-        let server = Server::start().await;
+        Self::start_with(Setup::default(), catalog).await
+    }
+
+    /// As [`Harness::start_with_catalog`], on a server set up as `setup` says (users and
+    /// permissions, say); the harness's own client needs none.
+    pub async fn start_with(setup: Setup, catalog: Catalog) -> Self {
+        let server = Server::start_with(setup).await;
         let client = server.client().await;
         let js = async_nats::jetstream::new(client.clone());
         // Short enough for tests: presence expires quickly, redeliveries come quickly.
