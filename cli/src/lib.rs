@@ -391,7 +391,7 @@ async fn dispatch(home: &Home, catalog: Option<&Served>, matches: ArgMatches) ->
         Verb::Dev(args) => dev::dev(home, args).await,
         Verb::Demo(args) => dev::demo(args).await,
         Verb::Bench(args) => bench::run(args).await,
-        Verb::Chaos(args) => chaos::run(args).await,
+        Verb::Chaos(args) => Box::pin(chaos::run(args)).await,
         Verb::ChaosAdmission(args) => chaos::admission(args).await,
         Verb::ChaosAgent(args) => chaos::agent(args).await,
         Verb::Completion { shell } => {

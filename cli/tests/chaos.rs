@@ -8,9 +8,9 @@ const PROCESS_FAULTS: &str =
     "kill-nats,pause-nats,kill-admission,pause-admission,kill-agent,pause-agent";
 /// Faults that each wedged, lost or misreported commands before: lost PubAcks, agents paused
 /// before they claim, a catalog outage, a panicking handler, scripts whose output misbehaves,
-/// requests dated by skewed clocks.
-const EDGE_FAULTS: &str =
-    "pause-nats-long,pause-before-claim,catalog-outage,panic,flood,huge-line,orphan,clock-skew";
+/// requests dated by skewed clocks, agents whose clocks are off admission's.
+const EDGE_FAULTS: &str = "pause-nats-long,pause-before-claim,catalog-outage,panic,flood,\
+                           huge-line,orphan,clock-skew,agent-clock-skew";
 
 fn chaos(args: &[&str], names: &[&str]) {
     let out = Command::new(env!("CARGO_BIN_EXE_rct"))
@@ -104,6 +104,7 @@ fn commands_end_once_and_as_recorded_under_the_faults_that_broke_them_before() {
             "huge line",
             "child holding pipes",
             "clock skew",
+            "agent clock skew",
         ],
     );
 }

@@ -15,7 +15,8 @@
 //!   without running, or expired), a command recorded succeeded whose effect never
 //!   finished (no `end` line), or a command with more than one outcome (on any subject);
 //! - `failed`: admitted commands that ended failed, expired or cancelled, other than those
-//!   meant to (a panicking handler's);
+//!   meant to (a panicking handler's fail; an agent whose clock is past every deadline
+//!   expires what it receives);
 //! - faults that did not bite, or whose commands did not end as they must ([`Expect`]);
 //! - a run that proves nothing: nothing attempted, acknowledged, admitted or succeeded, no
 //!   fault injected when faults were asked for, or outcomes that do not add up (admitted ≠
@@ -66,6 +67,8 @@ pub(super) enum Want {
     SucceededAfter(OffsetDateTime),
     /// Each was rejected as stale, with a reason containing this.
     Stale(&'static str),
+    /// Each expired (never run: the effect ledger says so apart).
+    Expired,
 }
 
 /// How long a script that leaves a child holding its pipes may take to end.
@@ -121,6 +124,13 @@ impl Expect {
                 )),
             }),
             Want::Succeeded => self.ids.iter().find_map(succeeded),
+            Want::Expired => self.ids.iter().find_map(|id| match outcome(id) {
+                Some((Kind::Expired(_), _)) => None,
+                other => Some(format!(
+                    "{id} ended {}, not expired",
+                    describe(other.map(|o| o.0))
+                )),
+            }),
             Want::Logged(needle) => self.ids.iter().find_map(|id| {
                 succeeded(id).or_else(|| {
                     let logged = of(id).any(
@@ -228,7 +238,8 @@ pub(super) struct Report {
     unaccounted: usize,
     not_as_recorded: usize,
     failed: usize,
-    /// Commands meant to fail (a panicking handler's).
+    /// Commands meant to fail (a panicking handler's) or to expire (received by an agent
+    /// whose clock is past their deadline).
     expected_failures: usize,
     /// Faults that did not bite, and faults mishandled (their commands did not end as they
     /// must), each with why.
@@ -527,12 +538,27 @@ pub(super) async fn check(
         .map(|(id, _)| *id)
         .collect();
 
-    let meant_to_fail: BTreeSet<CommandId> = world
+    // Meant to end so: a panicking handler's command fails; whatever an agent whose clock is
+    // past every deadline ends, it expires.
+    let meant: BTreeMap<CommandId, &str> = world
         .expects
         .iter()
         .filter(|e| matches!(e.want, Want::Panicked))
-        .flat_map(|e| e.ids.iter().copied())
+        .flat_map(|e| e.ids.iter().map(|id| (*id, "failed")))
+        .chain(
+            fold.outcome
+                .iter()
+                .filter(|(_, (_, source))| {
+                    let incarnation = source.rsplit('/').next().unwrap_or_default();
+                    world
+                        .expiring
+                        .iter()
+                        .any(|name| incarnation.starts_with(&format!("{name}-")))
+                })
+                .map(|(id, _)| (*id, "expired")),
+        )
         .collect();
+    let as_meant = |id: &CommandId, kind: &str| meant.get(id) == Some(&kind);
     let never_asked = fold
         .decided
         .iter()
@@ -593,16 +619,13 @@ pub(super) async fn check(
             .outcome
             .iter()
             .filter(|(id, (kind, _))| {
-                matches!(*kind, "failed" | "expired" | "cancelled") && !meant_to_fail.contains(*id)
+                matches!(*kind, "failed" | "expired" | "cancelled") && !as_meant(id, kind)
             })
             .count(),
-        expected_failures: meant_to_fail
+        expected_failures: fold
+            .outcome
             .iter()
-            .filter(|id| {
-                fold.outcome
-                    .get(*id)
-                    .is_some_and(|(kind, _)| *kind == "failed")
-            })
+            .filter(|(id, (kind, _))| as_meant(id, kind))
             .count(),
         idle: world
             .idle

@@ -3,8 +3,9 @@
 //! Every fault checks, from outside, that it took effect: a killed process is gone (reaped,
 //! ended by SIGKILL); a paused one stayed stopped (`/proc` state `T`) and used no CPU while
 //! paused; a restarted server answered JetStream again, a restarted admission replica said it
-//! was ready, a restarted agent was present again. A pause of nats-server past the clients'
-//! timeout shows a client's request timing out. The catalog outage shows the catalog could
+//! was ready, a restarted agent was present again, a restarted agent's shifted clock shows
+//! in its presence. A pause of nats-server past the clients' timeout shows a client's request
+//! timing out. The catalog outage shows the catalog could
 //! not be read, and that an agent missed it. Commands a fault submits (a panicking handler,
 //! misbehaving scripts, a burst for paused agents) leave an [`Expect`] the checker holds
 //! the streams to. A fault that did not bite fails the run.
@@ -22,7 +23,7 @@ use rct_streams::testkit::{Cluster, Server, Setup};
 use time::OffsetDateTime;
 
 use super::check::{Expect, Want};
-use super::{EFFECT, PANIC, SCRIPT, Settings, Submitter, Topology, fail};
+use super::{DEADLINE_MINUTES, EFFECT, PANIC, SCRIPT, Settings, Submitter, TOWER, Topology, fail};
 use crate::exit::Result;
 
 /// One kind of fault.
@@ -59,10 +60,15 @@ pub(super) enum Fault {
     /// Requests dated by clocks ahead of and behind admission's: within its tolerance
     /// (`clock_skew`, `freshness`) they run, beyond it they are refused as stale.
     ClockSkew,
+    /// Every agent of one target restarted with its wall clock off admission's (a shared
+    /// library shifts it): half the start window ahead and an hour behind, its commands run;
+    /// past the start window ahead, every command it receives is past its deadline by its
+    /// clock, and it expires them unrun.
+    AgentClockSkew,
 }
 
 impl Fault {
-    pub(super) const ALL: [Fault; 14] = [
+    pub(super) const ALL: [Fault; 15] = [
         Fault::KillNats,
         Fault::PauseNats,
         Fault::PauseNatsLong,
@@ -77,6 +83,7 @@ impl Fault {
         Fault::HugeLine,
         Fault::Orphan,
         Fault::ClockSkew,
+        Fault::AgentClockSkew,
     ];
 
     pub(super) fn name(self) -> &'static str {
@@ -95,6 +102,7 @@ impl Fault {
             Fault::HugeLine => "huge line",
             Fault::Orphan => "child holding pipes",
             Fault::ClockSkew => "clock skew",
+            Fault::AgentClockSkew => "agent clock skew",
         }
     }
 
@@ -108,6 +116,7 @@ impl Fault {
             Fault::PauseAdmission => settings.ack_wait() + s(5),
             Fault::PauseAgent | Fault::PauseBeforeClaim => settings.agent_pauses().1 + s(4),
             Fault::CatalogOutage => OUTAGE + s(15),
+            Fault::AgentClockSkew => s(40),
             Fault::Panic | Fault::Flood | Fault::HugeLine | Fault::Orphan | Fault::ClockSkew => {
                 s(3)
             }
@@ -121,6 +130,12 @@ const OUTAGE: Duration = Duration::from_secs(60);
 const BURST: usize = 4;
 /// How long a restarted process has to show it serves again.
 const SERVE_AGAIN: Duration = Duration::from_secs(60);
+
+/// The clock shift (`cli/clock-shift`), loaded into agents with `LD_PRELOAD`.
+const CLOCK_SHIFT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/librct_clock_shift.so"));
+
+/// How long the commands of one phase of a clock shift have to end.
+const PHASE_WITHIN: Duration = Duration::from_secs(60);
 
 /// The request timeout of the shipped connection settings.
 fn client_timeout() -> Duration {
@@ -283,12 +298,14 @@ fn log_count(path: &std::path::Path, needle: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// One agent process of a target, and its incarnation count.
+/// One agent process of a target, its incarnation count, and how far its wall clock is
+/// shifted.
 #[derive(Debug)]
 pub(super) struct Agent {
     target: String,
     slot: usize,
     generation: usize,
+    shift: time::Duration,
     proc: Proc,
 }
 
@@ -319,6 +336,9 @@ pub(super) struct World {
     pub(super) expects: Vec<Expect>,
     /// Faults that did not bite, and why.
     pub(super) idle: Vec<String>,
+    /// Agent instances whose clock was past every command's deadline: what they expire
+    /// was meant to expire.
+    pub(super) expiring: BTreeSet<String>,
 }
 
 impl World {
@@ -344,15 +364,19 @@ impl World {
             killed: BTreeSet::new(),
             expects: Vec::new(),
             idle: Vec::new(),
+            expiring: BTreeSet::new(),
         };
+        std::fs::write(world.clock_shift(), CLOCK_SHIFT)
+            .map_err(|e| fail("cannot write the clock shift library", e))?;
         world.admissions = [world.admission("a1")?, world.admission("a2")?];
         for target in targets {
             for slot in 1..=per_target {
-                let proc = world.agent_proc(&instance(target, slot, 1), target)?;
+                let proc = world.agent_proc(&instance(target, slot, 1), target, None)?;
                 world.agents.push(Agent {
                     target: target.clone(),
                     slot,
                     generation: 1,
+                    shift: time::Duration::ZERO,
                     proc,
                 });
             }
@@ -360,7 +384,13 @@ impl World {
         Ok(world)
     }
 
-    fn process(&self, verb: &str, instance: &str, target: Option<&str>) -> Result<Proc> {
+    fn process(
+        &self,
+        verb: &str,
+        instance: &str,
+        target: Option<&str>,
+        env: Vec<(String, String)>,
+    ) -> Result<Proc> {
         let mut a = vec![
             verb.to_owned(),
             "--dir".into(),
@@ -376,7 +406,11 @@ impl World {
         if let Some(t) = target {
             a.extend(["--target".to_owned(), t.to_owned()]);
         }
-        Proc::spawn(a, self.log(instance))
+        Proc::spawn(a, env, self.log(instance))
+    }
+
+    fn clock_shift(&self) -> PathBuf {
+        self.dir.join("librct_clock_shift.so")
     }
 
     fn log(&self, instance: &str) -> PathBuf {
@@ -384,11 +418,30 @@ impl World {
     }
 
     fn admission(&self, instance: &str) -> Result<Proc> {
-        self.process("chaos-admission", instance, None)
+        self.process("chaos-admission", instance, None, Vec::new())
     }
 
-    fn agent_proc(&self, instance: &str, target: &str) -> Result<Proc> {
-        self.process("chaos-agent", instance, Some(target))
+    /// An agent process, its wall clock shifted by `shift` if given.
+    fn agent_proc(
+        &self,
+        instance: &str,
+        target: &str,
+        shift: Option<time::Duration>,
+    ) -> Result<Proc> {
+        let env = match shift {
+            Some(shift) => vec![
+                (
+                    "LD_PRELOAD".into(),
+                    self.clock_shift().display().to_string(),
+                ),
+                (
+                    "RCT_CLOCK_SHIFT_MS".into(),
+                    (shift.whole_milliseconds() as i64).to_string(),
+                ),
+            ],
+            None => Vec::new(),
+        };
+        self.process("chaos-agent", instance, Some(target), env)
     }
 
     /// Starts the next incarnation of agent `i` and waits until it is present.
@@ -396,7 +449,8 @@ impl World {
         let agent = &mut self.agents[i];
         agent.generation += 1;
         let (name, target) = (agent.instance(), agent.target.clone());
-        self.agents[i].proc = self.agent_proc(&name, &target)?;
+        let shift = (!agent.shift.is_zero()).then_some(agent.shift);
+        self.agents[i].proc = self.agent_proc(&name, &target, shift)?;
         Ok(
             crate::stack::wait_for_agents(&self.js, 1, &format!(".{name}-"), SERVE_AGAIN)
                 .await
@@ -549,6 +603,7 @@ impl World {
                 held.resume()
             }
             Fault::CatalogOutage => self.catalog_outage(&target).await?,
+            Fault::AgentClockSkew => self.agent_clock_skew(&target).await?,
             Fault::ClockSkew => {
                 // Admission's tolerances, as the run set them.
                 let (ahead, behind) = self.settings.tolerances();
@@ -639,18 +694,8 @@ impl World {
             _ => Ok(()),
         };
         // Every agent of `target` starts again with no catalog cached: its commands must wait.
-        let restarted: Vec<usize> = (0..self.agents.len())
-            .filter(|i| self.agents[*i].target == target)
-            .collect();
-        for &i in &restarted {
-            let old = self.agents[i].instance();
-            if !self.agents[i].proc.stop().await {
-                self.killed.insert(old);
-            }
-            if let Err(why) = self.next_agent(i).await? {
-                bit = bit.and(Err(why));
-            }
-        }
+        let (restarted, present) = self.restart(target, time::Duration::ZERO).await?;
+        bit = bit.and(present);
         let ids = (0..2)
             .map(|_| {
                 self.submitter.submit(
@@ -661,12 +706,9 @@ impl World {
             })
             .collect();
         tokio::time::sleep(OUTAGE.saturating_sub(began.elapsed())).await;
-        let missed = restarted.iter().any(|&i| {
-            log_count(
-                &self.log(&self.agents[i].instance()),
-                "the catalog is not available",
-            ) > 0
-        });
+        let missed = restarted
+            .iter()
+            .any(|name| log_count(&self.log(name), "the catalog is not available") > 0);
         if !missed {
             bit = bit.and(Err(format!(
                 "no restarted agent of {target} missed the catalog"
@@ -689,6 +731,140 @@ impl World {
             want: Want::SucceededAfter(OffsetDateTime::now_utc()),
         });
         Ok(bit)
+    }
+
+    /// Every agent of `target` is restarted (gracefully) with its wall clock shifted, phase
+    /// by phase, and two commands submitted for it in each: half the start window ahead and
+    /// an hour behind, they must succeed; the start window and 4 minutes ahead, the agent
+    /// finds every command past its deadline and must expire them unrun (as every other
+    /// command it receives meanwhile). Then the agents start again on the true clock. The
+    /// skew bit if each new incarnation's presence shows its start time shifted.
+    async fn agent_clock_skew(&mut self, target: &str) -> Result<std::result::Result<(), String>> {
+        let window = time::Duration::minutes(DEADLINE_MINUTES);
+        let phases = [
+            (window / 2, false),
+            (-time::Duration::hours(1), false),
+            (window + time::Duration::minutes(4), true),
+        ];
+        let mut bit = Ok(());
+        for (shift, beyond) in phases {
+            let (restarted, present) = self.restart(target, shift).await?;
+            bit = bit.and(present);
+            if beyond {
+                self.expiring.extend(restarted.iter().cloned());
+            }
+            for name in &restarted {
+                if let Err(why) = self.shown_shifted(name, shift).await {
+                    bit = bit.and(Err(why));
+                }
+            }
+            let ids: Vec<rct_bus::CommandId> = (0..2)
+                .map(|_| {
+                    self.submitter.submit(
+                        EFFECT,
+                        target,
+                        vec![("work_ms", proto::value::Kind::Integer(50))],
+                    )
+                })
+                .collect();
+            // Ended while the agents' clocks are shifted; the checker says how.
+            for id in &ids {
+                self.ended(*id).await;
+            }
+            self.expects.push(Expect {
+                fault: Fault::AgentClockSkew.name(),
+                ids,
+                want: if beyond {
+                    Want::Expired
+                } else {
+                    Want::Succeeded
+                },
+            });
+        }
+        let (_, present) = self.restart(target, time::Duration::ZERO).await?;
+        Ok(bit.and(present))
+    }
+
+    /// Restarts every agent of `target` gracefully, its clock shifted by `shift`: the names
+    /// of the new incarnations, and `Err` if one was not present again.
+    async fn restart(
+        &mut self,
+        target: &str,
+        shift: time::Duration,
+    ) -> Result<(Vec<String>, std::result::Result<(), String>)> {
+        let of_target: Vec<usize> = (0..self.agents.len())
+            .filter(|i| self.agents[*i].target == target)
+            .collect();
+        let (mut names, mut present) = (Vec::new(), Ok(()));
+        for i in of_target {
+            let old = self.agents[i].instance();
+            if !self.agents[i].proc.stop().await {
+                self.killed.insert(old);
+            }
+            self.agents[i].shift = shift;
+            if let Err(why) = self.next_agent(i).await? {
+                present = present.and(Err(why));
+            }
+            names.push(self.agents[i].instance());
+        }
+        Ok((names, present))
+    }
+
+    /// Whether agent `name`'s presence shows a start time `shift` off this clock.
+    async fn shown_shifted(
+        &self,
+        name: &str,
+        shift: time::Duration,
+    ) -> std::result::Result<(), String> {
+        let bucket = self
+            .js
+            .get_key_value(rct_streams::topology::AGENTS_BUCKET)
+            .await
+            .map_err(|e| format!("cannot read presence: {e}"))?;
+        let mut keys = bucket
+            .keys()
+            .await
+            .map_err(|e| format!("cannot list presence: {e}"))?;
+        let prefix = format!(".{name}-");
+        while let Some(Ok(key)) = futures::StreamExt::next(&mut keys).await {
+            if !key.contains(&prefix) {
+                continue;
+            }
+            let Ok(Some(value)) = bucket.get(&key).await else {
+                continue;
+            };
+            let presence: rct_bus::presence::Presence = serde_json::from_slice(&value)
+                .map_err(|e| format!("{name}'s presence does not read: {e}"))?;
+            let started = OffsetDateTime::parse(
+                &presence.started_at,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .map_err(|e| format!("{name}'s start time does not read: {e}"))?;
+            let off = started - OffsetDateTime::now_utc();
+            // It started moments ago: what remains is the shift.
+            return if (off - shift).abs() < time::Duration::seconds(30) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{name} started {off} off this clock, not shifted by {shift}"
+                ))
+            };
+        }
+        Err(format!("{name} has no presence"))
+    }
+
+    /// Waits up to [`PHASE_WITHIN`] for command `id`'s outcome.
+    async fn ended(&self, id: rct_bus::CommandId) {
+        let tower = rct_bus::Tower::new(TOWER).expect("a valid tower name");
+        let until = Instant::now() + PHASE_WITHIN;
+        while Instant::now() < until {
+            let slot =
+                rct_streams::journal::slot(&self.js, &tower, id, rct_bus::EventKind::Outcome);
+            if let Ok(Some(_)) = slot.await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Stops every process, then the servers.
@@ -717,6 +893,7 @@ async fn pause_for(pids: &[u32], pause: Duration) -> std::result::Result<(), Str
 #[derive(Debug)]
 pub(super) struct Proc {
     args: Vec<String>,
+    env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -726,14 +903,16 @@ impl Proc {
     fn idle() -> Self {
         Self {
             args: Vec::new(),
+            env: Vec::new(),
             log: PathBuf::new(),
             child: None,
         }
     }
 
-    fn spawn(args: Vec<String>, log: PathBuf) -> Result<Self> {
+    fn spawn(args: Vec<String>, env: Vec<(String, String)>, log: PathBuf) -> Result<Self> {
         let mut proc = Self {
             args,
+            env,
             log,
             child: None,
         };
@@ -750,6 +929,7 @@ impl Proc {
             .map_err(|e| fail("cannot open a process log", e))?;
         let child = Command::new(exe)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RCT_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -223,6 +223,8 @@ const PANIC: &str = "chaos/panic";
 /// A script whose output has wedged commands before (`mode`: flood, huge, orphan).
 const SCRIPT: &str = "chaos/script";
 const SERVICE_GROUP: &str = "chaos";
+/// How long after admission each chaos command may start (its catalog `deadline`).
+const DEADLINE_MINUTES: i64 = 30;
 
 fn fail(what: &str, e: impl std::fmt::Display) -> Error {
     Error::usage(format!("{what}: {e}"))
@@ -321,7 +323,7 @@ fn catalog(targets: usize) -> String {
     let operation = |name: &str, description: &str, params: &str| {
         format!(
             "  {name}:\n    description: {description}\n    allowed_groups: [{SERVICE_GROUP}]\n    \
-             params:\n      target: {{ type: target }}\n{params}    deadline: 30m\n    timeout: 5m\n"
+             params:\n      target: {{ type: target }}\n{params}    deadline: {DEADLINE_MINUTES}m\n    timeout: 5m\n"
         )
     };
     format!(
