@@ -9,8 +9,14 @@ fn main() {
     println!("cargo::rerun-if-changed={source}");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let library = out.join("librct_clock_shift.so");
-    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
-        // Chaos runs on Linux only (it reads /proc); elsewhere an empty file stands in.
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    let native_glibc = var("CARGO_CFG_TARGET_OS") == "linux"
+        && var("CARGO_CFG_TARGET_ENV") == "gnu"
+        && var("TARGET") == var("HOST");
+    if !native_glibc {
+        // Chaos runs on Linux only (it reads /proc), and the shift is built natively against
+        // glibc only; elsewhere an empty file stands in, and the agent clock skew fault says
+        // it did not bite.
         std::fs::write(&library, b"").expect("write a placeholder");
         return;
     }

@@ -168,7 +168,7 @@ struct Runner {
     running: Mutex<HashSet<CommandId>>,
     /// Commands this instance claimed (or tried to) and has not started or ended: a stop
     /// ends them, and a handler starts only by taking its command out of here.
-    claims: Mutex<HashMap<CommandId, Claimed>>,
+    claims: Mutex<Claims>,
     started_at: OffsetDateTime,
     metrics: Metrics,
     readiness: Readiness,
@@ -561,7 +561,7 @@ impl Runner {
             let settle = self.process(&publisher, &message, command, id).await;
             if matches!(settle, Settle::Ack) {
                 // Ended, here or elsewhere: nothing of it is left for a stop to end.
-                self.claimed().remove(&id);
+                self.claimed().held.remove(&id);
             }
             drop(keeper);
             settle.apply(&message).await;
@@ -597,6 +597,12 @@ impl Runner {
         } else {
             None
         };
+        if let Some(holder) = look.as_ref().and_then(Look::holder)
+            && holder != self.incarnation
+        {
+            // A claim of ours whose write was not confirmed did not land: not ours to end.
+            self.claimed().held.remove(&id);
+        }
         let holder_alive = match look.as_ref().and_then(Look::holder) {
             // A holder that is no valid instance name is nobody's presence.
             Some(holder) if holder != self.incarnation => {
@@ -907,28 +913,35 @@ impl Runner {
         command: &Arc<proto::Command>,
         id: CommandId,
     ) -> Result<AfterClaim, Duration> {
-        // Tracked before the write: a write whose acknowledgement is lost may have landed.
-        self.claimed().insert(
-            id,
-            Claimed {
-                command: command.clone(),
-                publisher: publisher.clone(),
-                confirmed: false,
-            },
-        );
+        {
+            // Tracked before the write: a write whose acknowledgement is lost may have
+            // landed. Once a stop took the claims to end them, nothing more is claimed.
+            let mut claims = self.claimed();
+            if claims.closed {
+                return Err(self.config.retry_pause);
+            }
+            claims.held.insert(
+                id,
+                Claimed {
+                    command: command.clone(),
+                    publisher: publisher.clone(),
+                    confirmed: false,
+                },
+            );
+        }
         let claim = self.claim_event(command, false);
         match publisher
             .event(&self.tower, &claim, &self.incarnation)
             .await
         {
             Ok(Slot::Written(_)) => {
-                if let Some(claimed) = self.claimed().get_mut(&id) {
+                if let Some(claimed) = self.claimed().held.get_mut(&id) {
                     claimed.confirmed = true;
                 }
             }
             Ok(Slot::Taken { .. }) => {
                 // Someone else claimed it first; its redelivery finds their claim.
-                self.claimed().remove(&id);
+                self.claimed().held.remove(&id);
                 return Err(RELOOK);
             }
             Err(e) => {
@@ -937,59 +950,72 @@ impl Runner {
             }
         }
         // The claim is ours and nothing ran. This delivery keeps it (its in-progress acks go
-        // on) until the slot is read, rather than hand it to an agent that would only find
-        // it held, and a graceful stop waits for it as for a running command: taken work is
-        // finished. Past the deadline its next delivery expires it; once a stop took it to
-        // end it, it is left to the stop.
-        loop {
-            match journal::slot(&self.js, &self.tower, id, EventKind::Outcome).await {
-                Ok(outcome) => {
-                    let next = delivery::after_claim(outcome.is_some());
-                    if next == AfterClaim::Ended {
-                        tracing::warn!("an outcome was recorded before our claim; not running it");
-                    }
-                    return Ok(next);
-                }
+        // on) and reads the slot again, rather than hand it to an agent that would only find
+        // it held; for a while, then the next delivery resumes it. It starts nothing once
+        // this agent may not (a stop asked for, presence not fresh): a later delivery
+        // resumes it, or the stop ends it unrun.
+        for read in 1..=READS {
+            let outcome = match journal::slot(&self.js, &self.tower, id, EventKind::Outcome).await {
+                // Something that is not an event holds the slot: nobody can record an
+                // outcome, so nothing may run.
+                Err(rct_streams::Error::Malformed { .. }) => Some(proto::Event::default()),
+                Ok(outcome) => outcome,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the outcome slot after claiming; reading again");
+                    tracing::warn!(error = %e, read, "cannot read the outcome slot after claiming; reading again");
+                    let given_up =
+                        past(command.deadline.as_ref()) || !self.claimed().held.contains_key(&id);
+                    if given_up {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = self.stopping.cancelled() => break,
+                        _ = tokio::time::sleep(REREAD) => continue,
+                    }
                 }
+            };
+            let next = delivery::after_claim(outcome.is_some());
+            if next == AfterClaim::Ended {
+                tracing::warn!("an outcome was recorded before our claim; not running it");
+            } else if !self.may_start() {
+                break;
             }
-            if past(command.deadline.as_ref()) || !self.claimed().contains_key(&id) {
-                return Err(RELOOK);
-            }
-            tokio::time::sleep(REREAD).await;
+            return Ok(next);
         }
+        Err(self.config.retry_pause)
     }
 
     /// The commands claimed here and not started or ended.
-    fn claimed(&self) -> std::sync::MutexGuard<'_, HashMap<CommandId, Claimed>> {
+    fn claimed(&self) -> std::sync::MutexGuard<'_, Claims> {
         self.claims.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Ends every command this instance claimed and never started: once it is gone, the
     /// next agent would find a claim whose holder left no outcome and record `Unknown` for a
     /// command that never ran. A claim whose write was never confirmed is ended only if the
-    /// journal shows it ours. Bounded by `shutdown_grace`; what is left then ends `Unknown`.
+    /// journal shows it ours. All at once, for at most [`END_UNSTARTED_WITHIN`]; what is left
+    /// then ends `Unknown`.
     async fn end_unstarted(&self) {
-        let claimed: Vec<(CommandId, Claimed)> = self.claimed().drain().collect();
+        let claimed: Vec<(CommandId, Claimed)> = {
+            let mut claims = self.claimed();
+            claims.closed = true;
+            claims.held.drain().collect()
+        };
         if claimed.is_empty() {
             return;
         }
-        let ending = async {
-            for (id, claimed) in &claimed {
-                while let Err(e) = self.end_claimed(*id, claimed).await {
-                    tracing::warn!(command_id = %id, error = %e, "cannot end a claim never started; trying again");
-                    tokio::time::sleep(REREAD).await;
-                }
+        let ending = futures::future::join_all(claimed.iter().map(|(id, claimed)| async move {
+            while let Err(e) = self.end_claimed(*id, claimed).await {
+                tracing::warn!(command_id = %id, error = %e, "cannot end a claim never started; trying again");
+                tokio::time::sleep(REREAD).await;
             }
-        };
-        if tokio::time::timeout(self.config.shutdown_grace, ending)
+        }));
+        if tokio::time::timeout(END_UNSTARTED_WITHIN, ending)
             .await
             .is_err()
         {
             tracing::warn!(
-                "claims never started are left without an outcome after the grace period; \
-                 the next agent records them unknown"
+                "claims never started are left without an outcome; the next agent records \
+                 them unknown"
             );
         }
     }
@@ -1043,7 +1069,7 @@ impl Runner {
             .unwrap_or_default()
             .to_owned();
         let handler = self.handlers[&op_name].clone();
-        if self.claimed().remove(&id).is_none() {
+        if self.claimed().held.remove(&id).is_none() {
             // A stop took it to end it: never both ended unrun and run.
             return Settle::Later(self.config.retry_pause);
         }
@@ -1505,8 +1531,23 @@ const CATALOGS_CACHED: usize = 64;
 /// The pause before reading a slot again, or writing an outcome again, when it failed.
 const REREAD: Duration = Duration::from_secs(1);
 
+/// How often the delivery that claimed a command reads its outcome slot before it leaves it
+/// to the next delivery.
+const READS: u32 = 30;
+
+/// How long a stop tries to end the claims it never started.
+const END_UNSTARTED_WITHIN: Duration = Duration::from_secs(10);
+
 /// How long a command runs before its cancel requests are watched.
 const CANCEL_WATCH_DELAY: Duration = Duration::from_millis(100);
+
+/// The commands this instance claimed (or tried to) and has neither started nor ended.
+#[derive(Default)]
+struct Claims {
+    held: HashMap<CommandId, Claimed>,
+    /// A stop took them to end them: nothing more is claimed.
+    closed: bool,
+}
 
 /// A command this instance claimed and has not started or ended.
 struct Claimed {

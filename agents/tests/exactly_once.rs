@@ -466,10 +466,9 @@ fn restricted() -> Setup {
 }
 
 /// An agent claims a command and cannot read its outcome slot for a while (a server
-/// paused or failing over right after the claim), and is asked to stop meanwhile: the
-/// delivery that claimed it keeps it, reads again, and runs it once it can, within the
-/// stop's grace. Before, it handed the delivery back; copies went to agents that could only
-/// find the claim held, and a stop left the claim with no outcome.
+/// paused or failing over right after the claim): the delivery that claimed it keeps it,
+/// reads again, and runs it once it can. Before, it handed the delivery back, and the copies
+/// went to agents that could only find the claim held, while the claim's holder waited.
 #[tokio::test]
 async fn a_claim_whose_outcome_slot_cannot_be_read_yet_is_run_by_the_same_delivery() {
     let mut h = Harness::start_with(restricted(), example_catalog()).await;
@@ -479,14 +478,13 @@ async fn a_claim_whose_outcome_slot_cannot_be_read_yet_is_run_by_the_same_delive
     let command = drain(&h);
     h.publish(&command).await;
     claimed(&h, &command).await;
-    // At least one read refused, a stop asked for, then the slots are readable again.
+    // At least one read refused, then the slots are readable again.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         ledger.executions(&command.command_id),
         0,
         "run without its slot read"
     );
-    shutdown.cancel();
     h.server.reconfigure(Setup::default()).await;
 
     let records = h.finished(&command.command_id).await;
@@ -504,13 +502,13 @@ async fn a_claim_whose_outcome_slot_cannot_be_read_yet_is_run_by_the_same_delive
         1,
         "the command was handed back and delivered again"
     );
+    shutdown.cancel();
     agent.await.unwrap().unwrap();
 }
 
 /// The agent claims a command, then cannot read its outcome slot (as when the server
 /// pauses or fails over right after the claim), and is stopped gracefully before it could.
-/// The stop waits its grace for the claimed command as for a running one; the claim is this
-/// instance's and nothing ran, so the stop then ends it `not_run`, saying why. Before, the stop left the claim with no outcome; the next agent took its
+/// The claim is this instance's and nothing ran, so the stop ends it `not_run`, saying why. Before, the stop left the claim with no outcome; the next agent took its
 /// holder for gone and recorded `Unknown` for a command that never ran.
 #[tokio::test]
 async fn a_claim_never_started_is_ended_not_run_when_its_agent_stops() {
@@ -525,7 +523,7 @@ async fn a_claim_never_started_is_ended_not_run_when_its_agent_stops() {
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(60), agent)
         .await
-        .expect("the agent stops within its grace")
+        .expect("the agent stops")
         .unwrap()
         .unwrap();
     let records = h.events(&command.command_id).await;
@@ -539,4 +537,36 @@ async fn a_claim_never_started_is_ended_not_run_when_its_agent_stops() {
     );
     assert_eq!(kinds(&records, EventKind::Outcome), 1);
     assert_eq!(ledger.executions(&command.command_id), 0, "never run");
+}
+
+/// As above, but the slots become readable again after the stop was asked for: the agent
+/// starts nothing once it is stopping (its presence is about to go, and a handler cut short
+/// by the exit would end `Unknown`), so the stop ends the claim `not_run`.
+#[tokio::test]
+async fn a_claim_is_not_started_once_its_agent_is_stopping() {
+    let mut h = Harness::start_with(restricted(), example_catalog()).await;
+    let ledger = Ledger::default();
+    let (shutdown, agent) = restricted_agent(&h, &ledger, Duration::from_secs(30)).await;
+    h.present("traffic", 1).await;
+    let command = drain(&h);
+    h.publish(&command).await;
+    claimed(&h, &command).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    shutdown.cancel();
+    h.server.reconfigure(Setup::default()).await;
+    tokio::time::timeout(Duration::from_secs(60), agent)
+        .await
+        .expect("the agent stops")
+        .unwrap()
+        .unwrap();
+    let records = h.events(&command.command_id).await;
+    assert!(
+        matches!(outcome(&records), Kind::Failed(f) if f.code == "not_run"),
+        "{records:#?}"
+    );
+    assert_eq!(
+        ledger.executions(&command.command_id),
+        0,
+        "started while stopping"
+    );
 }

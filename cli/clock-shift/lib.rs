@@ -5,21 +5,29 @@
 //! left alone, as a machine whose clock is set wrong has them.
 //!
 //! Built by `cli/build.rs` as a standalone library (no dependencies, outside the workspace's
-//! crates) and embedded in `rct`; rct itself never loads it.
+//! crates) and embedded in `rct`; rct itself never loads it. The processes an agent starts
+//! (scripts) inherit it, as they would a machine's wrong clock.
 
-use std::ffi::{c_char, c_int, c_void};
+use std::ffi::{c_char, c_int, c_long, c_void};
 use std::sync::OnceLock;
 
+/// `struct timespec` of the C library (`time_t` and the nanoseconds are `long` on Linux's
+/// default ABIs).
 #[repr(C)]
 pub struct Timespec {
-    tv_sec: i64,
-    tv_nsec: i64,
+    tv_sec: c_long,
+    tv_nsec: c_long,
 }
 
 type ClockGettime = unsafe extern "C" fn(c_int, *mut Timespec) -> c_int;
 
-const CLOCK_REALTIME: c_int = 0;
-const CLOCK_REALTIME_COARSE: c_int = 5;
+/// The clocks that tell the time of day (`linux/time.h`); the others count from boot.
+const WALL_CLOCKS: [c_int; 4] = [
+    0,  // CLOCK_REALTIME
+    5,  // CLOCK_REALTIME_COARSE
+    8,  // CLOCK_REALTIME_ALARM
+    11, // CLOCK_TAI
+];
 /// glibc's `RTLD_NEXT`: the next object in search order, here the C library.
 const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
 const NANOS: i128 = 1_000_000_000;
@@ -57,13 +65,12 @@ fn real() -> ClockGettime {
 pub unsafe extern "C" fn clock_gettime(clock: c_int, ts: *mut Timespec) -> c_int {
     // SAFETY: the caller's contract is the C library's.
     let result = unsafe { real()(clock, ts) };
-    if result == 0 && !ts.is_null() && (clock == CLOCK_REALTIME || clock == CLOCK_REALTIME_COARSE)
-    {
+    if result == 0 && !ts.is_null() && WALL_CLOCKS.contains(&clock) {
         // SAFETY: the call succeeded, so `ts` holds a time.
         let ts = unsafe { &mut *ts };
         let shifted = i128::from(ts.tv_sec) * NANOS + i128::from(ts.tv_nsec) + shift_nanos();
-        ts.tv_sec = shifted.div_euclid(NANOS) as i64;
-        ts.tv_nsec = shifted.rem_euclid(NANOS) as i64;
+        ts.tv_sec = shifted.div_euclid(NANOS) as c_long;
+        ts.tv_nsec = shifted.rem_euclid(NANOS) as c_long;
     }
     result
 }

@@ -344,7 +344,7 @@ pub(super) struct Fold {
     claims: BTreeMap<CommandId, Vec<String>>,
     /// Its terminal outcome and who wrote it.
     pub(super) outcome: BTreeMap<CommandId, (&'static str, String)>,
-    /// Claimed only to be ended without running.
+    /// Claimed only to be ended without running, or ended `not_run`.
     unrun: BTreeSet<CommandId>,
     /// Terminal events per command, on every subject (one is the only right number).
     outcomes: BTreeMap<CommandId, usize>,
@@ -382,7 +382,13 @@ impl Fold {
                     None
                 }
                 Some(Kind::Succeeded(_)) => terminal("succeeded"),
-                Some(Kind::Failed(_)) => terminal("failed"),
+                Some(Kind::Failed(f)) => {
+                    // Ended by a stop that had claimed it and never started it.
+                    if f.code == "not_run" {
+                        fold.unrun.insert(id);
+                    }
+                    terminal("failed")
+                }
                 Some(Kind::Expired(_)) => terminal("expired"),
                 Some(Kind::Cancelled(_)) => terminal("cancelled"),
                 Some(Kind::Unknown(_)) => terminal("unknown"),
@@ -831,6 +837,30 @@ mod tests {
             },
             trace: None,
         }
+    }
+
+    /// A command whose outcome says it was not run, under a claim to run it, is one the
+    /// effect ledger can contradict.
+    #[test]
+    fn an_outcome_saying_not_run_counts_as_not_run() {
+        let id = CommandId::generate();
+        let failed = |code: &str| {
+            Kind::Failed(proto::Failed {
+                code: code.into(),
+                ..proto::Failed::default()
+            })
+        };
+        let now = OffsetDateTime::now_utc();
+        assert!(
+            Fold::of(&[record(id, failed("not_run"), now)])
+                .unrun
+                .contains(&id)
+        );
+        assert!(
+            !Fold::of(&[record(id, failed("timeout"), now)])
+                .unrun
+                .contains(&id)
+        );
     }
 
     /// Each expectation says no when the command ended otherwise.

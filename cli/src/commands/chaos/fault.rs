@@ -708,7 +708,7 @@ impl World {
         tokio::time::sleep(OUTAGE.saturating_sub(began.elapsed())).await;
         let missed = restarted
             .iter()
-            .any(|name| log_count(&self.log(name), "the catalog is not available") > 0);
+            .any(|(name, _)| log_count(&self.log(name), "the catalog is not available") > 0);
         if !missed {
             bit = bit.and(Err(format!(
                 "no restarted agent of {target} missed the catalog"
@@ -750,11 +750,11 @@ impl World {
         for (shift, beyond) in phases {
             let (restarted, present) = self.restart(target, shift).await?;
             bit = bit.and(present);
-            if beyond {
-                self.expiring.extend(restarted.iter().cloned());
-            }
-            for name in &restarted {
-                if let Err(why) = self.shown_shifted(name, shift).await {
+            for (name, spawned) in &restarted {
+                if beyond {
+                    self.expiring.insert(name.clone());
+                }
+                if let Err(why) = self.shown_shifted(name, shift, *spawned).await {
                     bit = bit.and(Err(why));
                 }
             }
@@ -786,12 +786,16 @@ impl World {
     }
 
     /// Restarts every agent of `target` gracefully, its clock shifted by `shift`: the names
-    /// of the new incarnations, and `Err` if one was not present again.
+    /// of the new incarnations and when each was started, and `Err` if one was not present
+    /// again.
     async fn restart(
         &mut self,
         target: &str,
         shift: time::Duration,
-    ) -> Result<(Vec<String>, std::result::Result<(), String>)> {
+    ) -> Result<(
+        Vec<(String, OffsetDateTime)>,
+        std::result::Result<(), String>,
+    )> {
         let of_target: Vec<usize> = (0..self.agents.len())
             .filter(|i| self.agents[*i].target == target)
             .collect();
@@ -802,19 +806,22 @@ impl World {
                 self.killed.insert(old);
             }
             self.agents[i].shift = shift;
+            let spawned = OffsetDateTime::now_utc();
             if let Err(why) = self.next_agent(i).await? {
                 present = present.and(Err(why));
             }
-            names.push(self.agents[i].instance());
+            names.push((self.agents[i].instance(), spawned));
         }
         Ok((names, present))
     }
 
-    /// Whether agent `name`'s presence shows a start time `shift` off this clock.
+    /// Whether agent `name`'s presence shows a start time `shift` off `spawned`, when it was
+    /// started by this clock.
     async fn shown_shifted(
         &self,
         name: &str,
         shift: time::Duration,
+        spawned: OffsetDateTime,
     ) -> std::result::Result<(), String> {
         let bucket = self
             .js
@@ -840,8 +847,8 @@ impl World {
                 &time::format_description::well_known::Rfc3339,
             )
             .map_err(|e| format!("{name}'s start time does not read: {e}"))?;
-            let off = started - OffsetDateTime::now_utc();
-            // It started moments ago: what remains is the shift.
+            let off = started - spawned;
+            // It read its clock moments after it was started: what remains is the shift.
             return if (off - shift).abs() < time::Duration::seconds(30) {
                 Ok(())
             } else {
