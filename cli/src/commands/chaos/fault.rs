@@ -22,7 +22,7 @@ use rct_bus::proto;
 use rct_streams::testkit::{Cluster, Server, Setup};
 use time::OffsetDateTime;
 
-use super::check::{Expect, Want};
+use super::check::{Expect, Want, settled};
 use super::{DEADLINE_MINUTES, EFFECT, PANIC, SCRIPT, Settings, Submitter, TOWER, Topology, fail};
 use crate::exit::Result;
 
@@ -672,22 +672,40 @@ impl World {
     async fn catalog_outage(&mut self, target: &str) -> Result<std::result::Result<(), String>> {
         use rct_streams::topology::{CATALOG_BUCKET, CATALOG_KEY};
         let name = format!("KV_{CATALOG_BUCKET}");
-        let read = |e: &dyn std::fmt::Display| fail("cannot read the catalog bucket", e);
-        let mut stream = self.js.get_stream(&name).await.map_err(|e| read(&e))?;
-        let config = stream.info().await.map_err(|e| read(&e))?.config.clone();
-        let served = self
-            .js
-            .get_key_value(CATALOG_BUCKET)
-            .await
-            .map_err(|e| read(&e))?
-            .get(CATALOG_KEY)
-            .await
-            .map_err(|e| read(&e))?
-            .ok_or_else(|| read(&"no catalog is served"))?;
-        self.js
-            .delete_stream(&name)
-            .await
-            .map_err(|e| fail("cannot delete the catalog bucket", e))?;
+        // Each call is tried again while it fails (up to a minute): the fault before this one
+        // may have left the cluster electing a meta leader.
+        let js = &self.js;
+        let (config, served) = settled(|| async {
+            let config = js.get_stream(&name).await?.info().await?.config.clone();
+            let served = js
+                .get_key_value(CATALOG_BUCKET)
+                .await?
+                .get(CATALOG_KEY)
+                .await?;
+            Ok::<_, async_nats::Error>((config, served))
+        })
+        .await
+        .map_err(|e| fail("cannot read the catalog bucket", e))?;
+        let served =
+            served.ok_or_else(|| fail("cannot read the catalog bucket", "no catalog is served"))?;
+        settled(|| async {
+            use async_nats::jetstream::{ErrorCode, context::GetStreamErrorKind};
+            let Err(e) = js.delete_stream(&name).await else {
+                return Ok(());
+            };
+            // An earlier attempt may have deleted it and lost the answer.
+            match js.get_stream(&name).await.map(|_| ()) {
+                Err(gone)
+                    if matches!(gone.kind(), GetStreamErrorKind::JetStream(j)
+                        if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+                {
+                    Ok(())
+                }
+                _ => Err(e),
+            }
+        })
+        .await
+        .map_err(|e| fail("cannot delete the catalog bucket", e))?;
         let began = Instant::now();
         let mut bit = match rct_streams::topology::served_catalog(&self.js).await {
             Ok(Some(_)) => Err("the catalog could still be read".to_owned()),
@@ -714,17 +732,19 @@ impl World {
                 "no restarted agent of {target} missed the catalog"
             )));
         }
-        self.js
-            .create_stream(config)
+        let js = &self.js;
+        settled(|| js.create_stream(config.clone()))
             .await
             .map_err(|e| fail("cannot restore the catalog bucket", e))?;
-        self.js
-            .get_key_value(CATALOG_BUCKET)
-            .await
-            .map_err(|e| read(&e))?
-            .put(CATALOG_KEY, served)
-            .await
-            .map_err(|e| fail("cannot restore the catalog", e))?;
+        settled(|| async {
+            js.get_key_value(CATALOG_BUCKET)
+                .await?
+                .put(CATALOG_KEY, served.clone())
+                .await?;
+            Ok::<_, async_nats::Error>(())
+        })
+        .await
+        .map_err(|e| fail("cannot restore the catalog", e))?;
         self.expects.push(Expect {
             fault: Fault::CatalogOutage.name(),
             ids,
