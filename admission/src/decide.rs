@@ -2,7 +2,8 @@
 //! every refusal can be tested without a server.
 //!
 //! Order: size → subject → envelope → identity (certificate or service key) → signature →
-//! body → freshness → operation → groups → parameters → justification. The first failure
+//! body (its justification one printable line) → freshness → operation → groups →
+//! parameters → justification rule. The first failure
 //! decides, with a stable code and a sentence the operator can act on.
 
 use std::collections::BTreeMap;
@@ -202,7 +203,17 @@ impl Policy {
                     .to_owned(),
             )
         })?;
-        draft.request.key_id = envelope.key_id().to_owned();
+        // The sender's word, before anything is verified: recorded and quoted only when it
+        // has the form of a key id.
+        let well_formed = rct_bus::KeyId::is_well_formed(envelope.key_id());
+        let key_id = if well_formed {
+            envelope.key_id()
+        } else {
+            "(not a key id)"
+        };
+        if well_formed {
+            draft.request.key_id = key_id.to_owned();
+        }
         if envelope.purpose() != Purpose::Submission {
             return Err((
                 C::BadSignature,
@@ -218,9 +229,8 @@ impl Policy {
                 (
                     C::Unauthenticated,
                     format!(
-                        "the submission carries no operator certificate, and its key {} is not a \
-                         registered service; run rct login",
-                        envelope.key_id()
+                        "the submission carries no operator certificate, and its key {key_id} is \
+                         not a registered service; run rct login"
                     ),
                 )
             })?;
@@ -238,8 +248,7 @@ impl Policy {
             return Err((
                 C::BadSignature,
                 format!(
-                    "the submission is signed by key {}, but the certificate binds key {}",
-                    envelope.key_id(),
+                    "the submission is signed by key {key_id}, but the certificate binds key {}",
                     key.id()
                 ),
             ));
@@ -268,6 +277,11 @@ impl Policy {
             )
         })?;
         draft.command_id = Some(command_id);
+        // Before any other check, so that no refusal records it: a justification is one line
+        // of printable text, of bounded length.
+        if let Some(problem) = rct_bus::text::justification_problem(&submission.justification) {
+            return Err((C::Malformed, problem));
+        }
         draft.request.justification = submission.justification.clone();
         if let Some(Request::Run(run)) = &submission.request {
             // Known from here on, so every later refusal says what was asked for; parameters
@@ -632,6 +646,9 @@ impl Policy {
         }
     }
 
+    /// The refusal on record. What it holds came from the submission unchecked (a key id,
+    /// a target, parameter names, the operator's own words in a message): all of it is made
+    /// printable, so no refusal shows as anything but what it is.
     fn reject(
         &self,
         draft: Draft,
@@ -639,7 +656,7 @@ impl Policy {
         code: RejectionCode,
         message: String,
     ) -> Reject {
-        let decision = self.event(
+        let mut decision = self.event(
             &draft
                 .command_id
                 .map(|id| id.to_string())
@@ -653,6 +670,7 @@ impl Policy {
                 request: Some(draft.request),
             }),
         );
+        rct_bus::text::make_printable(&mut decision);
         Reject {
             tower: draft.tower,
             command_id: draft.command_id,
@@ -886,6 +904,125 @@ mod tests {
                 command(&admit.command, &policy.key),
                 "{subject}: the same command"
             );
+        }
+    }
+
+    fn recorded_request(reject: &Reject) -> &proto::Request {
+        match &reject.decision.kind {
+            Some(Kind::Rejected(r)) => r.request.as_ref().expect("a request on record"),
+            other => panic!("not a refusal: {other:?}"),
+        }
+    }
+
+    /// A justification that could pass for something else on a terminal (a line feed, a
+    /// carriage return, an escape sequence, a bidirectional override) or is too long is
+    /// refused before any other check, so that no refusal records it: not the forbidden one
+    /// nor the stale one it would otherwise be.
+    #[test]
+    fn a_justification_that_is_not_one_printable_line_is_refused_first_and_not_recorded() {
+        let now = OffsetDateTime::now_utc();
+        let mut forbidding = example();
+        forbidding
+            .operations
+            .get_mut("traffic/drain-cluster")
+            .unwrap()
+            .allowed_groups = vec!["dba".into()];
+        let long = format!("SRE-1 {}", "x".repeat(rct_bus::text::JUSTIFICATION_MAX));
+        for (policy, requested_at) in [
+            (policy(example()), now),
+            (policy(forbidding), now),
+            (policy(example()), now - time::Duration::hours(1)),
+        ] {
+            for bad in [
+                "SRE-1\n\u{1b}[2Kceo@example.com drained prod-1",
+                "SRE-1\rceo@example.com drained prod-1",
+                "SRE-1 \u{202e}1-ERS",
+                long.as_str(),
+            ] {
+                let mut submission = drain(requested_at);
+                submission.justification = bad.into();
+                let Verdict::Reject(reject) = decide(&policy, &signed(&policy, &submission), now)
+                else {
+                    panic!("admitted with justification {bad:?}");
+                };
+                assert_eq!(
+                    reject.code(),
+                    RejectionCode::Malformed,
+                    "{}",
+                    reject.message()
+                );
+                assert!(
+                    reject.message().contains("justification"),
+                    "{}",
+                    reject.message()
+                );
+                assert_eq!(recorded_request(&reject).justification, "", "{bad:?}");
+            }
+        }
+    }
+
+    /// A refusal records what the submission gave unchecked (a target, parameter names and
+    /// values, the key id) with everything a terminal would act on written out.
+    #[test]
+    fn a_refusal_records_nothing_a_terminal_would_act_on() {
+        let now = OffsetDateTime::now_utc();
+        let policy = policy(example());
+        let esc = "\u{1b}[2K\r";
+        let submission = run(
+            "traffic/drain-cluster",
+            &format!("prod-1{esc}"),
+            &[(
+                &format!("cluster{esc}"),
+                proto::value::Kind::Target(format!("prod-1{esc}")),
+            )],
+            now,
+        );
+        let Verdict::Reject(reject) = decide(&policy, &signed(&policy, &submission), now) else {
+            panic!("admitted");
+        };
+        let request = recorded_request(&reject);
+        let mut texts = vec![reject.decision.target.clone(), reject.message().to_owned()];
+        for (name, value) in &request.params {
+            texts.push(name.clone());
+            texts.push(display_value(value));
+        }
+        for text in &texts {
+            assert!(!text.chars().any(char::is_control), "{text:?}");
+        }
+        assert!(
+            texts.iter().any(|t| t.contains("\\u{1b}[2K\\r")),
+            "{texts:?}"
+        );
+    }
+
+    /// The key id an envelope claims is the sender's word before anything is verified: a
+    /// refusal records and quotes it only when it has the form of a key id.
+    #[test]
+    fn a_key_id_that_is_not_one_is_neither_recorded_nor_quoted() {
+        let now = OffsetDateTime::now_utc();
+        let policy = policy(example());
+        let session = KeyPair::generate();
+        for (claimed, kept) in [
+            ("\u{1b}[2K\rceo@example.com drained prod-1", false),
+            ("ed25519:0123456789abcdef", true),
+        ] {
+            let mut envelope = session.sign(Purpose::Submission, drain(now).encode_to_vec());
+            envelope.key_id = claimed.into();
+            let Verdict::Reject(reject) = decide(&policy, &envelope.encode_to_vec(), now) else {
+                panic!("admitted");
+            };
+            assert_eq!(reject.code(), RejectionCode::Unauthenticated);
+            let recorded = &recorded_request(&reject).key_id;
+            assert_eq!(recorded == claimed, kept, "{recorded:?}");
+            assert_eq!(
+                reject.message().contains(claimed),
+                kept,
+                "{}",
+                reject.message()
+            );
+            if !kept {
+                assert!(recorded.is_empty() && reject.message().contains("(not a key id)"));
+            }
         }
     }
 

@@ -180,7 +180,7 @@ impl Notifier {
             {
                 continue;
             }
-            match self.post(&url, &event_id, &text).await {
+            match self.post(&url, &event_id, &posted(&text)).await {
                 Ok(()) => self
                     .posted
                     .lock()
@@ -311,6 +311,16 @@ impl Notifier {
         }
         (who, why)
     }
+}
+
+/// `text` as posted: printable (nothing on record can start a fake line in a channel), with
+/// `&`, `<` and `>` escaped as Slack reads them (no `<!channel>` ping, no `<url|label>` link
+/// that says something else than where it goes).
+fn posted(text: &str) -> String {
+    rct_bus::text::printable(text)
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn operator_name(operator: &proto::Operator) -> String {

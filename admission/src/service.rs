@@ -511,7 +511,11 @@ impl Inner {
             Ok(catalog) => catalog,
             Err(error) => {
                 tracing::warn!(%why, "{error}; catalog {from} stays in force");
-                let message = format!("{error}\ncatalog {from} stays in force");
+                // One line on record: the problems, each after a semicolon.
+                let message = format!(
+                    "{}; catalog {from} stays in force",
+                    error.to_string().replace("\n  ", "; ")
+                );
                 self.record_reload(
                     why,
                     &from,
@@ -614,7 +618,7 @@ impl Inner {
             _ => {}
         }
         for kind in std::iter::once(decision).chain(outcome) {
-            let event = proto::Event {
+            let mut event = proto::Event {
                 command_id: id.to_string(),
                 at: Some(rct_streams::timestamp::from_datetime(
                     OffsetDateTime::now_utc(),
@@ -624,6 +628,8 @@ impl Inner {
                 target: String::new(),
                 kind: Some(kind),
             };
+            // The loader's messages quote the file.
+            rct_bus::text::make_printable(&mut event);
             if let Err(e) = self.publisher.event(&tower, &event, 0).await {
                 tracing::error!(error = %e, "cannot record the catalog reload");
                 return;
@@ -1003,6 +1009,10 @@ impl Inner {
             None => (CommandId::generate(), 0),
         };
         decision.command_id = id.to_string();
+        // What a refusal holds came from outside (a login's token, a submission's words).
+        if matches!(decision.kind, Some(Kind::Rejected(_))) {
+            rct_bus::text::make_printable(&mut decision);
+        }
         if let (Some(claimed), Some(Kind::Rejected(r))) = (claimed, decision.kind.as_mut())
             && r.code != RejectionCode::Duplicate as i32
         {
@@ -1174,16 +1184,19 @@ fn decided_request(event: &proto::Event) -> Option<&proto::Request> {
     }
 }
 
-/// The same decision turned into a refusal with `code` and `message`.
+/// The same decision turned into a refusal with `code` and `message`, printable as every
+/// refusal on record is.
 fn rejection(decision: &proto::Event, code: RejectionCode, message: String) -> proto::Event {
-    proto::Event {
+    let mut rejected = proto::Event {
         kind: Some(Kind::Rejected(proto::Rejected {
             code: code as i32,
             message,
             request: decided_request(decision).cloned(),
         })),
         ..decision.clone()
-    }
+    };
+    rct_bus::text::make_printable(&mut rejected);
+    rejected
 }
 
 fn label(verdict: &Verdict) -> String {

@@ -673,8 +673,12 @@ impl Justification {
         )
     }
 
-    /// Checks a justification against the rule; the error is a sentence for the operator.
+    /// Checks a justification against the rule (and against what any justification may
+    /// hold: [`crate::text::justification_problem`]); the error is a sentence for the operator.
     pub fn check(&self, operation: &str, text: &str) -> Result<(), String> {
+        if let Some(problem) = crate::text::justification_problem(text) {
+            return Err(problem);
+        }
         let text = text.trim();
         if text.is_empty() {
             return if self.required {
@@ -783,6 +787,14 @@ impl Param {
                 let max = self.max_len.unwrap_or(DEFAULT_MAX_LEN);
                 if s.chars().count() > max {
                     return error(format!("{name} must be at most {max} characters long"));
+                }
+                // On record in clear, and shown to people: no character a terminal acts on.
+                if !self.secret && !crate::text::is_printable(s) {
+                    return error(format!(
+                        "{name} must be printable text: it holds a control or formatting \
+                         character ({})",
+                        crate::text::printable(s)
+                    ));
                 }
                 if let Some(pattern) = &self.pattern {
                     let matches = pattern.is_match(s).map_err(|e| ParamError {
@@ -1180,6 +1192,32 @@ mod tests {
         assert_eq!(
             checked.params["strategy"],
             value(V::Enumeration("rolling".into()))
+        );
+    }
+
+    /// A string parameter is on record in clear and shown to people: one holding a character
+    /// a terminal acts on is refused, and the refusal quotes it written out.
+    #[test]
+    fn a_string_parameter_must_be_printable_text() {
+        let (tower, mut restart) = op(&example(), "workloads/restart");
+        restart.params.get_mut("namespace").unwrap().pattern = None;
+        let with = |namespace: &str| {
+            restart.check(
+                &tower,
+                &given(&[
+                    ("namespace", V::String(namespace.into())),
+                    ("deployment", V::String("cart".into())),
+                ]),
+                Secrets::Open,
+            )
+        };
+        assert!(with("shop ✓").is_ok());
+        let errors = with("shop\u{1b}[2K").unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.message.contains("printable") && !e.message.contains('\u{1b}')),
+            "{errors:?}"
         );
     }
 

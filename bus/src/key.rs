@@ -27,6 +27,17 @@ impl KeyId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether `text` has the form of a key id (`ed25519:` and 16 lower-case hex digits):
+    /// what an envelope claims is recorded and quoted only then.
+    pub fn is_well_formed(text: &str) -> bool {
+        text.strip_prefix("ed25519:").is_some_and(|hex| {
+            hex.len() == 16
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+    }
 }
 
 // Hash and Eq of `KeyId` are those of its string, so maps keyed by `KeyId` can be searched

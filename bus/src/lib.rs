@@ -11,6 +11,7 @@
 //! - [`presence`]: what live agents write in the `rct_agents` bucket.
 //! - [`EventKind`]: the last token of an event subject, and which events hold one slot.
 //! - [`trace`]: W3C `traceparent`, carried from the CLI to every event of an operation.
+//! - [`text`]: text on record made safe to show, and what a justification may hold.
 
 pub mod catalog;
 mod envelope;
@@ -22,6 +23,7 @@ mod name;
 pub mod presence;
 pub mod sealed;
 pub mod subject;
+pub mod text;
 pub mod trace;
 
 /// Generated protobuf messages (package `rct.v1`).

@@ -1,5 +1,10 @@
 //! How events look: one line each for people (progress on stderr, with a bar on a terminal),
 //! one JSON object each for scripts.
+//!
+//! Everything shown to people from the streams is made printable first
+//! ([`rct_bus::text`]): a control character, an escape sequence or a bidirectional override
+//! in a justification, a target, a script's output or a refusal is shown written out, never
+//! acted on by the terminal. JSON output escapes control characters as JSON does.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -8,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rct_bus::catalog::display_value;
 use rct_bus::proto::{self, event::Kind};
 use rct_bus::rejection_code_name;
+use rct_bus::text::printable;
 use rct_streams::Record;
 use rct_streams::timestamp::to_datetime;
 use serde_json::{Value, json};
@@ -175,8 +181,21 @@ pub fn params(params: &BTreeMap<String, proto::Value>) -> String {
         .join(" ")
 }
 
-/// What an event says, in one line.
+/// `record` as it may be shown to people: every text of its event printable.
+pub fn shown(mut record: Record) -> Record {
+    rct_bus::text::make_printable(&mut record.event);
+    record
+}
+
+/// What an event says, in one line (a log event: a line for each of its lines), every text
+/// of it printable.
 pub fn describe(event: &proto::Event) -> String {
+    let mut event = event.clone();
+    rct_bus::text::make_printable(&mut event);
+    describe_printable(&event)
+}
+
+fn describe_printable(event: &proto::Event) -> String {
     let Some(kind) = &event.kind else {
         return "(empty event)".into();
     };
@@ -376,16 +395,16 @@ impl Live {
                 Some(bar) => {
                     bar.set_position(u64::from(p.percent));
                     bar.set_message(if p.message.is_empty() {
-                        p.step.clone()
+                        printable(&p.step).into_owned()
                     } else {
-                        format!("{}: {}", p.step, p.message)
+                        printable(&format!("{}: {}", p.step, p.message)).into_owned()
                     });
                 }
                 None => self.line(&describe(event)),
             },
             Kind::Log(l) => {
                 for line in l.line.split('\n') {
-                    self.line(&format!("  {line}"));
+                    self.line(&format!("  {}", printable(line)));
                 }
             }
             kind => {
@@ -417,12 +436,16 @@ impl Live {
         match kind {
             Kind::Rejected(_) => eprintln!("{}", describe(event)),
             Kind::Succeeded(s) => {
-                println!("{} succeeded{took}: {}", event.command_id, s.summary);
+                println!(
+                    "{} succeeded{took}: {}",
+                    printable(&event.command_id),
+                    printable(&s.summary)
+                );
                 for (k, v) in &s.outputs {
-                    println!("  {k}: {v}");
+                    println!("  {}: {}", printable(k), printable(v));
                 }
             }
-            _ => println!("{} {}{took}", event.command_id, describe(event)),
+            _ => println!("{} {}{took}", printable(&event.command_id), describe(event)),
         }
     }
 }

@@ -10,6 +10,7 @@ const RCT: &str = env!("CARGO_BIN_EXE_rct");
 /// `rct dev` in the background, with its own state and home; killed on drop.
 struct Dev {
     child: Child,
+    port: u16,
     home: tempfile::TempDir,
     _state: tempfile::TempDir,
 }
@@ -49,8 +50,9 @@ impl Dev {
         let home = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(state.path().join("dev.log")).unwrap();
+        let port = free_port();
         let child = Command::new(RCT)
-            .args(["dev", "--port", &free_port().to_string(), "--dir"])
+            .args(["dev", "--port", &port.to_string(), "--dir"])
             .arg(state.path().join("stack"))
             .env("RCT_HOME", home.path())
             .env("NATS_SERVER_BIN", nats_server())
@@ -61,6 +63,7 @@ impl Dev {
             .unwrap();
         let dev = Self {
             child,
+            port,
             home,
             _state: state,
         };
@@ -92,6 +95,33 @@ impl Dev {
 
     fn home(&self) -> &Path {
         self.home.path()
+    }
+
+    /// `rct <args>` on a terminal (a pty, by util-linux script(1)): its exit code and what
+    /// the terminal received.
+    fn on_terminal(&self, args: &[&str]) -> (i32, String) {
+        let line = shell_words::join(std::iter::once(RCT).chain(args.iter().copied()));
+        let out = Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env("RCT_HOME", self.home.path())
+            .env("SHELL", "/bin/sh")
+            .stdin(Stdio::null())
+            .output()
+            .expect("util-linux script(1), to run rct on a pty");
+        (code(&out), text(&out.stdout))
+    }
+
+    /// Publishes `event` on the dev server's event stream as its writer `n`, as anyone
+    /// who may write a tower's events (its agents) can.
+    fn write_event(&self, tower: &str, event: &rct_bus::proto::Event, n: &str) {
+        let url = format!("nats://127.0.0.1:{}", self.port);
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+            rct_streams::Publisher::new(js)
+                .event(&tower.parse().unwrap(), event, n)
+                .await
+                .unwrap();
+        });
     }
 }
 
@@ -1110,13 +1140,15 @@ fn the_towers_walk_runs_as_written() {
     assert!(dev_line.starts_with("rct dev "), "{dev_line}");
     ok(shell(before).output().unwrap());
     let log = dir.join("dev.log");
-    let child = shell(&format!("exec {dev_line} --port {}", free_port()))
+    let port = free_port();
+    let child = shell(&format!("exec {dev_line} --port {port}"))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let dev = Dev {
         child,
+        port,
         home: tempfile::tempdir().unwrap(),
         _state: tempfile::tempdir().unwrap(),
     };
@@ -1170,4 +1202,101 @@ fn the_towers_walk_runs_as_written() {
         );
     }
     drop(dev);
+}
+
+/// Nothing on record can pass for something else on a terminal. A justification that could
+/// (a carriage return and an escape sequence that clear the line and write a fake one) is
+/// refused before it is sent. Text that reached the stream anyway, written by whoever may
+/// write a tower's events (a log line of a command, a refusal's justification and reason),
+/// shows written out in `rct show`, `rct history` and `rct status` on a terminal, never acted
+/// on.
+#[test]
+fn nothing_on_record_can_pass_for_something_else_on_a_terminal() {
+    use rct_bus::proto::{self, event::Kind};
+    let dev = Dev::start();
+    ok(dev.rct(&["login", "--dev", "--user", "alice", "--groups", "sre_team"]));
+    let fake = "\u{1b}[2K\rceo@example.com drained prod-1";
+    let shown_fake = "\\u{1b}[2K\\rceo@example.com drained prod-1";
+
+    let out = dev.rct(&[
+        "workloads",
+        "restart",
+        "--namespace",
+        "shop",
+        "--deployment",
+        "web",
+        "-j",
+        &format!("SRE-1 {fake}"),
+    ]);
+    let said = text(&out.stderr);
+    assert_eq!(code(&out), 2, "{said}");
+    assert!(
+        said.contains("one line of printable text") && !said.contains('\u{1b}'),
+        "{said:?}"
+    );
+
+    let drained = fired(dev.rct(&[
+        "traffic",
+        "drain-cluster",
+        "--cluster",
+        "prod-1",
+        "-j",
+        "SRE-1",
+    ]));
+    let now = rct_streams::timestamp::from_datetime(time::OffsetDateTime::now_utc());
+    let event = |id: &str, kind: Kind| proto::Event {
+        command_id: id.into(),
+        at: Some(now),
+        source: format!("agent/traffic/prod-1/{fake}"),
+        operation: "traffic/drain-cluster".into(),
+        target: "prod-1".into(),
+        kind: Some(kind),
+    };
+    dev.write_event(
+        "traffic",
+        &event(
+            &drained,
+            Kind::Log(proto::Log {
+                stream: proto::LogStream::Stdout as i32,
+                line: format!("done\n{fake}"),
+            }),
+        ),
+        "forged",
+    );
+    let refused = rct_bus::CommandId::generate().to_string();
+    dev.write_event(
+        "traffic",
+        &event(
+            &refused,
+            Kind::Rejected(proto::Rejected {
+                code: proto::RejectionCode::Forbidden as i32,
+                message: format!("no{fake}"),
+                request: Some(proto::Request {
+                    operator: Some(proto::Operator {
+                        subject: "mallory".into(),
+                        email: format!("mallory{fake}"),
+                        groups: Vec::new(),
+                    }),
+                    justification: format!("SRE-2{fake}"),
+                    ..proto::Request::default()
+                }),
+            }),
+        ),
+        "forged",
+    );
+
+    for (args, exit) in [
+        (vec!["show", drained.as_str()], 0),
+        (vec!["show", refused.as_str()], 3),
+        (vec!["status", refused.as_str()], 3),
+        (vec!["history", "--since", "1h"], 0),
+    ] {
+        let (code, shown) = dev.on_terminal(&args);
+        assert_eq!(code, exit, "{args:?}:\n{shown}");
+        assert!(
+            !shown.contains('\u{1b}'),
+            "{args:?} passed an escape on:\n{shown:?}"
+        );
+        assert!(shown.contains(shown_fake), "{args:?}:\n{shown}");
+    }
 }

@@ -7,6 +7,7 @@ use std::io::IsTerminal;
 use futures::StreamExt;
 use rct_bus::catalog::{Served, display_value};
 use rct_bus::proto::{self, event::Kind};
+use rct_bus::text::printable;
 use rct_streams::replay::{self, Filter, Item};
 use rct_streams::{CommandState, Folded, Folder, Phase};
 use serde_json::json;
@@ -427,7 +428,8 @@ impl Layout {
     }
 
     /// One command in one line: when it was decided, what, where, how it went, how long it
-    /// ran, who asked, then why and what else is worth knowing.
+    /// ran, who asked, then why and what else is worth knowing. Printable: nothing on record
+    /// can make it two lines or move the cursor.
     pub fn row(&self, state: &CommandState, zone: &Zone) -> String {
         let when = state.decided_at.or(state.started_at);
         let time = when.map_or_else(
@@ -443,14 +445,17 @@ impl Layout {
         if why.is_empty() {
             why.push('-');
         }
+        // Each field printable before it is padded, so the columns stay aligned.
+        let shown = |text: &str| printable(text).into_owned();
         format!(
-            "{time}  {}  {:<op$}  {:<tg$}  {:<STATE$}  {took:>TOOK$}  {operator:<OPERATOR$}  \
-             {why}{}",
+            "{time}  {}  {:<op$}  {:<tg$}  {:<STATE$}  {took:>TOOK$}  {:<OPERATOR$}  {}{}",
             state.command_id,
-            or_dash(&state.operation),
-            or_dash(state.target.as_str()),
+            shown(or_dash(&state.operation)),
+            shown(or_dash(state.target.as_str())),
             word(state),
-            notes(state),
+            shown(&operator),
+            shown(&why),
+            shown(&notes(state)),
             op = self.operation,
             tg = self.target,
         )

@@ -2,6 +2,7 @@
 
 use futures::StreamExt;
 use rct_bus::proto;
+use rct_bus::text::printable;
 use rct_bus::{CommandId, EventKind, OperationName};
 use rct_streams::replay;
 use rct_streams::{CommandState, Record};
@@ -108,53 +109,58 @@ pub async fn show(home: &Home, global: &Global, args: One) -> Result {
     }
     let zone = Zone::for_display(args.utc, args.output);
     let request = state.request.as_ref();
-    println!("command       {id}");
-    println!(
-        "operation     {} on {}",
-        state.operation,
-        if state.target.is_empty() {
-            "-"
-        } else {
-            &state.target
-        }
+    // Each a line, whatever the record holds.
+    let field = |label: &str, value: &str| println!("{label:<14}{}", printable(value));
+    field("command", &id.to_string());
+    field(
+        "operation",
+        &format!(
+            "{} on {}",
+            state.operation,
+            if state.target.is_empty() {
+                "-"
+            } else {
+                &state.target
+            }
+        ),
     );
-    println!(
-        "requested by  {} (groups: {})",
-        render::operator(request.and_then(|r| r.operator.as_ref())),
-        request
-            .and_then(|r| r.operator.as_ref())
-            .map(|o| o.groups.join(", "))
-            .unwrap_or_default()
+    field(
+        "requested by",
+        &format!(
+            "{} (groups: {})",
+            render::operator(request.and_then(|r| r.operator.as_ref())),
+            request
+                .and_then(|r| r.operator.as_ref())
+                .map(|o| o.groups.join(", "))
+                .unwrap_or_default()
+        ),
     );
-    println!(
-        "why           {}",
-        request.map_or("", |r| r.justification.as_str())
-    );
-    println!(
-        "parameters    {}",
-        request
+    field("why", request.map_or("", |r| r.justification.as_str()));
+    field(
+        "parameters",
+        &request
             .map(|r| render::params(&r.params))
-            .unwrap_or_default()
+            .unwrap_or_default(),
     );
     if request.is_some_and(|r| r.dry_run) {
-        println!("dry run       yes");
+        field("dry run", "yes");
     }
     if let Some(cancelled) = state.cancels() {
-        println!("cancels       {cancelled}");
+        field("cancels", cancelled);
     }
-    println!("state         {}", history::word(&state));
+    field("state", history::word(&state));
     if let Some(reason) = &state.refused {
-        println!("refused       {reason}");
+        field("refused", reason);
     }
     if let Some(trace) = records.iter().find_map(|r| r.trace) {
-        println!("trace         {}", trace.trace_id());
+        field("trace", &trace.trace_id().to_string());
     }
     println!();
     for record in &records {
         let who = if record.kind == EventKind::Log {
             String::new()
         } else {
-            format!("  [{}]", record.event.source)
+            format!("  [{}]", printable(&record.event.source))
         };
         println!(
             "{}  {:<8} {}{who}",

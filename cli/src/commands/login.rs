@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use prost::Message as _;
 use rct_bus::proto::{self, login_response::Result as Login};
+use rct_bus::text::printable;
 use rct_bus::{KeyPair, Subject};
 
 use crate::exit::{Error, Exit, Result};
@@ -98,7 +99,7 @@ pub async fn dev_token(
         Ok(Some(proto::dev_token_response::Result::IdToken(token))) => Ok(token),
         Ok(Some(proto::dev_token_response::Result::Refused(r))) => Err(Error::usage(format!(
             "the development issuer refused: {}",
-            r.message
+            printable(&r.message)
         ))),
         _ => Err(Error::usage(
             "the development issuer's answer is unreadable",
@@ -145,7 +146,8 @@ pub async fn exchange(client: &async_nats::Client, id_token: &str) -> Result<Ses
         Ok(Some(Login::Refused(r))) => {
             return Err(Error::usage(format!(
                 "login refused ({}): {}",
-                r.code, r.message
+                printable(&r.code),
+                printable(&r.message)
             )));
         }
         _ => return Err(Error::usage("admission's login answer is unreadable")),
@@ -224,8 +226,9 @@ pub fn whoami(home: &Home, global: &Global, args: WhoamiArgs) -> Result {
             serde_json::json!({"context": context, "subject": i.subject, "email": i.email, "groups": i.groups, "expires_at": crate::render::time(i.expires_at as i64)})
         ),
         crate::render::Output::Text => {
-            println!("{} ({})", i.email, i.subject);
-            println!("groups:  {}", i.groups.join(", "));
+            // As the identity provider wrote it: printable.
+            println!("{} ({})", printable(&i.email), printable(&i.subject));
+            println!("groups:  {}", printable(&i.groups.join(", ")));
             println!("context: {context}");
             println!("expires: {}", crate::render::time(i.expires_at as i64));
         }

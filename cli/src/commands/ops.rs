@@ -155,16 +155,24 @@ fn describe(served: &Served, operation: &str, output: Output) -> Result {
     Ok(Exit::Ok)
 }
 
-/// Left-aligned columns, two spaces apart.
+/// Left-aligned columns, two spaces apart; every cell printable (what the catalog or an
+/// agent wrote shows as written).
 #[allow(clippy::print_stdout)] // tables are results
 pub fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let rows: Vec<[String; N]> = rows
+        .iter()
+        .map(|row| {
+            row.clone()
+                .map(|cell| rct_bus::text::printable(&cell).into_owned())
+        })
+        .collect();
     let mut widths = [0usize; N];
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
         }
     }
-    for row in rows {
+    for row in &rows {
         let mut line = String::new();
         for (i, cell) in row.iter().enumerate() {
             if i + 1 == N {

@@ -7,6 +7,7 @@ use futures::StreamExt;
 use prost::Message as _;
 use rct_bus::catalog::{Secrets, Served};
 use rct_bus::proto::{self, event::Kind};
+use rct_bus::text::printable;
 use rct_bus::trace::{TRACEPARENT, TraceContext};
 use rct_bus::{CommandId, OperationName, Subject};
 use rct_streams::Record;
@@ -449,7 +450,7 @@ pub async fn decision(remote: &Remote, stored: &Stored) -> Result {
             if let Ok(Item::Event(record)) = item
                 && record.kind == rct_bus::EventKind::Decision
             {
-                return Some(record);
+                return Some(render::shown(record));
             }
         }
         None
@@ -592,7 +593,7 @@ async fn refused_elsewhere(remote: &Remote, stored: &Stored) -> Option<Record> {
             .as_ref()
             .is_some_and(|r| r.submission_sequence == stored.sequence);
         if ours && record.event.command_id != stored.id.to_string() {
-            return Some(record);
+            return Some(render::shown(record));
         }
     }
     None
@@ -791,15 +792,15 @@ pub async fn watch_submitted(
             if note.dropped {
                 eprintln!(
                     "{id} will not run: {}. Fix the agent (rct agents), then submit it again",
-                    note.reason
+                    printable(note.reason)
                 );
                 return Ok(Exit::Failed);
             }
             eprintln!(
                 "{id} is not started yet: {}. Waiting until its deadline",
-                note.reason
+                printable(note.reason)
             );
-            refused = Some(note.reason.to_owned());
+            refused = Some(printable(note.reason).into_owned());
         }
     }
 }

@@ -1,0 +1,326 @@
+//! Text on record, made safe to show; and the rule for the text an operator writes into the
+//! record (a justification).
+//!
+//! Anything read from the streams may hold characters a terminal or a browser acts on
+//! instead of showing: escape sequences that move the cursor or clear a line, carriage
+//! returns and line feeds that start a fake line, bidirectional controls that reorder what is
+//! read. [`printable`] writes each of them out (`\u{1b}`, `\r`, `\n`), so what is shown is
+//! what the stream holds and nothing in it can pass for something else. Everything that
+//! shows a record to a person goes through [`make_printable`] or [`printable`].
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use crate::proto::{self, event::Kind, value::Kind as V};
+
+/// The longest justification admission takes, in characters.
+pub const JUSTIFICATION_MAX: usize = 500;
+
+/// Whether `c` is shown as it is: not a control character (C0, DEL, C1, Cc), a format
+/// character (Cf: bidirectional controls, zero-width characters, tags, the soft hyphen), a
+/// line or paragraph separator (Zl, Zp), or a filler that shows as nothing.
+fn shown_as_is(c: char) -> bool {
+    !c.is_control()
+        && !matches!(
+            c,
+            '\u{00ad}'
+                | '\u{034f}'
+                | '\u{061c}'
+                | '\u{115f}'
+                | '\u{1160}'
+                | '\u{180e}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{206f}'
+                | '\u{3164}'
+                | '\u{feff}'
+                | '\u{ffa0}'
+                | '\u{fff9}'..='\u{fffb}'
+                | '\u{e0000}'..='\u{e007f}'
+        )
+}
+
+/// Whether `text` shows as it is ([`printable`] would leave it alone).
+pub fn is_printable(text: &str) -> bool {
+    text.chars().all(shown_as_is)
+}
+
+/// `text` with every character a terminal or a browser would act on written out instead:
+/// `\n`, `\r`, `\t`, and `\u{…}` for the others.
+///
+/// Applying it again changes nothing (a backslash is left as it is), so a text typed with
+/// `\u{1b}` in it reads like one that held the character: on a terminal neither does anything.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if is_printable(text) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            c if shown_as_is(c) => out.push(c),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Why `text` cannot be a justification, if it cannot: a justification is one line of
+/// printable characters, at most [`JUSTIFICATION_MAX`] of them.
+pub fn justification_problem(text: &str) -> Option<String> {
+    if let Some((at, c)) = text.chars().enumerate().find(|(_, c)| !shown_as_is(*c)) {
+        return Some(format!(
+            "the justification must be one line of printable text, and its character {} is {} \
+             (a control or formatting character)",
+            at + 1,
+            printable(&c.to_string())
+        ));
+    }
+    let length = text.chars().count();
+    (length > JUSTIFICATION_MAX).then(|| {
+        format!(
+            "the justification is {length} characters long; at most {JUSTIFICATION_MAX} are \
+             taken: give a ticket or incident reference and a short reason"
+        )
+    })
+}
+
+fn clean(text: &mut String) {
+    if let Cow::Owned(shown) = printable(text) {
+        *text = shown;
+    }
+}
+
+fn clean_operator(operator: &mut Option<proto::Operator>) {
+    if let Some(o) = operator {
+        clean(&mut o.subject);
+        clean(&mut o.email);
+        o.groups.iter_mut().for_each(clean);
+    }
+}
+
+fn clean_value(value: &mut proto::Value) {
+    match &mut value.kind {
+        Some(V::String(s) | V::Enumeration(s) | V::Target(s)) => clean(s),
+        Some(
+            V::Integer(_)
+            | V::Number(_)
+            | V::Boolean(_)
+            | V::Duration(_)
+            | V::Masked(_)
+            | V::Sealed(_),
+        )
+        | None => {}
+    }
+}
+
+fn clean_request(request: &mut Option<proto::Request>) {
+    let Some(r) = request else { return };
+    clean_operator(&mut r.operator);
+    clean(&mut r.justification);
+    clean(&mut r.cancels);
+    clean(&mut r.key_id);
+    // Names too: a refusal records the names a submission gave.
+    r.params = std::mem::take(&mut r.params)
+        .into_iter()
+        .map(|(mut name, mut value)| {
+            clean(&mut name);
+            clean_value(&mut value);
+            (name, value)
+        })
+        .collect();
+}
+
+/// Makes every text of `event` [`printable`], in place. A log event keeps its lines apart:
+/// the `\n` between them stays, and each line is made printable.
+pub fn make_printable(event: &mut proto::Event) {
+    clean(&mut event.command_id);
+    clean(&mut event.source);
+    clean(&mut event.operation);
+    clean(&mut event.target);
+    let Some(kind) = &mut event.kind else { return };
+    match kind {
+        Kind::Rejected(r) => {
+            clean(&mut r.message);
+            clean_request(&mut r.request);
+        }
+        Kind::Admitted(a) => clean_request(&mut a.request),
+        Kind::Approval(a) => {
+            clean_operator(&mut a.by);
+            clean(&mut a.comment);
+        }
+        Kind::Started(s) => {
+            clean(&mut s.agent);
+            clean(&mut s.host);
+            clean(&mut s.target);
+        }
+        Kind::Progress(p) => {
+            clean(&mut p.step);
+            clean(&mut p.message);
+        }
+        Kind::Log(l) => {
+            if !l.line.split('\n').all(is_printable) {
+                l.line = l
+                    .line
+                    .split('\n')
+                    .map(printable)
+                    .collect::<Vec<_>>()
+                    .join("\n");
+            }
+        }
+        Kind::CancelRequested(c) => {
+            clean_operator(&mut c.by);
+            clean(&mut c.justification);
+        }
+        Kind::Succeeded(s) => {
+            clean(&mut s.summary);
+            s.outputs = std::mem::take(&mut s.outputs)
+                .into_iter()
+                .map(|(mut k, mut v)| {
+                    clean(&mut k);
+                    clean(&mut v);
+                    (k, v)
+                })
+                .collect();
+        }
+        Kind::Failed(f) => {
+            clean(&mut f.code);
+            clean(&mut f.message);
+        }
+        Kind::Expired(_) => {}
+        Kind::Cancelled(c) => clean(&mut c.reason),
+        Kind::Unknown(u) => clean(&mut u.reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a terminal would act on is written out; everything else is left as it is.
+    #[test]
+    fn what_a_terminal_acts_on_is_written_out() {
+        assert!(matches!(printable("SRE-101 drain é ✓"), Cow::Borrowed(_)));
+        assert_eq!(
+            printable("\u{1b}[2K\rceo@example.com drained prod-1\n"),
+            "\\u{1b}[2K\\rceo@example.com drained prod-1\\n"
+        );
+        assert_eq!(printable("a\tb\u{7f}\u{9b}31m"), "a\\tb\\u{7f}\\u{9b}31m");
+        // Bidirectional overrides reorder what is read ("Trojan source").
+        assert_eq!(printable("evil\u{202e}txt.exe"), "evil\\u{202e}txt.exe");
+    }
+
+    /// Zero-width and invisible characters, separators and tags are written out too.
+    #[test]
+    fn what_shows_as_nothing_is_written_out() {
+        for c in [
+            '\u{200b}',
+            '\u{2028}',
+            '\u{feff}',
+            '\u{e0041}',
+            '\u{00ad}',
+            '\u{3164}',
+        ] {
+            assert!(!is_printable(&format!("a{c}b")), "{:x}", u32::from(c));
+        }
+        assert_eq!(
+            printable(&printable("\u{1b}")),
+            printable("\u{1b}"),
+            "applied twice"
+        );
+    }
+
+    #[test]
+    fn a_justification_is_one_printable_line_of_bounded_length() {
+        assert_eq!(
+            justification_problem("SRE-101: traffic shift for the incident"),
+            None
+        );
+        let why = justification_problem("SRE-1\n\u{1b}[1A").unwrap();
+        assert!(why.contains("character 6 is \\n"), "{why}");
+        assert!(justification_problem("x\u{2066}").is_some());
+        assert_eq!(justification_problem(&"é".repeat(JUSTIFICATION_MAX)), None);
+        let why = justification_problem(&"x".repeat(JUSTIFICATION_MAX + 1)).unwrap();
+        assert!(why.contains("501 characters"), "{why}");
+    }
+
+    /// Every text of a refusal, its request's names and values included, and each line of a
+    /// log event apart.
+    #[test]
+    fn every_text_of_an_event_is_made_printable() {
+        let esc = "\u{1b}[2K";
+        let mut rejected = proto::Event {
+            source: format!("admission/{esc}"),
+            target: esc.into(),
+            kind: Some(Kind::Rejected(proto::Rejected {
+                code: 8,
+                message: format!("signed by key {esc}"),
+                request: Some(proto::Request {
+                    operator: Some(proto::Operator {
+                        subject: esc.into(),
+                        email: esc.into(),
+                        groups: vec![esc.into()],
+                    }),
+                    justification: format!("\r{esc}ceo drained prod-1"),
+                    key_id: esc.into(),
+                    params: [(
+                        format!("p{esc}"),
+                        proto::Value {
+                            kind: Some(V::String(esc.into())),
+                        },
+                    )]
+                    .into(),
+                    ..proto::Request::default()
+                }),
+            })),
+            ..proto::Event::default()
+        };
+        make_printable(&mut rejected);
+        let text = texts(&rejected);
+        assert!(!text.chars().any(|c| c.is_control()), "{text}");
+        assert_eq!(text.matches("\\u{1b}[2K").count(), 10, "{text}");
+
+        let mut log = proto::Event {
+            kind: Some(Kind::Log(proto::Log {
+                stream: 1,
+                line: format!("first\nsecond{esc}\rthird"),
+            })),
+            ..proto::Event::default()
+        };
+        make_printable(&mut log);
+        let Some(Kind::Log(l)) = &log.kind else {
+            unreachable!()
+        };
+        assert_eq!(l.line, "first\nsecond\\u{1b}[2K\\rthird");
+    }
+
+    /// Every string of the refusal above, joined (its Debug form would escape them itself).
+    fn texts(event: &proto::Event) -> String {
+        let Some(Kind::Rejected(r)) = &event.kind else {
+            unreachable!()
+        };
+        let q = r.request.as_ref().unwrap();
+        let o = q.operator.as_ref().unwrap();
+        let mut all = vec![
+            event.source.clone(),
+            event.target.clone(),
+            r.message.clone(),
+            q.justification.clone(),
+            q.key_id.clone(),
+            o.subject.clone(),
+            o.email.clone(),
+        ];
+        all.extend(o.groups.iter().cloned());
+        for (k, v) in &q.params {
+            all.push(k.clone());
+            if let Some(V::String(s)) = &v.kind {
+                all.push(s.clone());
+            }
+        }
+        all.join("|")
+    }
+}
