@@ -238,6 +238,8 @@ pub(super) struct Report {
     unaccounted: usize,
     not_as_recorded: usize,
     failed: usize,
+    /// The first few of those, each with how it ended.
+    ended_otherwise: Vec<String>,
     /// Commands meant to fail (a panicking handler's) or to expire (received by an agent
     /// whose clock is past their deadline).
     expected_failures: usize,
@@ -280,8 +282,9 @@ impl Report {
             Some("no fault was injected".into())
         } else if self.admitted != ended {
             Some(format!(
-                "outcomes do not add up: {} admitted, {} succeeded + {} unknown + {} expected failures",
-                self.admitted, self.succeeded, self.unknown, self.expected_failures
+                "outcomes do not add up: {} admitted, {} succeeded + {} unknown + {} expected \
+                 failures, and {} ended otherwise",
+                self.admitted, self.succeeded, self.unknown, self.expected_failures, self.failed
             ))
         } else {
             None
@@ -308,7 +311,13 @@ impl Report {
             self.unknown_not_from_kills + self.kills_without_unknown,
             match (self.valid(), self.vacuous()) {
                 (true, _) => "ok".to_owned(),
-                (false, Some(why)) => format!("VIOLATION: the run proves nothing ({why})"),
+                (false, Some(why)) => format!(
+                    "VIOLATION: the run proves nothing ({why}){}",
+                    self.ended_otherwise
+                        .iter()
+                        .map(|e| format!("; {e}"))
+                        .collect::<String>()
+                ),
                 (false, None) => format!(
                     "VIOLATION{}{}{}",
                     if self.not_as_recorded > 0 {
@@ -323,6 +332,7 @@ impl Report {
                     },
                     self.idle
                         .iter()
+                        .chain(&self.ended_otherwise)
                         .map(|why| format!("; {why}"))
                         .collect::<String>()
                 ),
@@ -565,6 +575,14 @@ pub(super) async fn check(
         )
         .collect();
     let as_meant = |id: &CommandId, kind: &str| meant.get(id) == Some(&kind);
+    let ended_otherwise: Vec<CommandId> = fold
+        .outcome
+        .iter()
+        .filter(|(id, (kind, _))| {
+            matches!(*kind, "failed" | "expired" | "cancelled") && !as_meant(id, kind)
+        })
+        .map(|(id, _)| *id)
+        .collect();
     let never_asked = fold
         .decided
         .iter()
@@ -621,13 +639,19 @@ pub(super) async fn check(
                 .filter(|(id, (kind, _))| *kind == "succeeded" && !finished.contains(*id))
                 .count()
             + fold.outcomes.values().filter(|n| **n > 1).count(),
-        failed: fold
-            .outcome
+        failed: ended_otherwise.len(),
+        ended_otherwise: ended_otherwise
             .iter()
-            .filter(|(id, (kind, _))| {
-                matches!(*kind, "failed" | "expired" | "cancelled") && !as_meant(id, kind)
+            .take(5)
+            .map(|id| {
+                let outcome = records.iter().rev().find_map(|r| {
+                    (r.event.command_id == id.to_string() && r.kind == rct_bus::EventKind::Outcome)
+                        .then_some(r.event.kind.as_ref())
+                        .flatten()
+                });
+                format!("{id} ended {}", describe(outcome))
             })
-            .count(),
+            .collect(),
         expected_failures: fold
             .outcome
             .iter()
@@ -797,6 +821,21 @@ mod tests {
         ] {
             assert!(!bad.valid(), "{why}");
             assert!(bad.line().contains(why), "{}", bad.line());
+        }
+        // A command that ended otherwise is named, with how it ended, whichever way it fails.
+        for succeeded in [9, 10] {
+            let named = Report {
+                failed: 1,
+                succeeded,
+                ended_otherwise: vec!["01X ended failed (not_run: stopped)".into()],
+                ..good.clone()
+            };
+            assert!(!named.valid());
+            assert!(
+                named.line().contains("01X ended failed (not_run"),
+                "{}",
+                named.line()
+            );
         }
         for bad in [
             Report {

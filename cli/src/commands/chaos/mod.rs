@@ -491,7 +491,7 @@ async fn effect(
 async fn run_seed(args: &Args, seed: u64) -> Result<Report> {
     let started = Instant::now();
     let mut rng = fastrand::Rng::with_seed(seed);
-    let (_temp, dir) = match &args.dir {
+    let (temp, dir) = match &args.dir {
         Some(root) => (None, root.join(format!("seed-{seed}"))),
         None => {
             let temp = tempfile::Builder::new()
@@ -652,6 +652,15 @@ async fn run_seed(args: &Args, seed: u64) -> Result<Report> {
     report.faults_asked = args.faults;
     report.seconds = started.elapsed().as_secs_f64();
     world.stop().await;
+    // A seed that failed keeps what it left: its processes' logs, the ledger, the scripts.
+    if !report.valid()
+        && let Some(temp) = temp
+    {
+        eprintln!(
+            "seed {seed}: its logs, ledger and files are kept in {}",
+            temp.keep().display()
+        );
+    }
     Ok(report)
 }
 
