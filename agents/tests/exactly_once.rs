@@ -414,54 +414,81 @@ authorization {
 no_auth_user: admin
 "#;
 
-/// An agent as user `agent`, which `AGENT_CANNOT_READ_SLOTS` restricts, on `h`'s server,
-/// waiting `shutdown_grace` for its commands when stopped.
-async fn restricted_agent(
-    h: &Harness,
-    ledger: &Ledger,
-    shutdown_grace: Duration,
-) -> (
-    tokio_util::sync::CancellationToken,
-    tokio::task::JoinHandle<Result<(), rct_agents::Error>>,
-) {
-    let client = async_nats::ConnectOptions::with_user_and_password("agent".into(), "agent".into())
-        .connect(h.server.url())
-        .await
-        .unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let tower = Tower::new("traffic")
-        .cluster("prod-1")
-        .operation("drain-cluster", drain_handler(ledger.clone(), "a"))
-        .config(rct_agents::Config {
-            shutdown_grace,
-            ..h.config("a")
+/// A drain claimed by an agent that cannot read the slots (user `agent`, which
+/// `AGENT_CANNOT_READ_SLOTS` restricts) and waits `shutdown_grace` for its commands when
+/// stopped.
+struct Unread {
+    h: Harness,
+    ledger: Ledger,
+    /// The agent's instance name.
+    instance: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    agent: tokio::task::JoinHandle<Result<(), rct_agents::Error>>,
+    command: proto::Command,
+}
+
+impl Unread {
+    /// Starts the server and the agent, publishes the drain and waits until it is claimed.
+    async fn claimed(shutdown_grace: Duration) -> Self {
+        let setup = Setup {
+            extra: AGENT_CANNOT_READ_SLOTS.into(),
+            ..Setup::default()
+        };
+        let h = Harness::start_with(setup, example_catalog()).await;
+        let ledger = Ledger::default();
+        let client =
+            async_nats::ConnectOptions::with_user_and_password("agent".into(), "agent".into())
+                .connect(h.server.url())
+                .await
+                .unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let tower = Tower::new("traffic")
+            .cluster("prod-1")
+            .operation("drain-cluster", drain_handler(ledger.clone(), "a"))
+            .config(rct_agents::Config {
+                shutdown_grace,
+                ..h.config("a")
+            })
+            .trust(h.admission.public().clone());
+        let agent = tokio::spawn(tower.run(client, shutdown.clone()));
+        let instance = h.present("traffic", 1).await.remove(0).instance;
+        let command = drain(&h);
+        h.publish(&command).await;
+        let tower = TowerName::new("traffic").unwrap();
+        let id = command.command_id.parse().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while rct_streams::journal::slot(&h.js, &tower, id, EventKind::Claim)
+                .await
+                .unwrap()
+                .is_none()
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         })
-        .trust(h.admission.public().clone());
-    let agent = tokio::spawn(tower.run(client, shutdown.clone()));
-    (shutdown, agent)
-}
-
-/// Waits until command `command` is claimed.
-async fn claimed(h: &Harness, command: &proto::Command) {
-    let tower = TowerName::new("traffic").unwrap();
-    let id = command.command_id.parse().unwrap();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while rct_streams::journal::slot(&h.js, &tower, id, EventKind::Claim)
-            .await
-            .unwrap()
-            .is_none()
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        .await
+        .expect("the agent claims the command");
+        Self {
+            h,
+            ledger,
+            instance,
+            shutdown,
+            agent,
+            command,
         }
-    })
-    .await
-    .expect("the agent claims the command");
-}
+    }
 
-fn restricted() -> Setup {
-    Setup {
-        extra: AGENT_CANNOT_READ_SLOTS.into(),
-        ..Setup::default()
+    fn executions(&self) -> usize {
+        self.ledger.executions(&self.command.command_id)
+    }
+
+    /// Stops the agent and waits until it has.
+    async fn stop(&mut self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), &mut self.agent)
+            .await
+            .expect("the agent stops")
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -471,30 +498,21 @@ fn restricted() -> Setup {
 /// went to agents that could only find the claim held, while the claim's holder waited.
 #[tokio::test]
 async fn a_claim_whose_outcome_slot_cannot_be_read_yet_is_run_by_the_same_delivery() {
-    let mut h = Harness::start_with(restricted(), example_catalog()).await;
-    let ledger = Ledger::default();
-    let (shutdown, agent) = restricted_agent(&h, &ledger, Duration::from_secs(30)).await;
-    h.present("traffic", 1).await;
-    let command = drain(&h);
-    h.publish(&command).await;
-    claimed(&h, &command).await;
+    let mut u = Unread::claimed(Duration::from_secs(30)).await;
     // At least one read refused, then the slots are readable again.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        ledger.executions(&command.command_id),
-        0,
-        "run without its slot read"
-    );
-    h.server.reconfigure(Setup::default()).await;
+    assert_eq!(u.executions(), 0, "run without its slot read");
+    u.h.server.reconfigure(Setup::default()).await;
 
-    let records = h.finished(&command.command_id).await;
+    let records = u.h.finished(&u.command.command_id).await;
     assert!(
         matches!(outcome(&records), Kind::Succeeded(_)),
         "{records:#?}"
     );
-    assert_eq!(ledger.executions(&command.command_id), 1);
+    assert_eq!(u.executions(), 1);
     let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-        h.js.get_consumer_from_stream("tower-traffic@prod-1", "RCT_CMD")
+        u.h.js
+            .get_consumer_from_stream("tower-traffic@prod-1", "RCT_CMD")
             .await
             .unwrap();
     assert_eq!(
@@ -502,41 +520,29 @@ async fn a_claim_whose_outcome_slot_cannot_be_read_yet_is_run_by_the_same_delive
         1,
         "the command was handed back and delivered again"
     );
-    shutdown.cancel();
-    agent.await.unwrap().unwrap();
+    u.stop().await;
 }
 
 /// The agent claims a command, then cannot read its outcome slot (as when the server
 /// pauses or fails over right after the claim), and is stopped gracefully before it could.
-/// The claim is this instance's and nothing ran, so the stop ends it `not_run`, saying why. Before, the stop left the claim with no outcome; the next agent took its
-/// holder for gone and recorded `Unknown` for a command that never ran.
+/// The claim is this instance's and nothing ran, so the stop ends it `not_run`, saying why.
+/// Before, the stop left the claim with no outcome; the next agent took its holder for gone
+/// and recorded `Unknown` for a command that never ran.
 #[tokio::test]
 async fn a_claim_never_started_is_ended_not_run_when_its_agent_stops() {
-    let h = Harness::start_with(restricted(), example_catalog()).await;
-    let ledger = Ledger::default();
-    let (shutdown, agent) = restricted_agent(&h, &ledger, Duration::from_secs(3)).await;
-    let instance = h.present("traffic", 1).await.remove(0).instance;
-    let command = drain(&h);
-    h.publish(&command).await;
-    claimed(&h, &command).await;
-
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(60), agent)
-        .await
-        .expect("the agent stops")
-        .unwrap()
-        .unwrap();
-    let records = h.events(&command.command_id).await;
+    let mut u = Unread::claimed(Duration::from_secs(3)).await;
+    u.stop().await;
+    let records = u.h.events(&u.command.command_id).await;
     let Kind::Failed(failed) = outcome(&records) else {
         panic!("not ended as not run: {records:#?}");
     };
     assert_eq!(failed.code, "not_run", "{failed:?}");
     assert!(
-        failed.message.contains(&instance) && failed.message.contains("not run"),
+        failed.message.contains(&u.instance) && failed.message.contains("not run"),
         "the outcome says who held it and that it did not run: {failed:?}"
     );
     assert_eq!(kinds(&records, EventKind::Outcome), 1);
-    assert_eq!(ledger.executions(&command.command_id), 0, "never run");
+    assert_eq!(u.executions(), 0, "never run");
 }
 
 /// As above, but the slots become readable again after the stop was asked for: the agent
@@ -544,29 +550,15 @@ async fn a_claim_never_started_is_ended_not_run_when_its_agent_stops() {
 /// by the exit would end `Unknown`), so the stop ends the claim `not_run`.
 #[tokio::test]
 async fn a_claim_is_not_started_once_its_agent_is_stopping() {
-    let mut h = Harness::start_with(restricted(), example_catalog()).await;
-    let ledger = Ledger::default();
-    let (shutdown, agent) = restricted_agent(&h, &ledger, Duration::from_secs(30)).await;
-    h.present("traffic", 1).await;
-    let command = drain(&h);
-    h.publish(&command).await;
-    claimed(&h, &command).await;
+    let mut u = Unread::claimed(Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    shutdown.cancel();
-    h.server.reconfigure(Setup::default()).await;
-    tokio::time::timeout(Duration::from_secs(60), agent)
-        .await
-        .expect("the agent stops")
-        .unwrap()
-        .unwrap();
-    let records = h.events(&command.command_id).await;
+    u.shutdown.cancel();
+    u.h.server.reconfigure(Setup::default()).await;
+    u.stop().await;
+    let records = u.h.events(&u.command.command_id).await;
     assert!(
         matches!(outcome(&records), Kind::Failed(f) if f.code == "not_run"),
         "{records:#?}"
     );
-    assert_eq!(
-        ledger.executions(&command.command_id),
-        0,
-        "started while stopping"
-    );
+    assert_eq!(u.executions(), 0, "started while stopping");
 }

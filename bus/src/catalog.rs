@@ -788,14 +788,6 @@ impl Param {
                 if s.chars().count() > max {
                     return error(format!("{name} must be at most {max} characters long"));
                 }
-                // On record in clear, and shown to people: no character a terminal acts on.
-                if !self.secret && !crate::text::is_printable(s) {
-                    return error(format!(
-                        "{name} must be printable text: it holds a control or formatting \
-                         character ({})",
-                        crate::text::printable(s)
-                    ));
-                }
                 if let Some(pattern) = &self.pattern {
                     let matches = pattern.is_match(s).map_err(|e| ParamError {
                         param: name.to_owned(),
@@ -1192,32 +1184,6 @@ mod tests {
         assert_eq!(
             checked.params["strategy"],
             value(V::Enumeration("rolling".into()))
-        );
-    }
-
-    /// A string parameter is on record in clear and shown to people: one holding a character
-    /// a terminal acts on is refused, and the refusal quotes it written out.
-    #[test]
-    fn a_string_parameter_must_be_printable_text() {
-        let (tower, mut restart) = op(&example(), "workloads/restart");
-        restart.params.get_mut("namespace").unwrap().pattern = None;
-        let with = |namespace: &str| {
-            restart.check(
-                &tower,
-                &given(&[
-                    ("namespace", V::String(namespace.into())),
-                    ("deployment", V::String("cart".into())),
-                ]),
-                Secrets::Open,
-            )
-        };
-        assert!(with("shop ✓").is_ok());
-        let errors = with("shop\u{1b}[2K").unwrap_err();
-        assert!(
-            errors
-                .iter()
-                .any(|e| e.message.contains("printable") && !e.message.contains('\u{1b}')),
-            "{errors:?}"
         );
     }
 

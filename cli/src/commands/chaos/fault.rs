@@ -584,15 +584,7 @@ impl World {
                     Ok(held) => held,
                     Err(why) => return Ok(Err(why)),
                 };
-                let ids = (0..BURST)
-                    .map(|_| {
-                        self.submitter.submit(
-                            EFFECT,
-                            &target,
-                            vec![("work_ms", proto::value::Kind::Integer(50))],
-                        )
-                    })
-                    .collect();
+                let ids = self.effects(&target, BURST);
                 tokio::time::sleep(pause).await;
                 let resumed = OffsetDateTime::now_utc();
                 self.expects.push(Expect {
@@ -656,6 +648,19 @@ impl World {
         })
     }
 
+    /// Submits `n` short effects for `target`.
+    fn effects(&self, target: &str, n: usize) -> Vec<rct_bus::CommandId> {
+        (0..n)
+            .map(|_| {
+                self.submitter.submit(
+                    EFFECT,
+                    target,
+                    vec![("work_ms", proto::value::Kind::Integer(50))],
+                )
+            })
+            .collect()
+    }
+
     fn expect(&mut self, fault: Fault, id: rct_bus::CommandId, want: Want) {
         self.expects.push(Expect {
             fault: fault.name(),
@@ -714,15 +719,7 @@ impl World {
         // Every agent of `target` starts again with no catalog cached: its commands must wait.
         let (restarted, present) = self.restart(target, time::Duration::ZERO).await?;
         bit = bit.and(present);
-        let ids = (0..2)
-            .map(|_| {
-                self.submitter.submit(
-                    EFFECT,
-                    target,
-                    vec![("work_ms", proto::value::Kind::Integer(50))],
-                )
-            })
-            .collect();
+        let ids = self.effects(target, 2);
         tokio::time::sleep(OUTAGE.saturating_sub(began.elapsed())).await;
         let missed = restarted
             .iter()
@@ -778,15 +775,7 @@ impl World {
                     bit = bit.and(Err(why));
                 }
             }
-            let ids: Vec<rct_bus::CommandId> = (0..2)
-                .map(|_| {
-                    self.submitter.submit(
-                        EFFECT,
-                        target,
-                        vec![("work_ms", proto::value::Kind::Integer(50))],
-                    )
-                })
-                .collect();
+            let ids = self.effects(target, 2);
             // Ended while the agents' clocks are shifted; the checker says how.
             for id in &ids {
                 self.ended(*id).await;
