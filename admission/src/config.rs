@@ -142,6 +142,34 @@ impl Config {
         Ok(config)
     }
 
+    /// The development issuer mints a token for anyone who asks: it runs only where nobody
+    /// else can ask, next to no real identity provider.
+    fn dev_issuer_problem(&self) -> Result<(), String> {
+        if !self.issuers.is_empty() {
+            return Err(
+                "dev_issuer is on next to real `issuers`: the development issuer mints tokens \
+                 for anyone, so it never runs where real identities do; turn it off"
+                    .into(),
+            );
+        }
+        let remote: Vec<&str> = self
+            .nats
+            .servers
+            .iter()
+            .map(String::as_str)
+            .filter(|url| !crate::identity::is_loopback(server_host(url)))
+            .collect();
+        if !remote.is_empty() {
+            return Err(format!(
+                "dev_issuer is on, but NATS server(s) {} are not on this machine's loopback: \
+                 the development issuer mints tokens for anyone who can reach it, so it runs \
+                 only on a local development server; turn it off",
+                remote.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks the settings together; the message says what to change.
     pub fn validate(&self) -> Result<(), String> {
         if self.nats.servers.is_empty() {
@@ -159,6 +187,9 @@ impl Config {
                  development) `dev_issuer: true`"
                     .into(),
             );
+        }
+        if self.dev_issuer {
+            self.dev_issuer_problem()?;
         }
         if self.concurrency == 0 {
             return Err("concurrency must be at least 1".into());
@@ -189,6 +220,19 @@ impl Config {
     }
 }
 
+/// The host of a NATS server URL (`nats://h:4222`, `tls://[::1]:4222`, `h:4222`, `h`).
+fn server_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if authority.starts_with('[') {
+        return authority.split_inclusive(']').next().unwrap_or(authority);
+    }
+    authority.split(':').next().unwrap_or(authority)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,7 +256,10 @@ mod tests {
         let config = Config::load(
             Some(&file),
             env(&[
-                ("RCT_NATS__SERVERS", "nats://b:4222,nats://c:4222"),
+                (
+                    "RCT_NATS__SERVERS",
+                    "nats://localhost:4222,nats://127.0.0.1:4223",
+                ),
                 ("RCT_CONCURRENCY", "8"),
                 ("RCT_LOG", "debug"),
                 ("HOME", "/root"),
@@ -221,7 +268,10 @@ mod tests {
         .unwrap();
         assert_eq!(config.catalog, PathBuf::from("/etc/rct/catalog.yaml"));
         assert_eq!(config.freshness, Duration::from_secs(300));
-        assert_eq!(config.nats.servers, ["nats://b:4222", "nats://c:4222"]);
+        assert_eq!(
+            config.nats.servers,
+            ["nats://localhost:4222", "nats://127.0.0.1:4223"]
+        );
         assert_eq!(config.concurrency, 8);
         assert_eq!(
             config.nats.inbox_prefix.as_deref(),
@@ -271,6 +321,57 @@ mod tests {
         assert!(unknown.contains("unknown field `freshnes`"), "{unknown}");
         let nobody = Config::load(None, env(&[])).unwrap_err();
         assert!(nobody.contains("no way to authenticate anyone"), "{nobody}");
+    }
+
+    /// The development issuer mints a token for anyone who asks: one environment variable
+    /// used to switch it on anywhere. It is refused next to real issuers, and wherever a NATS
+    /// server is not on loopback.
+    #[test]
+    fn the_dev_issuer_runs_only_alone_and_on_loopback() {
+        let dev = |servers: &str| {
+            Config::load(
+                None,
+                env(&[("RCT_DEV_ISSUER", "true"), ("RCT_NATS__SERVERS", servers)]),
+            )
+        };
+        for local in [
+            "nats://127.0.0.1:4222",
+            "localhost:4222",
+            "tls://[::1]:4222",
+            "nats://u:p@127.0.0.2:4222",
+        ] {
+            dev(local).unwrap_or_else(|e| panic!("{local}: {e}"));
+        }
+        for remote in [
+            "nats://nats.prod:4222",
+            "nats://10.0.0.5:4222",
+            "nats://127.0.0.1:4222,nats://hub-1:4222",
+            "tls://[2001:db8::1]:4222",
+            "nats://localhost.evil.example:4222",
+        ] {
+            let error = dev(remote).unwrap_err();
+            assert!(
+                error.contains("not on this machine's loopback"),
+                "{remote}: {error}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admission.yaml");
+        std::fs::write(
+            &file,
+            concat!(
+                "dev_issuer: true\n",
+                "nats:\n  servers: [nats://127.0.0.1:4222]\n",
+                "issuers:\n",
+                "  - issuer: https://idp.example.com\n",
+                "    audience: [rct]\n",
+                "    algorithms: [RS256]\n",
+                "    jwks_url: https://idp.example.com/jwks\n",
+            ),
+        )
+        .unwrap();
+        let error = Config::load(Some(&file), env(&[])).unwrap_err();
+        assert!(error.contains("next to real `issuers`"), "{error}");
     }
 
     /// A huge freshness or certificate lifetime overflowed the clock arithmetic.

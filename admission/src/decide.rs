@@ -597,8 +597,10 @@ impl Policy {
             command_id: target.to_string(),
             at: decision.at,
             source: decision.source.clone(),
+            // The cancelled command's target, which admission put on the decision once it
+            // found that command (`Service::check_cancel_target`): its agents watch there.
             operation: decision.operation.clone(),
-            target: String::new(),
+            target: decision.target.clone(),
             kind: Some(Kind::CancelRequested(proto::CancelRequested {
                 by: request.operator.clone(),
                 justification: request.justification.clone(),

@@ -277,7 +277,12 @@ impl Notifier {
             "an unknown operator".to_owned(),
             "no justification recorded".to_owned(),
         );
-        let subject = Subject::event(&record.tower, record.command_id, EventKind::Decision);
+        let subject = Subject::event(
+            &record.tower,
+            &record.target,
+            record.command_id,
+            EventKind::Decision,
+        );
         let Ok(stream) = self.js.get_stream_no_info(EVENT_STREAM).await else {
             return unknown;
         };

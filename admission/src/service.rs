@@ -13,7 +13,9 @@ use prometheus_client::registry::Registry;
 use prost::Message as _;
 use rct_bus::catalog::Served;
 use rct_bus::proto::{self, RejectionCode, event::Kind};
-use rct_bus::{CommandId, EventKind, KeyPair, PublicKey, Subject, Tower, rejection_code_name};
+use rct_bus::{
+    CommandId, EventKind, KeyPair, PublicKey, Subject, Target, Tower, rejection_code_name, subject,
+};
 use rct_streams::telemetry::{self, Readiness};
 use rct_streams::topology::{
     ADMISSION_CONSUMER, CATALOG_BUCKET, CATALOG_KEY, COMMAND_STREAM, EVENT_STREAM, SUBMIT_STREAM,
@@ -746,7 +748,11 @@ impl Inner {
         // The decision's id names the submission (`<command>.decision.<submission seq>`): a
         // redelivery of this submission is recognised as ours, a replay of its command id by
         // another submission is not.
-        match publisher.event(tower, decision, sequence).await? {
+        let slot = match self.decided_elsewhere(tower, command_id, decision).await? {
+            Some(sequence) => Slot::Taken { sequence },
+            None => publisher.event(tower, decision, sequence).await?,
+        };
+        match slot {
             Slot::Written(ack) if !ack.duplicate => {
                 log_decision(&verdict);
                 self.follow_up(publisher, &verdict).await?;
@@ -898,7 +904,8 @@ impl Inner {
         let Some(claimed) = claimed else {
             return Ok(None);
         };
-        let subject = Subject::event(operation.tower(), claimed, EventKind::Decision).to_string();
+        let subject =
+            subject::events_of_tower_command(operation.tower(), claimed, EventKind::Decision);
         let holder = self.last_event_on(&subject).await?;
         Ok(holder
             .filter(|h| decided_request(h).map(|r| r.submission_sequence) == Some(stored.sequence)))
@@ -923,12 +930,15 @@ impl Inner {
         Ok(())
     }
 
-    /// A cancel request must name an admitted command of the same operation.
+    /// A cancel request must name an admitted command of the same operation. Its decision
+    /// and its cancel event take that command's target: the cancel event goes where the
+    /// command's agents watch, and a redelivery rebuilds it from the decision alone.
     async fn check_cancel_target(
         &self,
-        cancel: crate::decide::Cancel,
+        mut cancel: crate::decide::Cancel,
     ) -> Result<Verdict, rct_streams::Error> {
-        let subject = Subject::event(&cancel.tower, cancel.target, EventKind::Decision).to_string();
+        let subject =
+            subject::events_of_tower_command(&cancel.tower, cancel.target, EventKind::Decision);
         let target = self.last_event_on(&subject).await?;
         let problem = match &target {
             None => Some(format!(
@@ -946,7 +956,12 @@ impl Inner {
             Some(_) => None,
         };
         Ok(match problem {
-            None => Verdict::Cancel(cancel),
+            None => {
+                let target = target.map(|e| e.target).unwrap_or_default();
+                cancel.decision.target.clone_from(&target);
+                cancel.cancel.target = target;
+                Verdict::Cancel(cancel)
+            }
             Some(message) => Verdict::Reject(Reject {
                 tower: cancel.tower,
                 command_id: Some(cancel.command_id),
@@ -961,6 +976,41 @@ impl Inner {
         &self,
         subject: &str,
     ) -> Result<Option<proto::Event>, rct_streams::Error> {
+        Ok(self
+            .last_on(subject)
+            .await?
+            .and_then(|stored| proto::Event::decode(stored.payload).ok()))
+    }
+
+    /// The sequence of a decision recorded under `command_id` in `tower` at another target
+    /// than `decision`'s, if there is one. The decision slot is one subject per target, and
+    /// a command id has one decision whatever target its submissions name: that one holds it.
+    async fn decided_elsewhere(
+        &self,
+        tower: &Tower,
+        command_id: CommandId,
+        decision: &proto::Event,
+    ) -> Result<Option<u64>, rct_streams::Error> {
+        let ours = Subject::event(
+            tower,
+            &Target::of_event(&decision.target),
+            command_id,
+            EventKind::Decision,
+        )
+        .to_string();
+        let any = subject::events_of_tower_command(tower, command_id, EventKind::Decision);
+        Ok(self
+            .last_on(&any)
+            .await?
+            .filter(|stored| stored.subject.as_str() != ours)
+            .map(|stored| stored.sequence))
+    }
+
+    /// The last message on `subject` (a filter) in RCT_EVT, if any.
+    async fn last_on(
+        &self,
+        subject: &str,
+    ) -> Result<Option<async_nats::jetstream::message::StreamMessage>, rct_streams::Error> {
         let stream = self
             .js
             .get_stream_no_info(EVENT_STREAM)
@@ -970,7 +1020,7 @@ impl Inner {
                 cause: e.into(),
             })?;
         match stream.get_last_raw_message_by_subject(subject).await {
-            Ok(stored) => Ok(proto::Event::decode(stored.payload).ok()),
+            Ok(stored) => Ok(Some(stored)),
             Err(e)
                 if e.kind()
                     == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>

@@ -211,7 +211,7 @@ async fn count_decisions(events: &async_nats::jetstream::stream::Stream) -> usiz
     use futures::StreamExt;
     let events = events.clone();
     let subjects = events
-        .info_with_subjects("rct.evt.*.*.decision")
+        .info_with_subjects("rct.evt.*.*.*.decision")
         .await
         .unwrap();
     futures::pin_mut!(subjects);

@@ -1,6 +1,8 @@
 //! id_tokens verified with keys fetched from a JWKS URL (a local HTTP server): fetched on first
-//! use, refetched for a new key id at most once per cooldown, so a flood of unknown key ids
-//! cannot turn admission into a load generator against the identity provider.
+//! use, again once they are `jwks_ttl` old (a revoked key stops being trusted), refetched for
+//! a new key id at most once per cooldown, so a flood of unknown key ids cannot turn admission
+//! into a load generator against the identity provider, and tried again soon after a fetch
+//! that failed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +21,8 @@ struct JwksServer {
     url: String,
     current: Arc<Mutex<JwkSet>>,
     fetches: Arc<AtomicUsize>,
+    /// This many requests to come are answered 503.
+    failing: Arc<AtomicUsize>,
 }
 
 impl JwksServer {
@@ -27,18 +31,28 @@ impl JwksServer {
         let url = format!("http://{}/jwks.json", server.server_addr().to_ip().unwrap());
         let current = Arc::new(Mutex::new(initial));
         let fetches = Arc::new(AtomicUsize::new(0));
-        let (served, counted) = (current.clone(), fetches.clone());
+        let failing = Arc::new(AtomicUsize::new(0));
+        let (served, counted, fail) = (current.clone(), fetches.clone(), failing.clone());
         std::thread::spawn(move || {
             for request in server.incoming_requests() {
                 counted.fetch_add(1, Ordering::SeqCst);
+                let failed = fail
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
                 let body = serde_json::to_string(&*served.lock().unwrap()).unwrap();
-                let _ = request.respond(tiny_http::Response::from_string(body));
+                let response = tiny_http::Response::from_string(body);
+                let _ = request.respond(if failed {
+                    response.with_status_code(503)
+                } else {
+                    response
+                });
             }
         });
         Self {
             url,
             current,
             fetches,
+            failing,
         }
     }
 }
@@ -68,15 +82,9 @@ fn token(kid: &str) -> String {
 
 fn issuer(url: &str, cooldown: Duration) -> IssuerConfig {
     IssuerConfig {
-        issuer: ISSUER.into(),
-        audience: vec!["rct".into()],
-        algorithms: vec![Algorithm::RS256],
-        keys: Vec::new(),
         jwks_url: Some(url.into()),
         jwks_cooldown: cooldown,
-        groups_claim: "groups".into(),
-        email_claim: "email".into(),
-        leeway: Duration::from_secs(30),
+        ..IssuerConfig::new(ISSUER, "rct", Algorithm::RS256)
     }
 }
 
@@ -153,4 +161,59 @@ async fn an_unreachable_jwks_url_refuses_with_a_reason() {
         IdTokens::new(&[issuer("http://127.0.0.1:9/jwks.json", Duration::ZERO)]).unwrap();
     let refusal = verifier.verify(&token("k1")).await.unwrap_err();
     assert!(refusal.message.contains("names key \"k1\""), "{refusal:?}");
+}
+
+/// A key the provider revoked (dropped from its JWKS) stops being trusted once the fetched
+/// keys are `jwks_ttl` old, although its id is known. Before, keys were never fetched again
+/// while every key id asked for was known: the revoked key was trusted until a restart.
+#[tokio::test]
+async fn a_key_the_provider_revoked_is_refused_once_the_keys_are_stale() {
+    let jwks = JwksServer::start(JwkSet {
+        keys: vec![jwk("k1")],
+    });
+    let ttl = Duration::from_millis(400);
+    let verifier = IdTokens::new(&[IssuerConfig {
+        jwks_ttl: ttl,
+        ..issuer(&jwks.url, Duration::ZERO)
+    }])
+    .unwrap();
+    verifier.verify(&token("k1")).await.unwrap();
+    *jwks.current.lock().unwrap() = JwkSet {
+        keys: vec![jwk("k2")],
+    };
+    // Still fresh: the cached keys answer, nothing is fetched.
+    verifier.verify(&token("k1")).await.unwrap();
+    assert_eq!(jwks.fetches.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    let refusal = verifier.verify(&token("k1")).await.unwrap_err();
+    assert!(refusal.message.contains("does not have"), "{refusal:?}");
+    assert_eq!(jwks.fetches.load(Ordering::SeqCst), 2);
+    verifier.verify(&token("k2")).await.unwrap();
+}
+
+/// A fetch that failed (the provider briefly unavailable) is tried again within
+/// `JWKS_RETRY`, not after the whole cooldown: before, one failed fetch at start locked every
+/// login out for the cooldown (5 minutes by default).
+#[tokio::test]
+async fn a_failed_fetch_is_tried_again_soon_not_after_the_cooldown() {
+    let jwks = JwksServer::start(JwkSet {
+        keys: vec![jwk("k1")],
+    });
+    jwks.failing.store(1, Ordering::SeqCst);
+    let verifier = IdTokens::new(&[issuer(&jwks.url, Duration::from_secs(3600))]).unwrap();
+    let refusal = verifier.verify(&token("k1")).await.unwrap_err();
+    assert!(refusal.message.contains("names key \"k1\""), "{refusal:?}");
+    let failed = std::time::Instant::now();
+    // Asked steadily: not fetched again at once (a flood still cannot hammer the provider)…
+    while verifier.verify(&token("k1")).await.is_err() {
+        assert!(
+            failed.elapsed() < rct_admission::identity::JWKS_RETRY * 2,
+            "still refused {:?} after the failed fetch",
+            failed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // …and let in once the retry pause passed.
+    assert!(failed.elapsed() >= rct_admission::identity::JWKS_RETRY - Duration::from_millis(200));
+    assert_eq!(jwks.fetches.load(Ordering::SeqCst), 2);
 }

@@ -587,7 +587,14 @@ impl Runner {
         let past_deadline = || past(command.deadline.as_ref());
         let redelivered = message.info().map_or(true, |i| i.delivered > 1);
         let look = if redelivered || past_deadline() {
-            match journal::look(&self.js, &self.tower, id).await {
+            match journal::look(
+                &self.js,
+                &self.tower,
+                &Target::of_event(&command.target),
+                id,
+            )
+            .await
+            {
                 Ok(look) => Some(look),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the command's journal; trying later");
@@ -955,7 +962,16 @@ impl Runner {
         // this agent may not (a stop asked for, presence not fresh): a later delivery
         // resumes it, or the stop ends it unrun.
         for read in 1..=READS {
-            let outcome = match journal::slot(&self.js, &self.tower, id, EventKind::Outcome).await {
+            let target = Target::of_event(&command.target);
+            let outcome = match journal::slot(
+                &self.js,
+                &self.tower,
+                &target,
+                id,
+                EventKind::Outcome,
+            )
+            .await
+            {
                 // Something that is not an event holds the slot: nobody can record an
                 // outcome, so nothing may run.
                 Err(rct_streams::Error::Malformed { .. }) => Some(proto::Event::default()),
@@ -1022,7 +1038,8 @@ impl Runner {
 
     async fn end_claimed(&self, id: CommandId, claimed: &Claimed) -> rct_streams::Result<()> {
         if !claimed.confirmed {
-            let look = journal::look(&self.js, &self.tower, id).await?;
+            let target = Target::of_event(&claimed.command.target);
+            let look = journal::look(&self.js, &self.tower, &target, id).await?;
             if look.outcome.is_some() || look.holder() != Some(self.incarnation.as_str()) {
                 return Ok(());
             }
@@ -1083,6 +1100,7 @@ impl Runner {
         let cancel_watch = AbortOnDropHandle::new(tokio::spawn(cancel_request(
             self.js.clone(),
             self.tower.clone(),
+            Target::of_event(&command.target),
             id,
         )));
         let timeout = command
@@ -1733,8 +1751,14 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("(no message)")
 }
 
-/// Resolves with who asked, when a cancel request for `id` is recorded.
-async fn cancel_request(js: jetstream::Context, tower: rct_bus::Tower, id: CommandId) -> String {
+/// Resolves with who asked, when a cancel request for `id` is recorded at its own target
+/// (where only admission may write one).
+async fn cancel_request(
+    js: jetstream::Context,
+    tower: rct_bus::Tower,
+    target: Target,
+    id: CommandId,
+) -> String {
     // Commands that finish within this never pay for the watch (a consumer per command);
     // the watch reads the command's history from the start, so an earlier request is seen.
     tokio::time::sleep(CANCEL_WATCH_DELAY).await;
@@ -1742,6 +1766,7 @@ async fn cancel_request(js: jetstream::Context, tower: rct_bus::Tower, id: Comma
         command: Some(id),
         kind: Some(EventKind::Cancel),
         tower: Some(tower),
+        target: Some(target),
         ..Filter::default()
     };
     loop {

@@ -457,7 +457,8 @@ impl Unread {
         let tower = TowerName::new("traffic").unwrap();
         let id = command.command_id.parse().unwrap();
         tokio::time::timeout(Duration::from_secs(30), async {
-            while rct_streams::journal::slot(&h.js, &tower, id, EventKind::Claim)
+            let prod1 = rct_bus::Target::new("prod-1").unwrap();
+            while rct_streams::journal::slot(&h.js, &tower, &prod1, id, EventKind::Claim)
                 .await
                 .unwrap()
                 .is_none()

@@ -1,4 +1,4 @@
-//! Event kinds: the last token of `rct.evt.<tower>.<command_id>.<kind>`.
+//! Event kinds: the last token of `rct.evt.<tower>.<target>.<command_id>.<kind>`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -56,6 +56,17 @@ impl EventKind {
         matches!(
             self,
             EventKind::Decision | EventKind::Claim | EventKind::Outcome
+        )
+    }
+
+    /// Whether agents write this kind (their NATS permissions allow exactly these, for their
+    /// own target): a claim, progress, a log line, an outcome. Decisions, approvals and cancel
+    /// requests are admission's alone (admission may also write a claim and an outcome, to end
+    /// a command unrun).
+    pub fn is_written_by_agents(self) -> bool {
+        matches!(
+            self,
+            EventKind::Claim | EventKind::Progress | EventKind::Log | EventKind::Outcome
         )
     }
 

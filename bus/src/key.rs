@@ -187,6 +187,20 @@ impl KeyPair {
         &self.public
     }
 
+    /// Another key, derived from this one for `label`: the same for every holder of this key
+    /// (so every replica derives it), and no signature by one verifies with the other.
+    pub fn derive(&self, label: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        let seed: [u8; 32] = Sha256::new()
+            .chain_update(b"rct/v1/derived-key\n")
+            .chain_update(label.as_bytes())
+            .chain_update(b"\n")
+            .chain_update(self.signing.to_bytes())
+            .finalize()
+            .into();
+        Self::from(SigningKey::from_bytes(&seed))
+    }
+
     /// The key's id.
     pub fn id(&self) -> &KeyId {
         self.public.id()

@@ -123,6 +123,12 @@ impl Target {
         Self(Token(Self::NONE.to_owned()))
     }
 
+    /// The target an event's subject names: the event's own, or `_` when that is not a
+    /// token (a refused request's target, recorded as given).
+    pub fn of_event(target: &str) -> Self {
+        Self::new(target).unwrap_or_else(|_| Self::none())
+    }
+
     /// Whether this is the "no target" token.
     pub fn is_none(&self) -> bool {
         self.as_str() == Self::NONE

@@ -4,12 +4,18 @@
 //! |---------------------------------------|--------------|---------------------|
 //! | `rct.submit.<tower>.<op>`             | `RCT_SUBMIT` | CLI / API clients   |
 //! | `rct.cmd.<tower>.<target>.<op>`       | `RCT_CMD`    | admission           |
-//! | `rct.evt.<tower>.<command_id>.<kind>` | `RCT_EVT`    | admission, agents   |
+//! | `rct.evt.<tower>.<target>.<command_id>.<kind>` | `RCT_EVT` | admission, agents |
 //! | `rct.auth.login`                      | (request/reply) | CLI → admission  |
 //! | `rct.auth.dev-token`                  | (request/reply) | CLI → admission (dev only) |
 //!
 //! [`Subject`] builds and parses concrete subjects; the functions below build the wildcard
 //! filters that streams, consumers and watchers subscribe with.
+//!
+//! An event's subject names its command's target, so that a NATS permission can say which
+//! events an identity may write: an agent of `traffic` on `prod-1` publishes only
+//! `rct.evt.traffic.prod-1.*.{claim,progress,log,outcome}` ([`agent_event_grants`]); only
+//! admission writes the other kinds. A command's slots are the subjects with its own target:
+//! whatever another target's writer puts under the command's id is somewhere else.
 
 use std::fmt;
 use std::str::FromStr;
@@ -39,10 +45,12 @@ pub enum Subject {
         /// Where to run it.
         target: Target,
     },
-    /// `rct.evt.<tower>.<command_id>.<kind>`: one event of a command's history.
+    /// `rct.evt.<tower>.<target>.<command_id>.<kind>`: one event of a command's history.
     Event {
         /// The tower that owns the command.
         tower: Tower,
+        /// Where the command runs (`_` when it has no target, or none could be read).
+        target: Target,
         /// The command.
         command_id: CommandId,
         /// The slot.
@@ -70,10 +78,11 @@ impl Subject {
         }
     }
 
-    /// `rct.evt.<tower>.<command_id>.<kind>`
-    pub fn event(tower: &Tower, command_id: CommandId, kind: EventKind) -> Self {
+    /// `rct.evt.<tower>.<target>.<command_id>.<kind>`
+    pub fn event(tower: &Tower, target: &Target, command_id: CommandId, kind: EventKind) -> Self {
         Subject::Event {
             tower: tower.clone(),
+            target: target.clone(),
             command_id,
             kind,
         }
@@ -97,9 +106,10 @@ impl fmt::Display for Subject {
             ),
             Subject::Event {
                 tower,
+                target,
                 command_id,
                 kind,
-            } => write!(f, "{ROOT}.{EVT}.{tower}.{command_id}.{kind}"),
+            } => write!(f, "{ROOT}.{EVT}.{tower}.{target}.{command_id}.{kind}"),
             Subject::Login => write!(f, "{ROOT}.{AUTH}.{LOGIN}"),
             Subject::DevToken => write!(f, "{ROOT}.{AUTH}.{DEV_TOKEN}"),
         }
@@ -132,8 +142,9 @@ impl FromStr for Subject {
                 operation: op(tower, name)?,
                 target: Target::new(*target)?,
             }),
-            [ROOT, EVT, tower, id, kind] => Ok(Subject::Event {
+            [ROOT, EVT, tower, target, id, kind] => Ok(Subject::Event {
                 tower: Tower::new(*tower)?,
+                target: Target::new(*target)?,
                 command_id: id.parse()?,
                 kind: kind.parse()?,
             }),
@@ -175,19 +186,38 @@ pub fn events_for_tower(tower: &Tower) -> String {
     format!("{ROOT}.{EVT}.{tower}.>")
 }
 
-/// `rct.evt.<tower>.*.<kind>`: one kind of event of every command of a tower.
+/// `rct.evt.<tower>.*.*.<kind>`: one kind of event of every command of a tower.
 pub fn events_of_tower_kind(tower: &Tower, kind: EventKind) -> String {
-    format!("{ROOT}.{EVT}.{tower}.*.{kind}")
+    format!("{ROOT}.{EVT}.{tower}.*.*.{kind}")
 }
 
-/// `rct.evt.*.<command_id>.>`: the whole history of one command.
+/// `rct.evt.*.*.<command_id>.>`: everything written under one command's id, at any target
+/// (readers keep what is at the command's own target).
 pub fn events_for_command(command_id: CommandId) -> String {
-    format!("{ROOT}.{EVT}.*.{command_id}.>")
+    format!("{ROOT}.{EVT}.*.*.{command_id}.>")
 }
 
-/// `rct.evt.*.<command_id>.<kind>`: one slot of one command's history.
+/// `rct.evt.*.*.<command_id>.<kind>`: one kind of event written under one command's id, at
+/// any target.
 pub fn events_of_kind(command_id: CommandId, kind: EventKind) -> String {
-    format!("{ROOT}.{EVT}.*.{command_id}.{kind}")
+    format!("{ROOT}.{EVT}.*.*.{command_id}.{kind}")
+}
+
+/// `rct.evt.<tower>.*.<command_id>.<kind>`: one kind of event written under one command's id
+/// in its tower, at any target.
+pub fn events_of_tower_command(tower: &Tower, command_id: CommandId, kind: EventKind) -> String {
+    format!("{ROOT}.{EVT}.{tower}.*.{command_id}.{kind}")
+}
+
+/// What an agent of `tower` on `target` may publish: `rct.evt.<tower>.<target>.*.<kind>` for
+/// each kind only agents write ([`EventKind::is_written_by_agents`]). NATS permissions
+/// (`ops/nats/accounts.conf`) spell exactly these.
+pub fn agent_event_grants(tower: &Tower, target: &Target) -> Vec<String> {
+    EventKind::ALL
+        .into_iter()
+        .filter(|k| k.is_written_by_agents())
+        .map(|kind| format!("{ROOT}.{EVT}.{tower}.{target}.*.{kind}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -213,8 +243,8 @@ mod tests {
                 "rct.cmd.traffic.prod-1.drain-cluster",
             ),
             (
-                Subject::event(&tower, id, EventKind::Claim),
-                "rct.evt.traffic.01JQ0000000000000000000000.claim",
+                Subject::event(&tower, &target, id, EventKind::Claim),
+                "rct.evt.traffic.prod-1.01JQ0000000000000000000000.claim",
             ),
             (Subject::Login, "rct.auth.login"),
             (Subject::DevToken, "rct.auth.dev-token"),
@@ -241,11 +271,24 @@ mod tests {
         assert_eq!(events_for_tower(&tower), "rct.evt.traffic.>");
         assert_eq!(
             events_for_command(id),
-            "rct.evt.*.01JQ0000000000000000000000.>"
+            "rct.evt.*.*.01JQ0000000000000000000000.>"
         );
         assert_eq!(
             events_of_kind(id, EventKind::Cancel),
-            "rct.evt.*.01JQ0000000000000000000000.cancel"
+            "rct.evt.*.*.01JQ0000000000000000000000.cancel"
+        );
+        assert_eq!(
+            events_of_tower_command(&tower, id, EventKind::Decision),
+            "rct.evt.traffic.*.01JQ0000000000000000000000.decision"
+        );
+        assert_eq!(
+            agent_event_grants(&tower, &target),
+            [
+                "rct.evt.traffic.prod-1.*.claim",
+                "rct.evt.traffic.prod-1.*.progress",
+                "rct.evt.traffic.prod-1.*.log",
+                "rct.evt.traffic.prod-1.*.outcome",
+            ]
         );
     }
 
@@ -259,8 +302,10 @@ mod tests {
             "rct.submit.a.b.c",
             "rct.submit.a*.b",
             "rct.cmd.a.>.b",
-            "rct.evt.a.not-an-id.claim",
-            "rct.evt.a.01JQ0000000000000000000000.claimed",
+            "rct.evt.a.b.not-an-id.claim",
+            "rct.evt.a.b.01JQ0000000000000000000000.claimed",
+            "rct.evt.a.01JQ0000000000000000000000.claim",
+            "rct.evt.a.b*.01JQ0000000000000000000000.claim",
             "rct.submit..b",
             "rct.submit.a b.c",
         ] {

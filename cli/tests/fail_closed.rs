@@ -394,6 +394,7 @@ async fn with_quorum_lost_nothing_runs_and_the_operator_is_told_what_to_check() 
     support::spawn_traffic_agent(agent, runs.clone(), &shutdown).await;
 
     let operator = Arc::new(support::Operator {
+        id_token: None,
         home: tempfile::tempdir().unwrap(),
     });
     let mut context = vec!["context", "set", "cluster", "--timeout", "1s"];

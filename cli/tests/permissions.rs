@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -83,7 +84,8 @@ async fn every_identity_does_its_job_within_its_permissions() {
     let agent = hub.connection(AGENT.0, AGENT.1);
     let js = agent.jetstream(agent.connect("agent", true).await.unwrap());
     let tower = rct_bus::Tower::new("traffic").unwrap();
-    let look = rct_streams::journal::look(&js, &tower, id.parse().unwrap())
+    let prod1 = rct_bus::Target::new("prod-1").unwrap();
+    let look = rct_streams::journal::look(&js, &tower, &prod1, id.parse().unwrap())
         .await
         .unwrap();
     assert!(look.outcome.is_some(), "{look:?}");
@@ -127,6 +129,9 @@ const OPERATOR: (&str, &str) = ("operator", "_INBOX_rct");
 const AGENT: (&str, &str) = ("agent_traffic_prod1", "_INBOX_agent.traffic.prod-1");
 const ADMISSION: (&str, &str) = ("admission", "_INBOX_admission");
 const NOTIFIER: (&str, &str) = ("notifier", "_INBOX_notifier");
+/// The hub-side identity of prod-1's leaf node, connecting as a client: what it may publish is
+/// what may flow from the leaf into the hub.
+const LEAF: (&str, &str) = ("leaf_prod1", "_INBOX_agent.traffic.prod-1");
 
 fn case(id: (&'static str, &'static str), what: &'static str, attempt: Attempt) -> Case {
     Case {
@@ -148,7 +153,7 @@ fn cases() -> Vec<Case> {
         case(
             OPERATOR,
             "publish an event",
-            Publish("rct.evt.traffic.01J00000000000000000000000.outcome"),
+            Publish("rct.evt.traffic.prod-1.01J00000000000000000000000.outcome"),
         ),
         case(
             OPERATOR,
@@ -207,6 +212,16 @@ fn cases() -> Vec<Case> {
         ),
         case(OPERATOR, "sniff commands", Subscribe("rct.cmd.>")),
         case(
+            OPERATOR,
+            "ask the development issuer for a token",
+            Publish("rct.auth.dev-token"),
+        ),
+        case(
+            ADMISSION,
+            "serve the development issuer",
+            Subscribe("rct.auth.dev-token"),
+        ),
+        case(
             AGENT,
             "pull another target's commands",
             Publish("$JS.API.CONSUMER.MSG.NEXT.RCT_CMD.tower-traffic@prod-2"),
@@ -224,7 +239,42 @@ fn cases() -> Vec<Case> {
         case(
             AGENT,
             "publish another tower's events",
-            Publish("rct.evt.workloads.01J00000000000000000000000.outcome"),
+            Publish("rct.evt.workloads._.01J00000000000000000000000.outcome"),
+        ),
+        case(
+            AGENT,
+            "claim another target's command",
+            Publish("rct.evt.traffic.prod-2.01J00000000000000000000000.claim"),
+        ),
+        case(
+            AGENT,
+            "record another target's outcome",
+            Publish("rct.evt.traffic.prod-2.01J00000000000000000000000.outcome"),
+        ),
+        case(
+            AGENT,
+            "log on another target's command",
+            Publish("rct.evt.traffic.prod-2.01J00000000000000000000000.log"),
+        ),
+        case(
+            AGENT,
+            "record a decision",
+            Publish("rct.evt.traffic.prod-1.01J00000000000000000000000.decision"),
+        ),
+        case(
+            AGENT,
+            "ask to cancel a command",
+            Publish("rct.evt.traffic.prod-1.01J00000000000000000000000.cancel"),
+        ),
+        case(
+            AGENT,
+            "record an approval",
+            Publish("rct.evt.traffic.prod-1.01J00000000000000000000000.approval"),
+        ),
+        case(
+            AGENT,
+            "write an event of another shape",
+            Publish("rct.evt.traffic.prod-1.01J00000000000000000000000.claim.x"),
         ),
         case(
             AGENT,
@@ -262,6 +312,31 @@ fn cases() -> Vec<Case> {
             Publish("$JS.API.CONSUMER.CREATE.RCT_CMD.x.rct.cmd.>"),
         ),
         case(
+            LEAF,
+            "record a decision",
+            Publish("rct.evt.traffic.prod-1.01J00000000000000000000000.decision"),
+        ),
+        case(
+            LEAF,
+            "ask to cancel a command",
+            Publish("rct.evt.traffic.prod-1.01J00000000000000000000000.cancel"),
+        ),
+        case(
+            LEAF,
+            "record an approval",
+            Publish("rct.evt.traffic.prod-1.01J00000000000000000000000.approval"),
+        ),
+        case(
+            LEAF,
+            "claim another target's command",
+            Publish("rct.evt.traffic.prod-2.01J00000000000000000000000.claim"),
+        ),
+        case(
+            LEAF,
+            "write an event of another shape",
+            Publish("rct.evt.traffic.prod-1.01J00000000000000000000000.claim.x"),
+        ),
+        case(
             ADMISSION,
             "delete the audit stream",
             Publish("$JS.API.STREAM.DELETE.RCT_EVT"),
@@ -289,7 +364,7 @@ fn cases() -> Vec<Case> {
         case(
             NOTIFIER,
             "publish an event",
-            Publish("rct.evt.traffic.01J00000000000000000000000.outcome"),
+            Publish("rct.evt.traffic.prod-1.01J00000000000000000000000.outcome"),
         ),
         case(
             NOTIFIER,
@@ -390,4 +465,139 @@ async fn what_is_outside_an_identitys_job_is_refused_and_changes_nothing() {
     assert_eq!(agents.keys().await.unwrap().count().await, 0);
     let catalog = js.get_key_value("rct_catalog").await.unwrap();
     assert!(catalog.get("catalog").await.unwrap().is_none());
+}
+
+/// Each agent block of the shipped permissions grants exactly the event subjects an agent of
+/// its tower and target writes ([`rct_bus::subject::agent_event_grants`]): no decision, no
+/// cancel request, no other target.
+#[test]
+fn each_agent_may_write_only_its_own_targets_agent_events() {
+    let accounts = std::fs::read_to_string(support::ops().join("nats/accounts.conf")).unwrap();
+    let events = |block: &str, list: &str| -> Vec<String> {
+        let start = accounts.find(&format!("{block}: {{")).unwrap();
+        let end = start + accounts[start..].find("\n}\n").unwrap();
+        let part = &accounts[start..end];
+        let from = part.find(&format!("{list}: [")).unwrap();
+        let to = from + part[from..].find(']').unwrap();
+        part[from..to]
+            .lines()
+            .map(|l| l.trim().trim_end_matches(',').trim_matches('"'))
+            .filter(|l| l.starts_with("rct.evt."))
+            .map(str::to_owned)
+            .collect()
+    };
+    for (block, tower, target) in [
+        ("PERMS_AGENT_TRAFFIC_PROD1", "traffic", "prod-1"),
+        ("PERMS_AGENT_TRAFFIC_PROD2", "traffic", "prod-2"),
+        ("PERMS_AGENT_WORKLOADS", "workloads", "_"),
+    ] {
+        let wanted =
+            rct_bus::subject::agent_event_grants(&tower.parse().unwrap(), &target.parse().unwrap());
+        assert_eq!(events(block, "allow"), wanted, "{block}");
+    }
+    // The leaf's, on the hub, as its target's events less every kind agents do not write,
+    // and every other shape (see the comment in accounts.conf).
+    assert_eq!(
+        events("PERMS_LEAF_PROD1", "allow"),
+        ["rct.evt.traffic.prod-1.>"]
+    );
+    let mut denied: Vec<String> = rct_bus::EventKind::ALL
+        .into_iter()
+        .filter(|k| !k.is_written_by_agents())
+        .map(|k| format!("rct.evt.traffic.prod-1.*.{k}"))
+        .collect();
+    denied.push("rct.evt.traffic.prod-1.*.*.>".into());
+    assert_eq!(events("PERMS_LEAF_PROD1", "deny"), denied);
+}
+
+/// The agent of prod-2, on its own identity, writes what its grants allow under the id of a
+/// prod-1 command before prod-1's agent comes: a claim and a failed outcome, at its own
+/// target. They are stored (its target is its own), yet they are not the command's: the prod-1
+/// agent claims and runs it, `rct status` says succeeded, and `rct show` marks the two as
+/// UNVERIFIED. Before the target was in the event subject, they took the command's own slots:
+/// the command never ran and was recorded failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_targets_agent_cannot_claim_or_end_a_command() {
+    use prost::Message as _;
+    use rct_bus::proto::{self, event::Kind};
+    let hub = Hub::start().await;
+    hub.provision().await;
+    let shutdown = CancellationToken::new();
+    let key = hub.admission(&shutdown).await;
+    let operator = Arc::new(hub.operator());
+    let op = operator.clone();
+    blocking(move || op.login()).await;
+    let op = operator.clone();
+    let fired = blocking(move || op.fire_drain("prod-1", &["--detach"], &[])).await;
+    assert!(fired.status.success(), "{fired:?}");
+    let stdout = String::from_utf8_lossy(&fired.stdout);
+    let id: rct_bus::CommandId = stdout
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no command id in {stdout:?}"));
+
+    // prod-2's agent learns the id from the audit stream, which it may read.
+    let rival = hub.connection("agent_traffic_prod2", "_INBOX_agent.traffic.prod-2");
+    let js = rival.jetstream(rival.connect("agent", true).await.unwrap());
+    let publisher = rct_streams::Publisher::new(js.clone());
+    let tower = rct_bus::Tower::new("traffic").unwrap();
+    let any = rct_bus::subject::events_of_kind(id, rct_bus::EventKind::Decision);
+    let decision = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let stream = js.get_stream_no_info("RCT_EVT").await.unwrap();
+            if let Ok(stored) = stream.get_last_raw_message_by_subject(&any).await {
+                return proto::Event::decode(stored.payload).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("no decision");
+    assert_eq!(decision.target, "prod-1");
+    let forged = |kind| proto::Event {
+        source: "agent/traffic/prod-2/rival".into(),
+        target: "prod-2".into(),
+        kind: Some(kind),
+        ..decision.clone()
+    };
+    for event in [
+        forged(Kind::Started(proto::Started {
+            agent: "rival".into(),
+            target: "prod-2".into(),
+            ..Default::default()
+        })),
+        forged(Kind::Failed(proto::Failed {
+            code: "forged".into(),
+            message: "prod-2 says it failed".into(),
+        })),
+    ] {
+        let written = publisher.event(&tower, &event, "rival").await.unwrap();
+        assert!(
+            matches!(written, rct_streams::Slot::Written(_)),
+            "{written:?}"
+        );
+    }
+
+    // prod-1's agent comes and runs it.
+    let agent = hub.connection(AGENT.0, AGENT.1);
+    hub.traffic_agent("prod-1", agent, key, &shutdown).await;
+    let about = |verb: &'static str| {
+        let op = operator.clone();
+        let id = id.to_string();
+        blocking(move || op.rct(&[verb, &id]))
+    };
+    let watched = about("watch").await;
+    assert!(watched.status.success(), "{watched:?}");
+    let status = String::from_utf8_lossy(&about("status").await.stdout).into_owned();
+    assert!(status.contains("succeeded"), "{status}");
+    let shown = String::from_utf8_lossy(&about("show").await.stdout).into_owned();
+    assert!(shown.contains("prod-1 drained"), "{shown}");
+    assert_eq!(
+        shown
+            .matches("UNVERIFIED: at target prod-2, ignored")
+            .count(),
+        2,
+        "{shown}"
+    );
+    shutdown.cancel();
 }

@@ -8,7 +8,7 @@
 
 use async_nats::jetstream::{self, stream::LastRawMessageErrorKind};
 use prost::Message as _;
-use rct_bus::{CommandId, EventKind, Subject, Tower, proto};
+use rct_bus::{CommandId, EventKind, Subject, Target, Tower, proto};
 
 use crate::topology::{AGENTS_BUCKET, EVENT_STREAM};
 use crate::{Error, Publisher, Result, Slot};
@@ -38,15 +38,20 @@ impl Look {
     }
 }
 
-/// Reads the journal of command `id` of `tower`.
-pub async fn look(js: &jetstream::Context, tower: &Tower, id: CommandId) -> Result<Look> {
-    let claim = match slot(js, tower, id, EventKind::Claim).await {
+/// Reads the journal of command `id` of `tower` on `target`.
+pub async fn look(
+    js: &jetstream::Context,
+    tower: &Tower,
+    target: &Target,
+    id: CommandId,
+) -> Result<Look> {
+    let claim = match slot(js, tower, target, id, EventKind::Claim).await {
         Err(Error::Malformed { .. }) => Some(proto::Event::default()),
         other => other?,
     };
     Ok(Look {
         claim,
-        outcome: slot(js, tower, id, EventKind::Outcome).await?,
+        outcome: slot(js, tower, target, id, EventKind::Outcome).await?,
     })
 }
 
@@ -55,10 +60,11 @@ pub async fn look(js: &jetstream::Context, tower: &Tower, id: CommandId) -> Resu
 pub async fn slot(
     js: &jetstream::Context,
     tower: &Tower,
+    target: &Target,
     id: CommandId,
     kind: EventKind,
 ) -> Result<Option<proto::Event>> {
-    let subject = Subject::event(tower, id, kind).to_string();
+    let subject = Subject::event(tower, target, id, kind).to_string();
     let stream = js
         .get_stream_no_info(EVENT_STREAM)
         .await

@@ -9,13 +9,19 @@
 //!   event never hides a newer one.
 //!
 //! So applying a record twice, or records in another order, gives the same state.
+//!
+//! A command's events are those at its own target (the event subject names it): the
+//! decision's. What is written under its id at another target (a writer with the grants of
+//! another target, say) is not its history: it changes nothing but `elsewhere`.
+//! Before the decision is seen, the first event's target is taken; a decision at another one
+//! starts the state again from the decision.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use rct_bus::proto::{self, event::Kind};
-use rct_bus::{CommandId, EventKind};
+use rct_bus::{CommandId, EventKind, Target};
 use time::OffsetDateTime;
 
 use crate::replay::Record;
@@ -144,11 +150,16 @@ pub struct CommandState {
     /// That refusal dropped the copy: nothing will run it, although no outcome says so (a
     /// refusal for now, of a key not trusted yet, is delivered again until the deadline).
     pub refused_for_good: bool,
+    /// Something was written under its id at another target than its own: not its history,
+    /// and not applied (readers flag it).
+    pub elsewhere: bool,
     /// The lowest stream sequence applied.
     pub first_sequence: u64,
     /// The highest stream sequence applied.
     pub last_sequence: u64,
     progress_sequence: u64,
+    /// An event was applied.
+    applied: bool,
 }
 
 impl CommandState {
@@ -170,9 +181,11 @@ impl CommandState {
             ended_at: None,
             refused: None,
             refused_for_good: false,
+            elsewhere: false,
             first_sequence: 0,
             last_sequence: 0,
             progress_sequence: 0,
+            applied: false,
         }
     }
 
@@ -193,6 +206,7 @@ impl CommandState {
         self.fold_in(
             record.sequence,
             record.command_id,
+            &record.target,
             record.kind,
             Cow::Borrowed(&record.event),
         );
@@ -204,6 +218,7 @@ impl CommandState {
         self.fold_in(
             record.sequence,
             record.command_id,
+            &record.target,
             record.kind,
             Cow::Owned(record.event),
         );
@@ -213,12 +228,22 @@ impl CommandState {
         &mut self,
         sequence: u64,
         command_id: CommandId,
+        target: &Target,
         slot: EventKind,
         event: Cow<'_, proto::Event>,
     ) {
         if command_id != self.command_id {
             return;
         }
+        if self.applied && *target != Target::of_event(&self.target) {
+            if slot != EventKind::Decision || self.decision.is_some() {
+                self.elsewhere = true;
+                return;
+            }
+            *self = Self::new(command_id);
+            self.elsewhere = true;
+        }
+        self.applied = true;
         self.last_sequence = self.last_sequence.max(sequence);
         if self.first_sequence == 0 || sequence < self.first_sequence {
             self.first_sequence = sequence;
@@ -483,6 +508,7 @@ mod tests {
             sequence,
             published: at,
             tower: "traffic".parse().unwrap(),
+            target: Target::of_event(&event.target),
             command_id,
             kind: EventKind::of(&event).unwrap(),
             event,
@@ -523,6 +549,47 @@ mod tests {
 
     fn fold(records: &[Record]) -> CommandState {
         CommandState::fold(records).unwrap()
+    }
+
+    /// The same record, written at another target.
+    fn at(target: &str, mut record: Record) -> Record {
+        record.event.target = target.into();
+        record.target = Target::of_event(target);
+        record
+    }
+
+    /// What is written under a command's id at another target (another target's agent
+    /// claiming it, ending it, asking to cancel it) is not its history.
+    #[test]
+    fn events_at_another_target_than_the_decisions_are_not_the_commands() {
+        let state = fold(&[
+            record(1, admitted()),
+            at("prod-2", record(2, started())),
+            at("prod-2", record(3, Kind::Succeeded(Default::default()))),
+            at(
+                "prod-2",
+                record(4, Kind::CancelRequested(Default::default())),
+            ),
+            record(5, started()),
+        ]);
+        assert_eq!(state.phase, Phase::Running);
+        assert_eq!(state.target, "prod-1");
+        assert!(state.elsewhere);
+        assert_eq!(state.started.as_ref().unwrap().agent, "a1");
+        assert!(state.cancel_requested.is_none() && state.outcome.is_none());
+        assert_eq!((state.first_sequence, state.last_sequence), (1, 5));
+        assert!(!fold(&[record(1, admitted()), record(2, started())]).elsewhere);
+
+        // Written before the decision, at another target: dropped when the decision comes.
+        let state = fold(&[
+            at("prod-2", record(1, started())),
+            at("prod-2", record(2, Kind::Failed(Default::default()))),
+            record(3, admitted()),
+        ]);
+        assert_eq!(state.phase, Phase::Admitted);
+        assert_eq!(state.target, "prod-1");
+        assert!(state.elsewhere);
+        assert!(state.started.is_none());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use prost::Message as _;
-use rct_bus::{EventKind, Subject, Tower, proto};
+use rct_bus::{EventKind, Subject, Target, Tower, proto};
 
 use crate::{Error, Result};
 
@@ -62,14 +62,16 @@ impl Outgoing {
         }
     }
 
-    /// Event `n` of its kind for its command, on `rct.evt.<tower>.<command_id>.<kind>`;
-    /// decisions, claims and outcomes are single-slot. `None` if the event has no body or a
-    /// command id that is not a ULID.
+    /// Event `n` of its kind for its command, on
+    /// `rct.evt.<tower>.<target>.<command_id>.<kind>` (the target the event names, `_` when
+    /// it names none that is a token: see [`Target::of_event`]); decisions, claims and
+    /// outcomes are single-slot. `None` if the event has no body or a command id that is not
+    /// a ULID.
     pub fn event(tower: &Tower, event: &proto::Event, n: impl std::fmt::Display) -> Option<Self> {
         let kind = EventKind::of(event)?;
         let command_id: rct_bus::CommandId = event.command_id.parse().ok()?;
         let mut outgoing = Self::new(
-            Subject::event(tower, command_id, kind),
+            Subject::event(tower, &Target::of_event(&event.target), command_id, kind),
             command_id.event_msg_id(kind, n),
             event.encode_to_vec().into(),
         );
@@ -97,6 +99,19 @@ impl Outgoing {
     /// The subject.
     pub fn subject(&self) -> &str {
         &self.subject
+    }
+
+    /// Its id with a digest of its subject and bytes: a writer can only take it by storing
+    /// this very message, and every attempt to send it, in any process, gives the same id.
+    fn unguessable_id(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(self.subject.as_bytes())
+            .chain_update(b"\n")
+            .chain_update(&self.payload)
+            .finalize();
+        let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}.{hex}", self.msg_id)
     }
 }
 
@@ -163,8 +178,38 @@ impl Publisher {
     /// so it is stored once. Out of attempts, the error says whether the message may be
     /// stored ([`Error::Unacknowledged`]: some attempt may have reached a stream) or surely
     /// is not ([`Error::Publish`]: no stream ever answered, or one refused it).
-    pub async fn send(&self, message: Outgoing) -> Result<Slot> {
-        match self.deliver(&message).await? {
+    ///
+    /// A duplicate acknowledgement of a message whose stream is known is checked against the
+    /// stored message: one with another subject or other bytes under our id is not ours (a
+    /// writer that guessed the id and published first, to swallow this message). The message
+    /// is then sent again under an id no one can take before it is published (see
+    /// [`Outgoing::unguessable_id`]), so it is stored all the same, and once.
+    pub async fn send(&self, mut message: Outgoing) -> Result<Slot> {
+        let mut ack = self.deliver(&message).await?;
+        let mut renamed = false;
+        while let Some(dup) = ack.as_ref().filter(|a| a.duplicate)
+            && !self.ours(&message, dup).await?
+        {
+            if renamed {
+                // Other bytes under the digest of ours: not a thing a writer can do.
+                return Err(Error::read(
+                    &format!("the message stored under id {}", message.msg_id),
+                    "another message holds the id derived from this message's own bytes",
+                ));
+            }
+            renamed = true;
+            let fresh = message.unguessable_id();
+            tracing::warn!(
+                subject = %message.subject,
+                msg_id = %message.msg_id,
+                impostor = dup.sequence,
+                fresh = %fresh,
+                "another message was stored under this message's id first; sending it again under a fresh id"
+            );
+            message.msg_id = fresh;
+            ack = self.deliver(&message).await?;
+        }
+        match ack {
             Some(ack) => Ok(Slot::Written(ack)),
             None => match self.holder(&message).await? {
                 Holder::Ours(ack) => Ok(Slot::Written(ack)),
@@ -247,6 +292,28 @@ impl Publisher {
             command_id: event.command_id.clone(),
         })?;
         self.send(outgoing).await
+    }
+
+    /// Whether the message the server reports as a duplicate of `message` is `message`: the
+    /// same subject and the same bytes. Only checked where the stream is known (events): the
+    /// ids of submissions and commands are their command ids, which nobody else can know
+    /// before they are published.
+    async fn ours(&self, message: &Outgoing, ack: &Ack) -> Result<bool> {
+        if message.stream.is_none() {
+            return Ok(true);
+        }
+        let read = |e: async_nats::Error| {
+            Error::read(&format!("{} message {}", ack.stream, ack.sequence), e)
+        };
+        let stored = self
+            .js
+            .get_stream_no_info(&ack.stream)
+            .await
+            .map_err(|e| read(e.into()))?
+            .get_raw_message(ack.sequence)
+            .await
+            .map_err(|e| read(e.into()))?;
+        Ok(stored.subject.as_str() == message.subject && stored.payload == message.payload)
     }
 
     /// The server checks the expected sequence before the dedup id, so a retry of our own

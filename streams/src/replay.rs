@@ -23,6 +23,8 @@ pub struct Record {
     pub published: OffsetDateTime,
     /// The tower from the subject.
     pub tower: Tower,
+    /// The target from the subject: the one the event names (see [`Target::of_event`]).
+    pub target: Target,
     /// The command from the subject.
     pub command_id: CommandId,
     /// The slot from the subject.
@@ -35,7 +37,7 @@ pub struct Record {
 
 impl Record {
     /// Reads a stored message: the subject must be an event subject and the payload an
-    /// `Event` whose command id and kind agree with it.
+    /// `Event` whose target, command id and kind agree with it.
     pub fn from_stored(
         sequence: u64,
         published: OffsetDateTime,
@@ -49,6 +51,7 @@ impl Record {
         };
         let Subject::Event {
             tower,
+            target,
             command_id,
             kind,
         } = subject
@@ -60,7 +63,7 @@ impl Record {
         let event = proto::Event::decode(payload).map_err(|e| malformed(e.to_string()))?;
         // The subject's token is the command id as written: compare text, no allocation per
         // event (history folds millions of them).
-        let written = subject.split('.').nth(3).unwrap_or_default();
+        let written = subject.split('.').nth(4).unwrap_or_default();
         if event.command_id != written {
             return Err(malformed(format!(
                 "payload names command {:?}",
@@ -70,10 +73,17 @@ impl Record {
         if EventKind::of(&event) != Some(kind) {
             return Err(malformed(format!("payload is not a {kind} event")));
         }
+        if target != Target::of_event(&event.target) {
+            return Err(malformed(format!(
+                "payload names target {:?}",
+                event.target
+            )));
+        }
         Ok(Self {
             sequence,
             published,
             tower,
+            target,
             command_id,
             kind,
             event,
@@ -125,11 +135,11 @@ impl Filter {
     /// history is read faster by skipping the other towers' events ourselves.
     fn subject(&self) -> String {
         match (&self.command, self.kind) {
-            // One exact subject when the tower is known too: an agent's permissions name
-            // only its own tower's events.
-            (Some(id), Some(kind)) => match &self.tower {
-                Some(tower) => Subject::event(tower, *id, kind).to_string(),
-                None => subject::events_of_kind(*id, kind),
+            // One exact subject when the tower and target are known too.
+            (Some(id), Some(kind)) => match (&self.tower, &self.target) {
+                (Some(tower), Some(target)) => Subject::event(tower, target, *id, kind).to_string(),
+                (Some(tower), None) => subject::events_of_tower_command(tower, *id, kind),
+                (None, _) => subject::events_of_kind(*id, kind),
             },
             (Some(id), None) => subject::events_for_command(*id),
             // Read from a recent sequence (a live follow), a tower's events of one kind are
@@ -146,10 +156,7 @@ impl Filter {
         self.since.is_none_or(|since| record.published >= since)
             && self.tower.as_ref().is_none_or(|t| *t == record.tower)
             && self.kind.is_none_or(|k| k == record.kind)
-            && self
-                .target
-                .as_ref()
-                .is_none_or(|t| t.as_str() == record.event.target)
+            && self.target.as_ref().is_none_or(|t| *t == record.target)
     }
 }
 
@@ -226,16 +233,18 @@ pub async fn command_history(js: &jetstream::Context, id: CommandId) -> Result<V
 }
 
 /// The event in one single-slot `kind` (decision, claim, outcome, …) of one command of
-/// `tower`, if it has one (the first, for a slot written more than once).
+/// `tower` on `target`, if it has one (the first, for a slot written more than once).
 pub async fn slot(
     js: &jetstream::Context,
     tower: &Tower,
+    target: &Target,
     id: CommandId,
     kind: EventKind,
 ) -> Result<Option<Record>> {
     let filter = Filter {
         command: Some(id),
         tower: Some(tower.clone()),
+        target: Some(target.clone()),
         kind: Some(kind),
         ..Filter::default()
     };

@@ -34,6 +34,10 @@ async fn count(js: &jetstream::Context, stream: &str, subject: &str) -> usize {
 
 /// A short ack timeout and many attempts: an outage or a lost ack outlasts one attempt, so
 /// the publisher must retry.
+fn prod1() -> rct_bus::Target {
+    "prod-1".parse().unwrap()
+}
+
 fn patient(client: async_nats::Client) -> (jetstream::Context, Publisher) {
     let js = jetstream::ContextBuilder::new()
         .timeout(Duration::from_millis(500))
@@ -81,7 +85,7 @@ async fn twenty_racing_claims_have_exactly_one_winner() {
         }
     }
     assert_eq!((won, taken), (1, 19));
-    let subject = Subject::event(&traffic, id, EventKind::Claim).to_string();
+    let subject = Subject::event(&traffic, &prod1(), id, EventKind::Claim).to_string();
     assert_eq!(count(&js, EVENT_STREAM, &subject).await, 1);
 }
 
@@ -331,7 +335,9 @@ async fn ending_a_command_unrun_takes_its_claim_first() {
     .await
     .unwrap();
     assert_eq!(ended, Ended::ClaimedElsewhere);
-    let look = journal::look(&js, &traffic, claimed).await.unwrap();
+    let look = journal::look(&js, &traffic, &prod1(), claimed)
+        .await
+        .unwrap();
     assert_eq!(look.holder(), Some("agent-1"));
     assert!(look.outcome.is_none());
 
@@ -343,16 +349,81 @@ async fn ending_a_command_unrun_takes_its_claim_first() {
             .unwrap();
         assert_eq!(ended, Ended::Recorded);
     }
-    let look = journal::look(&js, &traffic, free).await.unwrap();
+    let look = journal::look(&js, &traffic, &prod1(), free).await.unwrap();
     assert!(look.started().unwrap().without_running);
     assert!(matches!(look.outcome.unwrap().kind, Some(Kind::Expired(_))));
     assert_eq!(
         count(
             &js,
             EVENT_STREAM,
-            &Subject::event(&traffic, free, EventKind::Outcome).to_string()
+            &Subject::event(&traffic, &prod1(), free, EventKind::Outcome).to_string()
         )
         .await,
         1
     );
+}
+
+/// A writer that knows how rct names its messages publishes first under the id of a message
+/// rct is about to write (a log line under the id of the command's outcome, another progress
+/// under the id of progress 3): the server answers rct's write as a duplicate. The publisher
+/// checks the stored message, finds it is not its own, and stores its message all the same;
+/// a duplicate of its own write is still taken as its own.
+#[tokio::test]
+async fn a_message_whose_id_another_took_first_is_stored_all_the_same() {
+    let (_server, js) = provisioned().await;
+    let publisher = Publisher::new(js.clone());
+    let traffic = tower("traffic");
+    let id = CommandId::generate();
+    let outcome = event(id, "prod-1", succeeded());
+    let impostor = |kind, n: &str| {
+        let log = event(id, "prod-1", progress(99));
+        let subject = Subject::event(&traffic, &prod1(), id, kind).to_string();
+        let msg_id = id.event_msg_id(EventKind::of(&outcome).unwrap(), n);
+        Outgoing::new(subject, msg_id, prost::Message::encode_to_vec(&log).into())
+    };
+
+    // The outcome's id, taken by a message on the progress subject.
+    publisher
+        .send(impostor(EventKind::Progress, "agent-1"))
+        .await
+        .unwrap();
+    let Slot::Written(ack) = publisher
+        .event(&traffic, &outcome, "agent-1")
+        .await
+        .unwrap()
+    else {
+        panic!("the outcome slot is empty, yet the outcome was refused");
+    };
+    assert!(
+        !ack.duplicate,
+        "the outcome was taken for the impostor: {ack:?}"
+    );
+    let look = rct_streams::journal::look(&js, &traffic, &prod1(), id)
+        .await
+        .unwrap();
+    assert_eq!(look.outcome.as_ref(), Some(&outcome));
+
+    // Progress 3's id, taken by other bytes on the same subject: stored next to it.
+    let real = event(id, "prod-1", progress(3));
+    let mut taken = Outgoing::event(&traffic, &real, 3).unwrap();
+    taken = Outgoing::new(
+        taken.subject().to_owned(),
+        id.event_msg_id(EventKind::Progress, 3),
+        prost::Message::encode_to_vec(&event(id, "prod-1", progress(100))).into(),
+    );
+    publisher.send(taken).await.unwrap();
+    let Slot::Written(ack) = publisher.event(&traffic, &real, 3).await.unwrap() else {
+        panic!("progress is not single-slot");
+    };
+    assert!(!ack.duplicate, "progress 3 was taken for the impostor");
+    let progress_subject = Subject::event(&traffic, &prod1(), id, EventKind::Progress).to_string();
+    assert_eq!(count(&js, EVENT_STREAM, &progress_subject).await, 3);
+
+    // Our own write again (a retry after a lost ack): a duplicate, stored once.
+    let Slot::Written(again) = publisher.event(&traffic, &real, 3).await.unwrap() else {
+        panic!("progress is not single-slot");
+    };
+    assert!(again.duplicate);
+    assert_eq!(again.sequence, ack.sequence);
+    assert_eq!(count(&js, EVENT_STREAM, &progress_subject).await, 3);
 }

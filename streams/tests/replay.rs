@@ -189,7 +189,7 @@ async fn a_malformed_message_is_reported_and_replay_goes_on() {
         .await
         .unwrap();
     let garbage = Outgoing::new(
-        format!("rct.evt.traffic.{id}.log"),
+        format!("rct.evt.traffic.prod-1.{id}.log"),
         "garbage",
         Bytes::from_static(b"\xff\xff\xff not protobuf"),
     );

@@ -59,23 +59,22 @@ pub fn config(server: &Server, dir: &Path, service: &PublicKey) -> Config {
         signing_key: dir.join("admission.key"),
         generate_key: true,
         dev_issuer: true,
-        issuers: vec![IssuerConfig {
-            issuer: IDP.into(),
-            audience: vec!["rct".into()],
-            algorithms: vec![Algorithm::RS256],
-            keys: vec![KeyConfig {
-                kid: Some("k1".into()),
-                pem: Some(RSA_PUB.into()),
-                ..KeyConfig::default()
-            }],
-            jwks_url: None,
-            jwks_cooldown: Duration::from_secs(300),
-            groups_claim: "groups".into(),
-            email_claim: "email".into(),
-            leeway: Duration::from_secs(30),
-        }],
         ..Config::default()
     }
+}
+
+/// Admission with the test identity provider (`IDP`, key `k1`) instead of the development
+/// issuer: the two never run together.
+pub fn idp(config: &mut Config) {
+    config.dev_issuer = false;
+    config.issuers = vec![IssuerConfig {
+        keys: vec![KeyConfig {
+            kid: Some("k1".into()),
+            pem: Some(RSA_PUB.into()),
+            ..KeyConfig::default()
+        }],
+        ..IssuerConfig::new(IDP, "rct", Algorithm::RS256)
+    }];
 }
 
 impl Harness {

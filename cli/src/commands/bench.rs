@@ -466,13 +466,14 @@ impl Payloads {
     ) -> Result<Self> {
         let io = |e: &dyn std::fmt::Display| Error::usage(format!("floor payloads: {e}"));
         let tower: rct_bus::Tower = "bench".parse().expect("valid");
+        let at: rct_bus::Target = target(0).parse().expect("valid");
         let mut events = Vec::new();
         for kind in [EventKind::Decision, EventKind::Claim, EventKind::Outcome] {
             if !ran && kind != EventKind::Decision {
                 events.push(Bytes::new());
                 continue;
             }
-            let record = replay::slot(js, &tower, id, kind)
+            let record = replay::slot(js, &tower, &at, id, kind)
                 .await
                 .map_err(|e| io(&e))?
                 .ok_or_else(|| io(&format!("no {kind:?} for {id}")))?;
@@ -532,13 +533,13 @@ impl Floor {
                 move |id| {
                     vec![
                         Outgoing::new(
-                            format!("rct.evt.floor.{id}.claim"),
+                            format!("rct.evt.floor.x.{id}.claim"),
                             format!("{id}.claim"),
                             p.claim.clone(),
                         )
                         .once(),
                         Outgoing::new(
-                            format!("rct.evt.floor.{id}.outcome"),
+                            format!("rct.evt.floor.x.{id}.outcome"),
                             format!("{id}.outcome"),
                             p.outcome.clone(),
                         )
@@ -572,7 +573,7 @@ impl Floor {
         let observer = self
             .events
             .create_consumer(pull::OrderedConfig {
-                filter_subject: format!("rct.evt.floor.{id}.>"),
+                filter_subject: format!("rct.evt.floor.x.{id}.>"),
                 ..Default::default()
             })
             .await
@@ -610,7 +611,7 @@ fn admission_hop(
     move |id| {
         vec![
             Outgoing::new(
-                format!("rct.evt.{prefix}.{id}.decision"),
+                format!("rct.evt.{prefix}.x.{id}.decision"),
                 format!("{id}.decision"),
                 p.decision.clone(),
             )
@@ -658,7 +659,7 @@ async fn throughput(
     submitters: usize,
 ) -> Result<Row> {
     let io = |e: &dyn std::fmt::Display| Error::usage(format!("throughput: {e}"));
-    let decided_before = count(js, "rct.evt.bench.*.decision").await?;
+    let decided_before = count(js, "rct.evt.bench.*.*.decision").await?;
     let prepared: Vec<(CommandId, OperationName, Bytes)> =
         (0..total).map(|_| signed(session, &target(0))).collect();
     let begin = Instant::now();
@@ -680,7 +681,7 @@ async fn throughput(
     }
     let until = Instant::now() + WAIT.max(Duration::from_secs_f64(total as f64 / 50.0));
     loop {
-        let decided = count(js, "rct.evt.bench.*.decision").await? - decided_before;
+        let decided = count(js, "rct.evt.bench.*.*.decision").await? - decided_before;
         if decided >= total {
             break;
         }
@@ -835,6 +836,7 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
     let io = |e: &dyn std::fmt::Display| Error::usage(format!("replay: {e}"));
     // A fresh tower per size, so each replay reads exactly its own events.
     let tower: rct_bus::Tower = format!("replay{n}").parse().map_err(|e| io(&e))?;
+    let target: rct_bus::Target = "t".parse().map_err(|e| io(&e))?;
     let per_command = 10;
     let published_from = OffsetDateTime::now_utc();
     let mut first_sequence = None;
@@ -871,7 +873,7 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
             kind: Some(kind),
         };
         let slot = EventKind::of(&event).expect("an event with a kind");
-        let subject = Subject::event(&tower, command, slot).to_string();
+        let subject = Subject::event(&tower, &target, command, slot).to_string();
         acks.push(
             js.publish(subject, event.encode_to_vec().into())
                 .await

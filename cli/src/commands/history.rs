@@ -238,7 +238,7 @@ async fn before_the_window(
     since: OffsetDateTime,
 ) -> std::result::Result<Option<Vec<rct_streams::Record>>, rct_streams::Error> {
     use rct_bus::EventKind;
-    let slot = |kind| replay::slot(js, &record.tower, record.command_id, kind);
+    let slot = |kind| replay::slot(js, &record.tower, &record.target, record.command_id, kind);
     let Some(decision) = slot(EventKind::Decision).await? else {
         return Ok(None);
     };
@@ -504,6 +504,9 @@ fn notes(state: &CommandState) -> String {
             }
         }
     }
+    if state.elsewhere {
+        notes.push("UNVERIFIED events under its id at another target: see rct show".into());
+    }
     if notes.is_empty() {
         String::new()
     } else {
@@ -537,6 +540,7 @@ pub fn state_json(state: &CommandState) -> serde_json::Value {
         "agent": state.started.as_ref().map(|s| s.agent.clone()),
         "refused": state.refused,
         "refused_for_good": state.refused_for_good,
+        "unverified_elsewhere": state.elsewhere,
         "outcome": state.outcome.as_ref().map(|k| render::describe(&proto::Event { kind: Some(k.clone()), ..Default::default() })),
     })
 }
@@ -580,6 +584,7 @@ mod tests {
             sequence: 1,
             published: OffsetDateTime::UNIX_EPOCH,
             tower: "traffic".parse().unwrap(),
+            target: "prod-1".parse().unwrap(),
             command_id: id,
             kind: rct_bus::EventKind::Decision,
             event,

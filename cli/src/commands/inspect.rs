@@ -152,16 +152,30 @@ pub async fn show(home: &Home, global: &Global, args: One) -> Result {
     if let Some(reason) = &state.refused {
         field("refused", reason);
     }
+    let own = rct_bus::Target::of_event(&state.target);
+    if state.elsewhere {
+        field(
+            "UNVERIFIED",
+            "events under this id at another target (marked below) are not this command's: \
+             neither its agents nor admission write there; they were ignored",
+        );
+    }
     if let Some(trace) = records.iter().find_map(|r| r.trace) {
         field("trace", &trace.trace_id().to_string());
     }
     println!();
     for record in &records {
-        let who = if record.kind == EventKind::Log {
+        let mut who = if record.kind == EventKind::Log {
             String::new()
         } else {
             format!("  [{}]", printable(&record.event.source))
         };
+        if record.target != own {
+            who.push_str(&format!(
+                "  UNVERIFIED: at target {}, ignored",
+                record.target
+            ));
+        }
         println!(
             "{}  {:<8} {}{who}",
             record

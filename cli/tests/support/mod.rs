@@ -16,7 +16,28 @@ use tokio_util::sync::CancellationToken;
 
 pub const RCT: &str = env!("CARGO_BIN_EXE_rct");
 
-fn ops() -> PathBuf {
+/// The identity provider the hub's admission trusts (no development issuer runs next to a
+/// real one), and the key it signs id_tokens with.
+const IDP: &str = "https://idp.test";
+const IDP_KEY: &str = include_str!("../../../admission/tests/fixtures/idp-rsa.key");
+const IDP_PUB: &str = include_str!("../../../admission/tests/fixtures/idp-rsa.pub");
+
+/// An id_token of the hub's identity provider for alice (sre_team), valid for an hour.
+fn idp_token() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "iss": IDP, "aud": "rct", "sub": "alice", "email": "alice@example.com",
+        "groups": ["sre_team"], "iat": now, "exp": now + 3600,
+    });
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(IDP_KEY.as_bytes()).unwrap();
+    let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+pub fn ops() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops")
 }
 
@@ -125,7 +146,17 @@ impl Hub {
             catalog: ops().join("catalog.example.yaml"),
             signing_key: self.dir.path().join("admission.key"),
             generate_key: true,
-            dev_issuer: true,
+            issuers: vec![rct_admission::identity::IssuerConfig {
+                keys: vec![rct_admission::identity::KeyConfig {
+                    pem: Some(IDP_PUB.into()),
+                    ..Default::default()
+                }],
+                ..rct_admission::identity::IssuerConfig::new(
+                    IDP,
+                    "rct",
+                    jsonwebtoken::Algorithm::RS256,
+                )
+            }],
             ..rct_admission::Config::default()
         }
     }
@@ -221,6 +252,7 @@ impl Hub {
     pub fn operator(&self) -> Operator {
         let operator = Operator {
             home: tempfile::tempdir().unwrap(),
+            id_token: Some(idp_token()),
         };
         let seed = self.id("operator").seed_file.display().to_string();
         operator.ok(&[
@@ -267,6 +299,8 @@ async fn drain(ctx: Context, _params: Params) -> Result<Outcome, Failure> {
 #[derive(Debug)]
 pub struct Operator {
     pub home: tempfile::TempDir,
+    /// The id_token it logs in with; `None`: the development issuer's.
+    pub id_token: Option<String>,
 }
 
 impl Operator {
@@ -286,12 +320,20 @@ impl Operator {
             .unwrap()
     }
 
-    /// Logs in as alice (sre_team) through the development issuer, retrying while admission
-    /// starts.
+    /// Logs in as alice (sre_team), with its id_token or through the development issuer,
+    /// retrying while admission starts.
     pub fn login(&self) {
         let started = std::time::Instant::now();
+        let token_file = self.home.path().join("id_token");
+        let args: Vec<&str> = match &self.id_token {
+            Some(token) => {
+                std::fs::write(&token_file, token).unwrap();
+                vec!["login", "--token-file", token_file.to_str().unwrap()]
+            }
+            None => vec!["login", "--dev", "--user", "alice", "--groups", "sre_team"],
+        };
         loop {
-            let out = self.rct(&["login", "--dev", "--user", "alice", "--groups", "sre_team"]);
+            let out = self.rct(&args);
             if out.status.success() {
                 return;
             }

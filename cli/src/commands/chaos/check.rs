@@ -866,6 +866,7 @@ mod tests {
             sequence: 1,
             published: at,
             tower: "chaos".parse().unwrap(),
+            target: rct_bus::Target::none(),
             command_id: id,
             kind: rct_bus::EventKind::Outcome,
             event: proto::Event {

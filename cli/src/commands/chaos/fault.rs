@@ -778,7 +778,7 @@ impl World {
             let ids = self.effects(target, 2);
             // Ended while the agents' clocks are shifted; the checker says how.
             for id in &ids {
-                self.ended(*id).await;
+                self.ended(target, *id).await;
             }
             self.expects.push(Expect {
                 fault: Fault::AgentClockSkew.name(),
@@ -870,12 +870,13 @@ impl World {
     }
 
     /// Waits up to [`PHASE_WITHIN`] for command `id`'s outcome.
-    async fn ended(&self, id: rct_bus::CommandId) {
+    async fn ended(&self, target: &str, id: rct_bus::CommandId) {
         let tower = rct_bus::Tower::new(TOWER).expect("a valid tower name");
+        let target = rct_bus::Target::of_event(target);
         let until = Instant::now() + PHASE_WITHIN;
         while Instant::now() < until {
-            let slot =
-                rct_streams::journal::slot(&self.js, &tower, id, rct_bus::EventKind::Outcome);
+            let outcome = rct_bus::EventKind::Outcome;
+            let slot = rct_streams::journal::slot(&self.js, &tower, &target, id, outcome);
             if let Ok(Some(_)) = slot.await {
                 return;
             }
