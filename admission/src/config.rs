@@ -157,7 +157,7 @@ impl Config {
             .servers
             .iter()
             .map(String::as_str)
-            .filter(|url| !crate::identity::is_loopback(server_host(url)))
+            .filter(|url| !crate::identity::is_loopback(&server_host(url)))
             .collect();
         if !remote.is_empty() {
             return Err(format!(
@@ -220,17 +220,18 @@ impl Config {
     }
 }
 
-/// The host of a NATS server URL (`nats://h:4222`, `tls://[::1]:4222`, `h:4222`, `h`).
-fn server_host(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let authority = rest.split('/').next().unwrap_or_default();
-    let authority = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    if authority.starts_with('[') {
-        return authority.split_inclusive(']').next().unwrap_or(authority);
-    }
-    authority.split(':').next().unwrap_or(authority)
+/// The host of a NATS server URL (`nats://h:4222`, `tls://[::1]:4222`, `h:4222`, `h`), as a
+/// URL parser reads it; empty when it is not one.
+fn server_host(url: &str) -> String {
+    let url = if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("nats://{url}")
+    };
+    reqwest::Url::parse(&url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -348,6 +349,8 @@ mod tests {
             "nats://127.0.0.1:4222,nats://hub-1:4222",
             "tls://[2001:db8::1]:4222",
             "nats://localhost.evil.example:4222",
+            "nats://evil:4222#@127.0.0.1",
+            "nats://evil:4222/@127.0.0.1",
         ] {
             let error = dev(remote).unwrap_err();
             assert!(

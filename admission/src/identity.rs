@@ -212,8 +212,11 @@ impl Jwks {
                 }
         });
         if (stale || !known) && may {
+            let fetched = self.fetch().await;
+            // Timed from the end: logins queued behind a fetch that timed out do not each
+            // fetch again, they take the keys fetched last.
             let now = std::time::Instant::now();
-            match self.fetch().await {
+            match fetched {
                 Ok(fresh) => {
                     state.keys = fresh;
                     state.at = Some(now);
@@ -344,10 +347,11 @@ impl IdTokens {
             let fetched = jwks.keys(header.kid.as_deref(), config.jwks_ttl, config.jwks_cooldown);
             keys.extend(fetched.await);
         }
-        // A token naming a key id is tried with that key, and with the keys that name none.
+        // A token naming a key id is tried with that key, and with the keys that name none; a
+        // token naming none, with every key.
         let candidates: Vec<&DecodingKey> = keys
             .iter()
-            .filter(|(k, _)| k.is_none() || *k == header.kid)
+            .filter(|(k, _)| header.kid.is_none() || k.is_none() || *k == header.kid)
             .map(|(_, key)| key)
             .collect();
         if candidates.is_empty() {
@@ -470,14 +474,19 @@ fn claims_identity(
     config: &IssuerConfig,
     now: u64,
 ) -> Result<Verified, Refusal> {
+    // NumericDate: seconds since the epoch, fractions allowed (rounded down).
     let time = |name: &str| -> Result<Option<u64>, Refusal> {
         match claims.get(name) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-                Refusal::unauthenticated(format!(
-                    "the id_token's {name} claim is not a time (seconds since the epoch)"
-                ))
-            }),
+            Some(v) => v
+                .as_u64()
+                .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+                .map(Some)
+                .ok_or_else(|| {
+                    Refusal::unauthenticated(format!(
+                        "the id_token's {name} claim is not a time (seconds since the epoch)"
+                    ))
+                }),
         }
     };
     let expires_at = time("exp")?

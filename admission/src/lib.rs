@@ -23,6 +23,7 @@ mod error;
 pub mod identity;
 pub mod metrics;
 pub mod notify;
+pub mod refusals;
 mod service;
 
 pub use config::{Config, Role};

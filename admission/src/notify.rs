@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use prost::Message as _;
@@ -218,9 +219,23 @@ impl Notifier {
         }
     }
 
-    /// The message for an event, or `None` for events nobody is told about.
+    /// The message for an event, or `None` for events nobody is told about: among them, a
+    /// claim or outcome with no decision of its operation at its own tower and target (written
+    /// under a command's id by a writer of another target or tower: not the command's).
     async fn text(&self, record: &Record) -> Option<String> {
         let event = &record.event;
+        let decision = match event.kind.as_ref()? {
+            Kind::Rejected(_) | Kind::Admitted(_) => None,
+            _ => match self.decision_of(record).await {
+                Ok(Some(decision)) if decision.operation == event.operation => Some(decision),
+                Ok(_) => {
+                    tracing::warn!(sequence = record.sequence, subject_target = %record.target, "not notifying about an event with no decision of its operation at its tower and target (not the command's)");
+                    return None;
+                }
+                // Unreadable now: told, with what cannot be looked up said so.
+                Err(()) => None,
+            },
+        };
         let what = match event.target.as_str() {
             "" | "_" => event.operation.clone(),
             target => format!("{} on {target}", event.operation),
@@ -229,7 +244,7 @@ impl Notifier {
         match event.kind.as_ref()? {
             Kind::Started(started) if started.without_running => None,
             Kind::Started(started) => {
-                let (who, why) = self.who_and_why(record).await;
+                let (who, why) = who_and_why(decision);
                 Some(format!(
                     "Starting {what} — by {who}, {why} (agent {}, command {id})",
                     started.agent
@@ -271,51 +286,57 @@ impl Notifier {
         }
     }
 
-    /// The operator and justification from the command's decision.
-    async fn who_and_why(&self, record: &Record) -> (String, String) {
-        let unknown = (
-            "an unknown operator".to_owned(),
-            "no justification recorded".to_owned(),
-        );
+    /// The decision of the record's command at the record's own tower and target (`Ok(None)`
+    /// when there is none; `Err` when it cannot be read now).
+    async fn decision_of(&self, record: &Record) -> Result<Option<proto::Event>, ()> {
         let subject = Subject::event(
             &record.tower,
             &record.target,
             record.command_id,
             EventKind::Decision,
         );
-        let Ok(stream) = self.js.get_stream_no_info(EVENT_STREAM).await else {
-            return unknown;
-        };
-        let Ok(stored) = stream
+        let stream = self
+            .js
+            .get_stream_no_info(EVENT_STREAM)
+            .await
+            .map_err(|_| ())?;
+        match stream
             .get_last_raw_message_by_subject(&subject.to_string())
             .await
-        else {
-            return unknown;
-        };
-        let Ok(decision) = proto::Event::decode(stored.payload) else {
-            return unknown;
-        };
-        let Some(Kind::Admitted(admitted)) = decision.kind else {
-            return unknown;
-        };
-        let Some(request) = admitted.request else {
-            return unknown;
-        };
-        let who = request.operator.as_ref().map_or(unknown.0, operator_name);
-        let mut why = request.justification;
-        if why.is_empty() {
-            why = unknown.1;
+        {
+            Ok(stored) => Ok(proto::Event::decode(stored.payload).ok()),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(_) => Err(()),
         }
-        let params: Vec<String> = request
-            .params
-            .iter()
-            .map(|(k, v)| format!("{k}={}", display_value(v)))
-            .collect();
-        if !params.is_empty() {
-            why = format!("{why}; {}", params.join(" "));
-        }
-        (who, why)
     }
+}
+
+/// The operator and justification from the command's decision, if it could be read.
+fn who_and_why(decision: Option<proto::Event>) -> (String, String) {
+    let unknown = (
+        "an unknown operator".to_owned(),
+        "no justification recorded".to_owned(),
+    );
+    let Some(Kind::Admitted(admitted)) = decision.and_then(|d| d.kind) else {
+        return unknown;
+    };
+    let Some(request) = admitted.request else {
+        return unknown;
+    };
+    let who = request.operator.as_ref().map_or(unknown.0, operator_name);
+    let mut why = request.justification;
+    if why.is_empty() {
+        why = unknown.1;
+    }
+    let params: Vec<String> = request
+        .params
+        .iter()
+        .map(|(k, v)| format!("{k}={}", display_value(v)))
+        .collect();
+    if !params.is_empty() {
+        why = format!("{why}; {}", params.join(" "));
+    }
+    (who, why)
 }
 
 /// `text` as posted: printable (nothing on record can start a fake line in a channel), with

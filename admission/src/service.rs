@@ -14,7 +14,7 @@ use prost::Message as _;
 use rct_bus::catalog::Served;
 use rct_bus::proto::{self, RejectionCode, event::Kind};
 use rct_bus::{
-    CommandId, EventKind, KeyPair, PublicKey, Subject, Target, Tower, rejection_code_name, subject,
+    CommandId, EventKind, KeyPair, PublicKey, Subject, Tower, rejection_code_name, subject,
 };
 use rct_streams::telemetry::{self, Readiness};
 use rct_streams::topology::{
@@ -59,6 +59,8 @@ struct Inner {
     /// One reload at a time (SIGHUP and the watch may ask at once).
     reloading: tokio::sync::Mutex<()>,
     id_tokens: IdTokens,
+    /// Which refused logins go on record one by one.
+    refusals: std::sync::Mutex<crate::refusals::Budget>,
     dev: Option<DevIssuer>,
     client: async_nats::Client,
     js: jetstream::Context,
@@ -106,6 +108,7 @@ impl Admission {
                 catalog_file: std::sync::Mutex::new(catalog_file),
                 reloading: tokio::sync::Mutex::new(()),
                 id_tokens,
+                refusals: std::sync::Mutex::new(crate::refusals::Budget::new(Instant::now())),
                 dev,
                 publisher: Publisher::new(js.clone()),
                 js,
@@ -464,32 +467,61 @@ enum Responder {
     DevToken,
 }
 
+/// Requests of one kind answered at once; more wait for one to finish.
+const ANSWERED_AT_ONCE: usize = 32;
+
+/// Answers requests, up to [`ANSWERED_AT_ONCE`] at a time (a login waiting for its
+/// provider's keys, or for its refusal to be recorded, holds up no other). Once a minute,
+/// refused logins not recorded one by one are recorded as a count.
 async fn respond(
     admission: Admission,
     mut requests: async_nats::Subscriber,
     shutdown: CancellationToken,
     responder: Responder,
 ) {
+    let at_once = Arc::new(tokio::sync::Semaphore::new(ANSWERED_AT_ONCE));
+    let answering = TaskTracker::new();
+    let mut minute = tokio::time::interval(crate::refusals::WINDOW);
     loop {
         let request = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = minute.tick() => {
+                admission.inner.record_unrecorded_refusals().await;
+                continue;
+            }
             request = requests.next() => match request { Some(r) => r, None => break },
         };
         let Some(reply) = request.reply.clone() else {
             continue;
         };
-        let answer = match responder {
-            Responder::Login => admission
-                .inner
-                .login(&request.payload)
-                .await
-                .encode_to_vec(),
-            Responder::DevToken => admission.inner.dev_token(&request.payload).encode_to_vec(),
+        let Ok(permit) = at_once.clone().acquire_owned().await else {
+            break;
         };
-        if let Err(e) = admission.inner.client.publish(reply, answer.into()).await {
-            tracing::warn!(error = %e, "cannot answer a {responder:?} request");
-        }
+        let admission = admission.clone();
+        answering.spawn(async move {
+            let source = crate::refusals::source(&reply);
+            let answer = match responder {
+                Responder::Login => admission
+                    .inner
+                    .login(&request.payload, source)
+                    .await
+                    .encode_to_vec(),
+                Responder::DevToken => admission.inner.dev_token(&request.payload).encode_to_vec(),
+            };
+            if let Err(e) = admission.inner.client.publish(reply, answer.into()).await {
+                tracing::warn!(error = %e, "cannot answer a {responder:?} request");
+            }
+            drop(permit);
+        });
     }
+    answering.close();
+    answering.wait().await;
+    let unrecorded = {
+        let budget = &admission.inner.refusals;
+        let mut budget = budget.lock().unwrap_or_else(|p| p.into_inner());
+        budget.flush(Instant::now())
+    };
+    admission.inner.record_unrecorded(unrecorded).await;
 }
 
 impl Inner {
@@ -748,11 +780,9 @@ impl Inner {
         // The decision's id names the submission (`<command>.decision.<submission seq>`): a
         // redelivery of this submission is recognised as ours, a replay of its command id by
         // another submission is not.
-        let slot = match self.decided_elsewhere(tower, command_id, decision).await? {
-            Some(sequence) => Slot::Taken { sequence },
-            None => publisher.event(tower, decision, sequence).await?,
-        };
-        match slot {
+        // The decision slot spans every target of the tower (`Outgoing::event`): a decision
+        // under this id at another target holds it.
+        match publisher.event(tower, decision, sequence).await? {
             Slot::Written(ack) if !ack.duplicate => {
                 log_decision(&verdict);
                 self.follow_up(publisher, &verdict).await?;
@@ -982,30 +1012,6 @@ impl Inner {
             .and_then(|stored| proto::Event::decode(stored.payload).ok()))
     }
 
-    /// The sequence of a decision recorded under `command_id` in `tower` at another target
-    /// than `decision`'s, if there is one. The decision slot is one subject per target, and
-    /// a command id has one decision whatever target its submissions name: that one holds it.
-    async fn decided_elsewhere(
-        &self,
-        tower: &Tower,
-        command_id: CommandId,
-        decision: &proto::Event,
-    ) -> Result<Option<u64>, rct_streams::Error> {
-        let ours = Subject::event(
-            tower,
-            &Target::of_event(&decision.target),
-            command_id,
-            EventKind::Decision,
-        )
-        .to_string();
-        let any = subject::events_of_tower_command(tower, command_id, EventKind::Decision);
-        Ok(self
-            .last_on(&any)
-            .await?
-            .filter(|stored| stored.subject.as_str() != ours)
-            .map(|stored| stored.sequence))
-    }
-
     /// The last message on `subject` (a filter) in RCT_EVT, if any.
     async fn last_on(
         &self,
@@ -1116,30 +1122,30 @@ impl Inner {
         })
     }
 
-    async fn login(&self, payload: &[u8]) -> proto::LoginResponse {
+    /// Answers a login from `source` (see [`crate::refusals::source`]); every refusal is
+    /// recorded, one by one within the budget, as a count beyond it.
+    async fn login(&self, payload: &[u8], source: &str) -> proto::LoginResponse {
         use proto::login_response::Result as R;
-        let refuse = |code: &str, message: String| proto::LoginResponse {
-            result: Some(R::Refused(proto::LoginRefused {
-                code: code.to_owned(),
-                message,
-            })),
+        let refuse = |code: RejectionCode, message: String| async move {
+            self.record_login_refusal(source, code, &message).await;
+            proto::LoginResponse {
+                result: Some(R::Refused(proto::LoginRefused {
+                    code: rejection_code_name(code as i32).to_owned(),
+                    message,
+                })),
+            }
         };
         let Ok(request) = proto::LoginRequest::decode(payload) else {
-            return refuse("malformed", "the login request does not decode".into());
+            let message = "the login request does not decode".to_owned();
+            return refuse(RejectionCode::Malformed, message).await;
         };
         let verified = match self.id_tokens.verify(&request.id_token).await {
             Ok(verified) => verified,
-            Err(refusal) => {
-                self.record_login_refusal(refusal.code, &refusal.message)
-                    .await;
-                return refuse(rejection_code_name(refusal.code as i32), refusal.message);
-            }
+            Err(refusal) => return refuse(refusal.code, refusal.message).await,
         };
         let Ok(session_key) = PublicKey::from_bytes(&request.session_public_key) else {
-            return refuse(
-                "malformed",
-                "the session public key is not 32 bytes of Ed25519".into(),
-            );
+            let message = "the session public key is not 32 bytes of Ed25519".to_owned();
+            return refuse(RejectionCode::Malformed, message).await;
         };
         let (token, expires_at) =
             self.policy()
@@ -1157,7 +1163,42 @@ impl Inner {
         }
     }
 
-    async fn record_login_refusal(&self, code: RejectionCode, message: &str) {
+    /// Records a refused login from `source`, if its budget allows; first, the count of
+    /// those a window that is over did not record.
+    async fn record_login_refusal(&self, source: &str, code: RejectionCode, message: &str) {
+        let (unrecorded, admitted) = {
+            let mut budget = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            (budget.roll(Instant::now()), budget.admit(source))
+        };
+        self.record_unrecorded(unrecorded).await;
+        if admitted {
+            self.record_auth_refusal(code, message).await;
+        }
+    }
+
+    /// Once the budget's window is over: the refused logins it did not record one by one,
+    /// as one event.
+    async fn record_unrecorded_refusals(&self) {
+        let unrecorded = {
+            let mut budget = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            budget.roll(Instant::now())
+        };
+        self.record_unrecorded(unrecorded).await;
+    }
+
+    async fn record_unrecorded(&self, unrecorded: Option<crate::refusals::Unrecorded>) {
+        if let Some(unrecorded) = unrecorded {
+            tracing::warn!(
+                refusals = unrecorded.refusals,
+                sources = unrecorded.sources,
+                "refused logins beyond the budget for recording them one by one"
+            );
+            self.record_auth_refusal(RejectionCode::TooMany, &unrecorded.message())
+                .await;
+        }
+    }
+
+    async fn record_auth_refusal(&self, code: RejectionCode, message: &str) {
         let tower = Tower::new(AUTH_TOWER).expect("a valid token");
         let event = proto::Event {
             command_id: String::new(),

@@ -5,6 +5,7 @@ mod support;
 
 use futures::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use prost::Message as _;
 use rct_bus::KeyPair;
 use rct_bus::proto::{self, event::Kind, login_response::Result as R};
 use rct_streams::replay::{self, Filter};
@@ -155,7 +156,9 @@ async fn bad_id_tokens_are_refused_and_recorded() {
         ("unknown kid", rs256("k9", &claims()), "names key \"k9\""),
     ];
     for (name, token, needle) in &cases {
-        let response = h.login_with(token, &KeyPair::generate()).await;
+        // Each from a connection of its own: one source has only so many refusals recorded
+        // one by one (see `a_flood_of_bad_logins_is_recorded_within_a_budget_and_counted`).
+        let response = h.login_from_new_connection(token).await;
         match response.result {
             Some(R::Refused(refused)) => {
                 assert_eq!(refused.code, "unauthenticated", "{name}");
@@ -218,4 +221,148 @@ async fn the_dev_issuer_is_off_unless_enabled() {
         .request("rct.auth.dev-token", bytes::Bytes::new())
         .await;
     assert!(answer.is_ok(), "{answer:?}");
+}
+
+/// Anyone who can reach `rct.auth.login` can send refusals, and each on record is permanent: a
+/// flood of 300 bad logins from one connection puts its budget on record one by one, and the
+/// rest as one count when admission stops (or the minute is over). Before, 300 bad logins
+/// wrote 300 permanent events.
+#[tokio::test]
+async fn a_flood_of_bad_logins_is_recorded_within_a_budget_and_counted() {
+    use rct_admission::refusals::PER_SOURCE;
+    let mut h = Harness::start_with(support::idp).await;
+    let flood = 300;
+    let attacker = async_nats::connect(h.server.url()).await.unwrap();
+    let request = proto::LoginRequest {
+        id_token: "not a token".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let answers = futures::future::join_all((0..flood).map(|_| {
+        let attacker = attacker.clone();
+        let request = request.clone();
+        async move {
+            let reply = attacker
+                .request(rct_bus::Subject::Login.to_string(), request.into())
+                .await
+                .unwrap();
+            proto::LoginResponse::decode(reply.payload).unwrap()
+        }
+    }))
+    .await;
+    // Every one is answered with its reason.
+    for answer in &answers {
+        let Some(R::Refused(refused)) = &answer.result else {
+            panic!("not refused: {answer:?}");
+        };
+        assert!(refused.message.contains("not a valid JWT"), "{refused:?}");
+    }
+    h.stop_admission().await;
+
+    let filter = Filter {
+        tower: Some(rct_admission::AUTH_TOWER.parse().unwrap()),
+        ..Filter::default()
+    };
+    let recorded: Vec<proto::Rejected> = replay::history(&h.js, &filter)
+        .await
+        .unwrap()
+        .map(|r| match r.unwrap().event.kind {
+            Some(Kind::Rejected(r)) => r,
+            other => panic!("not a rejection: {other:?}"),
+        })
+        .collect()
+        .await;
+    // The harness's readiness probe (its own connection), this connection's budget, the count.
+    let one_by_one = recorded
+        .iter()
+        .filter(|r| r.message.contains("not a valid JWT"))
+        .count();
+    assert_eq!(one_by_one, 1 + PER_SOURCE as usize, "{recorded:#?}");
+    let counted: Vec<&proto::Rejected> = recorded
+        .iter()
+        .filter(|r| r.code == proto::RejectionCode::TooMany as i32)
+        .collect();
+    assert_eq!(counted.len(), 1, "{recorded:#?}");
+    let unrecorded = flood - PER_SOURCE as usize;
+    assert!(
+        counted[0]
+            .message
+            .starts_with(&format!("{unrecorded} refused login(s) from 1 source(s)")),
+        "{:?}",
+        counted[0].message
+    );
+    assert_eq!(recorded.len(), one_by_one + 1);
+}
+
+/// A login waiting for its identity provider's keys holds up no other: logins are answered
+/// at once, not one after another. A provider whose key set is slow to come (here, held until
+/// the test lets it go) used to stall every login behind it.
+#[tokio::test]
+async fn a_login_waiting_for_its_providers_keys_holds_up_no_other() {
+    use rct_admission::identity::IssuerConfig;
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/jwks.json", server.server_addr().to_ip().unwrap());
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let (asked, asked_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut asked = Some(asked);
+        for request in server.incoming_requests() {
+            if let Some(asked) = asked.take() {
+                let _ = asked.send(());
+            }
+            let _ = held.recv();
+            let _ = request.respond(tiny_http::Response::from_string(r#"{"keys":[]}"#));
+        }
+    });
+    let slow = "https://slow.example.com";
+    let h = Harness::start_with(move |config| {
+        support::idp(config);
+        config.issuers.push(IssuerConfig {
+            jwks_url: Some(url.clone()),
+            ..IssuerConfig::new(slow, "rct", Algorithm::RS256)
+        });
+    })
+    .await;
+    let waiting = {
+        let token = rs256(
+            "k1",
+            &with(|c| {
+                c.insert("iss".into(), json!(slow));
+            }),
+        );
+        let client = h.client.clone();
+        tokio::spawn(async move {
+            let request = proto::LoginRequest {
+                id_token: token,
+                session_public_key: KeyPair::generate().public().to_bytes().to_vec(),
+                client: None,
+            };
+            let reply = client
+                .request(
+                    rct_bus::Subject::Login.to_string(),
+                    request.encode_to_vec().into(),
+                )
+                .await
+                .unwrap();
+            proto::LoginResponse::decode(reply.payload).unwrap()
+        })
+    };
+    asked_rx
+        .await
+        .expect("the slow provider was asked for its keys");
+    // While that login waits, another is answered.
+    let response = h
+        .login_with(&rs256("k1", &claims()), &KeyPair::generate())
+        .await;
+    assert!(
+        matches!(response.result, Some(R::Certificate(_))),
+        "{response:?}"
+    );
+    assert!(
+        !waiting.is_finished(),
+        "the slow provider's login did not wait"
+    );
+    release.send(()).unwrap();
+    let answer = waiting.await.unwrap();
+    assert!(matches!(answer.result, Some(R::Refused(_))), "{answer:?}");
 }

@@ -157,7 +157,7 @@ pub fn rejection_code_name(code: i32) -> &'static str {
         .map_or("unspecified", |(_, name)| name)
 }
 
-const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 13] = [
+const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 14] = [
     (proto::RejectionCode::Malformed, "malformed"),
     (proto::RejectionCode::Unauthenticated, "unauthenticated"),
     (proto::RejectionCode::BadSignature, "bad_signature"),
@@ -174,6 +174,7 @@ const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 13] = [
     (proto::RejectionCode::UnknownTarget, "unknown_target"),
     (proto::RejectionCode::UnknownCommand, "unknown_command"),
     (proto::RejectionCode::TooLarge, "too_large"),
+    (proto::RejectionCode::TooMany, "too_many"),
 ];
 
 #[cfg(test)]

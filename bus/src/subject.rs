@@ -156,6 +156,21 @@ impl FromStr for Subject {
     }
 }
 
+/// The tower, command and kind of an event stored before event subjects named their target
+/// (`rct.evt.<tower>.<command_id>.<kind>`), so that history written then stays readable.
+/// Nobody may write such a subject any more: the shipped permissions grant only the
+/// six-token form.
+pub fn legacy_event(subject: &str) -> Option<(Tower, CommandId, EventKind)> {
+    match subject.split('.').collect::<Vec<_>>().as_slice() {
+        [ROOT, EVT, tower, id, kind] => Some((
+            Tower::new(*tower).ok()?,
+            id.parse().ok()?,
+            kind.parse().ok()?,
+        )),
+        _ => None,
+    }
+}
+
 /// `rct.submit.>`: every submission (the `RCT_SUBMIT` stream).
 pub fn all_submissions() -> String {
     format!("{ROOT}.{SUBMIT}.>")
@@ -290,6 +305,24 @@ mod tests {
                 "rct.evt.traffic.prod-1.*.outcome",
             ]
         );
+    }
+
+    #[test]
+    fn events_stored_before_subjects_named_their_target_are_read() {
+        let id: CommandId = "01JQ0000000000000000000000".parse().unwrap();
+        let (tower, command, kind) =
+            legacy_event("rct.evt.traffic.01JQ0000000000000000000000.claim").unwrap();
+        assert_eq!(
+            (tower.as_str(), command, kind),
+            ("traffic", id, EventKind::Claim)
+        );
+        for other in [
+            "rct.evt.traffic.prod-1.01JQ0000000000000000000000.claim",
+            "rct.evt.traffic.not-an-id.claim",
+            "rct.evt.traffic.01JQ0000000000000000000000.claimed",
+        ] {
+            assert!(legacy_event(other).is_none(), "{other}");
+        }
     }
 
     #[test]

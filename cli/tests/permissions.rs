@@ -524,6 +524,8 @@ async fn another_targets_agent_cannot_claim_or_end_a_command() {
     hub.provision().await;
     let shutdown = CancellationToken::new();
     let key = hub.admission(&shutdown).await;
+    let (url, posts) = support::webhook();
+    hub.notifier(&url, &shutdown).await;
     let operator = Arc::new(hub.operator());
     let op = operator.clone();
     blocking(move || op.login()).await;
@@ -594,10 +596,28 @@ async fn another_targets_agent_cannot_claim_or_end_a_command() {
     assert!(shown.contains("prod-1 drained"), "{shown}");
     assert_eq!(
         shown
-            .matches("UNVERIFIED: at target prod-2, ignored")
+            .matches("UNVERIFIED: at traffic prod-2, ignored")
             .count(),
         2,
         "{shown}"
+    );
+    // The notifier tells the channel what happened on prod-1, and nothing prod-2 wrote.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !posts
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|p| p.contains("Succeeded") && p.contains(&id.to_string()))
+    {
+        assert!(Instant::now() < deadline, "{:?}", posts.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let posted = posts.lock().unwrap().clone();
+    assert!(
+        !posted
+            .iter()
+            .any(|p| p.contains("prod-2 says it failed") || p.contains("agent rival")),
+        "{posted:?}"
     );
     shutdown.cancel();
 }

@@ -72,6 +72,11 @@ impl Config {
             ("commands", &self.commands),
             ("events", &self.events),
         ] {
+            if stream.max_msg_size.is_some_and(|n| n < 4096) {
+                return Err(format!(
+                    "{name}.max_msg_size must be at least 4096 bytes (or unset for the default)"
+                ));
+            }
             if stream.duplicate_window.is_zero() {
                 return Err(format!(
                     "{name}.duplicate_window must be longer than zero: retries are deduplicated within it"
@@ -160,7 +165,17 @@ pub struct Stream {
     /// (ephemeral) consumer that lingers a few seconds after use; nats-server 2.15 otherwise
     /// caps a stream at 1000.
     pub max_consumers: i32,
+    /// Largest message the stream stores, in bytes: the server refuses a larger one, and the
+    /// publisher is told so. Unset: [`MAX_SUBMISSION`] for submissions (admission refuses
+    /// what is over its `max_payload`, 64 KiB by default, and records the refusal),
+    /// [`MAX_MESSAGE`] for commands and events.
+    pub max_msg_size: Option<i32>,
 }
+
+/// The largest submission `RCT_SUBMIT` stores unless told otherwise.
+pub const MAX_SUBMISSION: i32 = 128 * 1024;
+/// The largest command or event `RCT_CMD` and `RCT_EVT` store unless told otherwise.
+pub const MAX_MESSAGE: i32 = 256 * 1024;
 
 impl Default for Stream {
     fn default() -> Self {
@@ -168,6 +183,7 @@ impl Default for Stream {
             max_age: Duration::ZERO,
             duplicate_window: Duration::from_secs(10 * 60),
             max_consumers: 100_000,
+            max_msg_size: None,
         }
     }
 }

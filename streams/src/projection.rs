@@ -10,10 +10,10 @@
 //!
 //! So applying a record twice, or records in another order, gives the same state.
 //!
-//! A command's events are those at its own target (the event subject names it): the
-//! decision's. What is written under its id at another target (a writer with the grants of
-//! another target, say) is not its history: it changes nothing but `elsewhere`.
-//! Before the decision is seen, the first event's target is taken; a decision at another one
+//! A command's events are those at its own tower and target (the event subject names both):
+//! the decision's. What is written under its id elsewhere (by a writer with the grants of
+//! another target or tower) is not its history: it changes nothing but `elsewhere`.
+//! Before the decision is seen, the first event's place is taken; a decision at another one
 //! starts the state again from the decision.
 
 use std::borrow::Cow;
@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use rct_bus::proto::{self, event::Kind};
-use rct_bus::{CommandId, EventKind, Target};
+use rct_bus::{CommandId, EventKind, Target, Tower};
 use time::OffsetDateTime;
 
 use crate::replay::Record;
@@ -158,8 +158,8 @@ pub struct CommandState {
     /// The highest stream sequence applied.
     pub last_sequence: u64,
     progress_sequence: u64,
-    /// An event was applied.
-    applied: bool,
+    /// The tower and target its events are at, from the first one applied.
+    place: Option<(Tower, Target)>,
 }
 
 impl CommandState {
@@ -185,7 +185,7 @@ impl CommandState {
             first_sequence: 0,
             last_sequence: 0,
             progress_sequence: 0,
-            applied: false,
+            place: None,
         }
     }
 
@@ -206,7 +206,7 @@ impl CommandState {
         self.fold_in(
             record.sequence,
             record.command_id,
-            &record.target,
+            (&record.tower, &record.target),
             record.kind,
             Cow::Borrowed(&record.event),
         );
@@ -215,10 +215,11 @@ impl CommandState {
     /// [`CommandState::apply`], taking the record: what the state keeps is moved, not copied
     /// (for folding long histories).
     pub fn absorb(&mut self, record: Record) {
+        let place = (record.tower, record.target);
         self.fold_in(
             record.sequence,
             record.command_id,
-            &record.target,
+            (&place.0, &place.1),
             record.kind,
             Cow::Owned(record.event),
         );
@@ -228,14 +229,16 @@ impl CommandState {
         &mut self,
         sequence: u64,
         command_id: CommandId,
-        target: &Target,
+        (tower, target): (&Tower, &Target),
         slot: EventKind,
         event: Cow<'_, proto::Event>,
     ) {
         if command_id != self.command_id {
             return;
         }
-        if self.applied && *target != Target::of_event(&self.target) {
+        if let Some((t, g)) = &self.place
+            && (t != tower || g != target)
+        {
             if slot != EventKind::Decision || self.decision.is_some() {
                 self.elsewhere = true;
                 return;
@@ -243,7 +246,9 @@ impl CommandState {
             *self = Self::new(command_id);
             self.elsewhere = true;
         }
-        self.applied = true;
+        if self.place.is_none() {
+            self.place = Some((tower.clone(), target.clone()));
+        }
         self.last_sequence = self.last_sequence.max(sequence);
         if self.first_sequence == 0 || sequence < self.first_sequence {
             self.first_sequence = sequence;
@@ -315,6 +320,16 @@ impl CommandState {
         {
             self.phase = phase;
         }
+    }
+
+    /// Whether `record` is of this command's own history: at its tower and target (see the
+    /// module's folding rule).
+    pub fn owns(&self, record: &Record) -> bool {
+        record.command_id == self.command_id
+            && self
+                .place
+                .as_ref()
+                .is_none_or(|(t, g)| *t == record.tower && *g == record.target)
     }
 
     /// How long it ran, from claim to outcome.
@@ -579,6 +594,13 @@ mod tests {
         assert!(state.cancel_requested.is_none() && state.outcome.is_none());
         assert_eq!((state.first_sequence, state.last_sequence), (1, 5));
         assert!(!fold(&[record(1, admitted()), record(2, started())]).elsewhere);
+
+        // Another tower's writer, on the same target.
+        let mut dns = record(3, Kind::Succeeded(Default::default()));
+        dns.tower = "dns".parse().unwrap();
+        let state = fold(&[record(1, admitted()), record(2, started()), dns.clone()]);
+        assert_eq!(state.phase, Phase::Running);
+        assert!(state.elsewhere && !state.owns(&dns) && state.owns(&record(4, started())));
 
         // Written before the decision, at another target: dropped when the decision comes.
         let state = fold(&[

@@ -44,6 +44,8 @@ pub struct Outgoing {
     payload: Bytes,
     headers: HeaderMap,
     once: bool,
+    /// With `once`: the subjects (a filter) the slot spans, when more than the message's own.
+    slot: Option<String>,
     /// The stream that takes it, when known (where a refused single-slot publish's holder is
     /// read, without a stream lookup).
     stream: Option<&'static str>,
@@ -58,6 +60,7 @@ impl Outgoing {
             payload,
             headers: HeaderMap::new(),
             once: false,
+            slot: None,
             stream: None,
         }
     }
@@ -65,8 +68,10 @@ impl Outgoing {
     /// Event `n` of its kind for its command, on
     /// `rct.evt.<tower>.<target>.<command_id>.<kind>` (the target the event names, `_` when
     /// it names none that is a token: see [`Target::of_event`]); decisions, claims and
-    /// outcomes are single-slot. `None` if the event has no body or a command id that is not
-    /// a ULID.
+    /// outcomes are single-slot. A claim's or outcome's slot is its target's (another
+    /// target's writer cannot take it); a decision's spans every target, so a command id has
+    /// one decision whatever targets its submissions name. `None` if the event has no body or
+    /// a command id that is not a ULID.
     pub fn event(tower: &Tower, event: &proto::Event, n: impl std::fmt::Display) -> Option<Self> {
         let kind = EventKind::of(event)?;
         let command_id: rct_bus::CommandId = event.command_id.parse().ok()?;
@@ -76,11 +81,20 @@ impl Outgoing {
             event.encode_to_vec().into(),
         );
         outgoing.stream = Some(crate::topology::EVENT_STREAM);
-        Some(if kind.is_single_slot() {
-            outgoing.once()
-        } else {
-            outgoing
+        Some(match kind {
+            EventKind::Decision => outgoing.once_over(rct_bus::subject::events_of_tower_command(
+                tower, command_id, kind,
+            )),
+            _ if kind.is_single_slot() => outgoing.once(),
+            _ => outgoing,
         })
+    }
+
+    /// Single-slot over `slot` (a filter the subject is in): the server refuses the message
+    /// if any subject of `slot` holds one (`Nats-Expected-Last-Subject-Sequence-Subject`).
+    pub fn once_over(mut self, slot: String) -> Self {
+        self.slot = Some(slot);
+        self.once()
     }
 
     /// Makes the subject single-slot: the server refuses the message if the subject already
@@ -180,10 +194,12 @@ impl Publisher {
     /// is not ([`Error::Publish`]: no stream ever answered, or one refused it).
     ///
     /// A duplicate acknowledgement of a message whose stream is known is checked against the
-    /// stored message: one with another subject or other bytes under our id is not ours (a
-    /// writer that guessed the id and published first, to swallow this message). The message
-    /// is then sent again under an id no one can take before it is published (see
-    /// [`Outgoing::unguessable_id`]), so it is stored all the same, and once.
+    /// stored message: one on another subject under our id is not ours (a writer that guessed
+    /// the id and published first elsewhere, to swallow this message: a log line under the id
+    /// of an outcome). The message is then sent again under an id no one can take before it
+    /// is published (see [`Outgoing::unguessable_id`]), so it is stored all the same. Other
+    /// bytes on our own subject are taken for ours: our own earlier attempt, rebuilt (a
+    /// writer of the same subject has our very permissions).
     pub async fn send(&self, mut message: Outgoing) -> Result<Slot> {
         let mut ack = self.deliver(&message).await?;
         let mut renamed = false;
@@ -294,10 +310,9 @@ impl Publisher {
         self.send(outgoing).await
     }
 
-    /// Whether the message the server reports as a duplicate of `message` is `message`: the
-    /// same subject and the same bytes. Only checked where the stream is known (events): the
-    /// ids of submissions and commands are their command ids, which nobody else can know
-    /// before they are published.
+    /// Whether the message the server reports as a duplicate of `message` is on its subject.
+    /// Only checked where the stream is known (events): the ids of submissions and commands
+    /// are their command ids, which nobody else can know before they are published.
     async fn ours(&self, message: &Outgoing, ack: &Ack) -> Result<bool> {
         if message.stream.is_none() {
             return Ok(true);
@@ -313,7 +328,7 @@ impl Publisher {
             .get_raw_message(ack.sequence)
             .await
             .map_err(|e| read(e.into()))?;
-        Ok(stored.subject.as_str() == message.subject && stored.payload == message.payload)
+        Ok(stored.subject.as_str() == message.subject)
     }
 
     /// The server checks the expected sequence before the dedup id, so a retry of our own
@@ -335,7 +350,7 @@ impl Publisher {
             .get_stream_no_info(&stream)
             .await
             .map_err(|e| read(e.into()))?
-            .get_last_raw_message_by_subject(&message.subject)
+            .get_last_raw_message_by_subject(message.slot.as_deref().unwrap_or(&message.subject))
             .await
         {
             Ok(holder) => holder,
@@ -344,10 +359,17 @@ impl Publisher {
             }
             Err(e) => return Err(read(e.into())),
         };
+        // Ours: our id, or our id renamed for an impostor (see `send`).
         let ours = holder
             .headers
             .get(async_nats::header::NATS_MESSAGE_ID)
-            .is_some_and(|id| id.as_str() == message.msg_id);
+            .is_some_and(|id| {
+                id.as_str() == message.msg_id
+                    || id
+                        .as_str()
+                        .strip_prefix(message.msg_id.as_str())
+                        .is_some_and(|rest| rest.starts_with('.'))
+            });
         Ok(if ours {
             Holder::Ours(Ack {
                 stream,
@@ -378,6 +400,9 @@ impl Publisher {
         }
         if message.once {
             publish = publish.expected_last_subject_sequence(0);
+            if let Some(slot) = &message.slot {
+                publish = publish.header(EXPECTED_OVER, slot.as_str());
+            }
         }
 
         self.js
@@ -386,6 +411,9 @@ impl Publisher {
             .await
     }
 }
+
+/// The header that makes `Nats-Expected-Last-Subject-Sequence` range over a filter.
+const EXPECTED_OVER: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
 
 /// Who holds the subject a conditional publish was refused on.
 enum Holder {

@@ -49,21 +49,28 @@ impl Record {
             subject: subject.to_owned(),
             reason,
         };
-        let Subject::Event {
-            tower,
-            target,
-            command_id,
-            kind,
-        } = subject
-            .parse()
-            .map_err(|e: rct_bus::Error| malformed(e.to_string()))?
-        else {
-            return Err(malformed("not an event subject".into()));
+        let event = || proto::Event::decode(payload).map_err(|e| malformed(e.to_string()));
+        let (tower, target, command_id, kind, event, at) = match subject.parse() {
+            Ok(Subject::Event {
+                tower,
+                target,
+                command_id,
+                kind,
+            }) => (tower, target, command_id, kind, event()?, 4),
+            Ok(_) => return Err(malformed("not an event subject".into())),
+            Err(e) => match subject::legacy_event(subject) {
+                // Stored before subjects named the target: the payload's is taken.
+                Some((tower, command_id, kind)) => {
+                    let event = event()?;
+                    let target = Target::of_event(&event.target);
+                    (tower, target, command_id, kind, event, 3)
+                }
+                None => return Err(malformed(e.to_string())),
+            },
         };
-        let event = proto::Event::decode(payload).map_err(|e| malformed(e.to_string()))?;
         // The subject's token is the command id as written: compare text, no allocation per
         // event (history folds millions of them).
-        let written = subject.split('.').nth(4).unwrap_or_default();
+        let written = subject.split('.').nth(at).unwrap_or_default();
         if event.command_id != written {
             return Err(malformed(format!(
                 "payload names command {:?}",

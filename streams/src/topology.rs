@@ -53,7 +53,12 @@ pub const NOTIFIER_CONSUMER: &str = "notifier";
 /// The three streams, as `create_or_update_stream` takes them.
 pub fn streams(config: &Config) -> Vec<stream::Config> {
     let stream = |name: &str, subject: String, description: &str, s: &config::Stream| {
+        let largest = match name {
+            SUBMIT_STREAM => config::MAX_SUBMISSION,
+            _ => config::MAX_MESSAGE,
+        };
         stream::Config {
+            max_message_size: s.max_msg_size.unwrap_or(largest),
             name: name.to_owned(),
             description: Some(description.to_owned()),
             subjects: vec![subject],

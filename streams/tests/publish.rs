@@ -363,67 +363,142 @@ async fn ending_a_command_unrun_takes_its_claim_first() {
     );
 }
 
-/// A writer that knows how rct names its messages publishes first under the id of a message
-/// rct is about to write (a log line under the id of the command's outcome, another progress
-/// under the id of progress 3): the server answers rct's write as a duplicate. The publisher
-/// checks the stored message, finds it is not its own, and stores its message all the same;
-/// a duplicate of its own write is still taken as its own.
+/// A writer that knows how rct names its messages publishes first, on another subject, under
+/// the id of a message rct is about to write (a progress line under the id of the command's
+/// outcome, or a log line under the id of a progress): the server answers rct's write as a
+/// duplicate. The publisher checks the stored message, finds it on another subject, and
+/// stores its message all the same, under a digest id; writing it again is a duplicate of
+/// that, stored once. Before, the outcome was silently dropped as a duplicate.
 #[tokio::test]
 async fn a_message_whose_id_another_took_first_is_stored_all_the_same() {
     let (_server, js) = provisioned().await;
     let publisher = Publisher::new(js.clone());
     let traffic = tower("traffic");
     let id = CommandId::generate();
-    let outcome = event(id, "prod-1", succeeded());
-    let impostor = |kind, n: &str| {
-        let log = event(id, "prod-1", progress(99));
-        let subject = Subject::event(&traffic, &prod1(), id, kind).to_string();
-        let msg_id = id.event_msg_id(EventKind::of(&outcome).unwrap(), n);
-        Outgoing::new(subject, msg_id, prost::Message::encode_to_vec(&log).into())
+    let impostor = |on: EventKind, taken: EventKind, n: &str| {
+        let fake = event(id, "prod-1", progress(99));
+        let subject = Subject::event(&traffic, &prod1(), id, on).to_string();
+        Outgoing::new(
+            subject,
+            id.event_msg_id(taken, n),
+            prost::Message::encode_to_vec(&fake).into(),
+        )
     };
 
-    // The outcome's id, taken by a message on the progress subject.
-    publisher
-        .send(impostor(EventKind::Progress, "agent-1"))
-        .await
-        .unwrap();
-    let Slot::Written(ack) = publisher
-        .event(&traffic, &outcome, "agent-1")
-        .await
-        .unwrap()
-    else {
-        panic!("the outcome slot is empty, yet the outcome was refused");
-    };
-    assert!(
-        !ack.duplicate,
-        "the outcome was taken for the impostor: {ack:?}"
-    );
+    for (real, on, n) in [
+        (
+            event(id, "prod-1", succeeded()),
+            EventKind::Progress,
+            "agent-1",
+        ),
+        (event(id, "prod-1", progress(3)), EventKind::Log, "3"),
+    ] {
+        let kind = EventKind::of(&real).unwrap();
+        publisher.send(impostor(on, kind, n)).await.unwrap();
+        let subject = Subject::event(&traffic, &prod1(), id, kind).to_string();
+        let before = count(&js, EVENT_STREAM, &subject).await;
+        let Slot::Written(ack) = publisher.event(&traffic, &real, n).await.unwrap() else {
+            panic!("{kind}: its slot is empty, yet it was refused");
+        };
+        assert!(!ack.duplicate, "{kind} was taken for the impostor: {ack:?}");
+        assert_eq!(
+            count(&js, EVENT_STREAM, &subject).await,
+            before + 1,
+            "{kind}"
+        );
+        // Our own write again (a retry after a lost ack): ours, stored once.
+        let Slot::Written(again) = publisher.event(&traffic, &real, n).await.unwrap() else {
+            panic!("{kind}: our own retry was taken for a rival's");
+        };
+        assert_eq!(again.sequence, ack.sequence, "{kind}");
+        assert_eq!(
+            count(&js, EVENT_STREAM, &subject).await,
+            before + 1,
+            "{kind}"
+        );
+    }
     let look = rct_streams::journal::look(&js, &traffic, &prod1(), id)
         .await
         .unwrap();
-    assert_eq!(look.outcome.as_ref(), Some(&outcome));
+    assert!(matches!(
+        look.outcome.and_then(|o| o.kind),
+        Some(rct_bus::proto::event::Kind::Succeeded(_))
+    ));
+}
 
-    // Progress 3's id, taken by other bytes on the same subject: stored next to it.
-    let real = event(id, "prod-1", progress(3));
-    let mut taken = Outgoing::event(&traffic, &real, 3).unwrap();
-    taken = Outgoing::new(
-        taken.subject().to_owned(),
-        id.event_msg_id(EventKind::Progress, 3),
-        prost::Message::encode_to_vec(&event(id, "prod-1", progress(100))).into(),
-    );
-    publisher.send(taken).await.unwrap();
-    let Slot::Written(ack) = publisher.event(&traffic, &real, 3).await.unwrap() else {
-        panic!("progress is not single-slot");
-    };
-    assert!(!ack.duplicate, "progress 3 was taken for the impostor");
-    let progress_subject = Subject::event(&traffic, &prod1(), id, EventKind::Progress).to_string();
-    assert_eq!(count(&js, EVENT_STREAM, &progress_subject).await, 3);
+/// A command id has one decision whatever targets its submissions name: the decision slot
+/// spans the tower's targets (`Nats-Expected-Last-Subject-Sequence-Subject`), so a second
+/// decision under the same id at another target is refused by the server itself, however
+/// the two race.
+#[tokio::test]
+async fn a_command_id_has_one_decision_whatever_its_target() {
+    let (_server, js) = provisioned().await;
+    let publisher = Publisher::new(js.clone());
+    let traffic = tower("traffic");
+    let id = CommandId::generate();
+    let tasks: Vec<_> = ["prod-1", "prod-2", "prod-3", "_"]
+        .into_iter()
+        .map(|target| {
+            let publisher = publisher.clone();
+            let traffic = traffic.clone();
+            tokio::spawn(async move {
+                publisher
+                    .event(&traffic, &event(id, target, admitted()), target)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut written = 0;
+    for task in tasks {
+        if matches!(task.await.unwrap(), Slot::Written(_)) {
+            written += 1;
+        }
+    }
+    assert_eq!(written, 1);
+    let any = rct_bus::subject::events_of_kind(id, EventKind::Decision);
+    assert_eq!(count(&js, EVENT_STREAM, &any).await, 1);
+}
 
-    // Our own write again (a retry after a lost ack): a duplicate, stored once.
-    let Slot::Written(again) = publisher.event(&traffic, &real, 3).await.unwrap() else {
-        panic!("progress is not single-slot");
-    };
-    assert!(again.duplicate);
-    assert_eq!(again.sequence, ack.sequence);
-    assert_eq!(count(&js, EVENT_STREAM, &progress_subject).await, 3);
+/// The streams bound what one message can make them keep for ever: a submission over
+/// `MAX_SUBMISSION` or an event over `MAX_MESSAGE` is refused by the server, the publisher says
+/// so (a refusal, not "maybe stored"), and nothing is stored. Before, a 1 MB refused submission
+/// stayed in RCT_SUBMIT.
+#[tokio::test]
+async fn a_message_over_its_streams_size_limit_is_refused_and_not_stored() {
+    use rct_streams::config::{MAX_MESSAGE, MAX_SUBMISSION};
+    use rct_streams::topology::SUBMIT_STREAM;
+    let (_server, js) = provisioned().await;
+    let publisher = Publisher::new(js.clone());
+    let huge = |n: i32| Bytes::from(vec![b'x'; n as usize + 1]);
+    let fits = |n: i32| Bytes::from(vec![b'x'; n as usize - 512]);
+    let id = CommandId::generate();
+    for (subject, stream, limit) in [
+        (
+            "rct.submit.traffic.drain-cluster".to_owned(),
+            SUBMIT_STREAM,
+            MAX_SUBMISSION,
+        ),
+        (
+            Subject::event(&tower("traffic"), &prod1(), id, EventKind::Log).to_string(),
+            EVENT_STREAM,
+            MAX_MESSAGE,
+        ),
+    ] {
+        let refused = publisher
+            .send(Outgoing::new(subject.clone(), "too-big", huge(limit)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, rct_streams::Error::Publish { .. }),
+            "{subject}: {refused}"
+        );
+        assert!(refused.to_string().contains("size"), "{refused}");
+        assert_eq!(count(&js, stream, &subject).await, 0, "{subject}");
+        publisher
+            .send(Outgoing::new(subject.clone(), "fits", fits(limit)))
+            .await
+            .unwrap();
+        assert_eq!(count(&js, stream, &subject).await, 1, "{subject}");
+    }
 }

@@ -195,6 +195,21 @@ impl Harness {
         .await
     }
 
+    /// A login with `id_token` and a fresh session key, from a connection of its own.
+    pub async fn login_from_new_connection(&self, id_token: &str) -> proto::LoginResponse {
+        let client = async_nats::connect(self.server.url()).await.unwrap();
+        let request = proto::LoginRequest {
+            id_token: id_token.into(),
+            session_public_key: KeyPair::generate().public().to_bytes().to_vec(),
+            client: None,
+        };
+        let reply = client
+            .request(Subject::Login.to_string(), request.encode_to_vec().into())
+            .await
+            .unwrap();
+        proto::LoginResponse::decode(reply.payload).unwrap()
+    }
+
     /// Logs in through the dev issuer.
     pub async fn operator(&self, user: &str, groups: &[&str]) -> Operator {
         let session = KeyPair::generate();

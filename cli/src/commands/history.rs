@@ -160,13 +160,17 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
                         }
                         folder.absorb(*record)
                     }
-                    // Decided within the window and already over, over before this record,
-                    // or never decided.
+                    // Decided within the window and already over, or over before this
+                    // record.
                     Ok(None) => {
                         folder.ignore(record.command_id);
                         Folded::Late
                     }
-                    Err(e) => {
+                    // No decision at this record's tower and target: not the command's (a
+                    // writer of another target under its id), or never decided. Only this
+                    // record is dropped; the command's own records still count.
+                    Err(Lookup::NotHere) => Folded::Late,
+                    Err(Lookup::Failed(e)) => {
                         if !lookup_failed {
                             eprintln!(
                                 "rct: cannot read the decisions of commands decided before \
@@ -228,19 +232,31 @@ fn nothing_took_it(state: &CommandState, now: OffsetDateTime) -> bool {
 /// How often `--follow` lets go of commands nothing took.
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Why [`before_the_window`] has nothing to fold.
+enum Lookup {
+    /// No decision at the record's tower and target.
+    NotHere,
+    /// The stream could not be read.
+    Failed(rct_streams::Error),
+}
+
 /// For the first record seen of a command whose decision may be older than the window
-/// (`since`): its decision and, when earlier than `record`, its claim. `None` when it was
-/// decided within the window (so it is already over), never decided, or ended before this
-/// record (a late event).
+/// (`since`): its decision and, when earlier than `record`, its claim, at the record's own
+/// tower and target. `None` when it was decided within the window (so it is already over) or
+/// ended before this record (a late event).
 async fn before_the_window(
     js: &async_nats::jetstream::Context,
     record: &rct_streams::Record,
     since: OffsetDateTime,
-) -> std::result::Result<Option<Vec<rct_streams::Record>>, rct_streams::Error> {
+) -> std::result::Result<Option<Vec<rct_streams::Record>>, Lookup> {
     use rct_bus::EventKind;
-    let slot = |kind| replay::slot(js, &record.tower, &record.target, record.command_id, kind);
+    let slot = |kind| async move {
+        replay::slot(js, &record.tower, &record.target, record.command_id, kind)
+            .await
+            .map_err(Lookup::Failed)
+    };
     let Some(decision) = slot(EventKind::Decision).await? else {
-        return Ok(None);
+        return Err(Lookup::NotHere);
     };
     if decision.published >= since {
         return Ok(None);

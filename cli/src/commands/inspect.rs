@@ -103,7 +103,12 @@ pub async fn show(home: &Home, global: &Global, args: One) -> Result {
     let state = CommandState::fold(&records).expect("not empty");
     if args.output == Output::Json {
         for record in &records {
-            println!("{}", render::event_json(record));
+            let mut event = render::event_json(record);
+            // Written under its id elsewhere: not this command's (see the text output).
+            if !state.owns(record) {
+                event["unverified"] = true.into();
+            }
+            println!("{event}");
         }
         return Ok(exit_of(&state));
     }
@@ -152,12 +157,11 @@ pub async fn show(home: &Home, global: &Global, args: One) -> Result {
     if let Some(reason) = &state.refused {
         field("refused", reason);
     }
-    let own = rct_bus::Target::of_event(&state.target);
     if state.elsewhere {
         field(
             "UNVERIFIED",
-            "events under this id at another target (marked below) are not this command's: \
-             neither its agents nor admission write there; they were ignored",
+            "events under this id at another tower or target (marked below) are not this \
+             command's: neither its agents nor admission write there; they were ignored",
         );
     }
     if let Some(trace) = records.iter().find_map(|r| r.trace) {
@@ -170,10 +174,10 @@ pub async fn show(home: &Home, global: &Global, args: One) -> Result {
         } else {
             format!("  [{}]", printable(&record.event.source))
         };
-        if record.target != own {
+        if !state.owns(record) {
             who.push_str(&format!(
-                "  UNVERIFIED: at target {}, ignored",
-                record.target
+                "  UNVERIFIED: at {} {}, ignored",
+                record.tower, record.target
             ));
         }
         println!(

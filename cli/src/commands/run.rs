@@ -636,9 +636,9 @@ pub async fn watch_submitted(
     // While admitted and not started: (operation, target) whose agent is missing, and when
     // that was last said.
     let mut no_agent: Option<(String, String)> = None;
-    // The command's target, from its decision: what is written under its id anywhere else is
-    // not its history (see `rct_streams::projection`).
-    let mut own: Option<rct_bus::Target> = None;
+    // The command's tower and target, from its decision: what is written under its id
+    // anywhere else is not its history (see `rct_streams::projection`).
+    let mut own: Option<(rct_bus::Tower, rct_bus::Target)> = None;
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     loop {
@@ -768,12 +768,15 @@ pub async fn watch_submitted(
         };
         let decision = record.kind == rct_bus::EventKind::Decision;
         if own.is_none() && decision {
-            own = Some(record.target.clone());
+            own = Some((record.tower.clone(), record.target.clone()));
         }
-        if own.as_ref() != Some(&record.target) {
+        if own
+            .as_ref()
+            .is_none_or(|(t, g)| *t != record.tower || *g != record.target)
+        {
             eprintln!(
-                "UNVERIFIED: a {} event under {id} at target {}, not this command's: ignored",
-                record.kind, record.target
+                "UNVERIFIED: a {} event under {id} at {} {}, not this command's: ignored",
+                record.kind, record.tower, record.target
             );
             continue;
         }

@@ -13,7 +13,9 @@
 //! - `unaccounted`: admitted commands without a terminal outcome;
 //! - `not_as_recorded`: an effect that began for a command recorded as not run (ended
 //!   without running, or expired), a command recorded succeeded whose effect never
-//!   finished (no `end` line), or a command with more than one outcome (on any subject);
+//!   finished (no `end` line), a command with more than one outcome (on any subject), or
+//!   with an event at another tower or target than its decision's (where its readers do not
+//!   look);
 //! - `failed`: admitted commands that ended failed, expired or cancelled, other than those
 //!   meant to (a panicking handler's fail; an agent whose clock is past every deadline
 //!   expires what it receives);
@@ -358,6 +360,10 @@ pub(super) struct Fold {
     unrun: BTreeSet<CommandId>,
     /// Terminal events per command, on every subject (one is the only right number).
     outcomes: BTreeMap<CommandId, usize>,
+    /// Where each command's decision is: its tower and target.
+    place: BTreeMap<CommandId, (rct_bus::Tower, rct_bus::Target)>,
+    /// Commands with an event elsewhere than their decision.
+    misplaced: BTreeSet<CommandId>,
 }
 
 impl Fold {
@@ -367,6 +373,13 @@ impl Fold {
             let Ok(id) = record.event.command_id.parse::<CommandId>() else {
                 continue;
             };
+            let here = (record.tower.clone(), record.target.clone());
+            if record.kind == rct_bus::EventKind::Decision {
+                fold.place.entry(id).or_insert_with(|| here.clone());
+            }
+            if fold.place.get(&id).is_some_and(|place| *place != here) {
+                fold.misplaced.insert(id);
+            }
             let terminal = |name: &'static str| Some((name, record.event.source.clone()));
             let outcome = match &record.event.kind {
                 Some(Kind::Admitted(a)) => {
@@ -638,7 +651,8 @@ pub(super) async fn check(
                 .iter()
                 .filter(|(id, (kind, _))| *kind == "succeeded" && !finished.contains(*id))
                 .count()
-            + fold.outcomes.values().filter(|n| **n > 1).count(),
+            + fold.outcomes.values().filter(|n| **n > 1).count()
+            + fold.misplaced.len(),
         failed: ended_otherwise.len(),
         ended_otherwise: ended_otherwise
             .iter()
@@ -901,6 +915,22 @@ mod tests {
                 .unrun
                 .contains(&id)
         );
+    }
+
+    /// An event of a command at another target than its decision's is where no reader of the
+    /// command looks: the checker counts it (a writer that puts an outcome there leaves the
+    /// command open for ever, as far as `rct show` can tell).
+    #[test]
+    fn an_event_elsewhere_than_its_decision_is_counted() {
+        let id = CommandId::generate();
+        let now = OffsetDateTime::now_utc();
+        let mut decision = record(id, Kind::Admitted(proto::Admitted::default()), now);
+        decision.kind = rct_bus::EventKind::Decision;
+        let here = record(id, Kind::Succeeded(proto::Succeeded::default()), now);
+        let mut there = here.clone();
+        there.target = "elsewhere".parse().unwrap();
+        assert!(Fold::of(&[decision.clone(), here]).misplaced.is_empty());
+        assert!(Fold::of(&[decision, there]).misplaced.contains(&id));
     }
 
     /// Each expectation says no when the command ended otherwise.
