@@ -197,6 +197,21 @@ impl Config {
         if self.max_payload < 1024 {
             return Err("max_payload must be at least 1024 bytes".into());
         }
+        // An admitted command holds the submission and its decision's parameters: about twice
+        // the submission, which RCT_CMD must be able to store.
+        let commands = self
+            .streams
+            .commands
+            .max_msg_size
+            .unwrap_or(rct_streams::config::MAX_MESSAGE);
+        if 2 * self.max_payload + 16 * 1024 > usize::try_from(commands).unwrap_or(0) {
+            return Err(format!(
+                "max_payload ({} bytes) is too large for streams.commands.max_msg_size ({commands} \
+                 bytes): an admitted command holds its submission and parameters, about twice \
+                 max_payload; raise the one or lower the other",
+                self.max_payload
+            ));
+        }
         if self.freshness < Duration::from_secs(5) {
             return Err("freshness must be at least 5s".into());
         }

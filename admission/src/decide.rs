@@ -22,6 +22,10 @@ use crate::identity::{Certificates, Identity, Services};
 /// Tower token used for events about submissions whose subject names no valid tower.
 pub const UNKNOWN_TOWER: &str = "_unknown";
 
+/// The longest text a refusal quotes from what it refuses (a target, a parameter, a key id, a
+/// token's issuer), in bytes once made printable: a refusal can never be too large to record.
+pub const QUOTED_MAX: usize = 1024;
+
 /// What admission needs to decide: fixed for the life of the process.
 #[derive(Debug)]
 pub struct Policy {
@@ -672,7 +676,7 @@ impl Policy {
                 request: Some(draft.request),
             }),
         );
-        rct_bus::text::make_printable(&mut decision);
+        rct_bus::text::make_printable_within(&mut decision, crate::decide::QUOTED_MAX);
         Reject {
             tower: draft.tower,
             command_id: draft.command_id,

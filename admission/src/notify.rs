@@ -224,9 +224,9 @@ impl Notifier {
     /// under a command's id by a writer of another target or tower: not the command's).
     async fn text(&self, record: &Record) -> Option<String> {
         let event = &record.event;
-        let decision = match event.kind.as_ref()? {
-            Kind::Rejected(_) | Kind::Admitted(_) => None,
-            _ => match self.decision_of(record).await {
+        let decision = match record.kind {
+            // Only claims and outcomes are told about (a refusal is its own decision).
+            EventKind::Claim | EventKind::Outcome => match self.decision_of(record).await {
                 Ok(Some(decision)) if decision.operation == event.operation => Some(decision),
                 Ok(_) => {
                     tracing::warn!(sequence = record.sequence, subject_target = %record.target, "not notifying about an event with no decision of its operation at its tower and target (not the command's)");
@@ -235,6 +235,8 @@ impl Notifier {
                 // Unreadable now: told, with what cannot be looked up said so.
                 Err(()) => None,
             },
+            EventKind::Decision => None,
+            _ => return None,
         };
         let what = match event.target.as_str() {
             "" | "_" => event.operation.clone(),

@@ -13,6 +13,8 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 pub const PER_SOURCE: u32 = 10;
 /// Refusals on record one by one per window, all sources together.
 pub const IN_ALL: u32 = 120;
+/// Sources told apart among the refusals not recorded one by one (more are said "at least").
+pub const SOURCES_COUNTED: usize = 1000;
 
 /// Refusals not on record one by one during a window that is over.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,10 +31,15 @@ impl Unrecorded {
     /// The sentence on record.
     pub fn message(&self) -> String {
         format!(
-            "{} refused login(s) from {} source(s) in the last {}s were not recorded one by one \
-             (each source has {PER_SOURCE} a minute on record, all sources {IN_ALL}): a flood \
-             of bad logins, or a client retrying a bad token",
+            "{} refused login(s) from {}{} source(s) in the last {}s were not recorded one by \
+             one (each source has {PER_SOURCE} a minute on record, all sources {IN_ALL}): a \
+             flood of bad logins, or a client retrying a bad token",
             self.refusals,
+            if self.sources >= SOURCES_COUNTED {
+                "at least "
+            } else {
+                ""
+            },
             self.sources,
             self.over.as_secs()
         )
@@ -62,15 +69,24 @@ impl Budget {
     }
 
     /// Whether a refusal from `source` goes on record one by one (else it is counted).
+    /// Memory stays bounded whatever sources a flood names: a source is remembered only
+    /// while the budget in all is not spent ([`IN_ALL`] of them at most), and at most
+    /// [`SOURCES_COUNTED`] sources are counted among the unrecorded.
     pub fn admit(&mut self, source: &str) -> bool {
-        let mine = self.per_source.entry(source.to_owned()).or_default();
-        let admitted = *mine < PER_SOURCE && self.recorded < IN_ALL;
+        let admitted = self.recorded < IN_ALL && {
+            let mine = self.per_source.entry(source.to_owned()).or_default();
+            *mine < PER_SOURCE && {
+                *mine += 1;
+                true
+            }
+        };
         if admitted {
-            *mine += 1;
             self.recorded += 1;
         } else {
-            self.unrecorded += 1;
-            self.unrecorded_sources.insert(source.to_owned());
+            self.unrecorded = self.unrecorded.saturating_add(1);
+            if self.unrecorded_sources.len() < SOURCES_COUNTED {
+                self.unrecorded_sources.insert(source.to_owned());
+            }
         }
         admitted
     }
@@ -127,11 +143,12 @@ mod tests {
         assert_eq!(budget.roll(t0 + WINDOW / 2), None, "not over yet");
         let unrecorded = budget.roll(t0 + WINDOW).unwrap();
         assert_eq!(unrecorded.refusals, 50 + 1 + 1000 - IN_ALL);
-        // a, and every s that found the whole budget spent.
+        // a, and every s that found the whole budget spent, up to the count kept.
         assert_eq!(
             unrecorded.sources,
-            1 + (1000 - (IN_ALL - PER_SOURCE - 1) as usize)
+            SOURCES_COUNTED.min(1 + (1000 - (IN_ALL - PER_SOURCE - 1) as usize))
         );
+        assert!(budget.per_source.len() <= IN_ALL as usize);
         assert!(
             unrecorded
                 .message()

@@ -486,7 +486,9 @@ async fn respond(
         let request = tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = minute.tick() => {
-                admission.inner.record_unrecorded_refusals().await;
+                // Recorded aside: a slow write holds up no login.
+                let admission = admission.clone();
+                answering.spawn(async move { admission.inner.record_unrecorded_refusals().await });
                 continue;
             }
             request = requests.next() => match request { Some(r) => r, None => break },
@@ -514,6 +516,8 @@ async fn respond(
             drop(permit);
         });
     }
+    // No more requests to this replica (the others answer them), then the ones taken finish.
+    let _ = requests.unsubscribe().await;
     answering.close();
     answering.wait().await;
     let unrecorded = {
@@ -663,7 +667,7 @@ impl Inner {
                 kind: Some(kind),
             };
             // The loader's messages quote the file.
-            rct_bus::text::make_printable(&mut event);
+            rct_bus::text::make_printable_within(&mut event, crate::decide::QUOTED_MAX);
             if let Err(e) = self.publisher.event(&tower, &event, 0).await {
                 tracing::error!(error = %e, "cannot record the catalog reload");
                 return;
@@ -780,8 +784,8 @@ impl Inner {
         // The decision's id names the submission (`<command>.decision.<submission seq>`): a
         // redelivery of this submission is recognised as ours, a replay of its command id by
         // another submission is not.
-        // The decision slot spans every target of the tower (`Outgoing::event`): a decision
-        // under this id at another target holds it.
+        // The decision slot spans every tower and target (`Outgoing::event`): a decision
+        // under this id anywhere holds it.
         match publisher.event(tower, decision, sequence).await? {
             Slot::Written(ack) if !ack.duplicate => {
                 log_decision(&verdict);
@@ -923,8 +927,7 @@ impl Inner {
         &self,
         stored: Stored<'_>,
     ) -> Result<Option<proto::Event>, rct_streams::Error> {
-        let Ok(Subject::Submit { operation }) = stored.message.subject.as_str().parse::<Subject>()
-        else {
+        let Ok(Subject::Submit { .. }) = stored.message.subject.as_str().parse::<Subject>() else {
             return Ok(None);
         };
         let claimed = proto::SignedEnvelope::decode(stored.message.payload.as_ref())
@@ -934,8 +937,7 @@ impl Inner {
         let Some(claimed) = claimed else {
             return Ok(None);
         };
-        let subject =
-            subject::events_of_tower_command(operation.tower(), claimed, EventKind::Decision);
+        let subject = subject::events_of_kind(claimed, EventKind::Decision);
         let holder = self.last_event_on(&subject).await?;
         Ok(holder
             .filter(|h| decided_request(h).map(|r| r.submission_sequence) == Some(stored.sequence)))
@@ -1067,7 +1069,7 @@ impl Inner {
         decision.command_id = id.to_string();
         // What a refusal holds came from outside (a login's token, a submission's words).
         if matches!(decision.kind, Some(Kind::Rejected(_))) {
-            rct_bus::text::make_printable(&mut decision);
+            rct_bus::text::make_printable_within(&mut decision, crate::decide::QUOTED_MAX);
         }
         if let (Some(claimed), Some(Kind::Rejected(r))) = (claimed, decision.kind.as_mut())
             && r.code != RejectionCode::Duplicate as i32
@@ -1286,7 +1288,7 @@ fn rejection(decision: &proto::Event, code: RejectionCode, message: String) -> p
         })),
         ..decision.clone()
     };
-    rct_bus::text::make_printable(&mut rejected);
+    rct_bus::text::make_printable_within(&mut rejected, crate::decide::QUOTED_MAX);
     rejected
 }
 

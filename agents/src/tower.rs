@@ -1248,7 +1248,12 @@ impl Runner {
                             describe(&kind)
                         ),
                     );
-                    kind = emitter::bound_kind(why, &[], &self.config.output);
+                    // Small whatever `max_line` allows: this one must fit.
+                    let small = crate::config::Output {
+                        max_line: self.config.output.max_line.min(1024),
+                        ..self.config.output.clone()
+                    };
+                    kind = emitter::bound_kind(why, &[], &small);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot record the outcome yet; retrying");

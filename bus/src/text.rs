@@ -89,23 +89,38 @@ pub fn justification_problem(text: &str) -> Option<String> {
     })
 }
 
-fn clean(text: &mut String) {
+fn clean(text: &mut String, max: usize) {
     if let Cow::Owned(shown) = printable(text) {
         *text = shown;
     }
+    cut(text, max);
 }
 
-fn clean_operator(operator: &mut Option<proto::Operator>) {
+/// Holds `text` to `max` bytes (on a character boundary), saying how much was cut.
+fn cut(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = text.len() - end;
+    text.truncate(end);
+    let _ = write!(text, "…(cut: {cut} bytes)");
+}
+
+fn clean_operator(operator: &mut Option<proto::Operator>, max: usize) {
     if let Some(o) = operator {
-        clean(&mut o.subject);
-        clean(&mut o.email);
-        o.groups.iter_mut().for_each(clean);
+        clean(&mut o.subject, max);
+        clean(&mut o.email, max);
+        o.groups.iter_mut().for_each(|g| clean(g, max));
     }
 }
 
-fn clean_value(value: &mut proto::Value) {
+fn clean_value(value: &mut proto::Value, max: usize) {
     match &mut value.kind {
-        Some(V::String(s) | V::Enumeration(s) | V::Target(s)) => clean(s),
+        Some(V::String(s) | V::Enumeration(s) | V::Target(s)) => clean(s, max),
         Some(
             V::Integer(_)
             | V::Number(_)
@@ -118,18 +133,18 @@ fn clean_value(value: &mut proto::Value) {
     }
 }
 
-fn clean_request(request: &mut Option<proto::Request>) {
+fn clean_request(request: &mut Option<proto::Request>, max: usize) {
     let Some(r) = request else { return };
-    clean_operator(&mut r.operator);
-    clean(&mut r.justification);
-    clean(&mut r.cancels);
-    clean(&mut r.key_id);
+    clean_operator(&mut r.operator, max);
+    clean(&mut r.justification, max);
+    clean(&mut r.cancels, max);
+    clean(&mut r.key_id, max);
     // Names too: a refusal records the names a submission gave.
     r.params = std::mem::take(&mut r.params)
         .into_iter()
         .map(|(mut name, mut value)| {
-            clean(&mut name);
-            clean_value(&mut value);
+            clean(&mut name, max);
+            clean_value(&mut value, max);
             (name, value)
         })
         .collect();
@@ -138,29 +153,35 @@ fn clean_request(request: &mut Option<proto::Request>) {
 /// Makes every text of `event` [`printable`], in place. A log event keeps its lines apart:
 /// the `\n` between them stays, and each line is made printable.
 pub fn make_printable(event: &mut proto::Event) {
-    clean(&mut event.command_id);
-    clean(&mut event.source);
-    clean(&mut event.operation);
-    clean(&mut event.target);
+    make_printable_within(event, usize::MAX);
+}
+
+/// [`make_printable`], each text then held to `max` bytes (what a refusal quotes from a
+/// request nobody checked: written out, a control character takes several bytes).
+pub fn make_printable_within(event: &mut proto::Event, max: usize) {
+    clean(&mut event.command_id, max);
+    clean(&mut event.source, max);
+    clean(&mut event.operation, max);
+    clean(&mut event.target, max);
     let Some(kind) = &mut event.kind else { return };
     match kind {
         Kind::Rejected(r) => {
-            clean(&mut r.message);
-            clean_request(&mut r.request);
+            clean(&mut r.message, max);
+            clean_request(&mut r.request, max);
         }
-        Kind::Admitted(a) => clean_request(&mut a.request),
+        Kind::Admitted(a) => clean_request(&mut a.request, max),
         Kind::Approval(a) => {
-            clean_operator(&mut a.by);
-            clean(&mut a.comment);
+            clean_operator(&mut a.by, max);
+            clean(&mut a.comment, max);
         }
         Kind::Started(s) => {
-            clean(&mut s.agent);
-            clean(&mut s.host);
-            clean(&mut s.target);
+            clean(&mut s.agent, max);
+            clean(&mut s.host, max);
+            clean(&mut s.target, max);
         }
         Kind::Progress(p) => {
-            clean(&mut p.step);
-            clean(&mut p.message);
+            clean(&mut p.step, max);
+            clean(&mut p.message, max);
         }
         Kind::Log(l) => {
             if !l.line.split('\n').all(is_printable) {
@@ -171,35 +192,64 @@ pub fn make_printable(event: &mut proto::Event) {
                     .collect::<Vec<_>>()
                     .join("\n");
             }
+            cut(&mut l.line, max);
         }
         Kind::CancelRequested(c) => {
-            clean_operator(&mut c.by);
-            clean(&mut c.justification);
+            clean_operator(&mut c.by, max);
+            clean(&mut c.justification, max);
         }
         Kind::Succeeded(s) => {
-            clean(&mut s.summary);
+            clean(&mut s.summary, max);
             s.outputs = std::mem::take(&mut s.outputs)
                 .into_iter()
                 .map(|(mut k, mut v)| {
-                    clean(&mut k);
-                    clean(&mut v);
+                    clean(&mut k, max);
+                    clean(&mut v, max);
                     (k, v)
                 })
                 .collect();
         }
         Kind::Failed(f) => {
-            clean(&mut f.code);
-            clean(&mut f.message);
+            clean(&mut f.code, max);
+            clean(&mut f.message, max);
         }
         Kind::Expired(_) => {}
-        Kind::Cancelled(c) => clean(&mut c.reason),
-        Kind::Unknown(u) => clean(&mut u.reason),
+        Kind::Cancelled(c) => clean(&mut c.reason, max),
+        Kind::Unknown(u) => clean(&mut u.reason, max),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a refusal quotes is held to a size, on a character boundary, saying so.
+    #[test]
+    fn texts_are_held_to_a_size_when_asked() {
+        let mut event = proto::Event {
+            target: "\u{1}".repeat(1000),
+            kind: Some(Kind::Rejected(proto::Rejected {
+                message: "é".repeat(10),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        make_printable_within(&mut event, 15);
+        assert!(
+            event.target.starts_with("\\u{1}\\u{1}\\u{1}"),
+            "{}",
+            event.target
+        );
+        assert!(
+            event.target.ends_with("…(cut: 4985 bytes)"),
+            "{}",
+            event.target
+        );
+        let Some(Kind::Rejected(r)) = &event.kind else {
+            unreachable!()
+        };
+        assert_eq!(r.message, format!("{}…(cut: 6 bytes)", "é".repeat(7)));
+    }
 
     /// What a terminal would act on is written out; everything else is left as it is.
     #[test]

@@ -426,29 +426,32 @@ async fn a_message_whose_id_another_took_first_is_stored_all_the_same() {
     ));
 }
 
-/// A command id has one decision whatever targets its submissions name: the decision slot
-/// spans the tower's targets (`Nats-Expected-Last-Subject-Sequence-Subject`), so a second
-/// decision under the same id at another target is refused by the server itself, however
-/// the two race.
+/// A command id has one decision whatever tower and target its submissions name: the decision
+/// slot spans them all (`Nats-Expected-Last-Subject-Sequence-Subject`), so a second decision
+/// under the same id elsewhere is refused by the server itself, however the two race.
 #[tokio::test]
 async fn a_command_id_has_one_decision_whatever_its_target() {
     let (_server, js) = provisioned().await;
     let publisher = Publisher::new(js.clone());
     let traffic = tower("traffic");
     let id = CommandId::generate();
-    let tasks: Vec<_> = ["prod-1", "prod-2", "prod-3", "_"]
-        .into_iter()
-        .map(|target| {
-            let publisher = publisher.clone();
-            let traffic = traffic.clone();
-            tokio::spawn(async move {
-                publisher
-                    .event(&traffic, &event(id, target, admitted()), target)
-                    .await
-                    .unwrap()
-            })
+    let tasks: Vec<_> = [
+        (traffic.clone(), "prod-1"),
+        (traffic.clone(), "prod-2"),
+        (traffic, "prod-3"),
+        (tower("workloads"), "_"),
+    ]
+    .into_iter()
+    .map(|(tower, target)| {
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            publisher
+                .event(&tower, &event(id, target, admitted()), target)
+                .await
+                .unwrap()
         })
-        .collect();
+    })
+    .collect();
     let mut written = 0;
     for task in tasks {
         if matches!(task.await.unwrap(), Slot::Written(_)) {

@@ -172,10 +172,12 @@ impl Harness {
             .unwrap();
         tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(item) = follow.next().await {
-                if let Item::Event(r) = item.unwrap()
-                    && r.kind == rct_bus::EventKind::Outcome
-                {
-                    break;
+                match item {
+                    Ok(Item::Event(r)) if r.kind == rct_bus::EventKind::Outcome => break,
+                    Ok(_) => {}
+                    // A read that failed (a server reloading, say): the follow resumes after
+                    // the last event it read, so nothing is missed.
+                    Err(e) => eprintln!("following {id}: {e}; resuming"),
                 }
             }
         })

@@ -127,6 +127,7 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
         .map_err(|e| Error::usage(format!("cannot read history: {e}")))?;
     let _connection = crate::commands::run::say_connection(remote.connected.clone(), None);
     let mut lookup_failed = false;
+    let mut not_here = std::collections::HashSet::new();
     let mut pruned = std::time::Instant::now();
     while let Some(item) = events.next().await {
         // Admitted, never started, past its deadline: nothing will take it (only an agent
@@ -152,6 +153,15 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
         let folded = match folder.absorb(record) {
             // Decided before the window: its decision says who asked and why, its claim who
             // runs it.
+            Folded::Unseen(record)
+                if not_here.contains(&(
+                    record.command_id,
+                    record.tower.clone(),
+                    record.target.clone(),
+                )) =>
+            {
+                Folded::Late
+            }
             Folded::Unseen(record) => {
                 match before_the_window(&remote.js, &record, since).await {
                     Ok(Some(earlier)) => {
@@ -169,7 +179,15 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
                     // No decision at this record's tower and target: not the command's (a
                     // writer of another target under its id), or never decided. Only this
                     // record is dropped; the command's own records still count.
-                    Err(Lookup::NotHere) => Folded::Late,
+                    Err(Lookup::NotHere) => {
+                        // Looked up once per place: a writer's many records under one id
+                        // cost one lookup.
+                        if not_here.len() >= NOT_HERE_REMEMBERED {
+                            not_here.clear();
+                        }
+                        not_here.insert((record.command_id, record.tower, record.target));
+                        Folded::Late
+                    }
                     Err(Lookup::Failed(e)) => {
                         if !lookup_failed {
                             eprintln!(
@@ -228,6 +246,9 @@ fn nothing_took_it(state: &CommandState, now: OffsetDateTime) -> bool {
             .deadline()
             .is_some_and(|deadline| deadline + time::Duration::minutes(1) < now)
 }
+
+/// Places (command, tower, target) found with no decision, remembered at most.
+const NOT_HERE_REMEMBERED: usize = 10_000;
 
 /// How often `--follow` lets go of commands nothing took.
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
