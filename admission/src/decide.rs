@@ -1001,6 +1001,38 @@ mod tests {
         );
     }
 
+    /// A refusal quoting what nobody checked stays small enough to record: a 20 KiB target of
+    /// control characters (each written out in five bytes), quoted as the target and as a
+    /// parameter, used to make a refusal of about 200 KiB.
+    #[test]
+    fn a_refusal_quoting_a_huge_garbled_target_stays_small() {
+        let now = OffsetDateTime::now_utc();
+        let policy = policy(example());
+        let garbled = "\u{1}".repeat(20 * 1024);
+        let submission = run(
+            "traffic/drain-cluster",
+            &garbled,
+            &[("cluster", proto::value::Kind::Target(garbled.clone()))],
+            now,
+        );
+        let Verdict::Reject(reject) = decide(&policy, &signed(&policy, &submission), now) else {
+            panic!("admitted");
+        };
+        assert_ne!(
+            reject.code(),
+            RejectionCode::TooLarge,
+            "{}",
+            reject.message()
+        );
+        let size = reject.decision.encode_to_vec().len();
+        assert!(size < 16 * 1024, "a refusal of {size} bytes");
+        assert!(
+            reject.decision.target.contains("…(cut: "),
+            "{}",
+            reject.decision.target
+        );
+    }
+
     /// The key id an envelope claims is the sender's word before anything is verified: a
     /// refusal records and quotes it only when it has the form of a key id.
     #[test]
