@@ -18,7 +18,8 @@
 //!   look);
 //! - `failed`: admitted commands that ended failed, expired or cancelled, other than those
 //!   meant to (a panicking handler's fail; an agent whose clock is past every deadline
-//!   expires what it receives);
+//!   expires what it receives; an agent the run stops gracefully ends what it claimed and
+//!   had not started `not_run`);
 //! - faults that did not bite, or whose commands did not end as they must ([`Expect`]);
 //! - a run that proves nothing: nothing attempted, acknowledged, admitted or succeeded, no
 //!   fault injected when faults were asked for, or outcomes that do not add up (admitted ≠
@@ -567,26 +568,7 @@ pub(super) async fn check(
         .map(|(id, _)| *id)
         .collect();
 
-    // Meant to end so: a panicking handler's command fails; whatever an agent whose clock is
-    // past every deadline ends, it expires.
-    let meant: BTreeMap<CommandId, &str> = world
-        .expects
-        .iter()
-        .filter(|e| matches!(e.want, Want::Panicked))
-        .flat_map(|e| e.ids.iter().map(|id| (*id, "failed")))
-        .chain(
-            fold.outcome
-                .iter()
-                .filter(|(_, (_, source))| {
-                    let incarnation = source.rsplit('/').next().unwrap_or_default();
-                    world
-                        .expiring
-                        .iter()
-                        .any(|name| incarnation.starts_with(&format!("{name}-")))
-                })
-                .map(|(id, _)| (*id, "expired")),
-        )
-        .collect();
+    let meant = meant(&fold, &world.expects, &world.expiring, &world.stopped);
     let as_meant = |id: &CommandId, kind: &str| meant.get(id) == Some(&kind);
     let ended_otherwise: Vec<CommandId> = fold
         .outcome
@@ -685,6 +667,42 @@ pub(super) async fn check(
             .collect(),
         ..Report::default()
     })
+}
+
+/// The commands meant to end as they did: a panicking handler's command fails; whatever an
+/// agent whose clock is past every deadline (`expiring`) ends, it expires; a command an agent
+/// the run stopped gracefully (`stopped`) had claimed and not started, that agent ends
+/// `not_run` on its way out.
+fn meant(
+    fold: &Fold,
+    expects: &[Expect],
+    expiring: &BTreeSet<String>,
+    stopped: &BTreeSet<String>,
+) -> BTreeMap<CommandId, &'static str> {
+    // The agent instances are named `<name>-<incarnation>`, last in an event's source.
+    let by = |names: &BTreeSet<String>, source: &str| {
+        let incarnation = source.rsplit('/').next().unwrap_or_default();
+        names
+            .iter()
+            .any(|name| incarnation.starts_with(&format!("{name}-")))
+    };
+    let panicked = expects
+        .iter()
+        .filter(|e| matches!(e.want, Want::Panicked))
+        .flat_map(|e| e.ids.iter().map(|id| (*id, "failed")));
+    let expired = fold
+        .outcome
+        .iter()
+        .filter(|(_, (_, source))| by(expiring, source))
+        .map(|(id, _)| (*id, "expired"));
+    let unrun = fold
+        .outcome
+        .iter()
+        .filter(|(id, (kind, source))| {
+            *kind == "failed" && fold.unrun.contains(*id) && by(stopped, source)
+        })
+        .map(|(id, _)| (*id, "failed"));
+    panicked.chain(expired).chain(unrun).collect()
 }
 
 pub(super) fn table(reports: &[Report], args: &Args) -> String {
@@ -931,6 +949,39 @@ mod tests {
         there.target = "elsewhere".parse().unwrap();
         assert!(Fold::of(&[decision.clone(), here]).misplaced.is_empty());
         assert!(Fold::of(&[decision, there]).misplaced.contains(&id));
+    }
+
+    /// An agent the run stopped gracefully ends what it claimed and had not started
+    /// `not_run`: meant so, when that agent wrote it. Any other not_run, or a stopped agent's
+    /// other failure, is not.
+    #[test]
+    fn a_not_run_from_an_agent_the_run_stopped_is_meant() {
+        let now = OffsetDateTime::now_utc();
+        let failed = |code: &str| {
+            Kind::Failed(proto::Failed {
+                code: code.into(),
+                ..proto::Failed::default()
+            })
+        };
+        let by = |id, kind, agent: &str| {
+            let mut r = record(id, kind, now);
+            r.event.source = format!("agent/chaos/t1/{agent}-01M8T8QFBRK72FY1WV6DBK86BQ");
+            r
+        };
+        let [mine, other, timeout] = [(); 3].map(|()| CommandId::generate());
+        let fold = Fold::of(&[
+            by(mine, failed("not_run"), "t1-a1-g2"),
+            by(other, failed("not_run"), "t1-a2-g1"),
+            by(timeout, failed("timeout"), "t1-a1-g2"),
+        ]);
+        let stopped: BTreeSet<String> = ["t1-a1-g2".to_owned()].into();
+        let excused = meant(&fold, &[], &BTreeSet::new(), &stopped);
+        assert_eq!(excused.get(&mine), Some(&"failed"));
+        assert_eq!(excused.get(&other), None, "not stopped by the run");
+        assert_eq!(excused.get(&timeout), None, "failed otherwise");
+        // Nor an incarnation whose name merely begins like a stopped one's.
+        let fold = Fold::of(&[by(mine, failed("not_run"), "t1-a1-g20")]);
+        assert!(meant(&fold, &[], &BTreeSet::new(), &stopped).is_empty());
     }
 
     /// Each expectation says no when the command ended otherwise.

@@ -339,6 +339,9 @@ pub(super) struct World {
     /// Agent instances whose clock was past every command's deadline: what they expire
     /// was meant to expire.
     pub(super) expiring: BTreeSet<String>,
+    /// Agent instances the run stopped gracefully: what they claimed and had not started,
+    /// they end `not_run` on their way out.
+    pub(super) stopped: BTreeSet<String>,
 }
 
 impl World {
@@ -365,6 +368,7 @@ impl World {
             expects: Vec::new(),
             idle: Vec::new(),
             expiring: BTreeSet::new(),
+            stopped: BTreeSet::new(),
         };
         std::fs::write(world.clock_shift(), CLOCK_SHIFT)
             .map_err(|e| fail("cannot write the clock shift library", e))?;
@@ -811,7 +815,9 @@ impl World {
         let (mut names, mut present) = (Vec::new(), Ok(()));
         for i in of_target {
             let old = self.agents[i].instance();
-            if !self.agents[i].proc.stop().await {
+            if self.agents[i].proc.stop().await {
+                self.stopped.insert(old);
+            } else {
                 self.killed.insert(old);
             }
             self.agents[i].shift = shift;
