@@ -22,6 +22,17 @@ pub enum Role {
     Notify,
 }
 
+/// A signing key retired for good (see [`Config::retired_keys`]).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetiredKey {
+    /// Its public key (PEM).
+    pub path: PathBuf,
+    /// When it was retired (RFC 3339): events stored after this, and agent certificates
+    /// that begin after it, do not verify with it.
+    pub retired_at: String,
+}
+
 /// Everything admission needs to start.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -41,6 +52,10 @@ pub struct Config {
     /// Public keys of earlier signing keys whose operator certificates are still accepted
     /// (key rotation).
     pub previous_keys: Vec<PathBuf>,
+    /// Signing keys retired for good, each with when: nothing they sign is accepted any more,
+    /// and what they signed before then stays verifiable (admission publishes them with its
+    /// own, for readers to check the audit trail against).
+    pub retired_keys: Vec<RetiredKey>,
     /// Identity providers whose id_tokens are accepted at login.
     pub issuers: Vec<IssuerConfig>,
     /// Mint id_tokens for anyone on `rct.auth.dev-token`. Development only.
@@ -58,6 +73,12 @@ pub struct Config {
     /// Longest life of an operator certificate (never beyond the id_token's).
     #[serde(with = "humantime_serde")]
     pub certificate_ttl: Duration,
+    /// Life of an agent's certificate (its key may sign its target's events). Agents renew it
+    /// half-way, so admission may be away for half of it before their events go unsigned;
+    /// an agent whose NATS credentials are revoked stops being able to renew, and its last
+    /// certificate runs out within this.
+    #[serde(with = "humantime_serde")]
+    pub agent_certificate_ttl: Duration,
     /// Submissions decided at once by this replica.
     pub concurrency: usize,
     /// How long in-flight submissions may take to finish at shutdown.
@@ -91,6 +112,7 @@ impl Default for Config {
             signing_key: PathBuf::from("admission.key"),
             generate_key: false,
             previous_keys: Vec::new(),
+            retired_keys: Vec::new(),
             issuers: Vec::new(),
             dev_issuer: false,
             services: Vec::new(),
@@ -98,6 +120,7 @@ impl Default for Config {
             clock_skew: Duration::from_secs(30),
             max_payload: 64 * 1024,
             certificate_ttl: Duration::from_secs(12 * 3600),
+            agent_certificate_ttl: Duration::from_secs(12 * 3600),
             concurrency: 64,
             shutdown_grace: Duration::from_secs(10),
             provision: false,
@@ -212,6 +235,9 @@ impl Config {
                 self.max_payload
             ));
         }
+        if self.agent_certificate_ttl < Duration::from_secs(120) {
+            return Err("agent_certificate_ttl must be at least 2m".into());
+        }
         if self.freshness < Duration::from_secs(5) {
             return Err("freshness must be at least 5s".into());
         }
@@ -219,6 +245,7 @@ impl Config {
             ("freshness", self.freshness),
             ("clock_skew", self.clock_skew),
             ("certificate_ttl", self.certificate_ttl),
+            ("agent_certificate_ttl", self.agent_certificate_ttl),
         ] {
             if value > rct_bus::catalog::LONGEST_WAIT {
                 return Err(format!(

@@ -51,9 +51,10 @@ pub async fn run(
                 .map_err(|e| Error::Config(format!("cannot serve telemetry on {listen}: {e}")))?;
             }
             let js = config.nats.jetstream(client);
+            let trust = std::sync::Arc::new(notify::trust_published(&js, &shutdown).await);
             tracing::info!(instance = %config.instance, "notifier ready");
             let (_, catalog) = tokio::sync::watch::channel(catalog);
-            notify::Notifier::new(js, catalog, &config.notify)
+            notify::Notifier::new(js, catalog, &config.notify, trust)
                 .run(shutdown)
                 .await;
             Ok(())

@@ -15,9 +15,9 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use prost::Message as _;
 use rct_bus::catalog::{Catalog, display_value};
 use rct_bus::proto::{self, event::Kind};
+use rct_bus::provenance::{Author, Provenance, Trust};
 use rct_bus::{EventKind, Subject, rejection_code_name};
 use rct_streams::Record;
 use rct_streams::topology::{EVENT_STREAM, NOTIFIER_CONSUMER};
@@ -47,6 +47,8 @@ pub(crate) struct Notifier {
     channels: BTreeMap<String, String>,
     http: reqwest::Client,
     posted: Mutex<Remembered>,
+    /// Who may write what: only events signed by their entitled writer are told about.
+    trust: Arc<Trust>,
 }
 
 #[derive(Default)]
@@ -77,6 +79,7 @@ impl Notifier {
         js: jetstream::Context,
         catalog: tokio::sync::watch::Receiver<Arc<Catalog>>,
         config: &Config,
+        trust: Arc<Trust>,
     ) -> Self {
         let http = reqwest::Client::builder()
             .timeout(config.timeout.unwrap_or(Duration::from_secs(10)))
@@ -88,6 +91,7 @@ impl Notifier {
             channels: config.channels.clone(),
             http,
             posted: Mutex::default(),
+            trust,
         }
     }
 
@@ -133,15 +137,24 @@ impl Notifier {
             .as_ref()
             .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
             .map_or_else(|| sequence.to_string(), |id| id.to_string());
-        let record =
-            match Record::from_stored(sequence, published, &message.subject, &message.payload) {
-                Ok(record) => record,
-                Err(e) => {
-                    tracing::warn!(error = %e, "not notifying about a malformed event");
-                    let _ = message.ack().await;
-                    return;
-                }
-            };
+        let stored = (
+            message.subject.as_str(),
+            message.payload.as_ref(),
+            message.headers.as_ref(),
+        );
+        let record = match Record::from_message(sequence, published, stored, Some(&self.trust)) {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(error = %e, "not notifying about a malformed event");
+                let _ = message.ack().await;
+                return;
+            }
+        };
+        if let Some(why) = record.provenance.doubt() {
+            tracing::warn!(sequence, subject = %message.subject, %why, "not notifying about an unverified event");
+            let _ = message.ack().await;
+            return;
+        }
         let channels: Vec<(String, String)> = self
             .catalog
             .borrow()
@@ -306,9 +319,41 @@ impl Notifier {
             .get_last_raw_message_by_subject(&subject.to_string())
             .await
         {
-            Ok(stored) => Ok(proto::Event::decode(stored.payload).ok()),
+            // Only a decision admission signed is one.
+            Ok(stored) => Ok(Record::from_message(
+                stored.sequence,
+                stored.time,
+                (&stored.subject, &stored.payload, Some(&stored.headers)),
+                Some(&self.trust),
+            )
+            .ok()
+            .filter(|r| r.provenance == Provenance::Verified(Author::Admission))
+            .map(|r| r.event)),
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(_) => Err(()),
+        }
+    }
+}
+
+/// The keys admission publishes (see [`rct_streams::topology::admission_keys`]), read until
+/// they are there: a notifier of its own checks who wrote each event against them.
+pub(crate) async fn trust_published(
+    js: &jetstream::Context,
+    shutdown: &CancellationToken,
+) -> Trust {
+    loop {
+        match rct_streams::topology::admission_trust(js).await {
+            Ok(Some(trust)) => return trust,
+            Ok(None) => {
+                tracing::warn!("admission has published no public keys yet; waiting for them")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read admission's public keys; trying again")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Trust::new(rct_bus::Verifier::default()),
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
 }

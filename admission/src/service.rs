@@ -13,12 +13,15 @@ use prometheus_client::registry::Registry;
 use prost::Message as _;
 use rct_bus::catalog::Served;
 use rct_bus::proto::{self, RejectionCode, event::Kind};
+use rct_bus::provenance::{Author, Provenance, Signer, Trust};
 use rct_bus::{
-    CommandId, EventKind, KeyPair, PublicKey, Subject, Tower, rejection_code_name, subject,
+    CommandId, EventKind, KeyPair, PublicKey, Subject, Tower, Verifier, rejection_code_name,
+    subject,
 };
 use rct_streams::telemetry::{self, Readiness};
 use rct_streams::topology::{
-    ADMISSION_CONSUMER, CATALOG_BUCKET, CATALOG_KEY, COMMAND_STREAM, EVENT_STREAM, SUBMIT_STREAM,
+    ADMISSION_CONSUMER, ADMISSION_KEYS_KEY, CATALOG_BUCKET, CATALOG_KEY, COMMAND_STREAM,
+    EVENT_STREAM, SUBMIT_STREAM,
 };
 use rct_streams::{Outgoing, Publisher, Slot};
 use time::OffsetDateTime;
@@ -50,6 +53,11 @@ struct Inner {
     catalog: tokio::sync::watch::Sender<Arc<rct_bus::catalog::Catalog>>,
     /// What a reloaded policy is built from besides the catalog.
     previous: Vec<PublicKey>,
+    /// Keys retired for good, with when: published for readers only (see
+    /// `Config::retired_keys`).
+    retired: Vec<(PublicKey, std::time::SystemTime)>,
+    /// Who wrote what admission reads back: only its own decisions count.
+    trust: Arc<Trust>,
     services: Services,
     /// The catalog file's bytes last read, by the watch (a change is reloaded once).
     catalog_file: std::sync::Mutex<Vec<u8>>,
@@ -75,20 +83,23 @@ impl Admission {
         config.validate().map_err(Error::Config)?;
         let catalog = catalog::load(&config.catalog)?;
         let key = signing_key(&config.signing_key, config.generate_key)?;
-        let previous = config
-            .previous_keys
+        let previous = public_keys(&config.previous_keys)?;
+        let retired = config
+            .retired_keys
             .iter()
-            .map(|path| {
-                let pem = std::fs::read_to_string(path).map_err(|e| Error::Key {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-                PublicKey::from_pem(&pem).map_err(|e| Error::Key {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })
+            .map(|retired| {
+                let key = public_keys(std::slice::from_ref(&retired.path))?.remove(0);
+                let at =
+                    humantime::parse_rfc3339_weak(&retired.retired_at).map_err(|e| Error::Key {
+                        path: retired.path.clone(),
+                        reason: format!(
+                            "retired_at {:?} is not an RFC 3339 time: {e}",
+                            retired.retired_at
+                        ),
+                    })?;
+                Ok((key, at))
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, Error>>()?;
         let dev = config.dev_issuer.then(|| DevIssuer::new(&key));
         let mut issuers = config.issuers.clone();
         issuers.extend(dev.as_ref().map(DevIssuer::issuer_config));
@@ -96,6 +107,15 @@ impl Admission {
         let services = Services::new(&config.services).map_err(Error::Config)?;
         let catalog_file = std::fs::read(&config.catalog).unwrap_or_default();
         let (catalog_sender, _) = tokio::sync::watch::channel(Arc::new(catalog.clone()));
+        let signer = Arc::new(Signer::admission(
+            KeyPair::from_pem(&key.to_pem()).expect("the key in force reads back"),
+        ));
+        let trust = Arc::new(
+            Trust::new(Verifier::new(
+                std::iter::once(key.public().clone()).chain(previous.iter().cloned()),
+            ))
+            .with_retired(retired.iter().cloned()),
+        );
         let policy = build_policy(&config, catalog, key, &previous, &services);
         let js = config.nats.jetstream(client.clone());
         Ok(Self {
@@ -103,6 +123,8 @@ impl Admission {
                 policy: tokio::sync::watch::Sender::new(Arc::new(policy)),
                 catalog: catalog_sender,
                 previous,
+                retired,
+                trust,
                 services,
                 catalog_seen: std::sync::Mutex::new(catalog_file.clone()),
                 catalog_file: std::sync::Mutex::new(catalog_file),
@@ -110,7 +132,7 @@ impl Admission {
                 id_tokens,
                 refusals: std::sync::Mutex::new(crate::refusals::Budget::new(Instant::now())),
                 dev,
-                publisher: Publisher::new(js.clone()),
+                publisher: Publisher::new(js.clone()).signing(signer),
                 js,
                 client,
                 metrics: Arc::default(),
@@ -197,6 +219,12 @@ impl Admission {
         }
         readiness.set(STREAMS, true);
         inner.publish_catalog().await?;
+        // Events are signed from here on; what is stored before reads as history from
+        // before signing.
+        let first = rct_streams::topology::mark_signed_from(&inner.js)
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
+        tracing::debug!(first, "events are signed from this sequence");
         readiness.set(CATALOG, true);
 
         let tracker = TaskTracker::new();
@@ -210,6 +238,17 @@ impl Admission {
             login,
             shutdown.clone(),
             Responder::Login,
+        ));
+        let enrolments = inner
+            .client
+            .queue_subscribe(subject::enrolments(), "admission".into())
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
+        tracker.spawn(respond(
+            self.clone(),
+            enrolments,
+            shutdown.clone(),
+            Responder::Enrol,
         ));
         if inner.dev.is_some() {
             let dev = inner
@@ -231,6 +270,7 @@ impl Admission {
                 inner.js.clone(),
                 inner.catalog.subscribe(),
                 &inner.config.notify,
+                inner.trust.clone(),
             );
             tracker.spawn(notifier.run(shutdown.clone()));
         }
@@ -397,6 +437,23 @@ pub fn public_key_pem(config: &Config) -> Result<String, Error> {
         .to_pem())
 }
 
+/// The public keys in the PEM files at `paths`.
+fn public_keys(paths: &[std::path::PathBuf]) -> Result<Vec<PublicKey>, Error> {
+    paths
+        .iter()
+        .map(|path| {
+            let pem = std::fs::read_to_string(path).map_err(|e| Error::Key {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            PublicKey::from_pem(&pem).map_err(|e| Error::Key {
+                path: path.clone(),
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
+
 /// Where the public half of a generated key is written: `admission.key` → `admission.pub`.
 fn public_key_path(key: &Path) -> std::path::PathBuf {
     key.with_extension("pub")
@@ -465,6 +522,7 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 enum Responder {
     Login,
     DevToken,
+    Enrol,
 }
 
 /// Requests of one kind answered at once; more wait for one to finish.
@@ -509,6 +567,11 @@ async fn respond(
                     .await
                     .encode_to_vec(),
                 Responder::DevToken => admission.inner.dev_token(&request.payload).encode_to_vec(),
+                Responder::Enrol => admission
+                    .inner
+                    .enrol(&request.subject, &request.payload, source)
+                    .await
+                    .encode_to_vec(),
             };
             if let Err(e) = admission.inner.client.publish(reply, answer.into()).await {
                 tracing::warn!(error = %e, "cannot answer a {responder:?} request");
@@ -677,7 +740,70 @@ impl Inner {
 
     async fn publish_catalog(&self) -> Result<(), Error> {
         let policy = self.policy();
-        self.publish(&policy.catalog_version, &policy.catalog).await
+        self.publish(&policy.catalog_version, &policy.catalog)
+            .await?;
+        // Beside it, the keys readers check who wrote an event against.
+        let keys = rct_streams::topology::AdmissionKeys {
+            keys: std::iter::once(policy.key.public())
+                .chain(&self.previous)
+                .map(PublicKey::to_pem)
+                .collect(),
+            retired: self
+                .retired
+                .iter()
+                .map(|(key, at)| {
+                    (
+                        key.to_pem(),
+                        humantime::format_rfc3339_seconds(*at).to_string(),
+                    )
+                })
+                .collect(),
+        };
+        self.js
+            .get_key_value(CATALOG_BUCKET)
+            .await
+            .map_err(|e| Error::Nats(format!("cannot open bucket {CATALOG_BUCKET}: {e}")))?
+            .put(ADMISSION_KEYS_KEY, keys.to_json().into())
+            .await
+            .map_err(|e| Error::Nats(format!("cannot publish admission's public keys: {e}")))?;
+        Ok(())
+    }
+
+    /// The event `stored` holds, if admission wrote it (signed with one of its keys): what
+    /// anyone else put in a slot admission reads back is never taken for its decision.
+    fn own_event(
+        &self,
+        stored: &async_nats::jetstream::message::StreamMessage,
+    ) -> Option<proto::Event> {
+        let published = stored.time;
+        let message = (
+            stored.subject.as_str(),
+            stored.payload.as_ref(),
+            Some(&stored.headers),
+        );
+        match rct_streams::Record::from_message(
+            stored.sequence,
+            published,
+            message,
+            Some(&self.trust),
+        ) {
+            Ok(record) if record.provenance == Provenance::Verified(Author::Admission) => {
+                Some(record.event)
+            }
+            Ok(record) => {
+                tracing::error!(
+                    sequence = stored.sequence,
+                    subject = %stored.subject,
+                    why = record.provenance.doubt().unwrap_or_default(),
+                    "an event admission reads back is not admission's: ignored"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "an event admission reads back does not read: ignored");
+                None
+            }
+        }
     }
 
     /// Serves `catalog` as `version` in `rct_catalog`.
@@ -792,15 +918,18 @@ impl Inner {
                 self.follow_up(publisher, &verdict).await?;
                 Ok(label(&verdict))
             }
-            Slot::Written(ack) => {
-                let holder = self.stored_event(ack.sequence).await?;
-                self.complete(publisher, stored, &holder).await?;
-                Ok("redelivered".into())
-            }
-            Slot::Taken { sequence: holder } => {
-                let holder = self.stored_event(holder).await?;
-                let holder_submission = decided_request(&holder).map(|r| r.submission_sequence);
-                if holder_submission == Some(sequence) {
+            written => {
+                // Ours from an earlier attempt (the same id), or another's: only a decision
+                // admission signed, for this very submission, is finished as decided.
+                let (at, ours) = match written {
+                    Slot::Written(ack) => (ack.sequence, true),
+                    Slot::Taken { sequence } => (sequence, false),
+                };
+                let holder = self.stored_event(at).await?;
+                let this_one = |h: &proto::Event| {
+                    ours || decided_request(h).map(|r| r.submission_sequence) == Some(sequence)
+                };
+                if let Some(holder) = holder.filter(this_one) {
                     self.complete(publisher, stored, &holder).await?;
                     return Ok("redelivered".into());
                 }
@@ -1011,7 +1140,7 @@ impl Inner {
         Ok(self
             .last_on(subject)
             .await?
-            .and_then(|stored| proto::Event::decode(stored.payload).ok()))
+            .and_then(|stored| self.own_event(&stored)))
     }
 
     /// The last message on `subject` (a filter) in RCT_EVT, if any.
@@ -1092,7 +1221,11 @@ impl Inner {
             Slot::Taken { sequence } => {
                 let holder = self.stored_event(sequence).await?;
                 let ours = submission.is_some_and(|s| {
-                    decided_request(&holder).map(|r| r.submission_sequence) == Some(s.sequence)
+                    holder
+                        .as_ref()
+                        .and_then(decided_request)
+                        .map(|r| r.submission_sequence)
+                        == Some(s.sequence)
                 });
                 if !ours {
                     // Someone chose this very id for a command of their own; the refusal
@@ -1104,7 +1237,11 @@ impl Inner {
         }
     }
 
-    async fn stored_event(&self, sequence: u64) -> Result<proto::Event, rct_streams::Error> {
+    /// The event at `sequence`, if admission wrote it (see [`Inner::own_event`]).
+    async fn stored_event(
+        &self,
+        sequence: u64,
+    ) -> Result<Option<proto::Event>, rct_streams::Error> {
         let read = |e: async_nats::Error| rct_streams::Error::Read {
             what: format!("{EVENT_STREAM} message {sequence}"),
             cause: e,
@@ -1117,11 +1254,7 @@ impl Inner {
             .get_raw_message(sequence)
             .await
             .map_err(|e| read(e.into()))?;
-        proto::Event::decode(stored.payload).map_err(|e| rct_streams::Error::Malformed {
-            sequence,
-            subject: stored.subject.to_string(),
-            reason: e.to_string(),
-        })
+        Ok(self.own_event(&stored))
     }
 
     /// Answers a login from `source` (see [`crate::refusals::source`]); every refusal is
@@ -1129,7 +1262,7 @@ impl Inner {
     async fn login(&self, payload: &[u8], source: &str) -> proto::LoginResponse {
         use proto::login_response::Result as R;
         let refuse = |code: RejectionCode, message: String| async move {
-            self.record_login_refusal(source, code, &message).await;
+            self.record_refusal(source, "login", code, &message).await;
             proto::LoginResponse {
                 result: Some(R::Refused(proto::LoginRefused {
                     code: rejection_code_name(code as i32).to_owned(),
@@ -1165,16 +1298,85 @@ impl Inner {
         }
     }
 
-    /// Records a refused login from `source`, if its budget allows; first, the count of
-    /// those a window that is over did not record.
-    async fn record_login_refusal(&self, source: &str, code: RejectionCode, message: &str) {
+    /// Answers an agent's enrolment on `subject` (`rct.auth.enrol.<tower>.<target>`): only
+    /// that target's agent may publish there, so the key it sends is certified for that
+    /// tower and target, for `agent_certificate_ttl`, if the catalog knows them. Every
+    /// refusal is recorded like a refused login.
+    async fn enrol(&self, subject: &str, payload: &[u8], source: &str) -> proto::EnrolResponse {
+        use proto::enrol_response::Result as R;
+        let refuse = |code: RejectionCode, message: String| async move {
+            self.record_refusal(source, "enrol", code, &message).await;
+            proto::EnrolResponse {
+                result: Some(R::Refused(proto::LoginRefused {
+                    code: rejection_code_name(code as i32).to_owned(),
+                    message,
+                })),
+            }
+        };
+        let Ok(Subject::Enrol { tower, target }) = subject.parse::<Subject>() else {
+            let message = format!(
+                "an enrolment comes on rct.auth.enrol.<tower>.<target>, not {}",
+                rct_bus::text::printable(subject)
+            );
+            return refuse(RejectionCode::Malformed, message).await;
+        };
+        let Ok(request) = proto::EnrolRequest::decode(payload) else {
+            let message = "the enrolment request does not decode".to_owned();
+            return refuse(RejectionCode::Malformed, message).await;
+        };
+        let Ok(key) = PublicKey::from_bytes(&request.public_key) else {
+            let message = "the agent's public key is not 32 bytes of Ed25519".to_owned();
+            return refuse(RejectionCode::Malformed, message).await;
+        };
+        let policy = self.policy();
+        let known = policy.catalog.towers.get(tower.as_str()).map(|spec| {
+            if spec.targets.is_empty() {
+                target == rct_bus::Target::none()
+            } else {
+                spec.targets.iter().any(|t| t == target.as_str())
+            }
+        });
+        match known {
+            Some(true) => {}
+            Some(false) => {
+                let message = format!("tower {tower} has no target {target} in the catalog");
+                return refuse(RejectionCode::UnknownTarget, message).await;
+            }
+            None => {
+                let message = format!("no tower {tower} in the catalog");
+                return refuse(RejectionCode::UnknownTarget, message).await;
+            }
+        }
+        let agent: String = rct_bus::text::printable(&request.agent)
+            .chars()
+            .take(128)
+            .collect();
+        let now = std::time::SystemTime::now();
+        let certificate = rct_bus::provenance::certify(
+            &policy.key,
+            &tower,
+            &target,
+            &agent,
+            &key,
+            now,
+            now + self.config.agent_certificate_ttl,
+        );
+        tracing::info!(%tower, %target, %agent, key_id = %key.id(), "certified an agent key");
+        proto::EnrolResponse {
+            result: Some(R::Certificate(certificate)),
+        }
+    }
+
+    /// Records a refused `what` (`login`, `enrol`) from `source`, if the budget allows;
+    /// first, the count of those a window that is over did not record.
+    async fn record_refusal(&self, source: &str, what: &str, code: RejectionCode, message: &str) {
         let (unrecorded, admitted) = {
             let mut budget = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
             (budget.roll(Instant::now()), budget.admit(source))
         };
         self.record_unrecorded(unrecorded).await;
         if admitted {
-            self.record_auth_refusal(code, message).await;
+            self.record_auth_refusal(what, code, message).await;
         }
     }
 
@@ -1195,12 +1397,12 @@ impl Inner {
                 sources = unrecorded.sources,
                 "refused logins beyond the budget for recording them one by one"
             );
-            self.record_auth_refusal(RejectionCode::TooMany, &unrecorded.message())
+            self.record_auth_refusal("login", RejectionCode::TooMany, &unrecorded.message())
                 .await;
         }
     }
 
-    async fn record_auth_refusal(&self, code: RejectionCode, message: &str) {
+    async fn record_auth_refusal(&self, what: &str, code: RejectionCode, message: &str) {
         let tower = Tower::new(AUTH_TOWER).expect("a valid token");
         let event = proto::Event {
             command_id: String::new(),
@@ -1208,7 +1410,7 @@ impl Inner {
                 OffsetDateTime::now_utc(),
             )),
             source: self.policy().source.clone(),
-            operation: format!("{AUTH_TOWER}/login"),
+            operation: format!("{AUTH_TOWER}/{what}"),
             target: String::new(),
             kind: Some(Kind::Rejected(proto::Rejected {
                 code: code as i32,
@@ -1220,7 +1422,7 @@ impl Inner {
             .record_elsewhere(&self.publisher, &tower, event, None, None)
             .await
         {
-            tracing::warn!(error = %e, "cannot record a refused login");
+            tracing::warn!(error = %e, "cannot record a refused {what}");
         }
     }
 

@@ -366,3 +366,148 @@ async fn a_login_waiting_for_its_providers_keys_holds_up_no_other() {
     let answer = waiting.await.unwrap();
     assert!(matches!(answer.result, Some(R::Refused(_))), "{answer:?}");
 }
+
+/// An agent's enrolment on `rct.auth.enrol.<tower>.<target>` gets its key certified for
+/// exactly that tower and target (what it signs then verifies as that agent's, and only
+/// there); an enrolment for a target or tower the catalog does not know, or one that does
+/// not read, is refused with a reason and recorded. Events admission writes are signed with
+/// its own key.
+#[tokio::test]
+async fn enrolment_certifies_a_key_for_its_subjects_target_and_refuses_the_rest() {
+    use rct_bus::proto::enrol_response::Result as E;
+    use rct_bus::provenance::{Author, Provenance, Signer, Trust};
+    use rct_bus::{EventKind, Subject, Target, Tower, Verifier};
+    let h = Harness::start().await;
+    let admission = h.admission_keypair();
+    let trust = Trust::new(Verifier::new([admission.public().clone()]));
+    let enrol = |tower: &str, target: &str| Subject::Enrol {
+        tower: Tower::new(tower).unwrap(),
+        target: Target::new(target).unwrap(),
+    };
+    let request = |key: &KeyPair| {
+        proto::EnrolRequest {
+            public_key: key.public().to_bytes().to_vec(),
+            agent: "prod-1-a1-01abc".into(),
+        }
+        .encode_to_vec()
+    };
+
+    let key = KeyPair::generate();
+    let answer: proto::EnrolResponse = h.request(enrol("traffic", "prod-1"), request(&key)).await;
+    let Some(E::Certificate(certificate)) = answer.result else {
+        panic!("not certified: {answer:?}");
+    };
+    let signer = Signer::agent(key, certificate);
+    let (traffic, prod1) = (
+        Tower::new("traffic").unwrap(),
+        Target::new("prod-1").unwrap(),
+    );
+    let subject = "rct.evt.traffic.prod-1.01JQ0000000000000000000000.outcome";
+    let signature = signer.sign(subject, b"event").unwrap();
+    let now = std::time::SystemTime::now();
+    let check = |target: &Target, kind| {
+        trust.check(
+            (&traffic, target, kind),
+            subject,
+            b"event",
+            Some(&signature),
+            now,
+        )
+    };
+    assert_eq!(
+        check(&prod1, EventKind::Outcome),
+        Provenance::Verified(Author::Agent("prod-1-a1-01abc".into()))
+    );
+    // Not another target's, nor a kind agents do not write.
+    let prod2 = Target::new("prod-2").unwrap();
+    assert!(!check(&prod2, EventKind::Outcome).counts());
+    assert!(!check(&prod1, EventKind::Decision).counts());
+    // Good for about agent_certificate_ttl (12 h by default), not more.
+    let hours = |h: u64| std::time::Duration::from_secs(h * 3600);
+    let later = |at| {
+        trust.check(
+            (&traffic, &prod1, EventKind::Outcome),
+            subject,
+            b"event",
+            Some(&signature),
+            at,
+        )
+    };
+    assert!(later(now + hours(11)).counts());
+    assert!(!later(now + hours(13)).counts());
+
+    let cases = [
+        (
+            enrol("traffic", "prod-9"),
+            request(&KeyPair::generate()),
+            "unknown_target",
+            "no target prod-9",
+        ),
+        (
+            enrol("nosuch", "_"),
+            request(&KeyPair::generate()),
+            "unknown_target",
+            "no tower nosuch",
+        ),
+        (
+            enrol("workloads", "prod-1"),
+            request(&KeyPair::generate()),
+            "unknown_target",
+            "no target prod-1",
+        ),
+        (
+            enrol("traffic", "prod-2"),
+            vec![0xff, 0xff, 0xff],
+            "malformed",
+            "does not decode",
+        ),
+        (
+            enrol("traffic", "prod-2"),
+            proto::EnrolRequest {
+                public_key: vec![7; 5],
+                agent: "x".into(),
+            }
+            .encode_to_vec(),
+            "malformed",
+            "not 32 bytes",
+        ),
+    ];
+    for (subject, body, code, needle) in &cases {
+        let answer: proto::EnrolResponse = h.request(subject.clone(), body.clone()).await;
+        match answer.result {
+            Some(E::Refused(refused)) => {
+                assert_eq!(refused.code, *code, "{subject}");
+                assert!(refused.message.contains(needle), "{subject}: {refused:?}");
+            }
+            other => panic!("{subject}: not refused: {other:?}"),
+        }
+    }
+    // Each refusal on record, as admission's (signed) event.
+    let filter = Filter {
+        tower: Some(rct_admission::AUTH_TOWER.parse().unwrap()),
+        ..Filter::default()
+    }
+    .trusting(Some(std::sync::Arc::new(trust)));
+    let recorded: Vec<_> = replay::history(&h.js, &filter)
+        .await
+        .unwrap()
+        .map(|r| r.unwrap())
+        .filter(|r| std::future::ready(r.event.operation == "_auth/enrol"))
+        .collect()
+        .await;
+    assert_eq!(recorded.len(), cases.len(), "{recorded:#?}");
+    for (_, _, _, needle) in &cases {
+        assert!(
+            recorded.iter().any(
+                |r| matches!(&r.event.kind, Some(Kind::Rejected(x)) if x.message.contains(needle))
+            ),
+            "{needle} not on record: {recorded:#?}"
+        );
+    }
+    assert!(
+        recorded
+            .iter()
+            .all(|r| r.provenance == Provenance::Verified(Author::Admission)),
+        "{recorded:#?}"
+    );
+}

@@ -76,9 +76,22 @@ async fn notifications_arrive_once_each_even_after_the_receiver_was_down() {
         h.decision(refused).await.kind,
         Some(Kind::Rejected(_))
     ));
-    // An agent's claim and outcome.
-    let publisher = Publisher::new(h.js.clone());
+    // An agent's claim and outcome, signed as a certified agent of prod-2 signs them.
     let traffic = "traffic".parse().unwrap();
+    let agent = rct_bus::KeyPair::generate();
+    let now = std::time::SystemTime::now();
+    let certificate = rct_bus::provenance::certify(
+        &h.admission_keypair(),
+        &traffic,
+        &"prod-2".parse().unwrap(),
+        "traffic/prod-2/a1",
+        agent.public(),
+        now,
+        now + Duration::from_secs(600),
+    );
+    let publisher = Publisher::new(h.js.clone()).signing(std::sync::Arc::new(
+        rct_bus::provenance::Signer::agent(agent, certificate),
+    ));
     for kind in [
         Kind::Started(proto::Started {
             agent: "traffic/prod-2/a1".into(),

@@ -201,6 +201,7 @@ mod tests {
         let ours = Look {
             claim: claim("me"),
             outcome: None,
+            doubt: None,
         };
         for journal in [None, Some(&look), Some(&ours)] {
             let f = Facts {
@@ -223,6 +224,7 @@ mod tests {
             let look = Look {
                 claim: holder,
                 outcome: outcome(),
+                doubt: None,
             };
             for past_deadline in [false, true] {
                 let f = Facts {
@@ -240,6 +242,7 @@ mod tests {
             let look = Look {
                 claim: claim_by(by, true),
                 outcome: None,
+                doubt: None,
             };
             for holder_alive in [false, true] {
                 let f = Facts {
@@ -256,6 +259,7 @@ mod tests {
         let look = Look {
             claim: claim("me"),
             outcome: None,
+            doubt: None,
         };
         assert_eq!(next(facts(Some(&look))), Step::Resume);
         let late = Facts {
@@ -270,6 +274,7 @@ mod tests {
         let look = Look {
             claim: claim("other"),
             outcome: None,
+            doubt: None,
         };
         let alive = Facts {
             holder_alive: true,
@@ -286,6 +291,7 @@ mod tests {
         let unreadable = Look {
             claim: Some(proto::Event::default()),
             outcome: None,
+            doubt: None,
         };
         assert_eq!(
             next(facts(Some(&unreadable))),

@@ -4,19 +4,22 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
 use futures::future::BoxFuture;
 use futures::{FutureExt as _, StreamExt};
 use prometheus_client::registry::Registry;
+use prost::Message as _;
 use rct_bus::catalog::{Secrets, Served};
 use rct_bus::presence::Presence;
 use rct_bus::proto::{self, event::Kind};
+use rct_bus::provenance::{Author, Provenance, Signer, Trust};
 use rct_bus::sealed::{Binding, Keys};
 use rct_bus::{
-    CommandId, EventKind, OperationName, PublicKey, Purpose, Subject, Target, Unverified, Verifier,
+    CommandId, EventKind, KeyPair, OperationName, PublicKey, Purpose, Subject, Target, Unverified,
+    Verifier,
 };
 use rct_streams::journal::{self, Look};
 use rct_streams::replay::{self, Filter, Item};
@@ -172,6 +175,12 @@ struct Runner {
     started_at: OffsetDateTime,
     metrics: Metrics,
     readiness: Readiness,
+    /// Signs every event this agent writes, with a key admission certified for its tower and
+    /// target (see [`Runner::enrol`]).
+    signer: Arc<Signer>,
+    /// When the certificate in force came (this machine's monotonic clock: its wall clock
+    /// may be off admission's) and how long it is good for, once enrolled.
+    certified: Mutex<Option<(std::time::Instant, Duration)>>,
 }
 
 impl Runner {
@@ -198,6 +207,7 @@ impl Runner {
             tower.config.instance,
             ulid::Ulid::new().to_string().to_lowercase()
         );
+        let signer = Arc::new(Signer::unenrolled());
         Ok(Self {
             source: format!("agent/{name}/{target}/{incarnation}"),
             metrics: Metrics::new(name.as_str(), target.as_str()),
@@ -209,7 +219,9 @@ impl Runner {
             trusted: tower.trusted,
             keys: RwLock::new(keys),
             checks: tower.checks,
-            publisher: Publisher::new(js.clone()),
+            publisher: Publisher::new(js.clone()).signing(signer.clone()),
+            signer,
+            certified: Mutex::default(),
             js,
             catalog: RwLock::new(None),
             catalogs: Mutex::default(),
@@ -247,6 +259,20 @@ impl Runner {
                 .map_err(|e| Error::Config(format!("cannot serve telemetry on {listen}: {e}")))?;
         }
         self.check_served_catalog().await?;
+        self.readiness.expect(CERTIFIED);
+        // Nothing is written before admission certified this agent's key: every event it
+        // writes is signed.
+        let mut pause = Duration::from_millis(200);
+        while let Err(why) = self.enrol().await {
+            tracing::warn!(%why, "not certified by admission yet; trying again");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(pause) => {}
+            }
+            // Soon again while admission comes up (an unanswered request costs nothing).
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+        self.readiness.set(CERTIFIED, true);
         let desired = topology::tower_consumer(
             &self.config.streams,
             &self.tower,
@@ -277,6 +303,7 @@ impl Runner {
         let presence_stop = CancellationToken::new();
         tracker.spawn(self.clone().presence(presence_stop.clone()));
         tracker.spawn(self.clone().reload_trust(presence_stop.clone()));
+        tracker.spawn(self.clone().renew(presence_stop.clone()));
 
         tracing::info!(
             tower = %self.tower,
@@ -324,6 +351,121 @@ impl Runner {
         let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         tracing::info!("agent stopped");
         result
+    }
+
+    /// Asks admission to certify a fresh key for this agent's tower and target, on
+    /// `rct.auth.enrol.<tower>.<target>` (which only this target's agent may publish on), and
+    /// signs with it from then on. The certificate must name this agent's tower, target and
+    /// key.
+    async fn enrol(&self) -> Result<(), String> {
+        use proto::enrol_response::Result as R;
+        let key = KeyPair::generate();
+        let request = proto::EnrolRequest {
+            public_key: key.public().to_bytes().to_vec(),
+            agent: self.incarnation.clone(),
+        };
+        let subject = Subject::Enrol {
+            tower: self.tower.clone(),
+            target: self.target.clone(),
+        };
+        let client = self.js.client();
+        let asked = client.request(subject.to_string(), request.encode_to_vec().into());
+        let reply = tokio::time::timeout(ENROL_WITHIN, asked)
+            .await
+            .map_err(|_| format!("admission did not answer on {subject}"))?
+            .map_err(|e| format!("cannot ask admission on {subject}: {e}"))?;
+        let response = proto::EnrolResponse::decode(reply.payload)
+            .map_err(|e| format!("admission's answer does not decode: {e}"))?;
+        let envelope = match response.result {
+            Some(R::Certificate(envelope)) => envelope,
+            Some(R::Refused(r)) => {
+                return Err(format!(
+                    "admission refused to certify this agent ({}): {}",
+                    r.code, r.message
+                ));
+            }
+            None => return Err("admission's answer holds no certificate".into()),
+        };
+        // Readers judge the certificate, not this agent: one signed by a key it does not
+        // trust yet (a rotation under way) is used, and said.
+        let unverified = Unverified::from_proto(envelope.clone());
+        let verified = self
+            .verifier
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .verify(unverified.clone(), Purpose::AgentCertificate);
+        if let Err(e) = verified {
+            tracing::warn!(error = %e, "admission's certificate for this agent is not signed by a key it trusts; readers that trust admission's keys judge its events");
+        }
+        let certificate: proto::AgentCertificate =
+            unverified.peek().ok_or("the certificate does not decode")?;
+        if certificate.tower != self.tower.as_str()
+            || certificate.target != self.target.as_str()
+            || certificate.public_key != key.public().to_bytes()
+        {
+            return Err("the certificate is for another tower, target or key".into());
+        }
+        let time = |t: Option<prost_types::Timestamp>| t.and_then(|t| SystemTime::try_from(t).ok());
+        let (Some(from), Some(until)) = (time(certificate.not_before), time(certificate.not_after))
+        else {
+            return Err("the certificate has no validity".into());
+        };
+        self.signer.renew(key, envelope);
+        let life = until.duration_since(from).unwrap_or_default();
+        *self.certified.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((std::time::Instant::now(), life));
+        tracing::info!(
+            until = %humantime::format_rfc3339_seconds(until),
+            "admission certified this agent's key"
+        );
+        Ok(())
+    }
+
+    /// Renews the certificate half-way through its life, with a fresh key; a renewal that
+    /// fails is tried again every [`ENROL_RETRY`] (the one in force still holds meanwhile).
+    async fn renew(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let due = self
+                .certified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .map(|(came, life)| came + life / 2);
+            // Never a tight loop, whatever a certificate says its life is.
+            let wait = due
+                .map(|due| due.saturating_duration_since(std::time::Instant::now()))
+                .unwrap_or_default()
+                .max(ENROL_RETRY);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if let Err(why) = self.enrol().await {
+                tracing::warn!(%why, "cannot renew this agent's certificate; trying again");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(ENROL_RETRY) => {}
+                }
+            }
+        }
+    }
+
+    /// Who wrote what this agent reads back, checked against the admission keys it trusts now.
+    fn trust(&self) -> Trust {
+        Trust::new(
+            self.verifier
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+
+    /// Whether the certificate in force holds for a while yet: events written under one that
+    /// ran out would not verify.
+    fn certified_for_now(&self) -> bool {
+        self.certified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|(came, life)| came.elapsed() + CERTIFIED_MARGIN < life)
     }
 
     /// Reads `trusted_keys` again every `trust_reload` and trusts exactly what they hold; a
@@ -587,11 +729,12 @@ impl Runner {
         let past_deadline = || past(command.deadline.as_ref());
         let redelivered = message.info().map_or(true, |i| i.delivered > 1);
         let look = if redelivered || past_deadline() {
-            match journal::look(
+            match journal::look_trusting(
                 &self.js,
                 &self.tower,
                 &Target::of_event(&command.target),
                 id,
+                Some(&self.trust()),
             )
             .await
             {
@@ -635,7 +778,12 @@ impl Runner {
         match step {
             Step::Busy | Step::HeldElsewhere => Settle::Later(self.config.retry_pause),
             Step::Wait => Settle::Later(RELOOK),
-            Step::Ended => Settle::Ack,
+            Step::Ended => {
+                if let Some(why) = look.as_ref().and_then(|l| l.doubt.as_deref()) {
+                    tracing::error!(%why, "not run: its outcome slot is taken");
+                }
+                Settle::Ack
+            }
             Step::Finish => {
                 let holder = look.as_ref().and_then(Look::holder).unwrap_or_default();
                 let kind = if past_deadline() {
@@ -652,17 +800,27 @@ impl Runner {
                 self.end_held(publisher, &command, kind).await
             }
             Step::Orphaned { holder } => {
-                let unknown = Kind::Unknown(proto::Unknown {
-                    reason: format!(
-                        "the agent that started it ({holder}) stopped before reporting an \
-                         outcome; it is not run again: check {} by hand",
-                        if command.target == Target::NONE {
-                            "the system"
-                        } else {
-                            &command.target
-                        }
+                let place = if command.target == Target::NONE {
+                    "the system"
+                } else {
+                    &command.target
+                };
+                let reason = match look.as_ref().and_then(|l| l.doubt.as_deref()) {
+                    // Someone else's event holds the claim: what they did is not known.
+                    Some(why) => format!(
+                        "{why}: it was not run here, and what its writer did is not known: \
+                         check {place} by hand"
                     ),
-                });
+                    None if holder.is_empty() => format!(
+                        "its claim slot holds no readable claim: it was not run here: check \
+                         {place} by hand"
+                    ),
+                    None => format!(
+                        "the agent that started it ({holder}) stopped before reporting an \
+                         outcome; it is not run again: check {place} by hand"
+                    ),
+                };
+                let unknown = Kind::Unknown(proto::Unknown { reason });
                 self.end_held(publisher, &command, unknown).await
             }
             Step::Expire { held: true } => self.end_held(publisher, &command, expired()).await,
@@ -695,9 +853,10 @@ impl Runner {
     }
 
     /// Whether this agent may start work now: its presence was refreshed recently enough
-    /// that no other agent takes it for dead while it runs, and it is not shutting down.
+    /// that no other agent takes it for dead while it runs, its certificate holds, and it is
+    /// not shutting down.
     fn may_start(&self) -> bool {
-        if self.stopping.is_cancelled() {
+        if self.stopping.is_cancelled() || !self.certified_for_now() {
             return false;
         }
         let ttl = *self
@@ -963,19 +1122,25 @@ impl Runner {
         // resumes it, or the stop ends it unrun.
         for read in 1..=READS {
             let target = Target::of_event(&command.target);
-            let outcome = match journal::slot(
+            let outcome = match journal::slot_trusting(
                 &self.js,
                 &self.tower,
                 &target,
                 id,
                 EventKind::Outcome,
+                Some(&self.trust()),
             )
             .await
             {
                 // Something that is not an event holds the slot: nobody can record an
                 // outcome, so nothing may run.
                 Err(rct_streams::Error::Malformed { .. }) => Some(proto::Event::default()),
-                Ok(outcome) => outcome,
+                Ok(outcome) => {
+                    if let Some((_, Some(why))) = &outcome {
+                        tracing::error!(%why, "not run: its outcome slot is taken");
+                    }
+                    outcome.map(|(event, _)| event)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, read, "cannot read the outcome slot after claiming; reading again");
                     let given_up =
@@ -1097,11 +1262,13 @@ impl Runner {
         self.metrics.started();
         let began = std::time::Instant::now();
 
+        let trust = self.trust();
         let cancel_watch = AbortOnDropHandle::new(tokio::spawn(cancel_request(
             self.js.clone(),
             self.tower.clone(),
             Target::of_event(&command.target),
             id,
+            trust,
         )));
         let timeout = command
             .timeout
@@ -1537,6 +1704,16 @@ fn load_keys(files: &[std::path::PathBuf], strict: bool) -> Result<Keys, String>
 const CONSUMER: &str = "consumer bound";
 const PRESENCE: &str = "presence written";
 const KEYS: &str = "keys loaded";
+const CERTIFIED: &str = "certified by admission";
+
+/// How long admission has to answer an enrolment.
+const ENROL_WITHIN: Duration = Duration::from_secs(5);
+
+/// The longest pause between attempts to enrol or renew.
+const ENROL_RETRY: Duration = Duration::from_secs(10);
+
+/// Nothing new is started under a certificate with less than this left.
+const CERTIFIED_MARGIN: Duration = Duration::from_secs(60);
 
 /// A command's timeout when it carries none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -1757,12 +1934,13 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 }
 
 /// Resolves with who asked, when a cancel request for `id` is recorded at its own target
-/// (where only admission may write one).
+/// (where only admission may write one) and signed by admission: any other is ignored.
 async fn cancel_request(
     js: jetstream::Context,
     tower: rct_bus::Tower,
     target: Target,
     id: CommandId,
+    trust: Trust,
 ) -> String {
     // Commands that finish within this never pay for the watch (a consumer per command);
     // the watch reads the command's history from the start, so an earlier request is seen.
@@ -1772,6 +1950,7 @@ async fn cancel_request(
         kind: Some(EventKind::Cancel),
         tower: Some(tower),
         target: Some(target),
+        trust: Some(Arc::new(trust)),
         ..Filter::default()
     };
     loop {
@@ -1779,6 +1958,7 @@ async fn cancel_request(
             Ok(mut events) => {
                 while let Some(item) = events.next().await {
                     if let Ok(Item::Event(record)) = item
+                        && record.provenance == Provenance::Verified(Author::Admission)
                         && let Some(Kind::CancelRequested(c)) = record.event.kind
                     {
                         return c

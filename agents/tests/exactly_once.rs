@@ -14,7 +14,6 @@ use rct_agents::{Context, Outcome, Params, Tower};
 use rct_bus::catalog::{Catalog, Served};
 use rct_bus::proto::{self, event::Kind};
 use rct_bus::{EventKind, KeyPair, Tower as TowerName};
-use rct_streams::Publisher;
 use rct_streams::testkit::Setup;
 use rct_streams::timestamp::from_datetime;
 use support::{Harness, Ledger, drain_agent, drain_handler, example_catalog, outcome, target};
@@ -40,12 +39,17 @@ fn event(command: &proto::Command, source: &str, kind: Kind) -> proto::Event {
     }
 }
 
+/// Writes `event` as its writer would sign it: an agent of its target (the instance its
+/// source names) for the kinds agents write, admission for the others.
 async fn write(h: &Harness, event: &proto::Event, n: &str) {
     let tower = TowerName::new("traffic").unwrap();
-    Publisher::new(h.js.clone())
-        .event(&tower, event, n)
-        .await
-        .unwrap();
+    let kind = EventKind::of(event).unwrap();
+    let publisher = if kind.is_written_by_agents() {
+        h.as_agent(&event.target, &event.source)
+    } else {
+        h.as_admission()
+    };
+    publisher.event(&tower, event, n).await.unwrap();
 }
 
 fn kinds(records: &[rct_streams::Record], kind: EventKind) -> usize {

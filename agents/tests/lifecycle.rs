@@ -140,7 +140,7 @@ async fn failures_timeouts_cancellations_and_expiries_end_as_such() {
             justification: "SRE-2".into(),
         })),
     };
-    rct_streams::Publisher::new(h.js.clone())
+    h.as_admission()
         .event(&"traffic".parse().unwrap(), &request, "c1")
         .await
         .unwrap();

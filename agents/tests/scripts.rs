@@ -286,7 +286,7 @@ async fn cancel_and_timeout_stop_the_whole_process_group() {
             justification: "SRE-3".into(),
         })),
     };
-    rct_streams::Publisher::new(h.js.clone())
+    h.as_admission()
         .event(&"scripts".parse().unwrap(), &request, "c")
         .await
         .unwrap();

@@ -19,6 +19,10 @@ pub enum Purpose {
     Submission,
     /// A `Command`, signed by admission.
     Command,
+    /// A stored event: its subject and payload (see [`crate::provenance`]).
+    Event,
+    /// An `AgentCertificate`, signed by admission.
+    AgentCertificate,
     /// Anything this version does not know (an unset or newer purpose): never verifies.
     Unspecified,
 }
@@ -28,6 +32,8 @@ impl Purpose {
         match self {
             Purpose::Submission => "submission",
             Purpose::Command => "command",
+            Purpose::Event => "event",
+            Purpose::AgentCertificate => "agent-certificate",
             Purpose::Unspecified => "unspecified",
         }
     }
@@ -36,6 +42,8 @@ impl Purpose {
         match self {
             Purpose::Submission => proto::Purpose::Submission,
             Purpose::Command => proto::Purpose::Command,
+            Purpose::Event => proto::Purpose::Event,
+            Purpose::AgentCertificate => proto::Purpose::AgentCertificate,
             Purpose::Unspecified => proto::Purpose::Unspecified,
         }
     }
@@ -44,6 +52,8 @@ impl Purpose {
         match proto::Purpose::try_from(value) {
             Ok(proto::Purpose::Submission) => Purpose::Submission,
             Ok(proto::Purpose::Command) => Purpose::Command,
+            Ok(proto::Purpose::Event) => Purpose::Event,
+            Ok(proto::Purpose::AgentCertificate) => Purpose::AgentCertificate,
             Ok(proto::Purpose::Unspecified) | Err(_) => Purpose::Unspecified,
         }
     }
@@ -196,6 +206,11 @@ impl Verifier {
     /// Stops trusting a key; envelopes it signed no longer verify.
     pub fn retire(&mut self, id: &KeyId) -> Option<PublicKey> {
         self.keys.remove(id)
+    }
+
+    /// The trusted key with id `id`.
+    pub fn key(&self, id: &str) -> Option<&PublicKey> {
+        self.keys.get(id)
     }
 
     /// The ids of the trusted keys.

@@ -128,8 +128,9 @@ impl PublicKey {
         &self.id
     }
 
-    /// Strict Ed25519 verification of `signature` over `message`.
-    pub(crate) fn verify_raw(&self, message: &[u8], signature: &[u8]) -> Result<()> {
+    /// Strict Ed25519 verification of `signature` over `message`, as it is (no purpose
+    /// prefix: see [`crate::Verifier`] for envelopes).
+    pub fn verify_raw(&self, message: &[u8], signature: &[u8]) -> Result<()> {
         let bad = || Error::BadSignature {
             key_id: self.id.to_string(),
         };
@@ -204,6 +205,11 @@ impl KeyPair {
     /// The key's id.
     pub fn id(&self) -> &KeyId {
         self.public.id()
+    }
+
+    /// Signs `message` as it is (the caller has prefixed it with its purpose).
+    pub(crate) fn sign_raw(&self, message: &[u8]) -> [u8; 64] {
+        self.signing.sign(message).to_bytes()
     }
 
     /// Signs `body` (an encoded message, never re-encoded afterwards) for `purpose`.

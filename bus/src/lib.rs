@@ -7,6 +7,7 @@
 //! - [`Subject`] and [`subject`]: the only place subjects are spelled.
 //! - [`KeyPair`], [`PublicKey`], [`Unverified`] → [`Verified`], [`Verifier`]: Ed25519 signing.
 //! - [`catalog`]: towers, operations, typed parameters and their checks.
+//! - [`provenance`]: who wrote a stored event: admission, or an agent admission certified.
 //! - [`sealed`]: secret parameter values, encrypted to a tower's recipients.
 //! - [`presence`]: what live agents write in the `rct_agents` bucket.
 //! - [`EventKind`]: the last token of an event subject, and which events hold one slot.
@@ -21,6 +22,7 @@ mod id;
 mod key;
 mod name;
 pub mod presence;
+pub mod provenance;
 pub mod sealed;
 pub mod subject;
 pub mod text;

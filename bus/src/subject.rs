@@ -7,6 +7,7 @@
 //! | `rct.evt.<tower>.<target>.<command_id>.<kind>` | `RCT_EVT` | admission, agents |
 //! | `rct.auth.login`                      | (request/reply) | CLI → admission  |
 //! | `rct.auth.dev-token`                  | (request/reply) | CLI → admission (dev only) |
+//! | `rct.auth.enrol.<tower>.<target>`     | (request/reply) | agent → admission |
 //!
 //! [`Subject`] builds and parses concrete subjects; the functions below build the wildcard
 //! filters that streams, consumers and watchers subscribe with.
@@ -29,6 +30,7 @@ const EVT: &str = "evt";
 const AUTH: &str = "auth";
 const LOGIN: &str = "login";
 const DEV_TOKEN: &str = "dev-token";
+const ENROL: &str = "enrol";
 
 /// A concrete rct subject.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -60,6 +62,15 @@ pub enum Subject {
     Login,
     /// `rct.auth.dev-token`: the development issuer (request/reply), only where enabled.
     DevToken,
+    /// `rct.auth.enrol.<tower>.<target>`: an agent's enrolment (request/reply): only that
+    /// target's agent may publish here, so admission certifies the key it is sent for the
+    /// tower and target (see [`crate::provenance`]).
+    Enrol {
+        /// The agent's tower.
+        tower: Tower,
+        /// Its target (`_` for a tower without targets).
+        target: Target,
+    },
 }
 
 impl Subject {
@@ -112,6 +123,7 @@ impl fmt::Display for Subject {
             } => write!(f, "{ROOT}.{EVT}.{tower}.{target}.{command_id}.{kind}"),
             Subject::Login => write!(f, "{ROOT}.{AUTH}.{LOGIN}"),
             Subject::DevToken => write!(f, "{ROOT}.{AUTH}.{DEV_TOKEN}"),
+            Subject::Enrol { tower, target } => write!(f, "{ROOT}.{AUTH}.{ENROL}.{tower}.{target}"),
         }
     }
 }
@@ -150,6 +162,10 @@ impl FromStr for Subject {
             }),
             [ROOT, AUTH, LOGIN] => Ok(Subject::Login),
             [ROOT, AUTH, DEV_TOKEN] => Ok(Subject::DevToken),
+            [ROOT, AUTH, ENROL, tower, target] => Ok(Subject::Enrol {
+                tower: Tower::new(*tower)?,
+                target: Target::new(*target)?,
+            }),
             [ROOT, ..] => Err(invalid("not a known rct subject shape")),
             _ => Err(invalid("does not start with \"rct.\"")),
         }
@@ -179,6 +195,11 @@ pub fn all_submissions() -> String {
 /// `rct.cmd.>`: every admitted command (the `RCT_CMD` stream).
 pub fn all_commands() -> String {
     format!("{ROOT}.{CMD}.>")
+}
+
+/// `rct.auth.enrol.>`: every agent's enrolment (admission answers them).
+pub fn enrolments() -> String {
+    format!("{ROOT}.{AUTH}.{ENROL}.>")
 }
 
 /// `rct.evt.>`: every event (the `RCT_EVT` stream).
@@ -263,6 +284,13 @@ mod tests {
             ),
             (Subject::Login, "rct.auth.login"),
             (Subject::DevToken, "rct.auth.dev-token"),
+            (
+                Subject::Enrol {
+                    tower: Tower::new("traffic").unwrap(),
+                    target: Target::new("prod-1").unwrap(),
+                },
+                "rct.auth.enrol.traffic.prod-1",
+            ),
         ];
         for (subject, spelled) in cases {
             assert_eq!(subject.to_string(), spelled);

@@ -1,7 +1,11 @@
 //! Reaching rct: which context, connecting, and the catalog (cached per context).
 
+use std::sync::Arc;
+
 use rct_bus::catalog::Served;
+use rct_bus::provenance::Trust;
 use rct_streams::Connection;
+use rct_streams::replay::Filter;
 use rct_streams::topology::{CATALOG_BUCKET, CATALOG_KEY};
 
 use crate::exit::{Error, Result};
@@ -32,6 +36,58 @@ pub struct Remote {
     /// Whether this is the context's own server (not `--server`): only then is the catalog
     /// cached under the context, or its cache used.
     pub cached: bool,
+    /// The context's pinned admission keys, when it is the context's own server.
+    pinned: Option<std::path::PathBuf>,
+    /// What who wrote each event is checked against, read when first needed (see
+    /// [`Remote::trust`]).
+    trust: Arc<tokio::sync::OnceCell<Arc<Trust>>>,
+}
+
+/// Where a context pins admission's public keys (`rct context set --admission-key`).
+pub fn pinned_keys(home: &Home, context: &str) -> std::path::PathBuf {
+    home.context_dir(context).join("admission-keys.pem")
+}
+
+/// The admission keys events are checked against: those the context pins, else those
+/// admission publishes beside the catalog (as trustworthy as that bucket's permissions:
+/// only admission may write it). With neither, no key: every event reads UNVERIFIED, and
+/// rct says why once.
+async fn trust(
+    pinned: Option<&std::path::Path>,
+    js: &async_nats::jetstream::Context,
+) -> Arc<Trust> {
+    if let Some(pinned) = pinned.filter(|p| p.exists()) {
+        let keys = std::fs::read_to_string(pinned)
+            .map_err(|e| e.to_string())
+            .and_then(|text| rct_bus::PublicKey::all_from_pem(&text).map_err(|e| e.to_string()));
+        let keys = keys.unwrap_or_else(|e| {
+            // Nothing verifies then: every event shows UNVERIFIED, and this says why.
+            eprintln!(
+                "rct: the admission keys pinned in {} do not read ({e}): no event verifies",
+                pinned.display()
+            );
+            Vec::new()
+        });
+        let signed_from = rct_streams::topology::signed_from(js).await.ok().flatten();
+        return Arc::new(Trust::new(rct_bus::Verifier::new(keys)).signed_from(signed_from));
+    }
+    let trust = match rct_streams::topology::admission_trust(js).await {
+        Ok(Some(trust)) => trust,
+        Ok(None) => {
+            eprintln!(
+                "rct: admission publishes no public keys here ({CATALOG_BUCKET}/{}): no event \
+                 can be verified (is admission running? or pin them: rct context set \
+                 --admission-key)",
+                rct_streams::topology::ADMISSION_KEYS_KEY
+            );
+            Trust::new(rct_bus::Verifier::default())
+        }
+        Err(e) => {
+            eprintln!("rct: cannot read admission's public keys ({e}): no event can be verified");
+            Trust::new(rct_bus::Verifier::default())
+        }
+    };
+    Arc::new(trust)
 }
 
 /// The context's name and connection settings.
@@ -80,16 +136,33 @@ pub async fn connect(home: &Home, global: &Global) -> Result<Remote> {
         ))
     })?;
     let js = connection.jetstream(client.clone());
+    let cached = global.servers.is_empty();
     Ok(Remote {
+        pinned: cached.then(|| pinned_keys(home, &context)),
         context,
         client,
         js,
         connected,
-        cached: global.servers.is_empty(),
+        cached,
+        trust: Arc::default(),
     })
 }
 
 impl Remote {
+    /// What who wrote each event is checked against: the admission keys the context pins,
+    /// else those admission publishes (read once, when first needed).
+    pub async fn trust(&self) -> Arc<Trust> {
+        self.trust
+            .get_or_init(|| trust(self.pinned.as_deref(), &self.js))
+            .await
+            .clone()
+    }
+
+    /// `filter`, checking who wrote each event (see [`Remote::trust`]).
+    pub async fn checked(&self, filter: Filter) -> Filter {
+        filter.trusting(Some(self.trust().await))
+    }
+
     /// The catalog admission serves, or (when NATS cannot give it now) the one cached by the
     /// last command that read it, so parameters are still checked before submitting; a
     /// stale cache costs nothing, admission checks again.

@@ -29,6 +29,7 @@ fn the_quick_bench_runs_every_scenario_and_prints_numbers() {
         "agent processes",
         "[3 nodes, R3, sync always]",
         "CLI process start",
+        "who wrote an event",
     ] {
         let row = rows
             .iter()

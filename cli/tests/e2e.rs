@@ -111,13 +111,18 @@ impl Dev {
         (code(&out), text(&out.stdout))
     }
 
-    /// Publishes `event` on the dev server's event stream as its writer `n`, as anyone
-    /// who may write a tower's events (its agents) can.
+    /// Publishes `event` on the dev server's event stream as its writer `n`, signed with the
+    /// dev admission's key: what the stream holds is rendered safely even when its writer is
+    /// who it should be.
     fn write_event(&self, tower: &str, event: &rct_bus::proto::Event, n: &str) {
         let url = format!("nats://127.0.0.1:{}", self.port);
+        let key = std::fs::read_to_string(self._state.path().join("stack/admission.key")).unwrap();
+        let signer =
+            rct_bus::provenance::Signer::admission(rct_bus::KeyPair::from_pem(&key).unwrap());
         tokio::runtime::Runtime::new().unwrap().block_on(async {
             let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
             rct_streams::Publisher::new(js)
+                .signing(std::sync::Arc::new(signer))
                 .event(&tower.parse().unwrap(), event, n)
                 .await
                 .unwrap();

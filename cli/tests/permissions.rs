@@ -376,6 +376,38 @@ fn cases() -> Vec<Case> {
             "pull admission's submissions",
             Publish("$JS.API.CONSUMER.MSG.NEXT.RCT_SUBMIT.admission"),
         ),
+        // Enrolment: the subject an agent enrols on is what admission certifies its key for,
+        // so no one may enrol on another's.
+        case(
+            AGENT,
+            "enrol as another target's agent",
+            Publish("rct.auth.enrol.traffic.prod-2"),
+        ),
+        case(
+            AGENT,
+            "enrol as another tower's agent",
+            Publish("rct.auth.enrol.workloads._"),
+        ),
+        case(
+            LEAF,
+            "enrol as another target's agent",
+            Publish("rct.auth.enrol.traffic.prod-2"),
+        ),
+        case(
+            OPERATOR,
+            "enrol as an agent",
+            Publish("rct.auth.enrol.traffic.prod-1"),
+        ),
+        case(
+            NOTIFIER,
+            "enrol as an agent",
+            Publish("rct.auth.enrol.traffic.prod-1"),
+        ),
+        case(
+            AGENT,
+            "answer enrolments in admission's place",
+            Subscribe("rct.auth.enrol.>"),
+        ),
     ]
 }
 
@@ -619,5 +651,183 @@ async fn another_targets_agent_cannot_claim_or_end_a_command() {
             .any(|p| p.contains("prod-2 says it failed") || p.contains("agent rival")),
         "{posted:?}"
     );
+    shutdown.cancel();
+}
+
+/// Events under a command's id that its entitled writer did not sign, written by the
+/// break-glass `admin` identity (which NATS lets write anything, as anyone restoring a
+/// backup or editing the stream could): an unsigned cancel request and one signed by a key
+/// that is not admission's, for a command running on prod-1, and an unsigned failed outcome
+/// for a command no agent has taken. None is obeyed or counted: the agent runs the first to
+/// success, the second stays admitted, `rct show` marks each forged event UNVERIFIED with why,
+/// `rct watch` ignores them, and the notifier tells no channel about the forged outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_their_entitled_writer_did_not_sign_are_unverified_and_never_obeyed() {
+    use rct_bus::proto::{self, event::Kind};
+    let hub = Hub::start().await;
+    hub.provision().await;
+    let shutdown = CancellationToken::new();
+    let key = hub.admission(&shutdown).await;
+    let (url, posts) = support::webhook();
+    hub.notifier(&url, &shutdown).await;
+    let operator = Arc::new(hub.operator());
+    let op = operator.clone();
+    blocking(move || op.login()).await;
+    let fire = |cluster: &'static str| {
+        let op = operator.clone();
+        async move {
+            let fired = blocking(move || op.fire_drain(cluster, &["--detach"], &[])).await;
+            assert!(fired.status.success(), "{fired:?}");
+            let stdout = String::from_utf8_lossy(&fired.stdout).into_owned();
+            stdout
+                .split_whitespace()
+                .find_map(|w| w.parse::<rct_bus::CommandId>().ok())
+                .unwrap_or_else(|| panic!("no command id in {stdout:?}"))
+        }
+    };
+    let (running, waiting) = (fire("prod-1").await, fire("prod-2").await);
+
+    let admin = hub.connection("admin", "_INBOX_admin");
+    let js = admin.jetstream(admin.connect("admin", false).await.unwrap());
+    let unsigned = rct_streams::Publisher::new(js.clone());
+    let impostor = unsigned.signing(Arc::new(rct_bus::provenance::Signer::admission(
+        rct_bus::KeyPair::generate(),
+    )));
+    let tower = rct_bus::Tower::new("traffic").unwrap();
+    let event = |id: rct_bus::CommandId, target: &str, kind| proto::Event {
+        command_id: id.to_string(),
+        at: Some(rct_streams::timestamp::from_datetime(
+            time::OffsetDateTime::now_utc(),
+        )),
+        source: "admission/forged".into(),
+        operation: "traffic/drain-cluster".into(),
+        target: target.into(),
+        kind: Some(kind),
+    };
+    let cancel = || {
+        Kind::CancelRequested(proto::CancelRequested {
+            by: Some(proto::Operator {
+                subject: "mallory".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    };
+    for (publisher, n) in [(&unsigned, "forged-1"), (&impostor, "forged-2")] {
+        let written = publisher
+            .event(&tower, &event(running, "prod-1", cancel()), n)
+            .await
+            .unwrap();
+        assert!(
+            matches!(written, rct_streams::Slot::Written(_)),
+            "{written:?}"
+        );
+    }
+    let failed = Kind::Failed(proto::Failed {
+        code: "forged".into(),
+        message: "mallory says it failed".into(),
+    });
+    let written = unsigned
+        .event(&tower, &event(waiting, "prod-2", failed), 0)
+        .await
+        .unwrap();
+    assert!(
+        matches!(written, rct_streams::Slot::Written(_)),
+        "{written:?}"
+    );
+
+    // prod-1's agent runs its command long enough to look for cancel requests, and stops
+    // at once when it is told to.
+    let agent = hub.connection(AGENT.0, AGENT.1);
+    let client = agent.connect("agent", true).await.unwrap();
+    let tower = rct_agents::Tower::new("traffic")
+        .cluster("prod-1")
+        .operation("drain-cluster", |ctx, _params| async move {
+            for step in 1..=4u32 {
+                ctx.progress(step * 25, format!("step {step}"), "moving traffic");
+                tokio::select! {
+                    _ = ctx.cancelled() => {
+                        return Err(rct_agents::Failure::new("stopped", "told to stop"));
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            Ok(rct_agents::Outcome::new("prod-1 drained"))
+        })
+        .trust(key)
+        .config(rct_agents::Config {
+            nats: agent,
+            instance: "agent-prod-1".into(),
+            heartbeat: Duration::from_secs(1),
+            ..rct_agents::Config::default()
+        });
+    let stop = shutdown.clone();
+    tokio::spawn(async move { tower.run(client, stop).await.unwrap() });
+
+    let about = |verb: &'static str, id: rct_bus::CommandId| {
+        let op = operator.clone();
+        blocking(move || op.rct(&[verb, &id.to_string()]))
+    };
+    let watched = about("watch", running).await;
+    let said = String::from_utf8_lossy(&watched.stderr).into_owned();
+    assert!(watched.status.success(), "{watched:?}");
+    assert_eq!(
+        said.matches("UNVERIFIED: a cancel event").count(),
+        2,
+        "{said}"
+    );
+    let shown = String::from_utf8_lossy(&about("show", running).await.stdout).into_owned();
+    assert!(shown.contains("prod-1 drained"), "{shown}");
+    assert_eq!(
+        shown
+            .matches("UNVERIFIED: it is not signed, ignored")
+            .count(),
+        1,
+        "{shown}"
+    );
+    assert_eq!(
+        shown.matches("which is not admission's").count(),
+        1,
+        "{shown}"
+    );
+    // Only the forged ones: admission's decision and the agent's claim, progress and outcome
+    // verify.
+    assert_eq!(shown.matches("UNVERIFIED:").count(), 2, "{shown}");
+
+    let status = String::from_utf8_lossy(&about("status", waiting).await.stdout).into_owned();
+    assert!(!status.contains("failed"), "{status}");
+    let shown = String::from_utf8_lossy(&about("show", waiting).await.stdout).into_owned();
+    assert!(
+        shown.contains("UNVERIFIED: it is not signed, ignored"),
+        "{shown}"
+    );
+    let history = blocking({
+        let op = operator.clone();
+        move || op.rct(&["history", "--since", "10m"])
+    })
+    .await;
+    let rows = String::from_utf8_lossy(&history.stdout).into_owned();
+    let row = rows
+        .lines()
+        .find(|l| l.contains(&waiting.to_string()))
+        .unwrap_or_else(|| panic!("{waiting} not in {rows}"));
+    assert!(
+        !row.contains("failed") && row.contains("UNVERIFIED"),
+        "{row}"
+    );
+
+    // The notifier told of the real outcome, never of the forged one.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !posts
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|p| p.contains("Succeeded") && p.contains(&running.to_string()))
+    {
+        assert!(Instant::now() < deadline, "{:?}", posts.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let posted = posts.lock().unwrap().clone();
+    assert!(!posted.iter().any(|p| p.contains("mallory")), "{posted:?}");
     shutdown.cancel();
 }

@@ -43,6 +43,15 @@ pub enum Error {
         /// The server's or client's error.
         cause: async_nats::jetstream::context::PublishError,
     },
+    /// The publisher signs its events and cannot now (an agent not certified yet, or whose
+    /// certificate ran out): nothing is published, since it could not be verified.
+    #[error("cannot sign the event for {subject}: {why}")]
+    Unsigned {
+        /// Where it was going.
+        subject: String,
+        /// Why.
+        why: &'static str,
+    },
     /// An event to publish has no kind, or a command id that is not a ULID.
     #[error("event for command {command_id:?} has no kind or an invalid command id")]
     InvalidEvent {

@@ -8,6 +8,7 @@
 
 use async_nats::jetstream::{self, stream::LastRawMessageErrorKind};
 use prost::Message as _;
+use rct_bus::provenance::Trust;
 use rct_bus::{CommandId, EventKind, Subject, Target, Tower, proto};
 
 use crate::topology::{AGENTS_BUCKET, EVENT_STREAM};
@@ -21,6 +22,10 @@ pub struct Look {
     pub claim: Option<proto::Event>,
     /// Its outcome, if any.
     pub outcome: Option<proto::Event>,
+    /// Why what holds a slot does not count, read with [`look_trusting`]: a claim its
+    /// writer did not sign reads as a claim with no holder (nobody can take the slot any
+    /// more), an outcome as an outcome (the slot is taken, so nothing may run).
+    pub doubt: Option<String>,
 }
 
 impl Look {
@@ -45,13 +50,41 @@ pub async fn look(
     target: &Target,
     id: CommandId,
 ) -> Result<Look> {
-    let claim = match slot(js, tower, target, id, EventKind::Claim).await {
+    look_trusting(js, tower, target, id, None).await
+}
+
+/// [`look`], checking who wrote each slot's occupant against `trust` (see [`Look::doubt`]).
+pub async fn look_trusting(
+    js: &jetstream::Context,
+    tower: &Tower,
+    target: &Target,
+    id: CommandId,
+    trust: Option<&Trust>,
+) -> Result<Look> {
+    let mut doubt = None;
+    let claim = match slot_trusting(js, tower, target, id, EventKind::Claim, trust).await {
         Err(Error::Malformed { .. }) => Some(proto::Event::default()),
-        other => other?,
+        Ok(Some((_, Some(why)))) => {
+            doubt = Some(format!(
+                "its claim slot holds an event that is not its agent's ({why})"
+            ));
+            Some(proto::Event::default())
+        }
+        other => other?.map(|(event, _)| event),
+    };
+    let outcome = match slot_trusting(js, tower, target, id, EventKind::Outcome, trust).await? {
+        Some((event, Some(why))) => {
+            doubt = Some(format!(
+                "its outcome slot holds an event that is not its agent's ({why})"
+            ));
+            Some(event)
+        }
+        other => other.map(|(event, _)| event),
     };
     Ok(Look {
         claim,
-        outcome: slot(js, tower, target, id, EventKind::Outcome).await?,
+        outcome,
+        doubt,
     })
 }
 
@@ -64,6 +97,21 @@ pub async fn slot(
     id: CommandId,
     kind: EventKind,
 ) -> Result<Option<proto::Event>> {
+    Ok(slot_trusting(js, tower, target, id, kind, None)
+        .await?
+        .map(|(event, _)| event))
+}
+
+/// [`slot`], with why its occupant does not count when `trust` says it was not written by
+/// whoever may write it (`None`: it counts, or was not checked).
+pub async fn slot_trusting(
+    js: &jetstream::Context,
+    tower: &Tower,
+    target: &Target,
+    id: CommandId,
+    kind: EventKind,
+    trust: Option<&Trust>,
+) -> Result<Option<(proto::Event, Option<String>)>> {
     let subject = Subject::event(tower, target, id, kind).to_string();
     let stream = js
         .get_stream_no_info(EVENT_STREAM)
@@ -71,13 +119,28 @@ pub async fn slot(
         .map_err(|e| Error::read(EVENT_STREAM, e))?;
     match stream.get_last_raw_message_by_subject(&subject).await {
         Ok(stored) => {
-            proto::Event::decode(stored.payload)
-                .map(Some)
-                .map_err(|e| Error::Malformed {
+            let event =
+                proto::Event::decode(stored.payload.clone()).map_err(|e| Error::Malformed {
                     sequence: stored.sequence,
-                    subject,
+                    subject: subject.clone(),
                     reason: e.to_string(),
-                })
+                })?;
+            let doubt = trust.and_then(|trust| {
+                trust
+                    .check_at(
+                        stored.sequence,
+                        (tower, target, kind),
+                        &subject,
+                        &stored.payload,
+                        stored
+                            .headers
+                            .get(rct_bus::provenance::HEADER)
+                            .map(|v| v.as_str()),
+                        stored.time.into(),
+                    )
+                    .doubt()
+            });
+            Ok(Some((event, doubt)))
         }
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
         Err(e) => Err(Error::read(&subject, e)),

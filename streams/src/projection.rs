@@ -11,8 +11,10 @@
 //! So applying a record twice, or records in another order, gives the same state.
 //!
 //! A command's events are those at its own tower and target (the event subject names both):
-//! the decision's. What is written under its id elsewhere (by a writer with the grants of
-//! another target or tower) is not its history: it changes nothing but `elsewhere`.
+//! the decision's, and written by whoever may write them (a reader that checks signatures
+//! gives each record its [`rct_bus::provenance::Provenance`]). What is written under its id elsewhere (by a writer
+//! with the grants of another target or tower), unsigned or signed by someone not entitled
+//! to it, is not its history: it changes nothing but `elsewhere`.
 //! Before the decision is seen, the first event's place is taken; a decision at another one
 //! starts the state again from the decision.
 
@@ -150,8 +152,9 @@ pub struct CommandState {
     /// That refusal dropped the copy: nothing will run it, although no outcome says so (a
     /// refusal for now, of a key not trusted yet, is delivered again until the deadline).
     pub refused_for_good: bool,
-    /// Something was written under its id at another target than its own: not its history,
-    /// and not applied (readers flag it).
+    /// Something was written under its id that is not its history (at another target than
+    /// its own, or not signed by its entitled writer), and not applied: readers flag it as
+    /// UNVERIFIED (see [`CommandState::doubt`]).
     pub elsewhere: bool,
     /// The lowest stream sequence applied.
     pub first_sequence: u64,
@@ -203,6 +206,9 @@ impl CommandState {
     /// Applies one event (see the module's folding rule). Events of other commands are
     /// ignored.
     pub fn apply(&mut self, record: &Record) {
+        if self.disowned(record) {
+            return;
+        }
         self.fold_in(
             record.sequence,
             record.command_id,
@@ -215,6 +221,9 @@ impl CommandState {
     /// [`CommandState::apply`], taking the record: what the state keeps is moved, not copied
     /// (for folding long histories).
     pub fn absorb(&mut self, record: Record) {
+        if self.disowned(&record) {
+            return;
+        }
         let place = (record.tower, record.target);
         self.fold_in(
             record.sequence,
@@ -322,14 +331,30 @@ impl CommandState {
         }
     }
 
-    /// Whether `record` is of this command's own history: at its tower and target (see the
-    /// module's folding rule).
+    /// Marks a record of this command that does not count for who wrote it: not applied.
+    fn disowned(&mut self, record: &Record) -> bool {
+        let disowned = record.command_id == self.command_id && !record.provenance.counts();
+        self.elsewhere |= disowned;
+        disowned
+    }
+
+    /// Whether `record` is of this command's own history: at its tower and target, written
+    /// by whoever may write it (see the module's folding rule).
     pub fn owns(&self, record: &Record) -> bool {
-        record.command_id == self.command_id
-            && self
-                .place
-                .as_ref()
-                .is_none_or(|(t, g)| *t == record.tower && *g == record.target)
+        self.doubt(record).is_none()
+    }
+
+    /// Why `record` is not of this command's own history, for people; `None` if it is.
+    pub fn doubt(&self, record: &Record) -> Option<String> {
+        if record.command_id != self.command_id {
+            return Some(format!("of command {}", record.command_id));
+        }
+        if let Some((t, g)) = &self.place
+            && (*t != record.tower || *g != record.target)
+        {
+            return Some(format!("at {} {}", record.tower, record.target));
+        }
+        record.provenance.doubt()
     }
 
     /// How long it ran, from claim to outcome.
@@ -378,7 +403,8 @@ pub enum Folded {
     /// The first record seen of a command whose decision came before the window: give the
     /// decision to [`Folder::begin`], then the record again, to follow it.
     Unseen(Box<Record>),
-    /// A record of a command that is already over, or of one no decision names: ignored.
+    /// A record of a command that is already over, of one no decision names, or one its
+    /// entitled writer did not sign for a command not followed: ignored.
     Late,
 }
 
@@ -406,7 +432,8 @@ impl Folder {
     pub fn absorb(&mut self, record: Record) -> Folded {
         let id = record.command_id;
         let Some(state) = self.open.get_mut(&id) else {
-            if self.over.contains(&id) {
+            // What does not count starts nothing, and looks nothing up.
+            if self.over.contains(&id) || !record.provenance.counts() {
                 return Folded::Late;
             }
             if record.kind != EventKind::Decision {
@@ -528,6 +555,7 @@ mod tests {
             kind: EventKind::of(&event).unwrap(),
             event,
             trace: None,
+            provenance: Default::default(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Publishing: every message through the JetStream API, with an id, its PubAck awaited, and
 //! a timed-out publish retried with the same id (the server stores it once).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -9,6 +10,8 @@ use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use prost::Message as _;
+
+use rct_bus::provenance::{self, Signer};
 use rct_bus::{EventKind, Subject, Target, Tower, proto};
 
 use crate::{Error, Result};
@@ -159,6 +162,7 @@ pub struct Publisher {
     js: jetstream::Context,
     retry: Retry,
     trace: Option<String>,
+    signer: Option<Arc<Signer>>,
 }
 
 impl Publisher {
@@ -168,6 +172,16 @@ impl Publisher {
             js,
             retry: Retry::default(),
             trace: None,
+            signer: None,
+        }
+    }
+
+    /// The same publisher, signing every event it publishes with `signer` (see
+    /// [`rct_bus::provenance`]).
+    pub fn signing(&self, signer: Arc<Signer>) -> Self {
+        Self {
+            signer: Some(signer),
+            ..self.clone()
         }
     }
 
@@ -304,9 +318,18 @@ impl Publisher {
         event: &proto::Event,
         n: impl std::fmt::Display,
     ) -> Result<Slot> {
-        let outgoing = Outgoing::event(tower, event, n).ok_or_else(|| Error::InvalidEvent {
+        let mut outgoing = Outgoing::event(tower, event, n).ok_or_else(|| Error::InvalidEvent {
             command_id: event.command_id.clone(),
         })?;
+        if let Some(signer) = &self.signer {
+            let signature = signer
+                .sign(&outgoing.subject, &outgoing.payload)
+                .ok_or_else(|| Error::Unsigned {
+                    subject: outgoing.subject.clone(),
+                    why: "this agent's key is not certified by admission now",
+                })?;
+            outgoing = outgoing.header(provenance::HEADER, &signature);
+        }
         self.send(outgoing).await
     }
 

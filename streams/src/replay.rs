@@ -7,6 +7,7 @@ use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, pull};
 use async_nats::jetstream::{self, Message};
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message as _;
+use rct_bus::provenance::{self, Provenance, Trust};
 use rct_bus::trace::{TRACEPARENT, TraceContext};
 use rct_bus::{CommandId, EventKind, Subject, Target, Tower, proto, subject};
 use time::OffsetDateTime;
@@ -33,6 +34,8 @@ pub struct Record {
     pub event: proto::Event,
     /// The operation's trace, from the message's `traceparent` header.
     pub trace: Option<TraceContext>,
+    /// Who wrote it: checked by readers given admission's keys ([`Filter::trust`]).
+    pub provenance: Provenance,
 }
 
 impl Record {
@@ -95,14 +98,43 @@ impl Record {
             kind,
             event,
             trace: None,
+            provenance: Provenance::Unchecked,
         })
     }
 
-    /// Takes the trace from the stored message's headers.
-    pub fn with_headers(mut self, headers: Option<&async_nats::HeaderMap>) -> Self {
+    /// Reads a stored message ([`Record::from_stored`]) with its trace and, given `trust`,
+    /// who wrote it (see [`rct_bus::provenance`]).
+    pub fn from_message(
+        sequence: u64,
+        published: OffsetDateTime,
+        (subject, payload, headers): (&str, &[u8], Option<&async_nats::HeaderMap>),
+        trust: Option<&Trust>,
+    ) -> Result<Self> {
+        Ok(Self::from_stored(sequence, published, subject, payload)?
+            .checked((subject, payload, headers), trust))
+    }
+
+    /// This record of the stored message, with its trace and, given `trust`, who wrote it.
+    fn checked(
+        mut self,
+        (subject, payload, headers): (&str, &[u8], Option<&async_nats::HeaderMap>),
+        trust: Option<&Trust>,
+    ) -> Self {
         self.trace = headers
             .and_then(|h| h.get(TRACEPARENT))
             .and_then(|v| TraceContext::parse(v.as_str()));
+        if let Some(trust) = trust {
+            self.provenance = trust.check_at(
+                self.sequence,
+                (&self.tower, &self.target, self.kind),
+                subject,
+                payload,
+                headers
+                    .and_then(|h| h.get(provenance::HEADER))
+                    .map(|v| v.as_str()),
+                self.published.into(),
+            );
+        }
         self
     }
 }
@@ -124,6 +156,9 @@ pub struct Filter {
     pub until: Option<OffsetDateTime>,
     /// Only events stored at or after this stream sequence (instead of `since`).
     pub from_sequence: Option<u64>,
+    /// Check who wrote each event against admission's keys (see [`Record::provenance`]);
+    /// without, every record is [`Provenance::Unchecked`].
+    pub trust: Option<std::sync::Arc<Trust>>,
 }
 
 impl Filter {
@@ -133,6 +168,12 @@ impl Filter {
             command: Some(command_id),
             ..Self::default()
         }
+    }
+
+    /// The same filter, checking who wrote each event against `trust` (see
+    /// [`Filter::trust`]).
+    pub fn trusting(self, trust: Option<std::sync::Arc<Trust>>) -> Self {
+        Self { trust, ..self }
     }
 
     /// The consumer's filter. One command's events are few and filtered by the server; wider
@@ -227,7 +268,13 @@ pub async fn follow_reconnecting(
 /// The whole stored history of one command, in order. Malformed messages are logged and
 /// skipped; infrastructure errors end the read.
 pub async fn command_history(js: &jetstream::Context, id: CommandId) -> Result<Vec<Record>> {
-    let mut events = history(js, &Filter::command(id)).await?;
+    records(js, &Filter::command(id)).await
+}
+
+/// Every stored event `filter` takes, in order. Malformed messages are logged and skipped;
+/// infrastructure errors end the read.
+pub async fn records(js: &jetstream::Context, filter: &Filter) -> Result<Vec<Record>> {
+    let mut events = history(js, filter).await?;
     let mut records = Vec::new();
     while let Some(record) = events.next().await {
         match record {
@@ -248,11 +295,24 @@ pub async fn slot(
     id: CommandId,
     kind: EventKind,
 ) -> Result<Option<Record>> {
+    slot_trusting(js, tower, target, id, kind, None).await
+}
+
+/// [`slot`], with each record's provenance checked against `trust`.
+pub async fn slot_trusting(
+    js: &jetstream::Context,
+    tower: &Tower,
+    target: &Target,
+    id: CommandId,
+    kind: EventKind,
+    trust: Option<&std::sync::Arc<Trust>>,
+) -> Result<Option<Record>> {
     let filter = Filter {
         command: Some(id),
         tower: Some(tower.clone()),
         target: Some(target.clone()),
         kind: Some(kind),
+        trust: trust.cloned(),
         ..Filter::default()
     };
     let mut events = history(js, &filter).await?;
@@ -440,10 +500,17 @@ impl Replay {
             self.messages = None;
             return;
         }
-        match Record::from_stored(sequence, published, &message.subject, &message.payload) {
-            Ok(record) if self.filter.admits(&record) => self.queue.push_back(Ok(Item::Event(
-                record.with_headers(message.headers.as_ref()),
-            ))),
+        let stored = (
+            message.subject.as_str(),
+            message.payload.as_ref(),
+            message.headers.as_ref(),
+        );
+        // Filtered first: a signature is checked only for what is read.
+        match Record::from_stored(sequence, published, stored.0, stored.1) {
+            Ok(record) if self.filter.admits(&record) => {
+                let record = record.checked(stored, self.filter.trust.as_deref());
+                self.queue.push_back(Ok(Item::Event(record)))
+            }
             Ok(_) => {}
             Err(e) => self.queue.push_back(Err(e)),
         }

@@ -565,3 +565,52 @@ pub async fn http_until(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Answers agents' enrolments on `rct.auth.enrol.>` as admission does, certifying every key
+/// for the tower and target of the subject it came on with `admission`'s key for an hour:
+/// for tests that run agents without admission (commands signed with a test key). Stops
+/// when the handle is dropped.
+pub async fn enroller(
+    client: &async_nats::Client,
+    admission: &rct_bus::KeyPair,
+) -> tokio_util::task::AbortOnDropHandle<()> {
+    use futures::StreamExt;
+    use prost::Message as _;
+    use rct_bus::proto::{self, enrol_response::Result as R};
+
+    let admission = rct_bus::KeyPair::from_pem(&admission.to_pem()).expect("the key reads back");
+    let mut requests = client
+        .subscribe(rct_bus::subject::enrolments())
+        .await
+        .expect("subscribe to enrolments");
+    client.flush().await.expect("flush the subscription");
+    let client = client.clone();
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Some(request) = requests.next().await {
+            let Some(reply) = request.reply else { continue };
+            let (Ok(rct_bus::Subject::Enrol { tower, target }), Ok(asked)) = (
+                request.subject.parse::<rct_bus::Subject>(),
+                proto::EnrolRequest::decode(request.payload),
+            ) else {
+                continue;
+            };
+            let Ok(key) = rct_bus::PublicKey::from_bytes(&asked.public_key) else {
+                continue;
+            };
+            let now = std::time::SystemTime::now();
+            let certificate = rct_bus::provenance::certify(
+                &admission,
+                &tower,
+                &target,
+                &asked.agent,
+                &key,
+                now,
+                now + Duration::from_secs(3600),
+            );
+            let answer = proto::EnrolResponse {
+                result: Some(R::Certificate(certificate)),
+            };
+            let _ = client.publish(reply, answer.encode_to_vec().into()).await;
+        }
+    }))
+}

@@ -15,6 +15,124 @@ use serde_json::Value;
 use crate::config::{self, Config, Storage};
 use crate::{Error, Result};
 
+/// The public keys admission signs with, as it publishes them in [`CATALOG_BUCKET`] under
+/// [`ADMISSION_KEYS_KEY`] (JSON): the one in force and earlier ones still trusted (PEM), and
+/// those retired for good with when (PEM, RFC 3339).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdmissionKeys {
+    /// Trusted keys.
+    pub keys: Vec<String>,
+    /// Retired keys and when they were retired.
+    pub retired: Vec<(String, String)>,
+}
+
+impl AdmissionKeys {
+    /// As published.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("keys always serialize")
+    }
+
+    /// What readers check who wrote an event against.
+    pub fn trust(&self) -> std::result::Result<rct_bus::provenance::Trust, String> {
+        let pem = |text: &str| rct_bus::PublicKey::from_pem(text).map_err(|e| e.to_string());
+        let keys = self
+            .keys
+            .iter()
+            .map(|k| pem(k))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let retired = self
+            .retired
+            .iter()
+            .map(|(key, at)| {
+                let at = humantime::parse_rfc3339_weak(at).map_err(|e| format!("{at:?}: {e}"))?;
+                Ok((pem(key)?, at))
+            })
+            .collect::<std::result::Result<Vec<_>, String>>()?;
+        Ok(rct_bus::provenance::Trust::new(rct_bus::Verifier::new(keys)).with_retired(retired))
+    }
+}
+
+/// The keys admission publishes ([`AdmissionKeys`]), as a [`rct_bus::provenance::Trust`]:
+/// what readers check who wrote an event against when they pin none themselves. `None` when
+/// none are published.
+pub async fn admission_trust(
+    js: &jetstream::Context,
+) -> Result<Option<rct_bus::provenance::Trust>> {
+    let read = |cause: async_nats::Error| Error::Read {
+        what: format!("admission's public keys ({CATALOG_BUCKET}/{ADMISSION_KEYS_KEY})"),
+        cause,
+    };
+    let bucket = js
+        .get_key_value(CATALOG_BUCKET)
+        .await
+        .map_err(|e| read(e.into()))?;
+    let Some(bytes) = bucket
+        .get(ADMISSION_KEYS_KEY)
+        .await
+        .map_err(|e| read(e.into()))?
+    else {
+        return Ok(None);
+    };
+    let keys: AdmissionKeys = serde_json::from_slice(&bytes).map_err(|e| read(e.into()))?;
+    let trust = keys.trust().map_err(|e| read(e.into()))?;
+    Ok(Some(trust.signed_from(signed_from(js).await?)))
+}
+
+/// The first `RCT_EVT` sequence from which every event is signed, as admission marked it in
+/// [`CATALOG_BUCKET`] under [`SIGNED_FROM_KEY`] the first time it ran signing them; `None`
+/// when it is not marked.
+pub async fn signed_from(js: &jetstream::Context) -> Result<Option<u64>> {
+    let read = |cause: async_nats::Error| Error::Read {
+        what: format!("where signed events begin ({CATALOG_BUCKET}/{SIGNED_FROM_KEY})"),
+        cause,
+    };
+    let bucket = js
+        .get_key_value(CATALOG_BUCKET)
+        .await
+        .map_err(|e| read(e.into()))?;
+    let value = bucket
+        .get(SIGNED_FROM_KEY)
+        .await
+        .map_err(|e| read(e.into()))?;
+    Ok(value.and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok()))
+}
+
+/// Marks where signed events begin (see [`signed_from`]), once: the sequence after the last
+/// event stored now. A mark already there stays (created, never overwritten).
+pub async fn mark_signed_from(js: &jetstream::Context) -> Result<u64> {
+    let read = |cause: async_nats::Error| Error::Read {
+        what: format!("where signed events begin ({CATALOG_BUCKET}/{SIGNED_FROM_KEY})"),
+        cause,
+    };
+    if let Some(first) = signed_from(js).await? {
+        return Ok(first);
+    }
+    let last = js
+        .get_stream(EVENT_STREAM)
+        .await
+        .map_err(|e| read(e.into()))?
+        .info()
+        .await
+        .map_err(|e| read(e.into()))?
+        .state
+        .last_sequence;
+    let first = last + 1;
+    let bucket = js
+        .get_key_value(CATALOG_BUCKET)
+        .await
+        .map_err(|e| read(e.into()))?;
+    match bucket
+        .create(SIGNED_FROM_KEY, first.to_string().into())
+        .await
+    {
+        Ok(_) => Ok(first),
+        // Another replica marked it first: its mark holds.
+        Err(_) => signed_from(js)
+            .await?
+            .ok_or_else(|| read("the mark cannot be written or read".into())),
+    }
+}
+
 /// The catalog admission serves in [`CATALOG_BUCKET`]; `None` when it serves none yet.
 pub async fn served_catalog(js: &jetstream::Context) -> Result<Option<rct_bus::catalog::Served>> {
     let read = |cause: async_nats::Error| Error::Read {
@@ -45,6 +163,11 @@ pub const AGENTS_BUCKET: &str = "rct_agents";
 pub const CATALOG_BUCKET: &str = "rct_catalog";
 /// The key under which admission serves the catalog in [`CATALOG_BUCKET`].
 pub const CATALOG_KEY: &str = "catalog";
+/// The key of [`CATALOG_BUCKET`] under which admission publishes its public keys
+/// ([`AdmissionKeys`]).
+pub const ADMISSION_KEYS_KEY: &str = "admission-keys";
+/// The key of [`CATALOG_BUCKET`] that says from which `RCT_EVT` sequence events are signed.
+pub const SIGNED_FROM_KEY: &str = "signed-from";
 /// Admission's durable consumer on `RCT_SUBMIT`, shared by its replicas.
 pub const ADMISSION_CONSUMER: &str = "admission";
 /// The notifier's durable consumer on `RCT_EVT`, shared by admission's replicas.

@@ -425,7 +425,10 @@ impl Harness {
             Verdict::Cancel(c) => (&c.tower, &c.decision),
             Verdict::Reject(r) => (&r.tower, &r.decision),
         };
+        // Signed as a replica signs: with admission's key.
+        let signer = rct_bus::provenance::Signer::admission(self.admission_keypair());
         match Publisher::new(self.js.clone())
+            .signing(std::sync::Arc::new(signer))
             .event(tower, decision, sequence)
             .await
             .unwrap()

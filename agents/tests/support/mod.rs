@@ -29,6 +29,8 @@ pub struct Harness {
     pub streams: rct_streams::Config,
     /// The version of the catalog served at start: the one commands are admitted under.
     pub catalog_version: String,
+    /// Certifies the agents' keys as admission would (with `admission`).
+    pub enroller: tokio_util::task::AbortOnDropHandle<()>,
 }
 
 pub fn example_catalog_text() -> String {
@@ -71,6 +73,8 @@ impl Harness {
             catalog,
         };
         let catalog_version = served.version.clone();
+        let admission = KeyPair::generate();
+        let enroller = rct_streams::testkit::enroller(&client, &admission).await;
         js.get_key_value("rct_catalog")
             .await
             .unwrap()
@@ -81,9 +85,10 @@ impl Harness {
             server,
             js,
             client,
-            admission: KeyPair::generate(),
+            admission,
             streams,
             catalog_version,
+            enroller,
         }
     }
 
@@ -184,6 +189,33 @@ impl Harness {
         .await
         .unwrap_or_else(|_| panic!("no outcome for {id}"));
         self.events(id).await
+    }
+
+    /// A publisher that signs as the test admission does (its cancel requests, say).
+    pub fn as_admission(&self) -> Publisher {
+        let key = KeyPair::from_pem(&self.admission.to_pem()).unwrap();
+        Publisher::new(self.js.clone())
+            .signing(Arc::new(rct_bus::provenance::Signer::admission(key)))
+    }
+
+    /// A publisher that signs as an agent `instance` of tower `traffic` on `target` would,
+    /// certified by the test admission (a rival agent's events, say).
+    pub fn as_agent(&self, target: &str, instance: &str) -> Publisher {
+        let key = KeyPair::generate();
+        let now = std::time::SystemTime::now();
+        let certificate = rct_bus::provenance::certify(
+            &self.admission,
+            &"traffic".parse().unwrap(),
+            &Target::of_event(target),
+            instance,
+            key.public(),
+            now,
+            now + Duration::from_secs(3600),
+        );
+        Publisher::new(self.js.clone()).signing(Arc::new(rct_bus::provenance::Signer::agent(
+            key,
+            certificate,
+        )))
     }
 
     /// Starts `tower` trusting the test admission key.

@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(long)]
     pub quick: bool,
     /// Only these scenarios (repeatable): latency, throughput, replay, fanout, footprint,
-    /// cluster.
+    /// cluster, verify.
     #[arg(long = "scenario", value_enum)]
     pub scenarios: Vec<Scenario>,
     /// Latency: operations, one after the other.
@@ -68,6 +68,8 @@ pub enum Scenario {
     Footprint,
     /// Latency and throughput on three nodes with R3 streams and `sync_interval: always`.
     Cluster,
+    /// Checking who wrote events, as every reader does.
+    Verify,
 }
 
 /// One row of the table.
@@ -178,6 +180,7 @@ pub async fn run(args: Args) -> Result {
         Scenario::Fanout,
         Scenario::Footprint,
         Scenario::Cluster,
+        Scenario::Verify,
     ];
     let args_check = args.check;
     let scenarios: Vec<Scenario> = if args.scenarios.is_empty() {
@@ -258,6 +261,7 @@ pub async fn run(args: Args) -> Result {
                 rows.extend(fanout_processes(&stack, &js, &session, agents, processes).await?);
             }
             Scenario::Footprint => rows.extend(footprint(&stack, &session).await?),
+            Scenario::Verify => rows.push(verify_row(events / 10)?),
             Scenario::Cluster => rows.extend(
                 cluster(
                     scratch.path(),
@@ -337,6 +341,107 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Scenario: who wrote each of `n` agent-signed progress events (the agent's certificate in
+/// each), checked as readers check them (`Trust::check`); floor: bare Ed25519 verification of
+/// the same signatures over the same bytes, and nothing else.
+fn verify_row(n: usize) -> Result<Row> {
+    use base64::Engine as _;
+    use rct_bus::provenance::{Author, Provenance, Signer, Trust, certify};
+    let io = |e: &dyn std::fmt::Display| Error::usage(format!("verify: {e}"));
+    let admission = rct_bus::KeyPair::generate();
+    let tower = rct_bus::Tower::new("bench").map_err(|e| io(&e))?;
+    let place = rct_bus::Target::new(target(0)).map_err(|e| io(&e))?;
+    let key = rct_bus::KeyPair::generate();
+    let agent_key = key.public().clone();
+    let now = std::time::SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let certificate = certify(
+        &admission,
+        &tower,
+        &place,
+        "bench-a1",
+        &agent_key,
+        now - hour,
+        now + hour,
+    );
+    let signer = Signer::agent(key, certificate);
+    let events: Vec<(String, Vec<u8>, String)> = (0..n)
+        .map(|i| {
+            let id = CommandId::generate();
+            let subject =
+                Subject::event(&tower, &place, id, rct_bus::EventKind::Progress).to_string();
+            let payload = proto::Event {
+                command_id: id.to_string(),
+                target: place.to_string(),
+                operation: "bench/noop".into(),
+                kind: Some(proto::event::Kind::Progress(proto::Progress {
+                    percent: (i % 100) as u32,
+                    step: "moving".into(),
+                    message: "traffic".into(),
+                })),
+                ..proto::Event::default()
+            }
+            .encode_to_vec();
+            let signature = signer.sign(&subject, &payload).expect("enrolled");
+            (subject, payload, signature)
+        })
+        .collect();
+    let trust = Trust::new(rct_bus::Verifier::new([admission.public().clone()]));
+    let begin = Instant::now();
+    for (subject, payload, signature) in &events {
+        let said = trust.check(
+            (&tower, &place, rct_bus::EventKind::Progress),
+            subject,
+            payload,
+            Some(signature),
+            now,
+        );
+        if said != Provenance::Verified(Author::Agent("bench-a1".into())) {
+            return Err(io(&format!(
+                "an event signed by its agent reads as {said:?}"
+            )));
+        }
+    }
+    let ours = begin.elapsed();
+    // The floor: the signed bytes and signatures laid out beforehand, verified bare.
+    let bare: Vec<(Vec<u8>, Vec<u8>)> = events
+        .iter()
+        .map(|(subject, payload, signature)| {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(signature)
+                .expect("base64");
+            let signature = proto::EventSignature::decode(decoded.as_slice())
+                .expect("a signature")
+                .signature;
+            let mut message = format!("rct/v1/event\n{subject}\n").into_bytes();
+            message.extend_from_slice(payload);
+            (message, signature)
+        })
+        .collect();
+    let begin = Instant::now();
+    for (message, signature) in &bare {
+        agent_key
+            .verify_raw(message, signature)
+            .map_err(|e| io(&e))?;
+    }
+    let floor = begin.elapsed();
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    Ok(Row {
+        scenario: format!("who wrote an event ({n} agent-signed events)"),
+        rct: format!("{:.0} events/s ({:.2} s)", rate(ours), ours.as_secs_f64()),
+        floor: format!(
+            "{:.0} events/s ({:.2} s, bare Ed25519)",
+            rate(floor),
+            floor.as_secs_f64()
+        ),
+        ratio: ratio(rate(ours), rate(floor)),
+        checks: vec![Check::RatioAtLeast {
+            ratio: rate(ours) / rate(floor),
+            min: 0.8,
+        }],
+    })
 }
 
 fn ratio(ours: f64, floor: f64) -> String {

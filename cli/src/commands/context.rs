@@ -56,6 +56,12 @@ pub enum Args {
         /// is tried about ten times before rct says it may not be on record.
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<std::time::Duration>,
+        /// PEM file of admission's public key(s) to check who wrote each event against,
+        /// instead of the keys admission publishes beside the catalog (which are only as
+        /// trustworthy as that bucket's permissions). Pin them where the stream's
+        /// administrators are not the people it must hold to account.
+        #[arg(long)]
+        admission_key: Option<std::path::PathBuf>,
     },
 }
 
@@ -147,6 +153,7 @@ pub fn run(home: &Home, args: Args) -> Result {
             tls_cert,
             tls_key,
             timeout,
+            admission_key,
         } => {
             let connection = rct_streams::Connection {
                 servers,
@@ -160,6 +167,9 @@ pub fn run(home: &Home, args: Args) -> Result {
                 ..rct_streams::Connection::default()
             };
             crate::home::check_name(&name)?;
+            if let Some(path) = &admission_key {
+                pin(home, &name, path)?;
+            }
             let existed = contexts.contexts.insert(name.clone(), connection).is_some();
             let current = contexts.current.get_or_insert(name.clone()) == &name;
             home.save_contexts(&contexts)?;
@@ -193,4 +203,21 @@ fn remove_dir(dir: &std::path::Path) -> Result<()> {
         ))),
         _ => Ok(()),
     }
+}
+
+/// Pins the admission keys in `path` for context `name` (see `--admission-key`).
+pub fn pin(home: &Home, name: &str, path: &std::path::Path) -> Result<()> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
+    let keys = rct_bus::PublicKey::all_from_pem(&text)
+        .map_err(|e| Error::usage(format!("{}: {e}", path.display())))?;
+    if keys.is_empty() {
+        return Err(Error::usage(format!(
+            "{} holds no public key (PEM)",
+            path.display()
+        )));
+    }
+    std::fs::create_dir_all(home.context_dir(name))
+        .map_err(|e| Error::usage(format!("cannot make the context's folder: {e}")))?;
+    crate::home::write_private(&crate::remote::pinned_keys(home, name), text.as_bytes())
 }

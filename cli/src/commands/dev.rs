@@ -51,6 +51,7 @@ pub async fn dev(home: &Home, args: DevArgs) -> Result {
         }
     };
     use_context(home, "dev", &stack.url)?;
+    crate::commands::context::pin(home, "dev", &stack.dir.join("admission.pub"))?;
     let towers = match &args.catalog {
         None => "traffic agents for prod-1..4, workloads".to_owned(),
         Some(catalog) => format!(
@@ -164,6 +165,7 @@ pub async fn demo(args: DemoArgs) -> Result {
     let stack = Stack::start(&scratch.path().join("stack"), port).await?;
     let home = Home::at(&scratch.path().join("home"));
     use_context(&home, "demo", &stack.url)?;
+    crate::commands::context::pin(&home, "demo", &stack.dir.join("admission.pub"))?;
     let result = script(&home).await;
     step("stopping the stack");
     stack.stop().await;

@@ -119,6 +119,7 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
         )));
     }
     let remote = remote::connect(home, global).await?;
+    let filter = remote.checked(filter).await;
     let layout = Layout::of(remote.catalog_or_cached(home).await.ok().as_ref());
     let mut rows = Rows::new(&args, zone.clone(), layout);
     let mut folder = Folder::new();
@@ -163,7 +164,7 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
                 Folded::Late
             }
             Folded::Unseen(record) => {
-                match before_the_window(&remote.js, &record, since).await {
+                match before_the_window(&remote.js, &record, since, filter.trust.as_ref()).await {
                     Ok(Some(earlier)) => {
                         for slot in earlier {
                             folder.begin_or_absorb(slot);
@@ -269,12 +270,22 @@ async fn before_the_window(
     js: &async_nats::jetstream::Context,
     record: &rct_streams::Record,
     since: OffsetDateTime,
+    trust: Option<&std::sync::Arc<rct_bus::provenance::Trust>>,
 ) -> std::result::Result<Option<Vec<rct_streams::Record>>, Lookup> {
     use rct_bus::EventKind;
     let slot = |kind| async move {
-        replay::slot(js, &record.tower, &record.target, record.command_id, kind)
-            .await
-            .map_err(Lookup::Failed)
+        // Only what its entitled writer signed: a forged slot is no decision or claim.
+        replay::slot_trusting(
+            js,
+            &record.tower,
+            &record.target,
+            record.command_id,
+            kind,
+            trust,
+        )
+        .await
+        .map(|found| found.filter(|r| r.provenance.counts()))
+        .map_err(Lookup::Failed)
     };
     let Some(decision) = slot(EventKind::Decision).await? else {
         return Err(Lookup::NotHere);
@@ -542,7 +553,7 @@ fn notes(state: &CommandState) -> String {
         }
     }
     if state.elsewhere {
-        notes.push("UNVERIFIED events under its id at another target: see rct show".into());
+        notes.push("UNVERIFIED events under its id: see rct show".into());
     }
     if notes.is_empty() {
         String::new()
@@ -626,6 +637,7 @@ mod tests {
             kind: rct_bus::EventKind::Decision,
             event,
             trace: None,
+            provenance: Default::default(),
         };
         CommandState::fold([&record]).unwrap()
     }

@@ -4,7 +4,7 @@ use futures::StreamExt;
 use rct_bus::proto;
 use rct_bus::text::printable;
 use rct_bus::{CommandId, EventKind, OperationName};
-use rct_streams::replay;
+use rct_streams::replay::{self, Filter};
 use rct_streams::{CommandState, Record};
 
 use crate::commands::history;
@@ -37,7 +37,7 @@ fn parse(id: &str) -> Result<CommandId> {
 }
 
 async fn history(remote: &Remote, id: CommandId) -> Result<Vec<Record>> {
-    let records = replay::command_history(&remote.js, id)
+    let records = replay::records(&remote.js, &remote.checked(Filter::command(id)).await)
         .await
         .map_err(|e| Error::usage(format!("cannot read {id}: {e}")))?;
     if records.is_empty() {
@@ -104,9 +104,11 @@ pub async fn show(home: &Home, global: &Global, args: One) -> Result {
     if args.output == Output::Json {
         for record in &records {
             let mut event = render::event_json(record);
-            // Written under its id elsewhere: not this command's (see the text output).
-            if !state.owns(record) {
+            // Written under its id elsewhere, or by someone not entitled: not this
+            // command's (see the text output).
+            if let Some(why) = state.doubt(record) {
                 event["unverified"] = true.into();
+                event["unverified_why"] = why.into();
             }
             println!("{event}");
         }
@@ -160,8 +162,9 @@ pub async fn show(home: &Home, global: &Global, args: One) -> Result {
     if state.elsewhere {
         field(
             "UNVERIFIED",
-            "events under this id at another tower or target (marked below) are not this \
-             command's: neither its agents nor admission write there; they were ignored",
+            "events under this id (marked below) are not this command's: at another tower or \
+             target, where neither its agents nor admission write, or not signed by admission \
+             or an agent certified for its target; they were ignored",
         );
     }
     if let Some(trace) = records.iter().find_map(|r| r.trace) {
@@ -174,11 +177,10 @@ pub async fn show(home: &Home, global: &Global, args: One) -> Result {
         } else {
             format!("  [{}]", printable(&record.event.source))
         };
-        if !state.owns(record) {
-            who.push_str(&format!(
-                "  UNVERIFIED: at {} {}, ignored",
-                record.tower, record.target
-            ));
+        if let Some(why) = state.doubt(record) {
+            who.push_str(&format!("  UNVERIFIED: {why}, ignored"));
+        } else if record.provenance == rct_bus::provenance::Provenance::Legacy {
+            who.push_str("  (unsigned: stored before events were signed)");
         }
         println!(
             "{}  {:<8} {}{who}",

@@ -440,15 +440,19 @@ async fn agent_serves(remote: &Remote, operation: &str, target: &str) -> Option<
 /// admitted, 3 when refused, 4 when not decided yet.
 pub async fn decision(remote: &Remote, stored: &Stored) -> Result {
     let id = stored.id;
-    let mut events =
-        replay::follow_reconnecting(&remote.js, &Filter::command(id), remote.connected.clone())
-            .await
-            .map_err(|e| Error::usage(format!("cannot watch {id}: {e}")))?;
+    let mut events = replay::follow_reconnecting(
+        &remote.js,
+        &remote.checked(Filter::command(id)).await,
+        remote.connected.clone(),
+    )
+    .await
+    .map_err(|e| Error::usage(format!("cannot watch {id}: {e}")))?;
     let wait = decision_wait();
     let own = async {
         while let Some(item) = events.next().await {
             if let Ok(Item::Event(record)) = item
                 && record.kind == rct_bus::EventKind::Decision
+                && record.provenance.counts()
             {
                 return Some(render::shown(record));
             }
@@ -525,9 +529,9 @@ async fn missing_agent(
 /// A last look before saying a command will not run: whether anything is on record for it
 /// after all (a decision stored but not delivered yet).
 async fn decided_late(remote: &Remote, id: CommandId) -> bool {
-    replay::command_history(&remote.js, id)
+    replay::records(&remote.js, &remote.checked(Filter::command(id)).await)
         .await
-        .is_ok_and(|history| !history.is_empty())
+        .is_ok_and(|history| history.iter().any(|r| r.provenance.counts()))
 }
 
 /// While no agent serves an admitted command, how often watching says so.
@@ -580,11 +584,16 @@ async fn refused_elsewhere(remote: &Remote, stored: &Stored) -> Option<Record> {
             .then(|| stored.at - time::Duration::seconds(30)),
         ..Filter::default()
     };
-    let mut decisions = replay::follow(&remote.js, &filter).await.ok()?;
+    let mut decisions = replay::follow(&remote.js, &remote.checked(filter).await)
+        .await
+        .ok()?;
     while let Some(item) = decisions.next().await {
         let Ok(Item::Event(record)) = item else {
             continue;
         };
+        if !record.provenance.counts() {
+            continue;
+        }
         let Some(Kind::Rejected(rejected)) = &record.event.kind else {
             continue;
         };
@@ -607,10 +616,13 @@ pub async fn watch_submitted(
     stored: Option<&Stored>,
     output: Output,
 ) -> Result {
-    let mut events =
-        replay::follow_reconnecting(&remote.js, &Filter::command(id), remote.connected.clone())
-            .await
-            .map_err(|e| Error::usage(format!("cannot watch {id}: {e}")))?;
+    let mut events = replay::follow_reconnecting(
+        &remote.js,
+        &remote.checked(Filter::command(id)).await,
+        remote.connected.clone(),
+    )
+    .await
+    .map_err(|e| Error::usage(format!("cannot watch {id}: {e}")))?;
     // Fused: once it has answered (or given up), it never answers again. On the heap: it
     // holds a follow of its own.
     let mut elsewhere = Box::pin(futures::FutureExt::fuse(async {
@@ -766,6 +778,13 @@ pub async fn watch_submitted(
             }
             Ok(Some(Ok(Item::Event(record)))) => record,
         };
+        if let Some(why) = record.provenance.doubt() {
+            eprintln!(
+                "UNVERIFIED: a {} event under {id}, not this command's ({why}): ignored",
+                record.kind
+            );
+            continue;
+        }
         let decision = record.kind == rct_bus::EventKind::Decision;
         if own.is_none() && decision {
             own = Some((record.tower.clone(), record.target.clone()));

@@ -240,6 +240,23 @@ impl Hub {
         let key = self.admission(shutdown).await;
         let agent = self.connection("agent_traffic_prod1", "_INBOX_agent.traffic.prod-1");
         self.traffic_agent("prod-1", agent, key, shutdown).await;
+        // Running once the agent is present (certified by admission, heartbeating).
+        let admin = self.connection("admin", "_INBOX_admin");
+        let js = admin.jetstream(admin.connect("admin", false).await.unwrap());
+        let agents = js.get_key_value("rct_agents").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let mut keys = agents.keys().await.unwrap();
+                while let Some(key) = futures::StreamExt::next(&mut keys).await {
+                    if key.is_ok_and(|k| k.starts_with("traffic.prod-1.")) {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the prod-1 agent is present");
         let operator = Arc::new(self.operator());
         let op = operator.clone();
         tokio::task::spawn_blocking(move || op.login())

@@ -15,7 +15,8 @@
 //!   without running, or expired), a command recorded succeeded whose effect never
 //!   finished (no `end` line), a command with more than one outcome (on any subject), or
 //!   with an event at another tower or target than its decision's (where its readers do not
-//!   look);
+//!   look), or with an event not signed by admission or an agent it certified for the
+//!   command's tower and target;
 //! - `failed`: admitted commands that ended failed, expired or cancelled, other than those
 //!   meant to (a panicking handler's fail; an agent whose clock is past every deadline
 //!   expires what it receives; an agent the run stops gracefully ends what it claimed and
@@ -365,6 +366,8 @@ pub(super) struct Fold {
     place: BTreeMap<CommandId, (rct_bus::Tower, rct_bus::Target)>,
     /// Commands with an event elsewhere than their decision.
     misplaced: BTreeSet<CommandId>,
+    /// Commands with an event not signed by its entitled writer (not folded in).
+    unverified: BTreeSet<CommandId>,
 }
 
 impl Fold {
@@ -374,6 +377,10 @@ impl Fold {
             let Ok(id) = record.event.command_id.parse::<CommandId>() else {
                 continue;
             };
+            if !record.provenance.counts() {
+                fold.unverified.insert(id);
+                continue;
+            }
             let here = (record.tower.clone(), record.target.clone());
             if record.kind == rct_bus::EventKind::Decision {
                 fold.place.entry(id).or_insert_with(|| here.clone());
@@ -634,7 +641,8 @@ pub(super) async fn check(
                 .filter(|(id, (kind, _))| *kind == "succeeded" && !finished.contains(*id))
                 .count()
             + fold.outcomes.values().filter(|n| **n > 1).count()
-            + fold.misplaced.len(),
+            + fold.misplaced.len()
+            + fold.unverified.len(),
         failed: ended_otherwise.len(),
         ended_otherwise: ended_otherwise
             .iter()
@@ -908,6 +916,7 @@ mod tests {
                 ..proto::Event::default()
             },
             trace: None,
+            provenance: Default::default(),
         }
     }
 
@@ -947,8 +956,17 @@ mod tests {
         let here = record(id, Kind::Succeeded(proto::Succeeded::default()), now);
         let mut there = here.clone();
         there.target = "elsewhere".parse().unwrap();
-        assert!(Fold::of(&[decision.clone(), here]).misplaced.is_empty());
-        assert!(Fold::of(&[decision, there]).misplaced.contains(&id));
+        assert!(
+            Fold::of(&[decision.clone(), here.clone()])
+                .misplaced
+                .is_empty()
+        );
+        assert!(Fold::of(&[decision.clone(), there]).misplaced.contains(&id));
+        // Nor is an event its entitled writer did not sign: counted, not folded in.
+        let mut unsigned = here;
+        unsigned.provenance = rct_bus::provenance::Provenance::Unsigned;
+        let fold = Fold::of(&[decision, unsigned]);
+        assert!(fold.unverified.contains(&id) && !fold.outcome.contains_key(&id));
     }
 
     /// An agent the run stopped gracefully ends what it claimed and had not started

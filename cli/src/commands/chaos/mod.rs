@@ -610,10 +610,14 @@ async fn run_seed(args: &Args, seed: u64) -> Result<Report> {
     let acked = submitter.acked();
     let drain_until = drain_until(args.drain)?;
     let mut records;
+    // Who wrote each event is checked: admission's key, or agents it certified.
+    let checked = Filter::default().trusting(Some(std::sync::Arc::new(
+        rct_bus::provenance::Trust::new(rct_bus::Verifier::new([admission_key.public().clone()])),
+    )));
     loop {
         // A node that was just restarted or paused may time a read out: read again.
         records = check::settled(|| async {
-            replay::history(&js, &Filter::default())
+            replay::history(&js, &checked)
                 .await?
                 .try_collect::<Vec<Record>>()
                 .await
