@@ -929,12 +929,22 @@ impl Inner {
                 let this_one = |h: &proto::Event| {
                     ours || decided_request(h).map(|r| r.submission_sequence) == Some(sequence)
                 };
+                let forged = holder.is_none();
                 if let Some(holder) = holder.filter(this_one) {
                     self.complete(publisher, stored, &holder).await?;
                     return Ok("redelivered".into());
                 }
                 let refusal = match &verdict {
                     Verdict::Reject(r) => r.decision.clone(),
+                    _ if forged => rejection(
+                        decision,
+                        RejectionCode::Duplicate,
+                        format!(
+                            "the decision slot of command id {command_id} holds a decision \
+                             admission did not sign (UNVERIFIED: see rct show {command_id}); \
+                             nothing was run: fire it again, with a new id"
+                        ),
+                    ),
                     _ => rejection(
                         decision,
                         RejectionCode::Duplicate,

@@ -548,6 +548,41 @@ async fn a_redelivered_submission_gets_its_command_and_no_second_decision() {
     assert_eq!(decisions[0].command_id, submission.command_id);
 }
 
+/// A decision in a submission's slot that admission did not sign (written by anyone who can
+/// write the stream, unsigned or with another key) is not taken for admission's own: the
+/// redelivered submission gets no command from it, and its refusal is recorded. Before
+/// events were signed, admission finished it as admitted and signed a command from it.
+#[tokio::test]
+async fn a_decision_admission_did_not_sign_is_never_finished_as_admitted() {
+    let mut h = Harness::start().await;
+    let alice = h.operator("alice", &["sre_team"]).await;
+    h.stop_admission().await;
+    let unsigned = h.submit(&alice, &drain("prod-3")).await;
+    h.decide_signed_as(unsigned, None).await;
+    let impostor = h.submit(&alice, &drain("prod-4")).await;
+    h.decide_signed_as(impostor, Some(KeyPair::generate()))
+        .await;
+
+    h.start_admission().await;
+    h.submissions_settled().await;
+    assert_eq!(
+        h.commands().await,
+        0,
+        "a command was published from a forged decision"
+    );
+    let decisions = h.decisions().await;
+    for sequence in [unsigned, impostor] {
+        let refused = decisions
+            .iter()
+            .filter(|d| submission_sequence(d) == Some(sequence))
+            .filter_map(rejection)
+            .collect::<Vec<_>>();
+        assert_eq!(refused.len(), 1, "{sequence}: {decisions:#?}");
+        assert_eq!(refused[0].0, proto::RejectionCode::Duplicate, "{refused:?}");
+        assert!(refused[0].1.contains("did not sign"), "{refused:?}");
+    }
+}
+
 #[tokio::test]
 async fn cancel_requests_are_recorded_against_admitted_commands() {
     let h = Harness::start().await;

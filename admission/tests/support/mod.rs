@@ -412,6 +412,17 @@ impl Harness {
     /// behind: its decision, recorded as admission records it, and no command. Returns the
     /// verdict it reached.
     pub async fn decide_and_die(&self, sequence: u64) -> rct_admission::decide::Verdict {
+        self.decide_signed_as(sequence, Some(self.admission_keypair()))
+            .await
+    }
+
+    /// As [`Harness::decide_and_die`], the decision signed with `key` (`None`: unsigned), as
+    /// anyone who can write the stream could forge it.
+    pub async fn decide_signed_as(
+        &self,
+        sequence: u64,
+        key: Option<KeyPair>,
+    ) -> rct_admission::decide::Verdict {
         use rct_admission::decide::{Submitted, Verdict};
         let (subject, payload) = self.stored_submission(sequence).await;
         let verdict = self.replica_policy("admission/dead").decide(Submitted {
@@ -425,14 +436,12 @@ impl Harness {
             Verdict::Cancel(c) => (&c.tower, &c.decision),
             Verdict::Reject(r) => (&r.tower, &r.decision),
         };
-        // Signed as a replica signs: with admission's key.
-        let signer = rct_bus::provenance::Signer::admission(self.admission_keypair());
-        match Publisher::new(self.js.clone())
-            .signing(std::sync::Arc::new(signer))
-            .event(tower, decision, sequence)
-            .await
-            .unwrap()
-        {
+        let mut publisher = Publisher::new(self.js.clone());
+        if let Some(key) = key {
+            let signer = rct_bus::provenance::Signer::admission(key);
+            publisher = publisher.signing(std::sync::Arc::new(signer));
+        }
+        match publisher.event(tower, decision, sequence).await.unwrap() {
             Slot::Written(ack) => assert!(!ack.duplicate),
             Slot::Taken { .. } => panic!("the decision slot was taken"),
         }
