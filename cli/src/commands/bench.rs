@@ -944,6 +944,12 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
     let target: rct_bus::Target = "t".parse().map_err(|e| io(&e))?;
     let per_command = 10;
     let published_from = OffsetDateTime::now_utc();
+    // Signed as admission signs them, and checked as `rct history` checks them.
+    let admission = KeyPair::generate();
+    let trust = rct_bus::provenance::Trust::new(rct_bus::Verifier::new([admission
+        .public()
+        .clone()]));
+    let signer = rct_bus::provenance::Signer::admission(admission);
     let mut first_sequence = None;
     let mut acks = Vec::with_capacity(1024);
     let mut command = CommandId::generate();
@@ -979,8 +985,12 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
         };
         let slot = EventKind::of(&event).expect("an event with a kind");
         let subject = Subject::event(&tower, &target, command, slot).to_string();
+        let payload = event.encode_to_vec();
+        let mut headers = async_nats::HeaderMap::new();
+        let signature = signer.sign(&subject, &payload).expect("admission signs");
+        headers.insert(rct_bus::provenance::HEADER, signature.as_str());
         acks.push(
-            js.publish(subject, event.encode_to_vec().into())
+            js.publish_with_headers(subject, headers, payload.into())
                 .await
                 .map_err(|e| io(&e))?,
         );
@@ -995,10 +1005,13 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
         let ack = ack.await.map_err(|e| io(&e))?;
         first_sequence.get_or_insert(ack.sequence);
     }
-    // As `rct history --since … --tower …` reads: from a time, one tower's events.
+    // As `rct history --since … --tower …` reads: from a time, one tower's events, checking
+    // who wrote each (progress left unchecked, as history leaves it).
     let filter = Filter {
         tower: Some(tower.clone()),
         since: Some(published_from),
+        trust: Some(std::sync::Arc::new(trust)),
+        progress_unchecked: true,
         ..Filter::default()
     };
 

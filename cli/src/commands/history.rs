@@ -119,7 +119,11 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
         )));
     }
     let remote = remote::connect(home, global).await?;
-    let filter = remote.checked(filter).await;
+    // A progress event only sets an open row's percentage; every other event is checked.
+    let filter = Filter {
+        progress_unchecked: true,
+        ..remote.checked(filter).await
+    };
     let layout = Layout::of(remote.catalog_or_cached(home).await.ok().as_ref());
     let mut rows = Rows::new(&args, zone.clone(), layout);
     let mut folder = Folder::new();
