@@ -946,9 +946,8 @@ async fn replay_rows(js: &async_nats::jetstream::Context, n: usize) -> Result<Ro
     let published_from = OffsetDateTime::now_utc();
     // Signed as admission signs them, and checked as `rct history` checks them.
     let admission = KeyPair::generate();
-    let trust = rct_bus::provenance::Trust::new(rct_bus::Verifier::new([admission
-        .public()
-        .clone()]));
+    let trust =
+        rct_bus::provenance::Trust::new(rct_bus::Verifier::new([admission.public().clone()]));
     let signer = rct_bus::provenance::Signer::admission(admission);
     let mut first_sequence = None;
     let mut acks = Vec::with_capacity(1024);
