@@ -634,17 +634,7 @@ async fn another_targets_agent_cannot_claim_or_end_a_command() {
         "{shown}"
     );
     // The notifier tells the channel what happened on prod-1, and nothing prod-2 wrote.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !posts
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|p| p.contains("Succeeded") && p.contains(&id.to_string()))
-    {
-        assert!(Instant::now() < deadline, "{:?}", posts.lock().unwrap());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let posted = posts.lock().unwrap().clone();
+    let posted = succeeded_posted(&posts, id).await;
     assert!(
         !posted
             .iter()
@@ -817,17 +807,27 @@ async fn events_their_entitled_writer_did_not_sign_are_unverified_and_never_obey
     );
 
     // The notifier told of the real outcome, never of the forged one.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !posts
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|p| p.contains("Succeeded") && p.contains(&running.to_string()))
-    {
-        assert!(Instant::now() < deadline, "{:?}", posts.lock().unwrap());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let posted = posts.lock().unwrap().clone();
+    let posted = succeeded_posted(&posts, running).await;
     assert!(!posted.iter().any(|p| p.contains("mallory")), "{posted:?}");
     shutdown.cancel();
+}
+
+/// Waits (a minute at most) until the webhook got the `Succeeded` post of `id`; every post
+/// so far.
+async fn succeeded_posted(
+    posts: &std::sync::Mutex<Vec<String>>,
+    id: rct_bus::CommandId,
+) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let posted = posts.lock().unwrap().clone();
+        if posted
+            .iter()
+            .any(|p| p.contains("Succeeded") && p.contains(&id.to_string()))
+        {
+            return posted;
+        }
+        assert!(Instant::now() < deadline, "{posted:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

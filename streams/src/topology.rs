@@ -52,29 +52,41 @@ impl AdmissionKeys {
     }
 }
 
+/// The entry under `key` in [`CATALOG_BUCKET`], if there is one; a failed read says `what`.
+async fn catalog_entry(
+    js: &jetstream::Context,
+    key: &str,
+    what: &str,
+) -> Result<Option<bytes::Bytes>> {
+    let read = |cause: async_nats::Error| Error::Read {
+        what: format!("{what} ({CATALOG_BUCKET}/{key})"),
+        cause,
+    };
+    js.get_key_value(CATALOG_BUCKET)
+        .await
+        .map_err(|e| read(e.into()))?
+        .get(key)
+        .await
+        .map_err(|e| read(e.into()))
+}
+
 /// The keys admission publishes ([`AdmissionKeys`]), as a [`rct_bus::provenance::Trust`]:
 /// what readers check who wrote an event against when they pin none themselves. `None` when
 /// none are published.
 pub async fn admission_trust(
     js: &jetstream::Context,
 ) -> Result<Option<rct_bus::provenance::Trust>> {
-    let read = |cause: async_nats::Error| Error::Read {
-        what: format!("admission's public keys ({CATALOG_BUCKET}/{ADMISSION_KEYS_KEY})"),
-        cause,
-    };
-    let bucket = js
-        .get_key_value(CATALOG_BUCKET)
-        .await
-        .map_err(|e| read(e.into()))?;
-    let Some(bytes) = bucket
-        .get(ADMISSION_KEYS_KEY)
-        .await
-        .map_err(|e| read(e.into()))?
-    else {
+    let what = "admission's public keys";
+    let Some(bytes) = catalog_entry(js, ADMISSION_KEYS_KEY, what).await? else {
         return Ok(None);
     };
-    let keys: AdmissionKeys = serde_json::from_slice(&bytes).map_err(|e| read(e.into()))?;
-    let trust = keys.trust().map_err(|e| read(e.into()))?;
+    let unreadable = |why: String| Error::Read {
+        what: format!("{what} ({CATALOG_BUCKET}/{ADMISSION_KEYS_KEY})"),
+        cause: why.into(),
+    };
+    let keys: AdmissionKeys =
+        serde_json::from_slice(&bytes).map_err(|e| unreadable(e.to_string()))?;
+    let trust = keys.trust().map_err(unreadable)?;
     Ok(Some(trust.signed_from(signed_from(js).await?)))
 }
 
@@ -82,18 +94,7 @@ pub async fn admission_trust(
 /// [`CATALOG_BUCKET`] under [`SIGNED_FROM_KEY`] the first time it ran signing them; `None`
 /// when it is not marked.
 pub async fn signed_from(js: &jetstream::Context) -> Result<Option<u64>> {
-    let read = |cause: async_nats::Error| Error::Read {
-        what: format!("where signed events begin ({CATALOG_BUCKET}/{SIGNED_FROM_KEY})"),
-        cause,
-    };
-    let bucket = js
-        .get_key_value(CATALOG_BUCKET)
-        .await
-        .map_err(|e| read(e.into()))?;
-    let value = bucket
-        .get(SIGNED_FROM_KEY)
-        .await
-        .map_err(|e| read(e.into()))?;
+    let value = catalog_entry(js, SIGNED_FROM_KEY, "where signed events begin").await?;
     Ok(value.and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok()))
 }
 
@@ -135,20 +136,15 @@ pub async fn mark_signed_from(js: &jetstream::Context) -> Result<u64> {
 
 /// The catalog admission serves in [`CATALOG_BUCKET`]; `None` when it serves none yet.
 pub async fn served_catalog(js: &jetstream::Context) -> Result<Option<rct_bus::catalog::Served>> {
-    let read = |cause: async_nats::Error| Error::Read {
-        what: format!("the catalog ({CATALOG_BUCKET})"),
-        cause,
-    };
-    let bucket = js
-        .get_key_value(CATALOG_BUCKET)
-        .await
-        .map_err(|e| read(e.into()))?;
-    let Some(bytes) = bucket.get(CATALOG_KEY).await.map_err(|e| read(e.into()))? else {
+    let Some(bytes) = catalog_entry(js, CATALOG_KEY, "the catalog").await? else {
         return Ok(None);
     };
     serde_json::from_slice(&bytes)
         .map(Some)
-        .map_err(|e| read(e.into()))
+        .map_err(|e| Error::Read {
+            what: format!("the catalog ({CATALOG_BUCKET})"),
+            cause: e.into(),
+        })
 }
 
 /// Stream of signed submissions, `rct.submit.>`.
