@@ -44,8 +44,18 @@ fn event(command: &proto::Command, source: &str, kind: Kind) -> proto::Event {
 async fn write(h: &Harness, event: &proto::Event, n: &str) {
     let tower = TowerName::new("traffic").unwrap();
     let kind = EventKind::of(event).unwrap();
+    // The instance: the one a claim names, else the last part of the source.
+    let instance = match &event.kind {
+        Some(Kind::Started(started)) => started.agent.clone(),
+        _ => event
+            .source
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+    };
     let publisher = if kind.is_written_by_agents() {
-        h.as_agent(&event.target, &event.source)
+        h.as_agent(&event.target, &instance)
     } else {
         h.as_admission()
     };

@@ -206,6 +206,22 @@ impl Provenance {
         )
     }
 
+    /// This provenance for `event`, decoded: a claim an agent signed counts only in the name
+    /// of the instance its certificate names (one agent of a target cannot claim a command in
+    /// another's name, which would have that one resume it).
+    pub fn for_event(self, event: &proto::Event) -> Self {
+        match (&self, event.kind.as_ref()) {
+            (
+                Provenance::Verified(Author::Agent(agent)),
+                Some(proto::event::Kind::Started(started)),
+            ) if started.agent != *agent => Provenance::Forged(format!(
+                "a claim in the name of {} signed by agent {agent}",
+                shown(&started.agent)
+            )),
+            _ => self,
+        }
+    }
+
     /// Why it does not count, for people; `None` if it counts.
     pub fn doubt(&self) -> Option<String> {
         match self {
@@ -676,6 +692,26 @@ mod tests {
             Some("it is not signed")
         );
         assert_eq!(Signer::unenrolled().sign(SUBJECT, b"payload"), None);
+    }
+
+    #[test]
+    fn an_agent_claims_only_in_its_own_name() {
+        let me = Provenance::Verified(Author::Agent("prod-1-a1-01abc".into()));
+        let claim = |agent: &str| proto::Event {
+            kind: Some(proto::event::Kind::Started(proto::Started {
+                agent: agent.into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        assert_eq!(me.clone().for_event(&claim("prod-1-a1-01abc")), me);
+        assert!(!me.clone().for_event(&claim("prod-1-a2-01xyz")).counts());
+        // Admission ends commands unrun under claims of its own name.
+        let admission = Provenance::Verified(Author::Admission);
+        assert_eq!(
+            admission.clone().for_event(&claim("admission/a1")),
+            admission
+        );
     }
 
     /// Unsigned history from before events were signed counts; unsigned events since do not,

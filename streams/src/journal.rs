@@ -138,6 +138,7 @@ pub async fn slot_trusting(
                             .map(|v| v.as_str()),
                         stored.time.into(),
                     )
+                    .for_event(&event)
                     .doubt()
             });
             Ok(Some((event, doubt)))

@@ -124,16 +124,18 @@ impl Record {
             .and_then(|h| h.get(TRACEPARENT))
             .and_then(|v| TraceContext::parse(v.as_str()));
         if let Some(trust) = trust {
-            self.provenance = trust.check_at(
-                self.sequence,
-                (&self.tower, &self.target, self.kind),
-                subject,
-                payload,
-                headers
-                    .and_then(|h| h.get(provenance::HEADER))
-                    .map(|v| v.as_str()),
-                self.published.into(),
-            );
+            self.provenance = trust
+                .check_at(
+                    self.sequence,
+                    (&self.tower, &self.target, self.kind),
+                    subject,
+                    payload,
+                    headers
+                        .and_then(|h| h.get(provenance::HEADER))
+                        .map(|v| v.as_str()),
+                    self.published.into(),
+                )
+                .for_event(&self.event);
         }
         self
     }
