@@ -942,7 +942,8 @@ impl Inner {
                         format!(
                             "the decision slot of command id {command_id} holds a decision \
                              admission did not sign (UNVERIFIED: see rct show {command_id}); \
-                             nothing was run: fire it again, with a new id"
+                             this submission was not admitted: check rct show before firing it \
+                             again, with a new id"
                         ),
                     ),
                     _ => rejection(
