@@ -552,23 +552,8 @@ fn each_agent_may_write_only_its_own_targets_agent_events() {
 async fn another_targets_agent_cannot_claim_or_end_a_command() {
     use prost::Message as _;
     use rct_bus::proto::{self, event::Kind};
-    let hub = Hub::start().await;
-    hub.provision().await;
-    let shutdown = CancellationToken::new();
-    let key = hub.admission(&shutdown).await;
-    let (url, posts) = support::webhook();
-    hub.notifier(&url, &shutdown).await;
-    let operator = Arc::new(hub.operator());
-    let op = operator.clone();
-    blocking(move || op.login()).await;
-    let op = operator.clone();
-    let fired = blocking(move || op.fire_drain("prod-1", &["--detach"], &[])).await;
-    assert!(fired.status.success(), "{fired:?}");
-    let stdout = String::from_utf8_lossy(&fired.stdout);
-    let id: rct_bus::CommandId = stdout
-        .split_whitespace()
-        .find_map(|w| w.parse().ok())
-        .unwrap_or_else(|| panic!("no command id in {stdout:?}"));
+    let (hub, shutdown, key, posts, operator) = notified_hub().await;
+    let id = fire_detached(&operator, "prod-1").await;
 
     // prod-2's agent learns the id from the audit stream, which it may read.
     let rival = hub.connection("agent_traffic_prod2", "_INBOX_agent.traffic.prod-2");
@@ -654,28 +639,11 @@ async fn another_targets_agent_cannot_claim_or_end_a_command() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_their_entitled_writer_did_not_sign_are_unverified_and_never_obeyed() {
     use rct_bus::proto::{self, event::Kind};
-    let hub = Hub::start().await;
-    hub.provision().await;
-    let shutdown = CancellationToken::new();
-    let key = hub.admission(&shutdown).await;
-    let (url, posts) = support::webhook();
-    hub.notifier(&url, &shutdown).await;
-    let operator = Arc::new(hub.operator());
-    let op = operator.clone();
-    blocking(move || op.login()).await;
-    let fire = |cluster: &'static str| {
-        let op = operator.clone();
-        async move {
-            let fired = blocking(move || op.fire_drain(cluster, &["--detach"], &[])).await;
-            assert!(fired.status.success(), "{fired:?}");
-            let stdout = String::from_utf8_lossy(&fired.stdout).into_owned();
-            stdout
-                .split_whitespace()
-                .find_map(|w| w.parse::<rct_bus::CommandId>().ok())
-                .unwrap_or_else(|| panic!("no command id in {stdout:?}"))
-        }
-    };
-    let (running, waiting) = (fire("prod-1").await, fire("prod-2").await);
+    let (hub, shutdown, key, posts, operator) = notified_hub().await;
+    let (running, waiting) = (
+        fire_detached(&operator, "prod-1").await,
+        fire_detached(&operator, "prod-2").await,
+    );
 
     let admin = hub.connection("admin", "_INBOX_admin");
     let js = admin.jetstream(admin.connect("admin", false).await.unwrap());
@@ -830,4 +798,40 @@ async fn succeeded_posted(
         assert!(Instant::now() < deadline, "{posted:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The hub on its identities with admission deciding, the notifier posting to a webhook, and
+/// alice logged in: the hub, what stops them, admission's key, the posts, the operator.
+async fn notified_hub() -> (
+    Hub,
+    CancellationToken,
+    rct_bus::PublicKey,
+    Arc<std::sync::Mutex<Vec<String>>>,
+    Arc<support::Operator>,
+) {
+    let hub = Hub::start().await;
+    hub.provision().await;
+    let shutdown = CancellationToken::new();
+    let key = hub.admission(&shutdown).await;
+    let (url, posts) = support::webhook();
+    hub.notifier(&url, &shutdown).await;
+    let operator = Arc::new(hub.operator());
+    let op = operator.clone();
+    blocking(move || op.login()).await;
+    (hub, shutdown, key, posts, operator)
+}
+
+/// Fires a drain of `cluster` without watching it: its command id.
+async fn fire_detached(
+    operator: &Arc<support::Operator>,
+    cluster: &'static str,
+) -> rct_bus::CommandId {
+    let op = operator.clone();
+    let fired = blocking(move || op.fire_drain(cluster, &["--detach"], &[])).await;
+    assert!(fired.status.success(), "{fired:?}");
+    let stdout = String::from_utf8_lossy(&fired.stdout).into_owned();
+    stdout
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no command id in {stdout:?}"))
 }

@@ -436,17 +436,25 @@ async fn agent_serves(remote: &Remote, operation: &str, target: &str) -> Option<
     Some(false)
 }
 
-/// Waits (at most the decision wait) for `id`'s decision and says what it was: exit 0 when
-/// admitted, 3 when refused, 4 when not decided yet.
-pub async fn decision(remote: &Remote, stored: &Stored) -> Result {
-    let id = stored.id;
-    let mut events = replay::follow_reconnecting(
+/// `id`'s events, checked: history, then live, resuming as the connection comes back.
+async fn follow_command(
+    remote: &Remote,
+    id: CommandId,
+) -> Result<impl futures::Stream<Item = rct_streams::Result<Item>> + Unpin + use<>> {
+    replay::follow_reconnecting(
         &remote.js,
         &remote.checked(Filter::command(id)).await,
         remote.connected.clone(),
     )
     .await
-    .map_err(|e| Error::usage(format!("cannot watch {id}: {e}")))?;
+    .map_err(|e| Error::usage(format!("cannot watch {id}: {e}")))
+}
+
+/// Waits (at most the decision wait) for `id`'s decision and says what it was: exit 0 when
+/// admitted, 3 when refused, 4 when not decided yet.
+pub async fn decision(remote: &Remote, stored: &Stored) -> Result {
+    let id = stored.id;
+    let mut events = follow_command(remote, id).await?;
     let wait = decision_wait();
     let own = async {
         while let Some(item) = events.next().await {
@@ -616,13 +624,7 @@ pub async fn watch_submitted(
     stored: Option<&Stored>,
     output: Output,
 ) -> Result {
-    let mut events = replay::follow_reconnecting(
-        &remote.js,
-        &remote.checked(Filter::command(id)).await,
-        remote.connected.clone(),
-    )
-    .await
-    .map_err(|e| Error::usage(format!("cannot watch {id}: {e}")))?;
+    let mut events = follow_command(remote, id).await?;
     // Fused: once it has answered (or given up), it never answers again. On the heap: it
     // holds a follow of its own.
     let mut elsewhere = Box::pin(futures::FutureExt::fuse(async {
