@@ -235,8 +235,14 @@ impl Config {
                 self.max_payload
             ));
         }
-        if self.agent_certificate_ttl < Duration::from_secs(120) {
-            return Err("agent_certificate_ttl must be at least 2m".into());
+        if self.agent_certificate_ttl < Duration::from_secs(120)
+            || self.agent_certificate_ttl > rct_bus::provenance::MAX_CERTIFICATE_LIFE
+        {
+            return Err(format!(
+                "agent_certificate_ttl must be between 2m and {} (readers refuse a certificate \
+                 that claims a longer life)",
+                humantime::format_duration(rct_bus::provenance::MAX_CERTIFICATE_LIFE)
+            ));
         }
         if self.freshness < Duration::from_secs(5) {
             return Err("freshness must be at least 5s".into());

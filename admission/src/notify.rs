@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use rct_bus::catalog::{Catalog, display_value};
@@ -310,17 +309,11 @@ impl Notifier {
             record.command_id,
             EventKind::Decision,
         );
-        let stream = self
-            .js
-            .get_stream_no_info(EVENT_STREAM)
-            .await
-            .map_err(|_| ())?;
-        match stream
-            .get_last_raw_message_by_subject(&subject.to_string())
+        // The slot's occupant is its first message; only a decision admission signed is one.
+        match rct_streams::journal::first(&self.js, EVENT_STREAM, &subject.to_string(), |_| true)
             .await
         {
-            // Only a decision admission signed is one.
-            Ok(stored) => Ok(Record::from_message(
+            Ok(Some(stored)) => Ok(Record::from_message(
                 stored.sequence,
                 stored.time,
                 (&stored.subject, &stored.payload, Some(&stored.headers)),
@@ -329,7 +322,7 @@ impl Notifier {
             .ok()
             .filter(|r| r.provenance == Provenance::Verified(Author::Admission))
             .map(|r| r.event)),
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Ok(None) => Ok(None),
             Err(_) => Err(()),
         }
     }

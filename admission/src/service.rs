@@ -1078,7 +1078,7 @@ impl Inner {
             return Ok(None);
         };
         let subject = subject::events_of_kind(claimed, EventKind::Decision);
-        let holder = self.last_event_on(&subject).await?;
+        let holder = self.own_event_on(&subject).await?;
         Ok(holder
             .filter(|h| decided_request(h).map(|r| r.submission_sequence) == Some(stored.sequence)))
     }
@@ -1111,7 +1111,7 @@ impl Inner {
     ) -> Result<Verdict, rct_streams::Error> {
         let subject =
             subject::events_of_tower_command(&cancel.tower, cancel.target, EventKind::Decision);
-        let target = self.last_event_on(&subject).await?;
+        let target = self.own_event_on(&subject).await?;
         let problem = match &target {
             None => Some(format!(
                 "there is no command {} of tower {}",
@@ -1142,44 +1142,19 @@ impl Inner {
         })
     }
 
-    /// The last event on `subject` in RCT_EVT, if any (one that does not decode counts as
-    /// none).
-    async fn last_event_on(
+    /// The first event on `subject` (a filter) in RCT_EVT that admission wrote, if any:
+    /// what anyone else stored there, before or after, is not admission's word.
+    async fn own_event_on(
         &self,
         subject: &str,
     ) -> Result<Option<proto::Event>, rct_streams::Error> {
-        Ok(self
-            .last_on(subject)
+        Ok(
+            rct_streams::journal::first(&self.js, EVENT_STREAM, subject, |stored| {
+                self.own_event(stored).is_some()
+            })
             .await?
-            .and_then(|stored| self.own_event(&stored)))
-    }
-
-    /// The last message on `subject` (a filter) in RCT_EVT, if any.
-    async fn last_on(
-        &self,
-        subject: &str,
-    ) -> Result<Option<async_nats::jetstream::message::StreamMessage>, rct_streams::Error> {
-        let stream = self
-            .js
-            .get_stream_no_info(EVENT_STREAM)
-            .await
-            .map_err(|e| rct_streams::Error::Read {
-                what: EVENT_STREAM.into(),
-                cause: e.into(),
-            })?;
-        match stream.get_last_raw_message_by_subject(subject).await {
-            Ok(stored) => Ok(Some(stored)),
-            Err(e)
-                if e.kind()
-                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(rct_streams::Error::Read {
-                what: subject.to_owned(),
-                cause: e.into(),
-            }),
-        }
+            .and_then(|stored| self.own_event(&stored)),
+        )
     }
 
     /// Records a refusal that cannot go into its own command's decision slot (no valid id,

@@ -178,9 +178,6 @@ struct Runner {
     /// Signs every event this agent writes, with a key admission certified for its tower and
     /// target (see [`Runner::enrol`]).
     signer: Arc<Signer>,
-    /// When the certificate in force came (this machine's monotonic clock: its wall clock
-    /// may be off admission's) and how long it is good for, once enrolled.
-    certified: Mutex<Option<(std::time::Instant, Duration)>>,
 }
 
 impl Runner {
@@ -221,7 +218,6 @@ impl Runner {
             checks: tower.checks,
             publisher: Publisher::new(js.clone()).signing(signer.clone()),
             signer,
-            certified: Mutex::default(),
             js,
             catalog: RwLock::new(None),
             catalogs: Mutex::default(),
@@ -410,10 +406,10 @@ impl Runner {
         else {
             return Err("the certificate has no validity".into());
         };
+        if until.duration_since(from).is_err() {
+            return Err("the certificate ends before it begins".into());
+        }
         self.signer.renew(key, envelope);
-        let life = until.duration_since(from).unwrap_or_default();
-        *self.certified.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((std::time::Instant::now(), life));
         tracing::info!(
             until = %humantime::format_rfc3339_seconds(until),
             "admission certified this agent's key"
@@ -425,16 +421,12 @@ impl Runner {
     /// fails is tried again every [`ENROL_RETRY`] (the one in force still holds meanwhile).
     async fn renew(self: Arc<Self>, stop: CancellationToken) {
         loop {
-            let due = self
-                .certified
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .map(|(came, life)| came + life / 2);
-            // Never a tight loop, whatever a certificate says its life is.
-            let wait = due
-                .map(|due| due.saturating_duration_since(std::time::Instant::now()))
-                .unwrap_or_default()
-                .max(ENROL_RETRY);
+            // Half-way through its life; never a tight loop, whatever a certificate says.
+            let wait = match (self.signer.left(), self.signer.life()) {
+                (Some(left), Some(life)) => left.saturating_sub(life / 2),
+                _ => Duration::ZERO,
+            }
+            .max(ENROL_RETRY);
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
@@ -462,10 +454,9 @@ impl Runner {
     /// Whether the certificate in force holds for a while yet: events written under one that
     /// ran out would not verify.
     fn certified_for_now(&self) -> bool {
-        self.certified
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|(came, life)| came.elapsed() + CERTIFIED_MARGIN < life)
+        self.signer
+            .left()
+            .is_some_and(|left| left > CERTIFIED_MARGIN)
     }
 
     /// Reads `trusted_keys` again every `trust_reload` and trusts exactly what they hold; a
@@ -488,12 +479,33 @@ impl Runner {
             }
             match load_trust(&self.trusted, &self.config.trusted_keys) {
                 Ok(fresh) => {
-                    let mut verifier = self.verifier.write().unwrap_or_else(|p| p.into_inner());
-                    let (before, after) = (ids(&verifier), ids(&fresh));
-                    if before != after {
-                        tracing::info!(?before, ?after, "trusted admission keys changed");
-                        self.metrics.trusted_keys(after.len());
-                        *verifier = fresh;
+                    let changed = {
+                        let mut verifier = self.verifier.write().unwrap_or_else(|p| p.into_inner());
+                        let (before, after) = (ids(&verifier), ids(&fresh));
+                        let changed = before != after;
+                        if changed {
+                            tracing::info!(?before, ?after, "trusted admission keys changed");
+                            self.metrics.trusted_keys(after.len());
+                            *verifier = fresh;
+                        }
+                        changed
+                    };
+                    // A certificate from a key no longer trusted (a rotation's last step) is
+                    // replaced now rather than half-way through its life: readers that drop
+                    // the key too would take this agent's events for forgeries.
+                    let issuer = self.signer.issuer();
+                    let untrusted = issuer.as_ref().is_some_and(|issuer| {
+                        self.verifier
+                            .read()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .key(issuer)
+                            .is_none()
+                    });
+                    if changed
+                        && untrusted
+                        && let Err(why) = self.enrol().await
+                    {
+                        tracing::warn!(%why, "cannot replace a certificate from a key no longer trusted; trying again half-way through its life");
                     }
                 }
                 Err(e) => {
@@ -1204,7 +1216,10 @@ impl Runner {
     async fn end_claimed(&self, id: CommandId, claimed: &Claimed) -> rct_streams::Result<()> {
         if !claimed.confirmed {
             let target = Target::of_event(&claimed.command.target);
-            let look = journal::look(&self.js, &self.tower, &target, id).await?;
+            // A claim naming this incarnation that it did not sign is not its own.
+            let trust = self.trust();
+            let look =
+                journal::look_trusting(&self.js, &self.tower, &target, id, Some(&trust)).await?;
             if look.outcome.is_some() || look.holder() != Some(self.incarnation.as_str()) {
                 return Ok(());
             }
@@ -1942,7 +1957,8 @@ async fn cancel_request(
     id: CommandId,
     trust: Trust,
 ) -> String {
-    // Commands that finish within this never pay for the watch (a consumer per command);
+    // Commands that finish within this never pay for the watch (a subscription and reads per
+    // command);
     // the watch reads the command's history from the start, so an earlier request is seen.
     tokio::time::sleep(CANCEL_WATCH_DELAY).await;
     let filter = Filter {

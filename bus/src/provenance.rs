@@ -31,6 +31,12 @@ pub const HEADER: &str = "Rct-Signature";
 /// server's store time against admission's clock).
 pub const CERTIFICATE_LEEWAY: Duration = Duration::from_secs(60);
 
+/// The longest life an agent certificate may have (`agent_certificate_ttl` at most); one
+/// from a retired admission key claiming longer does not verify. It bounds what a leaked
+/// retired key can still sign: a certificate dated before the key's retirement holds at most
+/// this long after it.
+pub const MAX_CERTIFICATE_LIFE: Duration = Duration::from_secs(24 * 3600);
+
 /// The bytes an event's signature covers.
 fn event_bytes(subject: &str, payload: &[u8]) -> Vec<u8> {
     let mut body = Vec::with_capacity(subject.len() + 1 + payload.len());
@@ -55,22 +61,50 @@ pub struct Signer {
 struct Signing {
     key: KeyPair,
     certificate: Option<proto::SignedEnvelope>,
-    /// An agent certificate's end: nothing is signed after it (it would not verify). Told
-    /// by the monotonic clock, from when the certificate came: this machine's wall clock
-    /// may be off admission's.
-    until: Option<Instant>,
+    /// An agent certificate's life, from when it came: nothing is signed after it (it would
+    /// not verify).
+    life: Option<Life>,
 }
 
-/// When the certificate in `envelope`, just issued, ends on this machine's monotonic clock:
-/// its life from now (read without checking it: readers do).
-fn ends(envelope: &proto::SignedEnvelope) -> Instant {
-    let certificate: Option<proto::AgentCertificate> =
-        Unverified::from_proto(envelope.clone()).peek();
-    let time = |t: Option<prost_types::Timestamp>| t.and_then(|t| SystemTime::try_from(t).ok());
-    let life = certificate
-        .and_then(|c| time(c.not_after)?.duration_since(time(c.not_before)?).ok())
-        .unwrap_or_default();
-    Instant::now() + life
+/// A certificate's life from when it came, told by elapsed time, never by the wall clock's
+/// reading (this machine's may be off admission's): it has run out once either the monotonic
+/// clock or the wall clock says so (the monotonic clock stands still while the machine
+/// sleeps; the wall clock does not).
+#[derive(Clone, Copy, Debug)]
+struct Life {
+    came: Instant,
+    came_wall: SystemTime,
+    lasts: Duration,
+}
+
+impl Life {
+    /// The life of the certificate in `envelope`, just issued (read without checking it:
+    /// readers do).
+    fn of(envelope: &proto::SignedEnvelope) -> Self {
+        let certificate: Option<proto::AgentCertificate> =
+            Unverified::from_proto(envelope.clone()).peek();
+        let time = |t: Option<prost_types::Timestamp>| t.and_then(|t| SystemTime::try_from(t).ok());
+        let lasts = certificate
+            .and_then(|c| time(c.not_after)?.duration_since(time(c.not_before)?).ok())
+            .unwrap_or_default();
+        Self {
+            came: Instant::now(),
+            came_wall: SystemTime::now(),
+            lasts,
+        }
+    }
+
+    /// How long it has run, by whichever clock says longer.
+    fn elapsed(&self) -> Duration {
+        let wall = SystemTime::now()
+            .duration_since(self.came_wall)
+            .unwrap_or_default();
+        self.came.elapsed().max(wall)
+    }
+
+    fn over(&self) -> bool {
+        self.elapsed() > self.lasts
+    }
 }
 
 impl Signer {
@@ -92,12 +126,12 @@ impl Signer {
     }
 
     fn of(key: KeyPair, certificate: Option<proto::SignedEnvelope>) -> Self {
-        let until = certificate.as_ref().map(ends);
+        let life = certificate.as_ref().map(Life::of);
         Self {
             current: RwLock::new(Some(Arc::new(Signing {
                 key,
                 certificate,
-                until,
+                life,
             }))),
         }
     }
@@ -105,11 +139,31 @@ impl Signer {
     /// Signs from now on with `key` and its new `certificate`.
     pub fn renew(&self, key: KeyPair, certificate: proto::SignedEnvelope) {
         let next = Arc::new(Signing {
-            until: Some(ends(&certificate)),
+            life: Some(Life::of(&certificate)),
             key,
             certificate: Some(certificate),
         });
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(next);
+    }
+
+    /// How long the certificate in force has left (by [`Signer::sign`]'s clocks); `None`
+    /// for admission, or before an agent is certified.
+    pub fn left(&self) -> Option<Duration> {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+        let life = current.as_ref()?.life?;
+        Some(life.lasts.saturating_sub(life.elapsed()))
+    }
+
+    /// The whole life of the certificate in force; `None` as for [`Signer::left`].
+    pub fn life(&self) -> Option<Duration> {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+        Some(current.as_ref()?.life?.lasts)
+    }
+
+    /// The admission key that signed the certificate in force, if any.
+    pub fn issuer(&self) -> Option<String> {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+        Some(current.as_ref()?.certificate.as_ref()?.key_id.clone())
     }
 
     /// The [`HEADER`] value for an event on `subject` with `payload`; `None` before an
@@ -120,7 +174,7 @@ impl Signer {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()?;
-        if current.until.is_some_and(|until| Instant::now() > until) {
+        if current.life.is_some_and(|life| life.over()) {
             return None;
         }
         let signature = proto::EventSignature {
@@ -436,11 +490,25 @@ impl Trust {
             t.and_then(|t| SystemTime::try_from(t).ok())
                 .ok_or_else(|| "its agent certificate has no validity".to_owned())
         };
+        let (not_before, not_after) = (time(certificate.not_before)?, time(certificate.not_after)?);
+        // What a retired key may have signed is bounded: it could be leaked and date a
+        // certificate before its retirement.
+        if self.retired.contains_key(&envelope.key_id)
+            && not_after
+                .duration_since(not_before)
+                .is_ok_and(|life| life > MAX_CERTIFICATE_LIFE)
+        {
+            return Err(format!(
+                "its agent certificate, from a retired admission key, claims a life longer \
+                 than {} (admission issues none longer)",
+                humantime::format_duration(MAX_CERTIFICATE_LIFE)
+            ));
+        }
         Ok(Certified {
             key: PublicKey::from_bytes(&certificate.public_key)
                 .map_err(|e| format!("its agent certificate holds no key ({e})"))?,
-            not_before: time(certificate.not_before)?,
-            not_after: time(certificate.not_after)?,
+            not_before,
+            not_after,
             tower: certificate.tower,
             target: certificate.target,
             agent: shown(&certificate.agent),
@@ -679,6 +747,62 @@ mod tests {
             ),
             "certificate is not admission's",
         );
+    }
+
+    /// A certificate from a retired key claiming a longer life than admission issues does
+    /// not verify: a leaked retired key could otherwise date one before its retirement and
+    /// have it hold for years.
+    #[test]
+    fn a_retired_keys_certificate_longer_than_any_admission_issues_does_not_verify() {
+        let mut w = world();
+        w.trust = Trust::new(Verifier::default()).with_retired([(
+            w.admission.public().clone(),
+            w.now + Duration::from_secs(10),
+        )]);
+        let certified_for = |life: Duration| {
+            let key = KeyPair::generate();
+            let certificate = certify(
+                &w.admission,
+                &w.tower,
+                &w.prod1,
+                "prod-1-a1",
+                key.public(),
+                w.now - Duration::from_secs(60),
+                w.now - Duration::from_secs(60) + life,
+            );
+            let sig = Signer::agent(key, certificate)
+                .sign(SUBJECT, b"payload")
+                .unwrap();
+            w.check(EventKind::Outcome, SUBJECT, Some(&sig))
+        };
+        assert!(certified_for(MAX_CERTIFICATE_LIFE).counts());
+        match certified_for(MAX_CERTIFICATE_LIFE + Duration::from_secs(1)) {
+            Provenance::Forged(why) => assert!(why.contains("longer than"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A certificate's life runs by the wall clock too: the monotonic clock stands still
+    /// while the machine sleeps, and an agent woken after its certificate ran out must not
+    /// sign with it.
+    #[test]
+    fn a_certificate_runs_out_by_either_clock() {
+        let lasts = Duration::from_secs(10);
+        let life = |came_wall: SystemTime| Life {
+            came: Instant::now(),
+            came_wall,
+            lasts,
+        };
+        assert!(!life(SystemTime::now()).over());
+        // Asleep for twice its life: the monotonic clock says nothing passed.
+        assert!(life(SystemTime::now() - 2 * lasts).over());
+        // A wall clock set back says less than nothing: the monotonic clock still counts.
+        let set_back = Life {
+            came: Instant::now().checked_sub(2 * lasts).expect("up for 20 s"),
+            came_wall: SystemTime::now() + lasts,
+            lasts,
+        };
+        assert!(set_back.over());
     }
 
     #[test]

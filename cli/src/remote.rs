@@ -36,7 +36,7 @@ pub struct Remote {
     /// Whether this is the context's own server (not `--server`): only then is the catalog
     /// cached under the context, or its cache used.
     pub cached: bool,
-    /// The context's pinned admission keys, when it is the context's own server.
+    /// Where the context's pinned admission keys are, if it pins any.
     pinned: Option<std::path::PathBuf>,
     /// What who wrote each event is checked against, read when first needed (see
     /// [`Remote::trust`]).
@@ -55,6 +55,7 @@ pub fn pinned_keys(home: &Home, context: &str) -> std::path::PathBuf {
 async fn trust(
     pinned: Option<&std::path::Path>,
     js: &async_nats::jetstream::Context,
+    own_servers: bool,
 ) -> Arc<Trust> {
     if let Some(pinned) = pinned.filter(|p| p.exists()) {
         let keys = std::fs::read_to_string(pinned)
@@ -68,7 +69,7 @@ async fn trust(
             );
             Vec::new()
         });
-        let signed_from = rct_streams::topology::signed_from(js).await.ok().flatten();
+        let signed_from = pinned_signed_from(pinned, js, own_servers).await;
         return Arc::new(Trust::new(rct_bus::Verifier::new(keys)).signed_from(signed_from));
     }
     let trust = match rct_streams::topology::admission_trust(js).await {
@@ -88,6 +89,42 @@ async fn trust(
         }
     };
     Arc::new(trust)
+}
+
+/// Where signed events begin, for a context that pins admission's keys: the mark admission
+/// published when this context first read it, kept beside the pinned keys (trusted on first
+/// use, like the keys), so a mark changed later in the bucket does not turn unsigned events
+/// into history here. A change is said. Only a mark read from the context's own servers is
+/// kept (`--server` may name another deployment's).
+async fn pinned_signed_from(
+    pinned: &std::path::Path,
+    js: &async_nats::jetstream::Context,
+    own_servers: bool,
+) -> Option<u64> {
+    let kept_in = pinned.with_file_name("signed-from");
+    let kept: Option<u64> = std::fs::read_to_string(&kept_in)
+        .ok()
+        .and_then(|t| t.trim().parse().ok());
+    let published = rct_streams::topology::signed_from(js).await.ok().flatten();
+    match (kept, published) {
+        (Some(kept), Some(published)) if kept != published => {
+            eprintln!(
+                "rct: admission's mark of where signed events begin is now {published}, not \
+                 {kept} as when this context first read it: keeping {kept} (remove {} to take \
+                 the new one)",
+                kept_in.display()
+            );
+            Some(kept)
+        }
+        (Some(kept), _) => Some(kept),
+        (None, Some(published)) if own_servers => {
+            if let Err(e) = crate::home::write_private(&kept_in, published.to_string().as_bytes()) {
+                tracing::debug!(error = %e.message, "cannot keep where signed events begin");
+            }
+            Some(published)
+        }
+        (None, published) => published,
+    }
 }
 
 /// The context's name and connection settings.
@@ -138,7 +175,9 @@ pub async fn connect(home: &Home, global: &Global) -> Result<Remote> {
     let js = connection.jetstream(client.clone());
     let cached = global.servers.is_empty();
     Ok(Remote {
-        pinned: cached.then(|| pinned_keys(home, &context)),
+        // Pinned keys hold whichever servers of the context are named: admission's keys are
+        // the deployment's, not a server's.
+        pinned: Some(pinned_keys(home, &context)),
         context,
         client,
         js,
@@ -153,7 +192,7 @@ impl Remote {
     /// else those admission publishes (read once, when first needed).
     pub async fn trust(&self) -> Arc<Trust> {
         self.trust
-            .get_or_init(|| trust(self.pinned.as_deref(), &self.js))
+            .get_or_init(|| trust(self.pinned.as_deref(), &self.js, self.cached))
             .await
             .clone()
     }

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use rct_agents::demo::{LoadBalancer, traffic_tower};
 use rct_agents::script::Scripts;
 use tokio::task::JoinHandle;
@@ -620,20 +619,15 @@ pub async fn wait_for_agents(
     matching: &str,
     within: Duration,
 ) -> Result<()> {
-    let bucket = js
-        .get_key_value(rct_streams::topology::AGENTS_BUCKET)
-        .await
-        .map_err(|e| Error::usage(e.to_string()))?;
     let started = Instant::now();
     loop {
-        let mut live = 0;
-        if let Ok(mut keys) = bucket.keys().await {
-            while let Some(Ok(key)) = keys.next().await {
-                if key.contains(matching) {
-                    live += 1;
-                }
-            }
-        }
+        let live = match rct_streams::journal::presences(js).await {
+            Ok(live) => live
+                .iter()
+                .filter(|(key, _)| key.contains(matching))
+                .count(),
+            Err(_) => 0,
+        };
         if live >= count {
             return Ok(());
         }

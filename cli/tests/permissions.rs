@@ -211,6 +211,28 @@ fn cases() -> Vec<Case> {
             Subscribe("_INBOX_admission.>"),
         ),
         case(OPERATOR, "sniff commands", Subscribe("rct.cmd.>")),
+        // A push consumer's deliver subject is not checked against its creator's permissions
+        // (nats-server#8274): a consumer could copy events onto any subject.
+        case(
+            OPERATOR,
+            "create a consumer on the audit stream",
+            Publish("$JS.API.CONSUMER.CREATE.RCT_EVT"),
+        ),
+        case(
+            OPERATOR,
+            "create a named consumer on the audit stream",
+            Publish("$JS.API.CONSUMER.CREATE.RCT_EVT.x.rct.evt.>"),
+        ),
+        case(
+            OPERATOR,
+            "create a durable consumer on the audit stream",
+            Publish("$JS.API.CONSUMER.DURABLE.CREATE.RCT_EVT.x"),
+        ),
+        case(
+            OPERATOR,
+            "create a consumer on the agent list",
+            Publish("$JS.API.CONSUMER.CREATE.KV_rct_agents"),
+        ),
         case(
             OPERATOR,
             "ask the development issuer for a token",
@@ -310,6 +332,16 @@ fn cases() -> Vec<Case> {
             AGENT,
             "create its own consumer",
             Publish("$JS.API.CONSUMER.CREATE.RCT_CMD.x.rct.cmd.>"),
+        ),
+        case(
+            AGENT,
+            "create a consumer on the audit stream",
+            Publish("$JS.API.CONSUMER.CREATE.RCT_EVT"),
+        ),
+        case(
+            AGENT,
+            "hear another target's events",
+            Subscribe("rct.evt.traffic.prod-2.*.cancel"),
         ),
         case(
             LEAF,

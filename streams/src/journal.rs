@@ -6,6 +6,7 @@
 //! a claim marked `without_running`, ends it unrun. So a run and an end without running can
 //! never both happen, whatever races, pauses or cluster elections come between them.
 
+use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::{self, stream::LastRawMessageErrorKind};
 use prost::Message as _;
 use rct_bus::provenance::Trust;
@@ -113,12 +114,8 @@ pub async fn slot_trusting(
     trust: Option<&Trust>,
 ) -> Result<Option<(proto::Event, Option<String>)>> {
     let subject = Subject::event(tower, target, id, kind).to_string();
-    let stream = js
-        .get_stream_no_info(EVENT_STREAM)
-        .await
-        .map_err(|e| Error::read(EVENT_STREAM, e))?;
-    match stream.get_last_raw_message_by_subject(&subject).await {
-        Ok(stored) => {
+    match first(js, EVENT_STREAM, &subject, |_| true).await? {
+        Some(stored) => {
             let event =
                 proto::Event::decode(stored.payload.clone()).map_err(|e| Error::Malformed {
                     sequence: stored.sequence,
@@ -143,8 +140,42 @@ pub async fn slot_trusting(
             });
             Ok(Some((event, doubt)))
         }
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(Error::read(&subject, e)),
+        None => Ok(None),
+    }
+}
+
+/// The first message on `subject` (a filter) in `stream` that `counts`, read from the stream
+/// leader. A single-slot subject's occupant is its first message: a writer of the slot is
+/// refused once anything is there, so whatever was stored after it (by an identity that
+/// may write there without that condition) never replaces it.
+pub async fn first(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+    counts: impl Fn(&StreamMessage) -> bool,
+) -> Result<Option<StreamMessage>> {
+    first_from(js, stream, subject, 1, counts).await
+}
+
+/// [`first`], among the messages from sequence `from` on.
+pub(crate) async fn first_from(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+    mut from: u64,
+    counts: impl Fn(&StreamMessage) -> bool,
+) -> Result<Option<StreamMessage>> {
+    let read = js
+        .get_stream_no_info(stream)
+        .await
+        .map_err(|e| Error::read(stream, e))?;
+    loop {
+        match read.get_first_raw_message_by_subject(subject, from).await {
+            Ok(stored) if counts(&stored) => return Ok(Some(stored)),
+            Ok(stored) => from = stored.sequence + 1,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(e) => return Err(Error::read(subject, e)),
+        }
     }
 }
 
@@ -191,14 +222,58 @@ pub async fn present(js: &jetstream::Context, key: &str) -> Result<bool> {
         .await
         .map_err(|e| Error::read(&stream, e))?;
     match stream.get_last_raw_message_by_subject(&subject).await {
-        Ok(stored) => Ok(!stored
-            .headers
-            .get(KV_OPERATION)
-            .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"))),
+        Ok(stored) => Ok(!removed(&stored.headers)),
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
         Err(e) => Err(Error::read(&subject, e)),
     }
 }
 
-/// The header a KV delete or purge carries.
-const KV_OPERATION: &str = "KV-Operation";
+/// Every agent presence in `rct_agents` now: each key (`<tower>.<target>.<instance>`) with
+/// its value, in the order they were last written.
+pub async fn presences(js: &jetstream::Context) -> Result<Vec<(String, bytes::Bytes)>> {
+    let stream = format!("KV_{AGENTS_BUCKET}");
+    let prefix = format!("$KV.{AGENTS_BUCKET}.");
+    // The bucket keeps one value per key: reading it whole gives every key's latest (a key
+    // written again while this reads moves after the read's position, so it is read once
+    // more and the later value kept). No `multi_last`: the server answers that for at most
+    // 1,024 keys.
+    let mut reader = crate::direct::Reader::new(js, &stream).await?;
+    let mut latest: std::collections::HashMap<String, StreamMessage> = Default::default();
+    let mut start = 1;
+    loop {
+        let batch = reader
+            .batch(
+                crate::direct::Start::Sequence(start),
+                &format!("{prefix}>"),
+                crate::direct::BATCH,
+            )
+            .await?;
+        let done = batch.pending == 0 || batch.messages.is_empty();
+        for entry in batch.messages {
+            start = entry.sequence + 1;
+            let Some(key) = entry.subject.as_str().strip_prefix(&prefix) else {
+                continue;
+            };
+            latest.insert(key.to_owned(), entry);
+        }
+        if done {
+            break;
+        }
+    }
+    let mut live: Vec<(String, StreamMessage)> = latest
+        .into_iter()
+        .filter(|(_, entry)| !removed(&entry.headers))
+        .collect();
+    live.sort_by_key(|(_, entry)| entry.sequence);
+    Ok(live
+        .into_iter()
+        .map(|(key, entry)| (key, entry.payload))
+        .collect())
+}
+
+/// Whether a stored key-value entry says its key was deleted or purged.
+fn removed(headers: &async_nats::HeaderMap) -> bool {
+    headers
+        .get("KV-Operation")
+        .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"))
+}

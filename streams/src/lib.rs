@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod connect;
+pub mod direct;
 mod error;
 pub mod journal;
 mod projection;

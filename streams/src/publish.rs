@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use prost::Message as _;
@@ -368,19 +367,9 @@ impl Publisher {
                 .await
                 .map_err(|e| read(e.into()))?,
         };
-        let holder = match self
-            .js
-            .get_stream_no_info(&stream)
-            .await
-            .map_err(|e| read(e.into()))?
-            .get_last_raw_message_by_subject(message.slot.as_deref().unwrap_or(&message.subject))
-            .await
-        {
-            Ok(holder) => holder,
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
-                return Ok(Holder::None);
-            }
-            Err(e) => return Err(read(e.into())),
+        let slot = message.slot.as_deref().unwrap_or(&message.subject);
+        let Some(holder) = crate::journal::first(&self.js, &stream, slot, |_| true).await? else {
+            return Ok(Holder::None);
         };
         // Ours: our id, or our id renamed for an impostor (see `send`).
         let ours = holder

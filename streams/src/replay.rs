@@ -1,10 +1,11 @@
-//! Replay of `RCT_EVT` through ordered consumers (no server-side state): one command's
-//! history, a time range with filters, or history then live for watchers.
+//! Replay of `RCT_EVT` by batched direct gets (no consumer, no server-side state; see
+//! [`crate::direct`]): one command's history, a time range with filters, or history then
+//! live for watchers, who are woken by a core subscription to the events' subject and read
+//! what the stream stored.
 
 use std::collections::VecDeque;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, pull};
-use async_nats::jetstream::{self, Message};
+use async_nats::jetstream::{self, message::StreamMessage};
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message as _;
 use rct_bus::provenance::{self, Provenance, Trust};
@@ -12,6 +13,7 @@ use rct_bus::trace::{TRACEPARENT, TraceContext};
 use rct_bus::{CommandId, EventKind, Subject, Target, Tower, proto, subject};
 use time::OffsetDateTime;
 
+use crate::direct::{self, Batch, Reader, Start};
 use crate::topology::EVENT_STREAM;
 use crate::{Error, Result};
 
@@ -255,9 +257,8 @@ pub async fn follow(
         .boxed())
 }
 
-/// [`follow`], starting again after the last event read as soon as `connected` says the
-/// connection is back (rather than when the pull that was waiting times out, tens of seconds
-/// later): nothing is missed or delivered twice.
+/// [`follow`], looking again as soon as `connected` says the connection changed (rather
+/// than at the next poll): nothing is missed or delivered twice.
 pub async fn follow_reconnecting(
     js: &jetstream::Context,
     filter: &Filter,
@@ -265,8 +266,7 @@ pub async fn follow_reconnecting(
 ) -> Result<impl Stream<Item = Result<Item>> + Unpin + use<>> {
     let mut replay = Replay::start(js, filter.clone(), true).await?;
     let mut connected = connected;
-    // Up now (the first connect is announced too): only a return after a loss resumes.
-    replay.up = *connected.borrow_and_update();
+    connected.borrow_and_update();
     replay.connected = Some(connected);
     Ok(replay.into_stream().boxed())
 }
@@ -333,114 +333,167 @@ pub async fn slot_trusting(
 }
 
 struct Replay {
-    messages: Option<pull::Ordered>,
-    js: jetstream::Context,
+    reader: Reader,
+    /// Where the next read starts.
+    start: Start,
+    /// The stream subject `filter` reads.
+    subject: String,
     filter: Filter,
     follow: bool,
     /// Everything stored at the start has been delivered; later messages are live.
     caught_up: bool,
-    /// The stream sequence of the last message read: a replay that failed resumes after it.
-    last: Option<u64>,
-    /// The read failed (a server restart, a lost connection): start again after `last`.
-    resume: bool,
-    /// Whether the connection is up: when it comes back, start again after `last`.
+    /// Nothing more to read (history read to its end, or `filter.until` passed).
+    ended: bool,
+    /// The read failed: wait a little before reading again.
+    failed: bool,
+    /// For a follow: a core subscription to the events' subject, which says something was
+    /// published (its messages are not read as events: only what the stream stored counts).
+    doorbell: Option<async_nats::Subscriber>,
+    /// Quick looks left after the doorbell rang and nothing new was stored yet (the stream
+    /// stores an event a moment after it is published, a replica a moment later still).
+    eager: u32,
+    /// Whether the connection is up: when it comes back, read at once.
     connected: Option<tokio::sync::watch::Receiver<bool>>,
-    /// Whether it was up when last looked at.
-    up: bool,
     queue: VecDeque<Result<Item>>,
 }
 
 /// How long to wait between attempts to resume a failed replay.
 const RESUME_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// How often a follow looks for new events when the doorbell has not rung: what it misses
+/// while reconnecting is found by this look.
+const POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Quick looks after the doorbell rings, 5 ms apart and doubling (about 1.3 s in all).
+const EAGER: u32 = 8;
+
 impl Replay {
-    /// An ordered consumer reading `filter`'s events from `deliver_policy` on.
-    async fn consumer(
-        js: &jetstream::Context,
-        filter: &Filter,
-        deliver_policy: DeliverPolicy,
-    ) -> Result<jetstream::consumer::Consumer<pull::OrderedConfig>> {
-        let stream = js
-            .get_stream_no_info(EVENT_STREAM)
-            .await
-            .map_err(|e| Error::read(EVENT_STREAM, e))?;
-        stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: filter.subject(),
-                deliver_policy,
-                replay_policy: ReplayPolicy::Instant,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Error::read(EVENT_STREAM, e))
-    }
-
-    fn deliver_policy(filter: &Filter, after: Option<u64>) -> DeliverPolicy {
-        match (after, filter.from_sequence, filter.since) {
-            (Some(last), _, _) => DeliverPolicy::ByStartSequence {
-                start_sequence: last + 1,
-            },
-            (None, Some(start_sequence), _) => DeliverPolicy::ByStartSequence { start_sequence },
-            (None, None, Some(start_time)) => DeliverPolicy::ByStartTime { start_time },
-            (None, None, None) => DeliverPolicy::All,
-        }
-    }
-
-    /// After a failed read: a new ordered consumer from the message after the last one read,
-    /// tried until it can be made (the server may still be coming back).
-    async fn resume(&mut self) {
-        loop {
-            let policy = Self::deliver_policy(&self.filter, self.last);
-            let made = match Self::consumer(&self.js, &self.filter, policy).await {
-                Ok(consumer) => consumer
-                    .messages()
-                    .await
-                    .map_err(|e| Error::read(EVENT_STREAM, e)),
-                Err(e) => Err(e),
-            };
-            match made {
-                Ok(messages) => {
-                    self.messages = Some(messages);
-                    self.resume = false;
-                    return;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "resuming the replay");
-                    tokio::time::sleep(RESUME_PAUSE).await;
-                }
-            }
-        }
-    }
-
     async fn start(js: &jetstream::Context, filter: Filter, follow: bool) -> Result<Self> {
-        let consumer = Self::consumer(js, &filter, Self::deliver_policy(&filter, None)).await?;
-        let empty = consumer.cached_info().num_pending == 0;
-        let mut queue = VecDeque::new();
-        if empty && follow {
-            queue.push_back(Ok(Item::CaughtUp));
-        }
-        let messages = if empty && !follow {
-            None
+        let subject = filter.subject();
+        // Rung before the first read: nothing stored after it is missed.
+        let doorbell = if follow {
+            let client = js.client();
+            let doorbell = client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| Error::read(EVENT_STREAM, e))?;
+            Some(doorbell)
         } else {
-            Some(
-                consumer
-                    .messages()
-                    .await
-                    .map_err(|e| Error::read(EVENT_STREAM, e))?,
-            )
+            None
         };
-        Ok(Self {
-            messages,
-            js: js.clone(),
+        let start = match (filter.from_sequence, filter.since) {
+            (Some(sequence), _) => Start::Sequence(sequence),
+            (None, Some(at)) => Start::Time(at),
+            (None, None) => Start::Sequence(1),
+        };
+        let mut replay = Self {
+            reader: Reader::new(js, EVENT_STREAM).await?,
+            start,
+            subject,
             filter,
             follow,
-            caught_up: empty,
-            last: None,
-            resume: false,
+            caught_up: false,
+            ended: false,
+            failed: false,
+            doorbell,
+            eager: 0,
             connected: None,
-            up: true,
-            queue,
-        })
+            queue: VecDeque::new(),
+        };
+        // The first read's failure is the caller's to see.
+        replay.read().await?;
+        Ok(replay)
+    }
+
+    /// Reads one batch from where the replay is and takes its events; says whether it held
+    /// any. Before it says it has caught up, it asks the stream leader whether anything is
+    /// stored past the batch: a direct get may be answered by a replica that is behind.
+    async fn read(&mut self) -> Result<bool> {
+        let batch: Batch = self
+            .reader
+            .batch(self.start, &self.subject, direct::BATCH)
+            .await?;
+        let mut delivered = !batch.messages.is_empty();
+        for message in &batch.messages {
+            self.take(message);
+            if self.ended {
+                return Ok(delivered);
+            }
+        }
+        if batch.pending == 0 && !self.caught_up {
+            // Read from a time with nothing found yet, there is no sequence to ask from:
+            // the replica's word is taken.
+            if let Start::Sequence(from) = self.start
+                && let Some(behind) = self.reader.leader_next(from, &self.subject).await?
+            {
+                self.take(&behind);
+                return Ok(true);
+            }
+            self.caught_up = true;
+            if self.follow {
+                self.queue.push_back(Ok(Item::CaughtUp));
+            } else {
+                self.ended = true;
+            }
+        }
+        // A follow asks the leader only when the doorbell rang and the replica answering had
+        // nothing: the quick looks that follow a ring find it otherwise.
+        if self.caught_up
+            && !delivered
+            && self.eager == 1
+            && let Start::Sequence(from) = self.start
+            && let Some(behind) = self.reader.leader_next(from, &self.subject).await?
+        {
+            self.take(&behind);
+            delivered = true;
+        }
+        Ok(delivered)
+    }
+
+    /// Waits until a look is worth taking: the doorbell rang, the connection came back, or
+    /// a while passed.
+    async fn wait(&mut self) {
+        let pause = if self.failed {
+            RESUME_PAUSE
+        } else if !self.caught_up {
+            return;
+        } else if self.eager > 0 {
+            std::time::Duration::from_millis(5 << (EAGER - self.eager))
+        } else {
+            POLL
+        };
+        // After a failed read, the pause holds whatever rings.
+        let failed = self.failed;
+        let doorbell = async {
+            match self.doorbell.as_mut().filter(|_| !failed) {
+                Some(doorbell) => doorbell.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        let connected = async {
+            match self.connected.as_mut() {
+                Some(connected) => connected.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            rang = doorbell => match rang {
+                Some(_) => {
+                    self.eager = EAGER;
+                    // Every ring waiting now is answered by the same look.
+                    if let Some(doorbell) = self.doorbell.as_mut() {
+                        while let Some(Some(_)) = futures::FutureExt::now_or_never(doorbell.next()) {}
+                    }
+                }
+                None => self.doorbell = None,
+            },
+            open = connected => if !open {
+                self.connected = None;
+            },
+            () = tokio::time::sleep(pause) => {
+                self.eager = self.eager.saturating_sub(1);
+            }
+        }
     }
 
     fn into_stream(self) -> impl Stream<Item = Result<Item>> {
@@ -449,67 +502,41 @@ impl Replay {
                 if let Some(item) = replay.queue.pop_front() {
                     return Some((item, replay));
                 }
-                if replay.resume {
-                    replay.resume().await;
+                if replay.ended {
+                    return None;
                 }
-                let messages = replay.messages.as_mut()?;
-                let message = match replay.connected.as_mut() {
-                    None => messages.next().await?,
-                    Some(connected) => tokio::select! {
-                        message = messages.next() => message?,
-                        changed = connected.changed() => {
-                            match changed {
-                                Ok(()) => {
-                                    let up = *connected.borrow_and_update();
-                                    // Back after a loss: the pull that was waiting may never
-                                    // answer.
-                                    if up && !replay.up {
-                                        replay.resume = true;
-                                    }
-                                    replay.up = up;
-                                }
-                                Err(_) => replay.connected = None,
-                            }
-                            continue;
+                replay.wait().await;
+                match replay.read().await {
+                    Ok(delivered) => {
+                        replay.failed = false;
+                        // More may be on its way (a burst, or a replica behind): look again
+                        // soon, then less and less often.
+                        if delivered && replay.caught_up {
+                            replay.eager = EAGER;
                         }
-                    },
-                };
-                match message {
-                    Ok(message) => replay.take(&message),
-                    // The ordered consumer recreates itself after gaps and lost heartbeats,
-                    // but not after a failed pull (a server restart): then a new one starts
-                    // after the last message read. Reported either way.
+                    }
+                    // Reported, then read again from the same place: nothing is missed or
+                    // delivered twice.
                     Err(e) => {
-                        replay.resume = true;
-                        replay.queue.push_back(Err(Error::read(EVENT_STREAM, e)));
+                        replay.failed = true;
+                        replay.queue.push_back(Err(e));
                     }
                 }
             }
         })
     }
 
-    fn take(&mut self, message: &Message) {
-        let info = match message.info() {
-            Ok(info) => info,
-            Err(e) => {
-                self.queue.push_back(Err(Error::read(EVENT_STREAM, e)));
-                return;
-            }
-        };
-        let (sequence, published, pending) = (info.stream_sequence, info.published, info.pending);
-        // A resumed consumer starts after the last one read; anything older is not new.
-        if self.last.is_some_and(|last| sequence <= last) {
-            return;
-        }
-        self.last = Some(sequence);
+    fn take(&mut self, message: &StreamMessage) {
+        let (sequence, published) = (message.sequence, message.time);
+        self.start = Start::Sequence(sequence + 1);
         if self.filter.until.is_some_and(|until| published > until) {
-            self.messages = None;
+            self.ended = true;
             return;
         }
         let stored = (
             message.subject.as_str(),
             message.payload.as_ref(),
-            message.headers.as_ref(),
+            Some(&message.headers),
         );
         // Filtered first: a signature is checked only for what is read.
         match Record::from_stored(sequence, published, stored.0, stored.1) {
@@ -521,14 +548,6 @@ impl Replay {
             }
             Ok(_) => {}
             Err(e) => self.queue.push_back(Err(e)),
-        }
-        if pending == 0 && !self.caught_up {
-            self.caught_up = true;
-            if self.follow {
-                self.queue.push_back(Ok(Item::CaughtUp));
-            } else {
-                self.messages = None;
-            }
         }
     }
 }

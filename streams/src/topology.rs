@@ -99,7 +99,9 @@ pub async fn signed_from(js: &jetstream::Context) -> Result<Option<u64>> {
 }
 
 /// Marks where signed events begin (see [`signed_from`]), once: the sequence after the last
-/// event stored now. A mark already there stays (created, never overwritten).
+/// event stored now, or, when the stream already holds signed events (the mark was lost or
+/// deleted), the first of them: unsigned events stored since then never become history. A
+/// mark already there stays (created, never overwritten).
 pub async fn mark_signed_from(js: &jetstream::Context) -> Result<u64> {
     let read = |cause: async_nats::Error| Error::Read {
         what: format!("where signed events begin ({CATALOG_BUCKET}/{SIGNED_FROM_KEY})"),
@@ -108,16 +110,7 @@ pub async fn mark_signed_from(js: &jetstream::Context) -> Result<u64> {
     if let Some(first) = signed_from(js).await? {
         return Ok(first);
     }
-    let last = js
-        .get_stream(EVENT_STREAM)
-        .await
-        .map_err(|e| read(e.into()))?
-        .info()
-        .await
-        .map_err(|e| read(e.into()))?
-        .state
-        .last_sequence;
-    let first = last + 1;
+    let first = first_signed(js).await?;
     let bucket = js
         .get_key_value(CATALOG_BUCKET)
         .await
@@ -131,6 +124,35 @@ pub async fn mark_signed_from(js: &jetstream::Context) -> Result<u64> {
         Err(_) => signed_from(js)
             .await?
             .ok_or_else(|| read("the mark cannot be written or read".into())),
+    }
+}
+
+/// The sequence of the first signed event in the audit stream, or the one after the last
+/// event if none is signed: read once, when no mark says it.
+async fn first_signed(js: &jetstream::Context) -> Result<u64> {
+    let mut reader = crate::direct::Reader::new(js, EVENT_STREAM).await?;
+    let mut start = 1;
+    loop {
+        let batch = reader
+            .batch(
+                crate::direct::Start::Sequence(start),
+                &subject::all_events(),
+                crate::direct::BATCH,
+            )
+            .await?;
+        if let Some(signed) = batch
+            .messages
+            .iter()
+            .find(|m| m.headers.get(rct_bus::provenance::HEADER).is_some())
+        {
+            return Ok(signed.sequence);
+        }
+        if let Some(last) = batch.messages.last() {
+            start = last.sequence + 1;
+        }
+        if batch.pending == 0 || batch.messages.is_empty() {
+            return Ok(start);
+        }
     }
 }
 

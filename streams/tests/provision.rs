@@ -160,3 +160,55 @@ async fn invalid_settings_are_refused_before_touching_the_server() {
     );
     assert!(js.get_stream(EVENT_STREAM).await.is_err());
 }
+
+/// Where signed events begin is marked once: after what is stored then. A mark deleted
+/// later (by anyone who may write the bucket) is not made again after the events stored
+/// since, which would turn unsigned ones among them into history: it is found again at the
+/// first signed event.
+#[tokio::test]
+async fn the_signed_from_mark_once_lost_is_found_again_at_the_first_signed_event() {
+    let server = Server::start().await;
+    let js = server.jetstream().await;
+    provision(&js, &Config::default()).await.unwrap();
+    let publish = |signed: bool, n: u32| {
+        let js = js.clone();
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            if signed {
+                headers.insert(rct_bus::provenance::HEADER, "anything");
+            }
+            let subject = format!("rct.evt.traffic.prod-1.01J0000000000000000000000{n}.progress");
+            js.publish_with_headers(subject, headers, "x".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+                .sequence
+        }
+    };
+    // Two events from before signing.
+    publish(false, 1).await;
+    publish(false, 2).await;
+    assert_eq!(topology::mark_signed_from(&js).await.unwrap(), 3);
+    let first_signed = publish(true, 3).await;
+    publish(false, 4).await;
+    publish(true, 5).await;
+    assert_eq!(
+        topology::mark_signed_from(&js).await.unwrap(),
+        3,
+        "a mark stays"
+    );
+
+    js.get_key_value(topology::CATALOG_BUCKET)
+        .await
+        .unwrap()
+        .delete(topology::SIGNED_FROM_KEY)
+        .await
+        .unwrap();
+    assert_eq!(topology::signed_from(&js).await.unwrap(), None);
+    assert_eq!(
+        topology::mark_signed_from(&js).await.unwrap(),
+        first_signed,
+        "the unsigned event after the first signed one would read as history"
+    );
+}

@@ -505,3 +505,59 @@ async fn a_message_over_its_streams_size_limit_is_refused_and_not_stored() {
         assert_eq!(count(&js, stream, &subject).await, 1, "{subject}");
     }
 }
+
+/// A single slot's occupant is its first message: one stored after it by a writer that did
+/// not ask for an empty slot (anyone with write access to the subject) neither hides it from
+/// readers nor makes our own retry look refused.
+#[tokio::test]
+async fn what_is_appended_to_a_taken_slot_never_replaces_its_occupant() {
+    let (_server, js) = provisioned().await;
+    let publisher = Publisher::new(js.clone());
+    let traffic = tower("traffic");
+    let id = CommandId::generate();
+    for real in [
+        event(id, "prod-1", started()),
+        event(id, "prod-1", succeeded()),
+    ] {
+        let kind = EventKind::of(&real).unwrap();
+        let Slot::Written(ack) = publisher.event(&traffic, &real, "agent-1").await.unwrap() else {
+            panic!("{kind}: its slot is empty, yet it was refused");
+        };
+        // Appended without any condition, as a plain publish does.
+        let mut forged = real.clone();
+        forged.kind = Some(match kind {
+            EventKind::Claim => rct_bus::proto::event::Kind::Started(rct_bus::proto::Started {
+                agent: "someone-else".into(),
+                ..Default::default()
+            }),
+            _ => rct_bus::proto::event::Kind::Failed(rct_bus::proto::Failed {
+                code: "forged".into(),
+                message: "written over".into(),
+            }),
+        });
+        let subject = Subject::event(&traffic, &prod1(), id, kind).to_string();
+        js.publish(
+            subject.clone(),
+            prost::Message::encode_to_vec(&forged).into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        assert_eq!(count(&js, EVENT_STREAM, &subject).await, 2, "{kind}");
+        let held = rct_streams::journal::slot(&js, &traffic, &prod1(), id, kind)
+            .await
+            .unwrap();
+        assert_eq!(
+            held.as_ref(),
+            Some(&real),
+            "{kind}: the slot reads as the appended one"
+        );
+        // Our own write again (a retry after a lost ack) is still ours.
+        let Slot::Written(again) = publisher.event(&traffic, &real, "agent-1").await.unwrap()
+        else {
+            panic!("{kind}: our own retry was taken for a rival's");
+        };
+        assert_eq!(again.sequence, ack.sequence, "{kind}");
+    }
+}

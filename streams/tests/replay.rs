@@ -212,3 +212,76 @@ async fn a_malformed_message_is_reported_and_replay_goes_on() {
     assert!(items[2].is_ok());
     assert_eq!(replay::command_history(&js, id).await.unwrap().len(), 2);
 }
+
+/// A stored message may carry headers named like the server's own (a writer can set any
+/// header): they neither hide events from replay nor make it fail.
+#[tokio::test]
+async fn headers_a_writer_made_up_do_not_disturb_replay() {
+    let (_server, js, publisher) = setup().await;
+    let (_, before) = burst(&publisher, "traffic", "prod-1", 3).await;
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in [
+        ("Nats-Last-Sequence", "1"),
+        ("Nats-Num-Pending", "0"),
+        ("Nats-Sequence", "999"),
+    ] {
+        headers.insert(name, value);
+    }
+    let id = CommandId::generate();
+    let subject = format!("rct.evt.traffic.prod-1.{id}.log");
+    let odd = js
+        .publish_with_headers(
+            subject,
+            headers,
+            prost::Message::encode_to_vec(&event(id, "prod-1", progress(1))).into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
+    let (_, after) = burst(&publisher, "traffic", "prod-1", 3).await;
+    let stored: Vec<u64> = replay::history(&js, &Filter::default())
+        .await
+        .unwrap()
+        .map(|r| match r {
+            Ok(r) => r.sequence,
+            Err(rct_streams::Error::Malformed { sequence, .. }) => sequence,
+            Err(e) => panic!("replay failed: {e}"),
+        })
+        .collect()
+        .await;
+    let expected: Vec<u64> = before.into_iter().chain([odd]).chain(after).collect();
+    assert_eq!(stored, expected);
+}
+
+/// Every live agent is listed, however many there are (the server answers a `multi_last`
+/// for at most 1,024 subjects), and a deleted one is not.
+#[tokio::test]
+async fn every_presence_is_listed_however_many() {
+    let (_server, js, _) = setup().await;
+    let bucket = js
+        .get_key_value(rct_streams::topology::AGENTS_BUCKET)
+        .await
+        .unwrap();
+    for i in 0..1100 {
+        bucket
+            .put(format!("traffic.t{i}.a"), "{}".into())
+            .await
+            .unwrap();
+    }
+    // Written again after the first: listed once, in its new place.
+    bucket
+        .put("traffic.t0.a", "{\"again\":1}".into())
+        .await
+        .unwrap();
+    bucket.delete("traffic.t1.a").await.unwrap();
+    let live = rct_streams::journal::presences(&js).await.unwrap();
+    assert_eq!(live.len(), 1099);
+    assert!(!live.iter().any(|(key, _)| key == "traffic.t1.a"));
+    let (last, value) = live.last().unwrap();
+    assert_eq!(
+        (last.as_str(), value.as_ref()),
+        ("traffic.t0.a", &b"{\"again\":1}"[..])
+    );
+}

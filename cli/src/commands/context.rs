@@ -219,5 +219,8 @@ pub fn pin(home: &Home, name: &str, path: &std::path::Path) -> Result<()> {
     }
     std::fs::create_dir_all(home.context_dir(name))
         .map_err(|e| Error::usage(format!("cannot make the context's folder: {e}")))?;
-    crate::home::write_private(&crate::remote::pinned_keys(home, name), text.as_bytes())
+    let pinned = crate::remote::pinned_keys(home, name);
+    // A new pin trusts anew where signed events begin, on first use.
+    let _ = std::fs::remove_file(pinned.with_file_name("signed-from"));
+    crate::home::write_private(&pinned, text.as_bytes())
 }

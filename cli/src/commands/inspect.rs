@@ -1,6 +1,5 @@
 //! After the fact: `rct watch`, `rct status`, `rct show`, `rct cancel`, `rct agents`.
 
-use futures::StreamExt;
 use rct_bus::proto;
 use rct_bus::text::printable;
 use rct_bus::{CommandId, EventKind, OperationName};
@@ -294,24 +293,12 @@ pub struct AgentsArgs {
 #[allow(clippy::print_stdout)] // the listing is the result
 pub async fn agents(home: &Home, global: &Global, args: AgentsArgs) -> Result {
     let remote = remote::connect(home, global).await?;
-    let bucket = remote
-        .js
-        .get_key_value(rct_streams::topology::AGENTS_BUCKET)
+    let mut agents: Vec<rct_bus::presence::Presence> = rct_streams::journal::presences(&remote.js)
         .await
-        .map_err(|e| Error::usage(format!("cannot read live agents: {e}")))?;
-    let mut keys = bucket
-        .keys()
-        .await
-        .map_err(|e| Error::usage(e.to_string()))?;
-    let mut agents: Vec<rct_bus::presence::Presence> = Vec::new();
-    while let Some(key) = keys.next().await {
-        let Ok(key) = key else { continue };
-        if let Ok(Some(value)) = bucket.get(&key).await
-            && let Ok(presence) = serde_json::from_slice(&value)
-        {
-            agents.push(presence);
-        }
-    }
+        .map_err(|e| Error::usage(format!("cannot read live agents: {e}")))?
+        .into_iter()
+        .filter_map(|(_, value)| serde_json::from_slice(&value).ok())
+        .collect();
     agents.sort_by(|a, b| {
         (&a.tower, &a.target, &a.instance).cmp(&(&b.tower, &b.target, &b.instance))
     });

@@ -421,19 +421,9 @@ const ANY_REQUEST: time::Duration = time::Duration::hours(1);
 /// bucket cannot be read.
 async fn agent_serves(remote: &Remote, operation: &str, target: &str) -> Option<bool> {
     let tower = operation.split('/').next()?;
-    let bucket = remote
-        .js
-        .get_key_value(rct_streams::topology::AGENTS_BUCKET)
-        .await
-        .ok()?;
-    let mut keys = bucket.keys().await.ok()?;
     let prefix = format!("{tower}.{target}.");
-    while let Some(key) = keys.next().await {
-        if key.ok()?.starts_with(&prefix) {
-            return Some(true);
-        }
-    }
-    Some(false)
+    let live = rct_streams::journal::presences(&remote.js).await.ok()?;
+    Some(live.iter().any(|(key, _)| key.starts_with(&prefix)))
 }
 
 /// `id`'s events, checked: history, then live, resuming as the connection comes back.
@@ -551,8 +541,8 @@ pub async fn watch(remote: &Remote, id: CommandId, output: Output) -> Result {
 }
 
 /// While a watch runs: says when the connection to NATS is lost and when it is back. The
-/// watch itself resumes where it was (its ordered consumer starts again after the last event
-/// it delivered), so nothing is missed or shown twice. Stops when dropped.
+/// watch itself resumes where it was (it reads on from the last event it delivered), so
+/// nothing is missed or shown twice. Stops when dropped.
 pub(crate) fn say_connection(
     mut connected: tokio::sync::watch::Receiver<bool>,
     id: Option<CommandId>,

@@ -838,23 +838,14 @@ impl World {
         shift: time::Duration,
         spawned: OffsetDateTime,
     ) -> std::result::Result<(), String> {
-        let bucket = self
-            .js
-            .get_key_value(rct_streams::topology::AGENTS_BUCKET)
+        let live = rct_streams::journal::presences(&self.js)
             .await
             .map_err(|e| format!("cannot read presence: {e}"))?;
-        let mut keys = bucket
-            .keys()
-            .await
-            .map_err(|e| format!("cannot list presence: {e}"))?;
         let prefix = format!(".{name}-");
-        while let Some(Ok(key)) = futures::StreamExt::next(&mut keys).await {
+        for (key, value) in live {
             if !key.contains(&prefix) {
                 continue;
             }
-            let Ok(Some(value)) = bucket.get(&key).await else {
-                continue;
-            };
             let presence: rct_bus::presence::Presence = serde_json::from_slice(&value)
                 .map_err(|e| format!("{name}'s presence does not read: {e}"))?;
             let started = OffsetDateTime::parse(
