@@ -400,8 +400,16 @@ impl Replay {
             connected: None,
             queue: VecDeque::new(),
         };
-        // The first read's failure is the caller's to see.
-        replay.read().await?;
+        // A first read that keeps failing is the caller's to see; one that fails once (a
+        // server reloading) is tried again.
+        let mut attempts = 0;
+        while let Err(e) = replay.read().await {
+            attempts += 1;
+            if attempts == 3 {
+                return Err(e);
+            }
+            tokio::time::sleep(RESUME_PAUSE).await;
+        }
         Ok(replay)
     }
 
