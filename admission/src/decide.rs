@@ -73,6 +73,57 @@ pub enum Verdict {
     Cancel(Cancel),
     /// Refuse it.
     Reject(Reject),
+    /// Park it: it waits for approvals.
+    Park(Park),
+    /// Record an approval or a denial of another command (checked against that command's
+    /// pending request by the service, which reads it).
+    Approve(Approve),
+}
+
+impl Verdict {
+    /// The tower it is recorded under, the submission's own command id (when it has a valid
+    /// one), and the event that goes into that id's first slot: the decision, or the pending
+    /// request.
+    pub fn parts(&self) -> (&Tower, Option<CommandId>, &proto::Event) {
+        match self {
+            Verdict::Admit(a) => (&a.tower, Some(a.command_id), &a.decision),
+            Verdict::Cancel(c) => (&c.tower, Some(c.command_id), &c.decision),
+            Verdict::Reject(r) => (&r.tower, r.command_id, &r.decision),
+            Verdict::Park(p) => (&p.tower, Some(p.command_id), &p.pending),
+            Verdict::Approve(a) => (&a.tower, Some(a.command_id), &a.decision),
+        }
+    }
+}
+
+/// A verified request that waits for approvals.
+#[derive(Clone, Debug)]
+pub struct Park {
+    /// The owning tower.
+    pub tower: Tower,
+    /// The command.
+    pub command_id: CommandId,
+    /// The `Pending` event.
+    pub pending: proto::Event,
+}
+
+/// An approver's word on another command, verified and from an approver group.
+#[derive(Clone, Debug)]
+pub struct Approve {
+    /// The owning tower.
+    pub tower: Tower,
+    /// The approval's own id.
+    pub command_id: CommandId,
+    /// The command approved or denied.
+    pub target: CommandId,
+    /// The digest the approver signed.
+    pub digest: Vec<u8>,
+    /// A denial.
+    pub deny: bool,
+    /// A review of a break-glass command (no digest: it ran already).
+    pub review: bool,
+    /// The approval request's own `Admitted` decision (its target is set to the command
+    /// approved once that command is found).
+    pub decision: proto::Event,
 }
 
 /// An admitted operation.
@@ -293,6 +344,15 @@ impl Policy {
             draft.target = run.target.clone();
             draft.request.dry_run = run.dry_run;
             draft.request.params = rct_bus::catalog::mask_all(&run.params);
+            // Held to what a justification is, before any refusal records it.
+            if !run.break_glass.is_empty() {
+                if let Some(problem) =
+                    rct_bus::text::line_problem("the break-glass reason", &run.break_glass)
+                {
+                    return Err((C::Malformed, problem));
+                }
+                draft.request.break_glass = run.break_glass.clone();
+            }
         }
         if submission.operation != draft.operation {
             return Err((
@@ -357,11 +417,16 @@ impl Policy {
             // clear, from here on (a refusal says what was asked for).
             draft.request.params = operation.mask(&run.params);
         }
+        let approving = matches!(
+            submission.request,
+            Some(Request::Approve(_) | Request::Deny(_) | Request::Review(_))
+        );
+        let deny = matches!(submission.request, Some(Request::Deny(_)));
         let allowed = operation
             .allowed_groups
             .iter()
             .any(|g| identity.groups.contains(g));
-        if !allowed {
+        if !allowed && !approving {
             return Err((
                 C::Forbidden,
                 format!(
@@ -411,9 +476,129 @@ impl Policy {
                     &submission.justification,
                 )))
             }
+            Some(Request::Approve(proto::Approve {
+                command_id: id,
+                digest,
+            }))
+            | Some(Request::Deny(proto::Deny {
+                command_id: id,
+                digest,
+            })) => {
+                let verb = if deny { "deny" } else { "approve" };
+                let target: CommandId = id.parse().map_err(|_| {
+                    (
+                        C::Malformed,
+                        format!("{verb} names command {id:?}, which is not a ULID"),
+                    )
+                })?;
+                // Known from here on: every refusal says which request it was about.
+                draft.request.approves = target.to_string();
+                draft.request.deny = deny;
+                let Some(rule) = &operation.approvals else {
+                    return Err((
+                        C::NotPending,
+                        format!("{subject_op} needs no approvals; there is nothing to {verb}"),
+                    ));
+                };
+                if !rule.admits(&identity.groups) {
+                    return Err((
+                        C::Forbidden,
+                        format!(
+                            "{} is not in any of the groups that approve {}: {}",
+                            identity.name(),
+                            subject_op,
+                            rule.approver_groups.join(", ")
+                        ),
+                    ));
+                }
+                if deny {
+                    // A denial says why: the operation's rule for a justification applies.
+                    operation
+                        .justification
+                        .check(&subject_op.to_string(), &submission.justification)
+                        .map_err(|message| (C::JustificationRequired, message))?;
+                }
+                let decision = self.event(
+                    &command_id.to_string(),
+                    &draft.operation,
+                    "",
+                    input.now,
+                    Kind::Admitted(proto::Admitted {
+                        request: Some(draft.request.clone()),
+                        catalog_version: self.catalog_version.clone(),
+                        ..Default::default()
+                    }),
+                );
+                Ok(Verdict::Approve(Approve {
+                    tower: draft.tower.clone(),
+                    command_id,
+                    target,
+                    digest,
+                    deny,
+                    review: false,
+                    decision,
+                }))
+            }
+            Some(Request::Review(proto::Review { command_id: id })) => {
+                let target: CommandId = id.parse().map_err(|_| {
+                    (
+                        C::Malformed,
+                        format!("review names command {id:?}, which is not a ULID"),
+                    )
+                })?;
+                draft.request.approves = target.to_string();
+                draft.request.review = true;
+                // Whoever may run it, approve it or break its glass may review it (never the
+                // requester: the service checks that against the command).
+                let groups = operation
+                    .allowed_groups
+                    .iter()
+                    .chain(operation.approvals.iter().flat_map(|a| &a.approver_groups))
+                    .chain(operation.break_glass.iter().flat_map(|b| &b.groups));
+                let may: Vec<&String> = groups.collect();
+                if !may.iter().any(|g| identity.groups.contains(g)) {
+                    return Err((
+                        C::Forbidden,
+                        format!(
+                            "{} is not in any of the groups that may review {}: {}",
+                            identity.name(),
+                            subject_op,
+                            may.iter()
+                                .map(|g| g.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+                operation
+                    .justification
+                    .check(&subject_op.to_string(), &submission.justification)
+                    .map_err(|message| (C::JustificationRequired, message))?;
+                let decision = self.event(
+                    &command_id.to_string(),
+                    &draft.operation,
+                    "",
+                    input.now,
+                    Kind::Admitted(proto::Admitted {
+                        request: Some(draft.request.clone()),
+                        catalog_version: self.catalog_version.clone(),
+                        ..Default::default()
+                    }),
+                );
+                Ok(Verdict::Approve(Approve {
+                    tower: draft.tower.clone(),
+                    command_id,
+                    target,
+                    digest: Vec::new(),
+                    deny: false,
+                    review: true,
+                    decision,
+                }))
+            }
             None => Err((
                 C::Malformed,
-                "the submission asks for nothing (neither run nor cancel)".to_owned(),
+                "the submission asks for nothing (neither run, cancel, approve, deny nor review)"
+                    .to_owned(),
             )),
         }
     }
@@ -468,6 +653,58 @@ impl Policy {
                 ),
             )
         };
+        if !run.break_glass.is_empty() {
+            let Some(rule) = &operation.break_glass else {
+                return Err((
+                    C::Forbidden,
+                    format!(
+                        "{name} has no break-glass rule: it cannot be run by breaking the glass; \
+                         ask for its approvals instead"
+                    ),
+                ));
+            };
+            if !rule.groups.iter().any(|g| identity.groups.contains(g)) {
+                return Err((
+                    C::Forbidden,
+                    format!(
+                        "{} is not in any of the groups that may break the glass for {name}: {}",
+                        identity.name(),
+                        rule.groups.join(", ")
+                    ),
+                ));
+            }
+        }
+        // Breaking the glass skips them. A dry run does not: whether a handler changes nothing
+        // is the handler's word, not something admission or the agent can check.
+        if let Some(rule) = operation
+            .approvals
+            .as_ref()
+            .filter(|_| run.break_glass.is_empty())
+        {
+            let expires_at = later(input.now, rule.ttl).ok_or_else(|| beyond("ttl", rule.ttl))?;
+            let submission = verified.into_proto();
+            let digest = rct_bus::approval::digest(&submission.body, &self.catalog_version, None);
+            let pending = self.event(
+                &command_id.to_string(),
+                &name.to_string(),
+                checked.target.as_str(),
+                input.now,
+                Kind::Pending(proto::Pending {
+                    request: Some(draft.request.clone()),
+                    rule: Some(rule.to_proto()),
+                    expires_at: Some(from_datetime(expires_at)),
+                    digest: digest.to_vec(),
+                    catalog_version: self.catalog_version.clone(),
+                    fingerprint: self.catalog.fingerprint(name).unwrap_or_default(),
+                    submission: Some(submission),
+                }),
+            );
+            return Ok(Verdict::Park(Park {
+                tower: name.tower().clone(),
+                command_id,
+                pending,
+            }));
+        }
         let deadline = later(input.now, operation.deadline)
             .ok_or_else(|| beyond("deadline", operation.deadline))?;
         let timeout = rct_bus::catalog::proto_duration(operation.timeout)
@@ -485,6 +722,8 @@ impl Policy {
             timeout: Some(timeout),
             catalog_version: self.catalog_version.clone(),
             submission: Some(verified.into_proto()),
+            approvals: Vec::new(),
+            break_glass: run.break_glass.clone(),
         };
         let signed = self
             .key
@@ -500,6 +739,7 @@ impl Policy {
                 deadline: command.deadline,
                 timeout: command.timeout,
                 catalog_version: self.catalog_version.clone(),
+                approvals: Vec::new(),
             }),
         );
         Ok(Verdict::Admit(Admit {
@@ -524,6 +764,7 @@ impl Policy {
         &self,
         decision: &proto::Event,
         payload: &[u8],
+        approvals: Vec<proto::SignedEnvelope>,
     ) -> Result<(Subject, Bytes), String> {
         let Some(Kind::Admitted(admitted)) = &decision.kind else {
             return Err("the decision is not an admission".into());
@@ -581,12 +822,168 @@ impl Policy {
             timeout: Some(admitted.timeout.ok_or_else(|| missing("timeout"))?),
             catalog_version: admitted.catalog_version.clone(),
             submission: Some(envelope),
+            approvals,
+            break_glass: request.break_glass.clone(),
         };
         let signed = self
             .key
             .sign(Purpose::Command, command.encode_to_vec())
             .encode_to_vec();
         Ok((Subject::command(&name, &target), signed.into()))
+    }
+
+    /// Where the request `pending` (its `Pending` event) stands, given the approval events
+    /// admission recorded for it (their sequences and bodies, in stream order) and the clock.
+    /// A catalog that changed the operation ends it first; then a denial; then the threshold;
+    /// then the clock.
+    pub fn tally(
+        &self,
+        pending: &proto::Event,
+        approvals: &[(u64, proto::Approval)],
+        now: OffsetDateTime,
+    ) -> Tally {
+        let Some(Kind::Pending(p)) = &pending.kind else {
+            return Tally::Waiting { have: Vec::new() };
+        };
+        let fingerprint = pending
+            .operation
+            .parse::<OperationName>()
+            .ok()
+            .and_then(|name| self.catalog.fingerprint(&name));
+        if fingerprint.as_deref() != Some(p.fingerprint.as_str()) {
+            return Tally::CatalogChanged(format!(
+                "catalog version {} {} {} while the request waited for approvals; submit it \
+                 again to have it checked against the catalog in force",
+                self.catalog_version,
+                if fingerprint.is_some() {
+                    "changed"
+                } else {
+                    "no longer has"
+                },
+                pending.operation
+            ));
+        }
+        let rule = p.rule.clone().unwrap_or_default();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut have = Vec::new();
+        for (sequence, approval) in approvals {
+            if approval.digest != p.digest {
+                continue;
+            }
+            let Some(by) = &approval.by else { continue };
+            if approval.denied {
+                let why = if approval.comment.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", approval.comment)
+                };
+                return Tally::Denied(format!(
+                    "{} denied it{why}",
+                    if by.email.is_empty() {
+                        &by.subject
+                    } else {
+                        &by.email
+                    }
+                ));
+            }
+            if seen.insert(by.subject.clone()) {
+                have.push((*sequence, by.clone()));
+            }
+        }
+        if have.len() >= rule.required as usize {
+            return Tally::Approved(have.into_iter().map(|(s, _)| s).collect());
+        }
+        let expires_at = p.expires_at.as_ref().and_then(to_datetime);
+        if expires_at.is_none_or(|at| now > at) {
+            let names: Vec<String> = have.iter().map(|(_, by)| by.email.clone()).collect();
+            return Tally::Expired(format!(
+                "it waited for {} approvals from {} until {} and got {}{}; submit it again",
+                rule.required,
+                rule.approver_groups.join(", "),
+                expires_at.map_or_else(|| "?".into(), |at| at.to_string()),
+                have.len(),
+                if names.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", names.join(", "))
+                }
+            ));
+        }
+        Tally::Waiting {
+            have: have.into_iter().map(|(_, by)| by).collect(),
+        }
+    }
+
+    /// The `Admitted` decision for the request `pending` once `approvals` (sequences of its
+    /// approval events) met the threshold: its deadline runs from `now`, under the catalog
+    /// version its digest covers.
+    pub fn approved(
+        &self,
+        pending: &proto::Event,
+        approvals: Vec<u64>,
+        now: OffsetDateTime,
+    ) -> Result<proto::Event, String> {
+        let Some(Kind::Pending(p)) = &pending.kind else {
+            return Err("the pending event holds no request".into());
+        };
+        let name: OperationName = pending
+            .operation
+            .parse()
+            .map_err(|e| format!("the recorded operation: {e}"))?;
+        let (_, operation) = self
+            .catalog
+            .operation(&name)
+            .ok_or_else(|| self.catalog.unknown_operation(&name))?;
+        let deadline = later(now, operation.deadline).ok_or("the deadline is past any date")?;
+        let timeout =
+            rct_bus::catalog::proto_duration(operation.timeout).ok_or("the timeout is too long")?;
+        Ok(self.event(
+            &pending.command_id,
+            &pending.operation,
+            &pending.target,
+            now,
+            Kind::Admitted(proto::Admitted {
+                request: p.request.clone(),
+                deadline: Some(from_datetime(deadline)),
+                timeout: Some(timeout),
+                catalog_version: p.catalog_version.clone(),
+                approvals,
+            }),
+        ))
+    }
+
+    /// The `Approval` event an `Admitted` approval (or denial) recorded in `decision` makes
+    /// on the command it names, rebuilt from the decision and the approver's submission as
+    /// stored (`payload`), which it carries.
+    pub fn recorded_approval(decision: &proto::Event, payload: &[u8]) -> Option<proto::Event> {
+        let Some(Kind::Admitted(admitted)) = &decision.kind else {
+            return None;
+        };
+        let request = admitted.request.as_ref()?;
+        let envelope = proto::SignedEnvelope::decode(payload).ok()?;
+        let submission = proto::Submission::decode(envelope.body.as_slice()).ok()?;
+        let (command_id, digest) = match submission.request {
+            Some(Request::Approve(proto::Approve { command_id, digest }))
+            | Some(Request::Deny(proto::Deny { command_id, digest })) => (command_id, digest),
+            Some(Request::Review(proto::Review { command_id })) => (command_id, Vec::new()),
+            _ => return None,
+        };
+        if command_id != request.approves || submission.command_id != decision.command_id {
+            return None;
+        }
+        Some(proto::Event {
+            command_id,
+            kind: Some(Kind::Approval(proto::Approval {
+                by: request.operator.clone(),
+                comment: request.justification.clone(),
+                digest,
+                submission: Some(envelope),
+                denied: request.deny,
+                approval_id: decision.command_id.clone(),
+                review: request.review,
+            })),
+            ..decision.clone()
+        })
     }
 
     /// The `CancelRequested` event an `Admitted` cancel request recorded in `decision` asked
@@ -703,6 +1100,24 @@ impl Policy {
     }
 }
 
+/// Where a request waiting for approvals stands (see [`Policy::tally`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Tally {
+    /// Not enough approvals yet: who approved so far.
+    Waiting {
+        /// Distinct approvers so far.
+        have: Vec<proto::Operator>,
+    },
+    /// Enough: the sequences of the approval events that count.
+    Approved(Vec<u64>),
+    /// An approver denied it: the sentence for the record.
+    Denied(String),
+    /// Its time ran out first.
+    Expired(String),
+    /// The catalog changed its operation while it waited.
+    CatalogChanged(String),
+}
+
 /// `cluster=prod-1`: the target parameter and its value.
 fn target_param(operation: &Operation, params: &BTreeMap<String, proto::Value>) -> Option<String> {
     operation
@@ -795,6 +1210,7 @@ mod tests {
                     })
                     .collect(),
                 dry_run: false,
+                break_glass: String::new(),
             })),
         }
     }
@@ -891,7 +1307,9 @@ mod tests {
                 sequence: 7,
                 now,
             }));
-            let (to, bytes) = policy.recorded_command(&admit.decision, &payload).unwrap();
+            let (to, bytes) = policy
+                .recorded_command(&admit.decision, &payload, Vec::new())
+                .unwrap();
             assert_eq!(to, admit.subject);
             assert_eq!(bytes, admit.command, "{subject}: the same bytes");
 
@@ -904,7 +1322,9 @@ mod tests {
                 key: KeyPair::generate(),
                 ..super::tests::policy(catalog)
             };
-            let (_, bytes) = later.recorded_command(&admit.decision, &payload).unwrap();
+            let (_, bytes) = later
+                .recorded_command(&admit.decision, &payload, Vec::new())
+                .unwrap();
             assert_eq!(
                 command(&bytes, &later.key),
                 command(&admit.command, &policy.key),

@@ -8,14 +8,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rct_bus::proto::{self, RejectionCode};
-use rct_bus::{KeyId, KeyPair, PublicKey};
-use serde::{Deserialize, Serialize};
+use rct_bus::{KeyPair, PublicKey, certificate};
+use serde::Deserialize;
 use serde_json::Value;
 
-/// Audience of operator certificates.
-const CERTIFICATE_AUDIENCE: &str = "rct-operator";
-/// Issuer of operator certificates.
-const CERTIFICATE_ISSUER: &str = "rct-admission";
 /// Issuer name of the development issuer.
 pub const DEV_ISSUER: &str = "rct-dev";
 /// Audience of id_tokens minted by the development issuer.
@@ -566,35 +562,11 @@ fn token_refusal(error: jsonwebtoken::errors::Error, what: &str) -> Refusal {
     Refusal::unauthenticated(message)
 }
 
-/// The claims of an operator certificate.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct CertificateClaims {
-    iss: String,
-    aud: String,
-    sub: String,
-    email: String,
-    groups: Vec<String>,
-    cnf: Confirmation,
-    iat: u64,
-    nbf: u64,
-    exp: u64,
-}
-
-/// The session key a certificate binds (RFC 7800 style confirmation).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Confirmation {
-    /// rct key id of the session key.
-    kid: String,
-    /// The raw 32-byte Ed25519 public key, base64url.
-    x: String,
-}
-
 /// Issues and verifies operator certificates: EdDSA JWTs signed by admission that bind a
 /// session key to an identity for a short time.
 pub struct Certificates {
-    kid: KeyId,
-    encoding: EncodingKey,
-    trusted: HashMap<String, DecodingKey>,
+    key: KeyPair,
+    trusted: rct_bus::Verifier,
     ttl: Duration,
     /// Certificates already verified, by token: an operator signs many submissions with one
     /// certificate, and verifying it once is enough (expiry is checked on every use).
@@ -604,7 +576,7 @@ pub struct Certificates {
 impl std::fmt::Debug for Certificates {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Certificates")
-            .field("kid", &self.kid)
+            .field("kid", self.key.id())
             .field("ttl", &self.ttl)
             .finish_non_exhaustive()
     }
@@ -624,19 +596,10 @@ pub struct Certificate {
 impl Certificates {
     /// Signs with `key`; certificates signed by it or by any of `also_trusted` verify.
     pub fn new(key: &KeyPair, also_trusted: &[PublicKey], ttl: Duration) -> Self {
-        let encoding =
-            EncodingKey::from_ed_pem(key.to_pem().as_bytes()).expect("our own PEM encodes");
-        let trusted = std::iter::once(key.public())
-            .chain(also_trusted)
-            .map(|k| {
-                let decoding =
-                    DecodingKey::from_ed_pem(k.to_pem().as_bytes()).expect("our own PEM decodes");
-                (k.id().to_string(), decoding)
-            })
-            .collect();
+        let trusted =
+            rct_bus::Verifier::new(std::iter::once(key.public()).chain(also_trusted).cloned());
         Self {
-            kid: key.id().clone(),
-            encoding,
+            key: KeyPair::from_pem(&key.to_pem()).expect("our own PEM reads back"),
             trusted,
             ttl,
             verified: std::sync::Mutex::default(),
@@ -651,27 +614,16 @@ impl Certificates {
         session_key: &PublicKey,
         not_after: u64,
     ) -> (String, u64) {
-        use base64::Engine;
         let now = unix_now();
         let exp = now.saturating_add(self.ttl.as_secs()).min(not_after);
-        let claims = CertificateClaims {
-            iss: CERTIFICATE_ISSUER.into(),
-            aud: CERTIFICATE_AUDIENCE.into(),
-            sub: identity.subject.clone(),
-            email: identity.email.clone(),
-            groups: identity.groups.clone(),
-            cnf: Confirmation {
-                kid: session_key.id().to_string(),
-                x: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(session_key.to_bytes()),
-            },
-            iat: now,
-            nbf: now.saturating_sub(5),
+        let token = certificate::issue(
+            &self.key,
+            &identity.to_proto(),
+            session_key,
+            now,
+            now.saturating_sub(5),
             exp,
-        };
-        let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(self.kid.to_string());
-        let token = jsonwebtoken::encode(&header, &claims, &self.encoding)
-            .expect("signing with our own key cannot fail");
+        );
         (token, exp)
     }
 
@@ -702,41 +654,29 @@ impl Certificates {
     }
 
     fn verify_token(&self, token: &str) -> Result<Certificate, Refusal> {
-        use base64::Engine;
-        let header = jsonwebtoken::decode_header(token).map_err(|_| {
-            Refusal::unauthenticated("the operator certificate is not a valid JWT; run rct login")
-        })?;
-        let key = header
-            .kid
-            .as_deref()
-            .and_then(|kid| self.trusted.get(kid))
-            .ok_or_else(|| {
-                Refusal::unauthenticated(
-                    "the operator certificate was not issued by this admission; run rct login",
-                )
-            })?;
-        let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.set_issuer(&[CERTIFICATE_ISSUER]);
-        validation.set_audience(&[CERTIFICATE_AUDIENCE]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        validation.validate_nbf = true;
-        validation.leeway = 5;
-        let claims = jsonwebtoken::decode::<CertificateClaims>(token, key, &validation)
-            .map_err(|e| token_refusal(e, "operator certificate"))?
-            .claims;
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(&claims.cnf.x)
-            .map_err(|_| Refusal::unauthenticated("the certificate's session key is garbled"))?;
-        let session_key = PublicKey::from_bytes(&bytes)
-            .map_err(|_| Refusal::unauthenticated("the certificate's session key is garbled"))?;
+        use certificate::Refused;
+        let refusal = |refused: Refused| match refused {
+            Refused::NotJwt => Refusal::unauthenticated(
+                "the operator certificate is not a valid JWT; run rct login",
+            ),
+            Refused::UntrustedIssuer => Refusal::unauthenticated(
+                "the operator certificate was not issued by this admission; run rct login",
+            ),
+            Refused::Token(e) => token_refusal(e, "operator certificate"),
+            Refused::GarbledKey => {
+                Refusal::unauthenticated("the certificate's session key is garbled")
+            }
+        };
+        let certified = certificate::verify(token, &self.trusted).map_err(refusal)?;
+        certified.holds_at(unix_now()).map_err(refusal)?;
         Ok(Certificate {
             identity: Identity {
-                subject: claims.sub,
-                email: claims.email,
-                groups: claims.groups,
+                subject: certified.operator.subject,
+                email: certified.operator.email,
+                groups: certified.operator.groups,
             },
-            session_key,
-            expires_at: claims.exp,
+            session_key: certified.session_key,
+            expires_at: certified.expires_at,
         })
     }
 }

@@ -160,8 +160,22 @@ impl Notifier {
             .operations
             .get(&record.event.operation)
             .map(|op| {
+                // Approvers hear of a request waiting for them; the break-glass channels of a
+                // command run without its approvals.
+                let extra: &[String] = match &record.event.kind {
+                    Some(Kind::Pending(_)) => op.approvals.as_ref().map_or(&[], |a| &a.notify),
+                    Some(Kind::Admitted(a))
+                        if a.request.as_ref().is_some_and(|r| !r.break_glass.is_empty()) =>
+                    {
+                        op.break_glass.as_ref().map_or(&[], |b| &b.notify)
+                    }
+                    _ => &[],
+                };
                 op.notify
                     .iter()
+                    .chain(extra)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
                     .filter_map(|c| match self.channels.get(c) {
                         Some(url) => Some((c.clone(), url.clone())),
                         None => {
@@ -247,7 +261,7 @@ impl Notifier {
                 // Unreadable now: told, with what cannot be looked up said so.
                 Err(()) => None,
             },
-            EventKind::Decision => None,
+            EventKind::Decision | EventKind::Pending => None,
             _ => return None,
         };
         let what = match event.target.as_str() {
@@ -284,6 +298,41 @@ impl Notifier {
                 "Outcome unknown: {what} — {}; check the target by hand (command {id})",
                 u.reason
             )),
+            Kind::Pending(p) => {
+                let rule = p.rule.clone().unwrap_or_default();
+                let who = p
+                    .request
+                    .as_ref()
+                    .and_then(|q| q.operator.as_ref())
+                    .map_or("?".to_owned(), operator_name);
+                let why = p.request.as_ref().map_or("", |q| q.justification.as_str());
+                let until = p
+                    .expires_at
+                    .as_ref()
+                    .and_then(rct_streams::timestamp::to_datetime)
+                    .map_or_else(|| "?".to_owned(), |at| at.to_string());
+                Some(format!(
+                    "Approval needed: {what} for {who} ({why}) needs {} of {} by {until} — rct \
+                     approve {id} (command {id})",
+                    rule.required,
+                    rule.approver_groups.join(", ")
+                ))
+            }
+            Kind::Admitted(a) => {
+                let request = a.request.as_ref()?;
+                if request.break_glass.is_empty() {
+                    return None;
+                }
+                let who = request
+                    .operator
+                    .as_ref()
+                    .map_or("?".to_owned(), operator_name);
+                Some(format!(
+                    "BREAK-GLASS: {what} by {who} without its approvals — {} ({}); review it: \
+                     rct review {id} -j … (command {id})",
+                    request.break_glass, request.justification
+                ))
+            }
             Kind::Rejected(r) => {
                 let who = r
                     .request

@@ -294,6 +294,7 @@ impl Admission {
         if let Some(every) = inner.config.watch_catalog {
             tracker.spawn(watch_catalog(self.clone(), every, shutdown.clone()));
         }
+        tracker.spawn(sweep_pending(self.clone(), shutdown.clone()));
         tracker.spawn(watch_pending(
             consumer.clone(),
             inner.metrics.clone(),
@@ -329,11 +330,7 @@ impl Admission {
 
 /// The span every log line about one submission carries: command, operation, operator, trace.
 fn decision_span(verdict: &Verdict) -> tracing::Span {
-    let decision = match verdict {
-        Verdict::Admit(a) => &a.decision,
-        Verdict::Cancel(c) => &c.decision,
-        Verdict::Reject(r) => &r.decision,
-    };
+    let (_, _, decision) = verdict.parts();
     let operator = decided_request(decision)
         .and_then(|r| r.operator.as_ref())
         .map(|o| o.email.clone())
@@ -366,6 +363,37 @@ async fn watch_pending(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// What [`Inner::settle`] may decide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Settle {
+    /// Whatever the request's state calls for.
+    Any,
+    /// Only a refusal (expired, denied, catalog changed): the sweep's part.
+    Refusals,
+}
+
+/// How often requests waiting for approvals are looked over for expiry and catalog changes.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Settles requests waiting for approvals whose time ran out or whose operation changed
+/// (see [`Inner::sweep`]), every [`SWEEP_EVERY`], until shutdown. Every replica sweeps: the
+/// decision slot takes one decision.
+async fn sweep_pending(admission: Admission, shutdown: CancellationToken) {
+    let mut settled = std::collections::HashSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+        }
+        if settled.len() > 100_000 {
+            settled.clear();
+        }
+        if let Err(e) = admission.inner.sweep(&mut settled).await {
+            tracing::warn!(error = %e, "cannot look over the requests waiting for approvals; trying again");
         }
     }
 }
@@ -886,13 +914,11 @@ impl Inner {
         let sequence = stored.sequence;
         let verdict = match verdict {
             Verdict::Cancel(cancel) => self.check_cancel_target(cancel).await?,
+            // On the heap: its reads would make every submission's future large.
+            Verdict::Approve(approve) => Box::pin(self.check_approval(approve)).await?,
             other => other,
         };
-        let (tower, command_id, decision) = match &verdict {
-            Verdict::Admit(a) => (&a.tower, Some(a.command_id), &a.decision),
-            Verdict::Cancel(c) => (&c.tower, Some(c.command_id), &c.decision),
-            Verdict::Reject(r) => (&r.tower, r.command_id, &r.decision),
-        };
+        let (tower, command_id, decision) = verdict.parts();
         let Some(command_id) = command_id else {
             // Refused before its id could be trusted (an expired certificate, a rotated key):
             // a redelivery of a submission admitted earlier is finished as admitted.
@@ -915,7 +941,7 @@ impl Inner {
         match publisher.event(tower, decision, sequence).await? {
             Slot::Written(ack) if !ack.duplicate => {
                 log_decision(&verdict);
-                self.follow_up(publisher, &verdict).await?;
+                self.follow_up(publisher, stored, &verdict).await?;
                 Ok(label(&verdict))
             }
             written => {
@@ -985,8 +1011,17 @@ impl Inner {
         holder: &proto::Event,
     ) -> Result<(), rct_streams::Error> {
         let Some(Kind::Admitted(admitted)) = &holder.kind else {
+            // A pending request is complete once recorded; a refusal too.
             return Ok(());
         };
+        if admitted
+            .request
+            .as_ref()
+            .is_some_and(|r| !r.approves.is_empty())
+        {
+            return Box::pin(self.approval_follow_up(publisher, holder, &stored.message.payload))
+                .await;
+        }
         let is_cancel = admitted
             .request
             .as_ref()
@@ -1007,7 +1042,7 @@ impl Inner {
         }
         match self
             .policy()
-            .recorded_command(holder, &stored.message.payload)
+            .recorded_command(holder, &stored.message.payload, Vec::new())
         {
             Ok((subject, command)) => {
                 let msg_id = holder.command_id.clone();
@@ -1086,9 +1121,15 @@ impl Inner {
     async fn follow_up(
         &self,
         publisher: &Publisher,
+        stored: Stored<'_>,
         verdict: &Verdict,
     ) -> Result<(), rct_streams::Error> {
         match verdict {
+            Verdict::Approve(a) => {
+                Box::pin(self.approval_follow_up(publisher, &a.decision, &stored.message.payload))
+                    .await?;
+            }
+            Verdict::Park(_) => {}
             Verdict::Admit(a) => {
                 let outgoing =
                     Outgoing::new(a.subject.clone(), a.command_id.msg_id(), a.command.clone());
@@ -1140,6 +1181,488 @@ impl Inner {
                 decision: rejection(&cancel.decision, RejectionCode::UnknownCommand, message),
             }),
         })
+    }
+
+    /// An approval or denial must name a command of the same operation that waits for
+    /// approvals, carry that request's digest, come before its expiry, once per approver,
+    /// and not from the requester unless the rule allows it. Its decision takes that
+    /// command's target.
+    async fn check_approval(
+        &self,
+        mut approve: crate::decide::Approve,
+    ) -> Result<Verdict, rct_streams::Error> {
+        use RejectionCode as C;
+        let id = approve.target;
+        let tower = approve.tower.clone();
+        if approve.review {
+            return self.check_review(approve).await;
+        }
+        let verb = if approve.deny { "denial" } else { "approval" };
+        let pending = self
+            .own_event_on(&subject::events_of_tower_command(
+                &tower,
+                id,
+                EventKind::Pending,
+            ))
+            .await?;
+        let decided = self
+            .own_event_on(&subject::events_of_tower_command(
+                &tower,
+                id,
+                EventKind::Decision,
+            ))
+            .await?;
+        let problem = match (&pending, &decided) {
+            (_, Some(decision)) => Some((
+                C::NotPending,
+                format!(
+                    "command {id} does not wait for approvals: it was {}; the {verb} changes \
+                     nothing",
+                    match &decision.kind {
+                        Some(Kind::Admitted(_)) => "admitted".to_owned(),
+                        Some(Kind::Rejected(r)) =>
+                            format!("rejected ({})", rejection_code_name(r.code)),
+                        _ => "decided".to_owned(),
+                    }
+                ),
+            )),
+            (None, None) => Some((
+                C::UnknownCommand,
+                format!("there is no command {id} of tower {tower} waiting for approvals"),
+            )),
+            (Some(pending), None) => self.approval_problem(&approve, pending).await?,
+        };
+        if let Some((code, message)) = problem {
+            return Ok(Verdict::Reject(Reject {
+                tower,
+                command_id: Some(approve.command_id),
+                decision: rejection(&approve.decision, code, message),
+            }));
+        }
+        approve.decision.target = pending.map(|p| p.target).unwrap_or_default();
+        Ok(Verdict::Approve(approve))
+    }
+
+    /// A review must name a command of the same operation admitted by breaking the glass, by
+    /// someone other than its requester, once per reviewer. Its decision takes that
+    /// command's target.
+    async fn check_review(
+        &self,
+        mut review: crate::decide::Approve,
+    ) -> Result<Verdict, rct_streams::Error> {
+        use RejectionCode as C;
+        let id = review.target;
+        let tower = review.tower.clone();
+        let decided = self
+            .own_event_on(&subject::events_of_tower_command(
+                &tower,
+                id,
+                EventKind::Decision,
+            ))
+            .await?;
+        let reviewer = decided_request(&review.decision)
+            .and_then(|r| r.operator.clone())
+            .unwrap_or_default();
+        let waiting = match &decided {
+            None => self
+                .own_event_on(&subject::events_of_tower_command(
+                    &tower,
+                    id,
+                    EventKind::Pending,
+                ))
+                .await?
+                .is_some(),
+            Some(_) => false,
+        };
+        let problem = match &decided {
+            None if waiting => Some((
+                C::NotPending,
+                format!(
+                    "command {id} waits for its approvals: it was not run by breaking the \
+                     glass, and there is nothing to review (rct approve {id} to approve it)"
+                ),
+            )),
+            None => Some((
+                C::UnknownCommand,
+                format!("there is no command {id} of tower {tower} to review"),
+            )),
+            Some(d) if d.operation != review.decision.operation => Some((
+                C::UnknownCommand,
+                format!(
+                    "command {id} is a {} command, not {}",
+                    d.operation, review.decision.operation
+                ),
+            )),
+            Some(d) => match decided_request(d) {
+                Some(r)
+                    if matches!(d.kind, Some(Kind::Admitted(_))) && !r.break_glass.is_empty() =>
+                {
+                    if r.operator.as_ref().map(|o| &o.subject) == Some(&reviewer.subject) {
+                        Some((
+                            C::SelfApproval,
+                            format!(
+                                "{} broke the glass for command {id} and cannot review it: \
+                                 someone else must",
+                                reviewer.email
+                            ),
+                        ))
+                    } else {
+                        let reviews = self.approvals_of(d).await?;
+                        reviews
+                            .iter()
+                            .find(|(_, a)| {
+                                a.review
+                                    && a.by.as_ref().map(|b| &b.subject) == Some(&reviewer.subject)
+                            })
+                            .map(|(_, before)| {
+                                (
+                                    C::AlreadyApproved,
+                                    format!(
+                                        "{} already reviewed command {id} (request {})",
+                                        reviewer.email, before.approval_id
+                                    ),
+                                )
+                            })
+                    }
+                }
+                _ => Some((
+                    C::NotPending,
+                    format!(
+                        "command {id} was not run by breaking the glass; there is nothing to \
+                         review"
+                    ),
+                )),
+            },
+        };
+        if let Some((code, message)) = problem {
+            return Ok(Verdict::Reject(Reject {
+                tower,
+                command_id: Some(review.command_id),
+                decision: rejection(&review.decision, code, message),
+            }));
+        }
+        review.decision.target = decided.map(|d| d.target).unwrap_or_default();
+        Ok(Verdict::Approve(review))
+    }
+
+    /// What is wrong with `approve` of the request `pending` (not decided yet), if anything.
+    async fn approval_problem(
+        &self,
+        approve: &crate::decide::Approve,
+        pending: &proto::Event,
+    ) -> Result<Option<(RejectionCode, String)>, rct_streams::Error> {
+        use RejectionCode as C;
+        let id = approve.target;
+        let verb = if approve.deny { "denial" } else { "approval" };
+        let Some(Kind::Pending(p)) = &pending.kind else {
+            return Ok(Some((
+                C::UnknownCommand,
+                format!("command {id} holds no request"),
+            )));
+        };
+        if pending.operation != approve.decision.operation {
+            return Ok(Some((
+                C::UnknownCommand,
+                format!(
+                    "command {id} is a {} command, not {}",
+                    pending.operation, approve.decision.operation
+                ),
+            )));
+        }
+        let expires_at = p
+            .expires_at
+            .as_ref()
+            .and_then(rct_streams::timestamp::to_datetime);
+        if expires_at.is_none_or(|at| OffsetDateTime::now_utc() > at) {
+            return Ok(Some((
+                C::ApprovalExpired,
+                format!(
+                    "command {id} waited for approvals until {}; the {verb} came too late, and \
+                     the request is refused",
+                    expires_at.map_or_else(|| "?".into(), |at| at.to_string())
+                ),
+            )));
+        }
+        if approve.digest != p.digest {
+            return Ok(Some((
+                C::DigestMismatch,
+                format!(
+                    "the {verb} is for digest {}, but the request of command {id} has digest \
+                     {}: look at it again (rct approve {id}) and decide on what it is",
+                    rct_bus::approval::hex(&approve.digest),
+                    rct_bus::approval::hex(&p.digest)
+                ),
+            )));
+        }
+        let approver = decided_request(&approve.decision).and_then(|r| r.operator.as_ref());
+        let requester = p.request.as_ref().and_then(|r| r.operator.as_ref());
+        let name = approver.map(|a| a.email.clone()).unwrap_or_default();
+        let allow_self = p.rule.as_ref().is_some_and(|r| r.allow_self);
+        if !approve.deny
+            && !allow_self
+            && approver.map(|a| &a.subject) == requester.map(|r| &r.subject)
+        {
+            return Ok(Some((
+                C::SelfApproval,
+                format!(
+                    "{name} asked for command {id} and cannot approve it: {} needs approvals by \
+                     others",
+                    pending.operation
+                ),
+            )));
+        }
+        let approvals = self.approvals_of(pending).await?;
+        if let Some((_, before)) = approvals
+            .iter()
+            .find(|(_, a)| a.by.as_ref().map(|b| &b.subject) == approver.map(|a| &a.subject))
+        {
+            return Ok(Some((
+                C::AlreadyApproved,
+                format!(
+                    "{name} already {} command {id} (request {}); each approver counts once",
+                    if before.denied { "denied" } else { "approved" },
+                    before.approval_id
+                ),
+            )));
+        }
+        Ok(None)
+    }
+
+    /// The approval events admission recorded for the request `pending`, with their
+    /// sequences, in stream order.
+    async fn approvals_of(
+        &self,
+        pending: &proto::Event,
+    ) -> Result<Vec<(u64, proto::Approval)>, rct_streams::Error> {
+        let (Ok(name), Ok(id)) = (
+            pending.operation.parse::<rct_bus::OperationName>(),
+            pending.command_id.parse::<CommandId>(),
+        ) else {
+            return Ok(Vec::new());
+        };
+        let filter = rct_streams::replay::Filter {
+            command: Some(id),
+            tower: Some(name.tower().clone()),
+            target: Some(rct_bus::Target::of_event(&pending.target)),
+            kind: Some(EventKind::Approval),
+            trust: Some(self.trust.clone()),
+            ..Default::default()
+        };
+        Ok(rct_streams::replay::records(&self.js, &filter)
+            .await?
+            .into_iter()
+            .filter(|r| r.provenance == Provenance::Verified(Author::Admission))
+            .filter_map(|r| match r.event.kind {
+                Some(Kind::Approval(a)) => Some((r.sequence, a)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Records the approval an admitted approval request (`decision`, with the approver's
+    /// submission as stored in `payload`) makes on the command it names, then settles that
+    /// command. Run on the first attempt and on every redelivery alike.
+    async fn approval_follow_up(
+        &self,
+        publisher: &Publisher,
+        decision: &proto::Event,
+        payload: &[u8],
+    ) -> Result<(), rct_streams::Error> {
+        let Some(approval) = Policy::recorded_approval(decision, payload) else {
+            tracing::error!(command_id = %decision.command_id, "the recorded approval names no request; nothing to approve");
+            return Ok(());
+        };
+        let (Ok(name), Ok(id)) = (
+            decision.operation.parse::<rct_bus::OperationName>(),
+            approval.command_id.parse::<CommandId>(),
+        ) else {
+            return Ok(());
+        };
+        let n = decided_request(decision).map_or(0, |r| r.submission_sequence);
+        publisher.event(name.tower(), &approval, n).await?;
+        self.settle(publisher, name.tower(), id, Settle::Any).await
+    }
+
+    /// Decides the request `id` waiting for approvals, if its time has come: admitted (and
+    /// its command published) once the threshold is met, refused when denied, expired or its
+    /// operation changed; left waiting otherwise. Safe to run by any replica at any time:
+    /// the decision slot takes one decision, and a decision already there is completed.
+    /// With [`Settle::Refusals`], only refusals are written.
+    async fn settle(
+        &self,
+        publisher: &Publisher,
+        tower: &Tower,
+        id: CommandId,
+        what: Settle,
+    ) -> Result<(), rct_streams::Error> {
+        use crate::decide::Tally;
+        let on = |kind| subject::events_of_tower_command(tower, id, kind);
+        let Some(pending) = self.own_event_on(&on(EventKind::Pending)).await? else {
+            return Ok(());
+        };
+        let Some(Kind::Pending(p)) = &pending.kind else {
+            return Ok(());
+        };
+        let sequence = p.request.as_ref().map_or(0, |r| r.submission_sequence);
+        let ours =
+            |d: &proto::Event| decided_request(d).map(|r| r.submission_sequence) == Some(sequence);
+        if let Some(decision) = self.own_event_on(&on(EventKind::Decision)).await? {
+            if ours(&decision) && what == Settle::Any {
+                self.publish_approved(publisher, &decision, p).await?;
+            }
+            return Ok(());
+        }
+        let approvals = self.approvals_of(&pending).await?;
+        let policy = self.policy();
+        let now = OffsetDateTime::now_utc();
+        let refuse = |code: RejectionCode, message: String| {
+            let mut refusal = rejection(&pending, code, message);
+            refusal.at = Some(rct_streams::timestamp::from_datetime(now));
+            refusal.source.clone_from(&policy.source);
+            refusal
+        };
+        let decision = match policy.tally(&pending, &approvals, now) {
+            Tally::Waiting { .. } => return Ok(()),
+            Tally::Approved(_) if what == Settle::Refusals => return Ok(()),
+            Tally::Approved(counted) => match policy.approved(&pending, counted, now) {
+                Ok(decision) => decision,
+                Err(reason) => refuse(
+                    RejectionCode::CatalogChanged,
+                    format!("it was approved, but cannot be admitted: {reason}"),
+                ),
+            },
+            Tally::Denied(message) => refuse(RejectionCode::Denied, message),
+            Tally::Expired(message) => refuse(RejectionCode::ApprovalExpired, message),
+            Tally::CatalogChanged(message) => refuse(RejectionCode::CatalogChanged, message),
+        };
+        let holder = match publisher.event(tower, &decision, sequence).await? {
+            Slot::Written(ack) if !ack.duplicate => {
+                tracing::info!(
+                    command_id = %id,
+                    decision = match &decision.kind {
+                        Some(Kind::Admitted(_)) => "admitted",
+                        _ => "rejected",
+                    },
+                    "a request that waited for approvals is decided"
+                );
+                Some(decision)
+            }
+            _ => self.own_event_on(&on(EventKind::Decision)).await?,
+        };
+        if let Some(holder) = holder.filter(ours) {
+            self.publish_approved(publisher, &holder, p).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes the command an `Admitted` decision of a request that waited for approvals
+    /// admitted, with the approvers' signed approvals it lists (nothing for a refusal).
+    async fn publish_approved(
+        &self,
+        publisher: &Publisher,
+        decision: &proto::Event,
+        pending: &proto::Pending,
+    ) -> Result<(), rct_streams::Error> {
+        let Some(Kind::Admitted(admitted)) = &decision.kind else {
+            return Ok(());
+        };
+        let mut approvals = Vec::new();
+        for sequence in &admitted.approvals {
+            match self.stored_event(*sequence).await?.and_then(|e| e.kind) {
+                Some(Kind::Approval(proto::Approval {
+                    submission: Some(envelope),
+                    ..
+                })) => approvals.push(envelope),
+                _ => {
+                    tracing::error!(command_id = %decision.command_id, sequence, "an approval the decision lists cannot be read; the command is not published");
+                    return Ok(());
+                }
+            }
+        }
+        let payload = pending
+            .submission
+            .as_ref()
+            .map(prost::Message::encode_to_vec)
+            .unwrap_or_default();
+        match self
+            .policy()
+            .recorded_command(decision, &payload, approvals)
+        {
+            Ok((subject, command)) => {
+                publisher
+                    .send(Outgoing::new(subject, decision.command_id.clone(), command))
+                    .await?;
+            }
+            Err(reason) => {
+                tracing::error!(command_id = %decision.command_id, %reason, "an approved command cannot be built from the record");
+            }
+        }
+        Ok(())
+    }
+
+    /// Settles every request waiting for approvals that arrived within the longest approval
+    /// wait the catalog allows: those whose time ran out, or whose operation the catalog
+    /// changed, are refused. `settled` remembers the ones decided, so each is read once.
+    /// Admitting is left to the approval that meets the threshold (and to its redelivery,
+    /// should its replica stop half-way): it writes its approval before it counts, so of
+    /// two last approvals counted at once, the one counted last sees both.
+    async fn sweep(
+        &self,
+        settled: &mut std::collections::HashSet<String>,
+    ) -> Result<(), rct_streams::Error> {
+        // However the catalog changed since, no request waits longer than this; a day more
+        // covers a sweep that could not run for a while.
+        let since = OffsetDateTime::now_utc()
+            - time::Duration::try_from(rct_bus::catalog::LONGEST_APPROVAL_WAIT)
+                .unwrap_or(time::Duration::DAY)
+            - time::Duration::DAY;
+        let subject = subject::events_of_every_command(EventKind::Pending);
+        let mut reader = rct_streams::direct::Reader::new(&self.js, EVENT_STREAM).await?;
+        let mut start = rct_streams::direct::Start::Time(since);
+        loop {
+            let batch = reader
+                .batch(start, &subject, rct_streams::direct::BATCH)
+                .await?;
+            let Some(last) = batch.messages.last().map(|m| m.sequence) else {
+                return Ok(());
+            };
+            for stored in &batch.messages {
+                let Some(pending) = self.own_event(stored) else {
+                    continue;
+                };
+                if settled.contains(&pending.command_id) {
+                    continue;
+                }
+                let (Ok(name), Ok(id)) = (
+                    pending.operation.parse::<rct_bus::OperationName>(),
+                    pending.command_id.parse::<CommandId>(),
+                ) else {
+                    continue;
+                };
+                // One request that cannot be settled now holds up none of the others.
+                if let Err(e) = self
+                    .settle(&self.publisher, name.tower(), id, Settle::Refusals)
+                    .await
+                {
+                    tracing::warn!(command_id = %id, error = %e, "cannot settle a request waiting for approvals; trying again at the next sweep");
+                    continue;
+                }
+                let decided = self
+                    .own_event_on(&subject::events_of_tower_command(
+                        name.tower(),
+                        id,
+                        EventKind::Decision,
+                    ))
+                    .await?;
+                if decided.is_some() {
+                    settled.insert(pending.command_id);
+                }
+            }
+            if batch.pending == 0 {
+                return Ok(());
+            }
+            start = rct_streams::direct::Start::Sequence(last + 1);
+        }
     }
 
     /// The first event on `subject` (a filter) in RCT_EVT that admission wrote, if any:
@@ -1461,6 +1984,7 @@ fn decided_request(event: &proto::Event) -> Option<&proto::Request> {
     match event.kind.as_ref()? {
         Kind::Admitted(a) => a.request.as_ref(),
         Kind::Rejected(r) => r.request.as_ref(),
+        Kind::Pending(p) => p.request.as_ref(),
         _ => None,
     }
 }
@@ -1484,6 +2008,10 @@ fn label(verdict: &Verdict) -> String {
     match verdict {
         Verdict::Admit(_) => "admitted".into(),
         Verdict::Cancel(_) => "cancel".into(),
+        Verdict::Park(_) => "pending".into(),
+        Verdict::Approve(a) if a.deny => "deny".into(),
+        Verdict::Approve(a) if a.review => "review".into(),
+        Verdict::Approve(_) => "approve".into(),
         Verdict::Reject(r) => format!("rejected:{}", rejection_code_name(r.code() as i32)),
     }
 }
@@ -1500,6 +2028,18 @@ fn log_decision(verdict: &Verdict) {
             command_id = %c.command_id,
             cancels = %c.target,
             "cancel requested"
+        ),
+        Verdict::Park(p) => tracing::info!(
+            command_id = %p.command_id,
+            operation = %p.pending.operation,
+            target = %p.pending.target,
+            "waiting for approvals"
+        ),
+        Verdict::Approve(a) => tracing::info!(
+            command_id = %a.command_id,
+            approves = %a.target,
+            deny = a.deny,
+            "approval recorded"
         ),
         Verdict::Reject(r) => tracing::info!(
             command_id = %r.decision.command_id,

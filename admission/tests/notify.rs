@@ -178,3 +178,84 @@ async fn notifications_arrive_once_each_even_after_the_receiver_was_down() {
     ids.dedup();
     assert_eq!(ids.len(), 3, "each post names its event");
 }
+
+/// Approvers' channels hear of a request waiting for them; the break-glass channels of a
+/// command run without its approvals, with the reason and how to review it.
+#[tokio::test]
+async fn approvers_and_break_glass_channels_are_told() {
+    let approvers_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (mut approvers, _a) = receiver(approvers_port);
+    let alerts_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (mut alerts, _b) = receiver(alerts_port);
+    let h = Harness::start_with(move |config| {
+        let channels = &mut config.notify.channels;
+        channels.insert(
+            "rct-approvals".into(),
+            format!("http://127.0.0.1:{approvers_port}/hook"),
+        );
+        channels.insert(
+            "rct-alerts".into(),
+            format!("http://127.0.0.1:{alerts_port}/hook"),
+        );
+    })
+    .await;
+    let olga = h.operator("olga", &["sre_team", "sre_oncall"]).await;
+    let value = |s: &str| support::value(proto::value::Kind::String(s.into()));
+    let delete = |reason: &str| {
+        let mut request = support::run(
+            "workloads/delete",
+            "_",
+            [("namespace", value("shop")), ("deployment", value("cart"))],
+            "INC-7",
+        );
+        if let Some(proto::submission::Request::Run(run)) = &mut request.request {
+            run.break_glass = reason.into();
+        }
+        request
+    };
+    let waiting = delete("");
+    h.submit(&olga, &waiting).await;
+    let broken = delete("INC-9 the shop is down");
+    h.submit(&olga, &broken).await;
+
+    let told = within(&mut approvers).await;
+    assert!(told.text.contains("Approval needed"), "{}", told.text);
+    assert!(
+        told.text
+            .contains(&format!("rct approve {}", waiting.command_id)),
+        "{}",
+        told.text
+    );
+    let told = within(&mut alerts).await;
+    assert!(told.text.contains("BREAK-GLASS"), "{}", told.text);
+    assert!(
+        told.text.contains("INC-9 the shop is down"),
+        "{}",
+        told.text
+    );
+    assert!(
+        told.text
+            .contains(&format!("rct review {}", broken.command_id)),
+        "{}",
+        told.text
+    );
+    // Each was told once: nothing else reaches these channels.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(approvers.try_recv().is_err());
+    assert!(alerts.try_recv().is_err());
+}
+
+async fn within(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Received>) -> Received {
+    tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("a post")
+        .unwrap()
+}

@@ -977,6 +977,47 @@ impl Runner {
         let Some((tower_spec, operation)) = served.catalog.operation(&name) else {
             return invalid(format!("{name} is not in catalog {}", served.version));
         };
+        // Approvals are checked here too, not taken on admission's word: each approver's own
+        // signature over this very request's digest, by a certificate admission issued.
+        if let Some(rule) = &operation.approvals {
+            let trusted = self
+                .verifier
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let checked = if command.break_glass.is_empty() {
+                rct_bus::approval::verify(command, rule, None, &trusted)
+            } else {
+                match &operation.break_glass {
+                    Some(glass) => rct_bus::approval::verify_break_glass(command, glass, &trusted)
+                        .map(|requester| vec![requester]),
+                    None => Err("it broke the glass, which the operation does not allow".into()),
+                }
+            };
+            match checked {
+                Ok(approvers) => {
+                    let names: Vec<&str> = approvers
+                        .iter()
+                        .map(|a| a.operator.email.as_str())
+                        .collect();
+                    if command.break_glass.is_empty() {
+                        tracing::info!(approvers = %names.join(", "), "approvals verified");
+                    } else {
+                        tracing::warn!(requester = %names.join(", "), reason = %command.break_glass, "run by breaking the glass: no approvals");
+                    }
+                }
+                Err(why) => {
+                    return Checked::End(Box::new(failed(
+                        "approvals_invalid",
+                        format!(
+                            "{name} needs {} approvals from {}, and {why}: it was not run",
+                            rule.required,
+                            rule.approver_groups.join(", ")
+                        ),
+                    )));
+                }
+            }
+        }
         let given = match self.open_secrets(command, operation) {
             Ok(given) => given,
             Err(kind) => return Checked::End(kind),

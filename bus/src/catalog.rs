@@ -113,6 +113,68 @@ pub struct Operation {
     /// Channels told when it starts, ends or is refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notify: Vec<String>,
+    /// Who else must sign off before it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvals: Option<Approvals>,
+    /// Who may run it at once, skipping approvals (and freeze windows), with a reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub break_glass: Option<BreakGlass>,
+}
+
+/// An operation's break-glass rule: members of `groups` (who must also be allowed to run it)
+/// may run it without its approvals, with a reason; `notify` channels are told, and the
+/// command waits for someone else's review.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BreakGlass {
+    /// Who may break the glass.
+    pub groups: Vec<String>,
+    /// Channels told when someone does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<String>,
+}
+
+/// An operation's approval rule: `required` distinct members of `approver_groups` sign off on
+/// exactly the request (its digest) within `ttl` of its arrival.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Approvals {
+    /// How many distinct approvers.
+    pub required: u32,
+    /// Members of any of these groups may approve or deny.
+    pub approver_groups: Vec<String>,
+    /// Channels told when a request waits for approvals.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<String>,
+    /// Whether the requester may be one of the approvers.
+    #[serde(default)]
+    pub allow_self: bool,
+    /// How long the request waits for its approvals.
+    #[serde(default = "default_approval_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+/// Longest an approval rule may let a request wait.
+pub const LONGEST_APPROVAL_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn default_approval_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl Approvals {
+    /// The rule as events and commands record it.
+    pub fn to_proto(&self) -> proto::ApprovalRule {
+        proto::ApprovalRule {
+            required: self.required,
+            approver_groups: self.approver_groups.clone(),
+            allow_self: self.allow_self,
+        }
+    }
+
+    /// Whether someone in `groups` may approve.
+    pub fn admits(&self, groups: &[String]) -> bool {
+        self.approver_groups.iter().any(|g| groups.contains(g))
+    }
 }
 
 fn default_deadline() -> Duration {
@@ -349,6 +411,21 @@ impl Catalog {
             .collect()
     }
 
+    /// What a request for `name` was checked against, as a short digest of the tower's and
+    /// the operation's JSON: two catalogs with the same fingerprint for an operation check its
+    /// requests alike (a request waiting for approvals ends when it changes). `None` when
+    /// there is no such operation.
+    pub fn fingerprint(&self, name: &OperationName) -> Option<String> {
+        let (tower, operation) = self.operation(name)?;
+        let json = serde_json::to_vec(&(tower, operation)).expect("a catalog always serializes");
+        Some(
+            Sha256::digest(&json)[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        )
+    }
+
     /// The tower and operation named `name`.
     pub fn operation(&self, name: &OperationName) -> Option<(&TowerSpec, &Operation)> {
         let operation = self.operations.get(&name.to_string())?;
@@ -487,6 +564,39 @@ impl Catalog {
                 problem(
                     &[&at[..], &["justification", "pattern"]].concat(),
                     format!("bad regular expression: {e}"),
+                );
+            }
+            if let Some(rule) = &operation.approvals {
+                let at = [&at[..], &["approvals"]].concat();
+                if rule.required == 0 {
+                    problem(
+                        &at,
+                        "required is 0: remove `approvals` for an operation that needs none".into(),
+                    );
+                }
+                if rule.approver_groups.is_empty() {
+                    problem(
+                        &at,
+                        "approver_groups is empty: nobody could approve this operation".into(),
+                    );
+                }
+                if rule.ttl.is_zero() || rule.ttl > LONGEST_APPROVAL_WAIT {
+                    problem(
+                        &at,
+                        format!(
+                            "ttl {} must be longer than zero and at most {}",
+                            humantime::format_duration(rule.ttl),
+                            humantime::format_duration(LONGEST_APPROVAL_WAIT)
+                        ),
+                    );
+                }
+            }
+            if let Some(rule) = &operation.break_glass
+                && rule.groups.is_empty()
+            {
+                problem(
+                    &[&at[..], &["break_glass"]].concat(),
+                    "groups is empty: nobody could break the glass; remove `break_glass`".into(),
                 );
             }
             if operation.deadline.is_zero() || operation.timeout.is_zero() {

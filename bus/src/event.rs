@@ -11,7 +11,9 @@ use crate::{Error, Result, proto};
 pub enum EventKind {
     /// Admission's verdict: `Admitted` or `Rejected`. One per command.
     Decision,
-    /// A sign-off by an approver.
+    /// A verified request waiting for approvals. One per command.
+    Pending,
+    /// A sign-off (or a denial) by an approver.
     Approval,
     /// An agent's `Started`. One per command: whoever writes it runs the command.
     Claim,
@@ -27,8 +29,9 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind, in lifecycle order.
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 8] = [
         EventKind::Decision,
+        EventKind::Pending,
         EventKind::Approval,
         EventKind::Claim,
         EventKind::Progress,
@@ -41,6 +44,7 @@ impl EventKind {
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Decision => "decision",
+            EventKind::Pending => "pending",
             EventKind::Approval => "approval",
             EventKind::Claim => "claim",
             EventKind::Progress => "progress",
@@ -55,7 +59,7 @@ impl EventKind {
     pub fn is_single_slot(self) -> bool {
         matches!(
             self,
-            EventKind::Decision | EventKind::Claim | EventKind::Outcome
+            EventKind::Decision | EventKind::Pending | EventKind::Claim | EventKind::Outcome
         )
     }
 
@@ -74,6 +78,7 @@ impl EventKind {
     pub fn of(event: &proto::Event) -> Option<EventKind> {
         Some(match event.kind.as_ref()? {
             Kind::Rejected(_) | Kind::Admitted(_) => EventKind::Decision,
+            Kind::Pending(_) => EventKind::Pending,
             Kind::Approval(_) => EventKind::Approval,
             Kind::Started(_) => EventKind::Claim,
             Kind::Progress(_) => EventKind::Progress,
@@ -98,7 +103,7 @@ impl FromStr for EventKind {
             .ok_or_else(|| Error::InvalidName {
                 what: "event kind",
                 value: s.to_owned(),
-                reason: "must be one of decision, approval, claim, progress, log, cancel, outcome",
+                reason: "must be one of decision, pending, approval, claim, progress, log, cancel, outcome",
             })
     }
 }
@@ -157,7 +162,7 @@ pub fn rejection_code_name(code: i32) -> &'static str {
         .map_or("unspecified", |(_, name)| name)
 }
 
-const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 14] = [
+const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 21] = [
     (proto::RejectionCode::Malformed, "malformed"),
     (proto::RejectionCode::Unauthenticated, "unauthenticated"),
     (proto::RejectionCode::BadSignature, "bad_signature"),
@@ -175,6 +180,13 @@ const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 14] = [
     (proto::RejectionCode::UnknownCommand, "unknown_command"),
     (proto::RejectionCode::TooLarge, "too_large"),
     (proto::RejectionCode::TooMany, "too_many"),
+    (proto::RejectionCode::Denied, "denied"),
+    (proto::RejectionCode::ApprovalExpired, "approval_expired"),
+    (proto::RejectionCode::CatalogChanged, "catalog_changed"),
+    (proto::RejectionCode::NotPending, "not_pending"),
+    (proto::RejectionCode::DigestMismatch, "digest_mismatch"),
+    (proto::RejectionCode::AlreadyApproved, "already_approved"),
+    (proto::RejectionCode::SelfApproval, "self_approval"),
 ];
 
 #[cfg(test)]
@@ -190,15 +202,38 @@ mod tests {
     }
 
     #[test]
-    fn only_decision_claim_and_outcome_are_single_slot() {
+    fn only_decision_pending_claim_and_outcome_are_single_slot() {
         let single: Vec<_> = EventKind::ALL
             .into_iter()
             .filter(|k| k.is_single_slot())
             .collect();
         assert_eq!(
             single,
-            [EventKind::Decision, EventKind::Claim, EventKind::Outcome]
+            [
+                EventKind::Decision,
+                EventKind::Pending,
+                EventKind::Claim,
+                EventKind::Outcome
+            ]
         );
+    }
+
+    #[test]
+    fn every_rejection_code_has_its_protocol_name_in_lowercase() {
+        let mut named = 0;
+        for code in 1..1000 {
+            let Ok(known) = proto::RejectionCode::try_from(code) else {
+                continue;
+            };
+            let wanted = known
+                .as_str_name()
+                .strip_prefix("REJECTION_CODE_")
+                .unwrap()
+                .to_lowercase();
+            assert_eq!(rejection_code_name(code), wanted);
+            named += 1;
+        }
+        assert_eq!(named, REJECTION_CODE_NAMES.len());
     }
 
     #[test]

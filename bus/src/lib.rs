@@ -7,6 +7,8 @@
 //! - [`Subject`] and [`subject`]: the only place subjects are spelled.
 //! - [`KeyPair`], [`PublicKey`], [`Unverified`] → [`Verified`], [`Verifier`]: Ed25519 signing.
 //! - [`catalog`]: towers, operations, typed parameters and their checks.
+//! - [`certificate`]: operator certificates, the JWTs admission binds session keys with.
+//! - [`approval`]: the request digest approvers sign, and the check agents make of approvals.
 //! - [`provenance`]: who wrote a stored event: admission, or an agent admission certified.
 //! - [`sealed`]: secret parameter values, encrypted to a tower's recipients.
 //! - [`presence`]: what live agents write in the `rct_agents` bucket.
@@ -14,7 +16,9 @@
 //! - [`trace`]: W3C `traceparent`, carried from the CLI to every event of an operation.
 //! - [`text`]: text on record made safe to show, and what a justification may hold.
 
+pub mod approval;
 pub mod catalog;
+pub mod certificate;
 mod envelope;
 mod error;
 mod event;

@@ -239,6 +239,11 @@ pub fn events_of_kind(command_id: CommandId, kind: EventKind) -> String {
     format!("{ROOT}.{EVT}.*.*.{command_id}.{kind}")
 }
 
+/// `rct.evt.*.*.*.<kind>`: one kind of event of every command.
+pub fn events_of_every_command(kind: EventKind) -> String {
+    format!("{ROOT}.{EVT}.*.*.*.{kind}")
+}
+
 /// `rct.evt.<tower>.*.<command_id>.<kind>`: one kind of event written under one command's id
 /// in its tower, at any target.
 pub fn events_of_tower_command(tower: &Tower, command_id: CommandId, kind: EventKind) -> String {

@@ -72,10 +72,17 @@ pub fn printable(text: &str) -> Cow<'_, str> {
 /// Why `text` cannot be a justification, if it cannot: a justification is one line of
 /// printable characters, at most [`JUSTIFICATION_MAX`] of them.
 pub fn justification_problem(text: &str) -> Option<String> {
+    line_problem("the justification", text)
+}
+
+/// What is wrong with `text` (a reason given with a request, named `what` in the sentence)
+/// as a justification is held to: one line of printable text, at most
+/// [`JUSTIFICATION_MAX`] characters; `None` when it is fine.
+pub fn line_problem(what: &str, text: &str) -> Option<String> {
     if let Some((at, c)) = text.chars().enumerate().find(|(_, c)| !shown_as_is(*c)) {
         return Some(format!(
-            "the justification must be one line of printable text, and its character {} is {} \
-             (a control or formatting character)",
+            "{what} must be one line of printable text, and its character {} is {} (a \
+             control or formatting character)",
             at + 1,
             printable(&c.to_string())
         ));
@@ -83,8 +90,8 @@ pub fn justification_problem(text: &str) -> Option<String> {
     let length = text.chars().count();
     (length > JUSTIFICATION_MAX).then(|| {
         format!(
-            "the justification is {length} characters long; at most {JUSTIFICATION_MAX} are \
-             taken: give a ticket or incident reference and a short reason"
+            "{what} is {length} characters long; at most {JUSTIFICATION_MAX} are taken: give \
+             a ticket or incident reference and a short reason"
         )
     })
 }
@@ -138,6 +145,8 @@ fn clean_request(request: &mut Option<proto::Request>, max: usize) {
     clean_operator(&mut r.operator, max);
     clean(&mut r.justification, max);
     clean(&mut r.cancels, max);
+    clean(&mut r.approves, max);
+    clean(&mut r.break_glass, max);
     clean(&mut r.key_id, max);
     // Names too: a refusal records the names a submission gave.
     r.params = std::mem::take(&mut r.params)
@@ -173,6 +182,15 @@ pub fn make_printable_within(event: &mut proto::Event, max: usize) {
         Kind::Approval(a) => {
             clean_operator(&mut a.by, max);
             clean(&mut a.comment, max);
+            clean(&mut a.approval_id, max);
+        }
+        Kind::Pending(p) => {
+            clean_request(&mut p.request, max);
+            clean(&mut p.catalog_version, max);
+            clean(&mut p.fingerprint, max);
+            if let Some(rule) = &mut p.rule {
+                rule.approver_groups.iter_mut().for_each(|g| clean(g, max));
+            }
         }
         Kind::Started(s) => {
             clean(&mut s.agent, max);

@@ -56,6 +56,7 @@ fn samples() -> Vec<Vec<u8>> {
             )]
             .into(),
             dry_run: false,
+            break_glass: String::new(),
         })),
         ..Default::default()
     };

@@ -62,6 +62,7 @@ fn submission() -> proto::Submission {
             target: "prod-1".into(),
             params: params(),
             dry_run: true,
+            break_glass: String::new(),
         })),
     }
 }
@@ -98,6 +99,8 @@ fn commands_round_trip_with_the_operators_envelope_inside() {
         }),
         catalog_version: "v7".into(),
         submission: Some(envelope.clone()),
+        approvals: vec![envelope.clone()],
+        break_glass: "INC-9 the database is down".into(),
     };
     round_trip(command.clone());
 
@@ -126,6 +129,10 @@ fn every_event_kind_round_trips() {
         cancels: String::new(),
         submission_sequence: 42,
         key_id: "ed25519:0011223344556677".into(),
+        approves: String::new(),
+        deny: false,
+        review: false,
+        break_glass: String::new(),
     });
     let kinds = vec![
         Kind::Rejected(proto::Rejected {
@@ -134,17 +141,36 @@ fn every_event_kind_round_trips() {
             request: request.clone(),
         }),
         Kind::Admitted(proto::Admitted {
-            request,
+            request: request.clone(),
             deadline: at(2),
             timeout: Some(Duration {
                 seconds: 60,
                 nanos: 0,
             }),
             catalog_version: "v1".into(),
+            approvals: vec![7, 9],
+        }),
+        Kind::Pending(proto::Pending {
+            request: request.clone(),
+            rule: Some(proto::ApprovalRule {
+                required: 2,
+                approver_groups: vec!["dba_leads".into()],
+                allow_self: false,
+            }),
+            expires_at: at(4),
+            digest: vec![1; 32],
+            catalog_version: "v1".into(),
+            fingerprint: "00aa".into(),
+            submission: None,
         }),
         Kind::Approval(proto::Approval {
             by: operator(),
             comment: "ok".into(),
+            digest: vec![1; 32],
+            submission: None,
+            denied: false,
+            approval_id: "01JQ0000000000000000000001".into(),
+            review: true,
         }),
         Kind::Started(proto::Started {
             agent: "agent/traffic/prod-1/a".into(),
@@ -188,6 +214,7 @@ fn every_event_kind_round_trips() {
             Kind::Rejected(_) => "rejected",
             Kind::Admitted(_) => "admitted",
             Kind::Approval(_) => "approval",
+            Kind::Pending(_) => "pending",
             Kind::Started(_) => "started",
             Kind::Progress(_) => "progress",
             Kind::Log(_) => "log",

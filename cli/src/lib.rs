@@ -9,6 +9,7 @@
 
 /// One module per verb.
 pub mod commands {
+    pub mod approve;
     pub mod bench;
     pub mod chaos;
     pub mod context;
@@ -31,7 +32,7 @@ use clap::{Arg, ArgMatches, Args as _, CommandFactory, FromArgMatches, Parser, S
 use rct_bus::catalog::{Served, Type};
 use rct_bus::{OpName, OperationName, Tower};
 
-use crate::commands::{bench, chaos, context, dev, history, inspect, login, ops, run};
+use crate::commands::{approve, bench, chaos, context, dev, history, inspect, login, ops, run};
 use crate::exit::{Error, Exit};
 use crate::home::Home;
 use crate::remote::Global;
@@ -69,6 +70,12 @@ enum Verb {
     Show(inspect::One),
     /// Ask to cancel a running command.
     Cancel(inspect::CancelArgs),
+    /// Approve a request that waits for approvals (bound to its digest, shown first).
+    Approve(approve::Args),
+    /// Deny a request that waits for approvals: rct deny <id> -j WHY.
+    Deny(approve::Args),
+    /// Review a command run by breaking the glass (someone else than who broke it).
+    Review(approve::Args),
     /// The live agents, per tower and target.
     Agents(inspect::AgentsArgs),
     /// One line per command: what happened, who asked, why, how it went.
@@ -385,6 +392,9 @@ async fn dispatch(home: &Home, catalog: Option<&Served>, matches: ArgMatches) ->
         Verb::Status(args) => inspect::status(home, &global, args).await,
         Verb::Show(args) => inspect::show(home, &global, args).await,
         Verb::Cancel(args) => inspect::cancel(home, &global, args).await,
+        Verb::Approve(args) => approve::run(home, &global, args, false).await,
+        Verb::Deny(args) => approve::run(home, &global, args, true).await,
+        Verb::Review(args) => approve::review(home, &global, args).await,
         Verb::Agents(args) => inspect::agents(home, &global, args).await,
         Verb::History(args) => history::run(home, &global, args).await,
         Verb::Context(args) => context::run(home, args),

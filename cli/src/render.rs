@@ -202,23 +202,73 @@ fn describe_printable(event: &proto::Event) -> String {
     match kind {
         Kind::Admitted(a) => {
             let r = a.request.as_ref();
-            let what = match r.map(|r| r.cancels.as_str()) {
-                Some(cancels) if !cancels.is_empty() => format!("cancel of {cancels}"),
+            let what = match r {
+                Some(r) if !r.cancels.is_empty() => format!("cancel of {}", r.cancels),
+                Some(r) if !r.approves.is_empty() => format!(
+                    "{} of {}",
+                    if r.deny { "denial" } else { "approval" },
+                    r.approves
+                ),
                 _ => format!("{}{}", event.operation, on(&event.target)),
             };
+            let what = if a.approvals.is_empty() {
+                what
+            } else {
+                format!("{what}, with {} approvals,", a.approvals.len())
+            };
             format!(
-                "admitted {what} for {} ({}){}",
+                "admitted {what} for {} ({}){}{}",
                 operator(r.and_then(|r| r.operator.as_ref())),
                 r.map_or("", |r| r.justification.as_str()),
                 if r.is_some_and(|r| r.dry_run) {
                     ", dry run"
                 } else {
                     ""
+                },
+                match r.map(|r| r.break_glass.as_str()) {
+                    Some(reason) if !reason.is_empty() => {
+                        format!(", BREAK-GLASS without approvals: {reason}")
+                    }
+                    _ => String::new(),
                 }
             )
         }
         Kind::Rejected(r) => format!("rejected ({}): {}", rejection_code_name(r.code), r.message),
-        Kind::Approval(a) => format!("approved by {}", operator(a.by.as_ref())),
+        Kind::Approval(a) => format!(
+            "{} by {}{}",
+            if a.review {
+                "break-glass run reviewed"
+            } else if a.denied {
+                "denied"
+            } else {
+                "approved"
+            },
+            operator(a.by.as_ref()),
+            if a.comment.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", a.comment)
+            }
+        ),
+        Kind::Pending(p) => {
+            let rule = p.rule.clone().unwrap_or_default();
+            let r = p.request.as_ref();
+            format!(
+                "{}{} for {} ({}) waits for {} approval{} from {} until {}; digest {}",
+                event.operation,
+                on(&event.target),
+                operator(r.and_then(|r| r.operator.as_ref())),
+                r.map_or("", |r| r.justification.as_str()),
+                rule.required,
+                if rule.required == 1 { "" } else { "s" },
+                rule.approver_groups.join(", "),
+                p.expires_at
+                    .as_ref()
+                    .and_then(rct_streams::timestamp::to_datetime)
+                    .map_or_else(|| "?".into(), datetime),
+                rct_bus::approval::hex(&p.digest)
+            )
+        }
         Kind::Started(s) if s.without_running => {
             format!(
                 "taken by {} on {} to end it without running",
@@ -291,13 +341,17 @@ pub fn event_json(record: &Record) -> Value {
     });
     let body = match e.kind.as_ref() {
         Some(Kind::Admitted(a)) => {
-            json!({"type": "admitted", "request": request_json(a.request.as_ref()), "catalog_version": a.catalog_version})
+            json!({"type": "admitted", "request": request_json(a.request.as_ref()), "catalog_version": a.catalog_version, "approvals": a.approvals})
         }
         Some(Kind::Rejected(r)) => {
             json!({"type": "rejected", "code": rejection_code_name(r.code), "message": r.message, "request": request_json(r.request.as_ref())})
         }
         Some(Kind::Approval(a)) => {
-            json!({"type": "approval", "by": operator(a.by.as_ref()), "comment": a.comment})
+            json!({"type": if a.review { "review" } else if a.denied { "denial" } else { "approval" }, "by": operator(a.by.as_ref()), "comment": a.comment, "digest": rct_bus::approval::hex(&a.digest), "approval_id": a.approval_id})
+        }
+        Some(Kind::Pending(p)) => {
+            let rule = p.rule.clone().unwrap_or_default();
+            json!({"type": "pending", "request": request_json(p.request.as_ref()), "required": rule.required, "approver_groups": rule.approver_groups, "allow_self": rule.allow_self, "expires_at": p.expires_at.as_ref().and_then(rct_streams::timestamp::to_datetime).map(datetime), "digest": rct_bus::approval::hex(&p.digest), "catalog_version": p.catalog_version})
         }
         Some(Kind::Started(s)) => {
             json!({"type": "started", "agent": s.agent, "host": s.host, "without_running": s.without_running})
@@ -338,6 +392,10 @@ fn request_json(request: Option<&proto::Request>) -> Value {
         "params": params,
         "dry_run": r.dry_run,
         "cancels": r.cancels,
+        "approves": r.approves,
+        "deny": r.deny,
+        "review": r.review,
+        "break_glass": r.break_glass,
     })
 }
 
@@ -348,6 +406,8 @@ pub struct Live {
     output: Output,
     bar: Option<ProgressBar>,
     started: Option<OffsetDateTime>,
+    /// While the request waits for approvals: its rule and digest, and who approved so far.
+    waiting: Option<(proto::Pending, Vec<String>)>,
 }
 
 impl Live {
@@ -357,6 +417,7 @@ impl Live {
             output,
             bar: None,
             started: None,
+            waiting: None,
         }
     }
 
@@ -402,6 +463,33 @@ impl Live {
                 }
                 None => self.line(&describe(event)),
             },
+            Kind::Pending(p) => {
+                self.line(&describe(event));
+                self.line(&format!(
+                    "approvers: rct approve {id}   (or rct deny {id} -j WHY)",
+                    id = printable(&event.command_id)
+                ));
+                self.waiting = Some((p.clone(), Vec::new()));
+            }
+            Kind::Approval(a) => {
+                let by = operator(a.by.as_ref());
+                let line = match &mut self.waiting {
+                    Some(_) if a.denied => describe(event),
+                    Some((p, approvers)) if a.digest == p.digest => {
+                        if !approvers.contains(&by) {
+                            approvers.push(by.clone());
+                        }
+                        let required = p.rule.as_ref().map_or(0, |r| r.required);
+                        format!(
+                            "{} of {required}: {} approved",
+                            approvers.len(),
+                            printable(&by)
+                        )
+                    }
+                    _ => describe(event),
+                };
+                self.line(&line);
+            }
             Kind::Log(l) => {
                 for line in l.line.split('\n') {
                     self.line(&format!("  {}", printable(line)));

@@ -17,7 +17,7 @@ use crate::exit::{Error, Result};
 /// The demo catalog and the workloads scripts, shipped inside the binary.
 const CATALOG: &str = include_str!("../../ops/catalog.example.yaml");
 const WORKLOADS: &str = include_str!("../../ops/examples/workloads.yaml");
-const SCRIPTS: [(&str, &str); 3] = [
+const SCRIPTS: [(&str, &str); 4] = [
     (
         "restart-workload.py",
         include_str!("../../ops/examples/restart-workload.py"),
@@ -26,6 +26,10 @@ const SCRIPTS: [(&str, &str); 3] = [
     (
         "set-secret.py",
         include_str!("../../ops/examples/set-secret.py"),
+    ),
+    (
+        "delete-workload.py",
+        include_str!("../../ops/examples/delete-workload.py"),
     ),
 ];
 /// util-linux's `setpriv`, which starts nats-server with a parent-death signal.

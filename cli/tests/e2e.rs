@@ -1305,3 +1305,120 @@ fn nothing_on_record_can_pass_for_something_else_on_a_terminal() {
         assert!(shown.contains(shown_fake), "{args:?}:\n{shown}");
     }
 }
+
+/// A home of its own for `user` on the dev stack (the context copied), logged in with
+/// `groups`: each approver signs as themselves.
+fn person(dev: &Dev, user: &str, groups: &str) -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dev.home().join("contexts.yaml"),
+        home.path().join("contexts.yaml"),
+    )
+    .unwrap();
+    let out = Command::new(RCT)
+        .args(["login", "--dev", "--user", user, "--groups", groups])
+        .env("RCT_HOME", home.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    ok(out);
+    home
+}
+
+fn rct_as(home: &tempfile::TempDir, args: &[&str]) -> Output {
+    Command::new(RCT)
+        .args(args)
+        .env("RCT_HOME", home.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Two approvers sign off from their own rct; the requester's watch shows each approval and
+/// the run; a refused approval says why with exit 3.
+#[test]
+fn a_request_runs_once_two_others_approve_it_from_their_own_rct() {
+    let dev = Dev::start();
+    let alice = person(&dev, "alice", "sre_team,sre_leads");
+    let bob = person(&dev, "bob", "sre_leads");
+    let carol = person(&dev, "carol", "app_leads");
+    let watch = Command::new(RCT)
+        .args([
+            "workloads",
+            "delete",
+            "--namespace",
+            "shop",
+            "--deployment",
+            "cart",
+            "-j",
+            "INC-7",
+        ])
+        .env("RCT_HOME", alice.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its id, once the request waits.
+    let started = Instant::now();
+    let id = loop {
+        if let Some(id) = pending_id(&dev) {
+            break id;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no request waits"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // The requester cannot approve their own request.
+    let out = rct_as(&alice, &["approve", &id, "--yes"]);
+    said(&out, 3, &out.stderr, "self_approval");
+    let out = ok(rct_as(&bob, &["approve", &id, "--yes"]));
+    assert!(
+        text(&out.stderr).contains("digest"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = rct_as(&bob, &["approve", &id, "--yes"]);
+    said(&out, 3, &out.stderr, "already_approved");
+    ok(rct_as(&carol, &["approve", &id, "--yes"]));
+
+    let out = watch.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        code(&out),
+        0,
+        "stdout:\n{}\nstderr:\n{stderr}",
+        text(&out.stdout)
+    );
+    assert!(stderr.contains("waits for 2 approvals"), "{stderr}");
+    assert!(stderr.contains("1 of 2: bob@"), "{stderr}");
+    assert!(stderr.contains("2 of 2: carol@"), "{stderr}");
+    assert!(
+        text(&out.stdout).contains("succeeded"),
+        "{}",
+        text(&out.stdout)
+    );
+    let shown = text(&ok(dev.rct(&["show", &id])).stdout);
+    assert!(shown.contains("approved by bob@"), "{shown}");
+    assert!(shown.contains("with 2 approvals"), "{shown}");
+}
+
+/// The id of the request waiting for approvals on the dev stack, if there is one.
+fn pending_id(dev: &Dev) -> Option<String> {
+    let url = format!("nats://127.0.0.1:{}", dev.port);
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(url).await.ok()?);
+        let stream = js.get_stream("RCT_EVT").await.ok()?;
+        let message = stream
+            .get_last_raw_message_by_subject("rct.evt.workloads._.*.pending")
+            .await
+            .ok()?;
+        let subject: rct_bus::Subject = message.subject.parse().ok()?;
+        match subject {
+            rct_bus::Subject::Event { command_id, .. } => Some(command_id.to_string()),
+            _ => None,
+        }
+    })
+}

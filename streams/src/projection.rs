@@ -32,7 +32,8 @@ use crate::timestamp::to_datetime;
 /// Where a command is in its lifecycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Phase {
-    /// Events were seen, but no decision yet.
+    /// Events were seen, but no decision yet (it may be waiting for approvals: see
+    /// [`CommandState::pending`]).
     Pending,
     /// Admission admitted it; no agent has claimed it yet.
     Admitted,
@@ -89,7 +90,11 @@ impl Phase {
             Kind::Expired(_) => Phase::Expired,
             Kind::Cancelled(_) => Phase::Cancelled,
             Kind::Unknown(_) => Phase::Unknown,
-            Kind::Approval(_) | Kind::Progress(_) | Kind::Log(_) | Kind::CancelRequested(_) => {
+            Kind::Pending(_)
+            | Kind::Approval(_)
+            | Kind::Progress(_)
+            | Kind::Log(_)
+            | Kind::CancelRequested(_) => {
                 return None;
             }
         })
@@ -142,6 +147,10 @@ pub struct CommandState {
     pub progress: Option<proto::Progress>,
     /// Who asked to cancel it, if anyone did.
     pub cancel_requested: Option<proto::CancelRequested>,
+    /// The request as it waited for approvals, when its operation needs them.
+    pub pending: Option<proto::Pending>,
+    /// Approvals and denials, in the order recorded.
+    pub approvals: Vec<proto::Approval>,
     /// The terminal outcome event.
     pub outcome: Option<Kind>,
     /// When the outcome was written.
@@ -180,6 +189,8 @@ impl CommandState {
             started_at: None,
             progress: None,
             cancel_requested: None,
+            pending: None,
+            approvals: Vec::new(),
             outcome: None,
             ended_at: None,
             refused: None,
@@ -284,6 +295,8 @@ impl CommandState {
             EventKind::Claim => self.started.is_none(),
             EventKind::Progress => sequence > self.progress_sequence,
             EventKind::Cancel => self.cancel_requested.is_none(),
+            EventKind::Pending => self.pending.is_none(),
+            EventKind::Approval => true,
             EventKind::Outcome => self.outcome.is_none() && !self.phase.is_terminal(),
             _ => false,
         };
@@ -314,6 +327,15 @@ impl CommandState {
                 }
                 (EventKind::Cancel, Some(Kind::CancelRequested(cancel))) => {
                     self.cancel_requested = Some(cancel);
+                }
+                (EventKind::Pending, Some(Kind::Pending(pending))) => {
+                    if self.request.is_none() {
+                        self.request.clone_from(&pending.request);
+                    }
+                    self.pending = Some(pending);
+                }
+                (EventKind::Approval, Some(Kind::Approval(approval))) => {
+                    self.approvals.push(approval);
                 }
                 (EventKind::Outcome, Some(kind)) => {
                     self.outcome = Some(kind);
@@ -381,15 +403,52 @@ impl CommandState {
         Some(self.request.as_ref()?.cancels.as_str()).filter(|c| !c.is_empty())
     }
 
+    /// The command this one approves or denies, when it is an approval or a denial.
+    pub fn approves(&self) -> Option<&str> {
+        Some(self.request.as_ref()?.approves.as_str()).filter(|c| !c.is_empty())
+    }
+
+    /// The break-glass reason, when it was run by breaking the glass.
+    pub fn break_glass(&self) -> Option<&str> {
+        Some(self.request.as_ref()?.break_glass.as_str()).filter(|r| !r.is_empty())
+    }
+
+    /// Who reviewed it after the fact (a break-glass command), in order.
+    pub fn reviewed_by(&self) -> Vec<&proto::Operator> {
+        self.approvals
+            .iter()
+            .filter(|a| a.review)
+            .filter_map(|a| a.by.as_ref())
+            .collect()
+    }
+
+    /// Who approved the request as it waits (distinct approvers, of its digest), in the order
+    /// they did.
+    pub fn approved_by(&self) -> Vec<&proto::Operator> {
+        let Some(pending) = &self.pending else {
+            return Vec::new();
+        };
+        let mut seen = HashSet::new();
+        self.approvals
+            .iter()
+            .filter(|a| !a.denied && !a.review && a.digest == pending.digest)
+            .filter_map(|a| a.by.as_ref())
+            .filter(|by| seen.insert(by.subject.clone()))
+            .collect()
+    }
+
     /// Whether the request asked for a dry run.
     pub fn dry_run(&self) -> bool {
         self.request.as_ref().is_some_and(|r| r.dry_run)
     }
 
     /// Whether nothing more will happen to it: it reached a terminal phase, or it is a cancel
-    /// request that was admitted (its effect is recorded on the command it cancels).
+    /// request, an approval or a denial that was admitted (its effect is recorded on the
+    /// command it names).
     pub fn is_over(&self) -> bool {
-        self.phase.is_terminal() || (self.phase == Phase::Admitted && self.cancels().is_some())
+        self.phase.is_terminal()
+            || (self.phase == Phase::Admitted
+                && (self.cancels().is_some() || self.approves().is_some()))
     }
 }
 

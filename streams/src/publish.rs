@@ -69,9 +69,10 @@ impl Outgoing {
 
     /// Event `n` of its kind for its command, on
     /// `rct.evt.<tower>.<target>.<command_id>.<kind>` (the target the event names, `_` when
-    /// it names none that is a token: see [`Target::of_event`]); decisions, claims and
-    /// outcomes are single-slot. A claim's or outcome's slot is its target's (another
-    /// target's writer cannot take it); a decision's spans every tower and target, so a
+    /// it names none that is a token: see [`Target::of_event`]); decisions, pending requests,
+    /// claims and outcomes are single-slot. A claim's or outcome's slot is its target's (another
+    /// target's writer cannot take it); a decision's (and a pending request's) spans every
+    /// tower and target, so a
     /// command id has one decision whatever its submissions name. `None` if the event has no body or
     /// a command id that is not a ULID.
     pub fn event(tower: &Tower, event: &proto::Event, n: impl std::fmt::Display) -> Option<Self> {
@@ -84,7 +85,7 @@ impl Outgoing {
         );
         outgoing.stream = Some(crate::topology::EVENT_STREAM);
         Some(match kind {
-            EventKind::Decision => {
+            EventKind::Decision | EventKind::Pending => {
                 outgoing.once_over(rct_bus::subject::events_of_kind(command_id, kind))
             }
             _ if kind.is_single_slot() => outgoing.once(),

@@ -367,6 +367,7 @@ pub fn run<const N: usize>(
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect::<BTreeMap<_, _>>(),
             dry_run: false,
+            break_glass: String::new(),
         })),
     }
 }
@@ -423,7 +424,7 @@ impl Harness {
         sequence: u64,
         key: Option<KeyPair>,
     ) -> rct_admission::decide::Verdict {
-        use rct_admission::decide::{Submitted, Verdict};
+        use rct_admission::decide::Submitted;
         let (subject, payload) = self.stored_submission(sequence).await;
         let verdict = self.replica_policy("admission/dead").decide(Submitted {
             subject: &subject,
@@ -431,11 +432,7 @@ impl Harness {
             sequence,
             now: OffsetDateTime::now_utc(),
         });
-        let (tower, decision) = match &verdict {
-            Verdict::Admit(a) => (&a.tower, &a.decision),
-            Verdict::Cancel(c) => (&c.tower, &c.decision),
-            Verdict::Reject(r) => (&r.tower, &r.decision),
-        };
+        let (tower, _, decision) = verdict.parts();
         let mut publisher = Publisher::new(self.js.clone());
         if let Some(key) = key {
             let signer = rct_bus::provenance::Signer::admission(key);

@@ -135,6 +135,8 @@ impl Harness {
             }),
             catalog_version: self.catalog_version.clone(),
             submission: None,
+            approvals: Vec::new(),
+            break_glass: String::new(),
         }
     }
 

@@ -258,6 +258,8 @@ async fn script(home: &Home) -> Result {
             outcome: None,
             ticket: None,
             limit: None,
+            break_glass: false,
+            unreviewed: false,
             utc: false,
             follow: false,
             output: Output::Text,

@@ -46,6 +46,12 @@ pub struct Args {
     /// Only the last N commands of the range (with --follow, then every new one).
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+    /// Only commands run by breaking the glass.
+    #[arg(long)]
+    pub break_glass: bool,
+    /// With --break-glass: only those nobody has reviewed yet (rct review closes one).
+    #[arg(long)]
+    pub unreviewed: bool,
     /// Times in UTC, read and shown (off a terminal and in JSON they are shown in UTC anyway).
     #[arg(long)]
     pub utc: bool,
@@ -140,7 +146,7 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
         if args.follow && pruned.elapsed() > PRUNE_EVERY {
             pruned = std::time::Instant::now();
             for state in folder.take_where(|s| nothing_took_it(s, OffsetDateTime::now_utc())) {
-                rows.push(&state);
+                push(&mut rows, &remote, &state).await;
             }
         }
         let record = match item {
@@ -208,12 +214,12 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
             folded => folded,
         };
         if let Folded::Ended(state) = folded {
-            rows.push(&state);
+            push(&mut rows, &remote, &state).await;
         }
     }
     // Still open at the end of the range (or when the follow ended).
     for state in folder.into_open() {
-        rows.push(&state);
+        push(&mut rows, &remote, &state).await;
     }
     if rows.finish() == 0 {
         eprintln!(
@@ -223,6 +229,8 @@ pub async fn run(home: &Home, global: &Global, args: Args) -> Result {
                 || args.operator.is_some()
                 || args.outcome.is_some()
                 || args.ticket.is_some()
+                || args.break_glass
+                || args.unreviewed
             {
                 " matching the filters"
             } else {
@@ -332,6 +340,14 @@ const OPEN: [&str; 2] = ["admitted", "running"];
 pub fn word(state: &CommandState) -> &'static str {
     if state.cancels().is_some() && state.phase == Phase::Admitted {
         "cancel"
+    } else if state.approves().is_some() && state.phase == Phase::Admitted {
+        if state.request.as_ref().is_some_and(|r| r.deny) {
+            "denial"
+        } else {
+            "approval"
+        }
+    } else if state.pending.is_some() && state.phase == Phase::Pending {
+        "awaiting approval"
     } else {
         state.phase.as_str()
     }
@@ -376,6 +392,7 @@ impl<'a> Rows<'a> {
                 .as_ref()
                 .is_none_or(|who| operator.is_some_and(|o| &o.email == who || &o.subject == who))
             && args.outcome.as_ref().is_none_or(|w| word(state) == w)
+            && (!(args.break_glass || args.unreviewed) || state.break_glass().is_some())
             && args.ticket.as_ref().is_none_or(|t| {
                 state
                     .request
@@ -521,6 +538,30 @@ fn or_dash(text: &str) -> &str {
     }
 }
 
+/// Shows `state` if it matches, and, with `--unreviewed`, nobody has reviewed it: reviews
+/// come after the run, often after the range, so they are read from its own history.
+async fn push(rows: &mut Rows<'_>, remote: &crate::remote::Remote, state: &CommandState) {
+    if rows.args.unreviewed && rows.matches(state) {
+        let filter = Filter {
+            command: Some(state.command_id),
+            kind: Some(rct_bus::EventKind::Approval),
+            ..Filter::default()
+        };
+        let filter = remote.checked(filter).await;
+        let reviewed = replay::records(&remote.js, &filter)
+            .await
+            .is_ok_and(|records| {
+                records.iter().any(|r| {
+                    state.owns(r) && matches!(&r.event.kind, Some(Kind::Approval(a)) if a.review)
+                })
+            });
+        if reviewed || !state.reviewed_by().is_empty() {
+            return;
+        }
+    }
+    rows.push(state);
+}
+
 /// What else the row should say: dry run, what it cancels, why it failed or was refused (with
 /// the refused request's parameters), how far it got.
 fn notes(state: &CommandState) -> String {
@@ -530,6 +571,18 @@ fn notes(state: &CommandState) -> String {
     }
     if let Some(cancelled) = state.cancels() {
         notes.push(format!("cancels {cancelled}"));
+    }
+    if state.break_glass().is_some() {
+        let reviewed: Vec<String> = state
+            .reviewed_by()
+            .iter()
+            .map(|o| render::operator(Some(o)))
+            .collect();
+        notes.push(if reviewed.is_empty() {
+            "BREAK-GLASS".into()
+        } else {
+            format!("BREAK-GLASS, reviewed by {}", reviewed.join(", "))
+        });
     }
     match (&state.outcome, &state.decision) {
         (Some(Kind::Failed(f)), _) => notes.push(f.code.clone()),

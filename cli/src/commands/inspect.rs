@@ -35,7 +35,7 @@ fn parse(id: &str) -> Result<CommandId> {
     })
 }
 
-async fn history(remote: &Remote, id: CommandId) -> Result<Vec<Record>> {
+pub(crate) async fn history(remote: &Remote, id: CommandId) -> Result<Vec<Record>> {
     let records = replay::records(&remote.js, &remote.checked(Filter::command(id)).await)
         .await
         .map_err(|e| Error::usage(format!("cannot read {id}: {e}")))?;
@@ -153,6 +153,38 @@ pub async fn show(home: &Home, global: &Global, args: One) -> Result {
     }
     if let Some(cancelled) = state.cancels() {
         field("cancels", cancelled);
+    }
+    if let Some(approved) = state.approves() {
+        let denies = request.is_some_and(|r| r.deny);
+        field(if denies { "denies" } else { "approves" }, approved);
+    }
+    if let Some(pending) = &state.pending {
+        let rule = pending.rule.clone().unwrap_or_default();
+        let by: Vec<String> = state
+            .approved_by()
+            .iter()
+            .map(|o| render::operator(Some(o)))
+            .collect();
+        field(
+            "approvals",
+            &format!(
+                "{} of {} from {}{}; until {}",
+                by.len(),
+                rule.required,
+                rule.approver_groups.join(", "),
+                if by.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", by.join(", "))
+                },
+                pending
+                    .expires_at
+                    .as_ref()
+                    .and_then(rct_streams::timestamp::to_datetime)
+                    .map_or_else(|| "?".into(), |at| zone.show(at))
+            ),
+        );
+        field("digest", &rct_bus::approval::hex(&pending.digest));
     }
     field("state", history::word(&state));
     if let Some(reason) = &state.refused {

@@ -45,6 +45,10 @@ pub struct Fire {
     /// Ask the agent to change nothing and say what it would do.
     #[arg(long)]
     pub dry_run: bool,
+    /// Run now without the operation's approvals, for this reason (only for its break-glass
+    /// groups): flagged everywhere, announced, and open until someone else reviews it.
+    #[arg(long, value_name = "REASON")]
+    pub break_glass: Option<String>,
     /// Print the command id, wait for admission's decision (at most $RCT_DECISION_WAIT), and
     /// exit: 0 admitted, 3 rejected, 4 not decided yet. Watch later with rct watch.
     #[arg(long)]
@@ -221,6 +225,13 @@ fn request(
         problems.extend(errors.into_iter().map(|e| e.message));
     }
     let justification = fire.justification.clone().unwrap_or_default();
+    let break_glass = fire.break_glass.clone().unwrap_or_default();
+    if fire.break_glass.is_some() && break_glass.trim().is_empty() {
+        problems.push("--break-glass needs a reason".into());
+    }
+    if let Some(problem) = rct_bus::text::line_problem("the break-glass reason", &break_glass) {
+        problems.push(problem);
+    }
     if let Err(message) = operation
         .justification
         .check(&name.to_string(), &justification)
@@ -260,6 +271,7 @@ fn request(
             target: checked.target.to_string(),
             params,
             dry_run: fire.dry_run,
+            break_glass,
         },
         justification,
     ))
@@ -448,8 +460,12 @@ pub async fn decision(remote: &Remote, stored: &Stored) -> Result {
     let wait = decision_wait();
     let own = async {
         while let Some(item) = events.next().await {
+            // A request waiting for approvals is answered for now: it waits.
             if let Ok(Item::Event(record)) = item
-                && record.kind == rct_bus::EventKind::Decision
+                && matches!(
+                    record.kind,
+                    rct_bus::EventKind::Decision | rct_bus::EventKind::Pending
+                )
                 && record.provenance.counts()
             {
                 return Some(render::shown(record));
@@ -531,6 +547,10 @@ async fn decided_late(remote: &Remote, id: CommandId) -> bool {
         .await
         .is_ok_and(|history| history.iter().any(|r| r.provenance.counts()))
 }
+
+/// How long past a request's approval expiry watching waits for admission to refuse it
+/// (admission looks over waiting requests every few seconds).
+const APPROVAL_GRACE: time::Duration = time::Duration::seconds(60);
 
 /// While no agent serves an admitted command, how often watching says so.
 const NO_AGENT_REMINDER: Duration = Duration::from_secs(15);
@@ -637,6 +657,8 @@ pub async fn watch_submitted(
     let mut look_for_agent = false;
     let mut record_of_admission = (String::new(), String::new());
     let mut told_undecided = false;
+    // While the request waits for approvals: until when.
+    let mut awaiting: Option<OffsetDateTime> = None;
     // While admitted and not started: (operation, target) whose agent is missing, and when
     // that was last said.
     let mut no_agent: Option<(String, String)> = None;
@@ -651,7 +673,9 @@ pub async fn watch_submitted(
                 .try_into()
                 .unwrap_or(Duration::ZERO)
         };
-        let wait = if !decided && !told_undecided {
+        let wait = if let (false, Some(at)) = (decided, awaiting) {
+            until(at + APPROVAL_GRACE)
+        } else if !decided && !told_undecided {
             decision_wait
         } else if !decided {
             until(decided_by)
@@ -684,6 +708,16 @@ pub async fn watch_submitted(
             item = tokio::time::timeout(wait, events.next()) => item,
         };
         let record = match item {
+            Err(_) if !decided && awaiting.is_some() => {
+                eprintln!(
+                    "{id} waited for approvals until {}, and no decision is on record since: \
+                     admission may be down. When it is back it decides it: refused as expired, \
+                     or admitted if its approvals were all in before then. Watch with: rct \
+                     watch {id}",
+                    awaiting.map_or_else(|| "?".into(), render::datetime)
+                );
+                return Ok(Exit::NotKnown);
+            }
             Err(_) if !decided && !told_undecided && OffsetDateTime::now_utc() < decided_by => {
                 told_undecided = true;
                 let what = match stored {
@@ -756,7 +790,11 @@ pub async fn watch_submitted(
                 continue;
             }
             Ok(Some(Ok(Item::CaughtUp))) => {
-                if !decided && stored.is_none() && OffsetDateTime::now_utc() >= decided_by {
+                if !decided
+                    && awaiting.is_none()
+                    && stored.is_none()
+                    && OffsetDateTime::now_utc() >= decided_by
+                {
                     return Err(Error::usage(format!(
                         "no such command: nothing is on record for {id}, and a request made \
                          then can no longer be decided"
@@ -777,7 +815,10 @@ pub async fn watch_submitted(
             );
             continue;
         }
-        let decision = record.kind == rct_bus::EventKind::Decision;
+        let decision = matches!(
+            record.kind,
+            rct_bus::EventKind::Decision | rct_bus::EventKind::Pending
+        );
         if own.is_none() && decision {
             own = Some((record.tower.clone(), record.target.clone()));
         }
@@ -803,6 +844,15 @@ pub async fn watch_submitted(
                 }
             }
             Some(Kind::Rejected(_)) => decided = true,
+            Some(Kind::Pending(p)) => {
+                awaiting = p
+                    .expires_at
+                    .as_ref()
+                    .and_then(to_datetime)
+                    .or(Some(OffsetDateTime::now_utc()));
+            }
+            // Approvals come before the decision.
+            Some(Kind::Approval(_)) => {}
             Some(Kind::Started(_)) => {
                 decided = true;
                 started = true;

@@ -724,6 +724,7 @@ impl Submitter {
                 target: target.to_owned(),
                 params: all,
                 dry_run: false,
+                break_glass: String::new(),
             })),
         };
         let envelope = match &self.operator {

@@ -1,0 +1,265 @@
+//! Approvals bound to exactly what runs: the request digest approvers sign, and the check an
+//! agent makes of the approvals a command carries before it runs it.
+//!
+//! The digest is SHA-256 over a fixed label and, each preceded by its length, the submission
+//! envelope's body bytes as admission received them, the catalog version it was checked
+//! against, and the plan's bytes when the operation plans. Anyone holding the stored bytes
+//! recomputes it; nothing is re-encoded.
+
+use std::collections::BTreeSet;
+
+use prost::Message as _;
+use sha2::{Digest, Sha256};
+
+use crate::catalog::{Approvals, BreakGlass};
+use crate::proto::{self, submission::Request};
+use crate::{Purpose, Unverified, Verifier, certificate};
+
+/// What the digest starts with: a digest made for anything else never matches.
+const LABEL: &[u8] = b"rct/v1/request-digest\n";
+
+/// The request digest of a submission body checked against `catalog_version`, with the plan
+/// the approvers saw, if any.
+pub fn digest(submission_body: &[u8], catalog_version: &str, plan: Option<&[u8]>) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(LABEL);
+    for part in [
+        submission_body,
+        catalog_version.as_bytes(),
+        plan.unwrap_or_default(),
+    ] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    hash.finalize().into()
+}
+
+/// A digest as people compare it: lowercase hex.
+pub fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One approval, checked: who signed it, and when they said they did.
+#[derive(Clone, Debug)]
+pub struct Approver {
+    /// As the approver's certificate names them.
+    pub operator: proto::Operator,
+    /// The approval's `requested_at`, seconds since the epoch.
+    pub at: u64,
+}
+
+/// Checks one signed approval: its certificate is admission's (by a key of `trusted`) and held
+/// when the approval was made, the signature is by the key the certificate binds, and it
+/// approves `command_id` of `operation` with `digest`. Returns the approver; the error says
+/// what is wrong, for people.
+pub fn verify_one(
+    envelope: &proto::SignedEnvelope,
+    operation: &str,
+    command_id: &str,
+    digest: &[u8],
+    trusted: &Verifier,
+) -> Result<Approver, String> {
+    let unverified = Unverified::from_proto(envelope.clone());
+    let certified = certificate::verify(unverified.certificate(), trusted)
+        .map_err(|e| format!("its certificate does not verify: {e}"))?;
+    if unverified.key_id() != certified.session_key.id().as_str() {
+        return Err("it is not signed by the key its certificate binds".into());
+    }
+    let verified = unverified
+        .verify_with(&certified.session_key, Purpose::Submission)
+        .map_err(|_| "its signature does not verify".to_owned())?;
+    let submission: proto::Submission = verified
+        .decode()
+        .map_err(|_| "its body is not a submission".to_owned())?;
+    let Some(Request::Approve(approve)) = &submission.request else {
+        return Err("it is not an approval".into());
+    };
+    if approve.command_id != command_id || submission.operation != operation {
+        return Err(format!(
+            "it approves {} of {}, not this command",
+            approve.command_id, submission.operation
+        ));
+    }
+    if approve.digest != digest {
+        return Err(format!(
+            "it approves digest {}, not this request's {}",
+            hex(&approve.digest),
+            hex(digest)
+        ));
+    }
+    let at = submission
+        .requested_at
+        .map(|t| u64::try_from(t.seconds).unwrap_or(0))
+        .ok_or("it carries no time")?;
+    certified
+        .holds_at(at)
+        .map_err(|e| format!("when it was made, {e}"))?;
+    Ok(Approver {
+        operator: certified.operator,
+        at,
+    })
+}
+
+/// Checks that `command` carries what `rule` asks: `required` approvals by distinct members
+/// of the approver groups, each verified by [`verify_one`] against the command's own request
+/// digest (recomputed from the submission it carries), none by the requester unless the rule
+/// allows it. Returns the approvers.
+pub fn verify(
+    command: &proto::Command,
+    rule: &Approvals,
+    plan: Option<&[u8]>,
+    trusted: &Verifier,
+) -> Result<Vec<Approver>, String> {
+    let submission = command
+        .submission
+        .as_ref()
+        .ok_or("the command carries no submission to recompute its digest from")?;
+    let digest = digest(&submission.body, &command.catalog_version, plan);
+    let requester = command.operator.as_ref().map(|o| o.subject.as_str());
+    let mut seen = BTreeSet::new();
+    let mut approvers = Vec::new();
+    for (n, envelope) in command.approvals.iter().enumerate() {
+        let approver = verify_one(
+            envelope,
+            &command.operation,
+            &command.command_id,
+            &digest,
+            trusted,
+        )
+        .map_err(|e| format!("approval {} of {}: {e}", n + 1, command.approvals.len()))?;
+        let name = &approver.operator.subject;
+        if !rule.admits(&approver.operator.groups) {
+            return Err(format!(
+                "approval {} is by {name}, who is in none of the approver groups ({})",
+                n + 1,
+                rule.approver_groups.join(", ")
+            ));
+        }
+        if !rule.allow_self && requester == Some(name.as_str()) {
+            return Err(format!("approval {} is by {name}, who asked for it", n + 1));
+        }
+        if seen.insert(name.clone()) {
+            approvers.push(approver);
+        }
+    }
+    if approvers.len() < rule.required as usize {
+        return Err(format!(
+            "it carries {} distinct approvals; the operation needs {}",
+            approvers.len(),
+            rule.required
+        ));
+    }
+    Ok(approvers)
+}
+
+/// Checks that a command run by breaking the glass was asked for by a member of the
+/// operation's break-glass groups: the submission it carries is signed by the session key its
+/// certificate binds, the certificate is admission's (by a key of `trusted`) and held when the
+/// request was made, and the request breaks the glass with the command's reason. Returns the
+/// requester.
+pub fn verify_break_glass(
+    command: &proto::Command,
+    rule: &BreakGlass,
+    trusted: &Verifier,
+) -> Result<Approver, String> {
+    let envelope = command
+        .submission
+        .as_ref()
+        .ok_or("the command carries no submission to check its requester with")?;
+    let unverified = Unverified::from_proto(envelope.clone());
+    let certified = certificate::verify(unverified.certificate(), trusted)
+        .map_err(|e| format!("its request's certificate does not verify: {e}"))?;
+    if unverified.key_id() != certified.session_key.id().as_str() {
+        return Err("its request is not signed by the key its certificate binds".into());
+    }
+    let submission: proto::Submission = unverified
+        .verify_with(&certified.session_key, Purpose::Submission)
+        .map_err(|_| "its request's signature does not verify".to_owned())?
+        .decode()
+        .map_err(|_| "its request is not a submission".to_owned())?;
+    let Some(Request::Run(run)) = &submission.request else {
+        return Err("its request runs nothing".into());
+    };
+    if submission.command_id != command.command_id || run.break_glass != command.break_glass {
+        return Err("its request is not this break-glass command's".into());
+    }
+    let at = submission
+        .requested_at
+        .map(|t| u64::try_from(t.seconds).unwrap_or(0))
+        .ok_or("its request carries no time")?;
+    certified
+        .holds_at(at)
+        .map_err(|e| format!("when it was asked for, {e}"))?;
+    if !rule
+        .groups
+        .iter()
+        .any(|g| certified.operator.groups.contains(g))
+    {
+        return Err(format!(
+            "it broke the glass for {}, who is in none of the break-glass groups ({})",
+            certified.operator.subject,
+            rule.groups.join(", ")
+        ));
+    }
+    Ok(Approver {
+        operator: certified.operator,
+        at,
+    })
+}
+
+/// The signed approval an approver sends for `command_id` of `operation` (the body of an
+/// envelope they sign as a submission).
+pub fn request(command_id: &str, digest: &[u8], deny: bool) -> Request {
+    if deny {
+        Request::Deny(proto::Deny {
+            command_id: command_id.to_owned(),
+            digest: digest.to_vec(),
+        })
+    } else {
+        Request::Approve(proto::Approve {
+            command_id: command_id.to_owned(),
+            digest: digest.to_vec(),
+        })
+    }
+}
+
+/// The digest a `pending` event's stored bytes give, recomputed (what an approver's client
+/// compares with the digest the event states before signing).
+pub fn recompute(pending: &proto::Pending, plan: Option<&[u8]>) -> Option<[u8; 32]> {
+    let submission = pending.submission.as_ref()?;
+    // The body must be a submission: a digest over anything else approves nothing.
+    proto::Submission::decode(submission.body.as_slice()).ok()?;
+    Some(digest(&submission.body, &pending.catalog_version, plan))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_digest_binds_every_part_and_where_one_ends() {
+        let base = digest(b"body", "v1", None);
+        assert_ne!(base, digest(b"body!", "v1", None));
+        assert_ne!(base, digest(b"body", "v2", None));
+        assert_ne!(base, digest(b"body", "v1", Some(b"plan")));
+        // Bytes moved from one part to the next make another digest.
+        assert_ne!(digest(b"bodyv", "1", None), base);
+        assert_eq!(base, digest(b"body", "v1", Some(b"")));
+    }
+
+    #[test]
+    fn a_pending_event_whose_bytes_are_no_submission_gives_no_digest() {
+        let mut pending = proto::Pending {
+            submission: Some(proto::SignedEnvelope {
+                body: vec![0xff, 0xff, 0xff],
+                ..Default::default()
+            }),
+            catalog_version: "v1".into(),
+            ..Default::default()
+        };
+        assert_eq!(recompute(&pending, None), None);
+        let body = proto::Submission::default().encode_to_vec();
+        pending.submission.as_mut().unwrap().body.clone_from(&body);
+        assert_eq!(recompute(&pending, None), Some(digest(&body, "v1", None)));
+    }
+}
