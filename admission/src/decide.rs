@@ -1116,6 +1116,8 @@ pub enum Tally {
     Expired(String),
     /// The catalog changed its operation while it waited.
     CatalogChanged(String),
+    /// It was cancelled while it waited.
+    Withdrawn(String),
 }
 
 /// `cluster=prod-1`: the target parameter and its value.

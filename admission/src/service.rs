@@ -883,7 +883,8 @@ impl Inner {
                 sequence,
                 at: stored_at,
             };
-            match self.record(&publisher, stored, verdict).await {
+            // On the heap: the slot reads and refusals make it large.
+            match Box::pin(self.record(&publisher, stored, verdict)).await {
                 Ok(outcome) => {
                     if let Err(e) = message.ack().await {
                         tracing::warn!(error = %e, sequence, "cannot acknowledge; it will be redelivered and completed again");
@@ -933,6 +934,27 @@ impl Inner {
                 Recorded::Before => "redelivered".into(),
             });
         };
+        // A request waiting for approvals holds its pending slot now and its decision slot
+        // later: a submission reusing its id (public once it waits) must not take that
+        // decision slot, nor may a request wait under the id of a decided command.
+        let other = match verdict {
+            Verdict::Park(_) => EventKind::Decision,
+            _ => EventKind::Pending,
+        };
+        if let Some(holder) = self
+            .own_event_on(&subject::events_of_kind(command_id, other))
+            .await?
+        {
+            if decided_request(&holder).map(|r| r.submission_sequence) != Some(sequence) {
+                return self
+                    .refuse_reused(publisher, stored, tower, &verdict, command_id, false)
+                    .await;
+            }
+            if other == EventKind::Pending {
+                // This very submission, parked when it came first.
+                return Ok("redelivered".into());
+            }
+        }
         // The decision's id names the submission (`<command>.decision.<submission seq>`): a
         // redelivery of this submission is recognised as ours, a replay of its command id by
         // another submission is not.
@@ -960,44 +982,56 @@ impl Inner {
                     self.complete(publisher, stored, &holder).await?;
                     return Ok("redelivered".into());
                 }
-                let refusal = match &verdict {
-                    Verdict::Reject(r) => r.decision.clone(),
-                    _ if forged => rejection(
-                        decision,
-                        RejectionCode::Duplicate,
-                        format!(
-                            "the decision slot of command id {command_id} holds a decision \
-                             admission did not sign (UNVERIFIED: see rct show {command_id}); \
-                             this submission was not admitted: check rct show before firing it \
-                             again, with a new id"
-                        ),
-                    ),
-                    _ => rejection(
-                        decision,
-                        RejectionCode::Duplicate,
-                        format!(
-                            "command id {command_id} was already used by another submission; \
-                             every submission needs a new id"
-                        ),
-                    ),
-                };
-                let code = match &refusal.kind {
-                    Some(Kind::Rejected(r)) => r.code,
-                    _ => RejectionCode::Duplicate as i32,
-                };
-                let recorded = self.record_elsewhere(
-                    publisher,
-                    tower,
-                    refusal,
-                    Some(stored),
-                    Some(command_id),
-                );
-                Ok(match recorded.await? {
-                    Recorded::Now => format!("rejected:{}", rejection_code_name(code)),
-                    Recorded::Before => "redelivered".into(),
-                })
+                self.refuse_reused(publisher, stored, tower, &verdict, command_id, forged)
+                    .await
             }
         }
+    }
+
+    /// Refuses a submission whose command id another submission holds (`forged`: a message
+    /// admission did not sign holds its slot), recorded under an id of admission's choosing.
+    /// A submission refused anyway keeps its own reason.
+    async fn refuse_reused(
+        &self,
+        publisher: &Publisher,
+        stored: Stored<'_>,
+        tower: &Tower,
+        verdict: &Verdict,
+        command_id: CommandId,
+        forged: bool,
+    ) -> Result<String, rct_streams::Error> {
+        let (_, _, decision) = verdict.parts();
+        let refusal = match verdict {
+            Verdict::Reject(r) => r.decision.clone(),
+            _ if forged => rejection(
+                decision,
+                RejectionCode::Duplicate,
+                format!(
+                    "the decision slot of command id {command_id} holds a decision \
+                     admission did not sign (UNVERIFIED: see rct show {command_id}); \
+                     this submission was not admitted: check rct show before firing it \
+                     again, with a new id"
+                ),
+            ),
+            _ => rejection(
+                decision,
+                RejectionCode::Duplicate,
+                format!(
+                    "command id {command_id} was already used by another submission; \
+                     every submission needs a new id"
+                ),
+            ),
+        };
+        let code = match &refusal.kind {
+            Some(Kind::Rejected(r)) => r.code,
+            _ => RejectionCode::Duplicate as i32,
+        };
+        let recorded =
+            self.record_elsewhere(publisher, tower, refusal, Some(stored), Some(command_id));
+        Ok(match recorded.await? {
+            Recorded::Now => format!("rejected:{}", rejection_code_name(code)),
+            Recorded::Before => "redelivered".into(),
+        })
     }
 
     /// A redelivered submission whose decision is already recorded (the replica that decided
@@ -1038,7 +1072,7 @@ impl Inner {
             publisher
                 .event(tower.tower(), &cancel, &holder.command_id)
                 .await?;
-            return Ok(());
+            return self.withdraw(publisher, tower.tower(), &cancel).await;
         }
         match self
             .policy()
@@ -1112,10 +1146,19 @@ impl Inner {
         let Some(claimed) = claimed else {
             return Ok(None);
         };
-        let subject = subject::events_of_kind(claimed, EventKind::Decision);
-        let holder = self.own_event_on(&subject).await?;
-        Ok(holder
-            .filter(|h| decided_request(h).map(|r| r.submission_sequence) == Some(stored.sequence)))
+        // Decided, or still waiting for approvals.
+        for kind in [EventKind::Decision, EventKind::Pending] {
+            let holder = self
+                .own_event_on(&subject::events_of_kind(claimed, kind))
+                .await?
+                .filter(|h| {
+                    decided_request(h).map(|r| r.submission_sequence) == Some(stored.sequence)
+                });
+            if holder.is_some() {
+                return Ok(holder);
+            }
+        }
+        Ok(None)
     }
 
     async fn follow_up(
@@ -1137,6 +1180,7 @@ impl Inner {
             }
             Verdict::Cancel(c) => {
                 publisher.event(&c.tower, &c.cancel, c.command_id).await?;
+                self.withdraw(publisher, &c.tower, &c.cancel).await?;
             }
             Verdict::Reject(_) => {}
         }
@@ -1150,18 +1194,23 @@ impl Inner {
         &self,
         mut cancel: crate::decide::Cancel,
     ) -> Result<Verdict, rct_streams::Error> {
-        let subject =
-            subject::events_of_tower_command(&cancel.tower, cancel.target, EventKind::Decision);
-        let target = self.own_event_on(&subject).await?;
+        let on = |kind| subject::events_of_tower_command(&cancel.tower, cancel.target, kind);
+        let mut target = self.own_event_on(&on(EventKind::Decision)).await?;
+        if target.is_none() {
+            // Still waiting for approvals: cancelling withdraws it (see `settle`).
+            target = self.own_event_on(&on(EventKind::Pending)).await?;
+        }
         let problem = match &target {
             None => Some(format!(
                 "there is no command {} of tower {}",
                 cancel.target, cancel.tower
             )),
-            Some(e) if !matches!(e.kind, Some(Kind::Admitted(_))) => Some(format!(
-                "command {} was rejected; there is nothing to cancel",
-                cancel.target
-            )),
+            Some(e) if !matches!(e.kind, Some(Kind::Admitted(_) | Kind::Pending(_))) => {
+                Some(format!(
+                    "command {} was rejected; there is nothing to cancel",
+                    cancel.target
+                ))
+            }
             Some(e) if e.operation != cancel.decision.operation => Some(format!(
                 "command {} is a {} command, not {}",
                 cancel.target, e.operation, cancel.decision.operation
@@ -1513,6 +1562,7 @@ impl Inner {
             return Ok(());
         }
         let approvals = self.approvals_of(&pending).await?;
+        let cancelled = self.own_event_on(&on(EventKind::Cancel)).await?;
         let policy = self.policy();
         let now = OffsetDateTime::now_utc();
         let refuse = |code: RejectionCode, message: String| {
@@ -1521,7 +1571,11 @@ impl Inner {
             refusal.source.clone_from(&policy.source);
             refusal
         };
-        let decision = match policy.tally(&pending, &approvals, now) {
+        let tally = match cancelled.as_ref().and_then(|e| e.kind.as_ref()) {
+            Some(Kind::CancelRequested(c)) => Tally::Withdrawn(withdrawn(c)),
+            _ => policy.tally(&pending, &approvals, now),
+        };
+        let decision = match tally {
             Tally::Waiting { .. } => return Ok(()),
             Tally::Approved(_) if what == Settle::Refusals => return Ok(()),
             Tally::Approved(counted) => match policy.approved(&pending, counted, now) {
@@ -1534,6 +1588,7 @@ impl Inner {
             Tally::Denied(message) => refuse(RejectionCode::Denied, message),
             Tally::Expired(message) => refuse(RejectionCode::ApprovalExpired, message),
             Tally::CatalogChanged(message) => refuse(RejectionCode::CatalogChanged, message),
+            Tally::Withdrawn(message) => refuse(RejectionCode::Withdrawn, message),
         };
         let holder = match publisher.event(tower, &decision, sequence).await? {
             Slot::Written(ack) if !ack.duplicate => {
@@ -1553,6 +1608,20 @@ impl Inner {
             self.publish_approved(publisher, &holder, p).await?;
         }
         Ok(())
+    }
+
+    /// After a cancel request is recorded: a command still waiting for approvals is ended,
+    /// withdrawn, instead of ever running.
+    async fn withdraw(
+        &self,
+        publisher: &Publisher,
+        tower: &Tower,
+        cancel: &proto::Event,
+    ) -> Result<(), rct_streams::Error> {
+        let Ok(id) = cancel.command_id.parse::<CommandId>() else {
+            return Ok(());
+        };
+        self.settle(publisher, tower, id, Settle::Refusals).await
     }
 
     /// Publishes the command an `Admitted` decision of a request that waited for approvals
@@ -1977,6 +2046,23 @@ struct Stored<'a> {
 enum Recorded {
     Now,
     Before,
+}
+
+/// Why a request cancelled while it waited for approvals was not run.
+fn withdrawn(cancel: &proto::CancelRequested) -> String {
+    let by = cancel.by.as_ref().map_or("someone", |o| {
+        if o.email.is_empty() {
+            &o.subject
+        } else {
+            &o.email
+        }
+    });
+    let why = if cancel.justification.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", cancel.justification)
+    };
+    format!("{by} cancelled it{why} while it waited for approvals; it was not run")
 }
 
 /// The request summary of a decision event.

@@ -358,6 +358,112 @@ async fn a_catalog_change_to_the_operation_ends_its_waiting_requests() {
     assert_eq!(h.commands().await, 0);
 }
 
+/// A waiting request's id is public: a submission that reuses it, admissible or not, must
+/// not take the decision slot the approvals will fill, nor may a request wait under the id of
+/// a command decided already.
+#[tokio::test]
+async fn a_waiting_request_keeps_its_id_whatever_else_claims_it() {
+    let h = Harness::start().await;
+    let alice = h.operator("alice", &["sre_team"]).await;
+    let bob = h.operator("bob", &["sre_leads"]).await;
+    let carol = h.operator("carol", &["app_leads"]).await;
+    let erin = h.operator("erin", &["sre_team"]).await;
+    let request = delete("cart");
+    let id = request.command_id.clone();
+    let sequence = h.submit(&alice, &request).await;
+    let p = pending(&h, &id).await;
+
+    // An admissible drain and a malformed one, both under the waiting request's id.
+    let mut admissible = drain("prod-1");
+    admissible.command_id.clone_from(&id);
+    let mut malformed = drain("prod-1");
+    malformed.command_id.clone_from(&id);
+    malformed.justification = String::new();
+    // Submissions are deduplicated by id for a while; after that, or from a client that
+    // sets another message id, they come through.
+    let again = async |claim: &proto::Submission, n: usize| {
+        let subject = rct_bus::Subject::submit(&claim.operation.parse().unwrap()).to_string();
+        let msg_id = format!("{}.again.{n}", claim.command_id);
+        h.publish_raw(&subject, &msg_id, erin.sign(claim).encode_to_vec())
+            .await
+    };
+    let claims = [
+        (admissible, C::Duplicate),
+        (malformed, C::JustificationRequired),
+    ];
+    for (n, (claim, expected)) in claims.iter().enumerate() {
+        let refused = h.decision(again(claim, n).await).await;
+        assert_ne!(refused.command_id, id, "it took the slot: {refused:?}");
+        assert_eq!(code(&refused), Some(*expected), "{refused:?}");
+    }
+    assert_eq!(h.commands().await, 0, "the drain ran under a waiting id");
+
+    // The approvals still admit the request.
+    approve(&h, &bob, &id, &p.digest, false).await;
+    approve(&h, &carol, &id, &p.digest, false).await;
+    let decision = h.decision(sequence).await;
+    assert!(
+        matches!(decision.kind, Some(Kind::Admitted(_))),
+        "{decision:?}"
+    );
+    h.command_on("rct.cmd.workloads._.delete").await;
+    assert_eq!(h.commands().await, 1);
+
+    // The other way round: a request that would wait, under a decided command's id.
+    let drained = drain("prod-2");
+    h.decision(h.submit(&erin, &drained).await).await;
+    let mut reuse = delete("web");
+    reuse.command_id.clone_from(&drained.command_id);
+    let refused = h.decision(again(&reuse, 2).await).await;
+    assert_eq!(code(&refused), Some(C::Duplicate), "{refused:?}");
+    let waiting = replay::slot(
+        &h.js,
+        &Tower::new("workloads").unwrap(),
+        &Target::none(),
+        drained.command_id.parse().unwrap(),
+        EventKind::Pending,
+    )
+    .await
+    .unwrap();
+    assert!(waiting.is_none(), "{waiting:?}");
+}
+
+/// Cancelling a request that waits for approvals withdraws it: it is refused on record,
+/// naming who cancelled it and why, and approvals after that count for nothing.
+#[tokio::test]
+async fn a_waiting_request_cancelled_is_withdrawn_and_never_runs() {
+    let h = Harness::start().await;
+    let alice = h.operator("alice", &["sre_team"]).await;
+    let bob = h.operator("bob", &["sre_leads"]).await;
+    let carol = h.operator("carol", &["app_leads"]).await;
+    let request = delete("cart");
+    let id = request.command_id.clone();
+    let sequence = h.submit(&alice, &request).await;
+    let p = pending(&h, &id).await;
+    approve(&h, &bob, &id, &p.digest, false).await;
+
+    let mut cancel = approval(&id, &[], false, "INC-77");
+    cancel.request = Some(proto::submission::Request::Cancel(proto::Cancel {
+        command_id: id.clone(),
+    }));
+    let cancelled = h.decision(h.submit(&alice, &cancel).await).await;
+    assert!(
+        matches!(cancelled.kind, Some(Kind::Admitted(_))),
+        "{cancelled:?}"
+    );
+    let decision = h.decision(sequence).await;
+    let (code, message) = rejection(&decision).unwrap();
+    assert_eq!(code, C::Withdrawn, "{message}");
+    assert!(
+        message.contains("alice") && message.contains("INC-77"),
+        "{message}"
+    );
+    let late = approve(&h, &carol, &id, &p.digest, false).await;
+    assert_eq!(self::code(&late), Some(C::NotPending));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.commands().await, 0);
+}
+
 /// Whether a handler changes nothing in a dry run is its own word: a dry run waits too.
 #[tokio::test]
 async fn a_dry_run_waits_for_approvals_too() {

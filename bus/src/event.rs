@@ -162,7 +162,7 @@ pub fn rejection_code_name(code: i32) -> &'static str {
         .map_or("unspecified", |(_, name)| name)
 }
 
-const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 21] = [
+const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 23] = [
     (proto::RejectionCode::Malformed, "malformed"),
     (proto::RejectionCode::Unauthenticated, "unauthenticated"),
     (proto::RejectionCode::BadSignature, "bad_signature"),
@@ -187,6 +187,8 @@ const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 21] = [
     (proto::RejectionCode::DigestMismatch, "digest_mismatch"),
     (proto::RejectionCode::AlreadyApproved, "already_approved"),
     (proto::RejectionCode::SelfApproval, "self_approval"),
+    (proto::RejectionCode::Frozen, "frozen"),
+    (proto::RejectionCode::Withdrawn, "withdrawn"),
 ];
 
 #[cfg(test)]

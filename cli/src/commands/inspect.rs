@@ -305,6 +305,14 @@ pub async fn cancel(home: &Home, global: &Global, args: CancelArgs) -> Result {
             eprintln!("{id} is cancelled");
             Ok(Exit::Ok)
         }
+        // Cancelled while it waited for approvals: refused, withdrawn, never run.
+        rct_streams::Phase::Rejected
+            if matches!(&state.decision, Some(proto::event::Kind::Rejected(r))
+                if r.code == proto::RejectionCode::Withdrawn as i32) =>
+        {
+            eprintln!("{id} is withdrawn: it waited for approvals and will not run");
+            Ok(Exit::Ok)
+        }
         phase if phase.is_terminal() => {
             eprintln!("{id} was not cancelled: it ended {phase} first");
             Ok(Exit::Failed)
