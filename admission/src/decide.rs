@@ -78,6 +78,19 @@ pub enum Verdict {
     /// Record an approval or a denial of another command (checked against that command's
     /// pending request by the service, which reads it).
     Approve(Approve),
+    /// Record the decision, and nothing more: a freeze started or ended.
+    Record(Record),
+}
+
+/// A decision that is the whole of what its submission asked for.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// The tower it is recorded under.
+    pub tower: Tower,
+    /// The submission's command id.
+    pub command_id: CommandId,
+    /// The `Admitted` decision.
+    pub decision: proto::Event,
 }
 
 impl Verdict {
@@ -91,6 +104,7 @@ impl Verdict {
             Verdict::Reject(r) => (&r.tower, r.command_id, &r.decision),
             Verdict::Park(p) => (&p.tower, Some(p.command_id), &p.pending),
             Verdict::Approve(a) => (&a.tower, Some(a.command_id), &a.decision),
+            Verdict::Record(r) => (&r.tower, Some(r.command_id), &r.decision),
         }
     }
 }
@@ -406,6 +420,16 @@ impl Policy {
             ));
         }
 
+        if subject_op.tower().as_str() == rct_bus::freeze::TOWER {
+            return self.freeze(
+                input.now,
+                draft,
+                &subject_op,
+                &identity,
+                command_id,
+                submission,
+            );
+        }
         let (tower_spec, operation) = self.catalog.operation(&subject_op).ok_or_else(|| {
             (
                 C::UnknownOperation,
@@ -595,12 +619,129 @@ impl Policy {
                     decision,
                 }))
             }
+            Some(Request::Freeze(_)) => Err((
+                C::Malformed,
+                format!(
+                    "a freeze request goes to {}/{}, not to an operation",
+                    rct_bus::freeze::TOWER,
+                    subject_op.tower()
+                ),
+            )),
             None => Err((
                 C::Malformed,
                 "the submission asks for nothing (neither run, cancel, approve, deny nor review)"
                     .to_owned(),
             )),
         }
+    }
+
+    /// `rct freeze start|end`: from a member of the catalog's `freeze_groups`, for a tower of
+    /// the catalog, justified, for at most [`rct_bus::freeze::LONGEST_FREEZE`]. Recorded with
+    /// the frozen tower as its target, so a tower's freezes are read from one subject.
+    fn freeze(
+        &self,
+        now: OffsetDateTime,
+        draft: &mut Draft,
+        name: &OperationName,
+        identity: &Identity,
+        command_id: CommandId,
+        submission: proto::Submission,
+    ) -> Result<Verdict, (RejectionCode, String)> {
+        use RejectionCode as C;
+        let frozen = name.op().as_str();
+        draft.target = frozen.to_owned();
+        let Some(Request::Freeze(freeze)) = submission.request else {
+            return Err((
+                C::Malformed,
+                format!("{name} takes only freeze requests (rct freeze start|end)"),
+            ));
+        };
+        if !self.catalog.towers.contains_key(frozen) {
+            return Err((
+                C::UnknownOperation,
+                format!("there is no tower {frozen} to freeze"),
+            ));
+        }
+        if !self
+            .catalog
+            .freeze_groups
+            .iter()
+            .any(|g| identity.groups.contains(g))
+        {
+            return Err((
+                C::Forbidden,
+                format!(
+                    "{} is not in any of the groups that may freeze towers: {}",
+                    identity.name(),
+                    if self.catalog.freeze_groups.is_empty() {
+                        "none (the catalog names no freeze_groups)".to_owned()
+                    } else {
+                        self.catalog.freeze_groups.join(", ")
+                    }
+                ),
+            ));
+        }
+        rct_bus::catalog::Justification {
+            required: true,
+            pattern: None,
+        }
+        .check(&name.to_string(), &submission.justification)
+        .map_err(|message| (C::JustificationRequired, message))?;
+        let until = if freeze.end {
+            None
+        } else {
+            let longest = rct_bus::freeze::LONGEST_FREEZE;
+            let duration = freeze
+                .duration
+                .and_then(|d| std::time::Duration::try_from(d).ok())
+                .filter(|d| !d.is_zero() && *d <= longest)
+                .ok_or_else(|| {
+                    (
+                        C::InvalidParams,
+                        format!(
+                            "a freeze lasts longer than zero and at most {} (rct freeze start \
+                             --for 2h)",
+                            humantime::format_duration(longest)
+                        ),
+                    )
+                })?;
+            Some(from_datetime(now + duration))
+        };
+        draft.request.freeze = Some(proto::FreezeRecord {
+            until,
+            end: freeze.end,
+        });
+        let decision = self.event(
+            &command_id.to_string(),
+            &draft.operation,
+            frozen,
+            now,
+            Kind::Admitted(proto::Admitted {
+                request: Some(draft.request.clone()),
+                catalog_version: self.catalog_version.clone(),
+                ..Default::default()
+            }),
+        );
+        Ok(Verdict::Record(Record {
+            tower: draft.tower.clone(),
+            command_id,
+            decision,
+        }))
+    }
+
+    /// The freeze in force for `tower` at `now`, if any: the catalog's windows and `recorded`
+    /// (the freezes started on record), the one that ends last.
+    pub fn frozen(
+        &self,
+        tower: &Tower,
+        now: OffsetDateTime,
+        recorded: &[rct_bus::freeze::Active],
+    ) -> Option<rct_bus::freeze::Active> {
+        let now = jiff::Timestamp::from_nanosecond(now.unix_timestamp_nanos()).ok()?;
+        rct_bus::freeze::active(&self.catalog.freezes, tower.as_str(), now)
+            .into_iter()
+            .chain(recorded.iter().filter(|a| now < a.until).cloned())
+            .max_by_key(|a| a.until)
     }
 
     #[allow(clippy::too_many_arguments)]

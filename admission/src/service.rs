@@ -917,6 +917,12 @@ impl Inner {
             Verdict::Cancel(cancel) => self.check_cancel_target(cancel).await?,
             // On the heap: its reads would make every submission's future large.
             Verdict::Approve(approve) => Box::pin(self.check_approval(approve)).await?,
+            Verdict::Admit(admit)
+                if decided_request(&admit.decision).is_some_and(|r| r.break_glass.is_empty()) =>
+            {
+                self.check_freeze(Verdict::Admit(admit)).await?
+            }
+            Verdict::Park(park) => self.check_freeze(Verdict::Park(park)).await?,
             other => other,
         };
         let (tower, command_id, decision) = verdict.parts();
@@ -1056,6 +1062,14 @@ impl Inner {
             return Box::pin(self.approval_follow_up(publisher, holder, &stored.message.payload))
                 .await;
         }
+        if admitted
+            .request
+            .as_ref()
+            .is_some_and(|r| r.freeze.is_some())
+        {
+            // A freeze is its decision.
+            return Ok(());
+        }
         let is_cancel = admitted
             .request
             .as_ref()
@@ -1182,9 +1196,61 @@ impl Inner {
                 publisher.event(&c.tower, &c.cancel, c.command_id).await?;
                 self.withdraw(publisher, &c.tower, &c.cancel).await?;
             }
-            Verdict::Reject(_) => {}
+            Verdict::Reject(_) | Verdict::Record(_) => {}
         }
         Ok(())
+    }
+
+    /// A run (not a break-glass one) of a tower in a freeze is refused `frozen`, naming the
+    /// freeze and when it ends; checked after everything else, so that a request refused
+    /// anyway says why.
+    async fn check_freeze(&self, verdict: Verdict) -> Result<Verdict, rct_streams::Error> {
+        let (tower, Some(command_id), decision) = verdict.parts() else {
+            return Ok(verdict);
+        };
+        match self.frozen(tower, OffsetDateTime::now_utc()).await? {
+            Some(freeze) => Ok(Verdict::Reject(Reject {
+                tower: tower.clone(),
+                command_id: Some(command_id),
+                decision: rejection(
+                    decision,
+                    RejectionCode::Frozen,
+                    freeze.refusal(&decision.operation),
+                ),
+            })),
+            None => Ok(verdict),
+        }
+    }
+
+    /// The freeze in force for `tower` at `now`: the catalog's windows, and the freezes
+    /// started on record (admission-signed `_freeze/<tower>` decisions of the last
+    /// [`rct_bus::freeze::LONGEST_FREEZE`]).
+    async fn frozen(
+        &self,
+        tower: &Tower,
+        now: OffsetDateTime,
+    ) -> Result<Option<rct_bus::freeze::Active>, rct_streams::Error> {
+        let longest = time::Duration::try_from(rct_bus::freeze::LONGEST_FREEZE)
+            .unwrap_or(time::Duration::DAY);
+        let filter = rct_streams::replay::Filter {
+            tower: Some(Tower::new(rct_bus::freeze::TOWER).expect("a tower name")),
+            target: Some(rct_bus::Target::of_event(tower.as_str())),
+            since: Some(now - longest),
+            trust: Some(self.trust.clone()),
+            ..Default::default()
+        };
+        let decisions: Vec<proto::Event> = rct_streams::replay::records(&self.js, &filter)
+            .await?
+            .into_iter()
+            .filter(|r| r.provenance == Provenance::Verified(Author::Admission))
+            .map(|r| r.event)
+            .collect();
+        let at = jiff::Timestamp::from_nanosecond(now.unix_timestamp_nanos())
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        let recorded: Vec<_> = rct_bus::freeze::recorded(&decisions, at)
+            .into_iter()
+            .collect();
+        Ok(self.policy().frozen(tower, now, &recorded))
     }
 
     /// A cancel request must name an admitted command of the same operation. Its decision
@@ -1578,6 +1644,13 @@ impl Inner {
         let decision = match tally {
             Tally::Waiting { .. } => return Ok(()),
             Tally::Approved(_) if what == Settle::Refusals => return Ok(()),
+            Tally::Approved(_) if let Some(freeze) = self.frozen(tower, now).await? => refuse(
+                RejectionCode::Frozen,
+                format!(
+                    "it was approved, but {}",
+                    freeze.refusal(&pending.operation)
+                ),
+            ),
             Tally::Approved(counted) => match policy.approved(&pending, counted, now) {
                 Ok(decision) => decision,
                 Err(reason) => refuse(
@@ -2098,6 +2171,7 @@ fn label(verdict: &Verdict) -> String {
         Verdict::Approve(a) if a.deny => "deny".into(),
         Verdict::Approve(a) if a.review => "review".into(),
         Verdict::Approve(_) => "approve".into(),
+        Verdict::Record(_) => "freeze".into(),
         Verdict::Reject(r) => format!("rejected:{}", rejection_code_name(r.code() as i32)),
     }
 }
@@ -2126,6 +2200,12 @@ fn log_decision(verdict: &Verdict) {
             approves = %a.target,
             deny = a.deny,
             "approval recorded"
+        ),
+        Verdict::Record(r) => tracing::info!(
+            command_id = %r.command_id,
+            operation = %r.decision.operation,
+            tower = %r.decision.target,
+            "freeze recorded"
         ),
         Verdict::Reject(r) => tracing::info!(
             command_id = %r.decision.command_id,

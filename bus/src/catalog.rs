@@ -34,6 +34,12 @@ pub struct Catalog {
     /// Operations by `<tower>/<op>`.
     #[serde(default)]
     pub operations: BTreeMap<String, Operation>,
+    /// Windows in which the operations of their towers are refused (`frozen`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freezes: Vec<crate::freeze::Freeze>,
+    /// Who may start and end freezes on record (`rct freeze start|end`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freeze_groups: Vec<String>,
 }
 
 /// The catalog as admission serves it in the `rct_catalog` bucket.
@@ -480,6 +486,25 @@ impl Catalog {
                 message,
             })
         };
+        for (n, freeze) in self.freezes.iter().enumerate() {
+            let n = n.to_string();
+            if let Some(message) = freeze.problem() {
+                problem(&["freezes", n.as_str()], message);
+            }
+            for tower in freeze
+                .towers
+                .iter()
+                .filter(|t| !self.towers.contains_key(*t))
+            {
+                problem(
+                    &["freezes", n.as_str()],
+                    format!(
+                        "freeze {} names tower {tower}, which is not in the catalog",
+                        freeze.name
+                    ),
+                );
+            }
+        }
         for (name, tower) in &self.towers {
             let at = ["towers", name.as_str()];
             if let Err(e) = Tower::new(name.as_str()) {

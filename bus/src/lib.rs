@@ -22,6 +22,7 @@ pub mod certificate;
 mod envelope;
 mod error;
 mod event;
+pub mod freeze;
 mod id;
 mod key;
 mod name;

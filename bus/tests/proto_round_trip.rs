@@ -133,6 +133,10 @@ fn every_event_kind_round_trips() {
         deny: false,
         review: false,
         break_glass: String::new(),
+        freeze: Some(proto::FreezeRecord {
+            until: at(3),
+            end: false,
+        }),
     });
     let kinds = vec![
         Kind::Rejected(proto::Rejected {

@@ -14,6 +14,7 @@ pub mod commands {
     pub mod chaos;
     pub mod context;
     pub mod dev;
+    pub mod freeze;
     pub mod history;
     pub mod inspect;
     pub mod login;
@@ -32,7 +33,9 @@ use clap::{Arg, ArgMatches, Args as _, CommandFactory, FromArgMatches, Parser, S
 use rct_bus::catalog::{Served, Type};
 use rct_bus::{OpName, OperationName, Tower};
 
-use crate::commands::{approve, bench, chaos, context, dev, history, inspect, login, ops, run};
+use crate::commands::{
+    approve, bench, chaos, context, dev, freeze, history, inspect, login, ops, run,
+};
 use crate::exit::{Error, Exit};
 use crate::home::Home;
 use crate::remote::Global;
@@ -76,6 +79,9 @@ enum Verb {
     Deny(approve::Args),
     /// Review a command run by breaking the glass (someone else than who broke it).
     Review(approve::Args),
+    /// Freeze a tower for a while, end that freeze, or list the freezes in force.
+    #[command(subcommand)]
+    Freeze(freeze::Args),
     /// The live agents, per tower and target.
     Agents(inspect::AgentsArgs),
     /// One line per command: what happened, who asked, why, how it went.
@@ -395,6 +401,7 @@ async fn dispatch(home: &Home, catalog: Option<&Served>, matches: ArgMatches) ->
         Verb::Approve(args) => approve::run(home, &global, args, false).await,
         Verb::Deny(args) => approve::run(home, &global, args, true).await,
         Verb::Review(args) => approve::review(home, &global, args).await,
+        Verb::Freeze(args) => Box::pin(freeze::run(home, &global, args)).await,
         Verb::Agents(args) => inspect::agents(home, &global, args).await,
         Verb::History(args) => history::run(home, &global, args).await,
         Verb::Context(args) => context::run(home, args),

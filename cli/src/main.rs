@@ -2,5 +2,6 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    rct_cli::main().await
+    // On the heap: one future holds whichever verb runs.
+    Box::pin(rct_cli::main()).await
 }

@@ -209,6 +209,17 @@ fn describe_printable(event: &proto::Event) -> String {
                     if r.deny { "denial" } else { "approval" },
                     r.approves
                 ),
+                Some(r) if r.freeze.as_ref().is_some_and(|f| f.end) => {
+                    format!("the end of the freeze of {}", event.target)
+                }
+                Some(r) if let Some(until) = r.freeze.as_ref().and_then(|f| f.until.as_ref()) => {
+                    format!(
+                        "a freeze of {} until {}",
+                        event.target,
+                        rct_bus::freeze::timestamp(until)
+                            .map_or_else(|| "(no time)".to_owned(), |t| t.to_string())
+                    )
+                }
                 _ => format!("{}{}", event.operation, on(&event.target)),
             };
             let what = if a.approvals.is_empty() {

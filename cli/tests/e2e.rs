@@ -1337,6 +1337,68 @@ fn rct_as(home: &tempfile::TempDir, args: &[&str]) -> Output {
 /// Two approvers sign off from their own rct; the requester's watch shows each approval and
 /// the run; a refused approval says why with exit 3.
 #[test]
+fn a_tower_frozen_from_rct_refuses_its_operations_until_the_freeze_ends() {
+    let dev = Dev::start();
+    let sre = person(&dev, "erin", "sre_team");
+    let lead = person(&dev, "bob", "sre_leads");
+    let drain = [
+        "traffic",
+        "drain-cluster",
+        "--cluster",
+        "prod-1",
+        "-j",
+        "SRE-101",
+    ];
+
+    let out = rct_as(
+        &sre,
+        &[
+            "freeze", "start", "--tower", "traffic", "--for", "1h", "-j", "INC-1",
+        ],
+    );
+    said(&out, 3, &out.stderr, "forbidden");
+    let out = ok(rct_as(
+        &lead,
+        &[
+            "freeze", "start", "--tower", "traffic", "--for", "1h", "-j", "INC-1",
+        ],
+    ));
+    assert!(
+        text(&out.stderr).contains("traffic is frozen for 1h"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = rct_as(&sre, &drain);
+    said(&out, 3, &out.stderr, "frozen");
+    assert!(text(&out.stderr).contains("bob@"), "{}", text(&out.stderr));
+    let out = ok(rct_as(&sre, &["freeze", "list"]));
+    assert!(
+        text(&out.stdout).contains("traffic"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = ok(rct_as(&sre, &["history"]));
+    assert!(
+        text(&out.stdout).contains("freeze"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    ok(rct_as(
+        &lead,
+        &["freeze", "end", "--tower", "traffic", "-j", "INC-1"],
+    ));
+    let out = ok(rct_as(&sre, &["freeze", "list"]));
+    assert!(
+        !text(&out.stdout).contains("traffic"),
+        "{}",
+        text(&out.stdout)
+    );
+    ok(rct_as(&sre, &drain));
+}
+
+#[test]
 fn a_request_runs_once_two_others_approve_it_from_their_own_rct() {
     let dev = Dev::start();
     let alice = person(&dev, "alice", "sre_team,sre_leads");

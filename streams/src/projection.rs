@@ -444,11 +444,13 @@ impl CommandState {
 
     /// Whether nothing more will happen to it: it reached a terminal phase, or it is a cancel
     /// request, an approval or a denial that was admitted (its effect is recorded on the
-    /// command it names).
+    /// command it names), or a freeze started or ended (its decision is all of it).
     pub fn is_over(&self) -> bool {
         self.phase.is_terminal()
             || (self.phase == Phase::Admitted
-                && (self.cancels().is_some() || self.approves().is_some()))
+                && (self.cancels().is_some()
+                    || self.approves().is_some()
+                    || self.request.as_ref().is_some_and(|r| r.freeze.is_some())))
     }
 }
 

@@ -346,6 +346,10 @@ pub fn word(state: &CommandState) -> &'static str {
         } else {
             "approval"
         }
+    } else if let Some(freeze) = state.request.as_ref().and_then(|r| r.freeze.as_ref())
+        && state.phase == Phase::Admitted
+    {
+        if freeze.end { "unfreeze" } else { "freeze" }
     } else if state.pending.is_some() && state.phase == Phase::Pending {
         "awaiting approval"
     } else {
