@@ -1098,48 +1098,52 @@ impl Inner {
                     .send(Outgoing::new(subject, msg_id, command))
                     .await?;
             }
-            // It can never be published: end it on record, through its claim slot (so no
-            // agent can be running it), instead of leaving it admitted for ever.
             Err(reason) => {
                 tracing::error!(
                     command_id = %holder.command_id,
                     %reason,
                     "admitted earlier, but its command cannot be rebuilt from the record; ending it unrun"
                 );
-                let Ok(operation) = holder.operation.parse::<rct_bus::OperationName>() else {
-                    return Ok(());
-                };
-                let event = |kind| proto::Event {
-                    at: Some(rct_streams::timestamp::from_datetime(
-                        OffsetDateTime::now_utc(),
-                    )),
-                    source: self.policy().source.clone(),
-                    kind: Some(kind),
-                    ..holder.clone()
-                };
-                let claim = event(Kind::Started(proto::Started {
-                    agent: self.policy().source.clone(),
-                    host: String::new(),
-                    target: holder.target.clone(),
-                    without_running: true,
-                }));
-                let failed = event(Kind::Failed(proto::Failed {
-                    code: "not_published".into(),
-                    message: format!(
-                        "it was admitted, but its command cannot be rebuilt from the record \
-                         ({reason}); it was not run: submit it again"
-                    ),
-                }));
-                rct_streams::journal::end_unrun(
-                    publisher,
-                    operation.tower(),
-                    &claim,
-                    &failed,
-                    "admission",
-                )
-                .await?;
+                self.end_unpublished(publisher, holder, &reason).await?;
             }
         }
+        Ok(())
+    }
+
+    /// An admitted command that can never be published: ended on record, through its claim
+    /// slot (so no agent can be running it), instead of left admitted for ever.
+    async fn end_unpublished(
+        &self,
+        publisher: &Publisher,
+        holder: &proto::Event,
+        reason: &str,
+    ) -> Result<(), rct_streams::Error> {
+        let Ok(operation) = holder.operation.parse::<rct_bus::OperationName>() else {
+            return Ok(());
+        };
+        let event = |kind| proto::Event {
+            at: Some(rct_streams::timestamp::from_datetime(
+                OffsetDateTime::now_utc(),
+            )),
+            source: self.policy().source.clone(),
+            kind: Some(kind),
+            ..holder.clone()
+        };
+        let claim = event(Kind::Started(proto::Started {
+            agent: self.policy().source.clone(),
+            host: String::new(),
+            target: holder.target.clone(),
+            without_running: true,
+        }));
+        let failed = event(Kind::Failed(proto::Failed {
+            code: "not_published".into(),
+            message: format!(
+                "it was admitted, but its command cannot be built from the record ({reason}); \
+                 it was not run: submit it again"
+            ),
+        }));
+        rct_streams::journal::end_unrun(publisher, operation.tower(), &claim, &failed, "admission")
+            .await?;
         Ok(())
     }
 
@@ -1716,8 +1720,9 @@ impl Inner {
                     ..
                 })) => approvals.push(envelope),
                 _ => {
-                    tracing::error!(command_id = %decision.command_id, sequence, "an approval the decision lists cannot be read; the command is not published");
-                    return Ok(());
+                    tracing::error!(command_id = %decision.command_id, sequence, "an approval the decision lists cannot be read; ending it unrun");
+                    let reason = format!("approval event {sequence} cannot be read");
+                    return self.end_unpublished(publisher, decision, &reason).await;
                 }
             }
         }
@@ -1736,7 +1741,8 @@ impl Inner {
                     .await?;
             }
             Err(reason) => {
-                tracing::error!(command_id = %decision.command_id, %reason, "an approved command cannot be built from the record");
+                tracing::error!(command_id = %decision.command_id, %reason, "an approved command cannot be built from the record; ending it unrun");
+                self.end_unpublished(publisher, decision, &reason).await?;
             }
         }
         Ok(())

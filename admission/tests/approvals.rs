@@ -181,14 +181,19 @@ async fn a_request_waits_for_two_others_and_runs_with_their_signatures() {
     assert_eq!(command.command_id, id);
     assert_eq!(command.approvals.len(), 2);
     let catalog = rct_admission::catalog::load(&support::catalog_path()).unwrap();
-    let rule = catalog.operations[DELETE].approvals.clone().unwrap();
+    let operation = &catalog.operations[DELETE];
+    let rule = operation.approvals.clone().unwrap();
     let trusted = Verifier::new([h.admission_key.clone()]);
-    let approvers = rct_bus::approval::verify(&command, &rule, None, &trusted).unwrap();
+    let requester =
+        rct_bus::approval::requested(&command, &catalog.towers["workloads"], operation, &trusted)
+            .unwrap();
+    assert_eq!(requester.operator.subject, "alice");
+    let approvers = rct_bus::approval::verify(&command, &requester, &rule, None, &trusted).unwrap();
     assert_eq!(approvers.len(), 2);
     // One approval fewer, and it does not verify.
     let mut short = command.clone();
     short.approvals.pop();
-    assert!(rct_bus::approval::verify(&short, &rule, None, &trusted).is_err());
+    assert!(rct_bus::approval::verify(&short, &requester, &rule, None, &trusted).is_err());
     assert_eq!(h.commands().await, 1);
 }
 
@@ -603,13 +608,16 @@ async fn breaking_the_glass_skips_approvals_for_its_groups_only_and_opens_a_revi
         .unwrap();
     assert_eq!(command.break_glass, "INC-9 db down");
     let catalog = rct_admission::catalog::load(&support::catalog_path()).unwrap();
-    let glass = catalog.operations[DELETE].break_glass.clone().unwrap();
-    let requester = rct_bus::approval::verify_break_glass(
+    let operation = &catalog.operations[DELETE];
+    let glass = operation.break_glass.clone().unwrap();
+    let requester = rct_bus::approval::requested(
         &command,
-        &glass,
+        &catalog.towers["workloads"],
+        operation,
         &Verifier::new([h.admission_key.clone()]),
     )
     .unwrap();
+    rct_bus::approval::verify_break_glass(&requester, &glass).unwrap();
     assert_eq!(requester.operator.subject, "alice");
 
     // The review: not by who broke the glass, once by someone else, and only of such a run.

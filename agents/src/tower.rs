@@ -985,15 +985,20 @@ impl Runner {
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
-            let checked = if command.break_glass.is_empty() {
-                rct_bus::approval::verify(command, rule, None, &trusted)
-            } else {
-                match &operation.break_glass {
-                    Some(glass) => rct_bus::approval::verify_break_glass(command, glass, &trusted)
-                        .map(|requester| vec![requester]),
-                    None => Err("it broke the glass, which the operation does not allow".into()),
-                }
-            };
+            let checked = rct_bus::approval::requested(command, tower_spec, operation, &trusted)
+                .and_then(|requester| {
+                    if command.break_glass.is_empty() {
+                        rct_bus::approval::verify(command, &requester, rule, None, &trusted)
+                    } else {
+                        match &operation.break_glass {
+                            Some(glass) => rct_bus::approval::verify_break_glass(&requester, glass)
+                                .map(|()| vec![requester]),
+                            None => {
+                                Err("it broke the glass, which the operation does not allow".into())
+                            }
+                        }
+                    }
+                });
             match checked {
                 Ok(approvers) => {
                     let names: Vec<&str> = approvers

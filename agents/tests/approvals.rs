@@ -21,6 +21,7 @@ fn string(s: &str) -> proto::Value {
 
 /// Someone who can sign approvals: a session key and a certificate for it from `issuer`.
 struct Approver {
+    subject: String,
     session: KeyPair,
     certificate: String,
 }
@@ -35,6 +36,7 @@ fn approver(issuer: &KeyPair, subject: &str, groups: &[&str]) -> Approver {
     };
     let certificate = certificate::issue(issuer, &operator, session.public(), now, now, now + 600);
     Approver {
+        subject: subject.into(),
         session,
         certificate,
     }
@@ -75,11 +77,11 @@ fn delete(h: &Harness) -> (proto::Command, Vec<u8>) {
             ("deployment", string("cart")),
         ],
     );
-    let alice = KeyPair::generate();
+    let alice = approver(&h.admission, "alice", &["sre_team"]);
     let submission = proto::Submission {
         command_id: command.command_id.clone(),
         operation: command.operation.clone(),
-        justification: "INC-7".into(),
+        justification: command.justification.clone(),
         requested_at: command.admitted_at,
         expires_at: command.deadline,
         client: None,
@@ -90,7 +92,10 @@ fn delete(h: &Harness) -> (proto::Command, Vec<u8>) {
             break_glass: String::new(),
         })),
     };
-    let envelope = alice.sign(Purpose::Submission, submission.encode_to_vec());
+    let mut envelope = alice
+        .session
+        .sign(Purpose::Submission, submission.encode_to_vec());
+    envelope.certificate = alice.certificate.clone();
     let digest = rct_bus::approval::digest(&envelope.body, &command.catalog_version, None);
     command.submission = Some(envelope);
     (command, digest.to_vec())
@@ -185,6 +190,8 @@ async fn a_command_runs_only_with_approvals_that_verify() {
     for (case, approvals, runs) in &cases {
         let (mut command, digest) = delete(&h);
         command.approvals = approvals(&command, &digest);
+        // Admitted once the approvals are in.
+        command.admitted_at = Some(from_datetime(OffsetDateTime::now_utc()));
         h.publish(&command).await;
         let records = h.finished(&command.command_id).await;
         let ran = ledger.executions(&command.command_id);
@@ -204,13 +211,49 @@ async fn a_command_runs_only_with_approvals_that_verify() {
         assert_eq!(ran, usize::from(*runs), "{case}");
     }
 
+    // Good approvals, of a request other than the command: what runs is what was approved.
+    type Change = fn(&mut proto::Command);
+    let changes: [(&str, Change); 5] = [
+        ("other parameters", |c| {
+            c.params.insert("deployment".into(), string("web"));
+        }),
+        ("a dry run turned real", |c| {
+            c.dry_run = !c.dry_run;
+        }),
+        ("another justification", |c| {
+            c.justification = "INC-8".into();
+        }),
+        ("another requester", |c| {
+            c.operator.as_mut().unwrap().subject = "zed".into();
+        }),
+        ("approvals made after it was admitted", |c| {
+            c.admitted_at.as_mut().unwrap().seconds -= 60;
+        }),
+    ];
+    for (case, change) in changes {
+        let (mut command, digest) = delete(&h);
+        command.approvals = vec![
+            bob.approve(&command, &digest),
+            carol.approve(&command, &digest),
+        ];
+        command.admitted_at = Some(from_datetime(OffsetDateTime::now_utc()));
+        change(&mut command);
+        h.publish(&command).await;
+        let records = h.finished(&command.command_id).await;
+        let Kind::Failed(f) = outcome(&records) else {
+            panic!("{case}: {records:?}");
+        };
+        assert_eq!(f.code, "approvals_invalid", "{case}");
+        assert_eq!(ledger.executions(&command.command_id), 0, "{case}");
+    }
+
     // The requester approving their own request does not count either.
     let (mut command, digest) = delete(&h);
-    command.operator.as_mut().unwrap().subject = "alice".into();
     command.approvals = vec![
         bob.approve(&command, &digest),
         alice.approve(&command, &digest),
     ];
+    command.admitted_at = Some(from_datetime(OffsetDateTime::now_utc()));
     h.publish(&command).await;
     let records = h.finished(&command.command_id).await;
     let Kind::Failed(f) = outcome(&records) else {
@@ -227,7 +270,7 @@ fn broken_glass(h: &Harness, requester: &Approver, asked: &str, reason: &str) ->
     let submission = proto::Submission {
         command_id: command.command_id.clone(),
         operation: command.operation.clone(),
-        justification: "INC-9".into(),
+        justification: command.justification.clone(),
         requested_at: command.admitted_at,
         expires_at: command.deadline,
         client: None,
@@ -244,6 +287,12 @@ fn broken_glass(h: &Harness, requester: &Approver, asked: &str, reason: &str) ->
     envelope.certificate = requester.certificate.clone();
     command.submission = Some(envelope);
     command.break_glass = reason.into();
+    command
+        .operator
+        .as_mut()
+        .unwrap()
+        .subject
+        .clone_from(&requester.subject);
     command
 }
 

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use prost::Message as _;
 use sha2::{Digest, Sha256};
 
-use crate::catalog::{Approvals, BreakGlass};
+use crate::catalog::{Approvals, BreakGlass, Operation, Secrets, TowerSpec};
 use crate::proto::{self, submission::Request};
 use crate::{Purpose, Unverified, Verifier, certificate};
 
@@ -48,10 +48,45 @@ pub struct Approver {
     pub at: u64,
 }
 
-/// Checks one signed approval: its certificate is admission's (by a key of `trusted`) and held
-/// when the approval was made, the signature is by the key the certificate binds, and it
-/// approves `command_id` of `operation` with `digest`. Returns the approver; the error says
-/// what is wrong, for people.
+/// A signed submission from an operator, checked: its certificate is admission's (by a key
+/// of `trusted`), the signature is by the key the certificate binds, and the certificate held
+/// when the submission says it was made. `what` names it in errors ("it", "its request").
+fn signed(
+    envelope: &proto::SignedEnvelope,
+    trusted: &Verifier,
+    what: &str,
+) -> Result<(Approver, proto::Submission), String> {
+    let unverified = Unverified::from_proto(envelope.clone());
+    let certified = certificate::verify(unverified.certificate(), trusted)
+        .map_err(|e| format!("{what}: its certificate does not verify: {e}"))?;
+    if unverified.key_id() != certified.session_key.id().as_str() {
+        return Err(format!(
+            "{what} is not signed by the key its certificate binds"
+        ));
+    }
+    let submission: proto::Submission = unverified
+        .verify_with(&certified.session_key, Purpose::Submission)
+        .map_err(|_| format!("{what}: its signature does not verify"))?
+        .decode()
+        .map_err(|_| format!("{what} is not a submission"))?;
+    let at = submission
+        .requested_at
+        .map(|t| u64::try_from(t.seconds).unwrap_or(0))
+        .ok_or_else(|| format!("{what} carries no time"))?;
+    certified
+        .holds_at(at)
+        .map_err(|e| format!("when {what} was made, {e}"))?;
+    Ok((
+        Approver {
+            operator: certified.operator,
+            at,
+        },
+        submission,
+    ))
+}
+
+/// Checks one signed approval (see [`signed`]): it approves `command_id` of `operation` with
+/// `digest`. Returns the approver; the error says what is wrong, for people.
 pub fn verify_one(
     envelope: &proto::SignedEnvelope,
     operation: &str,
@@ -59,18 +94,7 @@ pub fn verify_one(
     digest: &[u8],
     trusted: &Verifier,
 ) -> Result<Approver, String> {
-    let unverified = Unverified::from_proto(envelope.clone());
-    let certified = certificate::verify(unverified.certificate(), trusted)
-        .map_err(|e| format!("its certificate does not verify: {e}"))?;
-    if unverified.key_id() != certified.session_key.id().as_str() {
-        return Err("it is not signed by the key its certificate binds".into());
-    }
-    let verified = unverified
-        .verify_with(&certified.session_key, Purpose::Submission)
-        .map_err(|_| "its signature does not verify".to_owned())?;
-    let submission: proto::Submission = verified
-        .decode()
-        .map_err(|_| "its body is not a submission".to_owned())?;
+    let (approver, submission) = signed(envelope, trusted, "it")?;
     let Some(Request::Approve(approve)) = &submission.request else {
         return Err("it is not an approval".into());
     };
@@ -87,25 +111,68 @@ pub fn verify_one(
             hex(digest)
         ));
     }
-    let at = submission
-        .requested_at
-        .map(|t| u64::try_from(t.seconds).unwrap_or(0))
-        .ok_or("it carries no time")?;
-    certified
-        .holds_at(at)
-        .map_err(|e| format!("when it was made, {e}"))?;
-    Ok(Approver {
-        operator: certified.operator,
-        at,
-    })
+    Ok(approver)
 }
 
-/// Checks that `command` carries what `rule` asks: `required` approvals by distinct members
-/// of the approver groups, each verified by [`verify_one`] against the command's own request
-/// digest (recomputed from the submission it carries), none by the requester unless the rule
-/// allows it. Returns the approvers.
+/// Checks that `command` is what its requester signed: the submission it carries verifies
+/// (see [`signed`]), names the command's id, operation, justification, dry run and
+/// break-glass reason, its parameters checked against `operation` give the command's
+/// parameters and target, and its requester is the command's. What approvers approved is
+/// that submission, so a command that differs from it in anything that runs is refused.
+/// Returns the requester.
+pub fn requested(
+    command: &proto::Command,
+    tower: &TowerSpec,
+    operation: &Operation,
+    trusted: &Verifier,
+) -> Result<Approver, String> {
+    let envelope = command
+        .submission
+        .as_ref()
+        .ok_or("the command carries no request to check it against")?;
+    let (requester, submission) = signed(envelope, trusted, "its request")?;
+    let Some(Request::Run(run)) = &submission.request else {
+        return Err("its request runs nothing".into());
+    };
+    let differs = |what: &str| Err(format!("its {what} is not the one its requester signed"));
+    if submission.command_id != command.command_id {
+        return differs("id");
+    }
+    if submission.operation != command.operation {
+        return differs("operation");
+    }
+    if submission.justification != command.justification {
+        return differs("justification");
+    }
+    if run.dry_run != command.dry_run {
+        return differs("dry-run flag");
+    }
+    if run.break_glass != command.break_glass {
+        return differs("break-glass reason");
+    }
+    if command.operator.as_ref().map(|o| &o.subject) != Some(&requester.operator.subject) {
+        return differs("requester");
+    }
+    let checked = operation
+        .check(tower, &run.params, Secrets::Sealed)
+        .map_err(|_| "its requester's parameters do not check against the catalog".to_owned())?;
+    if checked.params != command.params {
+        return differs("parameters");
+    }
+    if checked.target.as_str() != command.target {
+        return differs("target");
+    }
+    Ok(requester)
+}
+
+/// Checks that `command`, asked for by `requester` (see [`requested`]), carries what `rule`
+/// asks: `required` approvals by distinct members of the approver groups, each verified by
+/// [`verify_one`] against the command's own request digest (recomputed from the submission it
+/// carries), none by the requester unless the rule allows it, none made after the command was
+/// admitted. Returns the approvers.
 pub fn verify(
     command: &proto::Command,
+    requester: &Approver,
     rule: &Approvals,
     plan: Option<&[u8]>,
     trusted: &Verifier,
@@ -115,7 +182,9 @@ pub fn verify(
         .as_ref()
         .ok_or("the command carries no submission to recompute its digest from")?;
     let digest = digest(&submission.body, &command.catalog_version, plan);
-    let requester = command.operator.as_ref().map(|o| o.subject.as_str());
+    let admitted_at = command
+        .admitted_at
+        .map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0));
     let mut seen = BTreeSet::new();
     let mut approvers = Vec::new();
     for (n, envelope) in command.approvals.iter().enumerate() {
@@ -135,8 +204,15 @@ pub fn verify(
                 rule.approver_groups.join(", ")
             ));
         }
-        if !rule.allow_self && requester == Some(name.as_str()) {
+        if !rule.allow_self && requester.operator.subject == *name {
             return Err(format!("approval {} is by {name}, who asked for it", n + 1));
+        }
+        // Seconds, as signed: a second's grace for the clocks of approver and admission.
+        if approver.at > admitted_at + 1 {
+            return Err(format!(
+                "approval {} by {name} is dated after the command was admitted",
+                n + 1
+            ));
         }
         if seen.insert(name.clone()) {
             approvers.push(approver);
@@ -152,59 +228,21 @@ pub fn verify(
     Ok(approvers)
 }
 
-/// Checks that a command run by breaking the glass was asked for by a member of the
-/// operation's break-glass groups: the submission it carries is signed by the session key its
-/// certificate binds, the certificate is admission's (by a key of `trusted`) and held when the
-/// request was made, and the request breaks the glass with the command's reason. Returns the
-/// requester.
-pub fn verify_break_glass(
-    command: &proto::Command,
-    rule: &BreakGlass,
-    trusted: &Verifier,
-) -> Result<Approver, String> {
-    let envelope = command
-        .submission
-        .as_ref()
-        .ok_or("the command carries no submission to check its requester with")?;
-    let unverified = Unverified::from_proto(envelope.clone());
-    let certified = certificate::verify(unverified.certificate(), trusted)
-        .map_err(|e| format!("its request's certificate does not verify: {e}"))?;
-    if unverified.key_id() != certified.session_key.id().as_str() {
-        return Err("its request is not signed by the key its certificate binds".into());
-    }
-    let submission: proto::Submission = unverified
-        .verify_with(&certified.session_key, Purpose::Submission)
-        .map_err(|_| "its request's signature does not verify".to_owned())?
-        .decode()
-        .map_err(|_| "its request is not a submission".to_owned())?;
-    let Some(Request::Run(run)) = &submission.request else {
-        return Err("its request runs nothing".into());
-    };
-    if submission.command_id != command.command_id || run.break_glass != command.break_glass {
-        return Err("its request is not this break-glass command's".into());
-    }
-    let at = submission
-        .requested_at
-        .map(|t| u64::try_from(t.seconds).unwrap_or(0))
-        .ok_or("its request carries no time")?;
-    certified
-        .holds_at(at)
-        .map_err(|e| format!("when it was asked for, {e}"))?;
+/// Checks that a command run by breaking the glass was asked for, by `requester` (see
+/// [`requested`]), a member of the operation's break-glass groups.
+pub fn verify_break_glass(requester: &Approver, rule: &BreakGlass) -> Result<(), String> {
     if !rule
         .groups
         .iter()
-        .any(|g| certified.operator.groups.contains(g))
+        .any(|g| requester.operator.groups.contains(g))
     {
         return Err(format!(
             "it broke the glass for {}, who is in none of the break-glass groups ({})",
-            certified.operator.subject,
+            requester.operator.subject,
             rule.groups.join(", ")
         ));
     }
-    Ok(Approver {
-        operator: certified.operator,
-        at,
-    })
+    Ok(())
 }
 
 /// The signed approval an approver sends for `command_id` of `operation` (the body of an
