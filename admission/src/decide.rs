@@ -293,7 +293,10 @@ impl Policy {
             ));
         }
 
-        let (identity, key) = if envelope.certificate().is_empty() {
+        // A service signs with its registered key alone; agents, which check requesters and
+        // approvers themselves, know only certificates.
+        let service = envelope.certificate().is_empty();
+        let (identity, key) = if service {
             let (key, identity) = self.services.get(envelope.key_id()).ok_or_else(|| {
                 (
                     C::Unauthenticated,
@@ -357,6 +360,7 @@ impl Policy {
             // stay masked until the catalog says which are not secret.
             draft.target = run.target.clone();
             draft.request.dry_run = run.dry_run;
+            draft.request.plan = run.plan;
             draft.request.params = rct_bus::catalog::mask_all(&run.params);
             // Held to what a justification is, before any refusal records it.
             if !run.break_glass.is_empty() {
@@ -462,6 +466,29 @@ impl Policy {
             ));
         }
 
+        if service {
+            let what = match &submission.request {
+                Some(Request::Approve(_)) => Some("approve"),
+                Some(Request::Deny(_)) => Some("deny"),
+                Some(Request::Review(_)) => Some("review"),
+                Some(Request::Run(run)) if !run.break_glass.is_empty() => {
+                    Some("break the glass of")
+                }
+                Some(Request::Run(_)) if operation.approvals.is_some() => Some("request"),
+                _ => None,
+            };
+            if let Some(what) = what {
+                return Err((
+                    C::Forbidden,
+                    format!(
+                        "{} signs as a registered service, and only an operator may {what} \
+                         {subject_op}: agents check the requester's and approvers' certificates \
+                         themselves; sign in with rct login",
+                        identity.name()
+                    ),
+                ));
+            }
+        }
         match submission.request {
             Some(Request::Run(run)) => self.admit(
                 input,
@@ -815,16 +842,43 @@ impl Policy {
                 ));
             }
         }
-        // Breaking the glass skips them. A dry run does not: whether a handler changes nothing
-        // is the handler's word, not something admission or the agent can check.
+        if run.plan {
+            if !operation.plan {
+                return Err((
+                    C::InvalidParams,
+                    format!(
+                        "{name} cannot describe what it would change: its catalog entry does \
+                         not say `plan: true`"
+                    ),
+                ));
+            }
+            if !run.break_glass.is_empty() {
+                return Err((
+                    C::Malformed,
+                    "a plan changes nothing, and breaking the glass for one means nothing"
+                        .to_owned(),
+                ));
+            }
+        }
+        // Breaking the glass skips them, and a plan needs none: it changes nothing (the
+        // handler's word, as the catalog's `plan: true` says). A dry run does not skip them:
+        // whether a handler changes nothing is not something admission or the agent can check
+        // for an operation that does not plan.
         if let Some(rule) = operation
             .approvals
             .as_ref()
-            .filter(|_| run.break_glass.is_empty())
+            .filter(|_| run.break_glass.is_empty() && !run.plan)
         {
             let expires_at = later(input.now, rule.ttl).ok_or_else(|| beyond("ttl", rule.ttl))?;
             let submission = verified.into_proto();
-            let digest = rct_bus::approval::digest(&submission.body, &self.catalog_version, None);
+            // With a plan, the digest covers it too: readers compute it once it is recorded.
+            let (digest, plan_id) = if operation.plan {
+                (Vec::new(), command_id.plan().to_string())
+            } else {
+                let digest =
+                    rct_bus::approval::digest(&submission.body, &self.catalog_version, None);
+                (digest.to_vec(), String::new())
+            };
             let pending = self.event(
                 &command_id.to_string(),
                 &name.to_string(),
@@ -834,10 +888,11 @@ impl Policy {
                     request: Some(draft.request.clone()),
                     rule: Some(rule.to_proto()),
                     expires_at: Some(from_datetime(expires_at)),
-                    digest: digest.to_vec(),
+                    digest,
                     catalog_version: self.catalog_version.clone(),
                     fingerprint: self.catalog.fingerprint(name).unwrap_or_default(),
                     submission: Some(submission),
+                    plan_id,
                 }),
             );
             return Ok(Verdict::Park(Park {
@@ -865,6 +920,8 @@ impl Policy {
             submission: Some(verified.into_proto()),
             approvals: Vec::new(),
             break_glass: run.break_glass.clone(),
+            plan: run.plan,
+            approved_plan: None,
         };
         let signed = self
             .key
@@ -881,6 +938,7 @@ impl Policy {
                 timeout: command.timeout,
                 catalog_version: self.catalog_version.clone(),
                 approvals: Vec::new(),
+                plan: 0,
             }),
         );
         Ok(Verdict::Admit(Admit {
@@ -901,11 +959,16 @@ impl Policy {
     ///
     /// The submission is not verified again: the decision says it was, and the bytes at its
     /// sequence cannot change. The error says why the command cannot be rebuilt.
+    ///
+    /// A decision under the id [`CommandId::plan`] derives from the submission's admits the
+    /// plan-only command that describes a request waiting for approvals (see
+    /// [`Policy::plan_decision`]); `approved_plan` is the plan the approvers approved.
     pub fn recorded_command(
         &self,
         decision: &proto::Event,
         payload: &[u8],
         approvals: Vec<proto::SignedEnvelope>,
+        approved_plan: Option<proto::Plan>,
     ) -> Result<(Subject, Bytes), String> {
         let Some(Kind::Admitted(admitted)) = &decision.kind else {
             return Err("the decision is not an admission".into());
@@ -925,7 +988,11 @@ impl Policy {
             .map_err(|e| format!("the stored submission is not an envelope: {e}"))?;
         let submission = proto::Submission::decode(envelope.body.as_slice())
             .map_err(|e| format!("the stored submission does not decode: {e}"))?;
-        if submission.command_id != decision.command_id {
+        let describes = submission
+            .command_id
+            .parse::<CommandId>()
+            .is_ok_and(|id| id.plan().to_string() == decision.command_id);
+        if submission.command_id != decision.command_id && !describes {
             return Err(format!(
                 "the stored submission is for command {}, the decision for {}",
                 submission.command_id, decision.command_id
@@ -965,6 +1032,8 @@ impl Policy {
             submission: Some(envelope),
             approvals,
             break_glass: request.break_glass.clone(),
+            plan: run.plan || describes,
+            approved_plan,
         };
         let signed = self
             .key
@@ -973,13 +1042,15 @@ impl Policy {
         Ok((Subject::command(&name, &target), signed.into()))
     }
 
-    /// Where the request `pending` (its `Pending` event) stands, given the approval events
-    /// admission recorded for it (their sequences and bodies, in stream order) and the clock.
-    /// A catalog that changed the operation ends it first; then a denial; then the threshold;
-    /// then the clock.
+    /// Where the request `pending` (its `Pending` event) stands, given its request digest
+    /// (`None` while its plan is not made: nothing counts), the approval events admission
+    /// recorded for it (their sequences and bodies, in stream order) and the clock. A catalog
+    /// that changed the operation ends it first; then a denial; then the threshold; then the
+    /// clock.
     pub fn tally(
         &self,
         pending: &proto::Event,
+        digest: Option<&[u8]>,
         approvals: &[(u64, proto::Approval)],
         now: OffsetDateTime,
     ) -> Tally {
@@ -1008,7 +1079,7 @@ impl Policy {
         let mut seen = std::collections::BTreeSet::new();
         let mut have = Vec::new();
         for (sequence, approval) in approvals {
-            if approval.digest != p.digest {
+            if Some(approval.digest.as_slice()) != digest {
                 continue;
             }
             let Some(by) = &approval.by else { continue };
@@ -1056,17 +1127,37 @@ impl Policy {
     }
 
     /// The `Admitted` decision for the request `pending` once `approvals` (sequences of its
-    /// approval events) met the threshold: its deadline runs from `now`, under the catalog
-    /// version its digest covers.
+    /// approval events) met the threshold for the plan event at sequence `plan` (0: none):
+    /// its deadline runs from `now`, under the catalog version its digest covers.
     pub fn approved(
         &self,
         pending: &proto::Event,
         approvals: Vec<u64>,
+        plan: u64,
         now: OffsetDateTime,
     ) -> Result<proto::Event, String> {
         let Some(Kind::Pending(p)) = &pending.kind else {
             return Err("the pending event holds no request".into());
         };
+        let admitted = proto::Admitted {
+            request: p.request.clone(),
+            catalog_version: p.catalog_version.clone(),
+            approvals,
+            plan,
+            ..Default::default()
+        };
+        self.waited(pending, &pending.command_id, now, admitted)
+    }
+
+    /// The decision `admitted` under `id` about the request `pending` stands for, dated
+    /// `at`, its deadline running from then and its timeout the operation's.
+    fn waited(
+        &self,
+        pending: &proto::Event,
+        id: &str,
+        at: OffsetDateTime,
+        admitted: proto::Admitted,
+    ) -> Result<proto::Event, String> {
         let name: OperationName = pending
             .operation
             .parse()
@@ -1075,22 +1166,46 @@ impl Policy {
             .catalog
             .operation(&name)
             .ok_or_else(|| self.catalog.unknown_operation(&name))?;
-        let deadline = later(now, operation.deadline).ok_or("the deadline is past any date")?;
+        let deadline = later(at, operation.deadline).ok_or("the deadline is past any date")?;
         let timeout =
             rct_bus::catalog::proto_duration(operation.timeout).ok_or("the timeout is too long")?;
         Ok(self.event(
-            &pending.command_id,
+            id,
             &pending.operation,
             &pending.target,
-            now,
+            at,
             Kind::Admitted(proto::Admitted {
-                request: p.request.clone(),
                 deadline: Some(from_datetime(deadline)),
                 timeout: Some(timeout),
-                catalog_version: p.catalog_version.clone(),
-                approvals,
+                ..admitted
             }),
         ))
+    }
+
+    /// The decision that admits the plan-only command describing the request `pending`
+    /// (which waits for approvals of an operation that plans): under the request's
+    /// [`CommandId::plan`], dated like the pending event, so that every replica and
+    /// redelivery makes the same one. [`Policy::recorded_command`] builds its command.
+    pub fn plan_decision(&self, pending: &proto::Event) -> Result<proto::Event, String> {
+        let Some(Kind::Pending(p)) = &pending.kind else {
+            return Err("the pending event holds no request".into());
+        };
+        let at = pending
+            .at
+            .as_ref()
+            .and_then(to_datetime)
+            .ok_or("the pending event has no time")?;
+        let mut request = p
+            .request
+            .clone()
+            .ok_or("the pending event holds no request")?;
+        request.plan = true;
+        let admitted = proto::Admitted {
+            request: Some(request),
+            catalog_version: p.catalog_version.clone(),
+            ..Default::default()
+        };
+        self.waited(pending, &p.plan_id, at, admitted)
     }
 
     /// The `Approval` event an `Admitted` approval (or denial) recorded in `decision` makes
@@ -1354,6 +1469,7 @@ mod tests {
                     .collect(),
                 dry_run: false,
                 break_glass: String::new(),
+                plan: false,
             })),
         }
     }
@@ -1451,7 +1567,7 @@ mod tests {
                 now,
             }));
             let (to, bytes) = policy
-                .recorded_command(&admit.decision, &payload, Vec::new())
+                .recorded_command(&admit.decision, &payload, Vec::new(), None)
                 .unwrap();
             assert_eq!(to, admit.subject);
             assert_eq!(bytes, admit.command, "{subject}: the same bytes");
@@ -1466,7 +1582,7 @@ mod tests {
                 ..super::tests::policy(catalog)
             };
             let (_, bytes) = later
-                .recorded_command(&admit.decision, &payload, Vec::new())
+                .recorded_command(&admit.decision, &payload, Vec::new(), None)
                 .unwrap();
             assert_eq!(
                 command(&bytes, &later.key),

@@ -917,8 +917,10 @@ impl Inner {
             Verdict::Cancel(cancel) => self.check_cancel_target(cancel).await?,
             // On the heap: its reads would make every submission's future large.
             Verdict::Approve(approve) => Box::pin(self.check_approval(approve)).await?,
+            // A plan changes nothing: a freeze does not stop it.
             Verdict::Admit(admit)
-                if decided_request(&admit.decision).is_some_and(|r| r.break_glass.is_empty()) =>
+                if decided_request(&admit.decision)
+                    .is_some_and(|r| r.break_glass.is_empty() && !r.plan) =>
             {
                 self.check_freeze(Verdict::Admit(admit)).await?
             }
@@ -957,7 +959,9 @@ impl Inner {
                     .await;
             }
             if other == EventKind::Pending {
-                // This very submission, parked when it came first.
+                // This very submission, parked when it came first: its plan may not have
+                // been sent.
+                self.describe(publisher, &holder).await?;
                 return Ok("redelivered".into());
             }
         }
@@ -1090,7 +1094,7 @@ impl Inner {
         }
         match self
             .policy()
-            .recorded_command(holder, &stored.message.payload, Vec::new())
+            .recorded_command(holder, &stored.message.payload, Vec::new(), None)
         {
             Ok((subject, command)) => {
                 let msg_id = holder.command_id.clone();
@@ -1141,6 +1145,7 @@ impl Inner {
                 "it was admitted, but its command cannot be built from the record ({reason}); \
                  it was not run: submit it again"
             ),
+            ..Default::default()
         }));
         rct_streams::journal::end_unrun(publisher, operation.tower(), &claim, &failed, "admission")
             .await?;
@@ -1190,7 +1195,7 @@ impl Inner {
                 Box::pin(self.approval_follow_up(publisher, &a.decision, &stored.message.payload))
                     .await?;
             }
-            Verdict::Park(_) => {}
+            Verdict::Park(park) => self.describe(publisher, &park.pending).await?,
             Verdict::Admit(a) => {
                 let outgoing =
                     Outgoing::new(a.subject.clone(), a.command_id.msg_id(), a.command.clone());
@@ -1502,14 +1507,37 @@ impl Inner {
                 ),
             )));
         }
-        if approve.digest != p.digest {
+        let digest = match self.plan_of(pending, p).await? {
+            Described::Unplanned => p.digest.clone(),
+            Described::Planned { plan, .. } => rct_bus::approval::recompute(p, Some(&plan))
+                .map(|d| d.to_vec())
+                .unwrap_or_default(),
+            Described::Waiting => {
+                return Ok(Some((
+                    C::DigestMismatch,
+                    format!(
+                        "the plan of command {id} is not made yet (plan-only command {}): \
+                         nothing can be approved before it is; look at it once it is there \
+                         (rct approve {id})",
+                        p.plan_id
+                    ),
+                )));
+            }
+            Described::Failed(why) => {
+                return Ok(Some((
+                    C::PlanFailed,
+                    format!("command {id} cannot be approved: {why}"),
+                )));
+            }
+        };
+        if approve.digest != digest {
             return Ok(Some((
                 C::DigestMismatch,
                 format!(
                     "the {verb} is for digest {}, but the request of command {id} has digest \
                      {}: look at it again (rct approve {id}) and decide on what it is",
                     rct_bus::approval::hex(&approve.digest),
-                    rct_bus::approval::hex(&p.digest)
+                    rct_bus::approval::hex(&digest)
                 ),
             )));
         }
@@ -1641,9 +1669,24 @@ impl Inner {
             refusal.source.clone_from(&policy.source);
             refusal
         };
+        let (digest, plan) = match self.plan_of(&pending, p).await? {
+            Described::Unplanned => (Some(p.digest.clone()), 0),
+            Described::Planned { sequence, plan } => (
+                rct_bus::approval::recompute(p, Some(&plan)).map(|d| d.to_vec()),
+                sequence,
+            ),
+            Described::Waiting => (None, 0),
+            Described::Failed(why) => {
+                let refusal = refuse(
+                    RejectionCode::PlanFailed,
+                    format!("{why}; nothing can be approved: submit it again"),
+                );
+                return self.decide_waiting(publisher, tower, id, &refusal, p).await;
+            }
+        };
         let tally = match cancelled.as_ref().and_then(|e| e.kind.as_ref()) {
             Some(Kind::CancelRequested(c)) => Tally::Withdrawn(withdrawn(c)),
-            _ => policy.tally(&pending, &approvals, now),
+            _ => policy.tally(&pending, digest.as_deref(), &approvals, now),
         };
         let decision = match tally {
             Tally::Waiting { .. } => return Ok(()),
@@ -1655,7 +1698,7 @@ impl Inner {
                     freeze.refusal(&pending.operation)
                 ),
             ),
-            Tally::Approved(counted) => match policy.approved(&pending, counted, now) {
+            Tally::Approved(counted) => match policy.approved(&pending, counted, plan, now) {
                 Ok(decision) => decision,
                 Err(reason) => refuse(
                     RejectionCode::CatalogChanged,
@@ -1667,7 +1710,25 @@ impl Inner {
             Tally::CatalogChanged(message) => refuse(RejectionCode::CatalogChanged, message),
             Tally::Withdrawn(message) => refuse(RejectionCode::Withdrawn, message),
         };
-        let holder = match publisher.event(tower, &decision, sequence).await? {
+        self.decide_waiting(publisher, tower, id, &decision, p)
+            .await
+    }
+
+    /// Writes `decision` for the request `id` that waited for approvals (`pending`), and
+    /// publishes its command if the decision slot holds an admission of it.
+    async fn decide_waiting(
+        &self,
+        publisher: &Publisher,
+        tower: &Tower,
+        id: CommandId,
+        decision: &proto::Event,
+        p: &proto::Pending,
+    ) -> Result<(), rct_streams::Error> {
+        let sequence = p.request.as_ref().map_or(0, |r| r.submission_sequence);
+        let ours =
+            |d: &proto::Event| decided_request(d).map(|r| r.submission_sequence) == Some(sequence);
+        let on = |kind| subject::events_of_tower_command(tower, id, kind);
+        let holder = match publisher.event(tower, decision, sequence).await? {
             Slot::Written(ack) if !ack.duplicate => {
                 tracing::info!(
                     command_id = %id,
@@ -1677,7 +1738,7 @@ impl Inner {
                     },
                     "a request that waited for approvals is decided"
                 );
-                Some(decision)
+                Some(decision.clone())
             }
             _ => self.own_event_on(&on(EventKind::Decision)).await?,
         };
@@ -1685,6 +1746,128 @@ impl Inner {
             self.publish_approved(publisher, &holder, p).await?;
         }
         Ok(())
+    }
+
+    /// Sends the plan-only command that describes the request `pending` (waiting for
+    /// approvals of an operation that plans), with its decision: both are the same whoever
+    /// sends them and however often, so a redelivery sends them again safely.
+    async fn describe(
+        &self,
+        publisher: &Publisher,
+        pending: &proto::Event,
+    ) -> Result<(), rct_streams::Error> {
+        let Some(Kind::Pending(p)) = &pending.kind else {
+            return Ok(());
+        };
+        let (Ok(name), Ok(plan_id)) = (
+            pending.operation.parse::<rct_bus::OperationName>(),
+            p.plan_id.parse::<CommandId>(),
+        ) else {
+            return Ok(());
+        };
+        let decision = match self.policy().plan_decision(pending) {
+            Ok(decision) => decision,
+            Err(reason) => {
+                // The request waits until its time runs out: nothing can approve it.
+                tracing::error!(command_id = %pending.command_id, %reason, "cannot send the plan of a request waiting for approvals");
+                return Ok(());
+            }
+        };
+        let sequence = p.request.as_ref().map_or(0, |r| r.submission_sequence);
+        let holder = match publisher.event(name.tower(), &decision, sequence).await? {
+            Slot::Written(ack) if !ack.duplicate => Some(decision),
+            _ => {
+                self.own_event_on(&subject::events_of_tower_command(
+                    name.tower(),
+                    plan_id,
+                    EventKind::Decision,
+                ))
+                .await?
+            }
+        };
+        let Some(holder) = holder else {
+            tracing::error!(command_id = %pending.command_id, %plan_id, "the decision slot of the plan holds nothing admission wrote; the plan is not sent");
+            return Ok(());
+        };
+        let payload = p
+            .submission
+            .as_ref()
+            .map(prost::Message::encode_to_vec)
+            .unwrap_or_default();
+        match self
+            .policy()
+            .recorded_command(&holder, &payload, Vec::new(), None)
+        {
+            Ok((subject, command)) => {
+                publisher
+                    .send(Outgoing::new(subject, plan_id.msg_id(), command))
+                    .await?;
+            }
+            Err(reason) => {
+                tracing::error!(command_id = %pending.command_id, %reason, "cannot build the plan-only command");
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the plan of the request `pending` stands: the first plan event an agent of its
+    /// tower and target wrote for its plan-only command, or why there is none.
+    async fn plan_of(
+        &self,
+        pending: &proto::Event,
+        p: &proto::Pending,
+    ) -> Result<Described, rct_streams::Error> {
+        if p.plan_id.is_empty() {
+            return Ok(Described::Unplanned);
+        }
+        let (Ok(name), Ok(plan_id)) = (
+            pending.operation.parse::<rct_bus::OperationName>(),
+            p.plan_id.parse::<CommandId>(),
+        ) else {
+            return Ok(Described::Failed(format!(
+                "its plan-only command {:?} is not a command id",
+                p.plan_id
+            )));
+        };
+        let read = |kind| rct_streams::replay::Filter {
+            command: Some(plan_id),
+            tower: Some(name.tower().clone()),
+            target: Some(rct_bus::Target::of_event(&pending.target)),
+            kind: Some(kind),
+            trust: Some(self.trust.clone()),
+            ..Default::default()
+        };
+        let by_agent = |r: &rct_streams::Record| {
+            matches!(r.provenance, Provenance::Verified(Author::Agent(_)))
+        };
+        let plan = rct_streams::replay::records(&self.js, &read(EventKind::Plan))
+            .await?
+            .into_iter()
+            .find(by_agent);
+        if let Some(record) = plan
+            && let Some(Kind::Plan(plan)) = record.event.kind
+        {
+            return Ok(Described::Planned {
+                sequence: record.sequence,
+                plan,
+            });
+        }
+        let ended = rct_streams::replay::records(&self.js, &read(EventKind::Outcome))
+            .await?
+            .into_iter()
+            .find(|r| {
+                matches!(
+                    r.provenance,
+                    Provenance::Verified(Author::Agent(_) | Author::Admission)
+                )
+            });
+        Ok(match ended.and_then(|r| r.event.kind) {
+            None => Described::Waiting,
+            Some(outcome) => Described::Failed(format!(
+                "its plan (plan-only command {plan_id}) was not made: {}",
+                describe_outcome(&outcome)
+            )),
+        })
     }
 
     /// After a cancel request is recorded: a command still waiting for approvals is ended,
@@ -1726,6 +1909,21 @@ impl Inner {
                 }
             }
         }
+        let plan = match admitted.plan {
+            0 => None,
+            sequence => match self
+                .stored_agent_event(sequence)
+                .await?
+                .and_then(|e| e.kind)
+            {
+                Some(Kind::Plan(plan)) => Some(plan),
+                _ => {
+                    tracing::error!(command_id = %decision.command_id, sequence, "the plan the decision names cannot be read; ending it unrun");
+                    let reason = format!("plan event {sequence} cannot be read");
+                    return self.end_unpublished(publisher, decision, &reason).await;
+                }
+            },
+        };
         let payload = pending
             .submission
             .as_ref()
@@ -1733,7 +1931,7 @@ impl Inner {
             .unwrap_or_default();
         match self
             .policy()
-            .recorded_command(decision, &payload, approvals)
+            .recorded_command(decision, &payload, approvals, plan)
         {
             Ok((subject, command)) => {
                 publisher
@@ -1899,19 +2097,47 @@ impl Inner {
         &self,
         sequence: u64,
     ) -> Result<Option<proto::Event>, rct_streams::Error> {
+        Ok(self.own_event(&self.stored_message(sequence).await?))
+    }
+
+    /// The event stored at `sequence` in RCT_EVT, if an agent of its tower and target wrote
+    /// it (a plan).
+    async fn stored_agent_event(
+        &self,
+        sequence: u64,
+    ) -> Result<Option<proto::Event>, rct_streams::Error> {
+        let stored = self.stored_message(sequence).await?;
+        let message = (
+            stored.subject.as_str(),
+            stored.payload.as_ref(),
+            Some(&stored.headers),
+        );
+        Ok(rct_streams::Record::from_message(
+            stored.sequence,
+            stored.time,
+            message,
+            Some(&self.trust),
+        )
+        .ok()
+        .filter(|r| matches!(r.provenance, Provenance::Verified(Author::Agent(_))))
+        .map(|r| r.event))
+    }
+
+    async fn stored_message(
+        &self,
+        sequence: u64,
+    ) -> Result<async_nats::jetstream::message::StreamMessage, rct_streams::Error> {
         let read = |e: async_nats::Error| rct_streams::Error::Read {
             what: format!("{EVENT_STREAM} message {sequence}"),
             cause: e,
         };
-        let stored = self
-            .js
+        self.js
             .get_stream_no_info(EVENT_STREAM)
             .await
             .map_err(|e| read(e.into()))?
             .get_raw_message(sequence)
             .await
-            .map_err(|e| read(e.into()))?;
-        Ok(self.own_event(&stored))
+            .map_err(|e| read(e.into()))
     }
 
     /// Answers a login from `source` (see [`crate::refusals::source`]); every refusal is
@@ -2128,6 +2354,30 @@ enum Recorded {
 }
 
 /// Why a request cancelled while it waited for approvals was not run.
+/// Where the plan of a request waiting for approvals stands (see `Service::plan_of`).
+enum Described {
+    /// Its operation does not plan: the pending event's digest is the request digest.
+    Unplanned,
+    /// Its plan, recorded in the plan event at `sequence`.
+    Planned { sequence: u64, plan: proto::Plan },
+    /// Not made yet.
+    Waiting,
+    /// Its plan-only command ended without one: why.
+    Failed(String),
+}
+
+/// An outcome in a few words, for a sentence.
+fn describe_outcome(outcome: &Kind) -> String {
+    match outcome {
+        Kind::Failed(f) => format!("it failed ({}: {})", f.code, f.message),
+        Kind::Expired(_) => "no agent took it before its deadline".into(),
+        Kind::Cancelled(c) => format!("it was cancelled ({})", c.reason),
+        Kind::Unknown(u) => format!("its agent stopped ({})", u.reason),
+        Kind::Succeeded(_) => "it succeeded without recording a plan".into(),
+        _ => "it ended".into(),
+    }
+}
+
 fn withdrawn(cancel: &proto::CancelRequested) -> String {
     let by = cancel.by.as_ref().map_or("someone", |o| {
         if o.email.is_empty() {

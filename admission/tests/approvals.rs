@@ -188,12 +188,12 @@ async fn a_request_waits_for_two_others_and_runs_with_their_signatures() {
         rct_bus::approval::requested(&command, &catalog.towers["workloads"], operation, &trusted)
             .unwrap();
     assert_eq!(requester.operator.subject, "alice");
-    let approvers = rct_bus::approval::verify(&command, &requester, &rule, None, &trusted).unwrap();
+    let approvers = rct_bus::approval::verify(&command, &requester, &rule, &trusted).unwrap();
     assert_eq!(approvers.len(), 2);
     // One approval fewer, and it does not verify.
     let mut short = command.clone();
     short.approvals.pop();
-    assert!(rct_bus::approval::verify(&short, &requester, &rule, None, &trusted).is_err());
+    assert!(rct_bus::approval::verify(&short, &requester, &rule, &trusted).is_err());
     assert_eq!(h.commands().await, 1);
 }
 
@@ -560,8 +560,8 @@ async fn breaking_the_glass_skips_approvals_for_its_groups_only_and_opens_a_revi
                 .await,
         )
         .await;
-    let (code, message) = rejection(&refused).unwrap();
-    assert_eq!(code, C::Forbidden, "{message}");
+    let (refusal, message) = rejection(&refused).unwrap();
+    assert_eq!(refusal, C::Forbidden, "{message}");
     assert!(message.contains("sre_oncall"), "{message}");
     let Some(Kind::Rejected(r)) = &refused.kind else {
         unreachable!()
@@ -574,7 +574,7 @@ async fn breaking_the_glass_skips_approvals_for_its_groups_only_and_opens_a_revi
     }
     let oncall = h.operator("olga", &["sre_team", "sre_oncall"]).await;
     let refused = h.decision(h.submit(&oncall, &drain).await).await;
-    assert_eq!(code_of(&refused), Some(C::Forbidden));
+    assert_eq!(code(&refused), Some(C::Forbidden));
     // A reason that is not one printable line.
     let refused = h
         .decision(
@@ -582,7 +582,7 @@ async fn breaking_the_glass_skips_approvals_for_its_groups_only_and_opens_a_revi
                 .await,
         )
         .await;
-    assert_eq!(code_of(&refused), Some(C::Malformed));
+    assert_eq!(code(&refused), Some(C::Malformed));
     assert_eq!(h.commands().await, 0);
 
     // In the groups: admitted at once, flagged, the command carrying the reason.
@@ -622,30 +622,79 @@ async fn breaking_the_glass_skips_approvals_for_its_groups_only_and_opens_a_revi
 
     // The review: not by who broke the glass, once by someone else, and only of such a run.
     let refused = h.decision(h.submit(&alice, &review(&id)).await).await;
-    assert_eq!(code_of(&refused), Some(C::SelfApproval), "{refused:?}");
+    assert_eq!(code(&refused), Some(C::SelfApproval), "{refused:?}");
     let reviewed = h.decision(h.submit(&bob, &review(&id)).await).await;
     assert!(
         matches!(reviewed.kind, Some(Kind::Admitted(_))),
         "{reviewed:?}"
     );
     let again = h.decision(h.submit(&bob, &review(&id)).await).await;
-    assert_eq!(code_of(&again), Some(C::AlreadyApproved), "{again:?}");
+    assert_eq!(code(&again), Some(C::AlreadyApproved), "{again:?}");
     let outsider = h.operator("zed", &["app_oncall"]).await;
     let refused = h.decision(h.submit(&outsider, &review(&id)).await).await;
-    assert_eq!(code_of(&refused), Some(C::Forbidden), "{refused:?}");
+    assert_eq!(code(&refused), Some(C::Forbidden), "{refused:?}");
     let ordinary = delete("other");
     h.submit(&alice, &ordinary).await;
     pending(&h, &ordinary.command_id).await;
     let refused = h
         .decision(h.submit(&bob, &review(&ordinary.command_id)).await)
         .await;
-    assert_eq!(code_of(&refused), Some(C::NotPending), "{refused:?}");
+    assert_eq!(code(&refused), Some(C::NotPending), "{refused:?}");
     let reviews: Vec<_> = approvals(&h, &id).await;
     assert_eq!(reviews.len(), 1);
     assert!(reviews[0].review);
     assert_eq!(reviews[0].by.as_ref().unwrap().subject, "bob");
 }
 
-fn code_of(event: &proto::Event) -> Option<C> {
-    code(event)
+/// Submits `s` signed by the harness's registered service; returns its decision.
+async fn as_service(h: &Harness, s: &proto::Submission) -> proto::Event {
+    let envelope = h
+        .service
+        .sign(rct_bus::Purpose::Submission, s.encode_to_vec());
+    h.decision(h.publish_envelope(s, envelope).await).await
+}
+
+#[tokio::test]
+async fn a_service_may_not_approve_review_break_glass_or_request_what_needs_approvals() {
+    // A service in every group concerned: only its lack of a certificate stands in the way.
+    let h = Harness::start_with(|c| {
+        c.services[0].groups = vec!["sre_team".into(), "sre_leads".into(), "sre_oncall".into()];
+    })
+    .await;
+    let alice = h.operator("alice", &["sre_team", "sre_oncall"]).await;
+    let waiting = delete("cart");
+    let id = waiting.command_id.clone();
+    h.submit(&alice, &waiting).await;
+    let digest = pending(&h, &id).await.digest;
+    let glass = broken_glass("orders", "INC-9 db down");
+    let glass_id = glass.command_id.clone();
+    h.decision(h.submit(&alice, &glass).await).await;
+
+    for (what, submission) in [
+        ("a request", delete("basket")),
+        ("a break-glass run", broken_glass("basket", "INC-9 db down")),
+        ("an approval", approval(&id, &digest, false, "INC-7")),
+        ("a denial", approval(&id, &digest, true, "INC-7")),
+        ("a review", review(&glass_id)),
+    ] {
+        let refused = as_service(&h, &submission).await;
+        let (refusal, message) =
+            rejection(&refused).unwrap_or_else(|| panic!("{what}: {refused:?}"));
+        assert_eq!(refusal, C::Forbidden, "{what}: {message}");
+        assert!(
+            message.contains("deployer signs as a registered service"),
+            "{what}: {message}"
+        );
+    }
+    assert!(approvals(&h, &id).await.is_empty(), "no approval on record");
+    assert!(
+        approvals(&h, &glass_id).await.is_empty(),
+        "no review on record"
+    );
+    // What needs no certificate still runs.
+    let drained = as_service(&h, &drain("prod-2")).await;
+    assert!(
+        matches!(drained.kind, Some(Kind::Admitted(_))),
+        "{drained:?}"
+    );
 }

@@ -17,6 +17,8 @@ pub struct Context {
     deadline: OffsetDateTime,
     token: CancellationToken,
     emitter: Emitter,
+    /// While planning: the changes described so far.
+    plan: Option<std::sync::Arc<std::sync::Mutex<Vec<proto::Change>>>>,
 }
 
 impl Context {
@@ -31,6 +33,48 @@ impl Context {
             deadline,
             token,
             emitter,
+            plan: None,
+        }
+    }
+
+    /// The same command, planning: [`Context::planning`] is true, and the changes described
+    /// through [`Context::change`] are collected in what is returned.
+    pub(crate) fn for_plan(&self) -> (Self, std::sync::Arc<std::sync::Mutex<Vec<proto::Change>>>) {
+        let changes = std::sync::Arc::default();
+        let ctx = Self {
+            plan: Some(std::sync::Arc::clone(&changes)),
+            ..self.clone()
+        };
+        (ctx, changes)
+    }
+
+    /// The handler must describe what it would change ([`Context::change`], and the
+    /// outcome's summary as the plan's summary), and change nothing. Only handlers that
+    /// plan ([`crate::Tower::planning_operation`]) are asked to: for a plan-only command
+    /// (`rct plan`, or the plan approvers approve), and before running a command whose
+    /// approved plan it carries, to check that the plan still holds.
+    pub fn planning(&self) -> bool {
+        self.plan.is_some()
+    }
+
+    /// While planning, describes one change: what happens (`create`, `update`, `delete`,
+    /// `promote`, …), to what, and how (from → to). Ignored when not planning. Describe the
+    /// same situation with the same changes in the same order: a plan made again that
+    /// differs in anything fails the command `stale_plan`.
+    pub fn change(
+        &self,
+        action: impl Into<String>,
+        resource: impl Into<String>,
+        detail: impl Into<String>,
+    ) {
+        if let Some(plan) = &self.plan {
+            plan.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(proto::Change {
+                    action: action.into(),
+                    resource: resource.into(),
+                    detail: detail.into(),
+                });
         }
     }
 

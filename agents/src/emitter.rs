@@ -663,7 +663,10 @@ pub(crate) fn bound_kind(kind: Kind, secrets: &[String], limits: &Output) -> Kin
         Kind::Failed(f) => Kind::Failed(proto::Failed {
             code: b(f.code),
             message: b(f.message),
+            approved_plan: f.approved_plan.map(|p| bound_plan(p, secrets, limits)),
+            fresh_plan: f.fresh_plan.map(|p| bound_plan(p, secrets, limits)),
         }),
+        Kind::Plan(p) => Kind::Plan(bound_plan(p, secrets, limits)),
         Kind::Cancelled(c) => Kind::Cancelled(proto::Cancelled {
             reason: b(c.reason),
         }),
@@ -671,6 +674,33 @@ pub(crate) fn bound_kind(kind: Kind, secrets: &[String], limits: &Output) -> Kin
             reason: b(u.reason),
         }),
         other => other,
+    }
+}
+
+/// A plan with every text masked and held to `limits.max_line`, and made printable as
+/// readers make it: the plan a command carries and the one its handler makes again are
+/// compared in this form.
+pub(crate) fn bound_plan(plan: proto::Plan, secrets: &[String], limits: &Output) -> proto::Plan {
+    let b = |text: String| bound(&text, 0, secrets, limits.max_line);
+    let mut event = proto::Event {
+        kind: Some(Kind::Plan(proto::Plan {
+            summary: b(plan.summary),
+            changes: plan
+                .changes
+                .into_iter()
+                .map(|c| proto::Change {
+                    action: b(c.action),
+                    resource: b(c.resource),
+                    detail: b(c.detail),
+                })
+                .collect(),
+        })),
+        ..Default::default()
+    };
+    rct_bus::text::make_printable(&mut event);
+    match event.kind {
+        Some(Kind::Plan(plan)) => plan,
+        _ => unreachable!("a plan stays a plan"),
     }
 }
 
@@ -995,6 +1025,7 @@ mod tests {
             Kind::Failed(proto::Failed {
                 code: "x".into(),
                 message: long,
+                ..Default::default()
             }),
             &["hunter2".to_owned()],
             &limits,

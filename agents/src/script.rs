@@ -30,7 +30,9 @@
 //! Output: each stdout and stderr line becomes a log line (secret values masked, read as
 //! bytes: anything not UTF-8 is replaced, never the end of capture; cut at the agent's
 //! `output.max_line`), within the command's output budget (see [`crate::Output`]);
-//! `::progress <percent> <message>` on stdout becomes a `Progress` event. Exit status 0 is
+//! `::progress <percent> <message>` on stdout becomes a `Progress` event; while planning
+//! (`plan: true`, run with `RCT_MODE=plan`), `::change <action> <resource> <detail…>`
+//! describes one change of the plan. Exit status 0 is
 //! success (the last stdout line is the summary); anything else a failure carrying the last
 //! lines of stderr. Cancellation and timeouts stop the whole process group: TERM, then KILL.
 //! So does the script's own exit: what it left running (a daemon holding its pipes) gets
@@ -113,6 +115,11 @@ pub struct Script {
     /// Allow secret parameters in `args`, where every local user can read them (`ps`).
     #[serde(default)]
     pub secret_in_argv: bool,
+    /// The script can plan: run with `RCT_MODE=plan` (`run` otherwise), it describes
+    /// each change it would make on a `::change <action> <resource> <detail…>` line, prints
+    /// the plan's summary last, and changes nothing.
+    #[serde(default)]
+    pub plan: bool,
 }
 
 impl Scripts {
@@ -221,11 +228,17 @@ impl Scripts {
         for (name, script) in self.operations {
             let script = Arc::new(script);
             let env_allow = env_allow.clone();
-            tower = tower.operation(&name, move |ctx, params| {
+            let plans = script.plan;
+            let handler = move |ctx, params| {
                 let script = script.clone();
                 let env_allow = env_allow.clone();
                 async move { script.run(ctx, params, &env_allow).await }
-            });
+            };
+            tower = if plans {
+                tower.planning_operation(&name, handler)
+            } else {
+                tower.operation(&name, handler)
+            };
         }
         tower
     }
@@ -354,6 +367,7 @@ impl Script {
             )
             .env("RCT_COMMAND_ID", ctx.command_id())
             .env("RCT_DRY_RUN", if ctx.dry_run() { "1" } else { "0" })
+            .env("RCT_MODE", mode(&ctx))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -503,6 +517,12 @@ async fn read_stdout(
     let mut last = String::new();
     let read = async {
         while let Some((line, cut)) = lines.next().await {
+            if let Some((action, resource, detail)) = change_line(&line)
+                && ctx.planning()
+            {
+                ctx.change(action, resource, detail);
+                continue;
+            }
             match progress_line(&line) {
                 Some((percent, message)) => ctx.progress(percent, message, ""),
                 None => {
@@ -663,6 +683,22 @@ async fn stop_group(pid: Option<Pid>, child: &mut tokio::process::Child) {
 /// `-` and be read as an option.
 fn starts_with_placeholder(item: &str) -> bool {
     item.starts_with('{') && item[1..].contains('}')
+}
+
+/// `::change <action> <resource> <detail…>`
+fn change_line(line: &str) -> Option<(&str, &str, &str)> {
+    let mut rest = line
+        .strip_prefix("::change ")?
+        .trim()
+        .splitn(3, char::is_whitespace);
+    let action = rest.next().filter(|a| !a.is_empty())?;
+    let resource = rest.next().unwrap_or_default();
+    Some((action, resource, rest.next().unwrap_or_default().trim()))
+}
+
+/// `RCT_MODE`: `plan` while planning, `run` otherwise.
+fn mode(ctx: &Context) -> &'static str {
+    if ctx.planning() { "plan" } else { "run" }
 }
 
 /// `::progress <percent> <message>`
@@ -836,6 +872,20 @@ operations:
         assert_eq!(progress_line("progress 40"), None);
     }
 
+    #[test]
+    fn change_lines_are_recognised() {
+        assert_eq!(
+            change_line("::change promote db-2 replica → primary"),
+            Some(("promote", "db-2", "replica → primary"))
+        );
+        assert_eq!(
+            change_line("::change delete cart"),
+            Some(("delete", "cart", ""))
+        );
+        assert_eq!(change_line("::change "), None);
+        assert_eq!(change_line("change delete cart"), None);
+    }
+
     fn script(args: Vec<String>) -> Script {
         Script {
             command: "x".into(),
@@ -846,6 +896,7 @@ operations:
             sha256: None,
             secret_files: BTreeMap::new(),
             secret_in_argv: false,
+            plan: false,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The tower framework: pull admitted commands, verify, claim once, run the handler with
 //! progress, logs, cancellation and a timeout, record exactly one outcome.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -61,6 +61,8 @@ pub struct Tower {
     name: String,
     target: Option<String>,
     handlers: BTreeMap<String, Handler>,
+    /// The operations whose handlers plan (see [`Context::planning`]).
+    planners: BTreeSet<String>,
     config: Config,
     trusted: Vec<PublicKey>,
     checks: Vec<CatalogCheck>,
@@ -83,6 +85,7 @@ impl Tower {
             name: name.to_owned(),
             target: None,
             handlers: BTreeMap::new(),
+            planners: BTreeSet::new(),
             config: Config::default(),
             trusted: Vec::new(),
             checks: Vec::new(),
@@ -103,7 +106,22 @@ impl Tower {
     {
         let handler: Handler = Arc::new(move |ctx, params| Box::pin(handler(ctx, params)));
         self.handlers.insert(name.to_owned(), handler);
+        self.planners.remove(name);
         self
+    }
+
+    /// Serves operation `name` with `handler`, which can also plan: when
+    /// [`Context::planning`] is true it describes what it would change through
+    /// [`Context::change`], returns the plan's summary as its outcome's, and changes
+    /// nothing. An operation the catalog says plans (`plan: true`) needs such a handler.
+    pub fn planning_operation<F, Fut>(self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Context, Params) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Outcome, Failure>> + Send + 'static,
+    {
+        let mut tower = self.operation(name, handler);
+        tower.planners.insert(name.to_owned());
+        tower
     }
 
     /// Replaces the settings.
@@ -145,6 +163,7 @@ struct Runner {
     target: Target,
     cluster: bool,
     handlers: BTreeMap<String, Handler>,
+    planners: BTreeSet<String>,
     /// The admission keys trusted now; `trust_reload` replaces it.
     verifier: RwLock<Verifier>,
     /// Keys given in code (`Tower::trust`), kept across reloads.
@@ -212,6 +231,7 @@ impl Runner {
             target,
             cluster,
             handlers: tower.handlers,
+            planners: tower.planners,
             verifier: RwLock::new(verifier),
             trusted: tower.trusted,
             keys: RwLock::new(keys),
@@ -563,6 +583,13 @@ impl Runner {
                 else {
                     continue;
                 };
+                if operation.plan && !self.planners.contains(name) {
+                    problems.push(format!(
+                        "operation {name} plans (`plan: true` in the catalog), and this agent's \
+                         handler for it cannot: serve it with planning_operation (a script: \
+                         `plan: true`)"
+                    ));
+                }
                 let secret: Vec<&str> = operation
                     .params
                     .iter()
@@ -977,6 +1004,21 @@ impl Runner {
         let Some((tower_spec, operation)) = served.catalog.operation(&name) else {
             return invalid(format!("{name} is not in catalog {}", served.version));
         };
+        if (command.plan || command.approved_plan.is_some()) && !operation.plan {
+            return invalid(format!(
+                "it asks for a plan, and {name} does not plan in catalog {}",
+                served.version
+            ));
+        }
+        if operation.plan && !self.planners.contains(op_name) {
+            return Checked::End(Box::new(failed(
+                "cannot_plan",
+                format!(
+                    "{name} plans (`plan: true`), and this agent's handler for it cannot \
+                     describe its changes: it was not run"
+                ),
+            )));
+        }
         // Approvals are checked here too, not taken on admission's word: each approver's own
         // signature over this very request's digest, by a certificate admission issued.
         if let Some(rule) = &operation.approvals {
@@ -987,8 +1029,16 @@ impl Runner {
                 .clone();
             let checked = rct_bus::approval::requested(command, tower_spec, operation, &trusted)
                 .and_then(|requester| {
-                    if command.break_glass.is_empty() {
-                        rct_bus::approval::verify(command, &requester, rule, None, &trusted)
+                    if command.plan {
+                        // It changes nothing: what it describes is what approvers approve.
+                        Ok(vec![requester])
+                    } else if command.break_glass.is_empty() {
+                        if operation.plan && command.approved_plan.is_none() {
+                            return Err(
+                                "it carries no approved plan, and the operation plans".into()
+                            );
+                        }
+                        rct_bus::approval::verify(command, &requester, rule, &trusted)
                     } else {
                         match &operation.break_glass {
                             Some(glass) => rct_bus::approval::verify_break_glass(&requester, glass)
@@ -1005,7 +1055,9 @@ impl Runner {
                         .iter()
                         .map(|a| a.operator.email.as_str())
                         .collect();
-                    if command.break_glass.is_empty() {
+                    if command.plan {
+                        tracing::info!(requester = %names.join(", "), "plan only: the request is verified");
+                    } else if command.break_glass.is_empty() {
                         tracing::info!(approvers = %names.join(", "), "approvals verified");
                     } else {
                         tracing::warn!(requester = %names.join(", "), reason = %command.break_glass, "run by breaking the glass: no approvals");
@@ -1352,11 +1404,19 @@ impl Runner {
         // Whatever the handler started with the context's token stops when the command ends.
         let _stop = token.clone().drop_guard();
         let ctx = Context::new(command.clone(), finish_by, token.clone(), emitter);
+        let work = Box::pin(work(
+            handler,
+            ctx,
+            params,
+            command.clone(),
+            secrets.clone(),
+            self.config.output.clone(),
+        ));
         // A panic in the handler is its failure, not the agent's: caught here.
-        let mut work = std::panic::AssertUnwindSafe(handler(ctx, params)).catch_unwind();
+        let mut work = std::panic::AssertUnwindSafe(work).catch_unwind();
 
         enum Ended {
-            Done(std::thread::Result<Result<Outcome, Failure>>),
+            Done(std::thread::Result<Result<Work, Failure>>),
             Cancelled(String),
             TimedOut,
         }
@@ -1386,10 +1446,34 @@ impl Runner {
         // Every progress and log line is out before the outcome.
         emitting.finish().await;
 
+        let mut plan = None;
         let kind = match (ended, late) {
-            (_, Some(Ok(Ok(outcome)))) => Kind::Succeeded(proto::Succeeded {
+            (_, Some(Ok(Ok(Work::Ran(outcome))))) => Kind::Succeeded(proto::Succeeded {
                 summary: outcome.summary,
                 outputs: outcome.outputs.into_iter().collect(),
+            }),
+            (_, Some(Ok(Ok(Work::Planned(made))))) => {
+                let summary = format!(
+                    "planned {} change{}: {}",
+                    made.changes.len(),
+                    if made.changes.len() == 1 { "" } else { "s" },
+                    made.summary
+                );
+                plan = Some(made);
+                Kind::Succeeded(proto::Succeeded {
+                    summary,
+                    outputs: Default::default(),
+                })
+            }
+            (_, Some(Ok(Ok(Work::Stale { approved, fresh })))) => Kind::Failed(proto::Failed {
+                code: "stale_plan".into(),
+                message: format!(
+                    "what it would change now is not the plan that was approved ({}); nothing \
+                     was changed: submit it again to have the new plan approved",
+                    plan_difference(&approved, &fresh)
+                ),
+                approved_plan: Some(approved),
+                fresh_plan: Some(fresh),
             }),
             (Some(Ended::Cancelled(by)), _) => Kind::Cancelled(proto::Cancelled {
                 reason: format!("cancelled by {by}"),
@@ -1419,6 +1503,13 @@ impl Runner {
             Kind::Cancelled(_) => "cancelled",
             _ => "failed",
         };
+        // The plan before the outcome: whoever sees the outcome finds the plan.
+        let mut kind = kind;
+        if let Some(plan) = plan
+            && let Err(why) = self.record_plan(publisher, command, plan).await
+        {
+            kind = failed("plan_not_recorded", why);
+        }
         // Masked and bounded like every other event: an outcome must always be publishable.
         let kind = emitter::bound_kind(kind, &secrets, &self.config.output);
         self.record_outcome(publisher, command, kind).await;
@@ -1426,6 +1517,37 @@ impl Runner {
         self.metrics.ended(&op_name, summary, began.elapsed());
         tracing::info!(outcome = summary, "finished");
         Settle::Ack
+    }
+
+    /// Writes the plan a plan-only command's handler made, trying until it is stored or the
+    /// server refuses it for what it is (too large, say): the error says why.
+    async fn record_plan(
+        &self,
+        publisher: &Publisher,
+        command: &proto::Command,
+        plan: proto::Plan,
+    ) -> Result<(), String> {
+        let event = self.event(command, Kind::Plan(plan));
+        loop {
+            match publisher
+                .event(&self.tower, &event, &self.incarnation)
+                .await
+            {
+                Ok(Slot::Written(_)) => return Ok(()),
+                Ok(Slot::Taken { sequence }) => {
+                    return Err(format!(
+                        "another plan was recorded for it first (event {sequence})"
+                    ));
+                }
+                Err(e) if emitter::refused(&e) => {
+                    return Err(format!("the plan could not be recorded: {e}"));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot record the plan yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
     }
 
     /// Writes the outcome of a command that ran, trying until it is stored (the command stays
@@ -1968,10 +2090,95 @@ fn host_name() -> String {
         .unwrap_or_default()
 }
 
+/// What a handler's work came to.
+enum Work {
+    /// It ran.
+    Ran(Outcome),
+    /// It planned (a plan-only command).
+    Planned(proto::Plan),
+    /// The plan it made before running is not the approved one: it did not run.
+    Stale {
+        approved: proto::Plan,
+        fresh: proto::Plan,
+    },
+}
+
+/// Runs `command` with `handler`: only its plan for a plan-only command; for a command that
+/// carries its approved plan, the plan again first, and the command itself only if that plan
+/// is the approved one.
+async fn work(
+    handler: Handler,
+    ctx: Context,
+    params: Params,
+    command: Arc<proto::Command>,
+    secrets: Vec<String>,
+    output: crate::config::Output,
+) -> Result<Work, Failure> {
+    let plan = |params: Params| {
+        let (planning, changes) = ctx.for_plan();
+        let made = handler(planning, params);
+        let (secrets, output) = (&secrets, &output);
+        async move {
+            let outcome = made.await?;
+            let changes = std::mem::take(
+                &mut *changes
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            let plan = proto::Plan {
+                summary: outcome.summary,
+                changes,
+            };
+            Ok::<_, Failure>(emitter::bound_plan(plan, secrets, output))
+        }
+    };
+    if command.plan {
+        return plan(params).await.map(Work::Planned);
+    }
+    if let Some(approved) = &command.approved_plan {
+        let fresh = plan(params.clone()).await?;
+        if fresh != *approved {
+            return Ok(Work::Stale {
+                approved: approved.clone(),
+                fresh,
+            });
+        }
+    }
+    handler(ctx, params).await.map(Work::Ran)
+}
+
+/// Where two plans part, in a few words.
+fn plan_difference(approved: &proto::Plan, fresh: &proto::Plan) -> String {
+    let shown = |c: &proto::Change| format!("{} {} {}", c.action, c.resource, c.detail);
+    let first = approved
+        .changes
+        .iter()
+        .zip(&fresh.changes)
+        .position(|(a, f)| a != f);
+    match first {
+        Some(n) => format!(
+            "change {} was \"{}\" and is now \"{}\"",
+            n + 1,
+            shown(&approved.changes[n]).trim(),
+            shown(&fresh.changes[n]).trim()
+        ),
+        None if approved.changes.len() != fresh.changes.len() => format!(
+            "{} changes were approved, and it would make {}",
+            approved.changes.len(),
+            fresh.changes.len()
+        ),
+        None => format!(
+            "the summary was \"{}\" and is now \"{}\"",
+            approved.summary, fresh.summary
+        ),
+    }
+}
+
 fn failed(code: &str, message: String) -> Kind {
     Kind::Failed(proto::Failed {
         code: code.to_owned(),
         message,
+        ..Default::default()
     })
 }
 

@@ -5,6 +5,9 @@
 
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use prost::Message as _;
 use rct_agents::{Context, Outcome, Params, Tower};
 use rct_bus::proto::{self, event::Kind, submission::Request};
@@ -69,8 +72,13 @@ impl Approver {
 /// A delete of shop/cart asked by alice, with her submission inside, as admission builds it;
 /// and its request digest.
 fn delete(h: &Harness) -> (proto::Command, Vec<u8>) {
+    asked(h, "workloads/delete")
+}
+
+/// `operation` of shop/cart asked by alice (see [`delete`]).
+fn asked(h: &Harness, operation: &str) -> (proto::Command, Vec<u8>) {
     let mut command = h.command(
-        "workloads/delete",
+        operation,
         "_",
         &[
             ("namespace", string("shop")),
@@ -90,6 +98,7 @@ fn delete(h: &Harness) -> (proto::Command, Vec<u8>) {
             params: command.params.clone(),
             dry_run: false,
             break_glass: String::new(),
+            plan: false,
         })),
     };
     let mut envelope = alice
@@ -279,6 +288,7 @@ fn broken_glass(h: &Harness, requester: &Approver, asked: &str, reason: &str) ->
             params: command.params.clone(),
             dry_run: false,
             break_glass: asked.into(),
+            plan: false,
         })),
     };
     let mut envelope = requester
@@ -344,4 +354,164 @@ async fn a_break_glass_command_runs_only_for_a_requester_the_rule_names() {
         );
     }
     agent.stop().await;
+}
+
+/// A failover handler that plans: it would promote whichever of cart-a and cart-b is not
+/// primary (`flipped`: cart-b is).
+fn failover_agent(h: &Harness, ledger: &Ledger, flipped: Arc<AtomicBool>) -> support::Running {
+    let ledger = ledger.clone();
+    h.run(
+        Tower::new("workloads")
+            .planning_operation("failover", move |ctx: Context, _: Params| {
+                let ledger = ledger.clone();
+                let flipped = flipped.clone();
+                async move {
+                    let (from, to) = if flipped.load(Ordering::SeqCst) {
+                        ("cart-b", "cart-a")
+                    } else {
+                        ("cart-a", "cart-b")
+                    };
+                    if ctx.planning() {
+                        ctx.change("promote", to, "replica → primary");
+                        ctx.change("demote", from, "primary → replica");
+                        return Ok(Outcome::new(format!("fail over from {from} to {to}")));
+                    }
+                    ledger.record(&ctx, "a");
+                    flipped.store(!flipped.load(Ordering::SeqCst), Ordering::SeqCst);
+                    Ok(Outcome::new(format!("{to} is primary")))
+                }
+            })
+            .config(h.config("a")),
+    )
+}
+
+fn cart_plan(from: &str, to: &str) -> proto::Plan {
+    let change = |action: &str, resource: &str, detail: &str| proto::Change {
+        action: action.into(),
+        resource: resource.into(),
+        detail: detail.into(),
+    };
+    proto::Plan {
+        summary: format!("fail over from {from} to {to}"),
+        changes: vec![
+            change("promote", to, "replica → primary"),
+            change("demote", from, "primary → replica"),
+        ],
+    }
+}
+
+#[tokio::test]
+async fn a_plan_only_command_records_the_handlers_plan_and_changes_nothing() {
+    let h = Harness::start().await;
+    let ledger = Ledger::default();
+    let _agent = failover_agent(&h, &ledger, Arc::default());
+    // As admission sends it to describe a waiting request: under the id derived from it.
+    let (mut command, _) = asked(&h, "workloads/failover");
+    let id: rct_bus::CommandId = command.command_id.parse().unwrap();
+    command.command_id = id.plan().to_string();
+    command.plan = true;
+    h.publish(&command).await;
+    let records = h.finished(&command.command_id).await;
+    match outcome(&records) {
+        Kind::Succeeded(s) => assert_eq!(
+            s.summary,
+            "planned 2 changes: fail over from cart-a to cart-b"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let plans: Vec<&proto::Plan> = records
+        .iter()
+        .filter_map(|r| match &r.event.kind {
+            Some(Kind::Plan(p)) => Some(p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(plans, [&cart_plan("cart-a", "cart-b")]);
+    assert_eq!(ledger.executions(&command.command_id), 0, "a plan ran it");
+
+    // Under any other id it is not what the requester asked for.
+    let (mut other, _) = asked(&h, "workloads/failover");
+    other.command_id = rct_bus::CommandId::generate().to_string();
+    other.plan = true;
+    h.publish(&other).await;
+    let records = h.finished(&other.command_id).await;
+    assert!(
+        matches!(outcome(&records), Kind::Failed(f) if f.code == "approvals_invalid"),
+        "{:?}",
+        outcome(&records)
+    );
+}
+
+#[tokio::test]
+async fn an_approved_plan_runs_while_it_holds_and_fails_stale_once_it_changed() {
+    let h = Harness::start().await;
+    let ledger = Ledger::default();
+    let flipped = Arc::new(AtomicBool::new(false));
+    let _agent = failover_agent(&h, &ledger, flipped.clone());
+    let bob = approver(&h.admission, "bob", &["sre_leads"]);
+    let carol = approver(&h.admission, "carol", &["app_leads"]);
+    let approved = |plan: Option<proto::Plan>| {
+        let (mut command, _) = asked(&h, "workloads/failover");
+        let body = &command.submission.as_ref().unwrap().body;
+        let digest = rct_bus::approval::digest(body, &command.catalog_version, plan.as_ref());
+        command.approvals = vec![
+            bob.approve(&command, &digest),
+            carol.approve(&command, &digest),
+        ];
+        command.approved_plan = plan;
+        command.admitted_at = Some(from_datetime(OffsetDateTime::now_utc()));
+        command
+    };
+
+    // Approved without a plan, for an operation that plans: refused.
+    let command = approved(None);
+    h.publish(&command).await;
+    let records = h.finished(&command.command_id).await;
+    assert!(
+        matches!(outcome(&records), Kind::Failed(f) if f.code == "approvals_invalid"),
+        "{:?}",
+        outcome(&records)
+    );
+
+    // The plan holds: it runs.
+    let first = approved(Some(cart_plan("cart-a", "cart-b")));
+    let second = approved(Some(cart_plan("cart-a", "cart-b")));
+    h.publish(&first).await;
+    let records = h.finished(&first.command_id).await;
+    assert!(
+        matches!(outcome(&records), Kind::Succeeded(_)),
+        "{:?}",
+        outcome(&records)
+    );
+    assert_eq!(ledger.executions(&first.command_id), 1);
+
+    // The same plan, approved before the first ran: cart-b is primary now.
+    h.publish(&second).await;
+    let records = h.finished(&second.command_id).await;
+    let Kind::Failed(f) = outcome(&records) else {
+        panic!("{:?}", outcome(&records));
+    };
+    assert_eq!(f.code, "stale_plan", "{f:?}");
+    assert_eq!(f.approved_plan, Some(cart_plan("cart-a", "cart-b")));
+    assert_eq!(f.fresh_plan, Some(cart_plan("cart-b", "cart-a")));
+    assert!(f.message.contains("promote cart-a"), "{}", f.message);
+    assert_eq!(ledger.executions(&second.command_id), 0, "a stale plan ran");
+    assert!(flipped.load(Ordering::SeqCst), "it changed something");
+}
+
+#[tokio::test]
+async fn an_agent_whose_handler_cannot_plan_does_not_serve_an_operation_that_plans() {
+    let h = Harness::start().await;
+    let running = h.run(
+        Tower::new("workloads")
+            .operation("failover", |_: Context, _: Params| async {
+                Ok(Outcome::new("done"))
+            })
+            .config(h.config("a")),
+    );
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), running.task)
+        .await
+        .expect("it serves");
+    let error = ended.unwrap().expect_err("it serves").to_string();
+    assert!(error.contains("planning_operation"), "{error}");
 }

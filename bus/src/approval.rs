@@ -3,8 +3,10 @@
 //!
 //! The digest is SHA-256 over a fixed label and, each preceded by its length, the submission
 //! envelope's body bytes as admission received them, the catalog version it was checked
-//! against, and the plan's bytes when the operation plans. Anyone holding the stored bytes
-//! recomputes it; nothing is re-encoded.
+//! against, and, when the operation plans, the plan its handler made: the protobuf encoding
+//! of the `Plan` its plan event holds (prost's encoding of a message without maps is
+//! deterministic, so every reader of that event gets the same bytes, and the plan a command
+//! carries gives them too). Anyone holding the stored bytes recomputes it.
 
 use std::collections::BTreeSet;
 
@@ -20,14 +22,20 @@ const LABEL: &[u8] = b"rct/v1/request-digest\n";
 
 /// The request digest of a submission body checked against `catalog_version`, with the plan
 /// the approvers saw, if any.
-pub fn digest(submission_body: &[u8], catalog_version: &str, plan: Option<&[u8]>) -> [u8; 32] {
+pub fn digest(
+    submission_body: &[u8],
+    catalog_version: &str,
+    plan: Option<&proto::Plan>,
+) -> [u8; 32] {
+    // A plan, even one that changes nothing, is never taken for no plan at all.
+    let plan = plan.map_or_else(Vec::new, |plan| {
+        let mut bytes = vec![1];
+        plan.encode(&mut bytes).expect("a Vec grows");
+        bytes
+    });
     let mut hash = Sha256::new();
     hash.update(LABEL);
-    for part in [
-        submission_body,
-        catalog_version.as_bytes(),
-        plan.unwrap_or_default(),
-    ] {
+    for part in [submission_body, catalog_version.as_bytes(), &plan] {
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part);
     }
@@ -115,8 +123,9 @@ pub fn verify_one(
 }
 
 /// Checks that `command` is what its requester signed: the submission it carries verifies
-/// (see [`signed`]), names the command's id, operation, justification, dry run and
-/// break-glass reason, its parameters checked against `operation` give the command's
+/// (see [`signed`]), names the command's id (or, for the plan-only command that describes a
+/// request, the id [`crate::CommandId::plan`] derives from it), operation, justification, dry
+/// run, plan-only flag and break-glass reason, its parameters checked against `operation` give the command's
 /// parameters and target, and its requester is the command's. What approvers approved is
 /// that submission, so a command that differs from it in anything that runs is refused.
 /// Returns the requester.
@@ -135,8 +144,19 @@ pub fn requested(
         return Err("its request runs nothing".into());
     };
     let differs = |what: &str| Err(format!("its {what} is not the one its requester signed"));
-    if submission.command_id != command.command_id {
+    // A plan-only command admission sent to describe a request waiting for approvals has an
+    // id of its own, derived from the request's; anything else has the request's id.
+    let asked: Option<crate::CommandId> = submission.command_id.parse().ok();
+    let id = if command.plan && !run.plan {
+        asked.map(|id| id.plan().to_string())
+    } else {
+        asked.map(|id| id.to_string())
+    };
+    if id.as_deref() != Some(command.command_id.as_str()) {
         return differs("id");
+    }
+    if run.plan && !command.plan {
+        return differs("plan-only flag");
     }
     if submission.operation != command.operation {
         return differs("operation");
@@ -168,20 +188,23 @@ pub fn requested(
 /// Checks that `command`, asked for by `requester` (see [`requested`]), carries what `rule`
 /// asks: `required` approvals by distinct members of the approver groups, each verified by
 /// [`verify_one`] against the command's own request digest (recomputed from the submission it
-/// carries), none by the requester unless the rule allows it, none made after the command was
-/// admitted. Returns the approvers.
+/// carries, and the plan it carries when the operation plans), none by the requester unless
+/// the rule allows it, none made after the command was admitted. Returns the approvers.
 pub fn verify(
     command: &proto::Command,
     requester: &Approver,
     rule: &Approvals,
-    plan: Option<&[u8]>,
     trusted: &Verifier,
 ) -> Result<Vec<Approver>, String> {
     let submission = command
         .submission
         .as_ref()
         .ok_or("the command carries no submission to recompute its digest from")?;
-    let digest = digest(&submission.body, &command.catalog_version, plan);
+    let digest = digest(
+        &submission.body,
+        &command.catalog_version,
+        command.approved_plan.as_ref(),
+    );
     let admitted_at = command
         .admitted_at
         .map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0));
@@ -263,7 +286,7 @@ pub fn request(command_id: &str, digest: &[u8], deny: bool) -> Request {
 
 /// The digest a `pending` event's stored bytes give, recomputed (what an approver's client
 /// compares with the digest the event states before signing).
-pub fn recompute(pending: &proto::Pending, plan: Option<&[u8]>) -> Option<[u8; 32]> {
+pub fn recompute(pending: &proto::Pending, plan: Option<&proto::Plan>) -> Option<[u8; 32]> {
     let submission = pending.submission.as_ref()?;
     // The body must be a submission: a digest over anything else approves nothing.
     proto::Submission::decode(submission.body.as_slice()).ok()?;
@@ -279,10 +302,25 @@ mod tests {
         let base = digest(b"body", "v1", None);
         assert_ne!(base, digest(b"body!", "v1", None));
         assert_ne!(base, digest(b"body", "v2", None));
-        assert_ne!(base, digest(b"body", "v1", Some(b"plan")));
+        let plan = proto::Plan {
+            summary: "promote db-2".into(),
+            changes: Vec::new(),
+        };
+        assert_ne!(base, digest(b"body", "v1", Some(&plan)));
         // Bytes moved from one part to the next make another digest.
         assert_ne!(digest(b"bodyv", "1", None), base);
-        assert_eq!(base, digest(b"body", "v1", Some(b"")));
+        // A plan that changes nothing is still a plan.
+        assert_ne!(base, digest(b"body", "v1", Some(&proto::Plan::default())));
+        let mut other = plan.clone();
+        other.changes.push(proto::Change {
+            action: "promote".into(),
+            resource: "db-2".into(),
+            detail: String::new(),
+        });
+        assert_ne!(
+            digest(b"body", "v1", Some(&plan)),
+            digest(b"body", "v1", Some(&other))
+        );
     }
 
     #[test]

@@ -125,6 +125,11 @@ pub struct Operation {
     /// Who may run it at once, skipping approvals (and freeze windows), with a reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub break_glass: Option<BreakGlass>,
+    /// Its handler can describe what it would change without changing it (`rct plan`).
+    /// With approvals, the approvers approve that plan, and the command fails `stale_plan`,
+    /// changing nothing, if the handler would change something else when it runs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plan: bool,
 }
 
 /// An operation's break-glass rule: members of `groups` (who must also be allowed to run it)

@@ -25,11 +25,13 @@ pub enum EventKind {
     Cancel,
     /// The terminal event: succeeded, failed, expired, cancelled or unknown. One per command.
     Outcome,
+    /// What a plan-only command's handler would change. One per command.
+    Plan,
 }
 
 impl EventKind {
     /// Every kind, in lifecycle order.
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::Decision,
         EventKind::Pending,
         EventKind::Approval,
@@ -37,6 +39,7 @@ impl EventKind {
         EventKind::Progress,
         EventKind::Log,
         EventKind::Cancel,
+        EventKind::Plan,
         EventKind::Outcome,
     ];
 
@@ -51,6 +54,7 @@ impl EventKind {
             EventKind::Log => "log",
             EventKind::Cancel => "cancel",
             EventKind::Outcome => "outcome",
+            EventKind::Plan => "plan",
         }
     }
 
@@ -59,18 +63,26 @@ impl EventKind {
     pub fn is_single_slot(self) -> bool {
         matches!(
             self,
-            EventKind::Decision | EventKind::Pending | EventKind::Claim | EventKind::Outcome
+            EventKind::Decision
+                | EventKind::Pending
+                | EventKind::Claim
+                | EventKind::Outcome
+                | EventKind::Plan
         )
     }
 
     /// Whether agents write this kind (their NATS permissions allow exactly these, for their
-    /// own target): a claim, progress, a log line, an outcome. Decisions, approvals and cancel
+    /// own target): a claim, progress, a log line, a plan, an outcome. Decisions, approvals and cancel
     /// requests are admission's alone (admission may also write a claim and an outcome, to end
     /// a command unrun).
     pub fn is_written_by_agents(self) -> bool {
         matches!(
             self,
-            EventKind::Claim | EventKind::Progress | EventKind::Log | EventKind::Outcome
+            EventKind::Claim
+                | EventKind::Progress
+                | EventKind::Log
+                | EventKind::Plan
+                | EventKind::Outcome
         )
     }
 
@@ -84,6 +96,7 @@ impl EventKind {
             Kind::Progress(_) => EventKind::Progress,
             Kind::Log(_) => EventKind::Log,
             Kind::CancelRequested(_) => EventKind::Cancel,
+            Kind::Plan(_) => EventKind::Plan,
             Kind::Succeeded(_)
             | Kind::Failed(_)
             | Kind::Expired(_)
@@ -103,7 +116,7 @@ impl FromStr for EventKind {
             .ok_or_else(|| Error::InvalidName {
                 what: "event kind",
                 value: s.to_owned(),
-                reason: "must be one of decision, pending, approval, claim, progress, log, cancel, outcome",
+                reason: "must be one of decision, pending, approval, claim, progress, log, cancel, plan, outcome",
             })
     }
 }
@@ -162,7 +175,7 @@ pub fn rejection_code_name(code: i32) -> &'static str {
         .map_or("unspecified", |(_, name)| name)
 }
 
-const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 23] = [
+const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 24] = [
     (proto::RejectionCode::Malformed, "malformed"),
     (proto::RejectionCode::Unauthenticated, "unauthenticated"),
     (proto::RejectionCode::BadSignature, "bad_signature"),
@@ -189,6 +202,7 @@ const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 23] = [
     (proto::RejectionCode::SelfApproval, "self_approval"),
     (proto::RejectionCode::Frozen, "frozen"),
     (proto::RejectionCode::Withdrawn, "withdrawn"),
+    (proto::RejectionCode::PlanFailed, "plan_failed"),
 ];
 
 #[cfg(test)]
@@ -204,7 +218,7 @@ mod tests {
     }
 
     #[test]
-    fn only_decision_pending_claim_and_outcome_are_single_slot() {
+    fn only_decision_pending_claim_plan_and_outcome_are_single_slot() {
         let single: Vec<_> = EventKind::ALL
             .into_iter()
             .filter(|k| k.is_single_slot())
@@ -215,6 +229,7 @@ mod tests {
                 EventKind::Decision,
                 EventKind::Pending,
                 EventKind::Claim,
+                EventKind::Plan,
                 EventKind::Outcome
             ]
         );

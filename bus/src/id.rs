@@ -41,6 +41,13 @@ impl CommandId {
         Self(Ulid::from_parts(ms, u128::from_be_bytes(random)))
     }
 
+    /// The id of the plan-only command admission sends to describe this request (it waits
+    /// for approvals of an operation that plans): the same for every replica and redelivery,
+    /// dated like the request.
+    pub fn plan(&self) -> Self {
+        Self::derived(self.timestamp(), "plan", 0, self.to_string().as_bytes())
+    }
+
     /// When the id was generated (millisecond precision).
     pub fn timestamp(&self) -> SystemTime {
         self.0.datetime()

@@ -335,6 +335,7 @@ mod tests {
                 "rct.evt.traffic.prod-1.*.claim",
                 "rct.evt.traffic.prod-1.*.progress",
                 "rct.evt.traffic.prod-1.*.log",
+                "rct.evt.traffic.prod-1.*.plan",
                 "rct.evt.traffic.prod-1.*.outcome",
             ]
         );

@@ -159,6 +159,15 @@ fn clean_request(request: &mut Option<proto::Request>, max: usize) {
         .collect();
 }
 
+fn clean_plan(plan: &mut proto::Plan, max: usize) {
+    clean(&mut plan.summary, max);
+    for change in &mut plan.changes {
+        clean(&mut change.action, max);
+        clean(&mut change.resource, max);
+        clean(&mut change.detail, max);
+    }
+}
+
 /// Makes every text of `event` [`printable`], in place. A log event keeps its lines apart:
 /// the `\n` between them stays, and each line is made printable.
 pub fn make_printable(event: &mut proto::Event) {
@@ -230,7 +239,14 @@ pub fn make_printable_within(event: &mut proto::Event, max: usize) {
         Kind::Failed(f) => {
             clean(&mut f.code, max);
             clean(&mut f.message, max);
+            for plan in [&mut f.approved_plan, &mut f.fresh_plan]
+                .into_iter()
+                .flatten()
+            {
+                clean_plan(plan, max);
+            }
         }
+        Kind::Plan(plan) => clean_plan(plan, max),
         Kind::Expired(_) => {}
         Kind::Cancelled(c) => clean(&mut c.reason, max),
         Kind::Unknown(u) => clean(&mut u.reason, max),

@@ -57,6 +57,7 @@ fn samples() -> Vec<Vec<u8>> {
             .into(),
             dry_run: false,
             break_glass: String::new(),
+            plan: false,
         })),
         ..Default::default()
     };

@@ -63,6 +63,7 @@ fn submission() -> proto::Submission {
             params: params(),
             dry_run: true,
             break_glass: String::new(),
+            plan: true,
         })),
     }
 }
@@ -76,6 +77,17 @@ fn submissions_round_trip() {
         })),
         ..submission()
     });
+}
+
+fn plan() -> proto::Plan {
+    proto::Plan {
+        summary: "promote db-2".into(),
+        changes: vec![proto::Change {
+            action: "promote".into(),
+            resource: "db-2".into(),
+            detail: "replica → primary".into(),
+        }],
+    }
 }
 
 #[test]
@@ -101,6 +113,8 @@ fn commands_round_trip_with_the_operators_envelope_inside() {
         submission: Some(envelope.clone()),
         approvals: vec![envelope.clone()],
         break_glass: "INC-9 the database is down".into(),
+        plan: false,
+        approved_plan: Some(plan()),
     };
     round_trip(command.clone());
 
@@ -137,6 +151,7 @@ fn every_event_kind_round_trips() {
             until: at(3),
             end: false,
         }),
+        plan: true,
     });
     let kinds = vec![
         Kind::Rejected(proto::Rejected {
@@ -153,6 +168,7 @@ fn every_event_kind_round_trips() {
             }),
             catalog_version: "v1".into(),
             approvals: vec![7, 9],
+            plan: 8,
         }),
         Kind::Pending(proto::Pending {
             request: request.clone(),
@@ -166,6 +182,7 @@ fn every_event_kind_round_trips() {
             catalog_version: "v1".into(),
             fingerprint: "00aa".into(),
             submission: None,
+            plan_id: "01JQ0000000000000000000002".into(),
         }),
         Kind::Approval(proto::Approval {
             by: operator(),
@@ -202,7 +219,10 @@ fn every_event_kind_round_trips() {
         Kind::Failed(proto::Failed {
             code: "timeout".into(),
             message: "took too long".into(),
+            approved_plan: Some(plan()),
+            fresh_plan: Some(proto::Plan::default()),
         }),
+        Kind::Plan(plan()),
         Kind::Expired(proto::Expired { deadline: at(3) }),
         Kind::Cancelled(proto::Cancelled {
             reason: "asked".into(),
@@ -228,6 +248,7 @@ fn every_event_kind_round_trips() {
             Kind::Expired(_) => "expired",
             Kind::Cancelled(_) => "cancelled",
             Kind::Unknown(_) => "unknown",
+            Kind::Plan(_) => "plan",
         });
     }
     assert_eq!(arms.len(), kinds.len(), "one case per oneof arm: {arms:?}");

@@ -65,6 +65,18 @@ enum Verb {
     Ops(ops::Args),
     /// Fire an operation by name: rct run traffic/drain-cluster -p cluster=prod-1 -j SRE-1.
     Run(run::Args),
+    /// Plan an operation without running it: rct plan <tower> <op> --<param> VALUE -j WHY.
+    /// Its agent describes what it would change (for operations with `plan: true`).
+    Plan {
+        /// The tower, the operation and its flags, as for rct <tower> <op>.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            required = true,
+            value_name = "TOWER OP ARGS"
+        )]
+        words: Vec<String>,
+    },
     /// Watch a command: its history, then live, to the end.
     Watch(inspect::One),
     /// Where a command is, in one line.
@@ -282,6 +294,7 @@ impl clap::builder::TypedValueParser for Candidates {
 fn early(args: &[String]) -> (Global, Vec<String>) {
     let mut global = Global::default();
     let mut words = Vec::new();
+    let mut planning = false;
     let mut args = args.iter().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--" {
@@ -302,6 +315,8 @@ fn early(args: &[String]) -> (Global, Vec<String>) {
                     global.servers.push(value);
                 }
             }
+            // rct plan <tower> <op> builds the same command as rct <tower> <op>.
+            "plan" if words.is_empty() && !planning => planning = true,
             // The verb or tower, then (after a tower) the operation.
             _ if words.is_empty() || (words.len() == 1 && !arg.starts_with('-')) => {
                 words.push(arg.clone());
@@ -394,6 +409,21 @@ async fn dispatch(home: &Home, catalog: Option<&Served>, matches: ArgMatches) ->
         Verb::Whoami(args) => login::whoami(home, &global, args),
         Verb::Ops(args) => ops::run(home, &global, args).await,
         Verb::Run(args) => run::run(home, &global, args).await,
+        Verb::Plan { .. } => {
+            // rct plan <tower> <op> … is rct <tower> <op> … --plan.
+            let mut args: Vec<String> = std::env::args().collect();
+            let verb = (1..args.len()).find(|&i| {
+                args[i] == "plan" && !matches!(args[i - 1].as_str(), "--context" | "--server")
+            });
+            if let Some(at) = verb {
+                args.remove(at);
+            }
+            args.push("--plan".into());
+            let matches = command(catalog)
+                .try_get_matches_from(args)
+                .map_err(|e| Error::usage(e.render().to_string().trim().to_owned()))?;
+            Box::pin(dispatch(home, catalog, matches)).await
+        }
         Verb::Watch(args) => inspect::watch(home, &global, args).await,
         Verb::Status(args) => inspect::status(home, &global, args).await,
         Verb::Show(args) => inspect::show(home, &global, args).await,
@@ -467,5 +497,8 @@ mod tests {
         assert_eq!(words, ["history"]);
         let (_, words) = early(&args("traffic --help"));
         assert_eq!(words, ["traffic"]);
+        // rct plan <tower> <op> needs the tower's command.
+        let (_, words) = early(&args("--context plan plan traffic drain-cluster -j X"));
+        assert_eq!(words, ["traffic", "drain-cluster"]);
     }
 }

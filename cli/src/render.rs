@@ -231,7 +231,9 @@ fn describe_printable(event: &proto::Event) -> String {
                 "admitted {what} for {} ({}){}{}",
                 operator(r.and_then(|r| r.operator.as_ref())),
                 r.map_or("", |r| r.justification.as_str()),
-                if r.is_some_and(|r| r.dry_run) {
+                if r.is_some_and(|r| r.plan) {
+                    ", plan only"
+                } else if r.is_some_and(|r| r.dry_run) {
                     ", dry run"
                 } else {
                     ""
@@ -265,7 +267,7 @@ fn describe_printable(event: &proto::Event) -> String {
             let rule = p.rule.clone().unwrap_or_default();
             let r = p.request.as_ref();
             format!(
-                "{}{} for {} ({}) waits for {} approval{} from {} until {}; digest {}",
+                "{}{} for {} ({}) waits for {} approval{} from {} until {}; {}",
                 event.operation,
                 on(&event.target),
                 operator(r.and_then(|r| r.operator.as_ref())),
@@ -277,7 +279,11 @@ fn describe_printable(event: &proto::Event) -> String {
                     .as_ref()
                     .and_then(rct_streams::timestamp::to_datetime)
                     .map_or_else(|| "?".into(), datetime),
-                rct_bus::approval::hex(&p.digest)
+                if p.plan_id.is_empty() {
+                    format!("digest {}", rct_bus::approval::hex(&p.digest))
+                } else {
+                    format!("its plan is made by command {}", p.plan_id)
+                }
             )
         }
         Kind::Started(s) if s.without_running => {
@@ -310,11 +316,45 @@ fn describe_printable(event: &proto::Event) -> String {
             c.justification
         ),
         Kind::Succeeded(s) => format!("succeeded: {}", s.summary),
-        Kind::Failed(f) => format!("failed ({}): {}", f.code, f.message),
+        Kind::Failed(f) => {
+            let mut text = format!("failed ({}): {}", f.code, f.message);
+            for (which, plan) in [("approved", &f.approved_plan), ("now", &f.fresh_plan)] {
+                if let Some(plan) = plan {
+                    text.push_str(&format!("\n{which}: {}", describe_plan(plan)));
+                }
+            }
+            text
+        }
+        Kind::Plan(plan) => format!("plan: {}", describe_plan(plan)),
         Kind::Expired(_) => "expired: no agent started it before its deadline".into(),
         Kind::Cancelled(c) => format!("cancelled: {}", c.reason),
         Kind::Unknown(u) => format!("outcome unknown: {}", u.reason),
     }
+}
+
+/// A plan: its summary, then a line for each change.
+pub fn describe_plan(plan: &proto::Plan) -> String {
+    let mut text = format!(
+        "{} ({} change{})",
+        plan.summary,
+        plan.changes.len(),
+        if plan.changes.len() == 1 { "" } else { "s" }
+    );
+    for change in &plan.changes {
+        text.push_str(&format!(
+            "\n  {} {} {}",
+            change.action, change.resource, change.detail
+        ));
+    }
+    text.trim_end().to_owned()
+}
+
+fn plan_json(plan: Option<&proto::Plan>) -> Value {
+    let Some(plan) = plan else { return Value::Null };
+    json!({
+        "summary": plan.summary,
+        "changes": plan.changes.iter().map(|c| json!({"action": c.action, "resource": c.resource, "detail": c.detail})).collect::<Vec<_>>(),
+    })
 }
 
 fn on(target: &str) -> String {
@@ -352,7 +392,7 @@ pub fn event_json(record: &Record) -> Value {
     });
     let body = match e.kind.as_ref() {
         Some(Kind::Admitted(a)) => {
-            json!({"type": "admitted", "request": request_json(a.request.as_ref()), "catalog_version": a.catalog_version, "approvals": a.approvals})
+            json!({"type": "admitted", "request": request_json(a.request.as_ref()), "catalog_version": a.catalog_version, "approvals": a.approvals, "plan": a.plan})
         }
         Some(Kind::Rejected(r)) => {
             json!({"type": "rejected", "code": rejection_code_name(r.code), "message": r.message, "request": request_json(r.request.as_ref())})
@@ -362,7 +402,7 @@ pub fn event_json(record: &Record) -> Value {
         }
         Some(Kind::Pending(p)) => {
             let rule = p.rule.clone().unwrap_or_default();
-            json!({"type": "pending", "request": request_json(p.request.as_ref()), "required": rule.required, "approver_groups": rule.approver_groups, "allow_self": rule.allow_self, "expires_at": p.expires_at.as_ref().and_then(rct_streams::timestamp::to_datetime).map(datetime), "digest": rct_bus::approval::hex(&p.digest), "catalog_version": p.catalog_version})
+            json!({"type": "pending", "request": request_json(p.request.as_ref()), "required": rule.required, "approver_groups": rule.approver_groups, "allow_self": rule.allow_self, "expires_at": p.expires_at.as_ref().and_then(rct_streams::timestamp::to_datetime).map(datetime), "digest": rct_bus::approval::hex(&p.digest), "catalog_version": p.catalog_version, "plan_id": p.plan_id})
         }
         Some(Kind::Started(s)) => {
             json!({"type": "started", "agent": s.agent, "host": s.host, "without_running": s.without_running})
@@ -379,7 +419,14 @@ pub fn event_json(record: &Record) -> Value {
         Some(Kind::Succeeded(s)) => {
             json!({"type": "succeeded", "summary": s.summary, "outputs": s.outputs})
         }
-        Some(Kind::Failed(f)) => json!({"type": "failed", "code": f.code, "message": f.message}),
+        Some(Kind::Failed(f)) => {
+            json!({"type": "failed", "code": f.code, "message": f.message, "approved_plan": plan_json(f.approved_plan.as_ref()), "fresh_plan": plan_json(f.fresh_plan.as_ref())})
+        }
+        Some(Kind::Plan(plan)) => {
+            let mut body = plan_json(Some(plan));
+            body["type"] = json!("plan");
+            body
+        }
         Some(Kind::Expired(_)) => json!({"type": "expired"}),
         Some(Kind::Cancelled(c)) => json!({"type": "cancelled", "reason": c.reason}),
         Some(Kind::Unknown(u)) => json!({"type": "unknown", "reason": u.reason}),
@@ -402,6 +449,7 @@ fn request_json(request: Option<&proto::Request>) -> Value {
         "justification": r.justification,
         "params": params,
         "dry_run": r.dry_run,
+        "plan": r.plan,
         "cancels": r.cancels,
         "approves": r.approves,
         "deny": r.deny,

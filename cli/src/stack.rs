@@ -17,7 +17,11 @@ use crate::exit::{Error, Result};
 /// The demo catalog and the workloads scripts, shipped inside the binary.
 const CATALOG: &str = include_str!("../../ops/catalog.example.yaml");
 const WORKLOADS: &str = include_str!("../../ops/examples/workloads.yaml");
-const SCRIPTS: [(&str, &str); 4] = [
+const SCRIPTS: [(&str, &str); 5] = [
+    (
+        "failover.py",
+        include_str!("../../ops/examples/failover.py"),
+    ),
     (
         "restart-workload.py",
         include_str!("../../ops/examples/restart-workload.py"),

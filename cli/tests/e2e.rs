@@ -468,6 +468,18 @@ fn the_demo_runs_and_cleans_up() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("rejected (forbidden)"), "{stderr}");
     assert!(text(&out.stdout).contains("prod-1 drained to weight 0"));
+    // The two-approver failover: the plan shown to each approver, then the run.
+    assert_eq!(
+        stderr.matches("promote cart-b replica → primary").count(),
+        3,
+        "the plan, then each approver's view of it:
+{stderr}"
+    );
+    assert!(stderr.contains("with 2 approvals"), "{stderr}");
+    assert!(
+        text(&out.stdout).contains("cart-b is primary") || stderr.contains("cart-b is primary"),
+        "{stderr}"
+    );
     assert!(
         std::fs::read_dir(home.path()).unwrap().next().is_none(),
         "the demo leaves the operator's home alone"
@@ -1334,8 +1346,7 @@ fn rct_as(home: &tempfile::TempDir, args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// Two approvers sign off from their own rct; the requester's watch shows each approval and
-/// the run; a refused approval says why with exit 3.
+/// A freeze started from rct refuses the tower's runs, naming who froze it, until it ends.
 #[test]
 fn a_tower_frozen_from_rct_refuses_its_operations_until_the_freeze_ends() {
     let dev = Dev::start();
@@ -1398,6 +1409,8 @@ fn a_tower_frozen_from_rct_refuses_its_operations_until_the_freeze_ends() {
     ok(rct_as(&sre, &drain));
 }
 
+/// Two approvers sign off from their own rct; the requester's watch shows each approval and
+/// the run; a refused approval says why with exit 3.
 #[test]
 fn a_request_runs_once_two_others_approve_it_from_their_own_rct() {
     let dev = Dev::start();
@@ -1483,4 +1496,114 @@ fn pending_id(dev: &Dev) -> Option<String> {
             _ => None,
         }
     })
+}
+
+/// An operation that plans: `rct plan` shows what it would change; a request waits for the
+/// plan its agent makes, approvers see that plan before they sign, and the approved failover
+/// runs. A second request, approved for the plan made before the first one ran, no longer
+/// matches what its handler would change: it fails stale_plan with both plans, unrun.
+#[test]
+fn approvals_bind_the_plan_and_a_stale_plan_never_runs() {
+    let dev = Dev::start();
+    let alice = person(&dev, "alice", "sre_team");
+    let bob = person(&dev, "bob", "sre_leads");
+    let carol = person(&dev, "carol", "app_leads");
+    let failover = [
+        "workloads",
+        "failover",
+        "--namespace",
+        "shop",
+        "--deployment",
+        "cart",
+        "-j",
+        "INC-8",
+    ];
+
+    let out = ok(rct_as(&alice, &[&["plan"][..], &failover].concat()));
+    let shown = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        shown.contains("promote cart-b replica → primary"),
+        "{shown}"
+    );
+    assert!(shown.contains("planned 3 changes"), "{shown}");
+    // An operation that does not plan cannot be planned.
+    let out = rct_as(
+        &alice,
+        &[
+            "plan",
+            "traffic",
+            "drain-cluster",
+            "--cluster",
+            "prod-1",
+            "-j",
+            "SRE-1",
+        ],
+    );
+    assert_ne!(code(&out), 0);
+    assert!(
+        text(&out.stderr).contains("plan: true"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let detached = [&failover[..], &["--detach"]].concat();
+    let first = text(&ok(rct_as(&alice, &detached)).stdout)
+        .trim()
+        .to_owned();
+    let second = text(&ok(rct_as(&alice, &detached)).stdout)
+        .trim()
+        .to_owned();
+    // Each approver signs once the plan is there, and sees it first.
+    let approve = |who: &tempfile::TempDir, id: &str| {
+        let started = Instant::now();
+        loop {
+            let out = rct_as(who, &["approve", id, "--yes"]);
+            if code(&out) == 0 {
+                return out;
+            }
+            assert!(
+                text(&out.stderr).contains("not made yet")
+                    && started.elapsed() < Duration::from_secs(30),
+                "{}",
+                text(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let out = approve(&bob, &first);
+    assert!(
+        text(&out.stderr).contains("promote cart-b replica → primary"),
+        "{}",
+        text(&out.stderr)
+    );
+    approve(&bob, &second);
+    let out = approve(&carol, &first);
+    assert!(
+        text(&out.stderr).contains("so far: bob@example.com"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = ok(rct_as(&alice, &["watch", &first]));
+    assert!(
+        text(&out.stdout).contains("cart-b is primary"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // Approved for promoting cart-b, which is primary now: it would promote cart-a.
+    approve(&carol, &second);
+    let out = rct_as(&alice, &["watch", &second]);
+    assert_ne!(code(&out), 0, "{}", text(&out.stdout));
+    // rct show exits as the command ended: failed.
+    let shown = text(&dev.rct(&["show", &second]).stdout);
+    assert!(shown.contains("stale_plan"), "{shown}");
+    assert!(
+        shown.contains("approved: fail shop/cart over from cart-a to cart-b"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("now: fail shop/cart over from cart-b to cart-a"),
+        "{shown}"
+    );
+    assert!(!shown.contains("cart-a is primary"), "it ran: {shown}");
 }

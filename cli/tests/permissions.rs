@@ -620,6 +620,7 @@ async fn another_targets_agent_cannot_claim_or_end_a_command() {
         forged(Kind::Failed(proto::Failed {
             code: "forged".into(),
             message: "prod-2 says it failed".into(),
+            ..Default::default()
         })),
     ] {
         let written = publisher.event(&tower, &event, "rival").await.unwrap();
@@ -716,6 +717,7 @@ async fn events_their_entitled_writer_did_not_sign_are_unverified_and_never_obey
     let failed = Kind::Failed(proto::Failed {
         code: "forged".into(),
         message: "mallory says it failed".into(),
+        ..Default::default()
     });
     let written = unsigned
         .event(&tower, &event(waiting, "prod-2", failed), 0)

@@ -94,6 +94,7 @@ impl Phase {
             | Kind::Approval(_)
             | Kind::Progress(_)
             | Kind::Log(_)
+            | Kind::Plan(_)
             | Kind::CancelRequested(_) => {
                 return None;
             }
@@ -431,7 +432,10 @@ impl CommandState {
         let mut seen = HashSet::new();
         self.approvals
             .iter()
-            .filter(|a| !a.denied && !a.review && a.digest == pending.digest)
+            // A request that plans has its digest over the plan, which admission checked
+            // each approval on record against.
+            .filter(|a| !a.denied && !a.review)
+            .filter(|a| !pending.plan_id.is_empty() || a.digest == pending.digest)
             .filter_map(|a| a.by.as_ref())
             .filter(|by| seen.insert(by.subject.clone()))
             .collect()

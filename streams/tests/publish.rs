@@ -533,6 +533,7 @@ async fn what_is_appended_to_a_taken_slot_never_replaces_its_occupant() {
             _ => rct_bus::proto::event::Kind::Failed(rct_bus::proto::Failed {
                 code: "forged".into(),
                 message: "written over".into(),
+                ..Default::default()
             }),
         });
         let subject = Subject::event(&traffic, &prod1(), id, kind).to_string();

@@ -368,6 +368,7 @@ pub fn run<const N: usize>(
                 .collect::<BTreeMap<_, _>>(),
             dry_run: false,
             break_glass: String::new(),
+            plan: false,
         })),
     }
 }

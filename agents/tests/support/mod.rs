@@ -137,6 +137,8 @@ impl Harness {
             submission: None,
             approvals: Vec::new(),
             break_glass: String::new(),
+            plan: false,
+            approved_plan: None,
         }
     }
 

@@ -62,16 +62,22 @@ pub async fn run(home: &Home, global: &Global, args: Args, deny: bool) -> Result
         )));
     }
     // What is signed is what the stored bytes say, never the event's word for it.
-    let recomputed = approval::recompute(&pending, None);
-    if recomputed.as_ref().map(|d| d.as_slice()) != Some(pending.digest.as_slice()) {
+    let plan = plan_of(&remote, id, &pending).await?;
+    let digest = approval::recompute(&pending, plan.as_ref()).ok_or_else(|| {
+        Error::usage(format!(
+            "not signed: the request {id}'s pending event holds is not a submission; the \
+             record is not what it claims: report it"
+        ))
+    })?;
+    if plan.is_none() && digest.as_slice() != pending.digest.as_slice() {
         return Err(Error::usage(format!(
             "not signed: the digest {id}'s pending event states ({}) is not the one its stored \
              request gives ({}); the record is not what it claims: report it",
             approval::hex(&pending.digest),
-            recomputed.map_or_else(|| "none".into(), |d| approval::hex(&d))
+            approval::hex(&digest)
         )));
     }
-    show(&state, &pending);
+    show(&state, &pending, plan.as_ref(), &digest);
     if !args.yes && std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
         eprint!("{verb} {id}? [y/N] ");
         let _ = std::io::stderr().flush();
@@ -89,7 +95,7 @@ pub async fn run(home: &Home, global: &Global, args: Args, deny: bool) -> Result
         .operation
         .parse()
         .map_err(|_| Error::usage(format!("{id} names no operation")))?;
-    let request = approval::request(&id.to_string(), &pending.digest, deny);
+    let request = approval::request(&id.to_string(), &digest, deny);
     let stored = submit(
         &remote,
         &session,
@@ -158,7 +164,64 @@ pub async fn review(home: &Home, global: &Global, args: Args) -> Result {
 
 /// The request as the approver signs it: what, where, who, why, the parameters, the rule,
 /// who approved so far, and the digest.
-fn show(state: &CommandState, pending: &rct_bus::proto::Pending) {
+/// The plan approvers of `id` approve, when its operation plans: the first plan event an
+/// agent of its tower and target wrote for its plan-only command. An error when it is not
+/// made (yet, or at all).
+async fn plan_of(
+    remote: &remote::Remote,
+    id: CommandId,
+    pending: &rct_bus::proto::Pending,
+) -> Result<Option<rct_bus::proto::Plan>> {
+    use rct_bus::proto::event::Kind;
+    use rct_bus::provenance::{Author, Provenance};
+    if pending.plan_id.is_empty() {
+        return Ok(None);
+    }
+    let plan_id: CommandId = pending.plan_id.parse().map_err(|_| {
+        Error::usage(format!(
+            "{id} names plan-only command {:?}, which is not a command id",
+            pending.plan_id
+        ))
+    })?;
+    let not_yet = || {
+        Error::usage(format!(
+            "not signed: the plan of {id} is not made yet (its agent describes it as command \
+             {plan_id}: rct watch {plan_id}); approve it once it is there"
+        ))
+    };
+    let records = match inspect::history(remote, plan_id).await {
+        Ok(records) => records,
+        Err(_) => return Err(not_yet()),
+    };
+    let by_agent =
+        |r: &&rct_streams::Record| matches!(r.provenance, Provenance::Verified(Author::Agent(_)));
+    if let Some(Kind::Plan(plan)) = records
+        .iter()
+        .filter(by_agent)
+        .find(|r| r.kind == rct_bus::EventKind::Plan)
+        .and_then(|r| r.event.kind.clone())
+    {
+        return Ok(Some(plan));
+    }
+    match records
+        .iter()
+        .find(|r| r.kind == rct_bus::EventKind::Outcome)
+    {
+        Some(ended) => Err(Error::usage(format!(
+            "not signed: the plan of {id} was not made: command {plan_id} {}; the request \
+             cannot be approved",
+            render::describe(&ended.event)
+        ))),
+        None => Err(not_yet()),
+    }
+}
+
+fn show(
+    state: &CommandState,
+    pending: &rct_bus::proto::Pending,
+    plan: Option<&rct_bus::proto::Plan>,
+    digest: &[u8],
+) {
     let request = pending.request.as_ref();
     let rule = pending.rule.clone().unwrap_or_default();
     let field = |name: &str, value: &str| eprintln!("  {name:<14} {}", printable(value));
@@ -216,11 +279,33 @@ fn show(state: &CommandState, pending: &rct_bus::proto::Pending) {
             .map_or_else(|| "?".into(), render::datetime),
     );
     field("catalog", &pending.catalog_version);
+    if let Some(plan) = plan {
+        // Made printable as every event shown is.
+        let event = rct_bus::proto::Event {
+            kind: Some(rct_bus::proto::event::Kind::Plan(plan.clone())),
+            ..Default::default()
+        };
+        let shown = render::describe(&event);
+        eprintln!(
+            "  {:<14} {} (made by command {})",
+            "plan",
+            shown
+                .strip_prefix("plan: ")
+                .unwrap_or(&shown)
+                .replace('\n', "\n                 "),
+            printable(&pending.plan_id)
+        );
+    }
     field(
         "digest",
         &format!(
-            "{} (recomputed: it matches)",
-            approval::hex(&pending.digest)
+            "{} ({})",
+            approval::hex(digest),
+            if plan.is_some() {
+                "computed from the stored request and this plan"
+            } else {
+                "recomputed: it matches"
+            }
         ),
     );
 }

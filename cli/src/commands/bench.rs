@@ -322,6 +322,7 @@ fn signed(session: &Session, target_name: &str) -> (CommandId, OperationName, By
             .into(),
             dry_run: false,
             break_glass: String::new(),
+            plan: false,
         })),
     };
     let envelope = session.sign(&submission);

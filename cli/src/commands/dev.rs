@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use rct_bus::OperationName;
 
-use crate::commands::{history, inspect, login, run};
+use crate::commands::{approve, history, inspect, login, run};
 use crate::exit::{Error, Exit, Result};
 use crate::home::{Contexts, Home};
 use crate::remote::Global;
@@ -172,6 +172,94 @@ pub async fn demo(args: DemoArgs) -> Result {
     result
 }
 
+/// Logs the demo's home in as `user` of `group`, with the development issuer.
+async fn log_in(
+    home: &Home,
+    remote: &crate::remote::Remote,
+    user: &str,
+    group: &str,
+) -> Result<()> {
+    let token = login::dev_token(&remote.client, user, &[group.into()]).await?;
+    login::exchange(&remote.client, &token)
+        .await?
+        .save(home, "demo")?;
+    Ok(())
+}
+
+/// A failover that needs two approvers, who approve the plan its agent made.
+async fn failover(home: &Home, remote: &crate::remote::Remote) -> Result {
+    let global = Global::default();
+    let name: OperationName = "workloads/failover".parse().expect("a valid name");
+    let params = || {
+        vec![
+            ("namespace".into(), "shop".into()),
+            ("deployment".into(), "cart".into()),
+        ]
+    };
+    step("$ rct plan workloads failover --namespace shop --deployment cart -j DEMO-3");
+    let fire = run::Fire {
+        justification: Some("DEMO-3".into()),
+        plan: true,
+        ..run::Fire::default()
+    };
+    let (planned, _) = run::fire_with_id(home, &global, &name, params(), &fire).await?;
+    if planned != Exit::Ok {
+        return Err(Error::usage(format!("the demo plan ended {planned:?}")));
+    }
+    step(
+        "$ rct workloads failover --namespace shop --deployment cart -j DEMO-3 --detach   \
+         # two others must approve its plan",
+    );
+    let fire = run::Fire {
+        justification: Some("DEMO-3".into()),
+        detach: true,
+        ..run::Fire::default()
+    };
+    let (_, id) = run::fire_with_id(home, &global, &name, params(), &fire).await?;
+    for (user, group) in [("bob", "sre_leads"), ("carol", "app_leads")] {
+        step(&format!("$ rct login --dev --user {user} --groups {group}"));
+        log_in(home, remote, user, group).await?;
+        step(&format!("$ rct approve {id} --yes"));
+        // Its agent makes the plan in a moment: until then there is nothing to sign.
+        let started = std::time::Instant::now();
+        loop {
+            let args = approve::Args {
+                id: id.to_string(),
+                justification: None,
+                yes: true,
+            };
+            match approve::run(home, &global, args, false).await {
+                Ok(Exit::Ok) => break,
+                Ok(other) => {
+                    return Err(Error::usage(format!("{user}'s approval ended {other:?}")));
+                }
+                Err(e)
+                    if e.message.contains("not made yet")
+                        && started.elapsed() < std::time::Duration::from_secs(30) =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    step(&format!("$ rct watch {id}"));
+    let ran = inspect::watch(
+        home,
+        &global,
+        inspect::One {
+            id: id.to_string(),
+            utc: false,
+            output: Output::Text,
+        },
+    )
+    .await?;
+    if ran != Exit::Ok {
+        return Err(Error::usage(format!("the demo failover ended {ran:?}")));
+    }
+    Ok(Exit::Ok)
+}
+
 fn step(text: &str) {
     if rct_streams::runtime::colours(&std::io::stderr()) {
         eprintln!("\n\x1b[1m==> {text}\x1b[0m");
@@ -185,10 +273,7 @@ async fn script(home: &Home) -> Result {
     let remote = crate::remote::connect(home, &global).await?;
 
     step("$ rct login --dev --user alice --groups sre_team");
-    let token = login::dev_token(&remote.client, "alice", &["sre_team".into()]).await?;
-    login::exchange(&remote.client, &token)
-        .await?
-        .save(home, "demo")?;
+    log_in(home, &remote, "alice", "sre_team").await?;
     eprintln!("logged in as alice@example.com (groups: sre_team)");
 
     step("$ rct traffic drain-cluster --cluster prod-1 --justification DEMO-1");
@@ -221,11 +306,10 @@ async fn script(home: &Home) -> Result {
     )
     .await?;
 
+    Box::pin(failover(home, &remote)).await?;
+
     step("$ rct login --dev --user bob --groups app_oncall   # bob is not allowed to drain");
-    let token = login::dev_token(&remote.client, "bob", &["app_oncall".into()]).await?;
-    login::exchange(&remote.client, &token)
-        .await?
-        .save(home, "demo")?;
+    log_in(home, &remote, "bob", "app_oncall").await?;
     step("$ rct traffic drain-cluster --cluster prod-2 --justification DEMO-2");
     let (refused, _) = run::fire_with_id(
         home,

@@ -45,6 +45,10 @@ pub struct Fire {
     /// Ask the agent to change nothing and say what it would do.
     #[arg(long)]
     pub dry_run: bool,
+    /// Plan only (also rct plan <tower> <op> …): the agent describes what it would change,
+    /// as a plan, and changes nothing. For operations with `plan: true`.
+    #[arg(long, conflicts_with = "break_glass")]
+    pub plan: bool,
     /// Run now without the operation's approvals, for this reason (only for its break-glass
     /// groups): flagged everywhere, announced, and open until someone else reviews it.
     #[arg(long, value_name = "REASON")]
@@ -149,6 +153,15 @@ fn request(
         .catalog
         .operation(name)
         .ok_or_else(|| Error::usage(served.catalog.unknown_operation(name)))?;
+    if fire.plan && !operation.plan {
+        return Err(not_submitted(
+            name,
+            &[format!(
+                "{name} cannot describe what it would change: its catalog entry does not say \
+                 `plan: true`"
+            )],
+        ));
+    }
     let mut params = BTreeMap::new();
     let mut problems = Vec::new();
     let mut secrets = crate::secret::Input::default();
@@ -272,6 +285,7 @@ fn request(
             params,
             dry_run: fire.dry_run,
             break_glass,
+            plan: fire.plan,
         },
         justification,
     ))

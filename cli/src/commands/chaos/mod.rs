@@ -725,6 +725,7 @@ impl Submitter {
                 params: all,
                 dry_run: false,
                 break_glass: String::new(),
+                plan: false,
             })),
         };
         let envelope = match &self.operator {
