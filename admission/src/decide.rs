@@ -474,7 +474,9 @@ impl Policy {
                 Some(Request::Run(run)) if !run.break_glass.is_empty() => {
                     Some("break the glass of")
                 }
-                Some(Request::Run(_)) if operation.approvals.is_some() => Some("request"),
+                Some(Request::Run(run)) if operation.approvals.is_some() && !run.plan => {
+                    Some("request")
+                }
                 _ => None,
             };
             if let Some(what) = what {
@@ -988,10 +990,11 @@ impl Policy {
             .map_err(|e| format!("the stored submission is not an envelope: {e}"))?;
         let submission = proto::Submission::decode(envelope.body.as_slice())
             .map_err(|e| format!("the stored submission does not decode: {e}"))?;
-        let describes = submission
-            .command_id
-            .parse::<CommandId>()
-            .is_ok_and(|id| id.plan().to_string() == decision.command_id);
+        let describes = request.plan
+            && submission
+                .command_id
+                .parse::<CommandId>()
+                .is_ok_and(|id| id.plan().to_string() == decision.command_id);
         if submission.command_id != decision.command_id && !describes {
             return Err(format!(
                 "the stored submission is for command {}, the decision for {}",

@@ -1055,8 +1055,9 @@ impl Inner {
         holder: &proto::Event,
     ) -> Result<(), rct_streams::Error> {
         let Some(Kind::Admitted(admitted)) = &holder.kind else {
-            // A pending request is complete once recorded; a refusal too.
-            return Ok(());
+            // A pending request is complete once recorded and, if it plans, its plan sent
+            // (the replica that parked it may have stopped before); a refusal is complete.
+            return self.describe(publisher, holder).await;
         };
         if admitted
             .request
@@ -1785,8 +1786,9 @@ impl Inner {
                 .await?
             }
         };
-        let Some(holder) = holder else {
-            tracing::error!(command_id = %pending.command_id, %plan_id, "the decision slot of the plan holds nothing admission wrote; the plan is not sent");
+        let Some(holder) = holder.filter(|h| describes(h, pending)) else {
+            // plan_of finds it so, and the request is refused plan_failed.
+            tracing::error!(command_id = %pending.command_id, %plan_id, "the decision slot of the plan holds another command; the plan is not sent");
             return Ok(());
         };
         let payload = p
@@ -1837,9 +1839,33 @@ impl Inner {
             trust: Some(self.trust.clone()),
             ..Default::default()
         };
+        // Only the plan-only command admission admitted to describe this very request.
+        let admitted = self
+            .own_event_on(&subject::events_of_tower_command(
+                name.tower(),
+                plan_id,
+                EventKind::Decision,
+            ))
+            .await?;
+        if admitted.as_ref().is_some_and(|d| !describes(d, pending)) {
+            return Ok(Described::Failed(format!(
+                "the id of its plan-only command, {plan_id}, is another command's"
+            )));
+        }
         let by_agent = |r: &rct_streams::Record| {
             matches!(r.provenance, Provenance::Verified(Author::Agent(_)))
         };
+        // The outcome before the plan: the agent writes the plan first, so an outcome read
+        // first is never taken for an end without one when the plan came in between.
+        let ended = rct_streams::replay::records(&self.js, &read(EventKind::Outcome))
+            .await?
+            .into_iter()
+            .find(|r| {
+                matches!(
+                    r.provenance,
+                    Provenance::Verified(Author::Agent(_) | Author::Admission)
+                )
+            });
         let plan = rct_streams::replay::records(&self.js, &read(EventKind::Plan))
             .await?
             .into_iter()
@@ -1852,15 +1878,6 @@ impl Inner {
                 plan,
             });
         }
-        let ended = rct_streams::replay::records(&self.js, &read(EventKind::Outcome))
-            .await?
-            .into_iter()
-            .find(|r| {
-                matches!(
-                    r.provenance,
-                    Provenance::Verified(Author::Agent(_) | Author::Admission)
-                )
-            });
         Ok(match ended.and_then(|r| r.event.kind) {
             None => Described::Waiting,
             Some(outcome) => Described::Failed(format!(
@@ -2364,6 +2381,18 @@ enum Described {
     Waiting,
     /// Its plan-only command ended without one: why.
     Failed(String),
+}
+
+/// Whether `decision` admits the plan-only command that describes the request `pending`:
+/// a plan, of the same operation and target, made from the same submission.
+fn describes(decision: &proto::Event, pending: &proto::Event) -> bool {
+    let asked = decided_request(pending);
+    matches!(decision.kind, Some(Kind::Admitted(_)))
+        && decision.operation == pending.operation
+        && decision.target == pending.target
+        && decided_request(decision).is_some_and(|r| {
+            r.plan && Some(r.submission_sequence) == asked.map(|a| a.submission_sequence)
+        })
 }
 
 /// An outcome in a few words, for a sentence.

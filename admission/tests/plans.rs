@@ -45,12 +45,17 @@ async fn approve(h: &Harness, who: &Operator, id: &str, digest: &[u8]) -> proto:
 
 /// Writes as the workloads agent would, with a key the harness's admission certified.
 fn as_agent(h: &Harness) -> Publisher {
+    as_agent_of(h, &Tower::new("workloads").unwrap(), "_")
+}
+
+/// Writes as an agent of `tower` on `target` would.
+fn as_agent_of(h: &Harness, tower: &Tower, target: &str) -> Publisher {
     let key = rct_bus::KeyPair::generate();
     let now = std::time::SystemTime::now();
     let certificate = rct_bus::provenance::certify(
         &h.admission_keypair(),
-        &Tower::new("workloads").unwrap(),
-        &Target::none(),
+        tower,
+        &Target::of_event(target),
         "agent-1",
         key.public(),
         now,
@@ -178,12 +183,27 @@ async fn approvals_count_only_for_the_plan_and_the_command_carries_it() {
     assert_eq!(code, C::DigestMismatch, "{message}");
     assert!(message.contains("not made yet"), "{message}");
 
+    // A plan another tower's agent writes under that id is not this request's.
+    let traffic = Tower::new("traffic").unwrap();
+    let elsewhere = proto::Event {
+        target: "prod-1".into(),
+        ..event(&plan_id, Kind::Plan(plan()))
+    };
+    as_agent_of(&h, &traffic, "prod-1")
+        .event(&traffic, &elsewhere, "agent-2")
+        .await
+        .unwrap();
+    let with = rct_bus::approval::recompute(&p, Some(&plan())).unwrap();
+    let refused = approve(&h, &bob, &id, &with).await;
+    let (code, message) = rejection(&refused).expect("refused");
+    assert_eq!(code, C::DigestMismatch, "{message}");
+    assert!(message.contains("not made yet"), "{message}");
+
     let workloads = Tower::new("workloads").unwrap();
     as_agent(&h)
         .event(&workloads, &event(&plan_id, Kind::Plan(plan())), "agent-1")
         .await
         .unwrap();
-    let with = rct_bus::approval::recompute(&p, Some(&plan())).unwrap();
     for digest in [
         without,
         rct_bus::approval::recompute(&p, Some(&proto::Plan::default())).unwrap(),
@@ -242,7 +262,7 @@ async fn a_request_whose_plan_fails_is_refused_plan_failed() {
         .await
         .unwrap();
 
-    // The sweep ends it; an approval says why too.
+    // The sweep ends it; later approvals count for nothing.
     let decision = decision(&h, &id).await;
     let (code, message) = rejection(&decision).expect("refused");
     assert_eq!(code, C::PlanFailed, "{message}");
@@ -288,4 +308,65 @@ async fn a_plan_changes_nothing_so_it_needs_no_approvals_and_only_operations_tha
     let (code, message) = rejection(&refused).expect("refused");
     assert_eq!(code, C::InvalidParams, "{message}");
     assert!(message.contains("plan: true"), "{message}");
+}
+
+/// A replica that parked the request and stopped before sending its plan: the redelivered
+/// submission sends it.
+#[tokio::test]
+async fn a_redelivered_request_sends_the_plan_its_replica_did_not() {
+    let mut h = Harness::start().await;
+    let alice = h.operator("alice", &["sre_team"]).await;
+    h.stop_admission().await;
+    let request = failover("cart");
+    let sequence = h.submit(&alice, &request).await;
+    let rct_admission::decide::Verdict::Park(_) = h.decide_and_die(sequence).await else {
+        panic!("the dead replica did not park it");
+    };
+    h.start_admission().await;
+    let plan_id = request
+        .command_id
+        .parse::<CommandId>()
+        .unwrap()
+        .plan()
+        .to_string();
+    let sent = command(&h, &plan_id).await;
+    assert!(sent.plan, "{sent:?}");
+}
+
+/// The id a request's plan-only command would have, taken before the request came: no plan
+/// made for another request (or for nothing) is ever this one's.
+#[tokio::test]
+async fn a_plan_id_someone_else_holds_makes_no_plan_for_the_request() {
+    let h = Harness::start().await;
+    let alice = h.operator("alice", &["sre_team"]).await;
+    let request = failover("cart");
+    let plan_id = request
+        .command_id
+        .parse::<CommandId>()
+        .unwrap()
+        .plan()
+        .to_string();
+    // A plan-only request of its own, for harmless parameters, under that id.
+    let mut squatter = failover("basket");
+    squatter.command_id.clone_from(&plan_id);
+    if let Some(proto::submission::Request::Run(run)) = &mut squatter.request {
+        run.plan = true;
+    }
+    let held = h.decision(h.submit(&alice, &squatter).await).await;
+    assert!(matches!(held.kind, Some(Kind::Admitted(_))), "{held:?}");
+    as_agent(&h)
+        .event(
+            &Tower::new("workloads").unwrap(),
+            &event(&plan_id, Kind::Plan(plan())),
+            "agent-1",
+        )
+        .await
+        .unwrap();
+
+    let id = request.command_id.clone();
+    h.submit(&alice, &request).await;
+    let refused = decision(&h, &id).await;
+    let (code, message) = rejection(&refused).expect("refused");
+    assert_eq!(code, C::PlanFailed, "{message}");
+    assert!(message.contains("another command"), "{message}");
 }

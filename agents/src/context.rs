@@ -103,9 +103,11 @@ impl Context {
         &self.command.justification
     }
 
-    /// The handler must not change anything.
+    /// The handler must not change anything: a dry run, or planning (see
+    /// [`Context::planning`]), so that a handler that honours dry runs changes nothing
+    /// while it plans.
     pub fn dry_run(&self) -> bool {
-        self.command.dry_run
+        self.command.dry_run || self.planning()
     }
 
     /// When the command must be finished by.

@@ -62,7 +62,7 @@ pub async fn run(home: &Home, global: &Global, args: Args, deny: bool) -> Result
         )));
     }
     // What is signed is what the stored bytes say, never the event's word for it.
-    let plan = plan_of(&remote, id, &pending).await?;
+    let plan = plan_of(&remote, &state, &pending).await?;
     let digest = approval::recompute(&pending, plan.as_ref()).ok_or_else(|| {
         Error::usage(format!(
             "not signed: the request {id}'s pending event holds is not a submission; the \
@@ -169,9 +169,10 @@ pub async fn review(home: &Home, global: &Global, args: Args) -> Result {
 /// made (yet, or at all).
 async fn plan_of(
     remote: &remote::Remote,
-    id: CommandId,
+    state: &CommandState,
     pending: &rct_bus::proto::Pending,
 ) -> Result<Option<rct_bus::proto::Plan>> {
+    let id = state.command_id;
     use rct_bus::proto::event::Kind;
     use rct_bus::provenance::{Author, Provenance};
     if pending.plan_id.is_empty() {
@@ -193,18 +194,26 @@ async fn plan_of(
         Ok(records) => records,
         Err(_) => return Err(not_yet()),
     };
-    let by_agent =
-        |r: &&rct_streams::Record| matches!(r.provenance, Provenance::Verified(Author::Agent(_)));
-    if let Some(Kind::Plan(plan)) = records
+    // Written where the request's agents write (its tower and target, from the subject,
+    // which the writer's certificate must name), by whom it counts.
+    let ours: Vec<&rct_streams::Record> = records
         .iter()
-        .filter(by_agent)
+        .filter(|r| {
+            r.tower.as_str() == state.operation.split('/').next().unwrap_or_default()
+                && r.target == rct_bus::Target::of_event(&state.target)
+        })
+        .collect();
+    if let Some(Kind::Plan(plan)) = ours
+        .iter()
+        .filter(|r| matches!(r.provenance, Provenance::Verified(Author::Agent(_))))
         .find(|r| r.kind == rct_bus::EventKind::Plan)
         .and_then(|r| r.event.kind.clone())
     {
         return Ok(Some(plan));
     }
-    match records
+    match ours
         .iter()
+        .filter(|r| r.provenance.counts())
         .find(|r| r.kind == rct_bus::EventKind::Outcome)
     {
         Some(ended) => Err(Error::usage(format!(

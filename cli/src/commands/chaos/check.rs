@@ -349,8 +349,10 @@ impl Report {
 #[derive(Debug, Default)]
 pub(super) struct Fold {
     pub(super) decided: BTreeSet<CommandId>,
-    /// Decisions per submission sequence.
-    decisions: BTreeMap<u64, usize>,
+    /// Decisions by submission sequence, and whether the decision admits a plan only: a request that
+    /// waits for approvals of an operation that plans has both a plan-only decision (under
+    /// the id derived from its own) and its own decision.
+    decisions: BTreeMap<(u64, bool), usize>,
     /// Admissions per command.
     pub(super) admitted: BTreeMap<CommandId, usize>,
     rejected: BTreeSet<CommandId>,
@@ -393,15 +395,21 @@ impl Fold {
                 Some(Kind::Admitted(a)) => {
                     fold.decided.insert(id);
                     *fold.admitted.entry(id).or_default() += 1;
-                    let seq = a.request.as_ref().map_or(0, |r| r.submission_sequence);
-                    *fold.decisions.entry(seq).or_default() += 1;
+                    let key = a
+                        .request
+                        .as_ref()
+                        .map_or((0, false), |r| (r.submission_sequence, r.plan));
+                    *fold.decisions.entry(key).or_default() += 1;
                     None
                 }
                 Some(Kind::Rejected(r)) => {
                     fold.decided.insert(id);
                     fold.rejected.insert(id);
-                    let seq = r.request.as_ref().map_or(0, |r| r.submission_sequence);
-                    *fold.decisions.entry(seq).or_default() += 1;
+                    let key = r
+                        .request
+                        .as_ref()
+                        .map_or((0, false), |r| (r.submission_sequence, r.plan));
+                    *fold.decisions.entry(key).or_default() += 1;
                     None
                 }
                 Some(Kind::Started(s)) if !s.without_running => {
