@@ -1607,3 +1607,64 @@ fn approvals_bind_the_plan_and_a_stale_plan_never_runs() {
     );
     assert!(!shown.contains("cart-a is primary"), "it ran: {shown}");
 }
+
+/// A break-glass run is listed as open until someone else reviews it, then as reviewed.
+#[test]
+fn a_break_glass_run_is_listed_unreviewed_until_someone_else_reviews_it() {
+    let dev = Dev::start();
+    let alice = person(&dev, "alice", "sre_team,sre_oncall");
+    let bob = person(&dev, "bob", "sre_leads");
+    let glass = [
+        "workloads",
+        "delete",
+        "--namespace",
+        "shop",
+        "--deployment",
+        "cart",
+        "-j",
+        "INC-9",
+        "--break-glass",
+        "INC-9 checkout is down",
+    ];
+    ok(rct_as(&alice, &glass));
+    let ordinary = [
+        "traffic",
+        "drain-cluster",
+        "--cluster",
+        "prod-1",
+        "-j",
+        "SRE-1",
+    ];
+    ok(rct_as(&alice, &ordinary));
+    let listed = |args: &[&str]| text(&ok(rct_as(&bob, args)).stdout);
+
+    let open = listed(&["history", "--break-glass", "--unreviewed"]);
+    assert!(open.contains("workloads/delete"), "{open}");
+    assert!(open.contains("BREAK-GLASS"), "{open}");
+    assert!(
+        !open.contains("drain-cluster"),
+        "only break-glass runs: {open}"
+    );
+    let id = open
+        .split_whitespace()
+        .find(|w| w.len() == 26 && w.parse::<rct_bus::CommandId>().is_ok())
+        .unwrap_or_else(|| panic!("no command id in {open}"))
+        .to_owned();
+
+    // Not by the one who broke it.
+    let out = rct_as(&alice, &["review", &id, "-j", "INC-9"]);
+    said(&out, 3, &out.stderr, "self_approval");
+    ok(rct_as(&bob, &["review", &id, "-j", "INC-9"]));
+    // The review reaches the run's timeline right after its own decision.
+    let started = Instant::now();
+    loop {
+        let open = listed(&["history", "--break-glass", "--unreviewed"]);
+        if !open.contains("workloads/delete") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{open}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let all = listed(&["history", "--break-glass"]);
+    assert!(all.contains("reviewed by bob@"), "{all}");
+}

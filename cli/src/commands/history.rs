@@ -542,28 +542,36 @@ fn or_dash(text: &str) -> &str {
     }
 }
 
-/// Shows `state` if it matches, and, with `--unreviewed`, nobody has reviewed it: reviews
-/// come after the run, often after the range, so they are read from its own history.
+/// Shows `state` if it matches, with who reviewed it if it broke the glass, and, with
+/// `--unreviewed`, only if nobody has: reviews come after the run, often after the range
+/// (and after its row is made), so they are read from its own history.
 async fn push(rows: &mut Rows<'_>, remote: &crate::remote::Remote, state: &CommandState) {
-    if rows.args.unreviewed && rows.matches(state) {
-        let filter = Filter {
-            command: Some(state.command_id),
-            kind: Some(rct_bus::EventKind::Approval),
-            ..Filter::default()
-        };
-        let filter = remote.checked(filter).await;
-        let reviewed = replay::records(&remote.js, &filter)
-            .await
-            .is_ok_and(|records| {
-                records.iter().any(|r| {
-                    state.owns(r) && matches!(&r.event.kind, Some(Kind::Approval(a)) if a.review)
-                })
-            });
-        if reviewed || !state.reviewed_by().is_empty() {
-            return;
+    let glass = rows.args.break_glass || rows.args.unreviewed;
+    if !(glass && state.break_glass().is_some() && rows.matches(state)) {
+        rows.push(state);
+        return;
+    }
+    let filter = Filter {
+        command: Some(state.command_id),
+        kind: Some(rct_bus::EventKind::Approval),
+        ..Filter::default()
+    };
+    let filter = remote.checked(filter).await;
+    let mut reviewed = state.clone();
+    if let Ok(records) = replay::records(&remote.js, &filter).await {
+        for record in records.iter().filter(|r| state.owns(r)) {
+            if let Some(Kind::Approval(a)) = &record.event.kind
+                && a.review
+                && !reviewed.approvals.contains(a)
+            {
+                reviewed.approvals.push(a.clone());
+            }
         }
     }
-    rows.push(state);
+    if rows.args.unreviewed && !reviewed.reviewed_by().is_empty() {
+        return;
+    }
+    rows.push(&reviewed);
 }
 
 /// What else the row should say: dry run, what it cancels, why it failed or was refused (with
