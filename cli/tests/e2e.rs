@@ -1478,6 +1478,13 @@ fn a_request_runs_once_two_others_approve_it_from_their_own_rct() {
     let shown = text(&ok(dev.rct(&["show", &id])).stdout);
     assert!(shown.contains("approved by bob@"), "{shown}");
     assert!(shown.contains("with 2 approvals"), "{shown}");
+    // History lists it, though it began waiting, not decided.
+    let listed = text(&ok(dev.rct(&["history"])).stdout);
+    let row = listed
+        .lines()
+        .find(|l| l.contains(&id))
+        .unwrap_or_else(|| panic!("{id} is not in the history:\n{listed}"));
+    assert!(row.contains("succeeded"), "{row}");
 }
 
 /// The id of the request waiting for approvals on the dev stack, if there is one.
@@ -1606,6 +1613,13 @@ fn approvals_bind_the_plan_and_a_stale_plan_never_runs() {
         "{shown}"
     );
     assert!(!shown.contains("cart-a is primary"), "it ran: {shown}");
+    let listed = text(&ok(rct_as(&alice, &["history"])).stdout);
+    assert!(listed.contains("plan only"), "{listed}");
+    let row = listed
+        .lines()
+        .find(|l| l.contains(&second))
+        .unwrap_or_else(|| panic!("{second} is not in the history:\n{listed}"));
+    assert!(row.contains("stale_plan"), "{row}");
 }
 
 /// A break-glass run is listed as open until someone else reviews it, then as reviewed.

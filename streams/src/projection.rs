@@ -501,7 +501,8 @@ impl Folder {
             if self.over.contains(&id) || !record.provenance.counts() {
                 return Folded::Late;
             }
-            if record.kind != EventKind::Decision {
+            // A request starts with its decision, or waits for approvals first.
+            if !matches!(record.kind, EventKind::Decision | EventKind::Pending) {
                 return Folded::Unseen(Box::new(record));
             }
             let mut state = CommandState::new(id);

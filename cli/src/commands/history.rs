@@ -299,8 +299,10 @@ async fn before_the_window(
         .map(|found| found.filter(|r| r.provenance.counts()))
         .map_err(Lookup::Failed)
     };
-    let Some(decision) = slot(EventKind::Decision).await? else {
-        return Err(Lookup::NotHere);
+    // Its decision, or, for a request still waiting for approvals, its pending event.
+    let decision = match slot(EventKind::Decision).await? {
+        Some(decision) => decision,
+        None => slot(EventKind::Pending).await?.ok_or(Lookup::NotHere)?,
     };
     if decision.published >= since {
         return Ok(None);
@@ -578,7 +580,9 @@ async fn push(rows: &mut Rows<'_>, remote: &crate::remote::Remote, state: &Comma
 /// the refused request's parameters), how far it got.
 fn notes(state: &CommandState) -> String {
     let mut notes: Vec<String> = Vec::new();
-    if state.dry_run() {
+    if state.request.as_ref().is_some_and(|r| r.plan) {
+        notes.push("plan only".into());
+    } else if state.dry_run() {
         notes.push("dry run".into());
     }
     if let Some(cancelled) = state.cancels() {
