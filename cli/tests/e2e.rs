@@ -1650,6 +1650,24 @@ fn a_break_glass_run_is_listed_unreviewed_until_someone_else_reviews_it() {
         "SRE-1",
     ];
     ok(rct_as(&alice, &ordinary));
+    // A refused attempt to break the glass ran nothing: never listed as open for review.
+    let erin = person(&dev, "erin", "sre_team");
+    let refused = rct_as(
+        &erin,
+        &[
+            &glass[..4],
+            &[
+                "--deployment",
+                "basket",
+                "-j",
+                "INC-9",
+                "--break-glass",
+                "INC-9 checkout is down",
+            ],
+        ]
+        .concat(),
+    );
+    said(&refused, 3, &refused.stderr, "forbidden");
     let listed = |args: &[&str]| text(&ok(rct_as(&bob, args)).stdout);
 
     let open = listed(&["history", "--break-glass", "--unreviewed"]);
@@ -1658,6 +1676,10 @@ fn a_break_glass_run_is_listed_unreviewed_until_someone_else_reviews_it() {
     assert!(
         !open.contains("drain-cluster"),
         "only break-glass runs: {open}"
+    );
+    assert!(
+        !open.contains("erin@"),
+        "a refused attempt is open for review: {open}"
     );
     let id = open
         .split_whitespace()

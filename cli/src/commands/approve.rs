@@ -187,7 +187,7 @@ async fn plan_of(
     let not_yet = || {
         Error::usage(format!(
             "not signed: the plan of {id} is not made yet (its agent describes it as command \
-             {plan_id}: rct watch {plan_id}); approve it once it is there"
+             {plan_id}: rct watch {plan_id}); decide on it once it is there"
         ))
     };
     let records = match inspect::history(remote, plan_id).await {
@@ -296,7 +296,7 @@ fn show(
         };
         let shown = render::describe(&event);
         eprintln!(
-            "  {:<14} {} (made by command {})",
+            "  {:<14} {}\n                 (made by command {})",
             "plan",
             shown
                 .strip_prefix("plan: ")

@@ -570,7 +570,9 @@ async fn push(rows: &mut Rows<'_>, remote: &crate::remote::Remote, state: &Comma
             }
         }
     }
-    if rows.args.unreviewed && !reviewed.reviewed_by().is_empty() {
+    // A refused attempt ran nothing: there is nothing to review.
+    let refused = matches!(state.decision, Some(Kind::Rejected(_)));
+    if rows.args.unreviewed && (refused || !reviewed.reviewed_by().is_empty()) {
         return;
     }
     rows.push(&reviewed);
