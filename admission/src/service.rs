@@ -1582,10 +1582,7 @@ impl Inner {
         &self,
         pending: &proto::Event,
     ) -> Result<Vec<(u64, proto::Approval)>, rct_streams::Error> {
-        let (Ok(name), Ok(id)) = (
-            pending.operation.parse::<rct_bus::OperationName>(),
-            pending.command_id.parse::<CommandId>(),
-        ) else {
+        let Some((name, id)) = named(&pending.operation, &pending.command_id) else {
             return Ok(Vec::new());
         };
         let filter = rct_streams::replay::Filter {
@@ -1620,10 +1617,7 @@ impl Inner {
             tracing::error!(command_id = %decision.command_id, "the recorded approval names no request; nothing to approve");
             return Ok(());
         };
-        let (Ok(name), Ok(id)) = (
-            decision.operation.parse::<rct_bus::OperationName>(),
-            approval.command_id.parse::<CommandId>(),
-        ) else {
+        let Some((name, id)) = named(&decision.operation, &approval.command_id) else {
             return Ok(());
         };
         let n = decided_request(decision).map_or(0, |r| r.submission_sequence);
@@ -1760,10 +1754,7 @@ impl Inner {
         let Some(Kind::Pending(p)) = &pending.kind else {
             return Ok(());
         };
-        let (Ok(name), Ok(plan_id)) = (
-            pending.operation.parse::<rct_bus::OperationName>(),
-            p.plan_id.parse::<CommandId>(),
-        ) else {
+        let Some((name, plan_id)) = named(&pending.operation, &p.plan_id) else {
             return Ok(());
         };
         let decision = match self.policy().plan_decision(pending) {
@@ -1822,10 +1813,7 @@ impl Inner {
         if p.plan_id.is_empty() {
             return Ok(Described::Unplanned);
         }
-        let (Ok(name), Ok(plan_id)) = (
-            pending.operation.parse::<rct_bus::OperationName>(),
-            p.plan_id.parse::<CommandId>(),
-        ) else {
+        let Some((name, plan_id)) = named(&pending.operation, &p.plan_id) else {
             return Ok(Described::Failed(format!(
                 "its plan-only command {:?} is not a command id",
                 p.plan_id
@@ -1996,10 +1984,7 @@ impl Inner {
                 if settled.contains(&pending.command_id) {
                     continue;
                 }
-                let (Ok(name), Ok(id)) = (
-                    pending.operation.parse::<rct_bus::OperationName>(),
-                    pending.command_id.parse::<CommandId>(),
-                ) else {
+                let Some((name, id)) = named(&pending.operation, &pending.command_id) else {
                     continue;
                 };
                 // One request that cannot be settled now holds up none of the others.
@@ -2371,6 +2356,11 @@ enum Recorded {
 }
 
 /// Why a request cancelled while it waited for approvals was not run.
+/// The operation and command an event's texts name, if they are well formed.
+fn named(operation: &str, command_id: &str) -> Option<(rct_bus::OperationName, CommandId)> {
+    Some((operation.parse().ok()?, command_id.parse().ok()?))
+}
+
 /// Where the plan of a request waiting for approvals stands (see `Service::plan_of`).
 enum Described {
     /// Its operation does not plan: the pending event's digest is the request digest.

@@ -9,39 +9,20 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use prost::Message;
-use rct_bus::proto::{self, RejectionCode as C, event::Kind, value::Kind as V};
+use rct_bus::proto::{self, RejectionCode as C, event::Kind};
 use rct_bus::{CommandId, EventKind, Target, Tower, Unverified, Verifier};
 use rct_streams::replay;
-use rct_streams::timestamp::from_datetime;
-use support::{Harness, Operator, drain, rejection, run, value};
-use time::OffsetDateTime;
+use support::{Harness, Operator, drain, rejection, workloads_pending as pending};
 
 const DELETE: &str = "workloads/delete";
 
 fn delete(deployment: &str) -> proto::Submission {
-    run(
-        DELETE,
-        "_",
-        [
-            ("namespace", value(V::String("shop".into()))),
-            ("deployment", value(V::String(deployment.into()))),
-        ],
-        "INC-7",
-    )
+    support::workload(DELETE, deployment, "INC-7")
 }
 
 /// An approval (or denial) of `id` with `digest`, justified by `why`.
 fn approval(id: &str, digest: &[u8], deny: bool, why: &str) -> proto::Submission {
-    let now = OffsetDateTime::now_utc();
-    proto::Submission {
-        command_id: CommandId::generate().to_string(),
-        operation: DELETE.into(),
-        justification: why.into(),
-        requested_at: Some(from_datetime(now)),
-        expires_at: Some(from_datetime(now + time::Duration::minutes(1))),
-        client: None,
-        request: Some(rct_bus::approval::request(id, digest, deny)),
-    }
+    support::approval(DELETE, id, digest, deny, why)
 }
 
 /// The example catalog with `workloads/delete`'s approvals lasting `ttl` instead, in a file
@@ -56,32 +37,6 @@ fn catalog_with_ttl(dir: &std::path::Path, ttl: &str) -> PathBuf {
     let path = dir.join("catalog.yaml");
     std::fs::write(&path, changed).unwrap();
     path
-}
-
-/// The event in `kind`'s single slot of workloads command `id`, once there (within 30 s).
-async fn slot(h: &Harness, id: &str, kind: EventKind) -> proto::Event {
-    let tower = Tower::new("workloads").unwrap();
-    let id: CommandId = id.parse().unwrap();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Some(record) = replay::slot(&h.js, &tower, &Target::none(), id, kind)
-                .await
-                .unwrap()
-            {
-                return record.event;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("nothing in the {kind} slot of {id}"))
-}
-
-async fn pending(h: &Harness, id: &str) -> proto::Pending {
-    match slot(h, id, EventKind::Pending).await.kind {
-        Some(Kind::Pending(p)) => p,
-        other => panic!("not a pending request: {other:?}"),
-    }
 }
 
 /// Every approval event of `id`.

@@ -7,39 +7,22 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rct_bus::proto::{self, RejectionCode as C, event::Kind, value::Kind as V};
+use rct_bus::proto::{self, RejectionCode as C, event::Kind};
 use rct_bus::{CommandId, Target, Tower, Unverified, Verifier};
 use rct_streams::Publisher;
 use rct_streams::timestamp::from_datetime;
-use support::{Harness, Operator, rejection, run, value};
+use support::{Harness, Operator, rejection, workloads_pending as pending, workloads_slot as slot};
 use time::OffsetDateTime;
 
 const FAILOVER: &str = "workloads/failover";
 const COMMANDS: &str = "rct.cmd.workloads._.failover";
 
 fn failover(deployment: &str) -> proto::Submission {
-    run(
-        FAILOVER,
-        "_",
-        [
-            ("namespace", value(V::String("shop".into()))),
-            ("deployment", value(V::String(deployment.into()))),
-        ],
-        "INC-8",
-    )
+    support::workload(FAILOVER, deployment, "INC-8")
 }
 
 async fn approve(h: &Harness, who: &Operator, id: &str, digest: &[u8]) -> proto::Event {
-    let now = OffsetDateTime::now_utc();
-    let submission = proto::Submission {
-        command_id: CommandId::generate().to_string(),
-        operation: FAILOVER.into(),
-        justification: "INC-8".into(),
-        requested_at: Some(from_datetime(now)),
-        expires_at: Some(from_datetime(now + time::Duration::minutes(1))),
-        client: None,
-        request: Some(rct_bus::approval::request(id, digest, false)),
-    };
+    let submission = support::approval(FAILOVER, id, digest, false, "INC-8");
     h.decision(h.submit(who, &submission).await).await
 }
 
@@ -109,37 +92,6 @@ async fn command(h: &Harness, id: &str) -> proto::Command {
     })
     .await
     .unwrap_or_else(|_| panic!("no command {id}"))
-}
-
-/// The event in `kind`'s slot of workloads command `id`, once there (within 30 s).
-async fn slot(h: &Harness, id: &str, kind: rct_bus::EventKind) -> proto::Event {
-    let id: CommandId = id.parse().unwrap();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let slot = rct_streams::replay::slot(
-                &h.js,
-                &Tower::new("workloads").unwrap(),
-                &Target::none(),
-                id,
-                kind,
-            )
-            .await
-            .unwrap();
-            if let Some(record) = slot {
-                return record.event;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("nothing in the {kind} slot of {id}"))
-}
-
-async fn pending(h: &Harness, id: &str) -> proto::Pending {
-    match slot(h, id, rct_bus::EventKind::Pending).await.kind {
-        Some(Kind::Pending(p)) => p,
-        other => panic!("not waiting: {other:?}"),
-    }
 }
 
 /// The decision about command `id` (the plan-only command's decision names the same

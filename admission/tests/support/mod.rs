@@ -496,3 +496,68 @@ impl Harness {
         self.start_admission().await;
     }
 }
+
+/// A run of workloads operation `operation` on deployment `deployment` of namespace shop,
+/// justified by `why`.
+pub fn workload(operation: &str, deployment: &str, why: &str) -> proto::Submission {
+    use proto::value::Kind as V;
+    run(
+        operation,
+        "_",
+        [
+            ("namespace", value(V::String("shop".into()))),
+            ("deployment", value(V::String(deployment.into()))),
+        ],
+        why,
+    )
+}
+
+/// An approval (or denial) of command `id` of `operation` with `digest`, justified by `why`.
+pub fn approval(
+    operation: &str,
+    id: &str,
+    digest: &[u8],
+    deny: bool,
+    why: &str,
+) -> proto::Submission {
+    let now = OffsetDateTime::now_utc();
+    proto::Submission {
+        command_id: CommandId::generate().to_string(),
+        operation: operation.into(),
+        justification: why.into(),
+        requested_at: Some(from_datetime(now)),
+        expires_at: Some(from_datetime(now + time::Duration::minutes(1))),
+        client: None,
+        request: Some(rct_bus::approval::request(id, digest, deny)),
+    }
+}
+
+/// The event in `kind`'s single slot of workloads command `id`, once there (within 30 s).
+pub async fn workloads_slot(h: &Harness, id: &str, kind: rct_bus::EventKind) -> proto::Event {
+    let tower = rct_bus::Tower::new("workloads").unwrap();
+    let id: CommandId = id.parse().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(record) = replay::slot(&h.js, &tower, &rct_bus::Target::none(), id, kind)
+                .await
+                .unwrap()
+            {
+                return record.event;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("nothing in the {kind} slot of {id}"))
+}
+
+/// The pending event of workloads command `id`, once there.
+pub async fn workloads_pending(h: &Harness, id: &str) -> proto::Pending {
+    match workloads_slot(h, id, rct_bus::EventKind::Pending)
+        .await
+        .kind
+    {
+        Some(Kind::Pending(p)) => p,
+        other => panic!("not a pending request: {other:?}"),
+    }
+}

@@ -244,20 +244,20 @@ async fn failover(home: &Home, remote: &crate::remote::Remote) -> Result {
         }
     }
     step(&format!("$ rct watch {id}"));
-    let ran = inspect::watch(
-        home,
-        &global,
-        inspect::One {
-            id: id.to_string(),
-            utc: false,
-            output: Output::Text,
-        },
-    )
-    .await?;
+    let ran = inspect::watch(home, &global, shown(id)).await?;
     if ran != Exit::Ok {
         return Err(Error::usage(format!("the demo failover ended {ran:?}")));
     }
     Ok(Exit::Ok)
+}
+
+/// `rct watch|show <id>` as the demo types it.
+fn shown(id: rct_bus::CommandId) -> inspect::One {
+    inspect::One {
+        id: id.to_string(),
+        utc: false,
+        output: Output::Text,
+    }
 }
 
 fn step(text: &str) {
@@ -295,16 +295,7 @@ async fn script(home: &Home) -> Result {
     }
 
     step(&format!("$ rct show {id}"));
-    inspect::show(
-        home,
-        &global,
-        inspect::One {
-            id: id.to_string(),
-            utc: false,
-            output: Output::Text,
-        },
-    )
-    .await?;
+    inspect::show(home, &global, shown(id)).await?;
 
     Box::pin(failover(home, &remote)).await?;
 
