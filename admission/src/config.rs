@@ -97,6 +97,12 @@ pub struct Config {
     /// unset. SIGHUP reloads it either way.
     #[serde(with = "humantime_serde")]
     pub watch_catalog: Option<Duration>,
+    /// How long past its deadline and timeout a command still holds its locks when no outcome
+    /// of it is on record (an agent that died with it); then the next command takes them over.
+    /// Also how long a lock taken for a submission whose decision was never written (admission
+    /// stopped in between) holds. Longer than the agents' cancel grace and the clocks' skew.
+    #[serde(with = "humantime_serde")]
+    pub lock_grace: Duration,
 }
 
 impl Default for Config {
@@ -128,6 +134,7 @@ impl Default for Config {
             notify: crate::notify::Config::default(),
             telemetry: rct_streams::telemetry::Config::default(),
             watch_catalog: None,
+            lock_grace: rct_bus::lock::GRACE,
         }
     }
 }
@@ -244,6 +251,9 @@ impl Config {
                 humantime::format_duration(rct_bus::provenance::MAX_CERTIFICATE_LIFE)
             ));
         }
+        if self.lock_grace < Duration::from_secs(1) {
+            return Err("lock_grace must be at least 1s".into());
+        }
         if self.freshness < Duration::from_secs(5) {
             return Err("freshness must be at least 5s".into());
         }
@@ -252,6 +262,7 @@ impl Config {
             ("clock_skew", self.clock_skew),
             ("certificate_ttl", self.certificate_ttl),
             ("agent_certificate_ttl", self.agent_certificate_ttl),
+            ("lock_grace", self.lock_grace),
         ] {
             if value > rct_bus::catalog::LONGEST_WAIT {
                 return Err(format!(

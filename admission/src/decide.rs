@@ -362,6 +362,18 @@ impl Policy {
             draft.request.dry_run = run.dry_run;
             draft.request.plan = run.plan;
             draft.request.params = rct_bus::catalog::mask_all(&run.params);
+            if !run.undo_of.is_empty() {
+                if run.undo_of.parse::<CommandId>().is_err() {
+                    return Err((
+                        C::Malformed,
+                        format!(
+                            "the command to undo, {:?}, is not a command id",
+                            run.undo_of
+                        ),
+                    ));
+                }
+                draft.request.undo_of = run.undo_of.clone();
+            }
             // Held to what a justification is, before any refusal records it.
             if !run.break_glass.is_empty() {
                 if let Some(problem) =
@@ -941,6 +953,7 @@ impl Policy {
                 catalog_version: self.catalog_version.clone(),
                 approvals: Vec::new(),
                 plan: 0,
+                locks: Vec::new(),
             }),
         );
         Ok(Verdict::Admit(Admit {
@@ -1473,6 +1486,7 @@ mod tests {
                 dry_run: false,
                 break_glass: String::new(),
                 plan: false,
+                undo_of: String::new(),
             })),
         }
     }

@@ -917,14 +917,22 @@ impl Inner {
             Verdict::Cancel(cancel) => self.check_cancel_target(cancel).await?,
             // On the heap: its reads would make every submission's future large.
             Verdict::Approve(approve) => Box::pin(self.check_approval(approve)).await?,
-            // A plan changes nothing: a freeze does not stop it.
-            Verdict::Admit(admit)
-                if decided_request(&admit.decision)
-                    .is_some_and(|r| r.break_glass.is_empty() && !r.plan) =>
-            {
-                self.check_freeze(Verdict::Admit(admit)).await?
+            Verdict::Admit(admit) => {
+                // A plan changes nothing: a freeze does not stop it; nor does one stop a
+                // break-glass run. Undo and locks hold for both.
+                let frozen_out = decided_request(&admit.decision)
+                    .is_some_and(|r| r.break_glass.is_empty() && !r.plan);
+                let verdict = match frozen_out {
+                    true => self.check_freeze(Verdict::Admit(admit)).await?,
+                    false => Verdict::Admit(admit),
+                };
+                Box::pin(self.check_gates(verdict)).await?
             }
-            Verdict::Park(park) => self.check_freeze(Verdict::Park(park)).await?,
+            Verdict::Park(park) => {
+                // An undo that cannot be admitted waits for no approvals.
+                let verdict = Box::pin(self.check_undo(Verdict::Park(park))).await?;
+                self.check_freeze(verdict).await?
+            }
             other => other,
         };
         let (tower, command_id, decision) = verdict.parts();
@@ -1093,6 +1101,7 @@ impl Inner {
                 .await?;
             return self.withdraw(publisher, tower.tower(), &cancel).await;
         }
+        self.link_undo(publisher, holder).await?;
         match self
             .policy()
             .recorded_command(holder, &stored.message.payload, Vec::new(), None)
@@ -1198,6 +1207,7 @@ impl Inner {
             }
             Verdict::Park(park) => self.describe(publisher, &park.pending).await?,
             Verdict::Admit(a) => {
+                self.link_undo(publisher, &a.decision).await?;
                 let outgoing =
                     Outgoing::new(a.subject.clone(), a.command_id.msg_id(), a.command.clone());
                 publisher.send(outgoing).await?;
@@ -1230,6 +1240,502 @@ impl Inner {
             })),
             None => Ok(verdict),
         }
+    }
+
+    /// What an admitted run passes last, where its decision is made (at once, or once
+    /// approved): an undo must be what its original's record allows ([`Self::undo_problem`]),
+    /// then it takes its locks ([`Self::take_locks`]).
+    async fn gates(
+        &self,
+        decision: &mut proto::Event,
+    ) -> Result<Option<(RejectionCode, String)>, rct_streams::Error> {
+        if let Some(why) = self.undo_problem(decision).await? {
+            return Ok(Some((RejectionCode::NotUndoable, why)));
+        }
+        let taken = match self.take_locks(decision).await? {
+            Ok(taken) => taken,
+            Err(why) => return Ok(Some((RejectionCode::Locked, why))),
+        };
+        // Read again while holding them: another undo of the same command, admitted after
+        // the first reading, is seen now.
+        if let Some(why) = self.undo_problem(decision).await? {
+            self.release(&taken).await?;
+            return Ok(Some((RejectionCode::NotUndoable, why)));
+        }
+        Ok(None)
+    }
+
+    /// An admitted run passes its [`Self::gates`] before its decision is written, or is
+    /// refused (`not_undoable`, or `locked` naming the holder).
+    async fn check_gates(&self, verdict: Verdict) -> Result<Verdict, rct_streams::Error> {
+        let Verdict::Admit(mut admit) = verdict else {
+            return Ok(verdict);
+        };
+        Ok(match self.gates(&mut admit.decision).await? {
+            None => Verdict::Admit(admit),
+            Some((code, why)) => Verdict::Reject(Reject {
+                tower: admit.tower.clone(),
+                command_id: Some(admit.command_id),
+                decision: rejection(&admit.decision, code, why),
+            }),
+        })
+    }
+
+    /// An undo waiting for approvals must be one its original's record allows, too.
+    async fn check_undo(&self, verdict: Verdict) -> Result<Verdict, rct_streams::Error> {
+        let (tower, Some(command_id), decision) = verdict.parts() else {
+            return Ok(verdict);
+        };
+        Ok(match self.undo_problem(decision).await? {
+            None => verdict,
+            Some(why) => Verdict::Reject(Reject {
+                tower: tower.clone(),
+                command_id: Some(command_id),
+                decision: rejection(decision, RejectionCode::NotUndoable, why),
+            }),
+        })
+    }
+
+    /// Why the request of `decision` (admitted or pending), if it is an undo (`undo_of`),
+    /// cannot be admitted: its original must have been admitted to run, have succeeded, be
+    /// of an operation whose `inverse` is this one, and not be undone already by an undo
+    /// that has not failed; the parameters the inverse names must be those its record fills
+    /// in. Two undos of one command never run at once: each locks `undo of <id>`.
+    async fn undo_problem(
+        &self,
+        decision: &proto::Event,
+    ) -> Result<Option<String>, rct_streams::Error> {
+        let Some(request) = decided_request(decision).filter(|r| !r.undo_of.is_empty()) else {
+            return Ok(None);
+        };
+        let Ok(original) = request.undo_of.parse::<CommandId>() else {
+            return Ok(Some(format!("{:?} is not a command id", request.undo_of)));
+        };
+        let refuse = |why: String| Ok(Some(format!("command {original} cannot be undone: {why}")));
+        let Some(recorded) = self
+            .own_event_on(&subject::events_of_kind(original, EventKind::Decision))
+            .await?
+        else {
+            return refuse("it has no decision on record".into());
+        };
+        let Some(Kind::Admitted(admitted)) = &recorded.kind else {
+            return refuse("it was refused, and ran nothing".into());
+        };
+        let Some(before) = admitted.request.as_ref() else {
+            return refuse("its decision records no request".into());
+        };
+        if before.dry_run || before.plan {
+            return refuse("it was a dry run or a plan, and changed nothing".into());
+        }
+        let Ok(name) = recorded.operation.parse::<rct_bus::OperationName>() else {
+            return refuse(format!(
+                "its operation {:?} has no name",
+                recorded.operation
+            ));
+        };
+        let policy = self.policy();
+        let Some((_, operation)) = policy.catalog.operation(&name) else {
+            return refuse(format!("{name} is no longer in the catalog"));
+        };
+        let Some(inverse) = &operation.inverse else {
+            return refuse(format!(
+                "{name} has no inverse in the catalog; run the operation that reverses it \
+                 yourself"
+            ));
+        };
+        if inverse.operation != decision.operation {
+            return refuse(format!(
+                "{name} is undone by {}, not {}",
+                inverse.operation, decision.operation
+            ));
+        }
+        let outputs = match self.ended(name.tower(), &recorded.target, original).await? {
+            Some(Kind::Succeeded(succeeded)) => succeeded.outputs,
+            None => return refuse("it has not ended: undo it once it succeeded".into()),
+            Some(_) => {
+                return refuse(format!(
+                    "it did not succeed (rct show {original}): rct undo reverses a success only"
+                ));
+            }
+        };
+        let filled = match inverse.fill(&before.params, &outputs) {
+            Ok(filled) => filled,
+            Err(why) => return refuse(why),
+        };
+        let inverse_name: rct_bus::OperationName = match inverse.operation.parse() {
+            Ok(name) => name,
+            Err(e) => return refuse(format!("its inverse: {e}")),
+        };
+        let Some((_, undo)) = policy.catalog.operation(&inverse_name) else {
+            return refuse(format!("its inverse {inverse_name} is not in the catalog"));
+        };
+        // Every parameter is what the record gives, or the default: an undo changes only
+        // what its original changed.
+        for (param, spec) in &undo.params {
+            let (wanted, said) = match filled.get(param) {
+                Some(text) => match spec.parse(param, text) {
+                    Ok(value) => (value, format!("{text:?}, as its record says")),
+                    Err(e) => {
+                        return refuse(format!(
+                            "its record gives {param} = {text:?}, which {inverse_name} does \
+                             not take: {}",
+                            e.message
+                        ));
+                    }
+                },
+                None => match spec.default_value() {
+                    Some(value) => {
+                        let shown = rct_bus::catalog::display_value(&value);
+                        (
+                            value,
+                            format!("its default {shown:?}: the inverse does not name it"),
+                        )
+                    }
+                    None => continue,
+                },
+            };
+            if request.params.get(param) != Some(&wanted) {
+                let given = request
+                    .params
+                    .get(param)
+                    .map(rct_bus::catalog::display_value)
+                    .unwrap_or_default();
+                return refuse(format!(
+                    "its undo sets {param} to {said}, and this request asks for {given:?}: \
+                     undo it with rct undo {original}"
+                ));
+            }
+        }
+        for undo_id in self.undone_by(&recorded).await? {
+            if undo_id.to_string() == decision.command_id {
+                continue;
+            }
+            let Some(earlier) = self
+                .own_event_on(&subject::events_of_kind(undo_id, EventKind::Decision))
+                .await?
+            else {
+                continue;
+            };
+            let Ok(earlier_name) = earlier.operation.parse::<rct_bus::OperationName>() else {
+                continue;
+            };
+            // An undo that failed, was cancelled or expired leaves it to undo again; one that
+            // ended unknown may have changed anything.
+            match self
+                .ended(earlier_name.tower(), &earlier.target, undo_id)
+                .await?
+            {
+                None => {
+                    return refuse(format!(
+                        "it is being undone, by command {undo_id} (rct watch {undo_id})"
+                    ));
+                }
+                Some(Kind::Succeeded(_)) => {
+                    return refuse(format!(
+                        "it was undone already, by command {undo_id} (rct show {undo_id})"
+                    ));
+                }
+                Some(Kind::Unknown(_)) => {
+                    return refuse(format!(
+                        "command {undo_id} undid it and ended unknown (its agent stopped \
+                         mid-way): see what it changed (rct show {undo_id}) and set it right by \
+                         hand"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// The undos admitted for `original` (its decision): the links admission wrote on its
+    /// timeline, in order.
+    async fn undone_by(
+        &self,
+        original: &proto::Event,
+    ) -> Result<Vec<CommandId>, rct_streams::Error> {
+        let Some((name, id)) = named(&original.operation, &original.command_id) else {
+            return Ok(Vec::new());
+        };
+        let filter = rct_streams::replay::Filter {
+            command: Some(id),
+            tower: Some(name.tower().clone()),
+            target: Some(rct_bus::Target::of_event(&original.target)),
+            kind: Some(EventKind::Log),
+            trust: Some(self.trust.clone()),
+            ..Default::default()
+        };
+        Ok(rct_streams::replay::records(&self.js, &filter)
+            .await?
+            .into_iter()
+            .filter(|r| matches!(r.provenance, Provenance::Verified(Author::Admission)))
+            .filter_map(|r| match r.event.kind {
+                Some(Kind::Log(log)) => log.undone_by.parse().ok(),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Writes the link from an admitted undo's original to it (`undone_by`, on the original's
+    /// timeline), once however often it is called: the undo's `undo_of` links the other way.
+    async fn link_undo(
+        &self,
+        publisher: &Publisher,
+        decision: &proto::Event,
+    ) -> Result<(), rct_streams::Error> {
+        let Some(Kind::Admitted(admitted)) = &decision.kind else {
+            return Ok(());
+        };
+        let Some(request) = admitted
+            .request
+            .as_ref()
+            .filter(|r| !r.undo_of.is_empty() && !r.dry_run && !r.plan)
+        else {
+            return Ok(());
+        };
+        let Ok(original) = request.undo_of.parse::<CommandId>() else {
+            return Ok(());
+        };
+        let Some(recorded) = self
+            .own_event_on(&subject::events_of_kind(original, EventKind::Decision))
+            .await?
+        else {
+            return Ok(());
+        };
+        let Ok(name) = recorded.operation.parse::<rct_bus::OperationName>() else {
+            return Ok(());
+        };
+        let undo_id: CommandId = match decision.command_id.parse() {
+            Ok(id) => id,
+            Err(_) => return Ok(()),
+        };
+        // Once, even when the submission is delivered again after the stream's duplicate
+        // window.
+        if self.undone_by(&recorded).await?.contains(&undo_id) {
+            return Ok(());
+        }
+        let who = request
+            .operator
+            .as_ref()
+            .map(|o| o.email.clone())
+            .unwrap_or_default();
+        let link = proto::Event {
+            command_id: recorded.command_id.clone(),
+            at: Some(rct_streams::timestamp::from_datetime(
+                OffsetDateTime::now_utc(),
+            )),
+            source: self.policy().source.clone(),
+            operation: recorded.operation.clone(),
+            target: recorded.target.clone(),
+            kind: Some(Kind::Log(proto::Log {
+                stream: proto::LogStream::Admission as i32,
+                line: format!(
+                    "undone by command {} ({} on {}, asked by {who}: {:?})",
+                    decision.command_id, decision.operation, decision.target, request.justification
+                ),
+                undone_by: decision.command_id.clone(),
+            })),
+        };
+        publisher
+            .event(
+                name.tower(),
+                &link,
+                format!("undone-by-{}", decision.command_id),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Takes the locks an `Admitted` decision's command needs, in key order, and lists them
+    /// in the decision: the holder it is in each and the keys it newly took; or why not, when
+    /// one is held (the ones it took are given back). Plans and dry runs change nothing and
+    /// take none. A lock is held until its holder's outcome is recorded, its decision is a
+    /// refusal or its expiry passes ([`Self::holds`]): released by the next command that
+    /// takes it, never stuck.
+    async fn take_locks(
+        &self,
+        decision: &mut proto::Event,
+    ) -> Result<Result<Taken, String>, rct_streams::Error> {
+        let none = Ok(Ok(Taken::default()));
+        let (command_id, target) = (decision.command_id.clone(), decision.target.clone());
+        let Ok(name) = decision.operation.parse::<rct_bus::OperationName>() else {
+            return none;
+        };
+        let Some(Kind::Admitted(admitted)) = &mut decision.kind else {
+            return none;
+        };
+        let Some(request) = admitted.request.as_ref().filter(|r| !r.dry_run && !r.plan) else {
+            return none;
+        };
+        let policy = self.policy();
+        let Some((_, operation)) = policy.catalog.operation(&name) else {
+            return none;
+        };
+        let mut locks = rct_bus::lock::locks(operation, &request.params);
+        if !request.undo_of.is_empty() {
+            // Two undos of one command never run at once: each reads the other's link while
+            // it holds this lock (see `Self::gates`).
+            let resource = format!("undo of {}", request.undo_of);
+            locks.push((rct_bus::lock::key(&resource), resource));
+            locks.sort();
+        }
+        if locks.is_empty() || self.reused(command_id.parse().ok(), request).await? {
+            return none;
+        }
+        let now = jiff::Timestamp::now();
+        let deadline = admitted
+            .deadline
+            .as_ref()
+            .and_then(rct_streams::timestamp::to_datetime)
+            .and_then(|at| jiff::Timestamp::from_nanosecond(at.unix_timestamp_nanos()).ok())
+            .unwrap_or(now);
+        let timeout = admitted
+            .timeout
+            .as_ref()
+            .map(rct_streams::timestamp::to_std_duration)
+            .unwrap_or(operation.timeout);
+        let me = rct_bus::lock::Holder {
+            command_id,
+            submission: request.submission_sequence,
+            operation: name.to_string(),
+            target,
+            operator: request
+                .operator
+                .as_ref()
+                .map(|o| o.email.clone())
+                .unwrap_or_default(),
+            justification: request.justification.clone(),
+            conflicts_with: operation.conflicts_with.clone(),
+            taken_at: now.to_string(),
+            expires_at: rct_bus::lock::expiry(deadline, timeout, self.config.lock_grace)
+                .to_string(),
+        };
+        let store = rct_streams::locks::bucket(&self.js).await?;
+        let mut taken = Taken {
+            holder: Some(me.clone()),
+            keys: Vec::new(),
+        };
+        let mut resources = Vec::new();
+        for (key, resource) in &locks {
+            let holds = |holder: rct_bus::lock::Holder| -> futures::future::BoxFuture<'_, _> {
+                Box::pin(async move { self.holds(&holder).await })
+            };
+            match rct_streams::locks::take(&store, key, resource, &me, &holds).await? {
+                rct_streams::locks::Took::Taken => taken.keys.push(key.clone()),
+                rct_streams::locks::Took::Held => {}
+                rct_streams::locks::Took::Conflict(holder) => {
+                    self.release(&taken).await?;
+                    tracing::info!(command_id = %me.command_id, holder = %holder.command_id, %resource, "locked");
+                    return Ok(Err(holder.refusal(resource)));
+                }
+            }
+            resources.push(resource.clone());
+        }
+        admitted.locks = resources;
+        Ok(Ok(taken))
+    }
+
+    /// Whether command `id` is decided, or waits, for another submission than `request`'s: a
+    /// submission reusing it is refused `duplicate` once its decision finds the slot taken,
+    /// and takes no lock meanwhile.
+    async fn reused(
+        &self,
+        id: Option<CommandId>,
+        request: &proto::Request,
+    ) -> Result<bool, rct_streams::Error> {
+        let Some(id) = id else {
+            return Ok(false);
+        };
+        for kind in [EventKind::Decision, EventKind::Pending] {
+            if let Some(holder) = self
+                .own_event_on(&subject::events_of_kind(id, kind))
+                .await?
+                && decided_request(&holder).map(|r| r.submission_sequence)
+                    != Some(request.submission_sequence)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Gives back the locks a command newly took.
+    async fn release(&self, taken: &Taken) -> Result<(), rct_streams::Error> {
+        let Some(me) = &taken.holder else {
+            return Ok(());
+        };
+        let store = rct_streams::locks::bucket(&self.js).await?;
+        for key in &taken.keys {
+            rct_streams::locks::release(&store, key, me).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether `holder` still holds its lock: before its expiry, not ended (an outcome
+    /// `unknown` holds on to the expiry: its agent stopped, what it ran may not have), and
+    /// not refused. Its decision must be for the submission it was taken for (one reusing
+    /// the command id holds nothing); with no decision at all (admission stopped between
+    /// the lock and the decision, or the submission was refused elsewhere) it holds for
+    /// `lock_grace` after it was taken, when a redelivery has decided it again.
+    async fn holds(&self, holder: &rct_bus::lock::Holder) -> Result<bool, rct_streams::Error> {
+        let now = jiff::Timestamp::now();
+        if holder.lapsed(now) {
+            return Ok(false);
+        }
+        let Some((name, id)) = named(&holder.operation, &holder.command_id) else {
+            return Ok(false);
+        };
+        match self.ended(name.tower(), &holder.target, id).await? {
+            Some(Kind::Unknown(_)) => return Ok(true),
+            Some(_) => return Ok(false),
+            None => {}
+        }
+        let decision = self
+            .own_event_on(&subject::events_of_kind(id, EventKind::Decision))
+            .await?;
+        Ok(match decision {
+            Some(decision) => {
+                decided_request(&decision).map(|r| r.submission_sequence) == Some(holder.submission)
+                    && matches!(decision.kind, Some(Kind::Admitted(_)))
+            }
+            None => holder
+                .taken_at
+                .parse::<jiff::Timestamp>()
+                .ok()
+                .and_then(|at| {
+                    let grace = jiff::SignedDuration::try_from(self.config.lock_grace).ok()?;
+                    at.checked_add(grace).ok()
+                })
+                .is_some_and(|until| now < until),
+        })
+    }
+
+    /// The outcome of command `id` of `tower` on `target`, if one is on record from its
+    /// tower's agents or admission.
+    async fn ended(
+        &self,
+        tower: &Tower,
+        target: &str,
+        id: CommandId,
+    ) -> Result<Option<Kind>, rct_streams::Error> {
+        let filter = rct_streams::replay::Filter {
+            command: Some(id),
+            tower: Some(tower.clone()),
+            target: Some(rct_bus::Target::of_event(target)),
+            kind: Some(EventKind::Outcome),
+            trust: Some(self.trust.clone()),
+            ..Default::default()
+        };
+        Ok(rct_streams::replay::records(&self.js, &filter)
+            .await?
+            .into_iter()
+            .find(|r| {
+                matches!(
+                    r.provenance,
+                    Provenance::Verified(Author::Agent(_) | Author::Admission)
+                )
+            })
+            .and_then(|r| r.event.kind))
     }
 
     /// The freeze in force for `tower` at `now`: the catalog's windows, and the freezes
@@ -1694,7 +2200,10 @@ impl Inner {
                 ),
             ),
             Tally::Approved(counted) => match policy.approved(&pending, counted, plan, now) {
-                Ok(decision) => decision,
+                Ok(mut decision) => match Box::pin(self.gates(&mut decision)).await? {
+                    None => decision,
+                    Some((code, why)) => refuse(code, format!("it was approved, but {why}")),
+                },
                 Err(reason) => refuse(
                     RejectionCode::CatalogChanged,
                     format!("it was approved, but cannot be admitted: {reason}"),
@@ -1819,11 +2328,11 @@ impl Inner {
                 p.plan_id
             )));
         };
-        let read = |kind| rct_streams::replay::Filter {
+        let read = rct_streams::replay::Filter {
             command: Some(plan_id),
             tower: Some(name.tower().clone()),
             target: Some(rct_bus::Target::of_event(&pending.target)),
-            kind: Some(kind),
+            kind: Some(EventKind::Plan),
             trust: Some(self.trust.clone()),
             ..Default::default()
         };
@@ -1845,16 +2354,8 @@ impl Inner {
         };
         // The outcome before the plan: the agent writes the plan first, so an outcome read
         // first is never taken for an end without one when the plan came in between.
-        let ended = rct_streams::replay::records(&self.js, &read(EventKind::Outcome))
-            .await?
-            .into_iter()
-            .find(|r| {
-                matches!(
-                    r.provenance,
-                    Provenance::Verified(Author::Agent(_) | Author::Admission)
-                )
-            });
-        let plan = rct_streams::replay::records(&self.js, &read(EventKind::Plan))
+        let ended = self.ended(name.tower(), &pending.target, plan_id).await?;
+        let plan = rct_streams::replay::records(&self.js, &read)
             .await?
             .into_iter()
             .find(by_agent);
@@ -1866,7 +2367,7 @@ impl Inner {
                 plan,
             });
         }
-        Ok(match ended.and_then(|r| r.event.kind) {
+        Ok(match ended {
             None => Described::Waiting,
             Some(outcome) => Described::Failed(format!(
                 "its plan (plan-only command {plan_id}) was not made: {}",
@@ -1934,6 +2435,7 @@ impl Inner {
             .as_ref()
             .map(prost::Message::encode_to_vec)
             .unwrap_or_default();
+        self.link_undo(publisher, decision).await?;
         match self
             .policy()
             .recorded_command(decision, &payload, approvals, plan)
@@ -2359,6 +2861,13 @@ enum Recorded {
 /// The operation and command an event's texts name, if they are well formed.
 fn named(operation: &str, command_id: &str) -> Option<(rct_bus::OperationName, CommandId)> {
     Some((operation.parse().ok()?, command_id.parse().ok()?))
+}
+
+/// What [`Inner::take_locks`] took: the holder it wrote, and the keys it newly holds.
+#[derive(Debug, Default)]
+struct Taken {
+    holder: Option<rct_bus::lock::Holder>,
+    keys: Vec<String>,
 }
 
 /// Where the plan of a request waiting for approvals stands (see `Service::plan_of`).

@@ -28,15 +28,11 @@ fn approval(id: &str, digest: &[u8], deny: bool, why: &str) -> proto::Submission
 /// The example catalog with `workloads/delete`'s approvals lasting `ttl` instead, in a file
 /// of its own under `dir`.
 fn catalog_with_ttl(dir: &std::path::Path, ttl: &str) -> PathBuf {
-    let example = std::fs::read_to_string(support::catalog_path()).unwrap();
-    let changed = example.replace(
+    support::catalog_with(
+        dir,
         "allow_self: false, ttl: 30m",
         &format!("allow_self: false, ttl: {ttl}"),
-    );
-    assert_ne!(changed, example, "the example catalog's delete rule moved");
-    let path = dir.join("catalog.yaml");
-    std::fs::write(&path, changed).unwrap();
-    path
+    )
 }
 
 /// Every approval event of `id`.

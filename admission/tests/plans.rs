@@ -4,11 +4,10 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rct_bus::proto::{self, RejectionCode as C, event::Kind};
-use rct_bus::{CommandId, Target, Tower, Unverified, Verifier};
+use rct_bus::{CommandId, Tower, Unverified, Verifier};
 use rct_streams::Publisher;
 use rct_streams::timestamp::from_datetime;
 use support::{Harness, Operator, rejection, workloads_pending as pending, workloads_slot as slot};
@@ -28,26 +27,7 @@ async fn approve(h: &Harness, who: &Operator, id: &str, digest: &[u8]) -> proto:
 
 /// Writes as the workloads agent would, with a key the harness's admission certified.
 fn as_agent(h: &Harness) -> Publisher {
-    as_agent_of(h, &Tower::new("workloads").unwrap(), "_")
-}
-
-/// Writes as an agent of `tower` on `target` would.
-fn as_agent_of(h: &Harness, tower: &Tower, target: &str) -> Publisher {
-    let key = rct_bus::KeyPair::generate();
-    let now = std::time::SystemTime::now();
-    let certificate = rct_bus::provenance::certify(
-        &h.admission_keypair(),
-        tower,
-        &Target::of_event(target),
-        "agent-1",
-        key.public(),
-        now,
-        now + Duration::from_secs(3600),
-    );
-    Publisher::new(h.js.clone()).signing(Arc::new(rct_bus::provenance::Signer::agent(
-        key,
-        certificate,
-    )))
+    support::as_agent_of(h, &Tower::new("workloads").unwrap(), "_")
 }
 
 fn event(id: &str, kind: Kind) -> proto::Event {
@@ -141,7 +121,7 @@ async fn approvals_count_only_for_the_plan_and_the_command_carries_it() {
         target: "prod-1".into(),
         ..event(&plan_id, Kind::Plan(plan()))
     };
-    as_agent_of(&h, &traffic, "prod-1")
+    support::as_agent_of(&h, &traffic, "prod-1")
         .event(&traffic, &elsewhere, "agent-2")
         .await
         .unwrap();

@@ -117,9 +117,11 @@ impl LoadBalancer {
 
 /// Runs the demo traffic tower for one target.
 pub fn traffic_tower(lb: LoadBalancer, target: &str, clusters: Vec<String>) -> Tower {
-    let outcome = |lb: LoadBalancer, clusters: Vec<String>, summary: String| async move {
+    // Every cluster's weight, and the one this command started from (`previous_weight`,
+    // which the catalog's inverse sets back: rct undo).
+    let outcome = |lb: LoadBalancer, clusters: Vec<String>, summary: String, previous: u32| async move {
         let table = lb.table(&clusters).await?;
-        let mut outcome = Outcome::new(summary);
+        let mut outcome = Outcome::new(summary).output("previous_weight", previous.to_string());
         for (cluster, weight) in table {
             outcome = outcome.output(cluster, weight.to_string());
         }
@@ -138,11 +140,13 @@ pub fn traffic_tower(lb: LoadBalancer, target: &str, clusters: Vec<String>) -> T
             async move {
                 let cluster = params.str("cluster").unwrap_or(ctx.target()).to_owned();
                 let keep = params.i64("keep_percent").unwrap_or(0).clamp(0, 100) as u32;
+                let previous = lb.weight(&cluster).await?;
                 let weight = lb.ramp(&ctx, &cluster, keep, STEP).await?;
                 outcome(
                     lb,
                     clusters,
                     format!("{cluster} drained to weight {weight}"),
+                    previous,
                 )
                 .await
             }
@@ -152,8 +156,10 @@ pub fn traffic_tower(lb: LoadBalancer, target: &str, clusters: Vec<String>) -> T
             async move {
                 let cluster = params.str("cluster").unwrap_or(ctx.target()).to_owned();
                 let to = params.i64("weight").unwrap_or(100).clamp(0, 100) as u32;
+                let previous = lb.weight(&cluster).await?;
                 let weight = lb.ramp(&ctx, &cluster, to, STEP / 4).await?;
-                outcome(lb, clusters, format!("{cluster} at weight {weight}")).await
+                let summary = format!("{cluster} at weight {weight}");
+                outcome(lb, clusters, summary, previous).await
             }
         })
         .operation("undrain-cluster", move |ctx: Context, params: Params| {
@@ -163,8 +169,10 @@ pub fn traffic_tower(lb: LoadBalancer, target: &str, clusters: Vec<String>) -> T
                 let ramp = params.duration("ramp").unwrap_or(Duration::from_secs(5));
                 // The demo compresses the ramp: a tenth of the asked time, at most 5 s.
                 let step = (ramp / 10 / STEPS).min(Duration::from_secs(1));
+                let previous = lb.weight(&cluster).await?;
                 let weight = lb.ramp(&ctx, &cluster, 100, step).await?;
-                outcome(lb, clusters, format!("{cluster} back at weight {weight}")).await
+                let summary = format!("{cluster} back at weight {weight}");
+                outcome(lb, clusters, summary, previous).await
             }
         })
 }

@@ -542,6 +542,7 @@ impl Publishing {
         Kind::Log(proto::Log {
             stream: stream as i32,
             line,
+            undone_by: String::new(),
         })
     }
 
@@ -655,6 +656,7 @@ pub(crate) fn bound_kind(kind: Kind, secrets: &[String], limits: &Output) -> Kin
         Kind::Log(l) => Kind::Log(proto::Log {
             stream: l.stream,
             line: bound(&l.line, 0, secrets, limits.max_event),
+            undone_by: String::new(),
         }),
         Kind::Succeeded(s) => Kind::Succeeded(proto::Succeeded {
             summary: b(s.summary),

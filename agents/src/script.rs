@@ -32,7 +32,8 @@
 //! `output.max_line`), within the command's output budget (see [`crate::Output`]);
 //! `::progress <percent> <message>` on stdout becomes a `Progress` event; while planning
 //! (`plan: true`, run with `RCT_MODE=plan`), `::change <action> <resource> <detail…>`
-//! describes one change of the plan. Exit status 0 is
+//! describes one change of the plan; `::output <name> <value>` records one output of the
+//! outcome (what an `inverse` fills `{outputs.<name>}` from: rct undo). Exit status 0 is
 //! success (the last stdout line is the summary); anything else a failure carrying the last
 //! lines of stderr. Cancellation and timeouts stop the whole process group: TERM, then KILL.
 //! So does the script's own exit: what it left running (a daemon holding its pipes) gets
@@ -49,6 +50,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use rct_bus::catalog::display_value;
 use rct_bus::proto;
+use rct_bus::template::fill;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
@@ -430,14 +432,20 @@ impl Script {
                 }
             },
         };
-        let (summary, stderr_tail) = read;
+        let (stdout, stderr_tail) = read;
         let status = status?.map_err(|e| Failure::new("wait", e.to_string()))?;
         if status.success() {
-            Ok(Outcome::new(if summary.is_empty() {
-                "exit 0".to_owned()
-            } else {
-                summary
-            }))
+            let summary = match stdout.last {
+                last if last.is_empty() => "exit 0".to_owned(),
+                last => last,
+            };
+            let outcome = stdout
+                .outputs
+                .into_iter()
+                .fold(Outcome::new(summary), |o, (name, value)| {
+                    o.output(name, value)
+                });
+            Ok(outcome)
         } else {
             let how = match status.code() {
                 Some(code) => format!("exited with status {code}"),
@@ -507,15 +515,27 @@ impl Script {
     }
 }
 
-/// Logs stdout (progress lines become progress) and returns its last line, the summary.
+/// The most outputs (`::output` lines) one command records; later ones are logged.
+const MAX_OUTPUTS: usize = 64;
+
+/// What a script's stdout gave besides its log: its last line (the summary) and its
+/// outputs.
+#[derive(Debug, Default)]
+struct Stdout {
+    last: String,
+    outputs: BTreeMap<String, String>,
+}
+
+/// Logs stdout (progress lines become progress, output lines outputs) and returns what the
+/// outcome takes from it.
 async fn read_stdout(
     ctx: Context,
     stdout: tokio::process::ChildStdout,
     stop: CancellationToken,
-) -> String {
+) -> Stdout {
     let mut lines = Lines::new(BufReader::new(stdout), ctx.line_limit());
-    let mut last = String::new();
-    let read = async {
+    let mut read = Stdout::default();
+    let reading = async {
         while let Some((line, cut)) = lines.next().await {
             if let Some((action, resource, detail)) = change_line(&line)
                 && ctx.planning()
@@ -523,20 +543,26 @@ async fn read_stdout(
                 ctx.change(action, resource, detail);
                 continue;
             }
+            if let Some((name, value)) = output_line(&line)
+                && (read.outputs.len() < MAX_OUTPUTS || read.outputs.contains_key(name))
+            {
+                read.outputs.insert(name.to_owned(), value.to_owned());
+                continue;
+            }
             match progress_line(&line) {
                 Some((percent, message)) => ctx.progress(percent, message, ""),
                 None => {
                     ctx.send_cut(proto::LogStream::Stdout, &line, cut).await;
-                    last = ctx.bound(&line, cut);
+                    read.last = ctx.bound(&line, cut);
                 }
             }
         }
     };
     tokio::select! {
-        () = read => {}
+        () = reading => {}
         () = stop.cancelled() => {}
     }
-    last
+    read
 }
 
 /// Logs stderr and returns its last lines, for a failure's message.
@@ -696,6 +722,18 @@ fn change_line(line: &str) -> Option<(&str, &str, &str)> {
     Some((action, resource, rest.next().unwrap_or_default().trim()))
 }
 
+/// `::output <name> <value>`: one output of the outcome (a name of letters, digits, `_`
+/// and `-`; the value may be empty).
+fn output_line(line: &str) -> Option<(&str, &str)> {
+    let rest = line.strip_prefix("::output ")?.trim_start();
+    let (name, value) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    let named = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    named.then_some((name, value.trim()))
+}
+
 /// `RCT_MODE`: `plan` while planning, `run` otherwise.
 fn mode(ctx: &Context) -> &'static str {
     if ctx.planning() { "plan" } else { "run" }
@@ -723,46 +761,9 @@ fn placeholders(ctx: &Context, params: &Params) -> BTreeMap<String, String> {
     values
 }
 
-/// Replaces `{name}` with its value; unknown names stay as written.
-fn fill(template: &str, values: &BTreeMap<String, String>) -> String {
-    let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(start) = rest.find('{') {
-        out.push_str(&rest[..start]);
-        match rest[start..].find('}') {
-            Some(end) => {
-                let name = &rest[start + 1..start + end];
-                match values.get(name) {
-                    Some(value) => out.push_str(value),
-                    None => out.push_str(&rest[start..=start + end]),
-                }
-                rest = &rest[start + end + 1..];
-            }
-            None => {
-                out.push_str(&rest[start..]);
-                rest = "";
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn placeholders_fill_within_one_item() {
-        let values: BTreeMap<String, String> =
-            [("ns".to_owned(), "a b; rm -rf /".to_owned())].into();
-        assert_eq!(
-            fill("--namespace={ns}", &values),
-            "--namespace=a b; rm -rf /"
-        );
-        assert_eq!(fill("{ns}", &values), "a b; rm -rf /");
-        assert_eq!(fill("{unknown} {", &values), "{unknown} {");
-    }
 
     #[test]
     fn a_timeout_that_differs_from_the_catalogs_and_one_sided_operations_are_warned_of() {
@@ -870,6 +871,22 @@ operations:
         assert_eq!(progress_line("::progress 100"), Some((100, String::new())));
         assert_eq!(progress_line("::progress lots"), None);
         assert_eq!(progress_line("progress 40"), None);
+    }
+
+    #[test]
+    fn output_lines_are_recognised() {
+        assert_eq!(
+            output_line("::output previous_weight 60"),
+            Some(("previous_weight", "60"))
+        );
+        assert_eq!(
+            output_line("::output note two words "),
+            Some(("note", "two words"))
+        );
+        assert_eq!(output_line("::output empty"), Some(("empty", "")));
+        assert_eq!(output_line("::output "), None);
+        assert_eq!(output_line("::output a.b 1"), None);
+        assert_eq!(output_line("output a 1"), None);
     }
 
     #[test]

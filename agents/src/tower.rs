@@ -1579,6 +1579,7 @@ impl Runner {
                                 self.incarnation,
                                 describe(&kind)
                             ),
+                            undone_by: String::new(),
                         }),
                     );
                     self.note(&note, format!("late-{}", self.incarnation)).await;
@@ -1731,6 +1732,7 @@ impl Runner {
                         },
                         record.command_id
                     ),
+                    undone_by: String::new(),
                 })),
                 ..record
             };

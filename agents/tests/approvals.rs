@@ -99,6 +99,7 @@ fn asked(h: &Harness, operation: &str) -> (proto::Command, Vec<u8>) {
             dry_run: false,
             break_glass: String::new(),
             plan: false,
+            undo_of: String::new(),
         })),
     };
     let mut envelope = alice
@@ -289,6 +290,7 @@ fn broken_glass(h: &Harness, requester: &Approver, asked: &str, reason: &str) ->
             dry_run: false,
             break_glass: asked.into(),
             plan: false,
+            undo_of: String::new(),
         })),
     };
     let mut envelope = requester

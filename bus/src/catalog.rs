@@ -130,6 +130,20 @@ pub struct Operation {
     /// changing nothing, if the handler would change something else when it runs.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub plan: bool,
+    /// What its commands lock while they run, as templates over its parameters
+    /// (`["{cluster}"]`): a command is refused `locked` while another command holding one of
+    /// the same locks, of this operation or one it conflicts with, has not ended
+    /// (see [`crate::lock`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<String>,
+    /// The other operations that may not hold its locks at the same time (`traffic/*`, `*`,
+    /// `<tower>/<op>`); either side naming the other is enough.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts_with: Vec<String>,
+    /// The operation that undoes a succeeded command of this one (`rct undo`), its
+    /// parameters filled from the command's parameters and outputs (see [`crate::undo`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inverse: Option<crate::undo::Inverse>,
 }
 
 /// An operation's break-glass rule: members of `groups` (who must also be allowed to run it)
@@ -628,6 +642,56 @@ impl Catalog {
                     &[&at[..], &["break_glass"]].concat(),
                     "groups is empty: nobody could break the glass; remove `break_glass`".into(),
                 );
+            }
+            for template in &operation.locks {
+                let at = [&at[..], &["locks"]].concat();
+                if template.trim().is_empty() {
+                    problem(
+                        &at,
+                        "a lock needs a name: write a template such as \"{cluster}\"".into(),
+                    );
+                }
+                for name in crate::template::names(template) {
+                    match operation.params.get(name) {
+                        None => problem(
+                            &at,
+                            format!(
+                                "lock {template:?} uses {{{name}}}, which is not one of the \
+                                 operation's parameters ({})",
+                                operation.param_list()
+                            ),
+                        ),
+                        Some(param) if param.secret => problem(
+                            &at,
+                            format!(
+                                "lock {template:?} uses the secret parameter {name}: lock keys \
+                                 are stored in the clear; lock on a parameter that is not secret"
+                            ),
+                        ),
+                        Some(_) => {}
+                    }
+                }
+            }
+            for pattern in &operation.conflicts_with {
+                if let Some(why) = crate::lock::pattern_problem(pattern) {
+                    problem(
+                        &[&at[..], &["conflicts_with"]].concat(),
+                        format!("{pattern:?}: {why}"),
+                    );
+                }
+            }
+            if !operation.conflicts_with.is_empty() && operation.locks.is_empty() {
+                problem(
+                    &[&at[..], &["conflicts_with"]].concat(),
+                    "conflicts_with needs locks: name what the operation locks (locks: \
+                     [\"{cluster}\"])"
+                        .into(),
+                );
+            }
+            if let Some(inverse) = &operation.inverse {
+                for message in inverse.problems(self, operation) {
+                    problem(&[&at[..], &["inverse"]].concat(), message);
+                }
             }
             if operation.deadline.is_zero() || operation.timeout.is_zero() {
                 problem(&at, "deadline and timeout must be longer than zero".into());
@@ -1205,6 +1269,79 @@ mod tests {
         );
     }
 
+    /// Each problem of `catalog` as `path: message`.
+    fn problem_lines(catalog: &Catalog) -> Vec<String> {
+        catalog
+            .problems()
+            .into_iter()
+            .map(|p| format!("{}: {}", p.path.join("."), p.message))
+            .collect()
+    }
+
+    #[test]
+    fn locks_name_parameters_that_are_not_secret_and_conflicts_need_locks() {
+        let catalog: Catalog = serde_yaml_ng::from_str(
+            "towers: { w: { flavour: simple, recipients: [age1h8w2m3amcn8m9r4m4g9cdnhch3d74rtutexzgxjjtz08t9rk0dgsmwq8e5] } }\n\
+             operations:\n  \
+               w/good: { allowed_groups: [g], params: { ns: { type: string } }, locks: [\"ns-{ns}\"], conflicts_with: [\"w/*\", \"*\", w/other] }\n  \
+               w/unknown: { allowed_groups: [g], locks: [\"{nope}\"] }\n  \
+               w/secret: { allowed_groups: [g], params: { pw: { type: string, secret: true } }, locks: [\"{pw}\"] }\n  \
+               w/pattern: { allowed_groups: [g], locks: [all], conflicts_with: [\"w*\"] }\n  \
+               w/bare: { allowed_groups: [g], conflicts_with: [\"w/*\"] }\n",
+        )
+        .unwrap();
+        let problems: Vec<String> = problem_lines(&catalog);
+        let about = |op: &str| {
+            problems
+                .iter()
+                .filter(|p| p.contains(&format!("w/{op}.")))
+                .count()
+        };
+        assert_eq!(about("good"), 0, "{problems:#?}");
+        for op in ["unknown", "secret", "pattern", "bare"] {
+            assert_eq!(about(op), 1, "{op}: {problems:#?}");
+        }
+        assert_eq!(problems.len(), 4, "{problems:#?}");
+    }
+
+    #[test]
+    fn an_inverse_names_an_operation_and_fills_what_it_needs_from_the_record() {
+        let catalog: Catalog = serde_yaml_ng::from_str(
+            "towers: { w: { flavour: simple, recipients: [age1h8w2m3amcn8m9r4m4g9cdnhch3d74rtutexzgxjjtz08t9rk0dgsmwq8e5] } }\n\
+             operations:\n  \
+               w/set: { allowed_groups: [g], params: { ns: { type: string }, n: { type: integer }, ramp: { type: duration, default: 1m } } }\n  \
+               w/seal: { allowed_groups: [g], params: { pw: { type: string, secret: true } } }\n  \
+               w/good: { allowed_groups: [g], params: { ns: { type: string } }, inverse: { operation: w/set, params: { ns: \"{ns}\", n: \"{outputs.before}\" } } }\n  \
+               w/gone: { allowed_groups: [g], inverse: { operation: w/nope } }\n  \
+               w/short: { allowed_groups: [g], params: { ns: { type: string } }, inverse: { operation: w/set, params: { ns: \"{ns}\" } } }\n  \
+               w/extra: { allowed_groups: [g], params: { ns: { type: string } }, inverse: { operation: w/set, params: { ns: \"{ns}\", n: \"1\", x: \"1\" } } }\n  \
+               w/sealed: { allowed_groups: [g], params: { ns: { type: string } }, inverse: { operation: w/seal, params: { pw: \"x\" } } }\n  \
+               w/unknown: { allowed_groups: [g], params: { ns: { type: string } }, inverse: { operation: w/set, params: { ns: \"{nope}\", n: \"{outputs.}\" } } }\n  \
+               w/secret: { allowed_groups: [g], params: { ns: { type: string, secret: true } }, inverse: { operation: w/set, params: { ns: \"{ns}\", n: \"1\" } } }\n",
+        )
+        .unwrap();
+        let problems: Vec<String> = problem_lines(&catalog);
+        let about = |op: &str| {
+            problems
+                .iter()
+                .filter(|p| p.contains(&format!("w/{op}.inverse")))
+                .count()
+        };
+        for (op, count) in [
+            ("good", 0),
+            ("gone", 1),
+            ("short", 1),
+            ("extra", 1),
+            ("sealed", 1),
+            ("unknown", 2),
+            ("secret", 1),
+        ] {
+            assert_eq!(about(op), count, "{op}: {problems:#?}");
+        }
+        // The secret parameter of w/seal has no recipients problem: the tower has them.
+        assert_eq!(problems.len(), 7, "{problems:#?}");
+    }
+
     #[test]
     fn the_nearest_name_is_suggested_only_when_close() {
         let names = [
@@ -1538,11 +1675,7 @@ mod tests {
         traffic
             .target_recipients
             .insert("prod-9".into(), vec!["age1nope".into()]);
-        let messages: Vec<String> = catalog
-            .problems()
-            .into_iter()
-            .map(|p| format!("{}: {}", p.path.join("."), p.message))
-            .collect();
+        let messages: Vec<String> = problem_lines(&catalog);
         let expect = [
             "operations.workloads/set-secret.params.value: value is secret, but tower workloads \
              has no recipients",
@@ -1558,6 +1691,14 @@ mod tests {
             "operations.traffic/undrain-cluster.params.cluster: cluster is secret, but tower \
              traffic has no recipients to seal it to for prod-4:",
             "towers.traffic.target_recipients.prod-9: \"age1nope\" is not an age X25519 recipient",
+            "operations.traffic/undrain-cluster.locks: lock \"{cluster}\" uses the secret parameter \
+             cluster",
+            // The inverse of all three is set-weights, which now needs a secret no record holds.
+            "operations.traffic/drain-cluster.inverse: traffic/set-weights needs token",
+            "operations.traffic/set-weights.inverse: traffic/set-weights needs token",
+            "operations.traffic/undrain-cluster.inverse: traffic/set-weights needs token",
+            "operations.traffic/undrain-cluster.inverse: cluster: \"{cluster}\" uses the secret \
+             parameter cluster",
         ];
         for expected in expect {
             assert!(

@@ -175,7 +175,7 @@ pub fn rejection_code_name(code: i32) -> &'static str {
         .map_or("unspecified", |(_, name)| name)
 }
 
-const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 24] = [
+const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 26] = [
     (proto::RejectionCode::Malformed, "malformed"),
     (proto::RejectionCode::Unauthenticated, "unauthenticated"),
     (proto::RejectionCode::BadSignature, "bad_signature"),
@@ -203,6 +203,8 @@ const REJECTION_CODE_NAMES: [(proto::RejectionCode, &str); 24] = [
     (proto::RejectionCode::Frozen, "frozen"),
     (proto::RejectionCode::Withdrawn, "withdrawn"),
     (proto::RejectionCode::PlanFailed, "plan_failed"),
+    (proto::RejectionCode::Locked, "locked"),
+    (proto::RejectionCode::NotUndoable, "not_undoable"),
 ];
 
 #[cfg(test)]

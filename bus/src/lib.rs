@@ -11,9 +11,11 @@
 //! - [`approval`]: the request digest approvers sign, and the check agents make of approvals.
 //! - [`provenance`]: who wrote a stored event: admission, or an agent admission certified.
 //! - [`sealed`]: secret parameter values, encrypted to a tower's recipients.
+//! - [`lock`]: which commands may not run at once, and who holds a lock.
 //! - [`presence`]: what live agents write in the `rct_agents` bucket.
 //! - [`EventKind`]: the last token of an event subject, and which events hold one slot.
 //! - [`trace`]: W3C `traceparent`, carried from the CLI to every event of an operation.
+//! - [`template`]: `{name}` placeholders in script arguments and lock keys.
 //! - [`text`]: text on record made safe to show, and what a justification may hold.
 
 pub mod approval;
@@ -25,13 +27,16 @@ mod event;
 pub mod freeze;
 mod id;
 mod key;
+pub mod lock;
 mod name;
 pub mod presence;
 pub mod provenance;
 pub mod sealed;
 pub mod subject;
+pub mod template;
 pub mod text;
 pub mod trace;
+pub mod undo;
 
 /// Generated protobuf messages (package `rct.v1`).
 #[allow(missing_docs, unreachable_pub, clippy::all)]

@@ -372,6 +372,7 @@ mod tests {
             kind: Some(Kind::Log(proto::Log {
                 stream: 1,
                 line: format!("first\nsecond{esc}\rthird"),
+                undone_by: String::new(),
             })),
             ..proto::Event::default()
         };

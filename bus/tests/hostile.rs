@@ -58,6 +58,7 @@ fn samples() -> Vec<Vec<u8>> {
             dry_run: false,
             break_glass: String::new(),
             plan: false,
+            undo_of: String::new(),
         })),
         ..Default::default()
     };

@@ -64,6 +64,7 @@ fn submission() -> proto::Submission {
             dry_run: true,
             break_glass: String::new(),
             plan: true,
+            undo_of: String::new(),
         })),
     }
 }
@@ -152,6 +153,7 @@ fn every_event_kind_round_trips() {
             end: false,
         }),
         plan: true,
+        undo_of: String::new(),
     });
     let kinds = vec![
         Kind::Rejected(proto::Rejected {
@@ -169,6 +171,7 @@ fn every_event_kind_round_trips() {
             catalog_version: "v1".into(),
             approvals: vec![7, 9],
             plan: 8,
+            locks: vec!["prod-1".into()],
         }),
         Kind::Pending(proto::Pending {
             request: request.clone(),
@@ -207,6 +210,7 @@ fn every_event_kind_round_trips() {
         Kind::Log(proto::Log {
             stream: proto::LogStream::Stderr as i32,
             line: "warning".into(),
+            undone_by: String::new(),
         }),
         Kind::CancelRequested(proto::CancelRequested {
             by: operator(),

@@ -20,6 +20,7 @@ pub mod commands {
     pub mod login;
     pub mod ops;
     pub mod run;
+    pub mod undo;
 }
 pub mod exit;
 pub mod home;
@@ -34,7 +35,7 @@ use rct_bus::catalog::{Served, Type};
 use rct_bus::{OpName, OperationName, Tower};
 
 use crate::commands::{
-    approve, bench, chaos, context, dev, freeze, history, inspect, login, ops, run,
+    approve, bench, chaos, context, dev, freeze, history, inspect, login, ops, run, undo,
 };
 use crate::exit::{Error, Exit};
 use crate::home::Home;
@@ -96,6 +97,11 @@ enum Verb {
     Freeze(freeze::Args),
     /// The live agents, per tower and target.
     Agents(inspect::AgentsArgs),
+    /// The locks held now: which command holds each, who asked for it and why.
+    Locks(inspect::LocksArgs),
+    /// Undo a command that succeeded: fire its operation's inverse, with the parameters its
+    /// record gives (shown first): rct undo <id> -j WHY.
+    Undo(undo::Args),
     /// One line per command: what happened, who asked, why, how it went.
     History(history::Args),
     /// Manage contexts (how to reach NATS).
@@ -433,6 +439,8 @@ async fn dispatch(home: &Home, catalog: Option<&Served>, matches: ArgMatches) ->
         Verb::Review(args) => approve::review(home, &global, args).await,
         Verb::Freeze(args) => Box::pin(freeze::run(home, &global, args)).await,
         Verb::Agents(args) => inspect::agents(home, &global, args).await,
+        Verb::Locks(args) => inspect::locks(home, &global, args).await,
+        Verb::Undo(args) => undo::run(home, &global, args).await,
         Verb::History(args) => history::run(home, &global, args).await,
         Verb::Context(args) => context::run(home, args),
         Verb::Dev(args) => dev::dev(home, args).await,

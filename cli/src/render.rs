@@ -228,7 +228,7 @@ fn describe_printable(event: &proto::Event) -> String {
                 format!("{what}, with {} approvals,", a.approvals.len())
             };
             format!(
-                "admitted {what} for {} ({}){}{}",
+                "admitted {what} for {} ({}){}{}{}{}",
                 operator(r.and_then(|r| r.operator.as_ref())),
                 r.map_or("", |r| r.justification.as_str()),
                 if r.is_some_and(|r| r.plan) {
@@ -243,6 +243,14 @@ fn describe_printable(event: &proto::Event) -> String {
                         format!(", BREAK-GLASS without approvals: {reason}")
                     }
                     _ => String::new(),
+                },
+                match r.map(|r| r.undo_of.as_str()) {
+                    Some(original) if !original.is_empty() => format!(", undo of {original}"),
+                    _ => String::new(),
+                },
+                match a.locks.as_slice() {
+                    [] => String::new(),
+                    locks => format!(", locking {}", locks.join(", ")),
                 }
             )
         }
@@ -392,7 +400,7 @@ pub fn event_json(record: &Record) -> Value {
     });
     let body = match e.kind.as_ref() {
         Some(Kind::Admitted(a)) => {
-            json!({"type": "admitted", "request": request_json(a.request.as_ref()), "catalog_version": a.catalog_version, "approvals": a.approvals, "plan": a.plan})
+            json!({"type": "admitted", "request": request_json(a.request.as_ref()), "catalog_version": a.catalog_version, "approvals": a.approvals, "plan": a.plan, "locks": a.locks})
         }
         Some(Kind::Rejected(r)) => {
             json!({"type": "rejected", "code": rejection_code_name(r.code), "message": r.message, "request": request_json(r.request.as_ref())})
@@ -411,7 +419,7 @@ pub fn event_json(record: &Record) -> Value {
             json!({"type": "progress", "percent": p.percent, "step": p.step, "message": p.message})
         }
         Some(Kind::Log(l)) => {
-            json!({"type": "log", "stream": proto::LogStream::try_from(l.stream).map_or("", |s| s.as_str_name()), "line": l.line, "lines": l.line.split('\n').collect::<Vec<_>>()})
+            json!({"type": "log", "stream": proto::LogStream::try_from(l.stream).map_or("", |s| s.as_str_name()), "line": l.line, "lines": l.line.split('\n').collect::<Vec<_>>(), "undone_by": l.undone_by})
         }
         Some(Kind::CancelRequested(c)) => {
             json!({"type": "cancel_requested", "by": operator(c.by.as_ref()), "justification": c.justification})
@@ -455,6 +463,7 @@ fn request_json(request: Option<&proto::Request>) -> Value {
         "deny": r.deny,
         "review": r.review,
         "break_glass": r.break_glass,
+        "undo_of": r.undo_of,
     })
 }
 
@@ -663,6 +672,7 @@ mod tests {
             kind: Some(Kind::Log(proto::Log {
                 stream: proto::LogStream::Stdout as i32,
                 line: "one\ntwo".into(),
+                undone_by: String::new(),
             })),
             ..Default::default()
         };

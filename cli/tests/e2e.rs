@@ -1276,6 +1276,7 @@ fn nothing_on_record_can_pass_for_something_else_on_a_terminal() {
             Kind::Log(proto::Log {
                 stream: proto::LogStream::Stdout as i32,
                 line: format!("done\n{fake}"),
+                undone_by: String::new(),
             }),
         ),
         "forged",
@@ -1698,4 +1699,202 @@ fn a_break_glass_run_is_listed_unreviewed_until_someone_else_reviews_it() {
     }
     let all = listed(&["history", "--break-glass"]);
     assert!(all.contains("reviewed by bob@"), "{all}");
+}
+
+/// Two traffic changes to one cluster never run at once: the second is refused `locked`,
+/// naming the first, its operator and justification; `rct locks` lists the lock while the
+/// first runs, and nothing once it ended, when the second goes through.
+#[test]
+fn a_second_change_to_a_cluster_is_refused_locked_while_the_first_runs() {
+    let dev = Dev::start();
+    let erin = person(&dev, "erin", "sre_team");
+    let tom = person(&dev, "tom", "traffic_team");
+    // About 5 s: five steps of a second.
+    let first = fired(rct_as(
+        &erin,
+        &[
+            "traffic",
+            "undrain-cluster",
+            "--cluster",
+            "prod-2",
+            "--ramp",
+            "5m",
+            "-j",
+            "SRE-7",
+            "--detach",
+        ],
+    ));
+    let weights = [
+        "traffic",
+        "set-weights",
+        "--cluster",
+        "prod-2",
+        "--weight",
+        "40",
+        "-j",
+        "SRE-8",
+    ];
+    let out = rct_as(&tom, &weights);
+    said(&out, 3, &out.stderr, "locked");
+    for part in [first.as_str(), "erin@", "SRE-7", "traffic/undrain-cluster"] {
+        assert!(
+            text(&out.stderr).contains(part),
+            "{part}: {}",
+            text(&out.stderr)
+        );
+    }
+    let out = ok(rct_as(&tom, &["locks"]));
+    let listed = text(&out.stdout);
+    assert!(
+        listed.contains("prod-2") && listed.contains(&first) && listed.contains("SRE-7"),
+        "{listed}"
+    );
+
+    ok(rct_as(&erin, &["watch", &first]));
+    let out = ok(rct_as(&tom, &["locks", "--output", "json"]));
+    assert!(text(&out.stdout).trim().is_empty(), "{}", text(&out.stdout));
+    let out = ok(rct_as(&tom, &weights));
+    assert!(
+        text(&out.stdout).contains("succeeded"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+/// Undo through the CLI on the demo traffic tower: a drain, its undo, and the drain again end
+/// where the first drain did; the undo sets back the weight the drain started from, with the
+/// parameters it showed first; both timelines show the link, and a second undo is refused.
+#[test]
+fn a_drain_undone_and_done_again_ends_where_it_did() {
+    let dev = Dev::start();
+    let erin = person(&dev, "erin", "sre_team");
+    // The weights table a success prints, and its command id.
+    let ran = |out: Output| -> (String, Vec<String>) {
+        let out = ok(out);
+        let stdout = text(&out.stdout);
+        let id = stdout
+            .lines()
+            .find(|l| l.contains(" succeeded"))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no success in:\n{stdout}"))
+            .to_owned();
+        let table = stdout
+            .lines()
+            .filter(|l| l.starts_with("  prod-"))
+            .map(str::to_owned)
+            .collect();
+        (id, table)
+    };
+    let weights = [
+        "traffic",
+        "set-weights",
+        "--cluster",
+        "prod-3",
+        "--weight",
+        "60",
+        "-j",
+        "SRE-1",
+    ];
+    let (_, before) = ran(rct_as(&erin, &weights));
+    assert!(before.contains(&"  prod-3: 60".to_owned()), "{before:?}");
+    let drain = [
+        "traffic",
+        "drain-cluster",
+        "--cluster",
+        "prod-3",
+        "-j",
+        "SRE-2",
+    ];
+    let (drained, forward) = ran(rct_as(&erin, &drain));
+    assert!(forward.contains(&"  prod-3: 0".to_owned()), "{forward:?}");
+
+    let undo = rct_as(&erin, &["undo", &drained, "-j", "SRE-3"]);
+    let shown = text(&undo.stderr);
+    assert!(
+        shown.contains("with traffic/set-weights cluster=prod-3 weight=60"),
+        "{shown}"
+    );
+    let (undid, back) = ran(undo);
+    assert_eq!(back, before, "the undo sets back what the drain changed");
+    let (_, again) = ran(rct_as(&erin, &drain));
+    assert_eq!(again, forward);
+
+    let original = text(&ok(rct_as(&erin, &["show", &drained])).stdout);
+    assert!(
+        original.contains(&format!("undone by command {undid}")),
+        "{original}"
+    );
+    let undo_shown = text(&ok(rct_as(&erin, &["show", &undid])).stdout);
+    assert!(
+        undo_shown.contains(&format!("undo of {drained}")),
+        "{undo_shown}"
+    );
+    let twice = rct_as(&erin, &["undo", &drained, "-j", "SRE-4"]);
+    said(&twice, 3, &twice.stderr, "not_undoable");
+    assert!(
+        text(&twice.stderr).contains(&format!("undone already, by command {undid}")),
+        "{}",
+        text(&twice.stderr)
+    );
+    // An operation without an inverse: refused before anything is submitted.
+    let (restarted, _) = ran(rct_as(
+        &erin,
+        &[
+            "workloads",
+            "restart",
+            "--namespace",
+            "shop",
+            "--deployment",
+            "cart",
+            "-j",
+            "SRE-5",
+        ],
+    ));
+    let out = rct_as(&erin, &["undo", &restarted, "-j", "SRE-6"]);
+    said(&out, 2, &out.stderr, "has no inverse");
+}
+
+/// The same through the script runner: a scale of the demo workloads tower records the count
+/// it had before (`::output previous_replicas`), its undo sets it back, and scaling again ends
+/// where the first scale did.
+#[test]
+fn a_scripted_scale_undone_and_done_again_ends_where_it_did() {
+    let dev = Dev::start();
+    let erin = person(&dev, "erin", "sre_team");
+    let scale = [
+        "workloads",
+        "scale",
+        "--namespace",
+        "shop",
+        "--deployment",
+        "undo-me",
+        "--replicas",
+        "7",
+        "-j",
+        "SRE-1",
+    ];
+    // The summary line of a success, and its command id.
+    let ran = |out: Output| -> (String, String) {
+        let out = ok(out);
+        let stdout = text(&out.stdout);
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(" succeeded"))
+            .unwrap_or_else(|| panic!("no success in:\n{stdout}"));
+        let id = line.split_whitespace().next().unwrap().to_owned();
+        let summary = line.split_once(": ").map(|(_, s)| s.to_owned()).unwrap();
+        (id, summary)
+    };
+    let (scaled, forward) = ran(rct_as(&erin, &scale));
+    assert_eq!(forward, "shop/undo-me: 7 replicas (were 3)");
+    let undo = rct_as(&erin, &["undo", &scaled, "-j", "SRE-2", "--yes"]);
+    let shown = text(&undo.stderr);
+    assert!(
+        shown.contains("with workloads/scale deployment=undo-me namespace=shop replicas=3"),
+        "{shown}"
+    );
+    let (_, back) = ran(undo);
+    assert_eq!(back, "shop/undo-me: 3 replicas (were 7)");
+    let (_, again) = ran(rct_as(&erin, &scale));
+    assert_eq!(again, forward);
 }

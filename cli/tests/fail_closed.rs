@@ -225,8 +225,9 @@ async fn with_admission_down_the_operator_is_told_it_is_stored_and_it_runs_when_
     );
 
     let op = operator.clone();
+    // Another cluster: two drains of prod-1 at once would be refused `locked`.
     let detached =
-        blocking(move || op.fire_drain("prod-1", &["--detach"], &[("RCT_DECISION_WAIT", "1s")]))
+        blocking(move || op.fire_drain("prod-2", &["--detach"], &[("RCT_DECISION_WAIT", "1s")]))
             .await;
     let detached_said = text(&detached.stderr);
     assert_eq!(detached.status.code(), Some(4), "{detached_said}");
@@ -235,7 +236,8 @@ async fn with_admission_down_the_operator_is_told_it_is_stored_and_it_runs_when_
         "{detached_said}"
     );
 
-    // Admission returns in time: both are decided, both run, and the watcher ends with it.
+    // Admission returns in time: both are decided and admitted, the prod-1 drain runs, and the
+    // watcher ends with it.
     let again = CancellationToken::new();
     hub.admission_with(&again, |_| {}).await;
     let (code, said) = watching.exit(Duration::from_secs(60)).await;

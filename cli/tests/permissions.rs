@@ -48,6 +48,9 @@ async fn every_identity_does_its_job_within_its_permissions() {
     let id = drained.split_whitespace().next().unwrap().to_owned();
     let history = checked(rct(&["history"]).await);
     let agents = checked(rct(&["agents"]).await);
+    // The drain took its lock (admission's writes), and operators may list the locks.
+    let locks = checked(rct(&["locks", "--output", "json"]).await);
+    assert!(locks.trim().is_empty(), "the drain ended, yet: {locks}");
     let op = operator.clone();
     let status = checked(
         blocking({
@@ -199,6 +202,16 @@ fn cases() -> Vec<Case> {
             OPERATOR,
             "write the catalog",
             Publish("$KV.rct_catalog.catalog"),
+        ),
+        case(
+            OPERATOR,
+            "take a lock",
+            Publish("$KV.rct_locks.lock.prod-1"),
+        ),
+        case(
+            AGENT,
+            "release a lock",
+            Publish("$KV.rct_locks.lock.prod-1"),
         ),
         case(
             OPERATOR,

@@ -231,8 +231,14 @@ pub async fn present(js: &jetstream::Context, key: &str) -> Result<bool> {
 /// Every agent presence in `rct_agents` now: each key (`<tower>.<target>.<instance>`) with
 /// its value, in the order they were last written.
 pub async fn presences(js: &jetstream::Context) -> Result<Vec<(String, bytes::Bytes)>> {
-    let stream = format!("KV_{AGENTS_BUCKET}");
-    let prefix = format!("$KV.{AGENTS_BUCKET}.");
+    entries(js, AGENTS_BUCKET).await
+}
+
+/// Every key of `bucket` now with its value, in the order they were last written, read by
+/// direct gets (no consumer: read-only identities may list a bucket this way).
+pub async fn entries(js: &jetstream::Context, bucket: &str) -> Result<Vec<(String, bytes::Bytes)>> {
+    let stream = format!("KV_{bucket}");
+    let prefix = format!("$KV.{bucket}.");
     // The bucket keeps one value per key: reading it whole gives every key's latest (a key
     // written again while this reads moves after the read's position, so it is read once
     // more and the later value kept). No `multi_last`: the server answers that for at most

@@ -4,7 +4,8 @@
 //!
 //! - [`Connection`]: how every component connects (servers, credentials, TLS, domain).
 //! - [`Config`], [`provision`], [`topology`]: streams `RCT_SUBMIT`, `RCT_CMD`, `RCT_EVT`,
-//!   buckets `rct_agents`, `rct_catalog`, and the durable consumers.
+//!   buckets `rct_agents`, `rct_catalog`, `rct_locks`, and the durable consumers.
+//! - [`locks`]: taking and releasing locks in `rct_locks` by compare-and-set.
 //! - [`Publisher`], [`Outgoing`], [`Slot`]: acknowledged, deduplicated, retried publishes;
 //!   [`Slot::Taken`] when a decision, claim or outcome already exists.
 //! - [`journal`]: a command's claim and outcome read from the stream leader, and ending a
@@ -20,6 +21,7 @@ pub mod connect;
 pub mod direct;
 mod error;
 pub mod journal;
+pub mod locks;
 mod projection;
 mod publish;
 pub mod replay;

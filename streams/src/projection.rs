@@ -878,6 +878,7 @@ mod tests {
                         "{} agent x refused a copy: untrusted key",
                         rct_bus::REFUSAL_NOTE
                     ),
+                    undone_by: String::new(),
                 }),
             )
         };
@@ -893,6 +894,7 @@ mod tests {
             Kind::Log(proto::Log {
                 stream: proto::LogStream::Stdout as i32,
                 line: format!("{} not from the agent", rct_bus::REFUSAL_NOTE),
+                undone_by: String::new(),
             }),
         );
         assert_eq!(fold(&[record(1, admitted()), plain]).refused, None);
@@ -907,6 +909,7 @@ mod tests {
                     "{} agent y: key not trusted yet",
                     rct_bus::REFUSAL_NOTE_FOR_NOW
                 ),
+                undone_by: String::new(),
             }),
         );
         let waiting = fold(&[record(1, admitted()), for_now]);

@@ -177,6 +177,8 @@ pub const COMMAND_STREAM: &str = "RCT_CMD";
 pub const EVENT_STREAM: &str = "RCT_EVT";
 /// Live agents, kept alive by heartbeats.
 pub const AGENTS_BUCKET: &str = "rct_agents";
+/// Locks held by running commands (`rct_bus::lock`), written by admission alone.
+pub const LOCKS_BUCKET: &str = "rct_locks";
 /// The catalog admission serves, with its version.
 pub const CATALOG_BUCKET: &str = "rct_catalog";
 /// The key under which admission serves the catalog in [`CATALOG_BUCKET`].
@@ -258,6 +260,11 @@ pub fn buckets(config: &Config) -> Vec<kv::Config> {
             CATALOG_BUCKET,
             "rct: the catalog admission serves",
             config.catalog_history,
+        ),
+        bucket(
+            LOCKS_BUCKET,
+            "rct: locks held by running commands (admission's)",
+            1,
         ),
     ]
 }

@@ -19,7 +19,7 @@ async fn replicated_streams_survive_a_killed_node() {
     };
     // The testkit hands over a cluster that can already place R3 streams.
     let report = provision(&js, &config).await.unwrap();
-    assert_eq!(report.items.len(), 7, "{report}");
+    assert_eq!(report.items.len(), 8, "{report}");
     let info = js.get_stream("RCT_EVT").await.unwrap();
     assert_eq!(info.cached_info().config.num_replicas, 3);
 

@@ -22,6 +22,7 @@ async fn provisioning_twice_changes_nothing_the_second_time() {
             "stream RCT_EVT",
             "bucket rct_agents",
             "bucket rct_catalog",
+            "bucket rct_locks",
             "consumer RCT_SUBMIT/admission",
             "consumer RCT_EVT/notifier",
         ]

@@ -30,6 +30,16 @@ pub fn catalog_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/catalog.example.yaml")
 }
 
+/// The example catalog with `from` written `to`, in a file of its own under `dir`.
+pub fn catalog_with(dir: &Path, from: &str, to: &str) -> PathBuf {
+    let example = std::fs::read_to_string(catalog_path()).unwrap();
+    let changed = example.replace(from, to);
+    assert_ne!(changed, example, "{from:?} is not in the example catalog");
+    let path = dir.join("catalog.yaml");
+    std::fs::write(&path, changed).unwrap();
+    path
+}
+
 pub struct Harness {
     pub server: Server,
     pub js: async_nats::jetstream::Context,
@@ -279,6 +289,12 @@ impl Harness {
         decisions_in(&self.js).await
     }
 
+    /// Submits `submission` as `who` and waits for its decision.
+    pub async fn decided(&self, who: &Operator, submission: &proto::Submission) -> proto::Event {
+        let sequence = self.submit(who, submission).await;
+        self.decision(sequence).await
+    }
+
     /// How many messages RCT_CMD holds.
     pub async fn commands(&self) -> u64 {
         let mut stream = self.js.get_stream("RCT_CMD").await.unwrap();
@@ -369,6 +385,7 @@ pub fn run<const N: usize>(
             dry_run: false,
             break_glass: String::new(),
             plan: false,
+            undo_of: String::new(),
         })),
     }
 }
@@ -559,5 +576,86 @@ pub async fn workloads_pending(h: &Harness, id: &str) -> proto::Pending {
     {
         Some(Kind::Pending(p)) => p,
         other => panic!("not a pending request: {other:?}"),
+    }
+}
+
+/// A publisher that writes as an agent of `tower` on `target` would, with a key admission
+/// certified.
+pub fn as_agent_of(h: &Harness, tower: &rct_bus::Tower, target: &str) -> Publisher {
+    let key = KeyPair::generate();
+    let now = std::time::SystemTime::now();
+    let certificate = rct_bus::provenance::certify(
+        &h.admission_keypair(),
+        tower,
+        &rct_bus::Target::of_event(target),
+        "agent-1",
+        key.public(),
+        now,
+        now + Duration::from_secs(3600),
+    );
+    Publisher::new(h.js.clone()).signing(std::sync::Arc::new(rct_bus::provenance::Signer::agent(
+        key,
+        certificate,
+    )))
+}
+
+/// A weight change of `cluster`.
+pub fn weights(cluster: &str, weight: i64) -> proto::Submission {
+    use proto::value::Kind as V;
+    run(
+        "traffic/set-weights",
+        cluster,
+        [
+            ("cluster", value(V::Target(cluster.into()))),
+            ("weight", value(V::Integer(weight))),
+        ],
+        "SRE-202",
+    )
+}
+
+/// `submission` as a dry run.
+pub fn dry(mut submission: proto::Submission) -> proto::Submission {
+    if let Some(proto::submission::Request::Run(run)) = &mut submission.request {
+        run.dry_run = true;
+    }
+    submission
+}
+
+/// The refusal's message, asserting its code.
+pub fn refused(decision: &proto::Event, code: proto::RejectionCode) -> String {
+    let (got, message) = rejection(decision).unwrap_or_else(|| panic!("admitted: {decision:?}"));
+    assert_eq!(got, code, "{message}");
+    message
+}
+
+/// What the agent of `target` records when it ran `submission` to `outcome`.
+pub async fn ran(h: &Harness, submission: &proto::Submission, target: &str, outcome: Kind) {
+    let tower: rct_bus::Tower = submission
+        .operation
+        .parse::<OperationName>()
+        .unwrap()
+        .tower()
+        .clone();
+    let agent = as_agent_of(h, &tower, target);
+    for kind in [
+        Kind::Started(proto::Started {
+            agent: format!("{tower}/{target}/agent-1"),
+            host: "edge".into(),
+            target: target.into(),
+            without_running: false,
+        }),
+        outcome,
+    ] {
+        let event = proto::Event {
+            command_id: submission.command_id.clone(),
+            at: Some(rct_streams::timestamp::from_datetime(
+                time::OffsetDateTime::now_utc(),
+            )),
+            source: "agent".into(),
+            operation: submission.operation.clone(),
+            target: target.into(),
+            kind: Some(kind),
+        };
+        agent.event(&tower, &event, "agent").await.unwrap();
     }
 }

@@ -78,18 +78,9 @@ pub async fn run(home: &Home, global: &Global, args: Args, deny: bool) -> Result
         )));
     }
     show(&state, &pending, plan.as_ref(), &digest);
-    if !args.yes && std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
-        eprint!("{verb} {id}? [y/N] ");
-        let _ = std::io::stderr().flush();
-        let mut answer = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut answer)
-            .map_err(|e| Error::usage(format!("cannot read the answer: {e}")))?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            eprintln!("not sent: nothing was signed");
-            return Ok(Exit::Failed);
-        }
+    if !confirmed(&format!("{verb} {id}?"), args.yes)? {
+        eprintln!("not sent: nothing was signed");
+        return Ok(Exit::Failed);
     }
     let name: OperationName = state
         .operation
@@ -110,6 +101,22 @@ pub async fn run(home: &Home, global: &Global, args: Args, deny: bool) -> Result
         eprintln!("watch {id}: rct watch {id}");
     }
     Ok(decided)
+}
+
+/// Whether the person at the terminal answers yes to `question` (always, with `yes` or off
+/// a terminal: a script asks by running it).
+pub(crate) fn confirmed(question: &str, yes: bool) -> Result<bool> {
+    if yes || !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
+        return Ok(true);
+    }
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| Error::usage(format!("cannot read the answer: {e}")))?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
 /// Runs `rct review`: closes the review a break-glass command opened.

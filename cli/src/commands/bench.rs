@@ -323,6 +323,7 @@ fn signed(session: &Session, target_name: &str) -> (CommandId, OperationName, By
             dry_run: false,
             break_glass: String::new(),
             plan: false,
+            undo_of: String::new(),
         })),
     };
     let envelope = session.sign(&submission);

@@ -414,3 +414,86 @@ pub async fn agents(home: &Home, global: &Global, args: AgentsArgs) -> Result {
     crate::commands::ops::print_table(&rows);
     Ok(Exit::Ok)
 }
+
+/// `rct locks`: the locks held now, and by which command.
+#[derive(Debug, clap::Args)]
+pub struct LocksArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+/// Runs `rct locks`: every lock whose holder has not ended (a holder whose outcome is on
+/// record, whose decision is a refusal, or whose expiry passed no longer holds, and the next
+/// command to take the lock drops it).
+#[allow(clippy::print_stdout)] // the listing is the result
+pub async fn locks(home: &Home, global: &Global, args: LocksArgs) -> Result {
+    let remote = remote::connect(home, global).await?;
+    let locks = rct_streams::locks::list(&remote.js)
+        .await
+        .map_err(|e| Error::usage(format!("cannot read the locks: {e}")))?;
+    let now = jiff::Timestamp::now();
+    let mut held = Vec::new();
+    for (key, lock) in locks {
+        for holder in lock.holders {
+            if holder.lapsed(now) || ended(&remote, &holder.command_id).await {
+                continue;
+            }
+            held.push((key.clone(), lock.resource.clone(), holder));
+        }
+    }
+    if args.output == Output::Json {
+        for (key, resource, holder) in &held {
+            let mut value = serde_json::to_value(holder).expect("a holder serializes");
+            value["key"] = key.as_str().into();
+            value["resource"] = resource.as_str().into();
+            println!("{value}");
+        }
+        return Ok(Exit::Ok);
+    }
+    if held.is_empty() {
+        eprintln!("no locks are held");
+        return Ok(Exit::Ok);
+    }
+    let at = |t: &str| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+            .map_or_else(|_| t.to_owned(), render::datetime)
+    };
+    let mut rows = vec![[
+        "LOCK".to_owned(),
+        "COMMAND".to_owned(),
+        "OPERATION".to_owned(),
+        "TARGET".to_owned(),
+        "OPERATOR".to_owned(),
+        "SINCE".to_owned(),
+        "AT THE LATEST UNTIL".to_owned(),
+        "JUSTIFICATION".to_owned(),
+    ]];
+    for (_, resource, h) in held {
+        rows.push([
+            rct_bus::text::printable(&resource).into_owned(),
+            h.command_id,
+            h.operation,
+            h.target,
+            h.operator,
+            at(&h.taken_at),
+            at(&h.expires_at),
+            rct_bus::text::printable(&h.justification).into_owned(),
+        ]);
+    }
+    crate::commands::ops::print_table(&rows);
+    Ok(Exit::Ok)
+}
+
+/// Whether the command `id` ended: an outcome or a refusal on record. A command that cannot
+/// be read is taken as not ended (its lock is shown).
+async fn ended(remote: &Remote, id: &str) -> bool {
+    let Ok(id) = id.parse::<CommandId>() else {
+        return true;
+    };
+    let Ok(records) = replay::records(&remote.js, &remote.checked(Filter::command(id)).await).await
+    else {
+        return false;
+    };
+    CommandState::fold(&records).is_some_and(|state| state.phase.is_terminal())
+}

@@ -60,6 +60,9 @@ pub struct Fire {
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
+    /// The command this one undoes (set by rct undo).
+    #[arg(skip)]
+    pub undo_of: Option<CommandId>,
 }
 
 fn parse_pair(s: &str) -> std::result::Result<(String, String), String> {
@@ -286,6 +289,7 @@ fn request(
             dry_run: fire.dry_run,
             break_glass,
             plan: fire.plan,
+            undo_of: fire.undo_of.map(|id| id.to_string()).unwrap_or_default(),
         },
         justification,
     ))

@@ -726,6 +726,7 @@ impl Submitter {
                 dry_run: false,
                 break_glass: String::new(),
                 plan: false,
+                undo_of: String::new(),
             })),
         };
         let envelope = match &self.operator {
