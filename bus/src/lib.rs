@@ -31,6 +31,7 @@ pub mod lock;
 mod name;
 pub mod presence;
 pub mod provenance;
+pub mod rollout;
 pub mod sealed;
 pub mod subject;
 pub mod template;
