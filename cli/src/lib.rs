@@ -109,7 +109,8 @@ enum Verb {
     Context(context::Args),
     /// Run the whole system locally in the foreground.
     Dev(dev::DevArgs),
-    /// Run the demo: a local stack, a drain with live progress, its timeline and history.
+    /// Run the demo: a local stack, a drain with live progress, its timeline, its undo, and
+    /// the history.
     Demo(dev::DemoArgs),
     /// Measure rct against the bare-JetStream floor (starts its own nats-server).
     Bench(bench::Args),

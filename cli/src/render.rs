@@ -248,9 +248,19 @@ fn describe_printable(event: &proto::Event) -> String {
                     Some(original) if !original.is_empty() => format!(", undo of {original}"),
                     _ => String::new(),
                 },
-                match a.locks.as_slice() {
-                    [] => String::new(),
-                    locks => format!(", locking {}", locks.join(", ")),
+                {
+                    // An undo's own lock is said already ("undo of …").
+                    let undo = r.map(|r| format!("undo of {}", r.undo_of));
+                    let locks: Vec<&str> = a
+                        .locks
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|l| undo.as_deref() != Some(*l))
+                        .collect();
+                    match locks.as_slice() {
+                        [] => String::new(),
+                        locks => format!(", locking {}", locks.join(", ")),
+                    }
                 }
             )
         }

@@ -219,7 +219,13 @@ fn an_operator_session_end_to_end() {
     );
     let describe = text(&ok(dev.rct(&["ops", "describe", "traffic/drain-cluster"])).stdout);
     assert!(
-        describe.contains("--keep-percent") && describe.contains("an integer from 0 to 100"),
+        describe.contains("--keep-percent")
+            && describe.contains("an integer from 0 to 100")
+            && describe.contains("locks:          {cluster}, against traffic/*")
+            && describe.contains(
+                "undone by:      traffic/set-weights cluster={cluster} \
+                 weight={outputs.previous_weight}"
+            ),
         "{describe}"
     );
     let help = text(&ok(dev.rct(&["traffic", "drain-cluster", "--help"])).stdout);
@@ -468,6 +474,12 @@ fn the_demo_runs_and_cleans_up() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("rejected (forbidden)"), "{stderr}");
     assert!(text(&out.stdout).contains("prod-1 drained to weight 0"));
+    // The drain undone: the weight it had before.
+    assert!(
+        stderr.contains("with traffic/set-weights cluster=prod-1 weight=100")
+            && text(&out.stdout).contains("prod-1 at weight 100"),
+        "{stderr}"
+    );
     // The two-approver failover: the plan shown to each approver, then the run.
     assert_eq!(
         stderr.matches("promote cart-b replica → primary").count(),

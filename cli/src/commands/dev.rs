@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use rct_bus::OperationName;
 
-use crate::commands::{approve, history, inspect, login, run};
+use crate::commands::{approve, history, inspect, login, run, undo};
 use crate::exit::{Error, Exit, Result};
 use crate::home::{Contexts, Home};
 use crate::remote::Global;
@@ -296,6 +296,21 @@ async fn script(home: &Home) -> Result {
 
     step(&format!("$ rct show {id}"));
     inspect::show(home, &global, shown(id)).await?;
+
+    step(&format!(
+        "$ rct undo {id} -j DEMO-1 --yes   # back to the weight it had before the drain"
+    ));
+    let args = undo::Args {
+        id: id.to_string(),
+        justification: Some("DEMO-1".into()),
+        yes: true,
+        detach: false,
+        output: Output::Text,
+    };
+    let undone = Box::pin(undo::run(home, &global, args)).await?;
+    if undone != Exit::Ok {
+        return Err(Error::usage(format!("the demo undo ended {undone:?}")));
+    }
 
     Box::pin(failover(home, &remote)).await?;
 

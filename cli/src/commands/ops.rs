@@ -130,6 +130,44 @@ fn describe(served: &Served, operation: &str, output: Output) -> Result {
         humantime::format_duration(op.timeout),
         if op.idempotent { "; idempotent" } else { "" }
     );
+    if let Some(rule) = &op.approvals {
+        println!(
+            "  approvals:      {} of {}{}, within {}",
+            rule.required,
+            rule.approver_groups.join(", "),
+            if rule.allow_self {
+                ""
+            } else {
+                " (not the requester)"
+            },
+            humantime::format_duration(rule.ttl)
+        );
+    }
+    if let Some(rule) = &op.break_glass {
+        println!("  break glass:    {}", rule.groups.join(", "));
+    }
+    if op.plan {
+        println!("  plans:          what it would change (rct plan), approved as such");
+    }
+    if !op.locks.is_empty() {
+        let conflicts = match op.conflicts_with.as_slice() {
+            [] => String::new(),
+            patterns => format!(", against {}", patterns.join(", ")),
+        };
+        println!("  locks:          {}{conflicts}", op.locks.join(", "));
+    }
+    if let Some(inverse) = &op.inverse {
+        let params: Vec<String> = inverse
+            .params
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!(
+            "  undone by:      {} {} (rct undo <id>)",
+            inverse.operation,
+            params.join(" ")
+        );
+    }
     let mut rows = vec![[
         "PARAMETER".to_owned(),
         "ACCEPTS".to_owned(),
