@@ -9,7 +9,7 @@ use rct_bus::proto::{self, RejectionCode as C, event::Kind};
 use rct_bus::{EventKind, Tower};
 use rct_streams::replay::{self, Filter};
 use rct_streams::timestamp::from_datetime;
-use support::{Harness, drain, dry, ran, refused, weights};
+use support::{Harness, drain, dry, ran, refused, rejection, weights};
 use time::OffsetDateTime;
 
 fn undoing(mut submission: proto::Submission, of: &proto::Submission) -> proto::Submission {
@@ -212,4 +212,65 @@ async fn an_undo_is_admitted_once_with_the_parameters_its_record_gives() {
         links(&h, &drained, "prod-1", 2).await,
         [first.command_id, second.command_id]
     );
+}
+
+/// A scale of `deployment` to `replicas`.
+fn scale(deployment: &str, replicas: i64) -> proto::Submission {
+    let mut submission = support::workload("workloads/scale", deployment, "SRE-301");
+    if let Some(proto::submission::Request::Run(run)) = &mut submission.request {
+        run.params.insert(
+            "replicas".into(),
+            support::value(proto::value::Kind::Integer(replicas)),
+        );
+    }
+    submission
+}
+
+/// Two undos of one command, submitted at once to two replicas, never both run: the scale
+/// locks nothing, so only the undo's own lock and the reading again under it keep the second
+/// out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_undos_of_one_command_at_once_admit_one() {
+    let h = Harness::start().await;
+    let other = rct_admission::Admission::new(h.config(), h.client.clone()).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let second = tokio::spawn(other.run(stop.clone()));
+    let alice = h.operator("alice", &["sre_team"]).await;
+
+    const ORIGINALS: usize = 8;
+    let mut originals = Vec::new();
+    for n in 0..ORIGINALS {
+        let original = scale(&format!("app-{n}"), 7);
+        assert!(rejection(&h.decided(&alice, &original).await).is_none());
+        let outputs = [("previous_replicas".to_owned(), "3".to_owned())].into();
+        let success = Kind::Succeeded(proto::Succeeded {
+            summary: "scaled".into(),
+            outputs,
+        });
+        ran(&h, &original, "_", success).await;
+        originals.push(original);
+    }
+    let undos: Vec<(usize, proto::Submission)> = (0..2)
+        .flat_map(|_| {
+            originals.iter().enumerate().map(|(n, original)| {
+                let undo = scale(&format!("app-{n}"), 3);
+                (n, undoing(undo, original))
+            })
+        })
+        .collect();
+    let sequences =
+        futures::future::join_all(undos.iter().map(|(_, undo)| h.submit(&alice, undo))).await;
+    let mut admitted = [0; ORIGINALS];
+    for ((n, _), sequence) in undos.iter().zip(sequences) {
+        match rejection(&h.decision(sequence).await) {
+            None => admitted[*n] += 1,
+            Some((code, message)) => assert!(
+                [C::Locked, C::NotUndoable].contains(&code),
+                "{code:?}: {message}"
+            ),
+        }
+    }
+    assert_eq!(admitted, [1; ORIGINALS], "admitted per original");
+    stop.cancel();
+    second.await.unwrap().unwrap();
 }

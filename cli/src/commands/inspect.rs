@@ -485,8 +485,9 @@ pub async fn locks(home: &Home, global: &Global, args: LocksArgs) -> Result {
     Ok(Exit::Ok)
 }
 
-/// Whether the command `id` ended: an outcome or a refusal on record. A command that cannot
-/// be read is taken as not ended (its lock is shown).
+/// Whether the command `id` ended as admission counts it for its locks: an outcome or a
+/// refusal on record, but not `unknown` (what its agent started may still run: it holds to
+/// its expiry). A command that cannot be read is taken as not ended (its lock is shown).
 async fn ended(remote: &Remote, id: &str) -> bool {
     let Ok(id) = id.parse::<CommandId>() else {
         return true;
@@ -495,5 +496,7 @@ async fn ended(remote: &Remote, id: &str) -> bool {
     else {
         return false;
     };
-    CommandState::fold(&records).is_some_and(|state| state.phase.is_terminal())
+    CommandState::fold(&records).is_some_and(|state| {
+        state.phase.is_terminal() && state.phase != rct_streams::Phase::Unknown
+    })
 }
