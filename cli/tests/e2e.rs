@@ -1841,6 +1841,13 @@ fn a_drain_undone_and_done_again_ends_where_it_did() {
         undo_shown.contains(&format!("undo of {drained}")),
         "{undo_shown}"
     );
+    let history = text(&ok(rct_as(&erin, &["history", "--since", "10m"])).stdout);
+    assert!(
+        history
+            .lines()
+            .any(|l| l.contains(&undid) && l.contains(&format!("(undo of {drained})"))),
+        "{history}"
+    );
     let twice = rct_as(&erin, &["undo", &drained, "-j", "SRE-4"]);
     said(&twice, 3, &twice.stderr, "not_undoable");
     assert!(

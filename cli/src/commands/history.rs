@@ -578,8 +578,8 @@ async fn push(rows: &mut Rows<'_>, remote: &crate::remote::Remote, state: &Comma
     rows.push(&reviewed);
 }
 
-/// What else the row should say: dry run, what it cancels, why it failed or was refused (with
-/// the refused request's parameters), how far it got.
+/// What else the row should say: dry run, what it cancels or undoes, why it failed or was
+/// refused (with the refused request's parameters), how far it got.
 fn notes(state: &CommandState) -> String {
     let mut notes: Vec<String> = Vec::new();
     if state.request.as_ref().is_some_and(|r| r.plan) {
@@ -589,6 +589,11 @@ fn notes(state: &CommandState) -> String {
     }
     if let Some(cancelled) = state.cancels() {
         notes.push(format!("cancels {cancelled}"));
+    }
+    if let Some(original) = state.request.as_ref().map(|r| r.undo_of.as_str())
+        && !original.is_empty()
+    {
+        notes.push(format!("undo of {original}"));
     }
     if state.break_glass().is_some() {
         let reviewed: Vec<String> = state
