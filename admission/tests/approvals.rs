@@ -440,9 +440,7 @@ async fn a_dry_run_waits_for_approvals_too() {
 #[tokio::test]
 async fn two_replicas_racing_on_the_final_approval_decide_each_request_once() {
     let h = Harness::start().await;
-    let other = rct_admission::Admission::new(h.config(), h.client.clone()).unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let second = tokio::spawn(other.run(stop.clone()));
+    let second = h.second_replica();
     let alice = h.operator("alice", &["sre_team"]).await;
     let bob = h.operator("bob", &["sre_leads"]).await;
     let carol = h.operator("carol", &["app_leads"]).await;
@@ -477,8 +475,7 @@ async fn two_replicas_racing_on_the_final_approval_decide_each_request_once() {
     }
     let mut stream = h.js.get_stream("RCT_CMD").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, REQUESTS as u64);
-    stop.cancel();
-    second.await.unwrap().unwrap();
+    second.stop().await;
 }
 
 fn broken_glass(deployment: &str, reason: &str) -> proto::Submission {

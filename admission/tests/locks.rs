@@ -185,9 +185,7 @@ async fn a_request_approved_while_another_holds_its_lock_is_refused_locked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_taking_one_lock_at_once_admit_one_command() {
     let h = Harness::start().await;
-    let other = rct_admission::Admission::new(h.config(), h.client.clone()).unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let second = tokio::spawn(other.run(stop.clone()));
+    let second = h.second_replica();
     let alice = h.operator("alice", &["sre_team"]).await;
 
     const CLUSTERS: [&str; 3] = ["prod-1", "prod-2", "prod-3"];
@@ -218,8 +216,7 @@ async fn two_replicas_taking_one_lock_at_once_admit_one_command() {
         }
     }
     assert_eq!(admitted, [1; CLUSTERS.len()], "admitted per cluster");
-    stop.cancel();
-    second.await.unwrap().unwrap();
+    second.stop().await;
 }
 
 /// A submission that reuses the id of a command holding a lock (anyone can read it in the

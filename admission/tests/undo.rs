@@ -232,9 +232,7 @@ fn scale(deployment: &str, replicas: i64) -> proto::Submission {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_undos_of_one_command_at_once_admit_one() {
     let h = Harness::start().await;
-    let other = rct_admission::Admission::new(h.config(), h.client.clone()).unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let second = tokio::spawn(other.run(stop.clone()));
+    let second = h.second_replica();
     let alice = h.operator("alice", &["sre_team"]).await;
 
     const ORIGINALS: usize = 8;
@@ -271,6 +269,5 @@ async fn two_undos_of_one_command_at_once_admit_one() {
         }
     }
     assert_eq!(admitted, [1; ORIGINALS], "admitted per original");
-    stop.cancel();
-    second.await.unwrap().unwrap();
+    second.stop().await;
 }

@@ -40,6 +40,20 @@ pub fn catalog_with(dir: &Path, from: &str, to: &str) -> PathBuf {
     path
 }
 
+/// An admission replica started by [`Harness::second_replica`].
+pub struct Replica {
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), rct_admission::Error>>,
+}
+
+impl Replica {
+    /// Stops it, asserting it ran without error.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 pub struct Harness {
     pub server: Server,
     pub js: async_nats::jetstream::Context,
@@ -287,6 +301,15 @@ impl Harness {
     /// Every decision event stored so far.
     pub async fn decisions(&self) -> Vec<proto::Event> {
         decisions_in(&self.js).await
+    }
+
+    /// A second admission replica on the same configuration, deciding alongside the first
+    /// until it is stopped.
+    pub fn second_replica(&self) -> Replica {
+        let other = rct_admission::Admission::new(self.config(), self.client.clone()).unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(other.run(stop.clone()));
+        Replica { stop, task }
     }
 
     /// Submits `submission` as `who` and waits for its decision.
