@@ -103,6 +103,10 @@ pub struct Config {
     /// stopped in between) holds. Longer than the agents' cancel grace and the clocks' skew.
     #[serde(with = "humantime_serde")]
     pub lock_grace: Duration,
+    /// How long the replica coordinating rollouts holds the job without renewing it: when it
+    /// stops, another replica takes over within this long and carries on from the stream.
+    #[serde(with = "humantime_serde")]
+    pub rollout_lease: Duration,
 }
 
 impl Default for Config {
@@ -135,6 +139,7 @@ impl Default for Config {
             telemetry: rct_streams::telemetry::Config::default(),
             watch_catalog: None,
             lock_grace: rct_bus::lock::GRACE,
+            rollout_lease: Duration::from_secs(10),
         }
     }
 }
@@ -254,6 +259,9 @@ impl Config {
         if self.lock_grace < Duration::from_secs(1) {
             return Err("lock_grace must be at least 1s".into());
         }
+        if self.rollout_lease < Duration::from_secs(1) {
+            return Err("rollout_lease must be at least 1s".into());
+        }
         if self.freshness < Duration::from_secs(5) {
             return Err("freshness must be at least 5s".into());
         }
@@ -263,6 +271,7 @@ impl Config {
             ("certificate_ttl", self.certificate_ttl),
             ("agent_certificate_ttl", self.agent_certificate_ttl),
             ("lock_grace", self.lock_grace),
+            ("rollout_lease", self.rollout_lease),
         ] {
             if value > rct_bus::catalog::LONGEST_WAIT {
                 return Err(format!(

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use prost::Message;
 use rct_bus::catalog::{Catalog, Operation, Secrets, TowerSpec, display_value};
 use rct_bus::proto::{self, RejectionCode, event::Kind, submission::Request};
-use rct_bus::{CommandId, KeyPair, OperationName, Purpose, Subject, Tower, Unverified};
+use rct_bus::{CommandId, KeyPair, OperationName, Purpose, Subject, Tower, Unverified, rollout};
 use rct_streams::timestamp::{from_datetime, to_datetime};
 use time::OffsetDateTime;
 
@@ -359,6 +359,9 @@ impl Policy {
             // Known from here on, so every later refusal says what was asked for; parameters
             // stay masked until the catalog says which are not secret.
             draft.target = run.target.clone();
+            if run.rollout.is_some() {
+                draft.target = rollout::PARENT_TARGET.to_owned();
+            }
             draft.request.dry_run = run.dry_run;
             draft.request.plan = run.plan;
             draft.request.params = rct_bus::catalog::mask_all(&run.params);
@@ -527,6 +530,7 @@ impl Policy {
                     )
                 })?;
                 draft.request.cancels = target.to_string();
+                draft.request.resume = cancel.resume;
                 // Stopping it is changing production too: the operation's rule applies.
                 operation
                     .justification
@@ -800,6 +804,19 @@ impl Policy {
         verified: rct_bus::Verified,
     ) -> Result<Verdict, (RejectionCode, String)> {
         use RejectionCode as C;
+        if let Some(asked) = &run.rollout {
+            return self.admit_rollout(
+                input.now,
+                draft,
+                name,
+                tower_spec,
+                operation,
+                command_id,
+                justification,
+                &run,
+                asked,
+            );
+        }
         let checked = operation
             .check(tower_spec, &run.params, Secrets::Sealed)
             .map_err(|errors| {
@@ -936,6 +953,7 @@ impl Policy {
             break_glass: run.break_glass.clone(),
             plan: run.plan,
             approved_plan: None,
+            parent: String::new(),
         };
         let signed = self
             .key
@@ -963,6 +981,276 @@ impl Policy {
             subject: Subject::command(name, &checked.target),
             command: signed.into(),
         }))
+    }
+
+    /// A rollout (`run.rollout`): one decision for the whole, recorded with the targets and
+    /// limits resolved; the coordinator sends its children. Every child's parameters are
+    /// checked now, so a rollout admitted is one whose every child would be.
+    #[allow(clippy::too_many_arguments)]
+    fn admit_rollout(
+        &self,
+        now: OffsetDateTime,
+        draft: &mut Draft,
+        name: &OperationName,
+        tower_spec: &TowerSpec,
+        operation: &Operation,
+        command_id: CommandId,
+        justification: &str,
+        run: &proto::Run,
+        asked: &proto::Rollout,
+    ) -> Result<Verdict, (RejectionCode, String)> {
+        use RejectionCode as C;
+        let param = target_name(operation);
+        let Some((fan_out, param)) = operation.fan_out.as_ref().zip(param) else {
+            return Err((
+                C::InvalidParams,
+                format!(
+                    "{name} runs on one target at a time (its catalog entry has no `fan_out`): \
+                     name one target"
+                ),
+            ));
+        };
+        if run.target != rollout::PARENT_TARGET {
+            return Err((
+                C::Malformed,
+                format!(
+                    "a rollout's target is {}, not {:?}",
+                    rollout::PARENT_TARGET,
+                    run.target
+                ),
+            ));
+        }
+        if run.plan || !run.break_glass.is_empty() || !run.undo_of.is_empty() {
+            return Err((
+                C::InvalidParams,
+                "a rollout cannot be a plan, break the glass or undo a command: run those one \
+                 target at a time"
+                    .into(),
+            ));
+        }
+        if run.params.contains_key(param) {
+            return Err((
+                C::InvalidParams,
+                format!("a rollout names its targets as the rollout's, not in {param}"),
+            ));
+        }
+        // The loader refuses these; a catalog built otherwise is refused here.
+        if operation.approvals.is_some() || operation.params.values().any(|p| p.secret) {
+            return Err((
+                C::InvalidParams,
+                format!(
+                    "{name} needs approvals or takes a secret: a rollout cannot carry them; \
+                     run it one target at a time"
+                ),
+            ));
+        }
+        let plan = rollout::resolve(&tower_spec.targets, param, fan_out.max_targets, asked)
+            .map_err(|e| (C::InvalidParams, e))?;
+        let mut recorded = None;
+        for target in &plan.targets {
+            let checked = operation
+                .check(
+                    tower_spec,
+                    &child_params(&run.params, param, target),
+                    Secrets::Sealed,
+                )
+                .map_err(|errors| {
+                    let messages: Vec<String> = errors.into_iter().map(|e| e.message).collect();
+                    (C::InvalidParams, messages.join("; "))
+                })?;
+            recorded.get_or_insert(checked.params);
+        }
+        let mut params = recorded.unwrap_or_default();
+        params.remove(param);
+        draft.request.params = operation.mask(&params);
+        if !plan.health.is_empty() {
+            let problem = |why: String| {
+                (
+                    C::InvalidParams,
+                    format!("the health check {}: {why}", plan.health),
+                )
+            };
+            let health: OperationName = plan.health.parse().map_err(|e| problem(format!("{e}")))?;
+            if health.tower() != name.tower() {
+                return Err(problem(format!(
+                    "must be an operation of tower {}",
+                    name.tower()
+                )));
+            }
+            let (_, check) = self
+                .catalog
+                .operation(&health)
+                .ok_or_else(|| problem(self.catalog.unknown_operation(&health)))?;
+            let health_param =
+                target_name(check).ok_or_else(|| problem("takes no target".into()))?;
+            if check.approvals.is_some() || check.params.values().any(|p| p.secret) {
+                return Err(problem("needs approvals or takes a secret".into()));
+            }
+            check
+                .justification
+                .check(&health.to_string(), justification)
+                .map_err(|message| (C::JustificationRequired, message))?;
+            let groups = draft
+                .request
+                .operator
+                .as_ref()
+                .map(|o| o.groups.clone())
+                .unwrap_or_default();
+            if !check.allowed_groups.iter().any(|g| groups.contains(g)) {
+                return Err((
+                    C::Forbidden,
+                    format!(
+                        "the health check {health} runs as you, and you are in none of the \
+                         groups allowed to run it: {}",
+                        check.allowed_groups.join(", ")
+                    ),
+                ));
+            }
+            for target in &plan.targets {
+                let given = child_params(&BTreeMap::new(), health_param, target);
+                check
+                    .check(tower_spec, &given, Secrets::Sealed)
+                    .map_err(|errors| {
+                        let messages: Vec<String> = errors.into_iter().map(|e| e.message).collect();
+                        problem(format!(
+                            "needs more than its target: {}",
+                            messages.join("; ")
+                        ))
+                    })?;
+            }
+        }
+        operation
+            .justification
+            .check(&name.to_string(), justification)
+            .map_err(|message| (C::JustificationRequired, message))?;
+        let mut request = draft.request.clone();
+        request.rollout = Some(plan);
+        // The coordinator starts it at once; its children have deadlines of their own.
+        let deadline = later(now, operation.deadline).ok_or_else(|| {
+            (
+                C::Unspecified,
+                format!("the catalog gives {name} a deadline no clock can hold"),
+            )
+        })?;
+        let decision = self.event(
+            &command_id.to_string(),
+            &name.to_string(),
+            rollout::PARENT_TARGET,
+            now,
+            Kind::Admitted(proto::Admitted {
+                request: Some(request),
+                deadline: Some(from_datetime(deadline)),
+                catalog_version: self.catalog_version.clone(),
+                ..Default::default()
+            }),
+        );
+        Ok(Verdict::Record(Record {
+            tower: name.tower().clone(),
+            command_id,
+            decision,
+        }))
+    }
+
+    /// The decision admitting the child of rollout `parent` (its recorded decision) on
+    /// `target`, made `now`: its own id, the rollout's request with the target filled in,
+    /// its operation's deadline and timeout from now. `health`: the child that checks the
+    /// target's health after its wave, running the rollout's health operation.
+    pub fn child(
+        &self,
+        parent: &proto::Event,
+        target: &str,
+        health: bool,
+        now: OffsetDateTime,
+    ) -> Result<proto::Event, String> {
+        let missing = |what: &str| format!("the rollout's decision has no {what}");
+        let Some(Kind::Admitted(admitted)) = &parent.kind else {
+            return Err("the rollout was not admitted".into());
+        };
+        let request = admitted
+            .request
+            .as_ref()
+            .ok_or_else(|| missing("request"))?;
+        let plan = request.rollout.as_ref().ok_or_else(|| missing("plan"))?;
+        let parent_id: CommandId = parent
+            .command_id
+            .parse()
+            .map_err(|_| missing("command id"))?;
+        let target_token = rct_bus::Target::new(target).map_err(|e| e.to_string())?;
+        let (name, id): (OperationName, CommandId) = match health {
+            false => (
+                parent.operation.parse().map_err(|_| missing("operation"))?,
+                rollout::child_id(parent_id, &target_token),
+            ),
+            true => (
+                plan.health.parse().map_err(|_| missing("health check"))?,
+                rollout::health_id(parent_id, &target_token),
+            ),
+        };
+        let (tower_spec, operation) = self.catalog.operation(&name).ok_or_else(|| {
+            format!("{name} is no longer in the catalog: the rollout cannot go on")
+        })?;
+        // The catalog as it is now: it may have changed since the rollout was admitted.
+        let groups = request
+            .operator
+            .as_ref()
+            .map(|o| o.groups.as_slice())
+            .unwrap_or_default();
+        if !operation.allowed_groups.iter().any(|g| groups.contains(g)) {
+            return Err(format!(
+                "its requester is in none of the groups now allowed to run {name}: {}",
+                operation.allowed_groups.join(", ")
+            ));
+        }
+        if !health && operation.fan_out.is_none() {
+            return Err(format!(
+                "{name} no longer fans out (its catalog entry has no `fan_out`)"
+            ));
+        }
+        if operation.approvals.is_some() {
+            return Err(format!(
+                "{name} now needs approvals, which a rollout cannot carry"
+            ));
+        }
+        operation
+            .justification
+            .check(&name.to_string(), &request.justification)?;
+        let param = target_name(operation).ok_or_else(|| format!("{name} takes no target"))?;
+        let given = match health {
+            false => child_params(&request.params, param, target),
+            true => child_params(&BTreeMap::new(), param, target),
+        };
+        let checked = operation
+            .check(tower_spec, &given, Secrets::Sealed)
+            .map_err(|errors| {
+                let messages: Vec<String> = errors.into_iter().map(|e| e.message).collect();
+                format!(
+                    "its parameters no longer check against the catalog: {}",
+                    messages.join("; ")
+                )
+            })?;
+        let deadline = later(now, operation.deadline).ok_or_else(|| missing("deadline"))?;
+        let timeout = rct_bus::catalog::proto_duration(operation.timeout)
+            .ok_or_else(|| missing("timeout"))?;
+        let child_request = proto::Request {
+            params: operation.mask(&checked.params),
+            rollout: None,
+            parent: parent.command_id.clone(),
+            health,
+            ..request.clone()
+        };
+        Ok(self.event(
+            &id.to_string(),
+            &name.to_string(),
+            target,
+            now,
+            Kind::Admitted(proto::Admitted {
+                request: Some(child_request),
+                deadline: Some(from_datetime(deadline)),
+                timeout: Some(timeout),
+                catalog_version: self.catalog_version.clone(),
+                ..Default::default()
+            }),
+        ))
     }
 
     /// The command an `Admitted` decision admitted, rebuilt from the decision and the
@@ -1008,7 +1296,22 @@ impl Policy {
                 .command_id
                 .parse::<CommandId>()
                 .is_ok_and(|id| id.plan().to_string() == decision.command_id);
-        if submission.command_id != decision.command_id && !describes {
+        // A rollout's child: its id derives from the rollout's (the submission's) and its
+        // target; its parameters are all on record (a rollout takes no secret).
+        let child = !request.parent.is_empty() && request.parent == submission.command_id && {
+            let parent: Option<CommandId> = request.parent.parse().ok();
+            parent.is_some_and(|p| {
+                let id = match request.health {
+                    false => rollout::child_id(p, &target),
+                    true => rollout::health_id(p, &target),
+                };
+                id.to_string() == decision.command_id
+            })
+        };
+        if request.rollout.is_some() {
+            return Err("a rollout is not a command: its children are".into());
+        }
+        if submission.command_id != decision.command_id && !describes && !child {
             return Err(format!(
                 "the stored submission is for command {}, the decision for {}",
                 submission.command_id, decision.command_id
@@ -1024,7 +1327,10 @@ impl Policy {
             .params
             .iter()
             .map(|(name_of, recorded)| {
-                let value = run.params.get(name_of).unwrap_or(recorded);
+                let value = match child {
+                    true => recorded,
+                    false => run.params.get(name_of).unwrap_or(recorded),
+                };
                 (name_of.clone(), value.clone())
             })
             .collect();
@@ -1050,6 +1356,7 @@ impl Policy {
             break_glass: request.break_glass.clone(),
             plan: run.plan || describes,
             approved_plan,
+            parent: request.parent.clone(),
         };
         let signed = self
             .key
@@ -1277,6 +1584,7 @@ impl Policy {
             kind: Some(Kind::CancelRequested(proto::CancelRequested {
                 by: request.operator.clone(),
                 justification: request.justification.clone(),
+                resume: request.resume,
             })),
         };
         Some((target, cancel))
@@ -1291,6 +1599,7 @@ impl Policy {
         identity: &Identity,
         justification: &str,
     ) -> Cancel {
+        let resume = draft.request.resume;
         let decision = self.event(
             &command_id.to_string(),
             &draft.operation,
@@ -1310,6 +1619,7 @@ impl Policy {
             Kind::CancelRequested(proto::CancelRequested {
                 by: Some(identity.to_proto()),
                 justification: justification.to_owned(),
+                resume,
             }),
         );
         Cancel {
@@ -1405,6 +1715,31 @@ fn target_param(operation: &Operation, params: &BTreeMap<String, proto::Value>) 
         })
 }
 
+/// The name of the operation's target parameter.
+fn target_name(operation: &Operation) -> Option<&str> {
+    operation
+        .params
+        .iter()
+        .find(|(_, p)| p.kind == rct_bus::catalog::Type::Target)
+        .map(|(name, _)| name.as_str())
+}
+
+/// `params` with the target parameter `param` set to `target`: a rollout child's.
+fn child_params(
+    params: &BTreeMap<String, proto::Value>,
+    param: &str,
+    target: &str,
+) -> BTreeMap<String, proto::Value> {
+    let mut params = params.clone();
+    params.insert(
+        param.to_owned(),
+        proto::Value {
+            kind: Some(proto::value::Kind::Target(target.to_owned())),
+        },
+    );
+    params
+}
+
 /// `at + d`, or `None` past the last representable date.
 fn later(at: OffsetDateTime, d: Duration) -> Option<OffsetDateTime> {
     at.checked_add(time::Duration::try_from(d).ok()?)
@@ -1487,6 +1822,7 @@ mod tests {
                 break_glass: String::new(),
                 plan: false,
                 undo_of: String::new(),
+                rollout: None,
             })),
         }
     }
@@ -1770,6 +2106,7 @@ mod tests {
             submission.justification = justification.into();
             submission.request = Some(Request::Cancel(proto::Cancel {
                 command_id: CommandId::generate().to_string(),
+                resume: false,
             }));
             decide(&policy, &signed(&policy, &submission), now)
         };
@@ -1849,6 +2186,7 @@ mod tests {
         let mut submission = drain(now);
         submission.request = Some(Request::Cancel(proto::Cancel {
             command_id: target.to_string(),
+            resume: false,
         }));
         let payload = signed(&policy, &submission);
         let Verdict::Cancel(cancel) = decide(&policy, &payload, now) else {

@@ -35,6 +35,8 @@ use crate::identity::{Certificates, DevIssuer, IdTokens, Services};
 use crate::metrics::Metrics;
 use crate::{Error, catalog};
 
+mod coordinator;
+
 /// Tower token under which refused logins are recorded.
 pub const AUTH_TOWER: &str = "_auth";
 
@@ -295,6 +297,7 @@ impl Admission {
             tracker.spawn(watch_catalog(self.clone(), every, shutdown.clone()));
         }
         tracker.spawn(sweep_pending(self.clone(), shutdown.clone()));
+        tracker.spawn(coordinator::coordinate(self.clone(), shutdown.clone()));
         tracker.spawn(watch_pending(
             consumer.clone(),
             inner.metrics.clone(),
@@ -928,6 +931,10 @@ impl Inner {
                 };
                 Box::pin(self.check_gates(verdict)).await?
             }
+            // A rollout is a run: a freeze stops it (and each child it would send).
+            Verdict::Record(record) if is_rollout(&record.decision) => {
+                self.check_freeze(Verdict::Record(record)).await?
+            }
             Verdict::Park(park) => {
                 // An undo that cannot be admitted waits for no approvals.
                 let verdict = Box::pin(self.check_undo(Verdict::Park(park))).await?;
@@ -1078,9 +1085,9 @@ impl Inner {
         if admitted
             .request
             .as_ref()
-            .is_some_and(|r| r.freeze.is_some())
+            .is_some_and(|r| r.freeze.is_some() || r.rollout.is_some())
         {
-            // A freeze is its decision.
+            // A freeze is its decision; a rollout's children are the coordinator's to send.
             return Ok(());
         }
         let is_cancel = admitted
@@ -1777,6 +1784,7 @@ impl Inner {
         mut cancel: crate::decide::Cancel,
     ) -> Result<Verdict, rct_streams::Error> {
         let on = |kind| subject::events_of_tower_command(&cancel.tower, cancel.target, kind);
+        let resume = decided_request(&cancel.decision).is_some_and(|r| r.resume);
         let mut target = self.own_event_on(&on(EventKind::Decision)).await?;
         if target.is_none() {
             // Still waiting for approvals: cancelling withdraws it (see `settle`).
@@ -1796,6 +1804,10 @@ impl Inner {
             Some(e) if e.operation != cancel.decision.operation => Some(format!(
                 "command {} is a {} command, not {}",
                 cancel.target, e.operation, cancel.decision.operation
+            )),
+            Some(e) if resume && !is_rollout(e) => Some(format!(
+                "command {} is not a rollout; only a rollout pauses and resumes",
+                cancel.target
             )),
             Some(_) => None,
         };
@@ -2387,6 +2399,9 @@ impl Inner {
         let Ok(id) = cancel.command_id.parse::<CommandId>() else {
             return Ok(());
         };
+        if matches!(&cancel.kind, Some(Kind::CancelRequested(c)) if c.resume) {
+            return Ok(());
+        }
         self.settle(publisher, tower, id, Settle::Refusals).await
     }
 
@@ -2923,6 +2938,11 @@ fn withdrawn(cancel: &proto::CancelRequested) -> String {
 }
 
 /// The request summary of a decision event.
+/// Whether `decision` admitted a rollout.
+fn is_rollout(decision: &proto::Event) -> bool {
+    matches!(&decision.kind, Some(Kind::Admitted(a)) if a.request.as_ref().is_some_and(|r| r.rollout.is_some()))
+}
+
 fn decided_request(event: &proto::Event) -> Option<&proto::Request> {
     match event.kind.as_ref()? {
         Kind::Admitted(a) => a.request.as_ref(),

@@ -401,6 +401,7 @@ async fn a_waiting_request_cancelled_is_withdrawn_and_never_runs() {
     let mut cancel = approval(&id, &[], false, "INC-77");
     cancel.request = Some(proto::submission::Request::Cancel(proto::Cancel {
         command_id: id.clone(),
+        resume: false,
     }));
     let cancelled = h.decision(h.submit(&alice, &cancel).await).await;
     assert!(

@@ -220,7 +220,7 @@ async fn every_bad_submission_is_refused_with_its_code_and_a_sentence() {
         "unknown operation",
         h.submit(&alice, &s).await,
         C::UnknownOperation,
-        "traffic has: drain-cluster, set-weights, undrain-cluster"
+        "traffic has: check-health, drain-cluster, set-weights, undrain-cluster"
     );
     case!(
         "forbidden group",
@@ -599,6 +599,7 @@ async fn cancel_requests_are_recorded_against_admitted_commands() {
         c.justification = "SRE-102".into();
         c.request = Some(proto::submission::Request::Cancel(proto::Cancel {
             command_id: command_id.into(),
+            resume: false,
         }));
         c
     };

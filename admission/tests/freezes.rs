@@ -186,6 +186,7 @@ async fn a_freeze_on_record_holds_until_it_ends_and_only_freeze_groups_start_one
     cancel.operation = "traffic/drain-cluster".into();
     cancel.request = Some(proto::submission::Request::Cancel(proto::Cancel {
         command_id: started.command_id.clone(),
+        resume: false,
     }));
     assert_ne!(
         self::code(&decide(&h, &sre, &cancel).await),

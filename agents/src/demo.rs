@@ -65,6 +65,39 @@ impl LoadBalancer {
             })
     }
 
+    /// What the simulated health probe of `cluster` says: key `health-<cluster>` holds
+    /// `unhealthy` or `unreachable` to make it say so (healthy when unset).
+    pub async fn health(&self, cluster: &str) -> Result<bool, Failure> {
+        let value = self
+            .bucket
+            .get(format!("health-{cluster}"))
+            .await
+            .map_err(|e| {
+                Failure::new(
+                    "unreachable",
+                    format!("the load balancer did not answer: {e}"),
+                )
+            })?;
+        match value.as_deref().map(String::from_utf8_lossy).as_deref() {
+            Some("unhealthy") => Ok(false),
+            Some("unreachable") => Err(Failure::new(
+                "unreachable",
+                format!("the health probe of {cluster} did not answer"),
+            )),
+            _ => Ok(true),
+        }
+    }
+
+    /// Sets what the simulated health probe of `cluster` says (see [`Self::health`]):
+    /// `healthy`, `unhealthy` or `unreachable`.
+    pub async fn set_health(&self, cluster: &str, health: &str) -> Result<(), String> {
+        self.bucket
+            .put(format!("health-{cluster}"), health.to_owned().into())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// Every cluster's weight among `clusters`.
     pub async fn table(&self, clusters: &[String]) -> Result<BTreeMap<String, u32>, Failure> {
         let mut table = BTreeMap::new();
@@ -131,8 +164,9 @@ pub fn traffic_tower(lb: LoadBalancer, target: &str, clusters: Vec<String>) -> T
     let drain_clusters = clusters.clone();
     let weights_lb = lb.clone();
     let weights_clusters = clusters.clone();
-    let undrain_lb = lb;
+    let undrain_lb = lb.clone();
     let undrain_clusters = clusters;
+    let health_lb = lb;
     Tower::new("traffic")
         .cluster(target)
         .operation("drain-cluster", move |ctx: Context, params: Params| {
@@ -173,6 +207,18 @@ pub fn traffic_tower(lb: LoadBalancer, target: &str, clusters: Vec<String>) -> T
                 let weight = lb.ramp(&ctx, &cluster, 100, step).await?;
                 let summary = format!("{cluster} back at weight {weight}");
                 outcome(lb, clusters, summary, previous).await
+            }
+        })
+        .operation("check-health", move |ctx: Context, params: Params| {
+            let lb = health_lb.clone();
+            async move {
+                let cluster = params.str("cluster").unwrap_or(ctx.target()).to_owned();
+                let healthy = lb.health(&cluster).await?;
+                let word = if healthy { "healthy" } else { "unhealthy" };
+                Ok::<_, Failure>(
+                    Outcome::new(format!("{cluster} is {word}"))
+                        .output("healthy", healthy.to_string()),
+                )
             }
         })
 }

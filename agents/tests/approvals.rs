@@ -100,6 +100,7 @@ fn asked(h: &Harness, operation: &str) -> (proto::Command, Vec<u8>) {
             break_glass: String::new(),
             plan: false,
             undo_of: String::new(),
+            rollout: None,
         })),
     };
     let mut envelope = alice
@@ -291,6 +292,7 @@ fn broken_glass(h: &Harness, requester: &Approver, asked: &str, reason: &str) ->
             break_glass: asked.into(),
             plan: false,
             undo_of: String::new(),
+            rollout: None,
         })),
     };
     let mut envelope = requester

@@ -138,6 +138,7 @@ async fn failures_timeouts_cancellations_and_expiries_end_as_such() {
         kind: Some(Kind::CancelRequested(proto::CancelRequested {
             by: cancelled.operator.clone(),
             justification: "SRE-2".into(),
+            resume: false,
         })),
     };
     h.as_admission()

@@ -284,6 +284,7 @@ async fn cancel_and_timeout_stop_the_whole_process_group() {
         kind: Some(Kind::CancelRequested(proto::CancelRequested {
             by: cancelled.operator.clone(),
             justification: "SRE-3".into(),
+            resume: false,
         })),
     };
     h.as_admission()

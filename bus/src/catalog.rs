@@ -144,6 +144,18 @@ pub struct Operation {
     /// parameters filled from the command's parameters and outputs (see [`crate::undo`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inverse: Option<crate::undo::Inverse>,
+    /// One request may run it on many targets of its cluster tower, as a rollout
+    /// (`--cluster 'prod-*'`, see [`crate::rollout`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_out: Option<FanOut>,
+}
+
+/// An operation's rule for rollouts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FanOut {
+    /// The most targets one rollout may name.
+    pub max_targets: usize,
 }
 
 /// An operation's break-glass rule: members of `groups` (who must also be allowed to run it)
@@ -553,6 +565,11 @@ impl Catalog {
             for target in &tower.targets {
                 if let Err(e) = Target::new(target.as_str()) {
                     problem(&[&at[..], &["targets"]].concat(), e.to_string());
+                } else if target.starts_with('_') {
+                    problem(
+                        &[&at[..], &["targets"]].concat(),
+                        format!("{target}: names starting with _ are rct's own (_rollout)"),
+                    );
                 }
             }
             for recipient in &tower.recipients {
@@ -691,6 +708,39 @@ impl Catalog {
             if let Some(inverse) = &operation.inverse {
                 for message in inverse.problems(self, operation) {
                     problem(&[&at[..], &["inverse"]].concat(), message);
+                }
+            }
+            if let Some(fan_out) = &operation.fan_out {
+                let at = [&at[..], &["fan_out"]].concat();
+                if fan_out.max_targets < 2 {
+                    problem(
+                        &at,
+                        "max_targets must be at least 2: a rollout runs on many targets".into(),
+                    );
+                }
+                if tower.is_some_and(|t| t.flavour != Flavour::Cluster) {
+                    problem(
+                        &at,
+                        "a rollout goes through a tower's targets, and only a cluster tower has \
+                         them"
+                            .into(),
+                    );
+                }
+                if operation.params.values().any(|p| p.secret) {
+                    problem(
+                        &at,
+                        "an operation with a secret parameter cannot fan out: a secret is \
+                         sealed for one command on one target"
+                            .into(),
+                    );
+                }
+                if operation.approvals.is_some() {
+                    problem(
+                        &at,
+                        "an operation that needs approvals cannot fan out yet: approvals bind \
+                         one command"
+                            .into(),
+                    );
                 }
             }
             if operation.deadline.is_zero() || operation.timeout.is_zero() {
@@ -1305,6 +1355,41 @@ mod tests {
     }
 
     #[test]
+    fn only_a_cluster_operation_without_secrets_or_approvals_fans_out() {
+        let catalog: Catalog = serde_yaml_ng::from_str(
+            "towers:\n  \
+               c: { flavour: cluster, targets: [a, b, _rollout], recipients: [age1h8w2m3amcn8m9r4m4g9cdnhch3d74rtutexzgxjjtz08t9rk0dgsmwq8e5] }\n  \
+               w: { flavour: simple }\n\
+             operations:\n  \
+               c/good: { allowed_groups: [g], params: { t: { type: target } }, fan_out: { max_targets: 2 } }\n  \
+               c/one: { allowed_groups: [g], params: { t: { type: target } }, fan_out: { max_targets: 1 } }\n  \
+               c/sealed: { allowed_groups: [g], params: { t: { type: target }, pw: { type: string, secret: true } }, fan_out: { max_targets: 2 } }\n  \
+               c/approved: { allowed_groups: [g], params: { t: { type: target } }, approvals: { required: 1, approver_groups: [h] }, fan_out: { max_targets: 2 } }\n  \
+               w/simple: { allowed_groups: [g], fan_out: { max_targets: 2 } }\n",
+        )
+        .unwrap();
+        let problems: Vec<String> = problem_lines(&catalog);
+        let about = |op: &str| {
+            problems
+                .iter()
+                .filter(|p| p.contains(&format!("{op}.fan_out")))
+                .count()
+        };
+        assert_eq!(about("c/good"), 0, "{problems:#?}");
+        for op in ["c/one", "c/sealed", "c/approved", "w/simple"] {
+            assert_eq!(about(op), 1, "{op}: {problems:#?}");
+        }
+        // A target may not take the name of a rollout's own events.
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("_rollout: names starting with _ are rct's own")),
+            "{problems:#?}"
+        );
+        assert_eq!(problems.len(), 5, "{problems:#?}");
+    }
+
+    #[test]
     fn an_inverse_names_an_operation_and_fills_what_it_needs_from_the_record() {
         let catalog: Catalog = serde_yaml_ng::from_str(
             "towers: { w: { flavour: simple, recipients: [age1h8w2m3amcn8m9r4m4g9cdnhch3d74rtutexzgxjjtz08t9rk0dgsmwq8e5] } }\n\
@@ -1699,6 +1784,11 @@ mod tests {
             "operations.traffic/undrain-cluster.inverse: traffic/set-weights needs token",
             "operations.traffic/undrain-cluster.inverse: cluster: \"{cluster}\" uses the secret \
              parameter cluster",
+            // Both fan out, and a secret is sealed for one command.
+            "operations.traffic/set-weights.fan_out: an operation with a secret parameter cannot \
+             fan out",
+            "operations.traffic/undrain-cluster.fan_out: an operation with a secret parameter \
+             cannot fan out",
         ];
         for expected in expect {
             assert!(

@@ -142,10 +142,13 @@ pub fn locks(
     locks
 }
 
+/// How every lock's key in `rct_locks` starts (the bucket also holds leases).
+pub const PREFIX: &str = "lock.";
+
 /// The `rct_locks` key of `resource`: `lock.` and the resource, every byte outside
 /// `[A-Za-z0-9_-]` written `=XX` (so any resource names one key, and no two the same).
 pub fn key(resource: &str) -> String {
-    let mut key = String::from("lock.");
+    let mut key = String::from(PREFIX);
     for byte in resource.bytes() {
         if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
             key.push(byte as char);

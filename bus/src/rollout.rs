@@ -9,7 +9,15 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::proto;
 use crate::{CommandId, Target};
+
+/// The target token of a rollout's own events (its decision, progress, outcome): a rollout
+/// runs on many targets, each child on one. No tower may have a target of this name.
+pub const PARENT_TARGET: &str = "_rollout";
+
+/// The longest bake a rollout may ask for.
+pub const LONGEST_BAKE: Duration = Duration::from_secs(24 * 3600);
 
 /// A limit given as a count (`3`) or a share of the targets (`25%`, rounded up).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,6 +152,92 @@ pub fn child_id(parent: CommandId, target: &Target) -> CommandId {
     )
 }
 
+/// The id of the command that checks the health of `target` after its wave in rollout
+/// `parent`.
+pub fn health_id(parent: CommandId, target: &Target) -> CommandId {
+    CommandId::derived(
+        parent.timestamp(),
+        "health",
+        0,
+        format!("{parent}.{target}").as_bytes(),
+    )
+}
+
+/// The `Nats-Msg-Id` of the command a rollout sends to `target` (`health`: its health
+/// check): the same for every replica and attempt.
+pub fn msg_id(parent: CommandId, target: &Target, health: bool) -> String {
+    match health {
+        false => format!("{parent}.{target}"),
+        true => format!("{parent}.{target}.health"),
+    }
+}
+
+/// Resolves what a rollout asks for against the tower's `targets` (catalog order), for an
+/// operation whose target parameter is `target_param` and which allows `max_targets`.
+/// The error says what is wrong, for people. The health operation is checked by the caller,
+/// which knows the catalog.
+pub fn resolve(
+    targets: &[String],
+    target_param: &str,
+    max_targets: usize,
+    asked: &proto::Rollout,
+) -> Result<proto::RolloutPlan, String> {
+    let chosen = select(targets, &asked.targets, asked.catalog_order)?;
+    if chosen.len() > max_targets {
+        return Err(format!(
+            "{} names {} targets, and the operation allows at most {max_targets} in one rollout",
+            asked.targets,
+            chosen.len()
+        ));
+    }
+    let total = chosen.len();
+    let limit = |what: &str, given: &str, default: usize| -> Result<usize, String> {
+        match given.trim() {
+            "" => Ok(default),
+            given => given
+                .parse::<Limit>()
+                .map(|l| l.of(total))
+                .map_err(|e| format!("{what}: {e}")),
+        }
+    };
+    let max_concurrency = limit("max concurrency", &asked.max_concurrency, 1)?;
+    if max_concurrency == 0 {
+        return Err("max concurrency must be at least 1".into());
+    }
+    let max_errors = limit("max errors", &asked.max_errors, 0)?;
+    // Without one, failures are held to max_errors (which waits for the targets in
+    // flight and says the overshoot), and unhealthy targets halt their wave.
+    let max_degraded = limit("max degraded", &asked.max_degraded, total)?;
+    let waves = wave_ends(&asked.waves, total)?;
+    let bake = match &asked.bake {
+        None => Duration::ZERO,
+        Some(d) => u64::try_from(d.seconds)
+            .ok()
+            .filter(|s| *s <= LONGEST_BAKE.as_secs() && d.nanos >= 0)
+            .map(|s| Duration::new(s, d.nanos.unsigned_abs()))
+            .ok_or_else(|| {
+                format!(
+                    "the bake must be at most {}",
+                    humantime::format_duration(LONGEST_BAKE)
+                )
+            })?,
+    };
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    Ok(proto::RolloutPlan {
+        targets: chosen,
+        waves: waves.into_iter().map(count).collect(),
+        max_concurrency: count(max_concurrency),
+        max_errors: count(max_errors),
+        max_degraded: count(max_degraded),
+        bake: Some(prost_types::Duration {
+            seconds: i64::try_from(bake.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(bake.subsec_nanos()).unwrap_or(0),
+        }),
+        health: asked.health.clone(),
+        target_param: target_param.to_owned(),
+    })
+}
+
 /// What a rollout asks for, resolved against its targets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Spec {
@@ -161,6 +255,33 @@ pub struct Spec {
     pub bake: Duration,
     /// Whether a health operation checks each wave's targets.
     pub health: bool,
+}
+
+impl Spec {
+    /// The spec a recorded rollout plan gives.
+    pub fn of(plan: &proto::RolloutPlan) -> Self {
+        let count = |n: u32| usize::try_from(n).unwrap_or(usize::MAX);
+        let bake = plan.bake.as_ref().map_or(Duration::ZERO, |d| {
+            Duration::new(
+                u64::try_from(d.seconds).unwrap_or(0),
+                d.nanos.unsigned_abs(),
+            )
+        });
+        Self {
+            targets: plan.targets.clone(),
+            waves: plan.waves.iter().map(|n| count(*n)).collect(),
+            max_concurrency: count(plan.max_concurrency),
+            max_errors: count(plan.max_errors),
+            max_degraded: count(plan.max_degraded),
+            bake,
+            health: !plan.health.is_empty(),
+        }
+    }
+
+    /// Which wave (from 1) the target at `index` is in.
+    pub fn wave_of(&self, index: usize) -> usize {
+        self.waves.iter().take_while(|end| **end <= index).count() + 1
+    }
 }
 
 /// Where one target's child stands, as the stream says.
@@ -226,7 +347,8 @@ pub fn next(spec: &Spec, children: &[Child], now: Duration) -> Next {
     let degraded = count(Child::degraded);
     if degraded > spec.max_degraded {
         return Next::Halt(format!(
-            "{degraded} targets are failed or unhealthy, more than the {} the rollout allows",
+            "{}: {degraded} targets failed or unhealthy, more than the {} the rollout allows",
+            which(spec, children, Child::degraded),
             spec.max_degraded
         ));
     }
@@ -240,7 +362,8 @@ pub fn next(spec: &Spec, children: &[Child], now: Duration) -> Next {
         // already running.
         let overshoot = failed - spec.max_errors - 1;
         return Next::Halt(format!(
-            "{failed} targets failed, more than the {} allowed{}",
+            "{}: {failed} targets failed, more than the {} allowed{}",
+            which(spec, children, |c| c == Child::Failed),
             spec.max_errors,
             match overshoot {
                 0 => String::new(),
@@ -279,7 +402,15 @@ pub fn next(spec: &Spec, children: &[Child], now: Duration) -> Next {
                 .map(|(_, t)| t.clone())
                 .collect();
             if !unchecked.is_empty() {
-                return Next::Check(unchecked);
+                // A check is a command on the target too: within the concurrency.
+                let room = spec.max_concurrency.saturating_sub(running);
+                return match room {
+                    0 => Next::Wait(None),
+                    room => Next::Check(unchecked.into_iter().take(room).collect()),
+                };
+            }
+            if wave.contains(&Child::Checking) {
+                return Next::Wait(None);
             }
             let with = |state: Child| -> Vec<&str> {
                 wave.iter()
@@ -310,6 +441,23 @@ pub fn next(spec: &Spec, children: &[Child], now: Duration) -> Next {
         start = end;
     }
     Next::Done
+}
+
+/// The targets whose child is `such`, each with its state, for people (the first ten).
+fn which(spec: &Spec, children: &[Child], such: fn(Child) -> bool) -> String {
+    let named: Vec<String> = children
+        .iter()
+        .zip(&spec.targets)
+        .filter(|(c, _)| such(**c))
+        .map(|(c, t)| match c {
+            Child::Unhealthy => format!("{t} unhealthy"),
+            _ => format!("{t} failed"),
+        })
+        .collect();
+    match named.len() {
+        0..=10 => named.join(", "),
+        n => format!("{}, and {} more", named[..10].join(", "), n - 10),
+    }
 }
 
 /// When the bake after `wave` ends, if it has not yet at `now`: `bake` after its last
@@ -426,6 +574,12 @@ mod tests {
             next(&spec, &children, Duration::from_secs(70)),
             Next::Check(names(1..=1))
         );
+        // The next wave waits for the check.
+        children[0] = Child::Checking;
+        assert_eq!(
+            next(&spec, &children, Duration::from_secs(70)),
+            Next::Wait(None)
+        );
         children[0] = Child::Healthy;
         assert_eq!(
             next(&spec, &children, Duration::from_secs(70)),
@@ -505,7 +659,7 @@ mod tests {
             Duration::ZERO,
         );
         assert!(
-            matches!(halted, Next::Halt(ref why) if why.contains("3 targets failed") && why.contains("1 of them already running")),
+            matches!(halted, Next::Halt(ref why) if why.contains("prod-1 failed, prod-2 failed, prod-3 failed: 3 targets failed") && why.contains("1 of them already running")),
             "{halted:?}"
         );
     }
@@ -529,7 +683,7 @@ mod tests {
             Duration::ZERO,
         );
         assert!(
-            matches!(over, Next::Halt(ref why) if why.contains("2 targets are failed or unhealthy")),
+            matches!(over, Next::Halt(ref why) if why.contains("prod-1 failed, prod-3 unhealthy: 2 targets failed or unhealthy")),
             "{over:?}"
         );
     }

@@ -239,6 +239,15 @@ pub fn events_of_kind(command_id: CommandId, kind: EventKind) -> String {
     format!("{ROOT}.{EVT}.*.*.{command_id}.{kind}")
 }
 
+/// `rct.evt.*._rollout.*.decision`: the decision of every rollout.
+pub fn rollout_decisions() -> String {
+    format!(
+        "{ROOT}.{EVT}.*.{}.*.{}",
+        crate::rollout::PARENT_TARGET,
+        EventKind::Decision
+    )
+}
+
 /// `rct.evt.*.*.*.<kind>`: one kind of event of every command.
 pub fn events_of_every_command(kind: EventKind) -> String {
     format!("{ROOT}.{EVT}.*.*.*.{kind}")

@@ -59,6 +59,7 @@ fn samples() -> Vec<Vec<u8>> {
             break_glass: String::new(),
             plan: false,
             undo_of: String::new(),
+            rollout: None,
         })),
         ..Default::default()
     };

@@ -65,6 +65,7 @@ fn submission() -> proto::Submission {
             break_glass: String::new(),
             plan: true,
             undo_of: String::new(),
+            rollout: None,
         })),
     }
 }
@@ -75,6 +76,28 @@ fn submissions_round_trip() {
     round_trip(proto::Submission {
         request: Some(proto::submission::Request::Cancel(proto::Cancel {
             command_id: "01JQ0000000000000000000001".into(),
+            resume: false,
+        })),
+        ..submission()
+    });
+    round_trip(proto::Submission {
+        request: Some(proto::submission::Request::Run(proto::Run {
+            target: "_rollout".into(),
+            params: params(),
+            rollout: Some(proto::Rollout {
+                targets: "prod-*".into(),
+                catalog_order: true,
+                waves: "1,25%,100%".into(),
+                max_concurrency: "2".into(),
+                max_errors: "10%".into(),
+                max_degraded: "1".into(),
+                bake: Some(Duration {
+                    seconds: 300,
+                    nanos: 0,
+                }),
+                health: "traffic/check-health".into(),
+            }),
+            ..Default::default()
         })),
         ..submission()
     });
@@ -116,6 +139,7 @@ fn commands_round_trip_with_the_operators_envelope_inside() {
         break_glass: "INC-9 the database is down".into(),
         plan: false,
         approved_plan: Some(plan()),
+        parent: "01JQ0000000000000000000009".into(),
     };
     round_trip(command.clone());
 
@@ -154,6 +178,19 @@ fn every_event_kind_round_trips() {
         }),
         plan: true,
         undo_of: String::new(),
+        rollout: Some(proto::RolloutPlan {
+            targets: vec!["prod-1".into(), "prod-2".into()],
+            waves: vec![1, 2],
+            max_concurrency: 1,
+            max_errors: 0,
+            max_degraded: 0,
+            bake: None,
+            health: String::new(),
+            target_param: "cluster".into(),
+        }),
+        parent: "01JQ0000000000000000000009".into(),
+        health: true,
+        resume: true,
     });
     let kinds = vec![
         Kind::Rejected(proto::Rejected {
@@ -215,6 +252,7 @@ fn every_event_kind_round_trips() {
         Kind::CancelRequested(proto::CancelRequested {
             by: operator(),
             justification: "SRE-102".into(),
+            resume: true,
         }),
         Kind::Succeeded(proto::Succeeded {
             summary: "drained".into(),

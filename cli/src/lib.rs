@@ -102,6 +102,9 @@ enum Verb {
     /// Undo a command that succeeded: fire its operation's inverse, with the parameters its
     /// record gives (shown first): rct undo <id> -j WHY.
     Undo(undo::Args),
+    /// Steer a rollout: halt it (no new target starts), or resume it where it paused.
+    #[command(subcommand)]
+    Rollout(RolloutVerb),
     /// One line per command: what happened, who asked, why, how it went.
     History(history::Args),
     /// Manage contexts (how to reach NATS).
@@ -149,7 +152,7 @@ pub async fn main() -> std::process::ExitCode {
             return fail(json, &Error::usage(message));
         }
     };
-    match dispatch(&home, catalog.as_ref(), matches).await {
+    match Box::pin(dispatch(&home, catalog.as_ref(), matches)).await {
         Ok(exit) => std::process::ExitCode::from(exit as u8),
         Err(e) => fail(json, &e),
     }
@@ -442,10 +445,15 @@ async fn dispatch(home: &Home, catalog: Option<&Served>, matches: ArgMatches) ->
         Verb::Agents(args) => inspect::agents(home, &global, args).await,
         Verb::Locks(args) => inspect::locks(home, &global, args).await,
         Verb::Undo(args) => undo::run(home, &global, args).await,
-        Verb::History(args) => history::run(home, &global, args).await,
+        Verb::Rollout(RolloutVerb::Halt(args)) => inspect::cancel(home, &global, args).await,
+        Verb::Rollout(RolloutVerb::Resume(mut args)) => {
+            args.resume = true;
+            inspect::cancel(home, &global, args).await
+        }
+        Verb::History(args) => Box::pin(history::run(home, &global, args)).await,
         Verb::Context(args) => context::run(home, args),
         Verb::Dev(args) => dev::dev(home, args).await,
-        Verb::Demo(args) => dev::demo(args).await,
+        Verb::Demo(args) => Box::pin(dev::demo(args)).await,
         Verb::Bench(args) => bench::run(args).await,
         Verb::Chaos(args) => Box::pin(chaos::run(args)).await,
         Verb::ChaosAdmission(args) => chaos::admission(args).await,
@@ -510,4 +518,15 @@ mod tests {
         let (_, words) = early(&args("--context plan plan traffic drain-cluster -j X"));
         assert_eq!(words, ["traffic", "drain-cluster"]);
     }
+}
+
+/// `rct rollout halt|resume <id> -j WHY`.
+#[derive(Debug, clap::Subcommand)]
+pub enum RolloutVerb {
+    /// Halt a rollout: no new target starts; the ones running end as they will, then the
+    /// rollout ends cancelled.
+    Halt(inspect::CancelArgs),
+    /// Resume a rollout that paused for a person (a health check that could not say):
+    /// the targets it paused on are accepted, and it goes on.
+    Resume(inspect::CancelArgs),
 }

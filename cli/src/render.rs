@@ -220,6 +220,21 @@ fn describe_printable(event: &proto::Event) -> String {
                             .map_or_else(|| "(no time)".to_owned(), |t| t.to_string())
                     )
                 }
+                Some(r) if let Some(plan) = &r.rollout => format!(
+                    "{} as a rollout on {} ({} waves, {} at once, at most {} failed)",
+                    event.operation,
+                    plan.targets.join(", "),
+                    plan.waves.len(),
+                    plan.max_concurrency,
+                    plan.max_errors
+                ),
+                Some(r) if !r.parent.is_empty() => format!(
+                    "{}{}, {} of rollout {}",
+                    event.operation,
+                    on(&event.target),
+                    if r.health { "health check" } else { "child" },
+                    r.parent
+                ),
                 _ => format!("{}{}", event.operation, on(&event.target)),
             };
             let what = if a.approvals.is_empty() {
@@ -310,6 +325,7 @@ fn describe_printable(event: &proto::Event) -> String {
                 s.agent, s.host
             )
         }
+        Kind::Started(s) if s.host.is_empty() => format!("started by {}", s.agent),
         Kind::Started(s) => format!("started by {} on {}", s.agent, s.host),
         Kind::Progress(p) => format!(
             "[{:>3}%] {}{}",

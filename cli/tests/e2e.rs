@@ -225,7 +225,8 @@ fn an_operator_session_end_to_end() {
             && describe.contains(
                 "undone by:      traffic/set-weights cluster={cluster} \
                  weight={outputs.previous_weight}"
-            ),
+            )
+            && describe.contains("rolls out:      to up to 10 targets in one request"),
         "{describe}"
     );
     let help = text(&ok(dev.rct(&["traffic", "drain-cluster", "--help"])).stdout);
@@ -480,6 +481,13 @@ fn the_demo_runs_and_cleans_up() {
             && text(&out.stdout).contains("prod-1 at weight 100"),
         "{stderr}"
     );
+    // The three-wave drain across prod-1..4, each wave checked healthy before the next.
+    assert!(
+        text(&out.stdout).contains("4 of 4 targets succeeded, in 3 waves"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(stderr.matches(": healthy").count(), 4, "{stderr}");
     // The two-approver failover: the plan shown to each approver, then the run.
     assert_eq!(
         stderr.matches("promote cart-b replica → primary").count(),
@@ -1916,4 +1924,128 @@ fn a_scripted_scale_undone_and_done_again_ends_where_it_did() {
     assert_eq!(back, "shop/undo-me: 3 replicas (were 7)");
     let (_, again) = ran(rct_as(&erin, &scale));
     assert_eq!(again, forward);
+}
+
+/// Sets what the demo load balancer's health probe says of `cluster` (healthy, unhealthy,
+/// unreachable).
+fn probe_says(dev: &Dev, cluster: &str, health: &str) {
+    let url = format!("nats://127.0.0.1:{}", dev.port);
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+        let lb = rct_agents::demo::LoadBalancer::open(&js).await.unwrap();
+        lb.set_health(cluster, health).await.unwrap();
+    });
+}
+
+#[test]
+fn a_drain_rolls_out_in_health_gated_waves_and_halts_on_an_unhealthy_cluster() {
+    let dev = Dev::start();
+    let erin = person(&dev, "erin", "sre_team");
+    let rollout = |targets: &str, why: &str| {
+        rct_as(
+            &erin,
+            &[
+                "traffic",
+                "drain-cluster",
+                "--cluster",
+                targets,
+                "--keep-percent",
+                "10",
+                "--waves",
+                "1,100%",
+                "--max-concurrency",
+                "2",
+                "--health",
+                "traffic/check-health",
+                "-j",
+                why,
+            ],
+        )
+    };
+    let out = ok(rollout("prod-*", "SRE-11"));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    for said in [
+        "as a rollout on prod-1, prod-2, prod-3, prod-4 (2 waves, 2 at once, at most 0 failed)",
+        "prod-1: healthy",
+        "wave 2 of 2",
+    ] {
+        assert!(
+            stdout.contains(said) || stderr.contains(said),
+            "{said:?} not in:\n{stdout}\n{stderr}"
+        );
+    }
+    assert!(
+        stdout.contains("4 of 4 targets succeeded, in 2 waves"),
+        "{stdout}"
+    );
+    // prod-1 was checked before the second wave started (the live lines are on stderr).
+    let lines: Vec<&str> = stderr.lines().collect();
+    let at = |needle: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle:?} not in:\n{stderr}"))
+    };
+    assert!(at("prod-1: healthy") < at("prod-2: started as"), "{stderr}");
+
+    // The first cluster is unhealthy after its drain: halted, the others untouched; the
+    // exit code says it failed.
+    probe_says(&dev, "prod-3", "unhealthy");
+    let halted = rollout("prod-3,prod-1", "SRE-12");
+    said(
+        &halted,
+        1,
+        &halted.stdout,
+        "halted: unhealthy after the wave: prod-3",
+    );
+    assert!(
+        !text(&halted.stderr).contains("prod-1: started"),
+        "{}",
+        text(&halted.stderr)
+    );
+    // A child is an ordinary command: rct show names its rollout.
+    let child = text(&halted.stderr)
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("prod-3: started as ")
+                .map(str::to_owned)
+        })
+        .expect("the child's id");
+    let shown = text(&ok(rct_as(&erin, &["show", &child])).stdout);
+    assert!(shown.contains("child of rollout"), "{shown}");
+
+    // Rollout options without many targets, and many targets for an operation that does
+    // not fan out, are refused before anything is sent.
+    let single = rct_as(
+        &erin,
+        &[
+            "traffic",
+            "drain-cluster",
+            "--cluster",
+            "prod-1",
+            "--waves",
+            "1,100%",
+            "-j",
+            "SRE-13",
+        ],
+    );
+    said(
+        &single,
+        2,
+        &single.stderr,
+        "the rollout options need many targets",
+    );
+    let check = rct_as(
+        &erin,
+        &[
+            "traffic",
+            "check-health",
+            "--cluster",
+            "prod-*",
+            "-j",
+            "SRE-14",
+        ],
+    );
+    said(&check, 2, &check.stderr, "has no `fan_out`");
 }

@@ -158,7 +158,7 @@ pub async fn first(
 }
 
 /// [`first`], among the messages from sequence `from` on.
-pub(crate) async fn first_from(
+pub async fn first_from(
     js: &jetstream::Context,
     stream: &str,
     subject: &str,

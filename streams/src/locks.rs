@@ -98,12 +98,74 @@ pub async fn release(store: &kv::Store, key: &str, me: &Holder) -> Result<()> {
     Err(contended(key))
 }
 
+/// The lease of the replica that coordinates rollouts.
+pub const ROLLOUT_LEASE: &str = "lease.rollouts";
+
+/// A lease: who holds it, until when (milliseconds since the epoch, by the holder's clock).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Lease {
+    holder: String,
+    until_ms: u128,
+}
+
+/// Takes or renews the lease `key` for `me`, for `ttl`: true when `me` holds it now. Taken
+/// over when its holder let it lapse (stopped, or cut off). One compare-and-set write, so
+/// of two replicas taking it at once one does.
+pub async fn lease(
+    store: &kv::Store,
+    key: &str,
+    me: &str,
+    ttl: std::time::Duration,
+) -> Result<bool> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let entry = store.entry(key).await.map_err(|e| Error::read(key, e))?;
+    let revision = match entry {
+        Some(entry) if entry.operation == kv::Operation::Put => {
+            let held = serde_json::from_slice::<Lease>(&entry.value).ok();
+            if held.is_some_and(|l| l.holder != me && l.until_ms > now) {
+                return Ok(false);
+            }
+            entry.revision
+        }
+        Some(entry) => entry.revision,
+        None => 0,
+    };
+    let lease = Lease {
+        holder: me.to_owned(),
+        until_ms: now + ttl.as_millis(),
+    };
+    let value = serde_json::to_vec(&lease).expect("a lease always serializes");
+    match store.update(key, value.into(), revision).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+        Err(e) => Err(Error::read(key, e)),
+    }
+}
+
+/// Gives the lease `key` up if `me` holds it, so another replica takes it at once.
+pub async fn give_up(store: &kv::Store, key: &str, me: &str) -> Result<()> {
+    let entry = store.entry(key).await.map_err(|e| Error::read(key, e))?;
+    if let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put)
+        && serde_json::from_slice::<Lease>(&entry.value).is_ok_and(|l| l.holder == me)
+    {
+        // Lost to a newer write: then it is not ours to give up.
+        let _ = store
+            .delete_expect_revision(key, Some(entry.revision))
+            .await;
+    }
+    Ok(())
+}
+
 /// Every lock in the bucket now, by key, holders that no longer hold included (the caller
 /// tells which still do).
 pub async fn list(js: &jetstream::Context) -> Result<Vec<(String, Lock)>> {
     Ok(crate::journal::entries(js, LOCKS_BUCKET)
         .await?
         .into_iter()
+        .filter(|(key, _)| key.starts_with(rct_bus::lock::PREFIX))
         .filter_map(|(key, value)| Some((key, serde_json::from_slice(&value).ok()?)))
         .collect())
 }

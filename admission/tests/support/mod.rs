@@ -409,6 +409,7 @@ pub fn run<const N: usize>(
             break_glass: String::new(),
             plan: false,
             undo_of: String::new(),
+            rollout: None,
         })),
     }
 }
@@ -653,12 +654,26 @@ pub fn refused(decision: &proto::Event, code: proto::RejectionCode) -> String {
 
 /// What the agent of `target` records when it ran `submission` to `outcome`.
 pub async fn ran(h: &Harness, submission: &proto::Submission, target: &str, outcome: Kind) {
-    let tower: rct_bus::Tower = submission
-        .operation
-        .parse::<OperationName>()
-        .unwrap()
-        .tower()
-        .clone();
+    ran_command(
+        h,
+        &submission.command_id,
+        &submission.operation,
+        target,
+        outcome,
+    )
+    .await;
+}
+
+/// What the agent of `target` records when it ran command `command_id` of `operation` to
+/// `outcome`: its claim, then the outcome.
+pub async fn ran_command(
+    h: &Harness,
+    command_id: &str,
+    operation: &str,
+    target: &str,
+    outcome: Kind,
+) {
+    let tower: rct_bus::Tower = operation.parse::<OperationName>().unwrap().tower().clone();
     let agent = as_agent_of(h, &tower, target);
     for kind in [
         Kind::Started(proto::Started {
@@ -670,12 +685,12 @@ pub async fn ran(h: &Harness, submission: &proto::Submission, target: &str, outc
         outcome,
     ] {
         let event = proto::Event {
-            command_id: submission.command_id.clone(),
+            command_id: command_id.to_owned(),
             at: Some(rct_streams::timestamp::from_datetime(
                 time::OffsetDateTime::now_utc(),
             )),
             source: "agent".into(),
-            operation: submission.operation.clone(),
+            operation: operation.to_owned(),
             target: target.into(),
             kind: Some(kind),
         };

@@ -139,6 +139,7 @@ impl Harness {
             break_glass: String::new(),
             plan: false,
             approved_plan: None,
+            parent: String::new(),
         }
     }
 

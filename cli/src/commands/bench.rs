@@ -324,6 +324,7 @@ fn signed(session: &Session, target_name: &str) -> (CommandId, OperationName, By
             break_glass: String::new(),
             plan: false,
             undo_of: String::new(),
+            rollout: None,
         })),
     };
     let envelope = session.sign(&submission);

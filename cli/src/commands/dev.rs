@@ -166,7 +166,7 @@ pub async fn demo(args: DemoArgs) -> Result {
     let home = Home::at(&scratch.path().join("home"));
     use_context(&home, "demo", &stack.url)?;
     crate::commands::context::pin(&home, "demo", &stack.dir.join("admission.pub"))?;
-    let result = script(&home).await;
+    let result = Box::pin(script(&home)).await;
     step("stopping the stack");
     stack.stop().await;
     result
@@ -312,6 +312,30 @@ async fn script(home: &Home) -> Result {
         return Err(Error::usage(format!("the demo undo ended {undone:?}")));
     }
 
+    step(
+        "$ rct traffic drain-cluster --cluster 'prod-*' --keep-percent 50 --waves 1,50%,100% \
+         --max-concurrency 2 --bake 1s --health traffic/check-health -j DEMO-4   # a rollout",
+    );
+    let fire = run::Fire {
+        justification: Some("DEMO-4".into()),
+        fan: run::Fan {
+            waves: Some("1,50%,100%".into()),
+            max_concurrency: Some("2".into()),
+            bake: Some(std::time::Duration::from_secs(1)),
+            health: Some("traffic/check-health".into()),
+            ..run::Fan::default()
+        },
+        ..run::Fire::default()
+    };
+    let params = vec![
+        ("cluster".into(), "prod-*".into()),
+        ("keep_percent".into(), "50".into()),
+    ];
+    let (rolled, _) = Box::pin(run::fire_with_id(home, &global, &drain, params, &fire)).await?;
+    if rolled != Exit::Ok {
+        return Err(Error::usage(format!("the demo rollout ended {rolled:?}")));
+    }
+
     Box::pin(failover(home, &remote)).await?;
 
     step("$ rct login --dev --user bob --groups app_oncall   # bob is not allowed to drain");
@@ -336,7 +360,7 @@ async fn script(home: &Home) -> Result {
     eprintln!("(refused: exit code 3)");
 
     step("$ rct history --since 10m");
-    history::run(
+    Box::pin(history::run(
         home,
         &global,
         history::Args {
@@ -354,7 +378,7 @@ async fn script(home: &Home) -> Result {
             follow: false,
             output: Output::Text,
         },
-    )
+    ))
     .await?;
     let _ = Session::load(home, "demo");
     eprintln!(

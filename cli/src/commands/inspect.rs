@@ -242,9 +242,12 @@ pub struct CancelArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
+    /// Resume the rollout instead (rct rollout resume).
+    #[arg(skip)]
+    pub resume: bool,
 }
 
-/// Runs `rct cancel`.
+/// Runs `rct cancel` (and `rct rollout halt|resume`).
 pub async fn cancel(home: &Home, global: &Global, args: CancelArgs) -> Result {
     let id = parse(&args.id)?;
     let remote = remote::connect(home, global).await?;
@@ -277,6 +280,7 @@ pub async fn cancel(home: &Home, global: &Global, args: CancelArgs) -> Result {
     }
     let request = proto::submission::Request::Cancel(proto::Cancel {
         command_id: id.to_string(),
+        resume: args.resume,
     });
     let stored = submit(
         &remote,
@@ -292,9 +296,13 @@ pub async fn cancel(home: &Home, global: &Global, args: CancelArgs) -> Result {
     if decided != Exit::Ok {
         return Ok(decided);
     }
-    eprintln!("cancel of {id} requested");
+    let verb = if args.resume { "resume" } else { "cancel" };
+    eprintln!("{verb} of {id} requested");
     if args.detach {
         return Ok(Exit::Ok);
+    }
+    if args.resume {
+        return run::watch(&remote, id, args.output).await;
     }
     // Done when the command ended cancelled; it may have ended otherwise first, or watching
     // may have stopped without an end (which it said).

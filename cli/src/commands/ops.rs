@@ -168,6 +168,13 @@ fn describe(served: &Served, operation: &str, output: Output) -> Result {
             params.join(" ")
         );
     }
+    if let Some(fan_out) = &op.fan_out {
+        println!(
+            "  rolls out:      to up to {} targets in one request, in waves (a list, 'prod-*' or \
+             --all-targets; docs/ROLLOUTS.md)",
+            fan_out.max_targets
+        );
+    }
     let mut rows = vec![[
         "PARAMETER".to_owned(),
         "ACCEPTS".to_owned(),

@@ -63,6 +63,85 @@ pub struct Fire {
     /// The command this one undoes (set by rct undo).
     #[arg(skip)]
     pub undo_of: Option<CommandId>,
+    /// How to go through many targets at once.
+    #[command(flatten)]
+    pub fan: Fan,
+}
+
+/// A rollout: the operation on many targets (`--cluster prod-1,prod-2`, `--cluster 'prod-*'`
+/// or `--all-targets`), for operations whose catalog entry has `fan_out`.
+#[derive(Clone, Debug, Default, clap::Args)]
+#[command(next_help_heading = "Rollout (many targets)")]
+pub struct Fan {
+    /// Run on every target of the tower.
+    #[arg(long)]
+    pub all_targets: bool,
+    /// The most targets running at once: a count, or a share of the targets (25%).
+    /// Default 1.
+    #[arg(long, value_name = "N|N%")]
+    pub max_concurrency: Option<String>,
+    /// How many targets may fail before no new one starts (the ones running then end as
+    /// they will). Default 0.
+    #[arg(long, value_name = "N|N%")]
+    pub max_errors: Option<String>,
+    /// How many targets may be failed or unhealthy at once, across all waves, before the
+    /// rollout halts. Default: no such budget.
+    #[arg(long, value_name = "N|N%")]
+    pub max_degraded: Option<String>,
+    /// Go through the targets in the order given, or in the tower's catalog order.
+    #[arg(long, value_enum, default_value_t)]
+    pub order: Order,
+    /// Where each wave ends, counted from the first target: 1,25%,100%. Default: one wave.
+    #[arg(long, value_name = "N|N%,…")]
+    pub waves: Option<String>,
+    /// How long after a wave's last success its health is checked (or the next wave
+    /// starts): 5m.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub bake: Option<Duration>,
+    /// The operation that checks each target's health after its wave (its success says
+    /// healthy=true or healthy=false): unhealthy halts the rollout, anything else pauses it.
+    #[arg(long, value_name = "TOWER/OP")]
+    pub health: Option<String>,
+}
+
+/// The order a rollout goes through its targets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Order {
+    /// As given (a pattern's targets in catalog order).
+    #[default]
+    Given,
+    /// The tower's catalog order.
+    Catalog,
+}
+
+impl Fan {
+    /// Whether any rollout option is given besides the targets.
+    fn any(&self) -> bool {
+        self.all_targets
+            || self.max_concurrency.is_some()
+            || self.max_errors.is_some()
+            || self.max_degraded.is_some()
+            || self.order != Order::Given
+            || self.waves.is_some()
+            || self.bake.is_some()
+            || self.health.is_some()
+    }
+
+    /// The rollout asked for, of `targets` (names and patterns).
+    fn rollout(&self, targets: String) -> proto::Rollout {
+        proto::Rollout {
+            targets,
+            catalog_order: self.order == Order::Catalog,
+            waves: self.waves.clone().unwrap_or_default(),
+            max_concurrency: self.max_concurrency.clone().unwrap_or_default(),
+            max_errors: self.max_errors.clone().unwrap_or_default(),
+            max_degraded: self.max_degraded.clone().unwrap_or_default(),
+            bake: self
+                .bake
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
+            health: self.health.clone().unwrap_or_default(),
+        }
+    }
 }
 
 fn parse_pair(s: &str) -> std::result::Result<(String, String), String> {
@@ -168,10 +247,62 @@ fn request(
     let mut params = BTreeMap::new();
     let mut problems = Vec::new();
     let mut secrets = crate::secret::Input::default();
-    let raw: Vec<(String, Option<String>)> = raw
+    let mut raw: Vec<(String, Option<String>)> = raw
         .into_iter()
         .map(|(k, v)| (k.replace('-', "_"), Some(v)))
         .collect();
+    // Many targets (a list, a pattern, or all of them): a rollout, whose children each get
+    // one target.
+    let target_param = operation
+        .params
+        .iter()
+        .find(|(_, p)| p.kind == rct_bus::catalog::Type::Target)
+        .map(|(n, _)| n.clone());
+    let many = |v: &Option<String>| v.as_deref().is_some_and(|v| v.contains([',', '*']));
+    if let Some(param) = &target_param
+        && fire.fan.all_targets
+        && raw.iter().any(|(k, _)| k == param)
+    {
+        return Err(not_submitted(
+            name,
+            &[format!(
+                "--all-targets names every target: leave out --{param}"
+            )],
+        ));
+    }
+    let fanned = target_param.as_ref().and_then(|param| {
+        let given = raw.iter().find(|(k, v)| k == param && many(v));
+        match given {
+            Some((_, value)) => Some((param.clone(), value.clone().unwrap_or_default())),
+            None if fire.fan.all_targets => Some((param.clone(), "*".to_owned())),
+            None => None,
+        }
+    });
+    let rollout = match fanned {
+        Some((param, targets)) => {
+            raw.retain(|(k, _)| *k != param);
+            Some(rollout_request(
+                &served.catalog,
+                tower,
+                operation,
+                name,
+                &param,
+                targets,
+                fire,
+            )?)
+        }
+        None if fire.fan.any() => {
+            return Err(not_submitted(
+                name,
+                &[
+                    "the rollout options need many targets: a list (prod-1,prod-2), a pattern \
+                   ('prod-*') or --all-targets"
+                        .to_owned(),
+                ],
+            ));
+        }
+        None => None,
+    };
     // Secrets left out are asked for.
     let asked: Vec<(String, Option<String>)> = operation
         .params
@@ -235,10 +366,19 @@ fn request(
             )),
         }
     }
-    if problems.is_empty()
-        && let Err(errors) = operation.check(tower, &params, Secrets::Open)
-    {
-        problems.extend(errors.into_iter().map(|e| e.message));
+    // A rollout's parameters are checked for each of its targets.
+    let checked_for: Vec<String> = match &rollout {
+        Some((_, plan)) => plan.targets.clone(),
+        None => vec![String::new()],
+    };
+    for target in &checked_for {
+        if !problems.is_empty() {
+            break;
+        }
+        let with_target = with_target(&params, rollout.as_ref().map(|(p, _)| p.as_str()), target);
+        if let Err(errors) = operation.check(tower, &with_target, Secrets::Open) {
+            problems.extend(errors.into_iter().map(|e| e.message));
+        }
     }
     let justification = fire.justification.clone().unwrap_or_default();
     let break_glass = fire.break_glass.clone().unwrap_or_default();
@@ -256,6 +396,21 @@ fn request(
     }
     if !problems.is_empty() {
         return Err(not_submitted(name, &problems));
+    }
+    if let Some((_, plan)) = rollout {
+        // No secrets: the catalog refuses `fan_out` for an operation that takes one.
+        return Ok((
+            proto::Run {
+                target: rct_bus::rollout::PARENT_TARGET.to_owned(),
+                params,
+                dry_run: fire.dry_run,
+                break_glass,
+                plan: fire.plan,
+                undo_of: fire.undo_of.map(|id| id.to_string()).unwrap_or_default(),
+                rollout: Some(fire.fan.rollout(plan.targets.join(","))),
+            },
+            justification,
+        ));
     }
     let checked = operation
         .check(tower, &params, Secrets::Open)
@@ -290,9 +445,94 @@ fn request(
             break_glass,
             plan: fire.plan,
             undo_of: fire.undo_of.map(|id| id.to_string()).unwrap_or_default(),
+            rollout: None,
         },
         justification,
     ))
+}
+
+/// The rollout asked for, checked with admission's words before anything is sent: its
+/// targets resolved (names and patterns, in order) and its limits read.
+fn rollout_request(
+    catalog: &rct_bus::catalog::Catalog,
+    tower: &rct_bus::catalog::TowerSpec,
+    operation: &rct_bus::catalog::Operation,
+    name: &OperationName,
+    param: &str,
+    targets: String,
+    fire: &Fire,
+) -> Result<(String, proto::RolloutPlan)> {
+    let Some(fan_out) = &operation.fan_out else {
+        return Err(not_submitted(
+            name,
+            &[format!(
+                "{name} runs on one target at a time (its catalog entry has no `fan_out`): give \
+                 one {param}"
+            )],
+        ));
+    };
+    if fire.plan || fire.break_glass.is_some() || fire.undo_of.is_some() {
+        return Err(not_submitted(
+            name,
+            &[
+                "a rollout cannot be a plan, break the glass or undo a command: run those one \
+               target at a time"
+                    .to_owned(),
+            ],
+        ));
+    }
+    let plan = rct_bus::rollout::resolve(
+        &tower.targets,
+        param,
+        fan_out.max_targets,
+        &fire.fan.rollout(targets),
+    )
+    .map_err(|e| not_submitted(name, &[e]))?;
+    if let Some(health) = &fire.fan.health {
+        let named = health
+            .parse::<OperationName>()
+            .ok()
+            .filter(|h| h.tower() == name.tower());
+        let takes_target = |op: &rct_bus::catalog::Operation| {
+            op.params
+                .values()
+                .any(|p| p.kind == rct_bus::catalog::Type::Target)
+        };
+        if !named
+            .as_ref()
+            .and_then(|h| catalog.operation(h).map(|(_, op)| op))
+            .is_some_and(takes_target)
+        {
+            return Err(not_submitted(
+                name,
+                &[format!(
+                    "the health check {health} must be an operation of tower {} that takes a \
+                     target (rct ops {} lists them)",
+                    name.tower(),
+                    name.tower()
+                )],
+            ));
+        }
+    }
+    Ok((param.to_owned(), plan))
+}
+
+/// `params` with `param` (when a rollout's) set to `target`.
+fn with_target(
+    params: &BTreeMap<String, proto::Value>,
+    param: Option<&str>,
+    target: &str,
+) -> BTreeMap<String, proto::Value> {
+    let mut params = params.clone();
+    if let Some(param) = param {
+        params.insert(
+            param.to_owned(),
+            proto::Value {
+                kind: Some(proto::value::Kind::Target(target.to_owned())),
+            },
+        );
+    }
+    params
 }
 
 fn not_submitted(name: &OperationName, problems: &[String]) -> Error {
@@ -547,7 +787,10 @@ async fn missing_agent(
     deadline: Option<OffsetDateTime>,
 ) -> Option<(String, String)> {
     let (operation, target) = admitted;
-    if agent_serves(remote, operation, target).await != Some(false) {
+    // A rollout is run by admission's coordinator; its children by agents.
+    if target == rct_bus::rollout::PARENT_TARGET
+        || agent_serves(remote, operation, target).await != Some(false)
+    {
         return None;
     }
     eprintln!(

@@ -727,6 +727,7 @@ impl Submitter {
                 break_glass: String::new(),
                 plan: false,
                 undo_of: String::new(),
+                rollout: None,
             })),
         };
         let envelope = match &self.operator {
