@@ -1020,12 +1020,22 @@ impl Policy {
                 ),
             ));
         }
-        if run.plan || !run.break_glass.is_empty() || !run.undo_of.is_empty() {
+        if run.plan || !run.break_glass.is_empty() {
             return Err((
                 C::InvalidParams,
-                "a rollout cannot be a plan, break the glass or undo a command: run those one \
-                 target at a time"
+                "a rollout cannot be a plan or break the glass: run those one target at a time"
                     .into(),
+            ));
+        }
+        if let Some(target) = asked
+            .params_by_target
+            .iter()
+            .find(|(_, p)| p.values.contains_key(param))
+            .map(|(t, _)| t)
+        {
+            return Err((
+                C::InvalidParams,
+                format!("the parameters given for {target} name its {param}: leave it out"),
             ));
         }
         if run.params.contains_key(param) {
@@ -1048,20 +1058,27 @@ impl Policy {
             .map_err(|e| (C::InvalidParams, e))?;
         let mut recorded = None;
         for target in &plan.targets {
+            let given = child_params(&run.params, &plan.params_by_target, param, target);
             let checked = operation
-                .check(
-                    tower_spec,
-                    &child_params(&run.params, param, target),
-                    Secrets::Sealed,
-                )
+                .check(tower_spec, &given, Secrets::Sealed)
                 .map_err(|errors| {
                     let messages: Vec<String> = errors.into_iter().map(|e| e.message).collect();
-                    (C::InvalidParams, messages.join("; "))
+                    (
+                        C::InvalidParams,
+                        format!("{target}: {}", messages.join("; ")),
+                    )
                 })?;
             recorded.get_or_insert(checked.params);
         }
+        // What every child shares: the target's own and per-target values left out.
         let mut params = recorded.unwrap_or_default();
-        params.remove(param);
+        params.retain(|k, _| {
+            k != param
+                && !plan
+                    .params_by_target
+                    .values()
+                    .any(|p| p.values.contains_key(k))
+        });
         draft.request.params = operation.mask(&params);
         if !plan.health.is_empty() {
             let problem = |why: String| {
@@ -1107,7 +1124,7 @@ impl Policy {
                 ));
             }
             for target in &plan.targets {
-                let given = child_params(&BTreeMap::new(), health_param, target);
+                let given = child_params(&BTreeMap::new(), &BTreeMap::new(), health_param, target);
                 check
                     .check(tower_spec, &given, Secrets::Sealed)
                     .map_err(|errors| {
@@ -1216,8 +1233,13 @@ impl Policy {
             .check(&name.to_string(), &request.justification)?;
         let param = target_name(operation).ok_or_else(|| format!("{name} takes no target"))?;
         let given = match health {
-            false => child_params(&request.params, param, target),
-            true => child_params(&BTreeMap::new(), param, target),
+            false => child_params(&request.params, &plan.params_by_target, param, target),
+            true => child_params(&BTreeMap::new(), &BTreeMap::new(), param, target),
+        };
+        // A child of an undo of a rollout undoes that rollout's child on its target.
+        let undo_of = match request.undo_of.parse::<CommandId>() {
+            Ok(original) if !health => rollout::child_id(original, &target_token).to_string(),
+            _ => String::new(),
         };
         let checked = operation
             .check(tower_spec, &given, Secrets::Sealed)
@@ -1236,6 +1258,7 @@ impl Policy {
             rollout: None,
             parent: parent.command_id.clone(),
             health,
+            undo_of,
             ..request.clone()
         };
         Ok(self.event(
@@ -1724,13 +1747,18 @@ fn target_name(operation: &Operation) -> Option<&str> {
         .map(|(name, _)| name.as_str())
 }
 
-/// `params` with the target parameter `param` set to `target`: a rollout child's.
+/// A rollout child's parameters: `params`, those `by_target` gives its target, and the
+/// target parameter `param` set to `target`.
 fn child_params(
     params: &BTreeMap<String, proto::Value>,
+    by_target: &BTreeMap<String, proto::Params>,
     param: &str,
     target: &str,
 ) -> BTreeMap<String, proto::Value> {
     let mut params = params.clone();
+    if let Some(own) = by_target.get(target) {
+        params.extend(own.values.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
     params.insert(
         param.to_owned(),
         proto::Value {

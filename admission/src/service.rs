@@ -933,7 +933,8 @@ impl Inner {
             }
             // A rollout is a run: a freeze stops it (and each child it would send).
             Verdict::Record(record) if is_rollout(&record.decision) => {
-                self.check_freeze(Verdict::Record(record)).await?
+                let verdict = self.check_freeze(Verdict::Record(record)).await?;
+                self.check_rollout_undo(verdict).await?
             }
             Verdict::Park(park) => {
                 // An undo that cannot be admitted waits for no approvals.
@@ -1284,6 +1285,80 @@ impl Inner {
                 tower: admit.tower.clone(),
                 command_id: Some(admit.command_id),
                 decision: rejection(&admit.decision, code, why),
+            }),
+        })
+    }
+
+    /// A rollout that undoes another (`undo_of`) must name a rollout that ended, of the
+    /// operation its operation undoes, and only targets of it. Each child is then checked as
+    /// any undo, against the original child on its target ([`Self::undo_problem`]).
+    async fn check_rollout_undo(&self, verdict: Verdict) -> Result<Verdict, rct_streams::Error> {
+        let Verdict::Record(record) = verdict else {
+            return Ok(verdict);
+        };
+        let Some(request) = decided_request(&record.decision).filter(|r| !r.undo_of.is_empty())
+        else {
+            return Ok(Verdict::Record(record));
+        };
+        let original = request.undo_of.parse::<CommandId>().ok();
+        let recorded = match original {
+            Some(id) => {
+                self.own_event_on(&subject::events_of_kind(id, EventKind::Decision))
+                    .await?
+            }
+            None => None,
+        };
+        let plan = recorded
+            .as_ref()
+            .and_then(decided_request)
+            .and_then(|r| r.rollout.as_ref());
+        let inverse = recorded
+            .as_ref()
+            .and_then(|r| r.operation.parse::<rct_bus::OperationName>().ok())
+            .and_then(|name| {
+                let policy = self.policy();
+                policy
+                    .catalog
+                    .operation(&name)
+                    .and_then(|(_, op)| op.inverse.as_ref().map(|i| i.operation.clone()))
+            });
+        let ended = match original {
+            Some(id) => self
+                .own_event_on(&subject::events_of_kind(id, EventKind::Outcome))
+                .await?
+                .is_some(),
+            None => false,
+        };
+        let targets = request.rollout.as_ref().map(|p| p.targets.as_slice());
+        let problem = match (&recorded, plan) {
+            (None, _) => Some("it has no decision on record".to_owned()),
+            (Some(_), None) => Some(
+                "it is not a rollout: undo a single command with rct undo, one target".to_owned(),
+            ),
+            _ if inverse.as_deref() != Some(record.decision.operation.as_str()) => Some(format!(
+                "its operation is undone by {}, not {}",
+                inverse
+                    .as_deref()
+                    .unwrap_or("nothing (no inverse in the catalog)"),
+                record.decision.operation
+            )),
+            _ if !ended => Some("it has not ended: undo it once it has".to_owned()),
+            (Some(_), Some(plan)) => targets
+                .unwrap_or_default()
+                .iter()
+                .find(|t| !plan.targets.contains(t))
+                .map(|t| format!("{t} is not one of its targets")),
+        };
+        Ok(match problem {
+            None => Verdict::Record(record),
+            Some(why) => Verdict::Reject(Reject {
+                tower: record.tower.clone(),
+                command_id: Some(record.command_id),
+                decision: rejection(
+                    &record.decision,
+                    RejectionCode::NotUndoable,
+                    format!("rollout {} cannot be undone: {why}", request.undo_of),
+                ),
             }),
         })
     }

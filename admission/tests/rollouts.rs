@@ -277,10 +277,14 @@ async fn past_max_errors_no_new_target_starts_and_the_overshoot_is_said() {
     .await;
     use Seen::{Ended, Running, Waiting};
     assert_eq!(r.settled(&h, 3).await, [Running, Running, Running, Waiting]);
-    // Two fail while the third still runs: past the limit, prod-4 never starts; the
-    // rollout waits for prod-3, then halts saying one failure was of a target in flight.
+    // Two fail while the third still runs (prod-2's agent was killed mid-way: what it did
+    // is unknown): past the limit, prod-4 never starts; the rollout waits for prod-3, then
+    // halts saying one failure was of a target in flight.
     ends(&h, r.child("prod-1"), DRAIN, "prod-1", failed()).await;
-    ends(&h, r.child("prod-2"), DRAIN, "prod-2", failed()).await;
+    let killed = Kind::Unknown(proto::Unknown {
+        reason: "its agent stopped while it ran".into(),
+    });
+    ends(&h, r.child("prod-2"), DRAIN, "prod-2", killed).await;
     assert_eq!(r.settled(&h, 3).await, [Ended, Ended, Running, Waiting]);
     ends(&h, r.child("prod-3"), DRAIN, "prod-3", failed()).await;
     match r.outcome(&h).await {
@@ -696,4 +700,129 @@ async fn a_child_no_agent_starts_by_its_deadline_expires_and_counts_as_failed() 
             .and_then(|o| o.kind),
         Some(Kind::Expired(_))
     ));
+}
+
+const WEIGHTS: &str = "traffic/set-weights";
+
+/// A drain that succeeded from weight `before`.
+fn drained_from(before: i64) -> Kind {
+    Kind::Succeeded(proto::Succeeded {
+        summary: "drained".into(),
+        outputs: [("previous_weight".to_owned(), before.to_string())].into(),
+    })
+}
+
+/// An undo of rollout `r` as a rollout of set-weights, giving each target its weight.
+fn undo_of(r: &Watched, weights: &[(&str, i64)]) -> proto::Submission {
+    let targets: Vec<&str> = weights.iter().map(|(t, _)| *t).collect();
+    let mut submission = rollout_of(&targets.join(","), |asked| {
+        asked.params_by_target = weights
+            .iter()
+            .map(|(t, w)| {
+                let values = [(
+                    "weight".to_owned(),
+                    support::value(proto::value::Kind::Integer(*w)),
+                )]
+                .into();
+                ((*t).to_owned(), proto::Params { values })
+            })
+            .collect();
+    });
+    submission.operation = WEIGHTS.into();
+    if let Some(Request::Run(run)) = &mut submission.request {
+        run.undo_of = r.id.to_string();
+    }
+    submission
+}
+
+#[tokio::test]
+async fn a_rollout_is_undone_as_a_rollout_of_its_succeeded_children_in_reverse_order() {
+    let h = Harness::start().await;
+    let alice = h.operator("alice", &["sre_team"]).await;
+    let r = started(
+        &h,
+        &alice,
+        &rollout_of("prod-1,prod-2,prod-3", |r| r.max_errors = "1".into()),
+    )
+    .await;
+    ends(&h, r.child("prod-1"), DRAIN, "prod-1", drained_from(70)).await;
+    r.settled(&h, 1).await;
+    ends(&h, r.child("prod-2"), DRAIN, "prod-2", failed()).await;
+    r.settled(&h, 1).await;
+    // Not ended yet: its undo is refused.
+    let early = h.decided(&alice, &undo_of(&r, &[("prod-1", 70)])).await;
+    let (code, message) = rejection(&early).unwrap();
+    assert_eq!(code, C::NotUndoable);
+    assert!(message.contains("has not ended"), "{message}");
+    ends(&h, r.child("prod-3"), DRAIN, "prod-3", drained_from(100)).await;
+    assert!(matches!(r.outcome(&h).await, Kind::Failed(_)));
+
+    let refused_child = |u: &Watched, target: &str| {
+        let id = u.child(target);
+        let h = &h;
+        async move {
+            let decision = slot(h, id, EventKind::Decision).await.unwrap();
+            support::refused(&decision, C::NotUndoable)
+        }
+    };
+    // Another weight than prod-1's record gives; a target whose child failed; a target the
+    // rollout did not have: each refused, nothing set.
+    let wrong = started(&h, &alice, &undo_of(&r, &[("prod-1", 50)])).await;
+    assert!(matches!(wrong.outcome(&h).await, Kind::Failed(_)));
+    assert!(refused_child(&wrong, "prod-1").await.contains("weight"));
+    let unsucceeded = started(&h, &alice, &undo_of(&r, &[("prod-2", 100)])).await;
+    assert!(matches!(unsucceeded.outcome(&h).await, Kind::Failed(_)));
+    assert!(
+        refused_child(&unsucceeded, "prod-2")
+            .await
+            .contains("did not succeed")
+    );
+    let stranger = h.decided(&alice, &undo_of(&r, &[("prod-4", 100)])).await;
+    let (code, message) = rejection(&stranger).unwrap();
+    assert_eq!(code, C::NotUndoable);
+    assert!(
+        message.contains("prod-4 is not one of its targets"),
+        "{message}"
+    );
+
+    // The succeeded children, in reverse order, each with what its record gives.
+    let u = started(&h, &alice, &undo_of(&r, &[("prod-3", 100), ("prod-1", 70)])).await;
+    use Seen::{Ended, Running, Waiting};
+    assert_eq!(u.settled(&h, 1).await, [Running, Waiting]);
+    let first = slot(&h, u.child("prod-3"), EventKind::Decision)
+        .await
+        .unwrap();
+    let Some(Kind::Admitted(admitted)) = &first.kind else {
+        panic!("{first:?}");
+    };
+    let request = admitted.request.as_ref().unwrap();
+    assert_eq!(request.undo_of, r.child("prod-3").to_string());
+    assert_eq!(
+        request.params.get("weight").and_then(|v| v.kind.clone()),
+        Some(proto::value::Kind::Integer(100))
+    );
+    ends(&h, u.child("prod-3"), WEIGHTS, "prod-3", succeeded()).await;
+    assert_eq!(u.settled(&h, 1).await, [Ended, Running]);
+    ends(&h, u.child("prod-1"), WEIGHTS, "prod-1", succeeded()).await;
+    assert!(matches!(u.outcome(&h).await, Kind::Succeeded(_)));
+    // The original children's timelines say who undid them.
+    let linked = Watched {
+        id: r.child("prod-3"),
+        targets: Vec::new(),
+    };
+    let lines = linked.log(&h).await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("undone by command {}", u.child("prod-3")))),
+        "{lines:?}"
+    );
+    // Undone already: a second undo takes nothing back.
+    let again = started(&h, &alice, &undo_of(&r, &[("prod-3", 100)])).await;
+    assert!(matches!(again.outcome(&h).await, Kind::Failed(_)));
+    assert!(
+        refused_child(&again, "prod-3")
+            .await
+            .contains("undone already")
+    );
 }

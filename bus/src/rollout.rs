@@ -183,6 +183,11 @@ pub fn resolve(
     asked: &proto::Rollout,
 ) -> Result<proto::RolloutPlan, String> {
     let chosen = select(targets, &asked.targets, asked.catalog_order)?;
+    if let Some(stray) = asked.params_by_target.keys().find(|t| !chosen.contains(t)) {
+        return Err(format!(
+            "parameters are given for {stray}, which is not one of the rollout's targets"
+        ));
+    }
     if chosen.len() > max_targets {
         return Err(format!(
             "{} names {} targets, and the operation allows at most {max_targets} in one rollout",
@@ -235,6 +240,7 @@ pub fn resolve(
         }),
         health: asked.health.clone(),
         target_param: target_param.to_owned(),
+        params_by_target: asked.params_by_target.clone(),
     })
 }
 

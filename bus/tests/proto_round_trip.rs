@@ -96,6 +96,8 @@ fn submissions_round_trip() {
                     nanos: 0,
                 }),
                 health: "traffic/check-health".into(),
+                params_by_target: [("prod-2".to_owned(), proto::Params { values: params() })]
+                    .into(),
             }),
             ..Default::default()
         })),
@@ -187,6 +189,7 @@ fn every_event_kind_round_trips() {
             bake: None,
             health: String::new(),
             target_param: "cluster".into(),
+            params_by_target: [("prod-1".to_owned(), proto::Params { values: params() })].into(),
         }),
         parent: "01JQ0000000000000000000009".into(),
         health: true,

@@ -26,6 +26,7 @@ fn the_quick_bench_runs_every_scenario_and_prints_numbers() {
         "admission throughput",
         "replay",
         "fan-out",
+        "rollout to",
         "agent processes",
         "[3 nodes, R3, sync always]",
         "CLI process start",

@@ -1926,6 +1926,20 @@ fn a_scripted_scale_undone_and_done_again_ends_where_it_did() {
     assert_eq!(again, forward);
 }
 
+/// The demo load balancer's weights of prod-1..4.
+fn lb_weights(dev: &Dev) -> Vec<u32> {
+    let url = format!("nats://127.0.0.1:{}", dev.port);
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+        let lb = rct_agents::demo::LoadBalancer::open(&js).await.unwrap();
+        let mut weights = Vec::new();
+        for cluster in ["prod-1", "prod-2", "prod-3", "prod-4"] {
+            weights.push(lb.weight(cluster).await.unwrap());
+        }
+        weights
+    })
+}
+
 /// Sets what the demo load balancer's health probe says of `cluster` (healthy, unhealthy,
 /// unreachable).
 fn probe_says(dev: &Dev, cluster: &str, health: &str) {
@@ -1988,6 +2002,38 @@ fn a_drain_rolls_out_in_health_gated_waves_and_halts_on_an_unhealthy_cluster() {
     };
     assert!(at("prod-1: healthy") < at("prod-2: started as"), "{stderr}");
 
+    // Undone as a rollout: every cluster back to the weight its drain recorded.
+    assert_eq!(lb_weights(&dev), [10, 10, 10, 10]);
+    let drained = stderr
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("submitted traffic/drain-cluster as ")
+                .map(str::to_owned)
+        })
+        .expect("the rollout's id");
+    let undo = rct_as(&erin, &["undo", &drained, "-j", "SRE-15", "--yes"]);
+    let (undo_out, undo_err) = (text(&undo.stdout), text(&undo.stderr));
+    assert!(
+        undo_err.contains("4 of which succeeded; taken back in reverse order")
+            && undo_err.contains("  prod-4: traffic/set-weights cluster=prod-4 weight=100"),
+        "{undo_err}"
+    );
+    let undo = ok(undo);
+    assert!(
+        undo_out.contains("4 of 4 targets succeeded"),
+        "{undo_out}\n{}",
+        text(&undo.stderr)
+    );
+    assert_eq!(lb_weights(&dev), [100, 100, 100, 100]);
+    let twice = rct_as(&erin, &["undo", &drained, "-j", "SRE-16", "--yes"]);
+    said(&twice, 1, &twice.stderr, "prod-4: refused: command");
+    assert!(
+        text(&twice.stderr).contains("undone already"),
+        "{}",
+        text(&twice.stderr)
+    );
+    assert_eq!(lb_weights(&dev), [100, 100, 100, 100]);
+
     // The first cluster is unhealthy after its drain: halted, the others untouched; the
     // exit code says it failed.
     probe_says(&dev, "prod-3", "unhealthy");
@@ -2014,6 +2060,27 @@ fn a_drain_rolls_out_in_health_gated_waves_and_halts_on_an_unhealthy_cluster() {
         .expect("the child's id");
     let shown = text(&ok(rct_as(&erin, &["show", &child])).stdout);
     assert!(shown.contains("child of rollout"), "{shown}");
+    // rct history marks the rollout and its children.
+    let parent = text(&halted.stderr)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("submitted traffic/drain-cluster as ")
+                .map(str::to_owned)
+        })
+        .expect("the rollout's id");
+    let history = text(&ok(rct_as(&erin, &["history", "--since", "10m"])).stdout);
+    let row = |id: &str| {
+        history
+            .lines()
+            .find(|l| l.split_whitespace().nth(2) == Some(id))
+            .unwrap_or_else(|| panic!("{id} not in:\n{history}"))
+            .to_owned()
+    };
+    assert!(
+        row(&child).contains(&format!("child of rollout {parent}")),
+        "{history}"
+    );
+    assert!(row(&parent).contains("rollout to 2 targets"), "{history}");
 
     // Rollout options without many targets, and many targets for an operation that does
     // not fan out, are refused before anything is sent.

@@ -720,6 +720,13 @@ impl Inner {
                     .await?;
             }
             Step::Admitted(_) => {
+                // An undo's child: its original's timeline says so (once).
+                if let Some((decision, _)) = self
+                    .own_slot(&subject::events_of_kind(id, EventKind::Decision))
+                    .await?
+                {
+                    self.link_undo(&self.publisher, &decision).await?;
+                }
                 self.resend(rollout, index, health).await?;
                 let line = match health {
                     false => format!("{target}: started as {id}"),

@@ -595,6 +595,18 @@ fn notes(state: &CommandState) -> String {
     {
         notes.push(format!("undo of {original}"));
     }
+    if let Some(request) = state.request.as_ref() {
+        if let Some(plan) = &request.rollout {
+            notes.push(format!("rollout to {} targets", plan.targets.len()));
+        } else if !request.parent.is_empty() {
+            let what = if request.health {
+                "health check"
+            } else {
+                "child"
+            };
+            notes.push(format!("{what} of rollout {}", request.parent));
+        }
+    }
     if state.break_glass().is_some() {
         let reviewed: Vec<String> = state
             .reviewed_by()

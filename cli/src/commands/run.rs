@@ -128,7 +128,7 @@ impl Fan {
     }
 
     /// The rollout asked for, of `targets` (names and patterns).
-    fn rollout(&self, targets: String) -> proto::Rollout {
+    pub fn rollout(&self, targets: String) -> proto::Rollout {
         proto::Rollout {
             targets,
             catalog_order: self.order == Order::Catalog,
@@ -140,6 +140,7 @@ impl Fan {
                 .bake
                 .and_then(|d| prost_types::Duration::try_from(d).ok()),
             health: self.health.clone().unwrap_or_default(),
+            params_by_target: Default::default(),
         }
     }
 }
@@ -190,12 +191,35 @@ pub async fn fire_with_id(
         operator: session.identity.subject.clone(),
     };
     let (run, justification) = request(&served, name, raw, fire, &sealed_for)?;
-    let stored = submit(
+    submit_and_watch(
         &remote,
         &session,
         command_id,
         name,
         &justification,
+        run,
+        fire,
+    )
+    .await
+}
+
+/// Submits `run` (built and checked already) as command `command_id`, then watches it as
+/// `fire` says.
+pub async fn submit_and_watch(
+    remote: &Remote,
+    session: &Session,
+    command_id: CommandId,
+    name: &OperationName,
+    justification: &str,
+    run: proto::Run,
+    fire: &Fire,
+) -> Result<(Exit, CommandId)> {
+    let stored = submit(
+        remote,
+        session,
+        command_id,
+        name,
+        justification,
         proto::submission::Request::Run(run),
     )
     .await?;
@@ -207,10 +231,10 @@ pub async fn fire_with_id(
         {
             println!("{command_id}");
         }
-        let exit = decision(&remote, &stored).await?;
+        let exit = decision(remote, &stored).await?;
         return Ok((exit, command_id));
     }
-    let exit = watch_submitted(&remote, command_id, Some(&stored), fire.output).await?;
+    let exit = watch_submitted(remote, command_id, Some(&stored), fire.output).await?;
     Ok((exit, command_id))
 }
 
