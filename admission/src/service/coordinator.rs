@@ -87,6 +87,15 @@ struct Member {
     health: Step,
 }
 
+impl Member {
+    fn step(&self, health: bool) -> &Step {
+        match health {
+            false => &self.child,
+            true => &self.health,
+        }
+    }
+}
+
 /// One rollout being coordinated.
 #[derive(Debug)]
 struct Rollout {
@@ -111,6 +120,8 @@ struct Rollout {
     /// What the last progress said, and the last pause: each said once.
     said: String,
     paused: Option<String>,
+    /// The freeze of its tower as last read, and when.
+    freeze: Option<(Instant, Option<rct_bus::freeze::Active>)>,
 }
 
 impl Rollout {
@@ -389,6 +400,7 @@ impl Inner {
             claimed,
             said: String::new(),
             paused: None,
+            freeze: None,
         };
         if unrun {
             // Ended without running, its outcome not written yet: written now.
@@ -536,10 +548,7 @@ impl Inner {
         for index in 0..rollout.members.len() {
             let before = rollout.child(index);
             for health in [false, true] {
-                let known = match health {
-                    false => rollout.members[index].child.clone(),
-                    true => rollout.members[index].health.clone(),
-                };
+                let known = rollout.members[index].step(health).clone();
                 let Step::Admitted(deadline) = known else {
                     continue;
                 };
@@ -574,6 +583,14 @@ impl Inner {
             if !self.claim(rollout).await? {
                 return Ok(true);
             }
+        }
+        // Ended by another replica meanwhile (this one lost its lease): nothing more.
+        if self
+            .own_event_on(&subject::events_of_kind(rollout.id, EventKind::Outcome))
+            .await?
+            .is_some()
+        {
+            return Ok(true);
         }
         // One target at a time, planned again after each: a refusal counts before the next.
         for _ in 0..=rollout.members.len() * 2 {
@@ -680,30 +697,41 @@ impl Inner {
         health: bool,
     ) -> Result<(), rct_streams::Error> {
         let (target, id) = rollout.id_of(index, health);
-        // Ended by another replica meanwhile (this one lost its lease): nothing more.
-        if self
-            .own_event_on(&subject::events_of_kind(rollout.id, EventKind::Outcome))
-            .await?
-            .is_some()
-        {
-            rollout.halted = Some("it ended".into());
-            return Ok(());
-        }
-        let step = match self
-            .read_step(rollout, index, health, Step::Undecided)
-            .await?
-        {
+        // Undecided as far as this coordinator read (at its fold, or since): decided now,
+        // and whatever holds the slot read if the slot is taken.
+        let step = match rollout.members[index].step(health).clone() {
             Step::Undecided => {
-                let decision = self.decide_child(rollout, &target, id, health).await?;
+                let (decision, command) = self.decide_child(rollout, &target, id, health).await?;
                 match self
                     .publisher
                     .event(&rollout.tower, &decision, rollout.sequence)
                     .await?
                 {
-                    // Whatever is in the slot now, as any reader sees it.
+                    // Written now: what it says, and its command sent at once.
+                    Slot::Written(ack) if !ack.duplicate => match (&decision.kind, command) {
+                        (Some(Kind::Admitted(a)), Some((subject, command))) => {
+                            self.link_undo(&self.publisher, &decision).await?;
+                            let msg_id = rollout::msg_id(rollout.id, &target, health);
+                            self.publisher
+                                .send(Outgoing::new(subject, msg_id, command))
+                                .await?;
+                            Step::Admitted(a.deadline.as_ref().and_then(to_datetime))
+                        }
+                        (Some(Kind::Rejected(r)), _) => {
+                            Step::Refused(r.message.clone(), ack.sequence)
+                        }
+                        _ => Step::Undecided,
+                    },
+                    // Written before, or by another: whatever is in the slot, as any reader
+                    // sees it, and its command sent (again) if it is an admitted child.
                     Slot::Written(_) | Slot::Taken { .. } => {
-                        self.read_step(rollout, index, health, Step::Undecided)
-                            .await?
+                        let step = self
+                            .read_step(rollout, index, health, Step::Undecided)
+                            .await?;
+                        if step.is_open() {
+                            self.resend(rollout, index, health).await?;
+                        }
+                        step
                     }
                 }
             }
@@ -720,14 +748,6 @@ impl Inner {
                     .await?;
             }
             Step::Admitted(_) => {
-                // An undo's child: its original's timeline says so (once).
-                if let Some((decision, _)) = self
-                    .own_slot(&subject::events_of_kind(id, EventKind::Decision))
-                    .await?
-                {
-                    self.link_undo(&self.publisher, &decision).await?;
-                }
-                self.resend(rollout, index, health).await?;
                 let line = match health {
                     false => format!("{target}: started as {id}"),
                     true => format!("{target}: health check started as {id}"),
@@ -744,11 +764,11 @@ impl Inner {
     /// is now, or refused saying why.
     async fn decide_child(
         &self,
-        rollout: &Rollout,
+        rollout: &mut Rollout,
         target: &Target,
         id: CommandId,
         health: bool,
-    ) -> Result<proto::Event, rct_streams::Error> {
+    ) -> Result<(proto::Event, Option<(Subject, bytes::Bytes)>), rct_streams::Error> {
         let policy = self.policy();
         let now = OffsetDateTime::now_utc();
         let built = policy
@@ -762,7 +782,7 @@ impl Inner {
             Ok(built) => built,
             Err(why) => {
                 // Recorded in its own slot, as any refusal.
-                return Ok(proto::Event {
+                let refusal = proto::Event {
                     command_id: id.to_string(),
                     at: Some(from_datetime(now)),
                     source: policy.source.clone(),
@@ -778,9 +798,27 @@ impl Inner {
                             ..r.clone()
                         }),
                     })),
-                });
+                };
+                return Ok((refusal, None));
             }
         };
+        // A freeze of its tower refuses it (read once a look, not once a child).
+        let frozen = match &rollout.freeze {
+            Some((at, frozen)) if at.elapsed() < TICK => frozen.clone(),
+            _ => {
+                let frozen = self.frozen(&rollout.tower, now).await?;
+                rollout.freeze = Some((Instant::now(), frozen.clone()));
+                frozen
+            }
+        };
+        if let Some(freeze) = frozen {
+            let refusal = rejection(
+                &decision,
+                RejectionCode::Frozen,
+                freeze.refusal(&decision.operation),
+            );
+            return Ok((refusal, None));
+        }
         let verdict = Verdict::Admit(Admit {
             tower: rollout.tower.clone(),
             command_id: id,
@@ -788,9 +826,10 @@ impl Inner {
             subject,
             command,
         });
-        let verdict = self.check_freeze(verdict).await?;
-        let verdict = Box::pin(self.check_gates(verdict)).await?;
-        Ok(verdict.parts().2.clone())
+        Ok(match Box::pin(self.check_gates(verdict)).await? {
+            Verdict::Admit(admit) => (admit.decision, Some((admit.subject, admit.command))),
+            other => (other.parts().2.clone(), None),
+        })
     }
 
     /// Sends the command of the child (or health check) on the target at `index` as its
@@ -806,6 +845,8 @@ impl Inner {
         let Some((target, decision)) = self.unstarted(rollout, index, health).await? else {
             return Ok(());
         };
+        // An undo's child: its original's timeline says so (once).
+        self.link_undo(&self.publisher, &decision).await?;
         match self
             .policy()
             .recorded_command(&decision, &rollout.payload, Vec::new(), None)

@@ -306,16 +306,9 @@ pub async fn run(args: Args) -> Result {
 }
 
 fn signed(session: &Session, target_name: &str) -> (CommandId, OperationName, Bytes) {
-    let id = CommandId::generate();
-    let now = OffsetDateTime::now_utc();
-    let submission = proto::Submission {
-        command_id: id.to_string(),
-        operation: "bench/noop".into(),
-        justification: String::new(),
-        requested_at: Some(from_datetime(now)),
-        expires_at: Some(from_datetime(now + time::Duration::minutes(5))),
-        client: None,
-        request: Some(proto::submission::Request::Run(proto::Run {
+    signed_run(
+        session,
+        proto::Run {
             target: target_name.to_owned(),
             params: [(
                 "target".to_owned(),
@@ -329,7 +322,22 @@ fn signed(session: &Session, target_name: &str) -> (CommandId, OperationName, By
             plan: false,
             undo_of: String::new(),
             rollout: None,
-        })),
+        },
+    )
+}
+
+/// `run` of bench/noop as a signed submission, with its new id.
+fn signed_run(session: &Session, run: proto::Run) -> (CommandId, OperationName, Bytes) {
+    let id = CommandId::generate();
+    let now = OffsetDateTime::now_utc();
+    let submission = proto::Submission {
+        command_id: id.to_string(),
+        operation: "bench/noop".into(),
+        justification: String::new(),
+        requested_at: Some(from_datetime(now)),
+        expires_at: Some(from_datetime(now + time::Duration::minutes(5))),
+        client: None,
+        request: Some(proto::submission::Request::Run(run)),
     };
     let envelope = session.sign(&submission);
     (
@@ -1256,16 +1264,9 @@ async fn rollout_rows(
     }
 
     let mut events = bench_events(js).await.map_err(|e| io(&e))?;
-    let id = CommandId::generate();
-    let now = OffsetDateTime::now_utc();
-    let submission = proto::Submission {
-        command_id: id.to_string(),
-        operation: "bench/noop".into(),
-        justification: String::new(),
-        requested_at: Some(from_datetime(now)),
-        expires_at: Some(from_datetime(now + time::Duration::minutes(5))),
-        client: None,
-        request: Some(proto::submission::Request::Run(proto::Run {
+    let (id, name, bytes) = signed_run(
+        session,
+        proto::Run {
             target: rct_bus::rollout::PARENT_TARGET.to_owned(),
             rollout: Some(proto::Rollout {
                 targets: (0..agents).map(target).collect::<Vec<_>>().join(","),
@@ -1274,22 +1275,17 @@ async fn rollout_rows(
                 ..Default::default()
             }),
             ..Default::default()
-        })),
-    };
+        },
+    );
     let children: std::collections::HashSet<CommandId> = (0..agents)
         .map(|i| {
             let t = rct_bus::Target::new(target(i)).expect("a target name");
             rct_bus::rollout::child_id(id, &t)
         })
         .collect();
-    let name: OperationName = "bench/noop".parse().expect("valid");
     let begin = Instant::now();
     Publisher::new(js.clone())
-        .send(Outgoing::new(
-            Subject::submit(&name),
-            id.msg_id(),
-            Bytes::from(session.sign(&submission).encode_to_vec()),
-        ))
+        .send(Outgoing::new(Subject::submit(&name), id.msg_id(), bytes))
         .await
         .map_err(|e| io(&e))?;
     let (mut started, mut last_started, mut ended) = (0, Duration::ZERO, None);
