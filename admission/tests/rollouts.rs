@@ -826,3 +826,43 @@ async fn a_rollout_is_undone_as_a_rollout_of_its_succeeded_children_in_reverse_o
             .contains("undone already")
     );
 }
+
+#[tokio::test]
+async fn a_freeze_started_while_a_rollout_runs_refuses_its_next_children() {
+    let h = Harness::start().await;
+    let alice = h.operator("alice", &["sre_team"]).await;
+    let lead = h.operator("lee", &["sre_leads"]).await;
+    let r = started(
+        &h,
+        &alice,
+        &rollout_of("prod-1,prod-2", |r| r.max_errors = "1".into()),
+    )
+    .await;
+    use Seen::{Ended, Refused, Running, Waiting};
+    assert_eq!(r.settled(&h, 1).await, [Running, Waiting]);
+    let now = time::OffsetDateTime::now_utc();
+    let freeze = proto::Submission {
+        command_id: CommandId::generate().to_string(),
+        operation: "_freeze/traffic".into(),
+        justification: "INC-7".into(),
+        requested_at: Some(rct_streams::timestamp::from_datetime(now)),
+        expires_at: Some(rct_streams::timestamp::from_datetime(
+            now + time::Duration::minutes(1),
+        )),
+        client: None,
+        request: Some(Request::Freeze(proto::Freeze {
+            duration: Some(Duration::from_secs(3600).try_into().unwrap()),
+            end: false,
+        })),
+    };
+    assert!(rejection(&h.decided(&lead, &freeze).await).is_none());
+    // The coordinator reads the freezes once a look: the next look sees it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ends(&h, r.child("prod-1"), DRAIN, "prod-1", succeeded()).await;
+    assert_eq!(r.settled(&h, 1).await, [Ended, Refused]);
+    let refusal = slot(&h, r.child("prod-2"), EventKind::Decision)
+        .await
+        .unwrap();
+    assert!(support::refused(&refusal, C::Frozen).contains("frozen"));
+    assert!(matches!(r.outcome(&h).await, Kind::Failed(_)));
+}
