@@ -1038,6 +1038,21 @@ impl Policy {
                 format!("the parameters given for {target} name its {param}: leave it out"),
             ));
         }
+        // One value per child: a parameter is shared, or given per target, never both.
+        if let Some((target, name)) = asked.params_by_target.iter().find_map(|(t, p)| {
+            p.values
+                .keys()
+                .find(|k| run.params.contains_key(*k))
+                .map(|k| (t, k))
+        }) {
+            return Err((
+                C::InvalidParams,
+                format!(
+                    "{name} is given for every target and again for {target}: give it once, \
+                     for all or per target"
+                ),
+            ));
+        }
         if run.params.contains_key(param) {
             return Err((
                 C::InvalidParams,

@@ -1406,6 +1406,24 @@ impl Inner {
         let Some(before) = admitted.request.as_ref() else {
             return refuse("its decision records no request".into());
         };
+        // A child of an undo of a rollout undoes that rollout's child on its target, and
+        // nothing else someone submitted under that child's id.
+        if !request.parent.is_empty() {
+            let child_of = before.parent.parse::<CommandId>().ok().filter(|parent| {
+                !before.health
+                    && rct_bus::Target::new(recorded.target.as_str()).is_ok_and(|t| {
+                        rct_bus::rollout::child_id(*parent, &t) == original
+                            && recorded.target == decision.target
+                    })
+            });
+            if child_of.is_none() {
+                return refuse(
+                    "it is not the undone rollout's child on this target (another command \
+                     holds that child's id)"
+                        .into(),
+                );
+            }
+        }
         if before.dry_run || before.plan {
             return refuse("it was a dry run or a plan, and changed nothing".into());
         }
@@ -1661,7 +1679,12 @@ impl Inner {
             locks.push((rct_bus::lock::key(&resource), resource));
             locks.sort();
         }
-        if locks.is_empty() || self.reused(command_id.parse().ok(), request).await? {
+        // A rollout's child is decided by the coordinator alone, under an id anyone can
+        // derive: a request someone parked under it (waiting for approvals) takes no slot
+        // of the child's, so the child takes its locks.
+        if locks.is_empty()
+            || (request.parent.is_empty() && self.reused(command_id.parse().ok(), request).await?)
+        {
             return none;
         }
         let now = jiff::Timestamp::now();

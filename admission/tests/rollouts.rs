@@ -364,6 +364,40 @@ async fn waves_halt_on_an_unhealthy_target_and_pause_on_an_inconclusive_one() {
     );
 }
 
+/// Waits until `id`'s `kind` slot holds an event.
+async fn on_record(h: &Harness, id: CommandId, kind: EventKind) {
+    let start = Instant::now();
+    while slot(h, id, kind).await.is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no {kind} of {id}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A request that waits for approvals, parked by `who` under `id`.
+async fn park_under(h: &Harness, who: &Operator, id: CommandId) {
+    let mut parked = support::workload("workloads/delete", "cart", "SRE-66");
+    parked.command_id = id.to_string();
+    h.submit(who, &parked).await;
+    on_record(h, id, EventKind::Pending).await;
+}
+
+/// `name=value` for `target` alone.
+fn per_target(
+    target: &str,
+    name: &str,
+    value: i64,
+) -> std::collections::BTreeMap<String, proto::Params> {
+    let values = [(
+        name.to_owned(),
+        support::value(proto::value::Kind::Integer(value)),
+    )]
+    .into();
+    [(target.to_owned(), proto::Params { values })].into()
+}
+
 /// A halt (or, with `resume`, a resume) of rollout `r`.
 fn cancel_of(r: &Watched, justification: &str, resume: bool) -> proto::Submission {
     let mut submission = run(DRAIN, "_", [], justification);
@@ -385,14 +419,7 @@ async fn a_halted_rollout_starts_nothing_more_and_ends_cancelled_once_its_childr
     let halt = cancel_of(&r, "SRE-9", false);
     assert!(rejection(&h.decided(&bob, &halt).await).is_none());
     // On the rollout's timeline before prod-1 ends (its decision comes first).
-    let start = Instant::now();
-    while slot(&h, r.id, EventKind::Cancel).await.is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no halt on record"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    on_record(&h, r.id, EventKind::Cancel).await;
     ends(&h, r.child("prod-1"), DRAIN, "prod-1", succeeded()).await;
     match r.outcome(&h).await {
         Kind::Cancelled(c) => assert!(c.reason.contains("halted by bob@example.com"), "{c:?}"),
@@ -477,6 +504,33 @@ async fn a_rollout_asks_for_what_its_operation_and_tower_allow() {
                 s
             },
             "has no `fan_out`",
+        ),
+        (
+            {
+                let mut s = rollout_of("prod-1,prod-2", |r| {
+                    r.params_by_target = per_target("prod-1", "keep_percent", 10);
+                });
+                if let Some(Request::Run(run)) = &mut s.request {
+                    run.params.insert(
+                        "keep_percent".into(),
+                        support::value(proto::value::Kind::Integer(50)),
+                    );
+                }
+                s
+            },
+            "keep_percent is given for every target and again for prod-1",
+        ),
+        (
+            rollout_of("prod-1,prod-2", |r| {
+                r.params_by_target = per_target("prod-9", "keep_percent", 10);
+            }),
+            "prod-9, which is not one of the rollout's targets",
+        ),
+        (
+            rollout_of("prod-1,prod-2", |r| {
+                r.params_by_target = per_target("prod-1", "cluster", 0);
+            }),
+            "name its cluster",
         ),
     ];
     for (submission, expected) in cases {
@@ -566,37 +620,64 @@ async fn a_command_under_a_childs_id_is_not_that_child() {
     let h = Harness::start().await;
     let alice = h.operator("alice", &["sre_team"]).await;
     let mallory = h.operator("mallory", &["traffic_team"]).await;
-    let r = started(&h, &alice, &rollout_of("prod-1,prod-2", |_| {})).await;
-    use Seen::{Ended, Refused, Running, Waiting};
-    assert_eq!(r.settled(&h, 1).await, [Running, Waiting]);
-    // Anyone can derive the id the rollout will give prod-2's child: Mallory takes it for a
-    // health check of prod-2, which runs and succeeds.
-    let mut squat = run(
-        HEALTH,
-        "prod-2",
-        [(
-            "cluster",
-            support::value(proto::value::Kind::Target("prod-2".into())),
-        )],
-        "SRE-66",
-    );
+    let r = started(&h, &alice, &rollout_of("prod-1,prod-2,prod-3", |_| {})).await;
+    use Seen::{Ended, Running, Waiting};
+    assert_eq!(r.settled(&h, 1).await, [Running, Waiting, Waiting]);
+    // Anyone can derive the ids the rollout will give its children. Mallory drains prod-2
+    // under its child's id (it runs and succeeds, as her own command) and parks a request
+    // that waits for approvals under prod-3's.
+    let mut squat = drain("prod-2");
     squat.command_id = r.child("prod-2").to_string();
     assert!(rejection(&h.decided(&mallory, &squat).await).is_none());
-    ends(&h, r.child("prod-2"), HEALTH, "prod-2", healthy(true)).await;
-    ends(&h, r.child("prod-1"), DRAIN, "prod-1", succeeded()).await;
-    // prod-2 was never drained: the rollout does not count it, and says why.
-    match r.outcome(&h).await {
-        Kind::Failed(f) => assert!(f.message.contains("prod-2"), "{f:?}"),
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(r.children(&h).await, [Ended, Ended]);
+    ends(&h, r.child("prod-2"), DRAIN, "prod-2", drained_from(100)).await;
+    park_under(&h, &alice, r.child("prod-3")).await;
+    ends(&h, r.child("prod-1"), DRAIN, "prod-1", drained_from(100)).await;
+    // prod-2 was never drained by the rollout: not counted, and said why.
+    assert_eq!(r.settled(&h, 1).await, [Ended, Ended, Waiting]);
     let log = r.log(&h).await;
     assert!(
         log.iter()
             .any(|l| l.starts_with("prod-2: refused: its id is held by another command")),
         "{log:?}"
     );
-    assert!(matches!(r.settled(&h, 1).await[1], Ended | Refused));
+    match r.outcome(&h).await {
+        Kind::Failed(f) => assert!(f.message.contains("prod-2"), "{f:?}"),
+        other => panic!("{other:?}"),
+    }
+
+    // Its undo takes back prod-1, and not Mallory's drain of prod-2.
+    let mut undo = undo_of(&r, &[("prod-2", 100), ("prod-1", 100)]);
+    if let Some(Request::Run(run)) = &mut undo.request {
+        run.rollout.as_mut().unwrap().max_errors = "1".into();
+    }
+    let u = started(&h, &alice, &undo).await;
+    assert_eq!(u.settled(&h, 1).await, [Seen::Refused, Running]);
+    ends(&h, u.child("prod-1"), WEIGHTS, "prod-1", succeeded()).await;
+    assert!(matches!(u.outcome(&h).await, Kind::Failed(_)));
+    let refusal = slot(&h, u.child("prod-2"), EventKind::Decision)
+        .await
+        .unwrap();
+    let why = support::refused(&refusal, C::NotUndoable);
+    assert!(why.contains("not the undone rollout's child"), "{why}");
+    assert_eq!(u.children(&h).await, [Seen::Refused, Ended]);
+}
+
+#[tokio::test]
+async fn a_child_takes_its_locks_whatever_someone_parked_under_its_id() {
+    let h = Harness::start().await;
+    let alice = h.operator("alice", &["sre_team"]).await;
+    let r = started(&h, &alice, &rollout_of("prod-1,prod-2", |_| {})).await;
+    use Seen::{Ended, Running, Waiting};
+    assert_eq!(r.settled(&h, 1).await, [Running, Waiting]);
+    park_under(&h, &alice, r.child("prod-2")).await;
+    ends(&h, r.child("prod-1"), DRAIN, "prod-1", succeeded()).await;
+    assert_eq!(r.settled(&h, 1).await, [Ended, Running]);
+    // prod-2's child runs holding its lock: another change of prod-2 is refused, naming it.
+    let message = support::refused(&h.decided(&alice, &drain("prod-2")).await, C::Locked);
+    assert!(
+        message.contains(&r.child("prod-2").to_string()),
+        "{message}"
+    );
 }
 
 /// A replica that is gone holds the coordinator's lease, for 3 s from now.
@@ -806,16 +887,23 @@ async fn a_rollout_is_undone_as_a_rollout_of_its_succeeded_children_in_reverse_o
     ends(&h, u.child("prod-1"), WEIGHTS, "prod-1", succeeded()).await;
     assert!(matches!(u.outcome(&h).await, Kind::Succeeded(_)));
     // The original children's timelines say who undid them.
-    let linked = Watched {
-        id: r.child("prod-3"),
-        targets: Vec::new(),
-    };
-    let lines = linked.log(&h).await;
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains(&format!("undone by command {}", u.child("prod-3")))),
-        "{lines:?}"
+    for target in ["prod-3", "prod-1"] {
+        let original = Watched {
+            id: r.child(target),
+            targets: Vec::new(),
+        };
+        let lines = original.log(&h).await;
+        let link = format!("undone by command {}", u.child(target));
+        assert!(lines.iter().any(|l| l.contains(&link)), "{lines:?}");
+    }
+    let last = slot(&h, u.child("prod-1"), EventKind::Decision)
+        .await
+        .unwrap();
+    assert_eq!(
+        support::decided_params(&last)
+            .get("weight")
+            .and_then(|v| v.kind.clone()),
+        Some(proto::value::Kind::Integer(70))
     );
     // Undone already: a second undo takes nothing back.
     let again = started(&h, &alice, &undo_of(&r, &[("prod-3", 100)])).await;

@@ -1976,6 +1976,20 @@ fn a_drain_rolls_out_in_health_gated_waves_and_halts_on_an_unhealthy_cluster() {
             ],
         )
     };
+    // prod-2 starts from another weight than the others: each undo must give back its own.
+    ok(rct_as(
+        &erin,
+        &[
+            "traffic",
+            "set-weights",
+            "--cluster",
+            "prod-2",
+            "--weight",
+            "60",
+            "-j",
+            "SRE-10",
+        ],
+    ));
     let out = ok(rollout("prod-*", "SRE-11"));
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     for said in [
@@ -2014,17 +2028,28 @@ fn a_drain_rolls_out_in_health_gated_waves_and_halts_on_an_unhealthy_cluster() {
     let undo = rct_as(&erin, &["undo", &drained, "-j", "SRE-15", "--yes"]);
     let (undo_out, undo_err) = (text(&undo.stdout), text(&undo.stderr));
     assert!(
-        undo_err.contains("4 of which succeeded; taken back in reverse order")
-            && undo_err.contains("  prod-4: traffic/set-weights cluster=prod-4 weight=100"),
+        undo_err.contains("4 of which succeeded; taken back in reverse order"),
         "{undo_err}"
     );
+    // Each cluster with the weight its own drain recorded, the last drained first.
+    let shown: Vec<usize> = ["prod-4", "prod-3", "prod-2", "prod-1"]
+        .iter()
+        .map(|c| {
+            let weight = if *c == "prod-2" { 60 } else { 100 };
+            let line = format!("  {c}: traffic/set-weights cluster={c} weight={weight}");
+            undo_err
+                .find(&line)
+                .unwrap_or_else(|| panic!("{line:?} not in:\n{undo_err}"))
+        })
+        .collect();
+    assert!(shown.windows(2).all(|w| w[0] < w[1]), "{undo_err}");
     let undo = ok(undo);
     assert!(
         undo_out.contains("4 of 4 targets succeeded"),
         "{undo_out}\n{}",
         text(&undo.stderr)
     );
-    assert_eq!(lb_weights(&dev), [100, 100, 100, 100]);
+    assert_eq!(lb_weights(&dev), [100, 60, 100, 100]);
     let twice = rct_as(&erin, &["undo", &drained, "-j", "SRE-16", "--yes"]);
     said(&twice, 1, &twice.stderr, "prod-4: refused: command");
     assert!(
@@ -2032,7 +2057,7 @@ fn a_drain_rolls_out_in_health_gated_waves_and_halts_on_an_unhealthy_cluster() {
         "{}",
         text(&twice.stderr)
     );
-    assert_eq!(lb_weights(&dev), [100, 100, 100, 100]);
+    assert_eq!(lb_weights(&dev), [100, 60, 100, 100]);
 
     // The first cluster is unhealthy after its drain: halted, the others untouched; the
     // exit code says it failed.

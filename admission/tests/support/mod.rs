@@ -697,3 +697,12 @@ pub async fn ran_command(
         agent.event(&tower, &event, "agent").await.unwrap();
     }
 }
+
+/// The parameters the decision `decision` recorded.
+pub fn decided_params(decision: &proto::Event) -> BTreeMap<String, proto::Value> {
+    match &decision.kind {
+        Some(Kind::Admitted(a)) => a.request.clone().unwrap_or_default().params,
+        Some(Kind::Rejected(r)) => r.request.clone().unwrap_or_default().params,
+        _ => BTreeMap::new(),
+    }
+}

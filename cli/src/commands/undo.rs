@@ -156,11 +156,23 @@ async fn rollout(
             id,
             &rct_bus::Target::new(target.as_str()).map_err(|e| cannot(e.to_string()))?,
         );
-        let records = inspect::history(remote, child).await.ok();
-        let child_state = records.as_deref().and_then(CommandState::fold);
+        // Never decided (it did not start): nothing is on record for it. A read that fails
+        // stops the undo, rather than leaving a target that succeeded as it is.
+        let filter = remote
+            .checked(rct_streams::replay::Filter::command(child))
+            .await;
+        let records = rct_streams::replay::records(&remote.js, &filter)
+            .await
+            .map_err(|e| Error::usage(format!("cannot read {child}, {target}'s child: {e}")))?;
+        let child_state = CommandState::fold(&records);
+        // Its child, and nothing someone else submitted under its id.
+        let request = child_state
+            .as_ref()
+            .and_then(|s| s.request.clone())
+            .filter(|r| r.parent == id.to_string() && !r.health);
         let (Some(Kind::Succeeded(succeeded)), Some(request)) = (
             child_state.as_ref().and_then(|s| s.outcome.clone()),
-            child_state.as_ref().and_then(|s| s.request.clone()),
+            request,
         ) else {
             skipped.push(target.clone());
             continue;
