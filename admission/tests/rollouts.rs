@@ -315,7 +315,8 @@ async fn waves_halt_on_an_unhealthy_target_and_pause_on_an_inconclusive_one() {
     assert_eq!(r.settled(&h, 4).await, [Running, Waiting, Waiting]);
     ends(&h, r.child("prod-1"), DRAIN, "prod-1", succeeded()).await;
     assert_eq!(r.seen(&h, r.health("prod-1")).await, Waiting);
-    r.settled(&h, 4).await;
+    // While prod-1's check runs, the second wave waits for it.
+    assert_eq!(r.settled(&h, 4).await, [Ended, Waiting, Waiting]);
     assert_eq!(r.seen(&h, r.health("prod-1")).await, Running);
     let check = slot(&h, r.health("prod-1"), EventKind::Decision)
         .await
