@@ -154,6 +154,13 @@ impl Watched {
     }
 }
 
+/// A new stack, and alice of `sre_team`, who may drain.
+async fn stack_with_alice() -> (Harness, Operator) {
+    let h = Harness::start().await;
+    let alice = h.operator("alice", &["sre_team"]).await;
+    (h, alice)
+}
+
 /// Submits `submission` (a rollout) as `who`, asserting it is admitted.
 async fn started(h: &Harness, who: &Operator, submission: &proto::Submission) -> Watched {
     let decision = h.decided(who, submission).await;
@@ -200,8 +207,7 @@ const HEALTH: &str = "traffic/check-health";
 
 #[tokio::test]
 async fn a_rollout_sends_each_target_once_within_its_concurrency_and_ends_succeeded() {
-    let h = Harness::start().await;
-    let alice = h.operator("alice", &["sre_team"]).await;
+    let (h, alice) = stack_with_alice().await;
     let asked = rollout_of("prod-3,prod-*", |r| r.max_concurrency = "2".into());
     let r = started(&h, &alice, &asked).await;
     // As given: prod-3 first, then the pattern's others in catalog order.
@@ -263,8 +269,7 @@ async fn a_rollout_sends_each_target_once_within_its_concurrency_and_ends_succee
 
 #[tokio::test]
 async fn past_max_errors_no_new_target_starts_and_the_overshoot_is_said() {
-    let h = Harness::start().await;
-    let alice = h.operator("alice", &["sre_team"]).await;
+    let (h, alice) = stack_with_alice().await;
     let r = started(
         &h,
         &alice,
@@ -300,8 +305,7 @@ async fn past_max_errors_no_new_target_starts_and_the_overshoot_is_said() {
 
 #[tokio::test]
 async fn waves_halt_on_an_unhealthy_target_and_pause_on_an_inconclusive_one() {
-    let h = Harness::start().await;
-    let alice = h.operator("alice", &["sre_team"]).await;
+    let (h, alice) = stack_with_alice().await;
     let waves = |r: &mut proto::Rollout| {
         r.waves = "1,100%".into();
         r.max_concurrency = "4".into();
@@ -411,8 +415,7 @@ fn cancel_of(r: &Watched, justification: &str, resume: bool) -> proto::Submissio
 
 #[tokio::test]
 async fn a_halted_rollout_starts_nothing_more_and_ends_cancelled_once_its_children_end() {
-    let h = Harness::start().await;
-    let alice = h.operator("alice", &["sre_team"]).await;
+    let (h, alice) = stack_with_alice().await;
     let bob = h.operator("bob", &["traffic_team"]).await;
     let r = started(&h, &alice, &rollout_of("prod-*", |_| {})).await;
     use Seen::{Ended, Running, Waiting};
@@ -441,8 +444,7 @@ async fn a_halted_rollout_starts_nothing_more_and_ends_cancelled_once_its_childr
 
 #[tokio::test]
 async fn a_child_whose_target_another_command_locks_is_refused_and_counts_as_failed() {
-    let h = Harness::start().await;
-    let alice = h.operator("alice", &["sre_team"]).await;
+    let (h, alice) = stack_with_alice().await;
     let holder = drain("prod-2");
     h.decided(&alice, &holder).await;
     let r = started(
@@ -478,8 +480,7 @@ async fn a_child_whose_target_another_command_locks_is_refused_and_counts_as_fai
 
 #[tokio::test]
 async fn a_rollout_asks_for_what_its_operation_and_tower_allow() {
-    let h = Harness::start().await;
-    let alice = h.operator("alice", &["sre_team"]).await;
+    let (h, alice) = stack_with_alice().await;
     let cases: Vec<(proto::Submission, &str)> = vec![
         (rollout_of("prod-9", |_| {}), "prod-9 names no target"),
         (
@@ -618,8 +619,7 @@ async fn a_rollout_no_coordinator_starts_by_its_deadline_expires_and_never_runs(
 
 #[tokio::test]
 async fn a_command_under_a_childs_id_is_not_that_child() {
-    let h = Harness::start().await;
-    let alice = h.operator("alice", &["sre_team"]).await;
+    let (h, alice) = stack_with_alice().await;
     let mallory = h.operator("mallory", &["traffic_team"]).await;
     let r = started(&h, &alice, &rollout_of("prod-1,prod-2,prod-3", |_| {})).await;
     use Seen::{Ended, Running, Waiting};
@@ -665,8 +665,7 @@ async fn a_command_under_a_childs_id_is_not_that_child() {
 
 #[tokio::test]
 async fn a_child_takes_its_locks_whatever_someone_parked_under_its_id() {
-    let h = Harness::start().await;
-    let alice = h.operator("alice", &["sre_team"]).await;
+    let (h, alice) = stack_with_alice().await;
     let r = started(&h, &alice, &rollout_of("prod-1,prod-2", |_| {})).await;
     use Seen::{Ended, Running, Waiting};
     assert_eq!(r.settled(&h, 1).await, [Running, Waiting]);
@@ -819,8 +818,7 @@ fn undo_of(r: &Watched, weights: &[(&str, i64)]) -> proto::Submission {
 
 #[tokio::test]
 async fn a_rollout_is_undone_as_a_rollout_of_its_succeeded_children_in_reverse_order() {
-    let h = Harness::start().await;
-    let alice = h.operator("alice", &["sre_team"]).await;
+    let (h, alice) = stack_with_alice().await;
     let r = started(
         &h,
         &alice,
@@ -918,8 +916,7 @@ async fn a_rollout_is_undone_as_a_rollout_of_its_succeeded_children_in_reverse_o
 
 #[tokio::test]
 async fn a_freeze_started_while_a_rollout_runs_refuses_its_next_children() {
-    let h = Harness::start().await;
-    let alice = h.operator("alice", &["sre_team"]).await;
+    let (h, alice) = stack_with_alice().await;
     let lead = h.operator("lee", &["sre_leads"]).await;
     let r = started(
         &h,
